@@ -1,0 +1,250 @@
+"""The `landmarks` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from shared.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Landmark recognition fleet.")
+stack_app = typer.Typer(no_args_is_help=True, help="The embedded PostgreSQL + Redis + Milvus stack.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations.")
+model_app = typer.Typer(no_args_is_help=True, help="Model files.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(db_app, name="db")
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+def _emit(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+    else:
+        for key, value in obj.items():
+            print(f"{key}: {value}")
+
+
+def _urls():
+    from shared.stack import resolve
+    return resolve(get_settings())
+
+
+def _engine():
+    from shared.db.session import make_engine
+    return make_engine(_urls().database_url)
+
+
+def _index():
+    from shared.index import LandmarkIndex
+    settings = get_settings()
+    return LandmarkIndex(_urls().milvus_uri, settings.milvus_token.get_secret_value() if settings.milvus_token else None)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- stack and database ---------------------------------------------------------------------
+
+@stack_app.command("up")
+def stack_up(as_json: JsonFlag = False) -> None:
+    """Start the embedded servers under $LANDMARKS_HOME (idempotent)."""
+    from dataclasses import asdict
+    from shared import stack
+    _emit(asdict(stack.up(get_settings().home_path)), as_json)
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the embedded servers (data stays on disk)."""
+    from shared import stack
+    stack.down(get_settings().home_path)
+    print("stack stopped")
+
+
+@stack_app.command("status")
+def stack_status(as_json: JsonFlag = False) -> None:
+    """URLs in use (LANDMARKS_* overrides win) and whether the embedded servers run."""
+    from shared import stack
+    settings = get_settings()
+    state = stack.status(settings.home_path)
+    urls = stack.resolve(settings, start=False)
+    _emit({**state, "database_url": urls.database_url, "broker_url": urls.broker_url,
+           "milvus_uri": urls.milvus_uri}, as_json)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Migrate the database schema (default: to head)."""
+    from shared.db import migrate
+    url = _urls().database_url
+    migrate.upgrade(url, revision)
+    print(f"database at revision {migrate.current(url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str) -> None:
+    from shared.db import migrate
+    url = _urls().database_url
+    migrate.downgrade(url, revision)
+    print(f"database at revision {migrate.current(url)}")
+
+
+# --- the fleet ------------------------------------------------------------------------------
+
+@app.command()
+def worker(device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (one worker per GPU)")] = None,
+           loglevel: str = "INFO") -> None:
+    """Run one recognition worker process (Celery, solo pool: the model lives in this process)."""
+    if device:
+        os.environ["LANDMARKS_DEVICE"] = device
+        get_settings.cache_clear()
+    from workers.app import app as celery_app
+    settings = get_settings()
+    celery_app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}",
+                            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
+                            "--without-heartbeat"])
+
+
+def _photo_id(user: str, path: Path) -> str:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{user}:{path.resolve()}").hex
+
+
+def upload_event(user: str, path: Path, gps: tuple[float, float] | None = None) -> dict:
+    event = {"event_id": uuid.uuid4().hex, "user_id": user, "photo_id": _photo_id(user, path),
+             "uri": path.resolve().as_uri(), "uploaded_at": datetime.now(timezone.utc).isoformat()}
+    if gps:
+        event["gps"] = {"lat": gps[0], "lon": gps[1]}
+    return event
+
+
+@app.command()
+def enqueue(paths: Annotated[list[Path], typer.Argument(exists=True)],
+            user: Annotated[str, typer.Option("--user")],
+            as_json: JsonFlag = False) -> None:
+    """Send one photo_uploaded event per image file (folders recursively), as the upload pipeline does."""
+    from shared.gallery import image_files
+    from workers.app import app as celery_app
+    from workers.tasks import UPLOADED
+    files = [f for p in paths for f in image_files(p)]
+    roots = get_settings().file_root_paths
+    outside = [f for f in files if not any(f.resolve().is_relative_to(r) for r in roots)]
+    if outside:
+        console.print(f"[yellow]{len(outside)} file(s) lie outside LANDMARKS_FILE_ROOTS; "
+                      "workers will record them as failures[/yellow]")
+    for path in files:
+        celery_app.send_task(UPLOADED, args=[upload_event(user, path)])
+    _emit({"enqueued": len(files), "user": user, "queue": get_settings().queue}, as_json)
+
+
+@app.command()
+def queue(as_json: JsonFlag = False) -> None:
+    """Backlog of the recognition queue: waiting + reserved (what an autoscaler should read)."""
+    from shared.backlog import queue_backlog
+    _emit(queue_backlog(_urls().broker_url, get_settings().queue), as_json)
+
+
+@app.command()
+def albums(user: Annotated[str, typer.Option("--user")], as_json: JsonFlag = False) -> None:
+    """A user's Attractions album: cities → landmarks → photo counts (reads the album views only)."""
+    from shared.db.albums import attractions
+    from shared.db.session import transaction
+    with transaction(_engine()) as session:
+        cities = attractions(session, user)
+    data = [_plain(city) for city in cities]
+    if as_json:
+        print(json.dumps({"user": user, "cities": data}, default=str))
+        return
+    print_albums(user, data)
+
+
+def _plain(obj):
+    from dataclasses import asdict, is_dataclass
+    return asdict(obj) if is_dataclass(obj) else obj
+
+
+def print_albums(user: str, cities: list[dict]) -> None:
+    table = Table(title=f"Attractions of {user}")
+    for column in ("country", "city", "landmark", "photos"):
+        table.add_column(column)
+    for city in cities:
+        for landmark in city["landmarks"]:
+            table.add_row(city["country"], city["city"], landmark["name"], str(landmark["photo_count"]))
+    Console().print(table)
+
+
+@app.command()
+def photo(photo_id: str, user: Annotated[str, typer.Option("--user")], as_json: JsonFlag = False) -> None:
+    """What happened to one photo: status, tags, failure reason."""
+    from shared.db.albums import photo_report
+    from shared.db.session import transaction
+    with transaction(_engine()) as session:
+        report = photo_report(session, user, photo_id)
+    if report is None:
+        # No processed event yet: the upload is still queued (or was never sent).
+        report = {"photo_id": photo_id, "user_id": user, "status": "pending", "tags": [], "failure": None}
+    _emit(report, as_json)
+
+
+# --- models ---------------------------------------------------------------------------------
+
+@model_app.command("init")
+def model_init(out: Annotated[Path, typer.Option("--out")],
+               backbone: str = "tiny", dim: int = 128, size: int = 224,
+               version: Annotated[Optional[str], typer.Option()] = None,
+               calibrate: Annotated[Optional[Path], typer.Option(help="images to set BatchNorm statistics")] = None,
+               seed: int = 0) -> None:
+    """A randomly initialised model (no training): enough to run the fleet end to end."""
+    from shared.modelinit import init_model
+    meta = init_model(out, backbone=backbone, dim=dim, size=size, version=version, calibrate=calibrate, seed=seed)
+    print(f"wrote {out} (version {meta.version}, {meta.backbone}, dim {meta.embedding_dim})")
+
+
+@model_app.command("gallery")
+def model_gallery(model: Annotated[Path, typer.Option("--model", exists=True)],
+                  landmarks: Annotated[Path, typer.Option("--landmarks", exists=True, help="DIR/<slug>/photos")],
+                  csv_path: Annotated[Path, typer.Option("--csv", exists=True, help="id,slug,name,city,country,region,lat,lon")],
+                  negatives: Annotated[Path, typer.Option("--negatives", exists=True, help="non-landmark photos")],
+                  out: Annotated[Path, typer.Option("--out")],
+                  references: int = 3) -> None:
+    """Centroids and references from folders of landmark photos; thresholds from non-landmarks."""
+    from shared.modelinit import gallery_from_folders
+    meta = gallery_from_folders(model, landmarks, csv_path, negatives, out, n_references=references)
+    print(f"wrote {out} (version {meta.version}; t_global {meta.t_global:.4f}, t_ref {meta.t_ref:.4f})")
+
+
+@app.command()
+def publish(model: Annotated[Path, typer.Argument(exists=True)],
+            activate: Annotated[bool, typer.Option(help="swap the alias to this version")] = True,
+            as_json: JsonFlag = False) -> None:
+    """Publish MODEL: landmarks + version row in PostgreSQL, new Milvus collections, alias swap."""
+    from shared.publish import publish_model
+    meta = publish_model(model, _engine(), _index(), activate=activate)
+    _emit({"version": meta.version, "active": activate}, as_json)
+
+
+@app.command()
+def demo(as_json: JsonFlag = True) -> None:
+    """The whole job on the embedded stack: model, gallery, publish, worker, a user's archive, albums."""
+    from shared.demo import run_demo
+    result = run_demo(get_settings(), console)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

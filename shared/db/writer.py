@@ -1,0 +1,293 @@
+"""The tag writer: applies a batch of recognition outcomes in one transaction, idempotently."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import delete, func, literal, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from shared.db.models import FailureRecord, Landmark, ModelVersion, Photo, PhotoTag, ProcessedEvent
+from shared.events import PhotoDeleted, event_key, safe_field
+from shared.outcomes import PhotoOutcome, PhotoStatus
+
+MAX_PAYLOAD_CHARS = 8 * 1024
+MAX_REASON_CHARS = 4 * 1024
+UPLOAD_TASK = "landmarks.photo_uploaded"
+ACTIVATE_LOCK = "landmarks.model_versions.activate"
+
+photos = Photo.__table__
+photo_tags = PhotoTag.__table__
+processed_events = ProcessedEvent.__table__
+failures = FailureRecord.__table__
+
+
+def write_outcomes(
+    session: Session, model_version: str, outcomes: list[PhotoOutcome], task: str = UPLOAD_TASK
+) -> int:
+    """Returns how many events were newly applied; redelivered events and deleted photos change nothing."""
+    by_event: dict[str, PhotoOutcome] = {}
+    for outcome in outcomes:
+        by_event.setdefault(outcome.event.event_id, outcome)
+    if not by_event:
+        return 0
+
+    # Claiming the event ids first makes a concurrent redelivery wait here, then skip.
+    claimed = set(
+        session.scalars(
+            insert(processed_events)
+            .values(
+                [
+                    {"event_id": o.event.event_id, "kind": "uploaded", "user_id": o.event.user_id, "photo_id": o.event.photo_id}
+                    for o in by_event.values()
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(processed_events.c.event_id)
+        )
+    )
+    # Two events for one photo in a batch: the later one wins (one row may be upserted once per statement).
+    by_photo: dict[tuple[str, str], PhotoOutcome] = {}
+    for event_id, outcome in by_event.items():
+        if event_id in claimed:
+            by_photo[(outcome.event.user_id, outcome.event.photo_id)] = outcome
+    if not by_photo:
+        return 0
+
+    applied = _upsert_photos(session, model_version, by_photo)
+    if not applied:
+        return 0
+    keys = sorted(applied)
+    session.execute(
+        delete(photo_tags).where(
+            photo_tags.c.model_version == model_version,
+            tuple_(photo_tags.c.user_id, photo_tags.c.photo_id).in_(keys),
+        )
+    )
+    tag_rows = [
+        {
+            "user_id": user_id,
+            "photo_id": photo_id,
+            "model_version": model_version,
+            "landmark_id": tag.landmark_id,
+            "rank": rank,
+            "score": float(tag.score),
+            "method": str(tag.method),
+        }
+        for (user_id, photo_id) in keys
+        for rank, tag in enumerate(by_photo[(user_id, photo_id)].tags)
+    ]
+    if tag_rows:
+        # A landmark listed twice keeps its first (best) rank.
+        session.execute(insert(photo_tags).values(tag_rows).on_conflict_do_nothing())
+    failure_rows = [
+        _failure_row(
+            key=o.event.event_id,
+            event_id=o.event.event_id,
+            user_id=o.event.user_id,
+            photo_id=o.event.photo_id,
+            task=task,
+            stage=str(o.failure.stage) if o.failure else "write",
+            reason=o.failure.reason if o.failure else "failed without a recorded reason",
+            payload=o.event.model_dump(mode="json"),
+        )
+        for o in (by_photo[k] for k in keys)
+        if o.status == PhotoStatus.FAILED
+    ]
+    if failure_rows:
+        session.execute(insert(failures).values(failure_rows).on_conflict_do_nothing(index_elements=["event_key"]))
+    # Events superseded in the batch, or aimed at a tombstone, count as seen but not applied.
+    return len(applied)
+
+
+def _upsert_photos(
+    session: Session, model_version: str, by_photo: dict[tuple[str, str], PhotoOutcome]
+) -> set[tuple[str, str]]:
+    rows = []
+    for key in sorted(by_photo):  # a fixed lock order, so concurrent batches cannot deadlock
+        o = by_photo[key]
+        rows.append(
+            {
+                "user_id": key[0],
+                "photo_id": key[1],
+                "uri": o.event.uri,
+                "uploaded_at": o.event.uploaded_at,
+                "status": str(o.status),
+                "model_version": model_version,
+                "gps_lat": o.gps.lat if o.gps else None,
+                "gps_lon": o.gps.lon if o.gps else None,
+                "gps_source": str(o.gps_source) if o.gps and o.gps_source else None,
+                "processed_at": func.now(),
+            }
+        )
+    stmt = insert(photos).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["user_id", "photo_id"],
+        set_={
+            name: stmt.excluded[name]
+            for name in ("uri", "uploaded_at", "status", "model_version", "gps_lat", "gps_lon", "gps_source", "processed_at")
+        },
+        # A tombstone stays: an upload redelivered after its deletion must not bring the photo back.
+        where=photos.c.status != PhotoStatus.DELETED.value,
+    ).returning(photos.c.user_id, photos.c.photo_id)
+    return {(r.user_id, r.photo_id) for r in session.execute(stmt)}
+
+
+def delete_photo(session: Session, event: PhotoDeleted) -> bool:
+    """Tombstones the photo and drops its tags (all versions). False if the event was already applied."""
+    claimed = session.scalar(
+        insert(processed_events)
+        .values(event_id=event.event_id, kind="deleted", user_id=event.user_id, photo_id=event.photo_id)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(processed_events.c.event_id)
+    )
+    if claimed is None:
+        return False
+    stmt = insert(photos).values(
+        user_id=event.user_id,
+        photo_id=event.photo_id,
+        status=PhotoStatus.DELETED.value,
+        processed_at=func.now(),
+        deleted_at=func.now(),
+    )
+    # Location is personal data: a deleted photo keeps no GPS.
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["user_id", "photo_id"],
+            set_={
+                "status": PhotoStatus.DELETED.value,
+                "processed_at": func.now(),
+                "deleted_at": func.coalesce(photos.c.deleted_at, func.now()),
+                "gps_lat": None,
+                "gps_lon": None,
+                "gps_source": None,
+            },
+        )
+    )
+    session.execute(
+        delete(photo_tags).where(photo_tags.c.user_id == event.user_id, photo_tags.c.photo_id == event.photo_id)
+    )
+    return True
+
+
+def record_failure(session: Session, *, payload: Any, task: str, stage: str, reason: str) -> None:
+    """Dead-letters a malformed event; recording the same payload twice keeps one row."""
+    row = _failure_row(
+        key=event_key(payload),
+        event_id=safe_field(payload, "event_id"),
+        user_id=safe_field(payload, "user_id"),
+        photo_id=safe_field(payload, "photo_id"),
+        task=task,
+        stage=str(stage),
+        reason=reason,
+        payload=payload,
+    )
+    session.execute(insert(failures).values(row).on_conflict_do_nothing(index_elements=["event_key"]))
+
+
+def _failure_row(
+    *, key: str, event_id: str | None, user_id: str | None, photo_id: str | None, task: str, stage: str, reason: str, payload: Any
+) -> dict[str, Any]:
+    return {
+        "event_key": _clean(key),
+        "event_id": _clean(event_id),
+        "user_id": _clean(user_id),
+        "photo_id": _clean(photo_id),
+        "task": _clean(task),
+        "stage": _clean(stage),
+        "reason": _clean(reason)[:MAX_REASON_CHARS],
+        "payload": _bounded_payload(payload),
+    }
+
+
+def _clean(value: Any) -> Any:
+    # PostgreSQL text and jsonb cannot hold NUL characters; hostile payloads carry them.
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_clean(str(k)): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _bounded_payload(payload: Any) -> Any:
+    if payload is None:
+        return None
+    if isinstance(payload, bytes):
+        payload = payload.decode("utf-8", errors="replace")
+    try:
+        raw = json.dumps(payload, default=str, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        raw = repr(payload)[: MAX_PAYLOAD_CHARS + 1]
+        return _clean({"truncated": raw[:MAX_PAYLOAD_CHARS]} if len(raw) > MAX_PAYLOAD_CHARS else {"unserialisable": raw})
+    if len(raw) > MAX_PAYLOAD_CHARS:
+        return _clean({"truncated": raw[:MAX_PAYLOAD_CHARS]})
+    return _clean(json.loads(raw))
+
+
+def upsert_landmarks(session: Session, rows: Iterable[dict[str, Any]]) -> int:
+    columns = ("id", "name", "city", "country", "region", "lat", "lon")
+    values = [{c: row[c] for c in columns} for row in rows]
+    if not values:
+        return 0
+    table = Landmark.__table__
+    stmt = insert(table).values(values)
+    session.execute(
+        stmt.on_conflict_do_update(index_elements=["id"], set_={c: stmt.excluded[c] for c in columns if c != "id"})
+    )
+    return len(values)
+
+
+def register_model_version(
+    session: Session,
+    version: str,
+    *,
+    backbone: str,
+    embedding_dim: int,
+    t_geo: float,
+    t_global: float,
+    t_ref: float,
+    checkpoint: str,
+    metrics: dict[str, Any],
+    activate: bool = False,
+) -> ModelVersion:
+    table = ModelVersion.__table__
+    values = {
+        "backbone": backbone,
+        "embedding_dim": embedding_dim,
+        "t_geo": t_geo,
+        "t_global": t_global,
+        "t_ref": t_ref,
+        "checkpoint": checkpoint,
+        "metrics": _clean(metrics),
+    }
+    session.execute(
+        insert(table).values(version=version, **values).on_conflict_do_update(index_elements=["version"], set_=values)
+    )
+    if activate:
+        activate_model_version(session, version)
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.version == version).execution_options(populate_existing=True)
+    ).one()
+
+
+def activate_model_version(session: Session, version: str) -> None:
+    """Makes `version` the one the album views show; raises LookupError for an unknown version."""
+    # Serialises concurrent activations: each then sees the other's committed switch.
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext(literal(ACTIVATE_LOCK)))))
+    table = ModelVersion.__table__
+    if session.scalar(select(table.c.version).where(table.c.version == version).with_for_update()) is None:
+        raise LookupError(f"unknown model version {version!r}")
+    # Two statements: the partial unique index is checked row by row, so deactivate before activating.
+    session.execute(update(table).where(table.c.is_active, table.c.version != version).values(is_active=False))
+    session.execute(update(table).where(table.c.version == version).values(is_active=True))
+
+
+def active_model_version(session: Session) -> ModelVersion | None:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.is_active).execution_options(populate_existing=True)
+    ).one_or_none()

@@ -1,0 +1,96 @@
+"""Upload pipeline event schemas (version 1) and their validation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from datetime import datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.errors import InvalidEvent
+
+MAX_ID_LENGTH = 256
+MAX_URI_LENGTH = 4096
+
+
+class GeoPoint(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    lat: float = Field(ge=-90.0, le=90.0)
+    lon: float = Field(ge=-180.0, le=180.0)
+
+    @field_validator("lat", "lon")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @property
+    def is_null_island(self) -> bool:
+        # Cameras without a fix often write 0/0; nobody photographs landmarks there.
+        return self.lat == 0.0 and self.lon == 0.0
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    event_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    photo_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+
+
+class PhotoUploaded(_Event):
+    uri: str = Field(min_length=1, max_length=MAX_URI_LENGTH)
+    uploaded_at: datetime
+    content_type: str | None = Field(None, max_length=255)
+    gps: GeoPoint | None = None
+    preview_uri: str | None = Field(None, max_length=MAX_URI_LENGTH)
+
+
+class PhotoDeleted(_Event):
+    pass
+
+
+E = TypeVar("E", bound=_Event)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "event"
+        parts.append(f"{where}: {item['msg']}")
+    return "malformed event: " + "; ".join(parts)
+
+
+def parse_event(kind: type[E], payload: Any) -> E:
+    if isinstance(payload, (str, bytes)):
+        try:
+            payload = json.loads(payload)
+        except ValueError as exc:
+            raise InvalidEvent(f"malformed event: not JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise InvalidEvent(f"malformed event: expected a JSON object, got {type(payload).__name__}")
+    try:
+        return kind.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidEvent(_describe(exc)) from None
+
+
+def event_key(payload: Any) -> str:
+    """A stable key for any payload, even one without a usable event_id (for dead letters)."""
+    if isinstance(payload, dict):
+        event_id = payload.get("event_id")
+        if isinstance(event_id, str) and 0 < len(event_id) <= MAX_ID_LENGTH:
+            return event_id
+    raw = json.dumps(payload, sort_keys=True, default=str).encode()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def safe_field(payload: Any, name: str) -> str | None:
+    """A field of a possibly malformed payload, only if it is a sane string (for failure rows)."""
+    value = payload.get(name) if isinstance(payload, dict) else None
+    return value if isinstance(value, str) and len(value) <= MAX_ID_LENGTH else None

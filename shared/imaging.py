@@ -1,0 +1,206 @@
+"""Photo bytes → model-ready square RGB pixels plus EXIF GPS; every bad input is a DecodeError."""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pillow_heif
+from PIL import Image, UnidentifiedImageError
+
+from shared.errors import DecodeError
+from shared.events import GeoPoint
+
+pillow_heif.register_heif_opener()
+
+# Only formats photos arrive in: Image.open would otherwise also try EPS (runs Ghostscript) and friends.
+# MPO (multi-picture JPEG) has no opener of its own; the JPEG opener returns it.
+Image.init()
+FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "HEIF", "AVIF", "BMP", "TIFF") if f in Image.OPEN)
+_JPEG_FORMATS = ("JPEG", "MPO")
+
+# What Pillow and pillow_heif raise on corrupt or truncated data.
+_DECODE_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error,
+    TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError,
+)
+# What odd EXIF can raise while we read it.
+_EXIF_ERRORS = (
+    ValueError, TypeError, ZeroDivisionError, KeyError, IndexError, AttributeError,
+    OverflowError, struct.error, OSError, SyntaxError, EOFError, UnicodeError,
+)
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_GPS_IFD = 0x8825
+_ORIENTATION = 0x0112
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # (size, size, 3) uint8 RGB
+    gps: GeoPoint | None
+    width: int  # of the original image, after EXIF orientation
+    height: int
+    format: str
+
+
+def decode_image(data: bytes, *, size: int, max_pixels: int) -> DecodedImage:
+    img = _open(data, max_pixels)
+    fmt = img.format or "unknown"
+    width, height = img.size
+    exif = _exif(img)
+    orientation = _orientation(exif)
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    try:
+        if fmt in _JPEG_FORMATS:
+            # DCT scaling: decode at 1/2, 1/4 or 1/8 scale, never below `size` on either side.
+            img.draft("RGB", (size, size))
+        img.load()
+        if orientation in _TRANSPOSE:
+            img = img.transpose(_TRANSPOSE[orientation])
+        pixels = _square(_to_rgb(img), size)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"decompression bomb: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise DecodeError(f"corrupt image: {_message(exc)}") from None
+    return DecodedImage(pixels, exif_gps(exif), width, height, fmt)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.ImageFile.ImageFile:
+    if not data:
+        raise DecodeError("not an image: empty data")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise DecodeError("not an image: unrecognised format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"decompression bomb: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise DecodeError(f"corrupt image: {_message(exc)}") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"corrupt image: size {width}x{height}")
+    # Checked from the header alone, before any pixel is decoded.
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}"
+        )
+    return img
+
+
+def _exif(img: Image.Image) -> Image.Exif | None:
+    try:
+        return img.getexif()
+    except _EXIF_ERRORS:
+        return None  # Broken EXIF costs us orientation and GPS, not the photo.
+
+
+def _orientation(exif: Image.Exif | None) -> int:
+    try:
+        value = exif.get(_ORIENTATION, 1) if exif is not None else 1
+        return value if isinstance(value, int) else 1
+    except _EXIF_ERRORS:
+        return 1
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img)), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        # Transparent pixels would otherwise show whatever colour they happen to store.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    # 16-bit (and 32-bit 'I' holding 16-bit PNG data): scale 0..65535 to 0..255 instead of clipping.
+    if array.dtype.kind == "f":
+        return np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8)
+    wide = np.clip(array.astype(np.int64), 0, 65535)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _square(img: Image.Image, size: int) -> np.ndarray:
+    """Shorter side to `size`, centre crop, in one resample."""
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    box = (left, top, left + side, top + side)
+    resized = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    return np.array(resized, dtype=np.uint8)
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+
+
+def exif_gps(exif: Mapping[int, Any] | Image.Exif | None) -> GeoPoint | None:
+    """GPS from a Pillow Exif (or a plain {tag: value} GPS IFD); None when absent or implausible."""
+    try:
+        gps = _gps_ifd(exif)
+        if not gps:
+            return None
+        lat = _coordinate(gps.get(2), gps.get(1), positive="N", negative="S")
+        lon = _coordinate(gps.get(4), gps.get(3), positive="E", negative="W")
+        if lat is None or lon is None or (lat == 0.0 and lon == 0.0):
+            return None  # 0/0 is what cameras without a fix write.
+        return GeoPoint(lat=lat, lon=lon)  # validates range and finiteness
+    except _EXIF_ERRORS:  # pydantic's ValidationError is a ValueError
+        return None
+
+
+def _gps_ifd(exif: Any) -> Mapping[int, Any] | None:
+    if exif is None:
+        return None
+    if isinstance(exif, Image.Exif):
+        return exif.get_ifd(_GPS_IFD)
+    nested = exif.get(_GPS_IFD)
+    return nested if isinstance(nested, Mapping) else exif
+
+
+def _coordinate(value: Any, ref: Any, *, positive: str, negative: str) -> float | None:
+    degrees = _dms(value)
+    if degrees is None:
+        return None
+    if isinstance(ref, bytes):
+        ref = ref.decode("ascii", "replace")
+    if ref is None:
+        ref = ""  # A missing reference is read as N or E.
+    ref = ref.strip("\x00 ").upper() if isinstance(ref, str) else None
+    if ref in ("", positive):
+        return degrees
+    if ref == negative:
+        return -degrees
+    return None  # A reference that is neither N/S (or E/W) leaves the sign unknown.
+
+
+def _dms(value: Any) -> float | None:
+    parts = value if isinstance(value, (tuple, list)) else (value,)
+    if value is None or isinstance(value, (str, bytes)) or not 1 <= len(parts) <= 3:
+        return None
+    numbers = [float(p) for p in parts]
+    if not all(math.isfinite(n) and n >= 0 for n in numbers):
+        return None
+    return sum(n / 60**i for i, n in enumerate(numbers))

@@ -1,0 +1,496 @@
+"""The Milvus centroid / reference index: versioned collections behind one atomically swapped alias.
+
+One code path for Milvus standalone/distributed (production) and the milvus-lite gRPC server
+(embedded stack, tests), through pymilvus's ``MilvusClient``.
+
+Per model version ``v`` (sanitised to ``[A-Za-z0-9_]``) there are two collections:
+
+* ``lm_centroids_<v>``: id (= landmark_id*1000 + centroid_no), landmark_id, centroid_no, geo_tile,
+  lat, lon, embedding — one row per landmark centroid;
+* ``lm_references_<v>``: id (= landmark_id*1000 + ref_no), landmark_id, ref_no, embedding — the 3–5
+  hand-picked reference embeddings per landmark.
+
+Both carry an exact FLAT index with metric IP (embeddings are L2-normalised float32, so the score is
+the cosine similarity).  HNSW/IVF are never used: with a selective ``geo_tile`` filter they can return
+fewer hits than exist (milvus-lite even none), and the geo step must be exact.
+
+The alias ``lm_active`` points at the active version's centroid collection; ``activate`` moves it
+with a single ``create_alias``/``alter_alias`` call, so readers see either the old or the new version.
+The reference collection of a version is derived from the centroid collection's name.
+
+milvus-lite cannot search/query through an alias (it answers "collection 'lm_active' does not
+exist"), so readers resolve the alias with ``active_version()`` and address collections by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException, ParamError
+
+from shared.errors import InfrastructureError
+from shared.geo import tile_of
+
+ALIAS = "lm_active"
+CENTROID_PREFIX = "lm_centroids_"
+REFERENCE_PREFIX = "lm_references_"
+ID_STRIDE = 1000  # id = landmark_id * 1000 + centroid_no / ref_no
+INSERT_CHUNK = 5000
+MAX_TOPK = 16384  # Milvus's limit on search limit (milvus-lite does not enforce it; we do)
+QUERY_ID_CHUNK = 500  # landmark ids per reference query (keeps results far below 16384 rows)
+_SEARCH_PARAMS = {"metric_type": "IP", "params": {}}
+_CENTROID_OUT = ["landmark_id", "centroid_no", "lat", "lon"]
+
+
+class IndexVersionError(ValueError):
+    """A version that must exist does not, or one that must not exist does (or is active)."""
+
+
+@dataclass
+class Hit:
+    landmark_id: int
+    centroid_no: int
+    score: float  # inner product of L2-normalised embeddings
+    lat: float | None = None
+    lon: float | None = None
+
+
+@dataclass
+class CentroidRows:
+    landmark_ids: np.ndarray  # (n,) int
+    centroid_nos: np.ndarray  # (n,) int, 0 <= centroid_no < 1000
+    lats: np.ndarray  # (n,) float
+    lons: np.ndarray  # (n,) float
+    embeddings: np.ndarray  # (n, d) float32, L2-normalised
+
+    def __len__(self) -> int:
+        return int(np.asarray(self.landmark_ids).shape[0])
+
+
+@dataclass
+class ReferenceRows:
+    landmark_ids: np.ndarray  # (n,) int
+    ref_nos: np.ndarray  # (n,) int, 0 <= ref_no < 1000
+    embeddings: np.ndarray  # (n, d) float32, L2-normalised
+
+    def __len__(self) -> int:
+        return int(np.asarray(self.landmark_ids).shape[0])
+
+
+@contextmanager
+def _quiet_pymilvus() -> Iterator[None]:
+    """pymilvus logs every failed RPC with a traceback; a missing alias is an answer, not an error."""
+    logger = logging.getLogger("pymilvus.decorators")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def sanitize_version(version: str) -> str:
+    """Model versions name collections, PostgreSQL rows and tags alike, so they must already be
+    collection-safe: 1-200 letters, digits or underscores (no silent renaming)."""
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,200}", str(version)):
+        raise ValueError(f"model version {version!r} must be 1-200 letters, digits or underscores")
+    return str(version)
+
+
+def centroid_collection(version: str) -> str:
+    return CENTROID_PREFIX + sanitize_version(version)
+
+
+def reference_collection(version: str) -> str:
+    return REFERENCE_PREFIX + sanitize_version(version)
+
+
+def _ids(landmark_ids: np.ndarray, nos: np.ndarray, what: str) -> np.ndarray:
+    if nos.size and (nos.min() < 0 or nos.max() >= ID_STRIDE):
+        raise ValueError(f"{what} must be in [0, {ID_STRIDE})")
+    if landmark_ids.size and landmark_ids.min() < 0:
+        raise ValueError("landmark ids must be >= 0")
+    ids = landmark_ids * ID_STRIDE + nos
+    if np.unique(ids).size != ids.size:
+        raise ValueError(f"duplicate (landmark_id, {what}) pairs")
+    return ids
+
+
+def _as_embeddings(x: np.ndarray, n: int, what: str) -> np.ndarray:
+    e = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if e.ndim != 2 or e.shape[0] != n or e.shape[1] < 1:
+        raise ValueError(f"{what} embeddings must have shape ({n}, d), got {e.shape}")
+    if not np.isfinite(e).all():
+        raise ValueError(f"{what} embeddings contain NaN or inf")
+    return e
+
+
+class LandmarkIndex:
+    """Versioned centroid/reference collections in Milvus, reached through ``uri``.
+
+    ``timeout`` bounds every call (seconds); ``connect_timeout`` bounds the first connection.
+    Connection and server failures raise ``InfrastructureError`` (retry later); invalid arguments
+    raise ``ValueError`` (``IndexVersionError`` for missing/existing/active versions).
+    Thread-safe: the client is created lazily once and pymilvus calls are thread-safe.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+    ):
+        self.uri = uri
+        self._token = token
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._client: MilvusClient | None = None
+        self._lock = threading.Lock()
+        self._ref_cache: dict[str, dict[int, np.ndarray | None]] = {}
+
+    # ---------------------------------------------------------------- plumbing
+    @contextmanager
+    def _wrap(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except ParamError:
+            raise  # a bug in the caller's arguments, not an outage
+        except MilvusException as e:
+            if e.is_input_error:
+                raise
+            raise InfrastructureError(f"Milvus at {self.uri}: {op} failed: {e}") from e
+        except grpc.RpcError as e:
+            raise InfrastructureError(f"Milvus at {self.uri}: {op} failed: {e}") from e
+
+    @property
+    def client(self) -> MilvusClient:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    with self._wrap("connect"):
+                        self._client = MilvusClient(
+                            uri=self.uri, token=self._token or "", timeout=self._connect_timeout
+                        )
+        return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                client, self._client = self._client, None
+                try:
+                    client.close()
+                except (MilvusException, grpc.RpcError):
+                    pass
+
+    def __enter__(self) -> LandmarkIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _has(self, name: str) -> bool:
+        with self._wrap(f"has_collection({name})"):
+            return bool(self.client.has_collection(name, timeout=self._timeout))
+
+    def _require(self, version: str) -> tuple[str, str]:
+        cname, rname = centroid_collection(version), reference_collection(version)
+        if not (self._has(cname) and self._has(rname)):
+            raise IndexVersionError(f"index version {version!r} is not published in {self.uri}")
+        return cname, rname
+
+    # ---------------------------------------------------------------- publish
+    def publish(self, version: str, centroids: CentroidRows, references: ReferenceRows) -> None:
+        """Create, fill, index and load the two collections of ``version`` (never overwrites)."""
+        cname, rname = centroid_collection(version), reference_collection(version)
+        n = len(centroids)
+        lm = np.asarray(centroids.landmark_ids, dtype=np.int64).reshape(-1)
+        cn = np.asarray(centroids.centroid_nos, dtype=np.int64).reshape(-1)
+        lats = np.asarray(centroids.lats, dtype=np.float64).reshape(-1)
+        lons = np.asarray(centroids.lons, dtype=np.float64).reshape(-1)
+        if not (lm.size == cn.size == lats.size == lons.size == n) or n == 0:
+            raise ValueError("centroid arrays must be non-empty and of equal length")
+        if not (np.isfinite(lats).all() and np.isfinite(lons).all()):
+            raise ValueError("centroid lat/lon must be finite")
+        cemb = _as_embeddings(centroids.embeddings, n, "centroid")
+        cids = _ids(lm, cn, "centroid_no")
+        tiles = np.fromiter((tile_of(a, o) for a, o in zip(lats, lons)), dtype=np.int64, count=n)
+
+        m = len(references)
+        rlm = np.asarray(references.landmark_ids, dtype=np.int64).reshape(-1)
+        rn = np.asarray(references.ref_nos, dtype=np.int64).reshape(-1)
+        if not (rlm.size == rn.size == m):
+            raise ValueError("reference arrays must be of equal length")
+        remb = (
+            _as_embeddings(references.embeddings, m, "reference")
+            if m
+            else np.zeros((0, cemb.shape[1]), np.float32)
+        )
+        if remb.shape[1] != cemb.shape[1]:
+            raise ValueError(f"dims differ: centroids {cemb.shape[1]}, references {remb.shape[1]}")
+        rids = _ids(rlm, rn, "ref_no")
+        dim = int(cemb.shape[1])
+
+        for name in (cname, rname):
+            if self._has(name):
+                raise IndexVersionError(
+                    f"index version {version!r} already exists in {self.uri} ({name}); "
+                    "publish a new version instead of overwriting"
+                )
+        created: list[str] = []
+        try:
+            c = self.client
+            cs = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            cs.add_field("id", DataType.INT64, is_primary=True)
+            cs.add_field("landmark_id", DataType.INT64)
+            cs.add_field("centroid_no", DataType.INT32)
+            cs.add_field("geo_tile", DataType.INT64)
+            cs.add_field("lat", DataType.DOUBLE)
+            cs.add_field("lon", DataType.DOUBLE)
+            cs.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+            rs = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            rs.add_field("id", DataType.INT64, is_primary=True)
+            rs.add_field("landmark_id", DataType.INT64)
+            rs.add_field("ref_no", DataType.INT32)
+            rs.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+            with self._wrap(f"publish {version!r}"):
+                for name, schema in ((cname, cs), (rname, rs)):
+                    c.create_collection(name, schema=schema, timeout=self._timeout)
+                    created.append(name)
+                for s in range(0, n, INSERT_CHUNK):
+                    e = min(n, s + INSERT_CHUNK)
+                    rows = [
+                        {
+                            "id": int(cids[k]),
+                            "landmark_id": int(lm[k]),
+                            "centroid_no": int(cn[k]),
+                            "geo_tile": int(tiles[k]),
+                            "lat": float(lats[k]),
+                            "lon": float(lons[k]),
+                            "embedding": cemb[k],
+                        }
+                        for k in range(s, e)
+                    ]
+                    c.insert(cname, rows, timeout=self._timeout)
+                for s in range(0, m, INSERT_CHUNK):
+                    e = min(m, s + INSERT_CHUNK)
+                    rows = [
+                        {
+                            "id": int(rids[k]),
+                            "landmark_id": int(rlm[k]),
+                            "ref_no": int(rn[k]),
+                            "embedding": remb[k],
+                        }
+                        for k in range(s, e)
+                    ]
+                    c.insert(rname, rows, timeout=self._timeout)
+                for name in (cname, rname):
+                    # Flushed, sealed segments are visible to every consistency level at once.
+                    c.flush(name, timeout=self._timeout)
+                    ip = MilvusClient.prepare_index_params()
+                    ip.add_index(field_name="embedding", index_type="FLAT", metric_type="IP")
+                    c.create_index(name, ip, timeout=self._timeout)
+                    c.load_collection(name, timeout=self._timeout)
+        except BaseException:
+            for name in created:  # leave nothing half-published behind
+                try:
+                    self.client.drop_collection(name, timeout=self._timeout)
+                except (MilvusException, grpc.RpcError):
+                    pass
+            raise
+
+    # ---------------------------------------------------------------- versions
+    def activate(self, version: str) -> None:
+        """Point ``lm_active`` at ``version`` in one alias call (atomic for readers)."""
+        cname, _ = self._require(version)
+        current = self._alias_target()
+        c = self.client
+        with self._wrap(f"activate {version!r}"):
+            if current is None:
+                c.create_alias(cname, ALIAS, timeout=self._timeout)
+            elif current != cname:
+                c.alter_alias(cname, ALIAS, timeout=self._timeout)
+
+    def _alias_target(self) -> str | None:
+        """The collection ``lm_active`` points at, or None if the alias does not exist."""
+        try:
+            with self._wrap("describe alias"), _quiet_pymilvus():
+                res = self.client.describe_alias(ALIAS, timeout=self._timeout)
+        except InfrastructureError as e:
+            # Milvus says "alias ... not found", milvus-lite "alias ... does not exist".
+            msg = str(e.__cause__).lower()
+            if "not exist" in msg or "not found" in msg:
+                return None
+            raise
+        return (res or {}).get("collection_name") or None
+
+    def active_version(self) -> str | None:
+        """The (sanitised) active version, or None if no version was ever activated."""
+        target = self._alias_target()
+        if not target or not target.startswith(CENTROID_PREFIX):
+            return None
+        return target[len(CENTROID_PREFIX) :]
+
+    def versions(self) -> list[str]:
+        """Published versions (sanitised), sorted."""
+        with self._wrap("list collections"):
+            names = set(self.client.list_collections(timeout=self._timeout))
+        return sorted(
+            n[len(CENTROID_PREFIX) :]
+            for n in names
+            if n.startswith(CENTROID_PREFIX)
+            and REFERENCE_PREFIX + n[len(CENTROID_PREFIX) :] in names
+        )
+
+    def drop(self, version: str) -> None:
+        """Drop a version's collections; the active version cannot be dropped."""
+        v = sanitize_version(version)
+        if self.active_version() == v:
+            raise IndexVersionError(f"index version {version!r} is active; activate another first")
+        with self._wrap(f"drop {version!r}"):
+            for name in (centroid_collection(v), reference_collection(v)):
+                if self.client.has_collection(name, timeout=self._timeout):
+                    self.client.drop_collection(name, timeout=self._timeout)
+        self._ref_cache.pop(v, None)
+
+    def _resolve(self, version: str | None) -> str:
+        if version is None:
+            v = self.active_version()
+            if v is None:
+                raise IndexVersionError(f"no active index version in {self.uri}")
+            return v
+        return sanitize_version(version)
+
+    # ---------------------------------------------------------------- search
+    @staticmethod
+    def _queries(queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2:
+            raise ValueError(f"queries must have shape (n, d), got {q.shape}")
+        return q
+
+    @staticmethod
+    def _check_limit(k: int) -> int:
+        k = int(k)
+        if not 1 <= k <= MAX_TOPK:
+            raise ValueError(f"limit must be in [1, {MAX_TOPK}], got {k}")
+        return k
+
+    @staticmethod
+    def _hits(res: list) -> list[Hit]:
+        out = []
+        for h in res:
+            ent = h["entity"]
+            out.append(
+                Hit(
+                    landmark_id=int(ent["landmark_id"]),
+                    centroid_no=int(ent["centroid_no"]),
+                    score=float(h["distance"]),
+                    lat=float(ent["lat"]),
+                    lon=float(ent["lon"]),
+                )
+            )
+        out.sort(key=lambda x: -x.score)
+        return out
+
+    def _search(self, cname: str, q: np.ndarray, limit: int, filt: str) -> list[list[Hit]]:
+        with self._wrap(f"search {cname}"):
+            res = self.client.search(
+                cname,
+                data=[row for row in q],
+                filter=filt,
+                limit=limit,
+                output_fields=_CENTROID_OUT,
+                search_params=_SEARCH_PARAMS,
+                anns_field="embedding",
+                timeout=self._timeout,
+            )
+        return [self._hits(r) for r in res]
+
+    def search_global(self, version: str | None, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k centroids per query over the whole version, best first (None = active)."""
+        q = self._queries(queries)
+        k = self._check_limit(k)
+        if q.shape[0] == 0:
+            return []
+        return self._search(centroid_collection(self._resolve(version)), q, k, "")
+
+    def search_geo(
+        self,
+        version: str | None,
+        queries: np.ndarray,
+        tiles: list[list[int]],
+        limit: int,
+    ) -> list[list[Hit]]:
+        """Per query i, the best ``limit`` centroids whose geo_tile is in ``tiles[i]`` (exact).
+
+        Queries sharing the same tile set go into one search call.  Hits carry the centroid's
+        lat/lon for the caller's exact ``in_square`` check.  An empty tile list gives no hits.
+        """
+        q = self._queries(queries)
+        limit = self._check_limit(limit)
+        if len(tiles) != q.shape[0]:
+            raise ValueError(f"{q.shape[0]} queries but {len(tiles)} tile lists")
+        cname = centroid_collection(self._resolve(version))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(tiles):
+            groups.setdefault(tuple(sorted({int(x) for x in t})), []).append(i)
+        out: list[list[Hit]] = [[] for _ in range(q.shape[0])]
+        for key, idx in groups.items():
+            if not key:
+                continue
+            filt = f"geo_tile in [{', '.join(str(x) for x in key)}]"
+            for i, hits in zip(idx, self._search(cname, q[idx], limit, filt)):
+                out[i] = hits
+        return out
+
+    # ---------------------------------------------------------------- references
+    def references(self, version: str | None, landmark_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """Reference embeddings per landmark, (r, d) float32 ordered by ref_no.
+
+        Landmarks without references are absent from the result.  Cached per version (immutable).
+        """
+        v = self._resolve(version)
+        cache = self._ref_cache.setdefault(v, {})
+        wanted = sorted({int(x) for x in landmark_ids})
+        missing = [x for x in wanted if x not in cache]
+        if missing:
+            rname = reference_collection(v)
+            found: dict[int, list[tuple[int, list[float]]]] = {}
+            for s in range(0, len(missing), QUERY_ID_CHUNK):
+                chunk = missing[s : s + QUERY_ID_CHUNK]
+                with self._wrap(f"query {rname}"):
+                    rows = self.client.query(
+                        rname,
+                        filter=f"landmark_id in [{', '.join(str(x) for x in chunk)}]",
+                        output_fields=["landmark_id", "ref_no", "embedding"],
+                        limit=MAX_TOPK,
+                        timeout=self._timeout,
+                    )
+                if len(rows) >= MAX_TOPK:
+                    raise InfrastructureError(
+                        f"Milvus at {self.uri}: too many references for {len(chunk)} landmarks"
+                    )
+                for r in rows:
+                    found.setdefault(int(r["landmark_id"]), []).append(
+                        (int(r["ref_no"]), r["embedding"])
+                    )
+            for x in missing:
+                refs = sorted(found.get(x, []), key=lambda t: t[0])
+                cache[x] = (
+                    np.asarray([e for _, e in refs], dtype=np.float32).reshape(len(refs), -1)
+                    if refs
+                    else None
+                )
+        return {x: cache[x] for x in wanted if cache[x] is not None}

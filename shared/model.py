@@ -1,0 +1,108 @@
+"""The recognition network (backbone → FC+BatchNorm embedding → classifier over n landmarks + 1
+non-landmark class) and its self-describing checkpoint file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+CHECKPOINT_FORMAT = "landmarks-model/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelMeta:
+    version: str
+    backbone: str = "wide_resnet50_2"
+    embedding_dim: int = 512
+    n_landmarks: int = 0
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # Decision thresholds (DESIGN.md "Decision rule"), calibrated per version.
+    t_geo: float = 0.5
+    t_global: float = 0.8
+    t_ref: float = 0.7
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from shared.index import sanitize_version
+        sanitize_version(self.version)  # versions name Milvus collections: fail early, not at publish
+
+
+class TinyBackbone(nn.Sequential):
+    """A few-hundred-k-parameter residual-free CNN for tests and CPU-only smoke runs."""
+
+    out_channels = 128
+
+    def __init__(self) -> None:
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True)]
+        super().__init__(*block(3, 32), *block(32, 64), *block(64, 96), *block(96, 128))
+
+
+def build_trunk(name: str) -> tuple[nn.Module, int]:
+    """A backbone without its pooling and classifier, and its number of output channels."""
+    if name == "tiny":
+        return TinyBackbone(), TinyBackbone.out_channels
+    builders = {"wide_resnet50_2": models.wide_resnet50_2, "resnet50": models.resnet50,
+                "resnet18": models.resnet18, "resnet34": models.resnet34}
+    if name not in builders:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {['tiny', *builders]}")
+    net = builders[name](weights=None)
+    channels = net.fc.in_features
+    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                          net.layer1, net.layer2, net.layer3, net.layer4)
+    return trunk, channels
+
+
+class LandmarkNet(nn.Module):
+    def __init__(self, backbone: str, embedding_dim: int, n_landmarks: int) -> None:
+        super().__init__()
+        self.trunk, channels = build_trunk(backbone)
+        self.embedding = nn.Sequential(nn.Linear(channels, embedding_dim),
+                                       nn.BatchNorm1d(embedding_dim))
+        # The last class is "non-landmark"; center loss never applies to it.
+        self.classifier = nn.Linear(embedding_dim, n_landmarks + 1)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.feature_map(images).mean(dim=(2, 3))
+        embedding = self.embedding(pooled)
+        return embedding, self.classifier(embedding)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        embedding, _ = self(images)
+        return F.normalize(embedding.float(), dim=1)
+
+
+def save_checkpoint(path: Path, net: LandmarkNet, meta: ModelMeta, gallery: dict | None = None) -> None:
+    payload = {"format": CHECKPOINT_FORMAT, "meta": asdict(meta),
+               "state_dict": net.state_dict(), "gallery": gallery or {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # never leave a half-written model behind
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[LandmarkNet, ModelMeta, dict]:
+    # weights_only: a model file is data, never code to execute.
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a landmarks model checkpoint ({CHECKPOINT_FORMAT})")
+    raw = dict(payload["meta"])
+    raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+    meta = ModelMeta(**raw)
+    net = LandmarkNet(meta.backbone, meta.embedding_dim, meta.n_landmarks)
+    net.load_state_dict(payload["state_dict"])
+    return net.eval(), meta, payload.get("gallery") or {}

@@ -1,0 +1,55 @@
+"""Publish a model version: landmarks and the version row into PostgreSQL, centroids and references
+into new Milvus collections, then one alias swap. Workers pick it up at their next batch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from shared.db.session import transaction
+from shared.db.writer import activate_model_version, register_model_version, upsert_landmarks
+from shared.index import CentroidRows, LandmarkIndex, ReferenceRows
+from shared.model import ModelMeta, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _rows(gallery: dict) -> tuple[CentroidRows, ReferenceRows]:
+    places = {row["id"]: (row["lat"], row["lon"]) for row in gallery["landmarks"]}
+    c, r = gallery["centroids"], gallery["references"]
+    ids = c["landmark_ids"].numpy()
+    centroids = CentroidRows(landmark_ids=ids, centroid_nos=c["centroid_nos"].numpy(),
+                             lats=[places[i][0] for i in ids], lons=[places[i][1] for i in ids],
+                             embeddings=c["embeddings"].numpy())
+    ref_ids = r["landmark_ids"].numpy()
+    ref_nos = [int((ref_ids[:k] == lid).sum()) for k, lid in enumerate(ref_ids)]
+    references = ReferenceRows(landmark_ids=ref_ids, ref_nos=ref_nos, embeddings=r["embeddings"].numpy())
+    return centroids, references
+
+
+def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, activate: bool = True) -> ModelMeta:
+    _, meta, gallery = load_checkpoint(model_path)
+    if not gallery.get("landmarks"):
+        raise ValueError(f"{model_path} has no gallery (centroids and references): build it first")
+    with transaction(engine) as session:
+        upsert_landmarks(session, [{k: row[k] for k in ("id", "name", "city", "country", "region", "lat", "lon")}
+                                   for row in gallery["landmarks"]])
+        register_model_version(session, meta.version, backbone=meta.backbone, embedding_dim=meta.embedding_dim,
+                               t_geo=meta.t_geo, t_global=meta.t_global, t_ref=meta.t_ref,
+                               checkpoint=str(model_path.resolve()), metrics=meta.extra.get("metrics", {}),
+                               activate=False)
+    if meta.version not in index.versions():
+        index.publish(meta.version, *_rows(gallery))
+    if activate:
+        activate_version(meta.version, engine, index)
+    log.info("published model %s (%d landmarks)", meta.version, len(gallery["landmarks"]))
+    return meta
+
+
+def activate_version(version: str, engine: Engine, index: LandmarkIndex) -> None:
+    # Workers follow the Milvus alias (one atomic swap); the album views follow PostgreSQL.
+    index.activate(version)
+    with transaction(engine) as session:
+        activate_model_version(session, version)

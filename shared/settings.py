@@ -1,0 +1,57 @@
+"""One settings object per process, read from LANDMARKS_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LANDMARKS_", extra="ignore")
+
+    # Where the embedded stack keeps its data; also the default place for models.
+    home: Path = Path(".landmarks")
+
+    # Unset means "use the embedded stack under `home`".
+    database_url: SecretStr | None = None
+    broker_url: SecretStr | None = None
+    milvus_uri: str | None = None
+    milvus_token: SecretStr | None = None
+
+    # The recognition model used by workers (a checkpoint written by `landmarks build`).
+    model_path: Path | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    # Batching: a batch closes at `batch_size` events or `max_wait_ms` after its first event.
+    batch_size: int = Field(64, ge=1, le=4096)
+    max_wait_ms: int = Field(50, ge=0)
+    queue: str = "landmarks"
+    # Longer than the worst batch, or Redis redelivers a batch that is still running.
+    visibility_timeout_s: int = Field(3600, ge=10)
+
+    # Fetching: file:// only below these roots (colon-separated), size and time limits.
+    file_roots: str = ""
+    fetch_max_bytes: int = 50 * 1024 * 1024
+    fetch_timeout_s: float = 15.0
+    # Decoding: images with more pixels than this are refused as decompression bombs.
+    max_image_pixels: int = 100_000_000
+
+    # Search: how many centroids to take without GPS, and the tile-filter limit with GPS.
+    global_top_k: int = Field(10, ge=1)
+    geo_top_k: int = Field(256, ge=1)
+
+    @property
+    def file_root_paths(self) -> list[Path]:
+        return [Path(p).resolve() for p in self.file_roots.split(":") if p.strip()]
+
+    @property
+    def home_path(self) -> Path:
+        return self.home.expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

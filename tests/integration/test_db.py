@@ -1,0 +1,393 @@
+"""The PostgreSQL contract against a real server: migrations, the idempotent tag writer, the album views."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, pool, text
+from sqlalchemy.orm import Session
+
+from shared.db import albums, migrate, writer
+from shared.db.models import Base
+from shared.db.session import make_engine, transaction
+from shared.errors import InfrastructureError, Stage
+from shared.events import GeoPoint, PhotoDeleted, PhotoUploaded
+from shared.outcomes import Failure, GpsSource, Method, PhotoOutcome, PhotoStatus, Tag
+
+pytestmark = pytest.mark.integration
+
+SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
+T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+TABLES = ("landmarks", "model_versions", "photos", "photo_tags", "processed_events", "failures")
+LANDMARKS = [
+    {"id": 1, "name": "Eiffel Tower", "city": "Paris", "country": "France", "region": 1, "lat": 48.8584, "lon": 2.2945},
+    {"id": 2, "name": "Louvre", "city": "Paris", "country": "France", "region": 1, "lat": 48.8606, "lon": 2.3376},
+    {"id": 3, "name": "Colosseum", "city": "Rome", "country": "Italy", "region": 2, "lat": 41.8902, "lon": 12.4922},
+    {"id": 4, "name": "Big Ben", "city": "London", "country": "United Kingdom", "region": 1, "lat": 51.5007, "lon": -0.1246},
+]
+
+
+def _reachable(host: str = "127.0.0.1", port: int = 5432) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    if not _reachable():
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    name = f"lm_test_{secrets.token_hex(6)}"
+    admin = create_engine(f"{SERVER}/postgres", isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{SERVER}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def engine(database_url):
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(engine):
+    # Each test runs inside a transaction that is rolled back, as Warehouse's tests do.
+    with engine.connect() as conn:
+        outer = conn.begin()
+        session = Session(bind=conn, join_transaction_mode="create_savepoint")
+        try:
+            yield session
+        finally:
+            session.close()
+            outer.rollback()
+
+
+@pytest.fixture
+def world(session):
+    writer.upsert_landmarks(session, LANDMARKS)
+    writer.register_model_version(session, "v1", activate=True, **_model_args())
+    return session
+
+
+def _model_args(**overrides):
+    args = dict(backbone="wrn50_2", embedding_dim=512, t_geo=0.5, t_global=0.7, t_ref=0.6, checkpoint="/m/v1.pt", metrics={"acc": 0.99})
+    return {**args, **overrides}
+
+
+def uploaded(photo: str, *, user: str = "alice", minutes: int = 0, event: str | None = None, gps=None) -> PhotoUploaded:
+    return PhotoUploaded(
+        event_id=event or f"up-{user}-{photo}",
+        user_id=user,
+        photo_id=photo,
+        uri=f"file:///photos/{user}/{photo}.jpg",
+        uploaded_at=T0 + timedelta(minutes=minutes),
+        gps=gps,
+    )
+
+
+def tagged(photo: str, *tags: tuple[int, float], user: str = "alice", minutes: int = 0, event: str | None = None) -> PhotoOutcome:
+    gps = GeoPoint(lat=48.858, lon=2.294)
+    return PhotoOutcome(
+        event=uploaded(photo, user=user, minutes=minutes, event=event, gps=gps),
+        status=PhotoStatus.TAGGED,
+        tags=[Tag(landmark_id=lm, score=score, method=Method.GEO) for lm, score in tags],
+        gps=gps,
+        gps_source=GpsSource.EVENT,
+    )
+
+
+def nothing(photo: str, *, user: str = "alice") -> PhotoOutcome:
+    return PhotoOutcome(event=uploaded(photo, user=user), status=PhotoStatus.NO_LANDMARK)
+
+
+def failed(photo: str, *, user: str = "alice") -> PhotoOutcome:
+    return PhotoOutcome(
+        event=uploaded(photo, user=user), status=PhotoStatus.FAILED, failure=Failure(Stage.DECODE, "not an image")
+    )
+
+
+def dump(session: Session) -> dict[str, list[tuple]]:
+    return {
+        t: [tuple(r) for r in session.execute(text(f"SELECT * FROM {t} ORDER BY 1, 2"))]
+        for t in (*TABLES, "album_photos", "album_landmarks", "album_cities")
+    }
+
+
+def summary(session: Session, user: str = "alice") -> list[tuple]:
+    return [
+        (c.city, c.landmark_count, c.photo_count, [(lm.name, lm.photo_count, lm.cover_photo_id) for lm in c.landmarks])
+        for c in albums.attractions(session, user)
+    ]
+
+
+BATCH = [
+    tagged("p1", (1, 0.9), (2, 0.6), minutes=1),
+    tagged("p2", (1, 0.8), minutes=2),
+    tagged("p3", (3, 0.7), minutes=3),
+    tagged("p4", (1, 0.9), minutes=4),  # ties p1 on score, newer: the cover
+    nothing("p5"),
+    failed("p6"),
+]
+
+
+def test_migrations_round_trip(database_url, engine):
+    assert migrate.current(database_url) == "0001"
+    migrate.downgrade(database_url, "base")
+    assert migrate.current(database_url) is None
+    with engine.connect() as conn:
+        left = conn.scalar(text("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname NOT LIKE 'alembic_version%'"))
+    assert left == 0
+    migrate.upgrade(database_url, "head")
+    assert migrate.current(database_url) == "0001"
+
+
+def test_migration_matches_models(engine):
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diff == []
+
+
+def test_views_and_columns_are_documented(engine):
+    with engine.connect() as conn:
+        undocumented_views = conn.scalars(
+            text("SELECT c.relname FROM pg_class c WHERE c.relkind = 'v' AND c.relnamespace = 'public'::regnamespace AND obj_description(c.oid, 'pg_class') IS NULL")
+        ).all()
+        undocumented_columns = conn.execute(
+            text(
+                "SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "WHERE c.relkind = 'r' AND c.relnamespace = 'public'::regnamespace AND c.relname <> 'alembic_version' "
+                "AND a.attnum > 0 AND NOT a.attisdropped AND col_description(c.oid, a.attnum) IS NULL"
+            )
+        ).all()
+    assert undocumented_views == [] and undocumented_columns == []
+
+
+def test_write_outcomes_fills_tables_and_views(world):
+    assert writer.write_outcomes(world, "v1", BATCH) == 6
+
+    statuses = dict(world.execute(text("SELECT photo_id, status FROM photos WHERE user_id = 'alice'")).all())
+    assert statuses == {"p1": "tagged", "p2": "tagged", "p3": "tagged", "p4": "tagged", "p5": "no_landmark", "p6": "failed"}
+    tags = world.execute(text("SELECT landmark_id, rank, method FROM photo_tags WHERE photo_id = 'p1' ORDER BY rank")).all()
+    assert [tuple(t) for t in tags] == [(1, 0, "geo"), (2, 1, "geo")]
+    failure = world.execute(text("SELECT event_key, stage, reason, payload->>'photo_id' FROM failures")).one()
+    assert tuple(failure) == ("up-alice-p6", "decode", "not an image", "p6")
+    assert world.scalar(text("SELECT count(*) FROM processed_events")) == 6
+
+    assert summary(world) == [
+        ("Paris", 2, 3, [("Eiffel Tower", 3, "p4"), ("Louvre", 1, "p1")]),
+        ("Rome", 1, 1, [("Colosseum", 1, "p3")]),
+    ]
+    paris = albums.attractions(world, "alice")[0]
+    assert paris.country == "France" and paris.latest_uploaded_at == T0 + timedelta(minutes=4)
+
+    report = albums.photo_report(world, "alice", "p1")
+    assert report["status"] == "tagged" and report["model_version"] == "v1" and report["failure"] is None
+    assert [(t["landmark_id"], t["name"], t["city"], t["method"]) for t in report["tags"]] == [
+        (1, "Eiffel Tower", "Paris", "geo"),
+        (2, "Louvre", "Paris", "geo"),
+    ]
+    assert report["gps"] == {"lat": 48.858, "lon": 2.294, "source": "event"}
+    failed_report = albums.photo_report(world, "alice", "p6")
+    assert failed_report["failure"] == "not an image" and failed_report["tags"] == [] and failed_report["gps"] is None
+    assert albums.photo_report(world, "alice", "missing") is None
+
+
+def test_redelivery_changes_nothing(world):
+    writer.write_outcomes(world, "v1", BATCH)
+    before = dump(world)
+    assert writer.write_outcomes(world, "v1", BATCH) == 0
+    # Even a different decision for an already-applied event is ignored.
+    assert writer.write_outcomes(world, "v1", [tagged("p1", (3, 0.99), minutes=1)]) == 0
+    assert dump(world) == before
+
+
+def test_duplicates_inside_one_batch(world):
+    outcomes = [tagged("p1", (1, 0.9), (1, 0.5)), tagged("p1", (1, 0.9), (1, 0.5))]
+    assert writer.write_outcomes(world, "v1", outcomes) == 1
+    # A second event for the same photo in one batch: the later one wins.
+    later = [tagged("p2", (1, 0.9), event="e-a"), tagged("p2", (3, 0.8), event="e-b")]
+    assert writer.write_outcomes(world, "v1", later) == 1
+    assert world.execute(text("SELECT landmark_id FROM photo_tags WHERE photo_id = 'p2'")).scalars().all() == [3]
+    assert world.scalar(text("SELECT count(*) FROM processed_events WHERE event_id IN ('e-a', 'e-b')")) == 2
+
+
+def test_reprocessing_replaces_tags_of_that_version(world):
+    writer.write_outcomes(world, "v1", [tagged("p1", (1, 0.9), (2, 0.6), event="first")])
+    writer.write_outcomes(world, "v1", [tagged("p1", (3, 0.7), event="second")])
+    assert world.execute(text("SELECT landmark_id, rank FROM photo_tags")).all() == [(3, 0)]
+    writer.write_outcomes(world, "v1", [PhotoOutcome(event=uploaded("p1", event="third"), status=PhotoStatus.NO_LANDMARK)])
+    assert world.scalar(text("SELECT count(*) FROM photo_tags")) == 0
+    assert albums.attractions(world, "alice") == []
+
+
+def test_delete_removes_tags_and_resists_resurrection(world):
+    writer.write_outcomes(world, "v1", BATCH)
+    event = PhotoDeleted(event_id="del-p4", user_id="alice", photo_id="p4")
+    assert writer.delete_photo(world, event) is True
+    assert writer.delete_photo(world, event) is False
+
+    row = world.execute(text("SELECT status, deleted_at IS NOT NULL, gps_lat FROM photos WHERE photo_id = 'p4'")).one()
+    assert tuple(row) == ("deleted", True, None)
+    assert world.scalar(text("SELECT count(*) FROM photo_tags WHERE photo_id = 'p4'")) == 0
+    assert summary(world)[0] == ("Paris", 2, 2, [("Eiffel Tower", 2, "p1"), ("Louvre", 1, "p1")])
+
+    before = dump(world)
+    # The upload redelivered after the deletion (under a new event id, as a retry might) changes nothing.
+    assert writer.write_outcomes(world, "v1", [tagged("p4", (1, 0.99), minutes=4, event="late-upload")]) == 0
+    after = dump(world)
+    assert [r for r in after["processed_events"] if r[0] == "late-upload"]
+    after["processed_events"] = [r for r in after["processed_events"] if r[0] != "late-upload"]
+    assert after == before
+
+
+def test_delete_before_upload_leaves_a_tombstone(world):
+    assert writer.delete_photo(world, PhotoDeleted(event_id="del-early", user_id="alice", photo_id="px")) is True
+    row = world.execute(text("SELECT status, uri, uploaded_at FROM photos WHERE photo_id = 'px'")).one()
+    assert tuple(row) == ("deleted", None, None)
+    assert writer.write_outcomes(world, "v1", [tagged("px", (1, 0.9))]) == 0
+    assert world.scalar(text("SELECT count(*) FROM photo_tags")) == 0
+    assert albums.photo_report(world, "alice", "px")["status"] == "deleted"
+
+
+def test_record_failure_is_idempotent(world):
+    payload = {"event_id": "bad-1", "user_id": "alice", "photo_id": "p9", "uploaded_at": "yesterday"}
+    for _ in range(2):
+        writer.record_failure(world, payload=payload, task="landmarks.photo_uploaded", stage=Stage.VALIDATE, reason="malformed event: uploaded_at")
+    rows = world.execute(text("SELECT event_key, event_id, user_id, photo_id, stage, payload FROM failures")).all()
+    assert [tuple(r) for r in rows] == [("bad-1", "bad-1", "alice", "p9", "validate", payload)]
+    assert albums.photo_report(world, "alice", "p9") is None  # a failure alone does not make a photo
+
+    # Payloads without an event id, hostile or huge, are keyed by hash and bounded.
+    for junk in (b"\x00not json", ["a", "list"], {"event_id": 5, "x": "\x00" * 10}, {"blob": "x" * 100_000}):
+        writer.record_failure(world, payload=junk, task="landmarks.photo_uploaded", stage="validate", reason="malformed\x00")
+        writer.record_failure(world, payload=junk, task="landmarks.photo_uploaded", stage="validate", reason="malformed\x00")
+    assert world.scalar(text("SELECT count(*) FROM failures")) == 5
+    assert world.scalar(text("SELECT count(*) FROM failures WHERE event_key LIKE 'sha256:%'")) == 4
+    assert world.scalar(text("SELECT max(length(payload::text)) FROM failures")) < 9 * 1024
+    assert world.scalar(text("SELECT count(*) FROM failures WHERE payload ? 'truncated'")) == 1
+
+
+def test_only_the_active_version_is_visible(world):
+    writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
+    assert writer.active_model_version(world).version == "v1"
+    writer.write_outcomes(world, "v1", [tagged("p1", (1, 0.9), event="a1"), tagged("p2", (1, 0.8), event="a2")])
+    writer.write_outcomes(world, "v2", [tagged("p1", (3, 0.9), event="b1"), tagged("p2", (3, 0.8), event="b2"), tagged("p3", (4, 0.7), event="b3")])
+    assert world.scalar(text("SELECT count(*) FROM photo_tags")) == 5
+
+    assert summary(world) == [("Paris", 1, 2, [("Eiffel Tower", 2, "p1")])]
+    writer.activate_model_version(world, "v2")
+    assert writer.active_model_version(world).version == "v2"
+    assert world.scalar(text("SELECT count(*) FROM model_versions WHERE is_active")) == 1
+    assert summary(world) == [("Rome", 1, 2, [("Colosseum", 2, "p1")]), ("London", 1, 1, [("Big Ben", 1, "p3")])]
+
+    writer.register_model_version(world, "v1", activate=True, **_model_args(metrics={"acc": 0.98}))
+    assert writer.active_model_version(world).metrics == {"acc": 0.98}
+    assert summary(world) == [("Paris", 1, 2, [("Eiffel Tower", 2, "p1")])]
+    with pytest.raises(LookupError):
+        writer.activate_model_version(world, "nope")
+
+
+def test_no_active_version_shows_nothing(session):
+    writer.upsert_landmarks(session, LANDMARKS)
+    writer.register_model_version(session, "v0", **_model_args())
+    assert writer.active_model_version(session) is None
+    writer.write_outcomes(session, "v0", [tagged("p1", (1, 0.9))])
+    assert albums.attractions(session, "alice") == []
+
+
+def test_landmark_photos_keyset_pagination(world):
+    # 23 photos with repeated upload times, so photo_id must break ties.
+    outcomes = [tagged(f"p{i:02d}", (1, 0.5 + i / 100), minutes=i // 3) for i in range(23)]
+    writer.write_outcomes(world, "v1", outcomes)
+    seen, after = [], None
+    while page := albums.landmark_photos(world, "alice", 1, limit=5, after=after):
+        seen.extend(page)
+        after = page[-1].cursor
+    assert len(seen) == 23 and len({p.photo_id for p in seen}) == 23
+    keys = [(p.uploaded_at, p.photo_id) for p in seen]
+    assert keys == sorted(keys, reverse=True)
+    assert seen[0].uri == "file:///photos/alice/p22.jpg" and seen[0].method == "geo" and seen[0].rank == 0
+    assert albums.landmark_photos(world, "alice", 3) == []
+
+
+def test_users_never_see_each_other(world):
+    writer.write_outcomes(world, "v1", [tagged("p1", (1, 0.9)), tagged("p1", (3, 0.9), user="bob"), tagged("p2", (1, 0.8), user="bob")])
+    assert summary(world, "alice") == [("Paris", 1, 1, [("Eiffel Tower", 1, "p1")])]
+    assert summary(world, "bob") == [("Paris", 1, 1, [("Eiffel Tower", 1, "p2")]), ("Rome", 1, 1, [("Colosseum", 1, "p1")])]
+    assert [p.photo_id for p in albums.landmark_photos(world, "alice", 1)] == ["p1"]
+    assert albums.landmark_photos(world, "alice", 3) == []
+    assert albums.photo_report(world, "bob", "p1")["tags"][0]["landmark_id"] == 3
+    assert albums.attractions(world, "carol") == []
+    # Deleting bob's p1 leaves alice's p1 alone.
+    writer.delete_photo(world, PhotoDeleted(event_id="d", user_id="bob", photo_id="p1"))
+    assert summary(world, "alice") == [("Paris", 1, 1, [("Eiffel Tower", 1, "p1")])]
+
+
+def test_transaction_commits_rolls_back_and_wraps_outages(engine):
+    with pytest.raises(RuntimeError):
+        with transaction(engine) as s:
+            writer.upsert_landmarks(s, LANDMARKS[:1])
+            raise RuntimeError("boom")
+    with transaction(engine) as s:
+        assert s.scalar(text("SELECT count(*) FROM landmarks")) == 0
+        writer.upsert_landmarks(s, [{**LANDMARKS[0], "id": 999}])
+    try:
+        with transaction(engine) as s:
+            assert s.scalar(text("SELECT name FROM landmarks WHERE id = 999")) == "Eiffel Tower"
+    finally:
+        with transaction(engine) as s:
+            s.execute(text("DELETE FROM landmarks WHERE id = 999"))
+
+    dead = make_engine("postgresql+psycopg2://postgres@127.0.0.1:1/none", connect_args={"connect_timeout": 2})
+    with pytest.raises(InfrastructureError):
+        with transaction(dead) as s:
+            s.execute(text("SELECT 1"))
+    with pytest.raises(InfrastructureError):
+        migrate.current("postgresql+psycopg2://postgres@127.0.0.1:1/none")
+
+
+def test_concurrent_redelivery_applies_once(engine):
+    import threading
+
+    batch = [tagged("c1", (1, 0.9), event="c-1"), tagged("c2", (3, 0.8), event="c-2")]
+    results: list[int] = []
+    try:
+        with transaction(engine) as s:
+            writer.upsert_landmarks(s, LANDMARKS)
+            writer.register_model_version(s, "vc", activate=True, **_model_args())
+        first = Session(bind=engine)
+        assert writer.write_outcomes(first, "vc", batch) == 2
+
+        def redeliver():
+            with transaction(engine) as s:
+                results.append(writer.write_outcomes(s, "vc", batch))
+
+        # The second delivery waits on the first's claim of the event ids, then sees them applied.
+        worker = threading.Thread(target=redeliver)
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive()
+        first.commit()
+        first.close()
+        worker.join(10)
+        assert results == [0]
+        with transaction(engine) as s:
+            assert s.scalar(text("SELECT count(*) FROM photo_tags")) == 2
+    finally:
+        with transaction(engine) as s:
+            s.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))

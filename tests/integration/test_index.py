@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from shared.errors import InfrastructureError
+from shared.geo import tile_of
+from shared.index import (
+    CentroidRows,
+    Hit,
+    IndexVersionError,
+    LandmarkIndex,
+    ReferenceRows,
+    sanitize_version,
+)
+
+pytestmark = pytest.mark.integration
+
+DIM = 64
+
+
+@pytest.fixture(scope="module")
+def milvus_uri(tmp_path_factory):
+    from milvus_lite.adapter.grpc.server import start_server_in_thread
+
+    tmp = tmp_path_factory.mktemp("milvus")
+    server, db, port = start_server_in_thread(data_dir=str(tmp), host="127.0.0.1", port=0)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+        db.close()
+
+
+@pytest.fixture(scope="module")
+def index(milvus_uri):
+    idx = LandmarkIndex(milvus_uri, timeout=30.0, connect_timeout=5.0)
+    yield idx
+    idx.close()
+
+
+def _unit(rng, n, d=DIM):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _world(seed: int, n_landmarks: int = 1000, per: int = 3, refs: int = 4):
+    """n_landmarks*per centroids; lat/lon spread over the world except a dense cluster of
+    landmarks 0..9 in a few tiles near Paris, and landmarks 10..11 straddling the antimeridian."""
+    rng = np.random.default_rng(seed)
+    lm = np.repeat(np.arange(n_landmarks, dtype=np.int64), per)
+    cn = np.tile(np.arange(per, dtype=np.int64), n_landmarks)
+    lat_l = rng.uniform(-70, 70, n_landmarks)
+    lon_l = rng.uniform(-180, 180, n_landmarks)
+    lat_l[:10] = 48.8584 + rng.uniform(-0.004, 0.004, 10)
+    lon_l[:10] = 2.2945 + rng.uniform(-0.006, 0.006, 10)
+    lat_l[10:12] = -16.5
+    lon_l[10:12] = [179.9999, -179.9999]
+    lats, lons = np.repeat(lat_l, per), np.repeat(lon_l, per)
+    c = CentroidRows(lm, cn, lats, lons, _unit(rng, lm.size))
+    rl = np.repeat(np.arange(n_landmarks, dtype=np.int64), refs)
+    rn = np.tile(np.arange(refs, dtype=np.int64), n_landmarks)
+    r = ReferenceRows(rl, rn, _unit(rng, rl.size))
+    return c, r
+
+
+@pytest.fixture(scope="module")
+def published(index):
+    c1, r1 = _world(1)
+    c2, r2 = _world(2, n_landmarks=50)
+    index.publish("v1_0", c1, r1)
+    index.publish("v2", c2, r2)
+    return {"v1_0": (c1, r1), "v2": (c2, r2)}
+
+
+def _brute(c: CentroidRows, q: np.ndarray, k: int, mask=None):
+    s = q @ c.embeddings.T
+    out = []
+    for i in range(q.shape[0]):
+        sc = s[i].copy()
+        if mask is not None:
+            sc[~mask] = -np.inf
+        order = np.argsort(-sc, kind="stable")[:k]
+        order = [j for j in order if np.isfinite(sc[j])]
+        out.append([(int(c.landmark_ids[j]), int(c.centroid_nos[j]), float(sc[j])) for j in order])
+    return out
+
+
+def _assert_same(hits: list[list[Hit]], expected, tol=1e-4):
+    assert len(hits) == len(expected)
+    for h, e in zip(hits, expected):
+        assert len(h) == len(e)
+        scores = [x.score for x in h]
+        assert scores == sorted(scores, reverse=True)
+        np.testing.assert_allclose(scores, [x[2] for x in e], atol=tol)
+        got = {(x.landmark_id, x.centroid_no) for x in h}
+        want = {(x[0], x[1]) for x in e}
+        if got != want:  # allow swaps only between (near-)ties at the cut-off
+            cut = e[-1][2]
+            diff = got ^ want
+            sc = {(x.landmark_id, x.centroid_no): x.score for x in h}
+            sc.update({(x[0], x[1]): x[2] for x in e})
+            assert all(abs(sc[d] - cut) < tol for d in diff), diff
+
+
+def test_versions_must_be_collection_safe():
+    assert sanitize_version("v2024_05_01_abc") == "v2024_05_01_abc"
+    for bad in ("", "...", "v1.0", "2024-05-01+abc", "x" * 201):
+        with pytest.raises(ValueError):
+            sanitize_version(bad)
+
+
+def test_publish_activate_and_swap(index, published):
+    assert set(index.versions()) >= {"v1_0", "v2"}
+    assert index.active_version() is None
+    index.activate("v1_0")
+    assert index.active_version() == "v1_0"
+    index.activate("v2")
+    assert index.active_version() == "v2"
+    index.activate("v2")  # idempotent
+    assert index.active_version() == "v2"
+    with pytest.raises(IndexVersionError):
+        index.drop("v2")  # active
+    with pytest.raises(IndexVersionError):
+        index.activate("nope")
+    index.activate("v1_0")
+    assert index.active_version() == "v1_0"
+    # None means the active version.
+    q = published["v1_0"][0].embeddings[:2]
+    assert [h[0].landmark_id for h in index.search_global(None, q, 1)] == [
+        int(x) for x in published["v1_0"][0].landmark_ids[:2]
+    ]
+
+
+def test_publish_twice_fails(index, published):
+    c, r = published["v2"]
+    with pytest.raises(IndexVersionError, match="already exists"):
+        index.publish("v2", c, r)
+    # The failed publish left the existing version intact.
+    assert index.search_global("v2", c.embeddings[:1], 1)[0][0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_publish_drop_roundtrip(index):
+    c, r = _world(3, n_landmarks=20)
+    index.publish("tmp", c, r)
+    assert "tmp" in index.versions()
+    assert sorted(index.references("tmp", [0, 1])) == [0, 1]
+    index.drop("tmp")
+    assert "tmp" not in index.versions()
+    index.publish("tmp", c, r)  # may be published again once dropped
+    index.drop("tmp")
+
+
+def test_publish_validates(index):
+    c, r = _world(4, n_landmarks=20)
+    bad = CentroidRows(c.landmark_ids, c.centroid_nos, c.lats, c.lons, c.embeddings[:, :10])
+    with pytest.raises(ValueError):
+        index.publish("bad", bad, r)
+    dup = CentroidRows(c.landmark_ids, np.zeros_like(c.centroid_nos), c.lats, c.lons, c.embeddings)
+    with pytest.raises(ValueError, match="duplicate"):
+        index.publish("bad", dup, r)
+    assert "bad" not in index.versions()
+
+
+def test_search_global_matches_brute_force(index, published):
+    c, _ = published["v1_0"]
+    rng = np.random.default_rng(7)
+    q = np.vstack([_unit(rng, 6), c.embeddings[[5, 100, 2999]]])
+    for k in (1, 10, 50):
+        hits = index.search_global("v1_0", q, k)
+        _assert_same(hits, _brute(c, q, k))
+    hits = index.search_global("v1_0", q[-3:], 1)
+    assert [(h[0].landmark_id, h[0].centroid_no) for h in hits] == [(1, 2), (33, 1), (999, 2)]
+    assert hits[0][0].lat == pytest.approx(float(c.lats[5]))
+    assert hits[0][0].lon == pytest.approx(float(c.lons[5]))
+    assert index.search_global("v1_0", q[:0], 5) == []
+    with pytest.raises(ValueError):
+        index.search_global("v1_0", q, 0)
+
+
+def test_search_geo_exact_on_selective_filter(index, published):
+    c, _ = published["v1_0"]
+    tiles = np.array([tile_of(a, o) for a, o in zip(c.lats, c.lons)])
+    paris = sorted(set(tiles[: 10 * 3].tolist()))
+    assert 1 <= len(paris) <= 12
+    one = [paris[0]]
+    anti = sorted({tile_of(-16.5, 179.9999), tile_of(-16.5, -179.9999)})
+    empty = [tile_of(0.0, 0.0) + 1, 12345]  # tiles holding nothing
+    assert not np.isin(tiles, empty).any()
+    rng = np.random.default_rng(11)
+    q = _unit(rng, 8)
+    tile_lists = [paris, paris, one, anti, empty, paris, one, []]
+    for limit in (1, 5, 100, 500):
+        hits = index.search_geo("v1_0", q, tile_lists, limit)
+        expected = [
+            _brute(c, q[i : i + 1], limit, np.isin(tiles, t))[0] if t else []
+            for i, t in enumerate(tile_lists)
+        ]
+        _assert_same(hits, expected)
+    # Fewer matches than the limit: all of them, no padding.
+    hits = index.search_geo("v1_0", q, tile_lists, 500)
+    assert len(hits[0]) == int(np.isin(tiles, paris).sum()) == 30
+    assert len(hits[3]) == 6
+    assert {h.landmark_id for h in hits[3]} == {10, 11}
+    assert hits[4] == [] and hits[7] == []
+    for h in hits[0]:
+        assert h.lat is not None and abs(h.lat - 48.8584) < 0.01
+    with pytest.raises(ValueError):
+        index.search_geo("v1_0", q, tile_lists[:3], 5)
+
+
+def test_references_roundtrip_and_cache(index, published):
+    _, r = published["v1_0"]
+    got = index.references("v1_0", [3, 999, 3, 123456])
+    assert sorted(got) == [3, 999]
+    for lid in (3, 999):
+        want = r.embeddings[r.landmark_ids == lid]
+        assert got[lid].dtype == np.float32 and got[lid].shape == (4, DIM)
+        np.testing.assert_allclose(got[lid], want, atol=1e-6)
+    many = index.references("v1_0", range(1000))
+    assert len(many) == 1000
+    # Cached: served without touching Milvus.
+    index._client, saved = None, index._client
+    index.uri, uri = "http://127.0.0.1:1", index.uri
+    try:
+        assert sorted(index.references("v1_0", [3, 999])) == [3, 999]
+    finally:
+        index._client, index.uri = saved, uri
+
+
+def test_unreachable_uri_raises_infrastructure_error():
+    idx = LandmarkIndex("http://127.0.0.1:1", timeout=2.0, connect_timeout=2.0)
+    t = time.monotonic()
+    with pytest.raises(InfrastructureError, match="127.0.0.1:1"):
+        idx.search_global("v1", np.zeros((1, DIM), np.float32), 5)
+    with pytest.raises(InfrastructureError):
+        idx.active_version()
+    assert time.monotonic() - t < 10.0

@@ -1,0 +1,397 @@
+"""decode_image and exif_gps on generated images: formats, orientation, modes, bombs, corrupt data, GPS."""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, JpegImagePlugin
+from PIL.TiffImagePlugin import IFDRational
+
+from shared.errors import DecodeError
+from shared.events import GeoPoint
+from shared.imaging import DecodedImage, decode_image, exif_gps
+
+SIZE = 64
+LIMIT = 10_000_000
+RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
+
+
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def gradient(width: int = 160, height: int = 120) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def quadrant(width: int = 128, height: int = 128) -> Image.Image:
+    """Blue, with the top-left quadrant red: shows where orientation moved the stored corner."""
+    img = Image.new("RGB", (width, height), BLUE)
+    img.paste(RED, (0, 0, width // 2, height // 2))
+    return img
+
+
+def with_exif(img: Image.Image, *, orientation: int | None = None, gps: dict | None = None) -> bytes:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    if gps is not None:
+        exif.get_ifd(0x8825).update(gps)
+    return encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def decode(data: bytes, **kwargs) -> DecodedImage:
+    return decode_image(data, size=kwargs.pop("size", SIZE), max_pixels=kwargs.pop("max_pixels", LIMIT))
+
+
+def corner_colours(pixels: np.ndarray) -> dict[str, tuple[int, ...]]:
+    h = pixels.shape[0] // 4
+    corners = {
+        "tl": pixels[:h, :h], "tr": pixels[:h, -h:], "bl": pixels[-h:, :h], "br": pixels[-h:, -h:],
+    }
+    return {name: tuple(int(v) for v in block.reshape(-1, 3).mean(axis=0).round()) for name, block in corners.items()}
+
+
+def is_red(colour: tuple[int, ...]) -> bool:
+    return colour[0] > 200 and colour[2] < 60
+
+
+# ---- formats ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "params", "expected"),
+    [
+        ("JPEG", {"quality": 90}, "JPEG"),
+        ("PNG", {}, "PNG"),
+        ("WEBP", {"quality": 90}, "WEBP"),
+        ("HEIF", {"quality": 90}, "HEIF"),
+        ("GIF", {}, "GIF"),
+        ("BMP", {}, "BMP"),
+        ("TIFF", {}, "TIFF"),
+    ],
+)
+def test_formats_decode_to_square_uint8(fmt: str, params: dict, expected: str) -> None:
+    src = gradient(160, 120)
+    out = decode(encode(src, fmt, **params))
+    assert out.pixels.shape == (SIZE, SIZE, 3)
+    assert out.pixels.dtype == np.uint8
+    assert (out.width, out.height, out.format) == (160, 120, expected)
+    assert out.gps is None
+    # The content survives: a centre crop of a horizontal gradient still rises left to right in red.
+    assert out.pixels[:, -4:, 0].mean() > out.pixels[:, :4, 0].mean() + 100
+
+
+def test_centre_crop_keeps_the_middle() -> None:
+    img = Image.new("RGB", (300, 100), BLUE)
+    img.paste(RED, (100, 0, 200, 100))  # the middle third, exactly the centre square
+    out = decode(encode(img, "PNG"))
+    assert is_red(tuple(out.pixels.reshape(-1, 3).mean(axis=0)))
+
+
+def test_small_image_is_upscaled() -> None:
+    out = decode(encode(gradient(20, 10), "PNG"))
+    assert out.pixels.shape == (SIZE, SIZE, 3)
+    assert (out.width, out.height) == (20, 10)
+
+
+def test_jpeg_uses_draft_mode_no_smaller_than_size(monkeypatch) -> None:
+    requested = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        requested.append(size)
+        result = original(self, mode, size)
+        assert min(self.size) >= 224  # draft never goes below the requested side
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    out = decode_image(encode(gradient(2000, 1000), "JPEG"), size=224, max_pixels=LIMIT)
+    assert requested == [(224, 224)]
+    assert out.pixels.shape == (224, 224, 3)
+    assert (out.width, out.height) == (2000, 1000)
+
+
+# ---- orientation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("orientation", "red_corner", "swapped"),
+    [
+        (1, "tl", False), (2, "tr", False), (3, "br", False), (4, "bl", False),
+        (5, "tl", True), (6, "tr", True), (7, "br", True), (8, "bl", True),
+    ],
+)
+def test_exif_orientation(orientation: int, red_corner: str, swapped: bool) -> None:
+    # Square, so cropping cannot hide a corner; size reporting is checked on a wide image below.
+    colours = corner_colours(decode(with_exif(quadrant(), orientation=orientation)).pixels)
+    assert [name for name, colour in colours.items() if is_red(colour)] == [red_corner]
+    wide = decode(with_exif(gradient(160, 120), orientation=orientation))
+    assert (wide.width, wide.height) == ((120, 160) if swapped else (160, 120))
+
+
+@pytest.mark.parametrize("orientation", [0, 9, 65535])
+def test_invalid_orientation_is_ignored(orientation: int) -> None:
+    out = decode(with_exif(gradient(160, 120), orientation=orientation))
+    assert (out.width, out.height) == (160, 120)
+
+
+# ---- modes --------------------------------------------------------------------------------
+
+
+def test_cmyk_jpeg() -> None:
+    img = Image.new("CMYK", (80, 60), (0, 255, 255, 0))  # pure red in CMYK
+    out = decode(encode(img, "JPEG", quality=95))
+    assert out.pixels.shape == (SIZE, SIZE, 3)
+    assert is_red(tuple(out.pixels.reshape(-1, 3).mean(axis=0)))
+
+
+def test_16_bit_png_is_scaled_not_clipped() -> None:
+    array = np.zeros((40, 40), dtype=np.uint16)
+    array[:, 20:] = 32768  # half brightness: clipping would make this white
+    array[:, :20] = 65535
+    data = encode(Image.fromarray(array), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    out = decode(data)
+    assert out.pixels.shape == (SIZE, SIZE, 3)
+    assert abs(int(out.pixels[SIZE // 2, -1, 0]) - 128) <= 2
+    assert int(out.pixels[SIZE // 2, 0, 0]) == 255
+
+
+def test_grayscale() -> None:
+    out = decode(encode(Image.new("L", (50, 70), 100), "PNG"))
+    assert out.pixels.shape == (SIZE, SIZE, 3)
+    assert np.all(out.pixels == 100)
+
+
+def test_palette_with_transparency() -> None:
+    img = Image.new("P", (40, 40), 0)
+    img.putpalette([255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 6))
+    img.paste(1, (0, 0, 20, 40))
+    out = decode(encode(img, "PNG", transparency=1))  # green half transparent → white
+    assert tuple(out.pixels[SIZE // 2, 0]) == (255, 255, 255)
+    assert tuple(out.pixels[SIZE // 2, -1]) == RED
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_composited_on_white(mode: str) -> None:
+    img = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    img.paste((0, 0, 0, 255), (20, 0, 40, 40))
+    out = decode(encode(img.convert(mode), "PNG"))
+    assert tuple(out.pixels[SIZE // 2, 0]) == (255, 255, 255)
+    assert tuple(out.pixels[SIZE // 2, -1]) == (0, 0, 0)
+
+
+def test_bilevel() -> None:
+    out = decode(encode(Image.new("1", (30, 30), 1), "PNG"))
+    assert np.all(out.pixels == 255)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_animated_takes_first_frame(fmt: str) -> None:
+    frames = [Image.new("RGB", (40, 40), RED), Image.new("RGB", (40, 40), GREEN)]
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
+    out = decode(data)
+    assert is_red(tuple(out.pixels.reshape(-1, 3).mean(axis=0)))
+
+
+# ---- bombs and bad data ---------------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1×1 PNG whose IHDR is patched to claim another size (with a correct CRC)."""
+    data = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_bomb_refused_from_header_by_our_limit() -> None:
+    with pytest.raises(DecodeError, match=r"decompression bomb: 5000x4000 pixels exceeds limit 1000000"):
+        decode_image(png_claiming(5000, 4000), size=SIZE, max_pixels=1_000_000)
+
+
+def test_huge_bomb_refused() -> None:
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_image(png_claiming(60000, 60000), size=SIZE, max_pixels=100_000_000)
+
+
+def test_bomb_warning_as_error_is_a_decode_error() -> None:
+    # Someone running with -W error: Pillow's own warning must not escape as a non-DecodeError.
+    data = png_claiming(10000, 10000)  # above Pillow's default warning threshold, below ours
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(DecodeError, match="decompression bomb"):
+            decode_image(data, size=SIZE, max_pixels=200_000_000)
+
+
+def test_header_claiming_more_than_data_is_corrupt() -> None:
+    with pytest.raises(DecodeError, match="corrupt image"):
+        decode_image(png_claiming(500, 500), size=SIZE, max_pixels=LIMIT)
+
+
+def _jpeg() -> bytes:
+    return encode(gradient(160, 120), "JPEG", quality=90)
+
+
+def _corrupt_scan(data: bytes) -> bytes:
+    start = data.index(b"\xff\xda") + 20
+    return data[:start] + bytes(range(256)) * 3 + data[start + 768 :]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "not an image"),
+        (b"hello, this is plain text and not a photo", "not an image: unrecognised format"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not an image"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not an image"),  # EPS would run Ghostscript
+        (b"\xff\xd8\xff", "not an image"),
+        (_jpeg()[: len(_jpeg()) // 2], "corrupt image: .*truncated"),
+        (_jpeg()[:-2], "corrupt image"),
+        (_corrupt_scan(_jpeg()), "corrupt image"),
+        (encode(gradient(), "PNG")[:-40], "corrupt image"),
+        (encode(gradient(), "WEBP")[:200], "corrupt image|not an image"),
+        (encode(gradient(), "HEIF")[:300], "corrupt image|not an image"),
+    ],
+    ids=["empty", "text", "svg", "eps", "soi-only", "truncated-jpeg", "no-eoi", "corrupt-scan",
+         "truncated-png", "truncated-webp", "truncated-heif"],
+)
+def test_bad_data_is_decode_error(data: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason) as info:
+        decode(data)
+    assert "\n" not in info.value.reason
+
+
+# Real magic numbers in front of random bytes get past format sniffing into the parsers.
+_MAGIC = [b"", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\x00\x01\x00\x00WEBPVP8 ",
+          b"\x00\x00\x00\x18ftypheic", b"BM", b"II*\x00", b"MM\x00*"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(_MAGIC), st.binary(max_size=2048))
+def test_random_bytes_decode_or_decode_error(magic: bytes, data: bytes) -> None:
+    _decodes_or_refuses(magic + data)
+
+
+_VALID_JPEG = encode(gradient(64, 48), "JPEG", quality=80, exif=Image.Exif().tobytes())
+_VALID_JPEG_EXIF = with_exif(gradient(64, 48), orientation=6, gps={1: "N", 2: (1.0, 2.0, 3.0), 3: "E", 4: (4.0, 5.0, 6.0)})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([_VALID_JPEG, _VALID_JPEG_EXIF]),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(0, 10**6),
+)
+def test_mutated_jpeg_decodes_or_decode_error(base: bytes, edits, cut: int) -> None:
+    data = bytearray(base)
+    for position, value in edits:
+        data[position % len(data)] = value
+    _decodes_or_refuses(bytes(data[: max(1, len(data) - cut % 64)]))
+
+
+def _decodes_or_refuses(data: bytes) -> None:
+    try:
+        out = decode(data)
+    except DecodeError as exc:
+        assert exc.reason and "\n" not in exc.reason
+        return
+    assert out.pixels.shape == (SIZE, SIZE, 3) and out.pixels.dtype == np.uint8
+    assert out.gps is None or isinstance(out.gps, GeoPoint)
+
+
+# ---- GPS ------------------------------------------------------------------------------------
+
+
+def test_gps_round_trip_through_jpeg_exif() -> None:
+    gps = {1: "S", 2: (IFDRational(33, 1), IFDRational(51, 1), IFDRational(36, 1)), 3: "E", 4: (151.0, 12.0, 36.0)}
+    out = decode(with_exif(gradient(), gps=gps))
+    assert out.gps is not None
+    assert (out.gps.lat, out.gps.lon) == pytest.approx((-33.86, 151.21), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("lat_ref", "lon_ref", "sign"),
+    [("N", "E", (1, 1)), ("S", "E", (-1, 1)), ("N", "W", (1, -1)), ("S", "W", (-1, -1)),
+     (b"S\x00", b"W\x00", (-1, -1)), ("s", "w", (-1, -1)), (None, None, (1, 1)), ("", "", (1, 1))],
+)
+def test_gps_refs_give_signs(lat_ref, lon_ref, sign) -> None:
+    gps = {2: (48.0, 51.0, 29.88), 4: (2.0, 17.0, 40.2)}
+    if lat_ref is not None:
+        gps[1] = lat_ref
+    if lon_ref is not None:
+        gps[3] = lon_ref
+    point = exif_gps(gps)
+    assert point is not None
+    assert point.lat == pytest.approx(sign[0] * 48.8583, abs=1e-6)
+    assert point.lon == pytest.approx(sign[1] * 2.2945, abs=1e-6)
+
+
+def test_gps_from_pillow_exif_object() -> None:
+    exif = Image.Exif()
+    exif.get_ifd(0x8825).update({1: "N", 2: (IFDRational(4012, 100), 0.0, 0.0), 3: "W", 4: (IFDRational(7, 2),)})
+    point = exif_gps(exif)
+    assert point is not None and (point.lat, point.lon) == pytest.approx((40.12, -3.5))
+
+
+@pytest.mark.parametrize(
+    "gps",
+    [
+        {},
+        {1: "N", 3: "E"},  # the block exists but holds no coordinates
+        {1: "N", 2: (0.0, 0.0, 0.0), 3: "E", 4: (0.0, 0.0, 0.0)},  # cameras without a fix
+        {1: "S", 2: (0.0, 0.0, 0.0), 3: "W", 4: (0.0, 0.0, 0.0)},  # -0/-0 is still 0/0
+        {2: (IFDRational(0, 0), 0.0, 0.0), 4: (1.0, 0.0, 0.0)},  # zero denominator
+        {2: (IFDRational(1, 0), 0.0, 0.0), 4: (1.0, 0.0, 0.0)},
+        {2: (float("nan"), 0.0, 0.0), 4: (1.0, 0.0, 0.0)},
+        {2: (1.0, 0.0, 0.0), 4: (float("inf"), 0.0, 0.0)},
+        {2: (91.0, 0.0, 0.0), 4: (1.0, 0.0, 0.0)},  # out of range
+        {2: (1.0, 0.0, 0.0), 4: (180.0, 30.0, 0.0)},
+        {2: (1.0, 0.0, 0.0), 4: (-1.0, 0.0, 0.0)},  # EXIF rationals are unsigned
+        {1: "X", 2: (1.0, 0.0, 0.0), 4: (1.0, 0.0, 0.0)},  # unknown reference
+        {1: 7, 2: (1.0, 0.0, 0.0), 4: (1.0, 0.0, 0.0)},
+        {2: "48.85", 4: (1.0, 0.0, 0.0)},
+        {2: b"\x00\x01", 4: (1.0, 0.0, 0.0)},
+        {2: (), 4: (1.0, 0.0, 0.0)},
+        {2: (1.0, 2.0, 3.0, 4.0), 4: (1.0, 0.0, 0.0)},
+        {2: ("a", "b", "c"), 4: (1.0, 0.0, 0.0)},
+        {2: (None, 0, 0), 4: (1.0, 0.0, 0.0)},
+        {2: (1.0, 0.0, 0.0), 4: {"nested": 1}},
+        {2: (10**400, 0, 0), 4: (1.0, 0.0, 0.0)},
+    ],
+)
+def test_implausible_gps_is_none(gps: dict) -> None:
+    assert exif_gps(gps) is None
+
+
+def test_gps_absent_or_weird_containers() -> None:
+    assert exif_gps(None) is None
+    assert exif_gps(Image.Exif()) is None
+    assert exif_gps({0x8825: {1: "N", 2: (1.0, 0, 0), 3: "E", 4: (2.0, 0, 0)}}) == GeoPoint(lat=1.0, lon=2.0)
+    assert exif_gps({0x8825: 12345}) is None  # an unparsed offset, not a block
+
+
+def test_decimal_degrees_in_one_rational() -> None:
+    point = exif_gps({1: "N", 2: IFDRational(4885833, 100000), 3: "E", 4: (IFDRational(229, 100),)})
+    assert point is not None and (point.lat, point.lon) == pytest.approx((48.85833, 2.29))
+
+
+def test_nan_rationals_never_leak() -> None:
+    point = exif_gps({2: (IFDRational(48, 1), IFDRational(1, 0)), 4: (2.0,)})
+    assert point is None or all(math.isfinite(v) for v in (point.lat, point.lon))

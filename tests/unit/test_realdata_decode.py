@@ -1,0 +1,112 @@
+"""decode_image on real camera and phone files (shared/realdata), read in place, never copied."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.errors import DecodeError
+from shared.imaging import decode_image
+
+REALDATA = Path(
+    os.environ.get("LANDMARKS_REALDATA") or Path(__file__).parents[2] / ".." / "shared" / "realdata"
+).resolve()
+if not (REALDATA / "MANIFEST.tsv").is_file():
+    pytest.skip(f"real photos not found at {REALDATA}", allow_module_level=True)
+
+SIZE = 224
+MAX_PIXELS = 100_000_000
+SECONDS_PER_FILE = 5.0
+_LAT_LON = re.compile(r"lat=(\S+)\s+lon=(\S+)")
+
+
+def _manifest() -> dict[str, dict[str, str]]:
+    with open(REALDATA / "MANIFEST.tsv", newline="", encoding="utf-8") as fh:
+        return {row["relative_path"]: row for row in csv.DictReader(fh, delimiter="\t")}
+
+
+MANIFEST = _manifest()
+FILES = sorted(
+    str(path.relative_to(REALDATA))
+    for folder in ("exif", "landmarks")
+    for path in (REALDATA / folder).rglob("*")
+    if path.is_file()
+)
+
+
+def expected_gps(row: dict[str, str]) -> tuple[float, float] | None | str:
+    """What the manifest says Pillow read, under our rules; "unknown" where it could not read the file."""
+    if row["format"].startswith("unreadable"):
+        return "unknown"  # the manifest's reader lacked a HEIF opener; it says nothing about GPS
+    match = _LAT_LON.search(row["exif_gps"])
+    if not match:
+        return None  # empty, or "gps_ifd (no lat/lon values)"
+    lat, lon = float(match.group(1)), float(match.group(2))
+    if not (np.isfinite(lat) and np.isfinite(lon)) or (lat == 0.0 and lon == 0.0):
+        return None  # NaN blocks and 0/0 are "no fix" by our rules
+    return lat, lon
+
+
+def test_manifest_lists_every_file() -> None:
+    assert FILES, f"no files under {REALDATA}/exif or landmarks"
+    assert set(FILES) <= set(MANIFEST)
+
+
+@pytest.mark.parametrize("relative_path", FILES)
+def test_real_file_decodes_or_refuses(relative_path: str) -> None:
+    data = (REALDATA / relative_path).read_bytes()
+    start = time.perf_counter()
+    try:
+        out = decode_image(data, size=SIZE, max_pixels=MAX_PIXELS)
+    except DecodeError as exc:
+        assert exc.reason
+        out = None
+    assert time.perf_counter() - start < SECONDS_PER_FILE
+    if out is None:
+        return
+    assert out.pixels.shape == (SIZE, SIZE, 3) and out.pixels.dtype == np.uint8
+    assert out.width > 0 and out.height > 0
+    assert out.pixels.std() > 0 or out.width * out.height < 16  # not a blank frame
+
+    row = MANIFEST[relative_path]
+    expected = expected_gps(row)
+    if expected == "unknown":
+        pass
+    elif expected is None:
+        assert out.gps is None
+    else:
+        assert out.gps is not None, f"manifest GPS {row['exif_gps']!r}"
+        assert out.gps.lat == pytest.approx(expected[0], abs=1e-4)
+        assert out.gps.lon == pytest.approx(expected[1], abs=1e-4)
+
+    name = Path(relative_path).stem
+    if re.fullmatch(r"ianare_orientation_landscape_\d", name):
+        assert out.width > out.height
+    elif re.fullmatch(r"ianare_orientation_portrait_\d", name):
+        assert out.height > out.width
+
+
+def test_every_real_file_decodes() -> None:
+    """All of these are genuine images; a refusal here is a regression, not bad input."""
+    failures = {}
+    for relative_path in FILES:
+        try:
+            decode_image((REALDATA / relative_path).read_bytes(), size=SIZE, max_pixels=MAX_PIXELS)
+        except DecodeError as exc:
+            failures[relative_path] = exc.reason
+    assert not failures
+
+
+def test_gps_rows_are_covered() -> None:
+    # Guards the parsing above: the manifest has plenty of real coordinates and several no-fix blocks.
+    rows = [MANIFEST[p] for p in FILES]
+    with_coordinates = [r for r in rows if isinstance(expected_gps(r), tuple)]
+    no_fix = [r for r in rows if _LAT_LON.search(r["exif_gps"]) and expected_gps(r) is None]
+    assert len(with_coordinates) >= 20
+    assert len(no_fix) >= 3
