@@ -1,0 +1,84 @@
+"""Real services for tests: PostgreSQL and Redis on 127.0.0.1 when reachable (CI runs them), else the
+embedded servers from wheels; milvus-lite as a gRPC server. Each session gets its own database."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    path = Path(os.environ.get("LANDMARKS_REALDATA", REPO.parent / "shared" / "realdata")).resolve()
+    if not (path / "MANIFEST.tsv").exists():
+        pytest.skip(f"no real photos at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory) -> str:
+    """A URL of the maintenance database of a real PostgreSQL server."""
+    if _reachable(5432):
+        return "postgresql://postgres@127.0.0.1:5432/postgres"
+    from shared.stack import start_postgres
+    return start_postgres(tmp_path_factory.mktemp("pg") / "data")
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server_url: str):
+    """A fresh database migrated to head, dropped at the end."""
+    import sqlalchemy as sa
+
+    from shared.db import migrate
+    from shared.db.session import make_engine
+
+    name = f"lm_test_{uuid.uuid4().hex[:10]}"
+    admin = make_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    migrate.upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str):
+    from shared.db.session import make_engine
+    eng = make_engine(database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def broker_url(tmp_path_factory) -> str:
+    if _reachable(6379):
+        return "redis://127.0.0.1:6379/0"
+    from shared.stack import start_redis
+    return start_redis(tmp_path_factory.mktemp("redis"))
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory) -> str:
+    from milvus_lite.adapter.grpc.server import start_server_in_thread
+    server, db, port = start_server_in_thread(data_dir=str(tmp_path_factory.mktemp("milvus")),
+                                              host="127.0.0.1", port=0)
+    yield f"http://127.0.0.1:{port}"
+    server.stop(0)
+    db.close()

@@ -1,0 +1,43 @@
+"""The v1 event contract: required fields, ignored extras, clear reasons for malformed events."""
+
+import pytest
+
+from shared.errors import InvalidEvent
+from shared.events import PhotoDeleted, PhotoUploaded, event_key, parse_event
+
+GOOD = {"event_id": "e1", "user_id": "u1", "photo_id": "p1", "uri": "file:///x.jpg",
+        "uploaded_at": "2026-11-26T10:00:00Z"}
+
+
+def test_a_valid_event_parses_and_unknown_fields_are_ignored():
+    event = parse_event(PhotoUploaded, {**GOOD, "future_field": {"x": 1}, "gps": {"lat": 1.5, "lon": -2}})
+    assert event.photo_id == "p1" and event.gps.lat == 1.5
+
+
+@pytest.mark.parametrize("payload, words", [
+    ({k: v for k, v in GOOD.items() if k != "uri"}, ["uri", "required"]),
+    ({**GOOD, "user_id": 42}, ["user_id"]),
+    ({**GOOD, "user_id": "x" * 1_000_000}, ["user_id", "256"]),
+    ({**GOOD, "uploaded_at": "yesterday"}, ["uploaded_at"]),
+    ({**GOOD, "gps": {"lat": 91, "lon": 0}}, ["gps.lat"]),
+    ({**GOOD, "gps": {"lat": float("nan"), "lon": 0}}, ["gps.lat"]),
+    ([GOOD], ["JSON object"]),
+    ("{not json", ["not JSON"]),
+])
+def test_malformed_events_get_a_clear_reason(payload, words):
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(PhotoUploaded, payload)
+    assert info.value.reason.startswith("malformed event")
+    for word in words:
+        assert word in info.value.reason
+
+
+def test_deleted_event_needs_only_ids():
+    assert parse_event(PhotoDeleted, {"event_id": "e", "user_id": "u", "photo_id": "p"}).photo_id == "p"
+
+
+def test_event_key_is_the_event_id_or_a_stable_hash():
+    assert event_key(GOOD) == "e1"
+    odd = {"user_id": "u", "x": [1, 2]}
+    assert event_key(odd) == event_key(dict(reversed(list(odd.items())))) != event_key({"user_id": "v"})
+    assert event_key({"event_id": "x" * 10_000}).startswith("sha256:")
