@@ -238,11 +238,103 @@ def publish(model: Annotated[Path, typer.Argument(exists=True)],
     _emit({"version": meta.version, "active": activate}, as_json)
 
 
+# --- offline pipeline -----------------------------------------------------------------------
+
+def _progress() -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console)
+
+
 @app.command()
-def demo(as_json: JsonFlag = True) -> None:
+def world(out: Annotated[Path, typer.Option("--out")], seed: int = 0,
+          preset: Annotated[str, typer.Option(help="tiny | small | medium")] = "small",
+          contact_sheet: Annotated[bool, typer.Option("--contact-sheet")] = False,
+          as_json: JsonFlag = False) -> None:
+    """Generate a deterministic synthetic landmark world in the dataset format (docs/dataset.md)."""
+    from shared.training.world import generate_world
+    with _progress() as progress:
+        task = progress.add_task(f"world {preset} seed {seed}", total=None)
+        summary = generate_world(out, seed=seed, preset=preset, contact_sheet=contact_sheet,
+                                 progress=lambda done, total: progress.update(task, completed=done, total=total))
+    _emit(summary, as_json)
+
+
+@app.command()
+def build(world_dir: Annotated[Path, typer.Option("--world", exists=True, file_okay=False)],
+          out: Annotated[Path, typer.Option("--out")],
+          preset: Annotated[str, typer.Option(help="training preset: tiny | small | medium")] = "small",
+          init: Annotated[Optional[Path], typer.Option(exists=True, help="local pretrained backbone weights")] = None,
+          backbone: Annotated[Optional[str], typer.Option(help="override the preset's backbone")] = None,
+          ablation: Annotated[Optional[str], typer.Option(help="no_cleaning | no_curriculum | no_center_loss")] = None,
+          seed: int = 0, version: Annotated[Optional[str], typer.Option()] = None, as_json: JsonFlag = False) -> None:
+    """Clean, train (curriculum, softmax + center loss), cluster centroids, calibrate: write MODEL."""
+    from dataclasses import replace as dc_replace
+    import torch
+    from shared.training.build import PRESETS, Builder
+    cfg = PRESETS[preset]
+    cfg = dc_replace(cfg, train=dc_replace(cfg.train, seed=seed, backbone=backbone or cfg.train.backbone))
+    if ablation == "no_cleaning":
+        cfg = dc_replace(cfg, clean=False)
+    elif ablation == "no_curriculum":
+        cfg = dc_replace(cfg, curriculum=False)
+    elif ablation == "no_center_loss":
+        cfg = dc_replace(cfg, train=dc_replace(cfg.train, center_weight=0.0))
+    elif ablation:
+        raise typer.BadParameter(f"unknown ablation {ablation!r}")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    with _progress() as progress:
+        meta = Builder(world_dir, out, cfg, init=init, progress=progress, version=version).run()
+    report = meta.extra["build"]
+    _emit({"model": str(out), "version": meta.version, "t_geo": meta.t_geo, "t_global": meta.t_global,
+           "t_ref": meta.t_ref, "seconds": report["seconds"],
+           "share_with_several_centroids": report["centroids"]["share_with_several"],
+           "cleaning": [c for s in report["stages"] for c in s["cleaning"]]}, as_json)
+
+
+@app.command("eval")
+def evaluate_model(world_dir: Annotated[Path, typer.Option("--world", exists=True, file_okay=False)],
+                   model: Annotated[Path, typer.Option("--model", exists=True)],
+                   local: Annotated[bool, typer.Option(help="exact in-process search instead of Milvus")] = False,
+                   report: Annotated[Optional[Path], typer.Option(help="write an HTML report")] = None,
+                   ablation_model: Annotated[Optional[list[str]], typer.Option(
+                       help="NAME=MODEL built with `build --ablation`, shown in the report")] = None,
+                   as_json: JsonFlag = False) -> None:
+    """The article's test through the workers' recognition code; Milvus holds the version's centroids."""
+    from shared.local_index import LocalIndex
+    from shared.model import load_checkpoint
+    from shared.publish import gallery_rows
+    from shared.training.evaluate import evaluate
+    _, meta, gallery = load_checkpoint(model)
+    if local:
+        index = LocalIndex(meta.version, *gallery_rows(gallery))
+    else:
+        index = _index()
+        if meta.version not in index.versions():
+            index.publish(meta.version, *gallery_rows(gallery))  # published, not activated
+    with _progress() as progress:
+        task = progress.add_task("embedding the test split", total=None)
+        metrics = evaluate(world_dir, model, index, progress=lambda n: progress.advance(task, n))
+    if report is not None:
+        from shared.training.evaluate import decision_ablations
+        from shared.training.report import write_report
+        ablations = decision_ablations(world_dir, model)
+        for item in ablation_model or []:
+            name, _, path = item.partition("=")
+            _, other_meta, other_gallery = load_checkpoint(Path(path))
+            ablations[name] = evaluate(world_dir, Path(path), LocalIndex(other_meta.version, *gallery_rows(other_gallery)))
+        write_report(report, world_dir, model, metrics, ablations)
+        metrics["ablations"] = ablations
+        metrics["report"] = str(report)
+    _emit(metrics, as_json)
+
+
+@app.command()
+def demo(preset: Annotated[str, typer.Option(help="world preset")] = "small", seed: int = 0,
+         as_json: JsonFlag = True) -> None:
     """The whole job on the embedded stack: model, gallery, publish, worker, a user's archive, albums."""
     from shared.demo import run_demo
-    result = run_demo(get_settings(), console)
+    result = run_demo(get_settings(), console, preset=preset, seed=seed)
     print(json.dumps(result))
 
 

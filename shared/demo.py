@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
@@ -14,30 +17,39 @@ from sqlalchemy import text
 from shared.db import migrate
 from shared.db.albums import attractions
 from shared.db.session import make_engine, transaction
-from shared.gallery import image_files, read_landmarks_csv
 from shared.index import LandmarkIndex
-from shared.modelinit import gallery_from_folders, init_model
 from shared.publish import publish_model
 from shared.settings import Settings
 from shared.stack import resolve
 
-DEMO_USER = "demo"
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+DEMO_PRESET = "small"
 
 
-def _photo_set(settings: Settings, console: Console) -> tuple[Path, Path, Path, list[Path]]:
-    """Real photos when ../shared/realdata is there, a generated set otherwise."""
-    realdata = Path(os.environ.get("LANDMARKS_REALDATA", REALDATA))
-    if (realdata / "landmarks").is_dir():
-        csv_path = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "realdata_landmarks.csv"
-        extra = [realdata / "exif"] if (realdata / "exif").is_dir() else []
-        console.print(f"photos: real ({realdata})")
-        return realdata / "landmarks", csv_path, realdata / "nonlandmarks", extra
-    from shared.synthetic import write_photo_set
-    root = settings.home_path / "demo-photos"
-    console.print(f"photos: generated under {root} (no real photo folder found)")
-    landmarks, csv_path, everyday = write_photo_set(root)
-    return landmarks, csv_path, everyday, []
+def _world(settings: Settings, preset: str, seed: int, console: Console) -> Path:
+    from shared.training.world import generate_world
+    out = settings.home_path / "worlds" / f"{preset}-{seed}"
+    if not (out / "world.json").exists():
+        with _progress(console) as progress:
+            task = progress.add_task(f"generating the {preset} world (seed {seed})", total=None)
+            generate_world(out, seed=seed, preset=preset,
+                           progress=lambda done, total: progress.update(task, completed=done, total=total))
+    return out
+
+
+def _model(settings: Settings, world: Path, preset: str, seed: int, console: Console) -> Path:
+    """Built once per world; an interrupted build resumes from its stage checkpoints."""
+    from shared.training.build import PRESETS, Builder
+    out = settings.home_path / "models" / f"{preset}-{seed}.pt"
+    if not out.exists():
+        with _progress(console) as progress:
+            Builder(world, out, PRESETS[preset], progress=progress, version=f"demo_{preset}_{seed}").run()
+    return out
+
+
+def _progress(console: Console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
 
 
 def _start_worker(settings: Settings, roots: list[Path]) -> subprocess.Popen:
@@ -48,10 +60,9 @@ def _start_worker(settings: Settings, roots: list[Path]) -> subprocess.Popen:
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _pending(engine, user: str, photo_ids: set[str]) -> int:
+def _pending(engine, photo_ids: set[str]) -> int:
     with transaction(engine) as session:
-        done = session.execute(text("SELECT photo_id FROM photos WHERE user_id = :u AND status <> 'pending'"),
-                               {"u": user}).scalars().all()
+        done = session.execute(text("SELECT photo_id FROM processed_events WHERE kind = 'uploaded'")).scalars().all()
     return len(photo_ids - set(done))
 
 
@@ -59,18 +70,19 @@ def _accuracy(engine, truth: dict[str, int | None]) -> dict[str, float]:
     with transaction(engine) as session:
         rows = session.execute(text(
             "SELECT p.photo_id, t.landmark_id FROM photos p LEFT JOIN album_photos t "
-            "ON t.user_id = p.user_id AND t.photo_id = p.photo_id AND t.rank = 0 WHERE p.user_id = :u"),
-            {"u": DEMO_USER}).all()
+            "ON t.user_id = p.user_id AND t.photo_id = p.photo_id AND t.rank = 0 "
+            "WHERE p.photo_id = ANY(:ids)"), {"ids": list(truth)}).all()
     got = dict(rows)
     landmark = [got.get(pid) == lid for pid, lid in truth.items() if lid is not None]
     other = [got.get(pid) is None for pid, lid in truth.items() if lid is None]
-    return {"landmark_accuracy": sum(landmark) / max(1, len(landmark)),
-            "non_landmark_accuracy": sum(other) / max(1, len(other)),
-            "tagged_photos": sum(v is not None for v in got.values())}
+    return {"tagged_photos": sum(v is not None for v in got.values()),
+            "landmark_accuracy": sum(landmark) / max(1, len(landmark)),
+            "non_landmark_accuracy": sum(other) / max(1, len(other))}
 
 
-def run_demo(settings: Settings, console: Console) -> dict:
-    from shared.cli import print_albums, upload_event
+def run_demo(settings: Settings, console: Console, preset: str = DEMO_PRESET, seed: int = 0) -> dict:
+    from shared.cli import print_albums
+    from shared.training.dataset import load_dataset
     from workers.app import app as celery_app
     from workers.tasks import UPLOADED
 
@@ -78,48 +90,44 @@ def run_demo(settings: Settings, console: Console) -> dict:
     urls = resolve(settings)
     migrate.upgrade(urls.database_url)
     engine, index = make_engine(urls.database_url), LandmarkIndex(urls.milvus_uri)
-    landmarks_dir, csv_path, negatives_dir, extra = _photo_set(settings, console)
-
-    models = settings.home_path / "models"
-    with console.status("model: random-init backbone, BatchNorm set from the photos, gallery, thresholds"):
-        init_model(models / "init.pt", backbone="resnet18", dim=256, size=160, version="demo_resnet18",
-                   calibrate=negatives_dir, seed=0)
-        meta = gallery_from_folders(models / "init.pt", landmarks_dir, csv_path, negatives_dir, models / "demo.pt")
-        publish_model(models / "demo.pt", engine, index)
+    world = _world(settings, preset, seed, console)
+    model = _model(settings, world, preset, seed, console)
+    meta = publish_model(model, engine, index)
     console.print(f"published model {meta.version}")
 
-    slugs = {info.slug: info.id for info in read_landmarks_csv(csv_path)}
-    archive = [(f, slugs.get(f.parent.name)) for f in image_files(landmarks_dir)]
-    archive += [(f, None) for root in [negatives_dir, *extra] for f in image_files(root)]
-    worker = _start_worker(settings, [landmarks_dir, negatives_dir, *extra])
+    archive = load_dataset(world).archives
+    worker = _start_worker(settings, [world])
     try:
         truth = {}
-        for path, landmark_id in archive:
-            event = upload_event(DEMO_USER, path)
-            truth[event["photo_id"]] = landmark_id
+        for photo in archive:
+            event = _event(photo)
+            truth[event["photo_id"]] = photo.landmark_id
             celery_app.send_task(UPLOADED, args=[event])
         _wait(engine, set(truth), console, worker)
         metrics = _accuracy(engine, truth)
     finally:
         worker.terminate()
         worker.wait(60)
+    user = archive[0].user_id
     with transaction(engine) as session:
-        print_albums(DEMO_USER, [_city(c) for c in attractions(session, DEMO_USER)])
+        print_albums(user, [asdict(c) for c in attractions(session, user)])
     return {"photos": len(truth), "landmark_photos": sum(v is not None for v in truth.values()),
-            **metrics, "model_version": meta.version, "seconds": round(time.monotonic() - started, 1)}
+            **metrics, "model_version": meta.version, "users": len({p.user_id for p in archive}),
+            "seconds": round(time.monotonic() - started, 1)}
 
 
-def _city(city) -> dict:
-    from dataclasses import asdict
-    return asdict(city)
+def _event(photo) -> dict:
+    """The upload pipeline's event for one archive photo; ids are stable so a rerun is a redelivery."""
+    photo_id = uuid.uuid5(uuid.NAMESPACE_URL, str(photo.path)).hex
+    return {"event_id": f"demo-{photo_id}", "user_id": photo.user_id, "photo_id": photo_id,
+            "uri": photo.path.as_uri(), "uploaded_at": datetime.now(timezone.utc).isoformat()}
 
 
 def _wait(engine, photo_ids: set[str], console: Console, worker: subprocess.Popen, timeout_s: float = 900) -> None:
-    from rich.progress import Progress
     deadline = time.monotonic() + timeout_s
-    with Progress(console=console) as progress:
+    with _progress(console) as progress:
         bar = progress.add_task("recognising uploads", total=len(photo_ids))
-        while (left := _pending(engine, DEMO_USER, photo_ids)) > 0:
+        while (left := _pending(engine, photo_ids)) > 0:
             progress.update(bar, completed=len(photo_ids) - left)
             if worker.poll() is not None:
                 raise RuntimeError("the worker exited; see demo-worker.log under LANDMARKS_HOME")

@@ -16,7 +16,7 @@ from shared.model import ModelMeta, load_checkpoint
 log = logging.getLogger(__name__)
 
 
-def _rows(gallery: dict) -> tuple[CentroidRows, ReferenceRows]:
+def gallery_rows(gallery: dict) -> tuple[CentroidRows, ReferenceRows]:
     places = {row["id"]: (row["lat"], row["lon"]) for row in gallery["landmarks"]}
     c, r = gallery["centroids"], gallery["references"]
     ids = c["landmark_ids"].numpy()
@@ -41,7 +41,7 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
                                checkpoint=str(model_path.resolve()), metrics=meta.extra.get("metrics", {}),
                                activate=False)
     if meta.version not in index.versions():
-        index.publish(meta.version, *_rows(gallery))
+        index.publish(meta.version, *gallery_rows(gallery))
     if activate:
         activate_version(meta.version, engine, index)
     log.info("published model %s (%d landmarks)", meta.version, len(gallery["landmarks"]))

@@ -13,3 +13,89 @@ def threshold_for_accuracy(negative_scores: np.ndarray, target: float = 0.99) ->
     allowed_above = int(np.floor(len(scores) * (1 - target)))  # negatives allowed to pass
     rank = len(scores) - allowed_above - 1
     return float(np.nextafter(scores[rank], np.inf))
+
+
+# --- thresholds of the decision rule, from a validation split -------------------------------------
+
+from dataclasses import dataclass, field  # noqa: E402
+
+from shared import geo  # noqa: E402
+from shared.recognition import SQUARE_HALF_SIZE_M, best_per_landmark, decide_geo, reference_similarity  # noqa: E402
+
+
+@dataclass
+class Candidates:
+    """Per photo: its landmarks' best scores and mean reference similarities (no thresholds yet)."""
+    scores: list[dict[int, float]]
+    ref_sims: list[dict[int, float]]
+
+
+@dataclass
+class Calibration:
+    t_geo: float
+    t_global: float
+    t_ref: float
+    curves: dict = field(default_factory=dict)
+    val: dict = field(default_factory=dict)
+
+
+def global_candidates(index, version: str, embeddings: np.ndarray, k: int) -> Candidates:
+    hits = index.search_global(version, embeddings, k)
+    scores = [best_per_landmark(h) for h in hits]
+    refs = index.references(version, {lid for s in scores for lid in s})
+    sims = [{lid: reference_similarity(e, refs[lid]) if lid in refs else -np.inf for lid in s}
+            for e, s in zip(embeddings, scores)]
+    return Candidates(scores, sims)
+
+
+def decide_no_gps(c: Candidates, i: int, t_global: float, t_ref: float) -> int | None:
+    passed = [(s, lid) for lid, s in c.scores[i].items() if s >= t_global and c.ref_sims[i][lid] >= t_ref]
+    return max(passed)[1] if passed else None
+
+
+def _ref_threshold(c: Candidates, negatives: list[int], t_global: float, target: float) -> float:
+    worst = [max([c.ref_sims[i][lid] for lid, s in c.scores[i].items() if s >= t_global], default=-np.inf)
+             for i in negatives]
+    return threshold_for_accuracy(np.array(worst), target)
+
+
+def calibrate_no_gps(c: Candidates, truth: list[int | None], target: float) -> tuple[float, float, list]:
+    """The (t_global, t_ref) pair with the best landmark accuracy among those that keep `target` of
+    the non-landmarks out."""
+    negatives = [i for i, t in enumerate(truth) if t is None]
+    positives = [i for i, t in enumerate(truth) if t is not None]
+    best_neg = np.array([max(c.scores[i].values(), default=-1.0) for i in negatives])
+    grid = np.unique(np.quantile(best_neg, np.linspace(0.0, 0.999, 60)))
+    curve, best = [], (-1.0, 1.0, 1.0)
+    for t_global in grid:
+        t_ref = _ref_threshold(c, negatives, float(t_global), target)
+        hits = sum(decide_no_gps(c, i, t_global, t_ref) == truth[i] for i in positives)
+        rejected = sum(decide_no_gps(c, i, t_global, t_ref) is None for i in negatives)
+        point = (float(t_global), float(t_ref), hits / max(1, len(positives)), rejected / max(1, len(negatives)))
+        curve.append(point)
+        if point[2] > best[0] and point[3] >= target:
+            best = (point[2], point[0], point[1])
+    return best[1], best[2], curve
+
+
+def geo_scores(index, version: str, embeddings: np.ndarray, gps: list) -> list[tuple[int, float] | None]:
+    """Per GPS photo, the best landmark inside its square and its score (None: no landmark nearby)."""
+    tiles = [geo.tiles_covering_square(p.lat, p.lon, SQUARE_HALF_SIZE_M) for p in gps]
+    out = []
+    for hits, point in zip(index.search_geo(version, embeddings, tiles, 256), gps):
+        tags = decide_geo(hits, point, -np.inf)
+        out.append((tags[0].landmark_id, tags[0].score) if tags else None)
+    return out
+
+
+def calibrate_geo(best: list[tuple[int, float] | None], truth: list[int | None], target: float) -> tuple[float, list]:
+    """t_geo keeps `target` of the non-landmarks that have a landmark in their square out (the others
+    are rejected by the geo filter whatever the threshold)."""
+    near = np.array([b[1] for b, t in zip(best, truth) if t is None and b is not None])
+    t_geo = threshold_for_accuracy(near, target) if len(near) else -1.0
+    curve = []
+    for t in np.linspace(-0.2, 1.0, 61):
+        pos = [b is not None and b[1] >= t and b[0] == tr for b, tr in zip(best, truth) if tr is not None]
+        neg = [b is None or b[1] < t for b, tr in zip(best, truth) if tr is None]
+        curve.append((float(t), float(np.mean(pos)) if pos else 0.0, float(np.mean(neg)) if neg else 1.0))
+    return t_geo, curve

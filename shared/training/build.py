@@ -1,0 +1,294 @@
+"""`landmarks build`: dataset → cleaning with reference photos → curriculum training over the 4 regions
+(softmax + center loss) → centroids (complete-link clustering) → thresholds calibrated on the
+validation split → a model file carrying its gallery, thresholds and metrics. Each stage leaves a
+checkpoint in `<MODEL>.work/`, so an interrupted build resumes where it stopped."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.errors import DecodeError
+from shared.events import GeoPoint
+from shared.gallery import LandmarkInfo, LandmarkPhotos, build_gallery
+from shared.imaging import decode_image
+from shared.local_index import LocalIndex
+from shared.model import LandmarkNet, ModelMeta, save_checkpoint
+from shared.publish import gallery_rows
+from shared.training import calibrate as cal
+from shared.training.cleaning import clean, mean_reference_similarity, reference_threshold
+from shared.training.dataset import Dataset, load_dataset
+from shared.training.losses import CenterLoss
+from shared.training.train import TrainConfig, cosine_schedule, embed_images, make_optimizer, train_one_epoch
+
+log = logging.getLogger(__name__)
+STORE_SIZE = 112  # training photos are kept decoded at this size; random crops are resized to the input
+
+
+@dataclass
+class BuildConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    clean: bool = True
+    curriculum: bool = True
+    clean_margin: float = 0.5
+    non_landmark_ratio: float = 0.5   # non-landmark photos per landmark photo in each stage
+    min_cluster: int = 20
+    cluster_distance: float = 0.5
+    target_accuracy: float = 0.99
+    global_k: int = 10
+
+
+PRESETS = {
+    "tiny": BuildConfig(train=TrainConfig(backbone="tiny", embedding_dim=64, input_size=64, batch_size=64,
+                                          epochs_per_stage=(1, 1, 1, 1)), min_cluster=5),
+    "small": BuildConfig(train=TrainConfig(backbone="resnet_small", embedding_dim=128, input_size=96,
+                                           batch_size=64, epochs_per_stage=(5, 4, 4, 5)), min_cluster=20),
+    "medium": BuildConfig(train=TrainConfig(backbone="wide_resnet50_2", embedding_dim=512, input_size=224,
+                                            batch_size=128, epochs_per_stage=(3, 3, 3, 3)), min_cluster=30),
+}
+
+
+@dataclass
+class Images:
+    pixels: np.ndarray
+    gps: list[GeoPoint | None]
+    ok: np.ndarray  # which paths decoded
+
+
+def load_images(paths: list[Path], size: int, progress=None) -> Images:
+    def one(path: Path):
+        try:
+            decoded = decode_image(path.read_bytes(), size=size, max_pixels=50_000_000)
+            return decoded.pixels, decoded.gps
+        except (DecodeError, OSError) as exc:
+            log.warning("unreadable training photo %s: %s", path, exc)
+            return None
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = []
+        for result in pool.map(one, paths):
+            results.append(result)
+            if progress:
+                progress(1)
+    ok = np.array([r is not None for r in results], dtype=bool)
+    pixels = np.stack([r[0] for r in results if r is not None]) if ok.any() else np.zeros((0, size, size, 3), np.uint8)
+    gps = [r[1] if r is not None and r[1] is not None and not r[1].is_null_island else None for r in results]
+    return Images(pixels, [g for g, k in zip(gps, ok) if k], ok)
+
+
+class Builder:
+    def __init__(self, world: Path, out: Path, cfg: BuildConfig, *, init: Path | None = None,
+                 progress=None, version: str | None = None) -> None:
+        self.world, self.out, self.cfg, self.progress = world, out, cfg, progress
+        self.work = out.with_name(out.name + ".work")
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.ds: Dataset = load_dataset(world)
+        self.landmarks = sorted(self.ds.landmarks.values(), key=lambda lm: lm.id)
+        self.class_of = {lm.id: k for k, lm in enumerate(self.landmarks)}
+        self.n = len(self.landmarks)
+        self.version = version or re.sub(r"[^A-Za-z0-9_]", "_", f"{out.stem}_{int(time.time())}")
+        torch.manual_seed(cfg.train.seed)
+        self.net = LandmarkNet(cfg.train.backbone, cfg.train.embedding_dim, self.n).to(memory_format=torch.channels_last)
+        if init is not None:
+            self._load_init(init)
+        self.centers = CenterLoss(self.n, cfg.train.embedding_dim)
+        self.meta = ModelMeta(version=self.version, backbone=cfg.train.backbone,
+                              embedding_dim=cfg.train.embedding_dim, n_landmarks=self.n,
+                              input_size=cfg.train.input_size)
+        self.report: dict = {"stages": [], "config": _jsonable(asdict(cfg))}
+
+    def _load_init(self, path: Path) -> None:
+        """Local pretrained weights (torchvision ImageNet or a Places365 WRN-50-2 state dict)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        trunk_keys = dict(self.net.trunk.state_dict())
+        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        mapped = {}
+        for key, value in state.items():
+            head = key.split(".")[0]
+            if head in names:
+                new = f"{names.index(head)}.{key[len(head) + 1:]}"
+                if new in trunk_keys and trunk_keys[new].shape == value.shape:
+                    mapped[new] = value
+        missing = set(trunk_keys) - set(mapped)
+        self.net.trunk.load_state_dict({**trunk_keys, **mapped})
+        log.info("initialised backbone from %s (%d tensors, %d left as initialised)", path, len(mapped), len(missing))
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def _track(self, description: str, total: int):
+        if self.progress is None:
+            return lambda n: None
+        task = self.progress.add_task(description, total=total)
+        return lambda n: self.progress.advance(task, n)
+
+    def load_training_data(self) -> None:
+        train = self.ds.train
+        paths = [p.path for p in train]
+        images = load_images(paths, STORE_SIZE, self._track("decoding training photos", len(paths)))
+        kept = [p for p, ok in zip(train, images.ok) if ok]
+        self.train_pixels = images.pixels
+        self.train_labels = np.array([self.class_of[p.landmark_id] if p.landmark_id is not None else self.n
+                                      for p in kept], dtype=np.int64)
+        region = {lm.id: lm.region for lm in self.landmarks}
+        self.train_regions = np.array([region[p.landmark_id] if p.landmark_id is not None else 0 for p in kept])
+        truth = [p.extra.get("true_landmark_id") for p in kept]
+        self.train_dirty = np.array([p.landmark_id is not None and str(t or "") != str(p.landmark_id)
+                                     for p, t in zip(kept, truth)]) if any("true_landmark_id" in p.extra for p in kept) else None
+        refs = self.ds.references
+        ref_images = load_images([r.path for r in refs], STORE_SIZE)
+        self.ref_pixels = ref_images.pixels
+        self.ref_ids = np.array([r.landmark_id for r, ok in zip(refs, ref_images.ok) if ok])
+        self.keep = np.ones(len(kept), dtype=bool)
+
+    # --- cleaning and curriculum ----------------------------------------------------------------
+
+    def _references(self) -> dict[int, np.ndarray]:
+        emb = embed_images(self.net, self.ref_pixels, self.cfg.train.input_size, self.meta.mean, self.meta.std)
+        return {int(i): emb[self.ref_ids == i] for i in np.unique(self.ref_ids)}
+
+    def clean_regions(self, regions: list[int]) -> dict:
+        """Drop the regions' photos that are far from their landmark's references (current network)."""
+        rows = np.flatnonzero(np.isin(self.train_regions, regions))
+        references = self._references()
+        emb = embed_images(self.net, self.train_pixels[rows], self.cfg.train.input_size, self.meta.mean, self.meta.std)
+        ids = np.array([self.landmarks[c].id for c in self.train_labels[rows]])
+        sims = mean_reference_similarity(emb, ids, references)
+        threshold = reference_threshold(references, self.cfg.clean_margin)
+        truth = self.train_dirty[rows] if self.train_dirty is not None else None
+        keep, report = clean(sims, threshold, truth)
+        self.keep[rows] = keep
+        log.info("cleaning regions %s: dropped %d of %d (precision %s, recall %s)", regions, report.dropped,
+                 len(rows), report.precision, report.recall)
+        return {"regions": regions, **asdict(report)}
+
+    def stage_rows(self, stage: int, generator: np.random.Generator) -> np.ndarray:
+        regions = list(range(1, stage + 1)) if self.cfg.curriculum else [1, 2, 3, 4]
+        landmark_rows = np.flatnonzero(np.isin(self.train_regions, regions) & self.keep)
+        others = np.flatnonzero(self.train_labels == self.n)
+        take = min(len(others), int(len(landmark_rows) * self.cfg.non_landmark_ratio))
+        return np.concatenate([landmark_rows, generator.choice(others, take, replace=False)])
+
+    def _regions_to_clean(self, stage: int) -> list[int]:
+        """Each region is cleaned when it joins, with the preceding stage's network; region 1, which
+        has no preceding network, is cleaned with stage 1's."""
+        if not self.cfg.clean or stage == 1:
+            return []
+        if not self.cfg.curriculum:
+            return [1, 2, 3, 4] if stage == 2 else []
+        return [1, 2] if stage == 2 else [stage]
+
+    def run_stage(self, stage: int) -> None:
+        ckpt = self.work / f"stage{stage}.pt"
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(state["net"])
+            self.centers.load_state_dict(state["centers"])
+            self.keep = state["keep"].numpy().astype(bool)
+            self.report["stages"].append(state["report"])
+            log.info("stage %d: resumed from %s", stage, ckpt)
+            return
+        cfg = self.cfg.train
+        new_regions = self._regions_to_clean(stage)
+        cleaning = [self.clean_regions(new_regions)] if new_regions else []
+        rng = np.random.default_rng(cfg.seed + stage)
+        rows = self.stage_rows(stage, rng)
+        optimizer = make_optimizer(self.net, self.centers, cfg)
+        generator = torch.Generator().manual_seed(cfg.seed * 100 + stage)
+        epochs = cfg.epochs_per_stage[stage - 1]
+        tick = self._track(f"stage {stage}/4: regions 1..{stage if self.cfg.curriculum else 4}", epochs * len(rows))
+        stats = []
+        for epoch in range(epochs):
+            schedule = cosine_schedule()
+            progress_offset = epoch / epochs
+            stats.append(asdict(train_one_epoch(
+                self.net, self.centers, optimizer, self.train_pixels[rows], self.train_labels[rows], cfg,
+                generator, self.meta.mean, self.meta.std,
+                lr_schedule=lambda p, o=progress_offset: schedule(o + p / epochs), on_step=tick)))
+            log.info("stage %d epoch %d: %s", stage, epoch + 1, stats[-1])
+        report = {"stage": stage, "photos": int(len(rows)), "epochs": stats, "cleaning": cleaning}
+        self.report["stages"].append(report)
+        torch.save({"net": self.net.state_dict(), "centers": self.centers.state_dict(),
+                    "keep": torch.from_numpy(self.keep), "report": _jsonable(report)}, ckpt)
+
+    # --- gallery and calibration --------------------------------------------------------------
+
+    def embed_paths(self, paths: list[Path], description: str) -> tuple[np.ndarray, list[GeoPoint | None], np.ndarray]:
+        """Photos decoded exactly as the workers decode them, then embedded."""
+        images = load_images(paths, self.cfg.train.input_size, self._track(description, len(paths)))
+        emb = embed_images(self.net, images.pixels, self.cfg.train.input_size, self.meta.mean, self.meta.std)
+        return emb, images.gps, images.ok
+
+    def gallery(self) -> dict:
+        emb = embed_images(self.net, self.train_pixels, self.cfg.train.input_size, self.meta.mean, self.meta.std)
+        references = self._references()
+        items = []
+        for k, lm in enumerate(self.landmarks):
+            photos = emb[(self.train_labels == k) & self.keep]
+            refs = references.get(lm.id, np.zeros((0, emb.shape[1]), np.float32))
+            if len(photos) == 0:
+                photos = refs
+            if len(photos) == 0:
+                continue
+            info = LandmarkInfo(lm.id, lm.slug, lm.name, lm.city, lm.country, lm.region, lm.lat, lm.lon)
+            items.append(LandmarkPhotos(info, refs, photos))
+        gallery = build_gallery(items, min_cluster=self.cfg.min_cluster, max_distance=self.cfg.cluster_distance)
+        # Kept for the report's ablation: the same landmarks with one centroid over all their photos.
+        gallery["one_centroid"] = {
+            "landmark_ids": torch.tensor([it.info.id for it in items], dtype=torch.int64),
+            "embeddings": torch.from_numpy(np.stack([_unit(it.photos.mean(axis=0)) for it in items]))}
+        counts = np.bincount(gallery["centroids"]["landmark_ids"].numpy())
+        counts = counts[counts > 0]
+        self.report["centroids"] = {"landmarks": int(len(counts)), "centroids": int(counts.sum()),
+                                    "share_with_several": float((counts > 1).mean())}
+        return gallery
+
+    def calibrate(self, gallery: dict) -> cal.Calibration:
+        val = self.ds.val
+        emb, gps, ok = self.embed_paths([p.path for p in val], "calibrating on the validation split")
+        truth = [p.landmark_id for p, k in zip(val, ok) if k]
+        index = LocalIndex(self.version, *gallery_rows(gallery))
+        candidates = cal.global_candidates(index, self.version, emb, self.cfg.global_k)
+        t_global, t_ref, curve = cal.calibrate_no_gps(candidates, truth, self.cfg.target_accuracy)
+        with_gps = [i for i, g in enumerate(gps) if g is not None]
+        best = cal.geo_scores(index, self.version, emb[with_gps], [gps[i] for i in with_gps]) if with_gps else []
+        t_geo, geo_curve = cal.calibrate_geo(best, [truth[i] for i in with_gps], self.cfg.target_accuracy)
+        return cal.Calibration(t_geo, t_global, t_ref, {"no_gps": curve, "geo": geo_curve},
+                               {"photos": len(truth), "with_gps": len(with_gps)})
+
+    def run(self) -> ModelMeta:
+        started = time.monotonic()
+        self.load_training_data()
+        for stage in (1, 2, 3, 4):
+            self.run_stage(stage)
+        gallery = self.gallery()
+        calibration = self.calibrate(gallery)
+        self.meta = replace(self.meta, t_geo=calibration.t_geo, t_global=calibration.t_global, t_ref=calibration.t_ref)
+        self.report["calibration"] = {"t_geo": calibration.t_geo, "t_global": calibration.t_global,
+                                      "t_ref": calibration.t_ref, **calibration.val}
+        self.report["curves"] = calibration.curves
+        self.report["seconds"] = round(time.monotonic() - started, 1)
+        self.meta.extra = {"build": _jsonable(self.report), "world": str(self.world)}
+        save_checkpoint(self.out, self.net, self.meta, gallery)
+        return self.meta
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj

@@ -1,0 +1,188 @@
+"""Reader for the dataset folder format (docs/dataset.md): landmarks, training photos, references,
+validation/test sets and user archives, validated with errors that name the file and line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OPTIONAL = ("val.csv", "test.csv", "archives.csv")
+_LANDMARK_COLUMNS = ("id", "slug", "name", "city", "country", "region", "lat", "lon")
+
+
+@dataclass(frozen=True)
+class Landmark:
+    id: int
+    slug: str
+    name: str
+    city: str
+    country: str
+    region: int
+    lat: float
+    lon: float
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Photo:
+    path: Path  # absolute
+    landmark_id: int | None  # None: a non-landmark photo
+    extra: dict[str, str] = field(default_factory=dict)  # generator columns (truth, kind, aspect, ...)
+
+
+@dataclass(frozen=True)
+class ArchivePhoto:
+    user_id: str
+    path: Path
+    landmark_id: int | None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    landmarks: dict[int, Landmark]
+    train: list[Photo]
+    references: list[Photo]
+    val: list[Photo] = field(default_factory=list)
+    test: list[Photo] = field(default_factory=list)
+    archives: list[ArchivePhoto] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # world.json when present
+
+    def references_of(self, landmark_id: int) -> list[Photo]:
+        return [p for p in self.references if p.landmark_id == landmark_id]
+
+
+def _read(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) pairs; the header is line 1."""
+    if not path.exists():
+        raise ValueError(f"{path}: missing file")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)} (found {', '.join(header) or 'none'})")
+        rows = []
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                raise ValueError(f"{path}:{reader.line_num}: wrong number of fields")
+            if not any((v or "").strip() for v in row.values()):
+                continue  # blank line
+            rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items()}))
+    return rows
+
+
+def _int(value: str, where: str, what: str, *, minimum: int | None = None) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{where}: {what} must be an integer, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{where}: {what} must be ≥ {minimum}, got {number}")
+    return number
+
+
+def _float(value: str, where: str, what: str, lo: float, hi: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: {what} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or not lo <= number <= hi:
+        raise ValueError(f"{where}: {what} must be within [{lo}, {hi}], got {value}")
+    return number
+
+
+def _landmarks(path: Path) -> dict[int, Landmark]:
+    out: dict[int, Landmark] = {}
+    slugs: set[str] = set()
+    for line, row in _read(path, _LANDMARK_COLUMNS):
+        where = f"{path}:{line}"
+        lid = _int(row["id"], where, "id", minimum=1)
+        if lid in out:
+            raise ValueError(f"{where}: duplicate landmark id {lid}")
+        slug = row["slug"]
+        if not slug:
+            raise ValueError(f"{where}: empty slug")
+        if slug in slugs:
+            raise ValueError(f"{where}: duplicate slug {slug!r}")
+        slugs.add(slug)
+        region = _int(row["region"], where, "region", minimum=1)
+        if region > 4:
+            raise ValueError(f"{where}: region must be 1–4, got {region}")
+        out[lid] = Landmark(
+            id=lid, slug=slug, name=row["name"] or slug, city=row["city"], country=row["country"], region=region,
+            lat=_float(row["lat"], where, "lat", -90, 90), lon=_float(row["lon"], where, "lon", -180, 180),
+            extra={k: v for k, v in row.items() if k not in _LANDMARK_COLUMNS})
+    if not out:
+        raise ValueError(f"{path}: no landmarks")
+    return out
+
+
+def _photo_path(root: Path, value: str, where: str, check_files: bool) -> Path:
+    if not value:
+        raise ValueError(f"{where}: empty path")
+    path = Path(value)
+    path = path if path.is_absolute() else root / path
+    if check_files and not path.is_file():
+        raise ValueError(f"{where}: photo file not found: {path}")
+    return path
+
+
+def _label(value: str, where: str, landmarks: dict[int, Landmark], *, required: bool) -> int | None:
+    if value == "":
+        if required:
+            raise ValueError(f"{where}: landmark_id is required here")
+        return None
+    lid = _int(value, where, "landmark_id", minimum=1)
+    if lid not in landmarks:
+        raise ValueError(f"{where}: unknown landmark id {lid} (not in landmarks.csv)")
+    return lid
+
+
+def _photos(path: Path, root: Path, landmarks, *, labelled: bool, check_files: bool) -> list[Photo]:
+    photos = []
+    for line, row in _read(path, ("path", "landmark_id")):
+        where = f"{path}:{line}"
+        photos.append(Photo(path=_photo_path(root, row["path"], where, check_files),
+                            landmark_id=_label(row["landmark_id"], where, landmarks, required=labelled),
+                            extra={k: v for k, v in row.items() if k not in ("path", "landmark_id")}))
+    return photos
+
+
+def load_dataset(root: Path, *, check_files: bool = True) -> Dataset:
+    """Reads and validates a dataset folder. landmarks.csv, train.csv and references.csv are required;
+    val.csv, test.csv, archives.csv and world.json are read when present. Raises ValueError naming the
+    file and line of the first bad row."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a directory")
+    landmarks = _landmarks(root / "landmarks.csv")
+    data = Dataset(
+        root=root, landmarks=landmarks,
+        train=_photos(root / "train.csv", root, landmarks, labelled=False, check_files=check_files),
+        references=_photos(root / "references.csv", root, landmarks, labelled=True, check_files=check_files),
+    )
+    for name in ("val", "test"):
+        if (root / f"{name}.csv").exists():
+            setattr(data, name, _photos(root / f"{name}.csv", root, landmarks, labelled=False, check_files=check_files))
+    if (root / "archives.csv").exists():
+        path = root / "archives.csv"
+        for line, row in _read(path, ("user_id", "path", "landmark_id")):
+            where = f"{path}:{line}"
+            if not row["user_id"]:
+                raise ValueError(f"{where}: empty user_id")
+            data.archives.append(ArchivePhoto(
+                user_id=row["user_id"], path=_photo_path(root, row["path"], where, check_files),
+                landmark_id=_label(row["landmark_id"], where, landmarks, required=False),
+                extra={k: v for k, v in row.items() if k not in ("user_id", "path", "landmark_id")}))
+    if (root / "world.json").exists():
+        try:
+            data.meta = json.loads((root / "world.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{root / 'world.json'}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    return data

@@ -1,0 +1,72 @@
+"""load_dataset: a generated world, and hand-written folders with mistakes (clear messages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from shared.training.dataset import load_dataset
+from shared.training.world import generate_world
+
+LANDMARKS = "id,slug,name,city,country,region,lat,lon,style\n1,tower,Tower,Paris,France,1,48.85,2.29,gothic\n" \
+            "2,arch,Arch,Paris,France,1,48.87,2.29,\n"
+
+
+def _folder(tmp_path: Path, **files: str) -> Path:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg")
+    base = {"landmarks.csv": LANDMARKS, "train.csv": "path,landmark_id\na.jpg,1\nb.jpg,\n",
+            "references.csv": "path,landmark_id\na.jpg,1\nb.jpg,2\n"}
+    base.update({k.replace("_csv", ".csv"): v for k, v in files.items()})
+    for name, text in base.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_generated_world_loads(tmp_path):
+    generate_world(tmp_path, seed=11, preset="tiny")
+    data = load_dataset(tmp_path)
+    assert len(data.landmarks) == 12 and data.meta["preset"] == "tiny"
+    assert all(p.path.is_absolute() and p.path.exists() for p in data.train[:50])
+    assert any(p.landmark_id is None for p in data.train)
+    assert {p.extra["dirty_kind"] for p in data.train} >= {"", "neighbour", "generic", "non_landmark"}
+    assert sum(p.landmark_id is not None for p in data.test) == 60 and len(data.val) == 460
+    assert data.archives and data.archives[0].user_id == "1"
+    lm = next(iter(data.landmarks.values()))
+    assert lm.extra["kind"] and 3 <= len(data.references_of(lm.id)) <= 5
+
+
+def test_hand_written_folder(tmp_path):
+    root = _folder(tmp_path, train_csv=f"path,landmark_id\na.jpg,1\n{tmp_path / 'b.jpg'},\n\n")
+    data = load_dataset(root)
+    assert data.landmarks[1].extra == {"style": "gothic"} and data.landmarks[2].region == 1
+    assert [p.landmark_id for p in data.train] == [1, None]
+    assert data.train[1].path == tmp_path / "b.jpg"
+    assert data.val == [] and data.archives == [] and data.meta == {}
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"train_csv": "path,landmark_id\na.jpg,7\n"}, r"train\.csv:2: unknown landmark id 7"),
+    ({"train_csv": "path,landmark_id\na.jpg,1\nmissing.jpg,2\n"}, r"train\.csv:3: photo file not found"),
+    ({"train_csv": "path,label\na.jpg,1\n"}, r"train\.csv:1: missing column\(s\) landmark_id"),
+    ({"references_csv": "path,landmark_id\na.jpg,\n"}, r"references\.csv:2: landmark_id is required"),
+    ({"train_csv": "path,landmark_id\na.jpg,one\n"}, r"train\.csv:2: landmark_id must be an integer"),
+    ({"landmarks_csv": LANDMARKS + "1,x,X,Rome,Italy,1,41.9,12.5,\n"}, r"landmarks\.csv:4: duplicate landmark id 1"),
+    ({"landmarks_csv": LANDMARKS + "3,x,X,Rome,Italy,5,41.9,12.5,\n"}, r"landmarks\.csv:4: region must be 1–4"),
+    ({"landmarks_csv": LANDMARKS + "3,x,X,Rome,Italy,1,91,12.5,\n"}, r"landmarks\.csv:4: lat must be within"),
+    ({"landmarks_csv": LANDMARKS + "3,tower,X,Rome,Italy,1,41,12.5,\n"}, r"landmarks\.csv:4: duplicate slug"),
+    ({"test_csv": "path,landmark_id\nb.jpg,\na.jpg,1,extra\n"}, r"test\.csv:3: wrong number of fields"),
+    ({"archives_csv": "user_id,path,landmark_id\n,a.jpg,\n"}, r"archives\.csv:2: empty user_id"),
+])
+def test_errors_name_file_and_line(tmp_path, files, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset(_folder(tmp_path, **files))
+
+
+def test_missing_required_file(tmp_path):
+    root = _folder(tmp_path)
+    (root / "references.csv").unlink()
+    with pytest.raises(ValueError, match=r"references\.csv: missing file"):
+        load_dataset(root)
