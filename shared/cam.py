@@ -43,7 +43,7 @@ def effective_head(net: LandmarkNet) -> tuple[torch.Tensor, torch.Tensor, torch.
 def _input(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected (h, w, 3) RGB pixels, got shape {pixels.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
     x = (x - torch.tensor(mean, dtype=torch.float32)[:, None, None]) / torch.tensor(std, dtype=torch.float32)[:, None, None]
     return x.unsqueeze(0)
 

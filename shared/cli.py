@@ -331,12 +331,36 @@ def evaluate_model(world_dir: Annotated[Path, typer.Option("--world", exists=Tru
 
 @app.command()
 def demo(preset: Annotated[str, typer.Option(help="world preset")] = "small", seed: int = 0,
-         as_json: JsonFlag = True) -> None:
-    """The whole job on the embedded stack: model, gallery, publish, worker, a user's archive, albums."""
+         serve: Annotated[bool, typer.Option("--serve", help="then serve the Attractions page")] = False,
+         port: int = 8080, as_json: JsonFlag = True) -> None:
+    """The whole job on the embedded stack: world, build, publish, worker, users' archives, albums."""
     from shared.demo import run_demo
     result = run_demo(get_settings(), console, preset=preset, seed=seed)
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
+    if serve:
+        serve_demo(result, port)
 
+
+def serve_demo(result: dict, port: int) -> None:
+    """Leave the album page running for the demo's first user (a fresh token key unless one is set)."""
+    import secrets
+
+    import uvicorn
+
+    from shared.api.auth import make_token
+    from shared.api.serve import TOKEN_KEY_ENV, build_app, page_url
+    os.environ.setdefault(TOKEN_KEY_ENV, secrets.token_urlsafe(32))
+    os.environ["LANDMARKS_FILE_ROOTS"] = result["world"]  # the page streams the demo's photos
+    get_settings.cache_clear()
+    key = os.environ[TOKEN_KEY_ENV].encode()
+    console.print(f"Attractions page of {result['album_user']}: "
+                  f"{page_url('127.0.0.1', port, make_token(key, result['album_user']))}  (Ctrl-C stops)")
+    uvicorn.run(build_app(key, None), host="127.0.0.1", port=port, log_level="warning")
+
+
+from shared.api.serve import register as _register_serve  # noqa: E402
+
+_register_serve(app)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

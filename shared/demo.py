@@ -113,6 +113,7 @@ def run_demo(settings: Settings, console: Console, preset: str = DEMO_PRESET, se
         print_albums(user, [asdict(c) for c in attractions(session, user)])
     return {"photos": len(truth), "landmark_photos": sum(v is not None for v in truth.values()),
             **metrics, "model_version": meta.version, "users": len({p.user_id for p in archive}),
+            "album_user": user, "world": str(world),
             "seconds": round(time.monotonic() - started, 1)}
 
 

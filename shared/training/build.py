@@ -275,7 +275,8 @@ class Builder:
                                       "t_ref": calibration.t_ref, **calibration.val}
         self.report["curves"] = calibration.curves
         self.report["seconds"] = round(time.monotonic() - started, 1)
-        self.meta.extra = {"build": _jsonable(self.report), "world": str(self.world)}
+        self.meta.extra = {"build": _jsonable(self.report), "world": str(self.world),
+                           "class_landmark_ids": [lm.id for lm in self.landmarks]}
         save_checkpoint(self.out, self.net, self.meta, gallery)
         return self.meta
 

@@ -1,0 +1,468 @@
+"""The album API against a real PostgreSQL: content from the views, keyset pages, per-user authorisation,
+photo bytes and class activation maps."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+from sqlalchemy import text
+
+from shared.api.app import create_app, decode_cursor, encode_cursor
+from shared.api.auth import make_token, verify_token, AuthError
+from shared.db import writer
+from shared.db.session import transaction
+from shared.events import PhotoDeleted, PhotoUploaded
+from shared.model import LandmarkNet, ModelMeta, save_checkpoint
+from shared.outcomes import Method, PhotoOutcome, PhotoStatus, Tag
+from shared.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+KEY = b"test-key-0123456789abcdef"
+VERSION = "api_test_v1"  # shared by every populate() of a test session: one active version
+T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
+
+# Ids far from those other tests use; upserted, so populating twice is harmless.
+LANDMARKS = [
+    {"id": 910001, "name": "Eiffel Tower", "city": "Paris", "country": "France", "region": 1, "lat": 48.8584, "lon": 2.2945},
+    {"id": 910002, "name": "Louvre Pyramid", "city": "Paris", "country": "France", "region": 1, "lat": 48.8611, "lon": 2.3358},
+    {"id": 910003, "name": "Colosseum", "city": "Rome", "country": "Italy", "region": 2, "lat": 41.8902, "lon": 12.4922},
+    {"id": 910004, "name": "Big Ben", "city": "London", "country": "United Kingdom", "region": 1, "lat": 51.5007, "lon": -0.1246},
+    {"id": 910005, "name": "Trevi Fountain", "city": "Rome", "country": "Italy", "region": 2, "lat": 41.9009, "lon": 12.4833},
+]
+EIFFEL, LOUVRE, COLOSSEUM, BIG_BEN, TREVI = (lm["id"] for lm in LANDMARKS)
+SKIES = {EIFFEL: (120, 170, 230), LOUVRE: (250, 190, 140), COLOSSEUM: (140, 200, 240), BIG_BEN: (170, 180, 200),
+         TREVI: (120, 210, 220)}
+
+
+@dataclass
+class Library:
+    """What populate() wrote: users, their photos (id → landmark ids), files, the checkpoint."""
+    root: Path
+    alice: str
+    bob: str
+    carol: str
+    checkpoint: Path
+    photos: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    uploaded: dict[str, datetime] = field(default_factory=dict)
+    rotated: str = ""
+    deleted: str = ""
+    missing_file: str = ""
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(file_roots=str(self.root))
+
+
+def _paint(landmark_id: int, variant: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
+    """A postcard-like picture: a sky, the ground and a silhouette per landmark."""
+    w, h = size
+    img = Image.new("RGB", size)
+    draw = ImageDraw.Draw(img)
+    sky = SKIES[landmark_id]
+    shade = 1.0 - 0.06 * (variant % 5)
+    for y in range(h):
+        t = y / h
+        draw.line([(0, y), (w, y)], fill=tuple(int(c * shade * (1 - 0.35 * t) + 60 * t) for c in sky))
+    draw.rectangle([0, int(h * 0.78), w, h], fill=(90, 120, 80) if landmark_id != TREVI else (200, 190, 170))
+    cx = int(w * (0.35 + 0.06 * (variant % 5)))
+    dark = (45, 45, 60)
+    if landmark_id == EIFFEL:
+        draw.polygon([(cx, int(h * 0.08)), (cx - 110, int(h * 0.8)), (cx - 60, int(h * 0.8)), (cx, int(h * 0.45)),
+                      (cx + 60, int(h * 0.8)), (cx + 110, int(h * 0.8))], fill=dark)
+        draw.rectangle([cx - 70, int(h * 0.5), cx + 70, int(h * 0.53)], fill=dark)
+    elif landmark_id == LOUVRE:
+        draw.polygon([(cx, int(h * 0.25)), (cx - 170, int(h * 0.8)), (cx + 170, int(h * 0.8))], fill=(150, 180, 200),
+                     outline=(70, 80, 100))
+        for i in range(1, 6):
+            draw.line([(cx - 170 + i * 57, int(h * 0.8)), (cx, int(h * 0.25))], fill=(90, 100, 120), width=2)
+    elif landmark_id == COLOSSEUM:
+        draw.ellipse([cx - 200, int(h * 0.35), cx + 200, int(h * 0.95)], fill=(190, 150, 110))
+        for row in range(3):
+            for i in range(9):
+                x = cx - 170 + i * 40
+                y = int(h * (0.42 + row * 0.1))
+                draw.rectangle([x, y, x + 18, y + 28], fill=(110, 80, 60))
+    elif landmark_id == BIG_BEN:
+        draw.rectangle([cx - 35, int(h * 0.18), cx + 35, int(h * 0.8)], fill=(150, 120, 80))
+        draw.polygon([(cx - 35, int(h * 0.18)), (cx, int(h * 0.03)), (cx + 35, int(h * 0.18))], fill=(80, 70, 60))
+        draw.ellipse([cx - 25, int(h * 0.24), cx + 25, int(h * 0.24) + 50], fill=(240, 235, 210), outline=dark)
+    else:
+        draw.rectangle([cx - 180, int(h * 0.3), cx + 180, int(h * 0.78)], fill=(225, 215, 195))
+        for i in range(5):
+            draw.rectangle([cx - 160 + i * 75, int(h * 0.34), cx - 140 + i * 75, int(h * 0.7)], fill=(200, 190, 170))
+        draw.ellipse([cx - 150, int(h * 0.7), cx + 150, int(h * 0.95)], fill=(80, 190, 210))
+    return img
+
+
+def _jpeg(path: Path, img: Image.Image, orientation: int | None = None) -> None:
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="JPEG", quality=88, exif=exif.tobytes())
+
+
+def populate(engine, root: Path) -> Library:
+    """Landmarks, an active model version with a tiny checkpoint, and three users' tagged photos."""
+    tag = uuid.uuid4().hex[:8]
+    lib = Library(root=root, alice=f"alice-{tag}", bob=f"bob-{tag}", carol=f"carol-{tag}",
+                  checkpoint=root / "model" / "tiny.pt")
+    meta = ModelMeta(version=VERSION, backbone="tiny", embedding_dim=32, n_landmarks=3, input_size=128)
+    save_checkpoint(lib.checkpoint, LandmarkNet("tiny", 32, 3).eval(), meta)
+
+    plan: dict[str, list[tuple[str, list[int]]]] = {
+        # alice: 7 Eiffel (one also shows the Louvre), 2 more Louvre, 3 Colosseum, 1 Trevi
+        lib.alice: [(f"eiffel-{i}", [EIFFEL] + ([LOUVRE] if i == 3 else [])) for i in range(7)]
+        + [(f"louvre-{i}", [LOUVRE]) for i in range(2)]
+        + [(f"colosseum-{i}", [COLOSSEUM]) for i in range(3)]
+        + [("trevi-0", [TREVI]), ("beach-0", [])],
+        lib.bob: [(f"bigben-{i}", [BIG_BEN]) for i in range(2)],
+        lib.carol: [("gone-0", [COLOSSEUM])],
+    }
+    outcomes: list[PhotoOutcome] = []
+    n = 0
+    for user, photos in plan.items():
+        lib.photos[user] = {}
+        for photo_id, landmark_ids in photos:
+            n += 1
+            when = T0 + timedelta(days=n, minutes=7 * n)
+            if photo_id == "eiffel-5":
+                when = lib.uploaded[f"{user}/eiffel-4"]  # a tie on uploaded_at: photo_id breaks it
+            path = root / user / f"{photo_id}.jpg"
+            orientation = 6 if photo_id == "colosseum-1" else None
+            if photo_id != "gone-0":  # carol's photo is tagged but its file is gone
+                _jpeg(path, _paint(landmark_ids[0] if landmark_ids else TREVI, n), orientation)
+            lib.photos[user][photo_id] = landmark_ids
+            lib.uploaded[f"{user}/{photo_id}"] = when
+            event = PhotoUploaded(event_id=f"{tag}-{n}", user_id=user, photo_id=photo_id, uri=path.as_uri(),
+                                  uploaded_at=when)
+            tags = [Tag(lm, 0.9 - 0.01 * (n % 7) - 0.1 * rank, Method.GEO if n % 2 else Method.REFERENCE)
+                    for rank, lm in enumerate(landmark_ids)]
+            status = PhotoStatus.TAGGED if tags else PhotoStatus.NO_LANDMARK
+            outcomes.append(PhotoOutcome(event=event, status=status, tags=tags))
+    lib.rotated, lib.missing_file = "colosseum-1", "gone-0"
+    with transaction(engine) as session:
+        writer.upsert_landmarks(session, LANDMARKS)
+        writer.register_model_version(session, VERSION, backbone="tiny", embedding_dim=32, t_geo=0.5, t_global=0.8,
+                                      t_ref=0.7, checkpoint=str(lib.checkpoint), metrics={}, activate=True)
+        writer.write_outcomes(session, VERSION, outcomes)
+    # alice deletes one more Colosseum photo after it was tagged: it leaves her albums.
+    extra = PhotoUploaded(event_id=f"{tag}-x", user_id=lib.alice, photo_id="colosseum-9",
+                          uri=(root / lib.alice / "colosseum-0.jpg").as_uri(), uploaded_at=T0 + timedelta(days=90))
+    with transaction(engine) as session:
+        writer.write_outcomes(session, VERSION, [PhotoOutcome(extra, PhotoStatus.TAGGED, [Tag(COLOSSEUM, 0.99, Method.GEO)])])
+        writer.delete_photo(session, PhotoDeleted(event_id=f"{tag}-d", user_id=lib.alice, photo_id="colosseum-9"))
+    lib.deleted = "colosseum-9"
+    return lib
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def library(engine, tmp_path_factory) -> Library:
+    return populate(engine, tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def client(engine, library):
+    from fastapi.testclient import TestClient
+
+    app = create_app(library.settings, engine, token_key=KEY)
+    with TestClient(app) as c:
+        yield c
+
+
+def auth(user: str, key: bytes = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token(key, user)}"}
+
+
+def _db_landmarks(engine, user: str) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(text(
+            "SELECT landmark_id, name, city, country, photo_count, cover_photo_id, latest_uploaded_at"
+            " FROM album_landmarks WHERE user_id = :u ORDER BY landmark_id"), {"u": user})]
+
+
+def _db_cities(engine, user: str) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(text(
+            "SELECT country, city, landmark_count, photo_count, latest_uploaded_at FROM album_cities"
+            " WHERE user_id = :u ORDER BY country, city"), {"u": user})]
+
+
+def _iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+# ---- ops ----------------------------------------------------------------------------------------------
+
+
+def test_healthz_needs_no_token(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_openapi_schema_lists_the_api(client):
+    schema = client.get("/openapi.json").json()
+    paths = set(schema["paths"])
+    assert {"/v1/users/{user}/attractions", "/v1/users/{user}/landmarks/{landmark_id}/photos",
+            "/v1/photos/{photo_id}/image", "/v1/photos/{photo_id}/heatmap", "/healthz"} <= paths
+    assert "AttractionsOut" in schema["components"]["schemas"]
+
+
+def test_page_and_static_files_are_served_without_a_token(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/static/app.js" in page.text
+    for name, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+        response = client.get(f"/static/{name}")
+        assert response.status_code == 200 and kind in response.headers["content-type"]
+
+
+def test_unknown_route_is_a_json_404(client):
+    response = client.get("/v1/nope", headers=auth("x"))
+    assert response.status_code == 404 and response.json()["error"] == "not_found"
+
+
+# ---- albums ------------------------------------------------------------------------------------------
+
+
+def test_attractions_match_the_views(client, engine, library):
+    response = client.get(f"/v1/users/{library.alice}/attractions", headers=auth(library.alice))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["user"] == library.alice
+    db_cities, db_landmarks = _db_cities(engine, library.alice), _db_landmarks(engine, library.alice)
+
+    # Cities ordered by (country, city), with the views' counts.
+    assert [(c["country"], c["city"]) for c in body["cities"]] == [("France", "Paris"), ("Italy", "Rome")]
+    assert [(c["country"], c["city"], c["landmark_count"], c["photo_count"]) for c in body["cities"]] == [
+        (c["country"], c["city"], c["landmark_count"], c["photo_count"]) for c in db_cities]
+    for city, db_city in zip(body["cities"], db_cities):
+        assert _iso(city["latest_uploaded_at"]) == db_city["latest_uploaded_at"]
+
+    got = {lm["landmark_id"]: lm for c in body["cities"] for lm in c["landmarks"]}
+    assert set(got) == {r["landmark_id"] for r in db_landmarks} == {EIFFEL, LOUVRE, COLOSSEUM, TREVI}
+    for row in db_landmarks:
+        lm = got[row["landmark_id"]]
+        assert (lm["name"], lm["city"], lm["country"], lm["photo_count"], lm["cover_photo_id"]) == (
+            row["name"], row["city"], row["country"], row["photo_count"], row["cover_photo_id"])
+        assert _iso(lm["latest_uploaded_at"]) == row["latest_uploaded_at"]
+        assert lm["cover_url"] == f"/v1/photos/{row['cover_photo_id']}/image"
+    # Counts as planted: a photo of two Paris landmarks counts once for the city; the deleted photo is gone.
+    assert got[EIFFEL]["photo_count"] == 7 and got[LOUVRE]["photo_count"] == 3 and got[COLOSSEUM]["photo_count"] == 3
+    paris = body["cities"][0]
+    assert paris["photo_count"] == 9 and paris["landmark_count"] == 2
+    assert [lm["landmark_id"] for lm in paris["landmarks"]] == [EIFFEL, LOUVRE]  # biggest album first
+
+
+def test_a_user_without_landmarks_gets_an_empty_album(client):
+    response = client.get("/v1/users/nobody/attractions", headers=auth("nobody"))
+    assert response.status_code == 200 and response.json() == {"user": "nobody", "cities": []}
+
+
+def test_landmark_album_pages_return_each_photo_once_newest_first(client, engine, library):
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 3} | ({"cursor": cursor} if cursor else {})
+        response = client.get(f"/v1/users/{library.alice}/landmarks/{EIFFEL}/photos", params=params,
+                              headers=auth(library.alice))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        pages += 1
+        assert body["landmark"]["name"] == "Eiffel Tower" and body["landmark"]["photo_count"] == 7
+        assert len(body["photos"]) <= 3
+        seen += body["photos"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+        assert pages < 10
+    ids = [p["photo_id"] for p in seen]
+    assert pages == 3 and len(ids) == len(set(ids)) == 7
+    assert set(ids) == {pid for pid, lms in library.photos[library.alice].items() if EIFFEL in lms}
+    keys = [(_iso(p["uploaded_at"]), p["photo_id"]) for p in seen]
+    assert keys == sorted(keys, reverse=True)  # newest first, photo_id DESC breaks the planted tie
+    with engine.connect() as conn:
+        expected = conn.execute(text(
+            "SELECT photo_id FROM album_photos WHERE user_id = :u AND landmark_id = :l"
+            " ORDER BY uploaded_at DESC, photo_id DESC"), {"u": library.alice, "l": EIFFEL}).scalars().all()
+    assert ids == expected
+    assert seen[0]["image_url"] == f"/v1/photos/{seen[0]['photo_id']}/image"
+    assert seen[0]["heatmap_url"] == f"/v1/photos/{seen[0]['photo_id']}/heatmap"
+    assert {p["method"] for p in seen} <= {"geo", "reference"}
+
+
+def test_exact_page_boundary_has_no_empty_last_page(client, library):
+    first = client.get(f"/v1/users/{library.alice}/landmarks/{COLOSSEUM}/photos", params={"limit": 3},
+                       headers=auth(library.alice)).json()
+    assert len(first["photos"]) == 3 and first["next_cursor"] is None
+
+
+def test_bad_cursor_and_limits_are_clear_errors(client, library):
+    url = f"/v1/users/{library.alice}/landmarks/{EIFFEL}/photos"
+    response = client.get(url, params={"cursor": "not-a-cursor"}, headers=auth(library.alice))
+    assert response.status_code == 400 and response.json()["error"] == "bad_cursor"
+    response = client.get(url, params={"limit": 0}, headers=auth(library.alice))
+    assert response.status_code == 422 and response.json()["error"] == "invalid_request"
+    assert response.json()["detail"][0]["where"] == "query.limit"
+    response = client.get(f"/v1/users/{library.alice}/landmarks/{BIG_BEN}/photos", headers=auth(library.alice))
+    assert response.status_code == 404 and response.json()["error"] == "album_not_found"
+
+
+def test_cursor_round_trip():
+    when = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    assert decode_cursor(encode_cursor(when, "a/b é")) == (when, "a/b é")
+
+
+# ---- authorisation --------------------------------------------------------------------------------
+
+
+def test_token_round_trip_and_tampering():
+    token = make_token(KEY, "alice")
+    assert verify_token(KEY, token) == "alice"
+    user_part, signature = token.split(".")
+    forged = base64.urlsafe_b64encode(b"bob").rstrip(b"=").decode() + "." + signature
+    for bad in (forged, token + "x", "alice", "", "a.b.c", make_token(b"another-key-0123456789", "alice")):
+        with pytest.raises(AuthError):
+            verify_token(KEY, bad)
+    with pytest.raises(ValueError):
+        make_token(b"short", "alice")
+
+
+def test_missing_token_is_401(client, library):
+    response = client.get(f"/v1/users/{library.alice}/attractions")
+    assert response.status_code == 401
+    assert response.json()["error"] == "unauthorized" and "missing bearer token" in response.json()["detail"]
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_bad_signature_is_401(client, library):
+    for headers in (auth(library.alice, key=b"someone-elses-key-012345"),
+                    {"Authorization": "Bearer garbage"},
+                    {"Authorization": f"Basic {make_token(KEY, library.alice)}"}):
+        response = client.get(f"/v1/users/{library.alice}/attractions", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.json()["error"] == "unauthorized"
+
+
+def test_another_users_albums_are_403(client, library):
+    headers = auth(library.bob)
+    for url in (f"/v1/users/{library.alice}/attractions", f"/v1/users/{library.alice}/landmarks/{EIFFEL}/photos"):
+        response = client.get(url, headers=headers)
+        assert response.status_code == 403 and response.json()["error"] == "forbidden"
+    # bob reads his own
+    body = client.get(f"/v1/users/{library.bob}/attractions", headers=headers).json()
+    assert [lm["name"] for c in body["cities"] for lm in c["landmarks"]] == ["Big Ben"]
+
+
+def test_another_users_photo_is_404_not_403(client, library):
+    for kind in ("image", "heatmap"):
+        theirs = client.get(f"/v1/photos/eiffel-0/{kind}", headers=auth(library.bob))
+        nothing = client.get(f"/v1/photos/no-such-photo/{kind}", headers=auth(library.bob))
+        assert theirs.status_code == nothing.status_code == 404
+        assert theirs.json()["error"] == nothing.json()["error"] == "photo_not_found"
+        assert theirs.json()["detail"] == "no photo 'eiffel-0' in your library"
+
+
+def test_a_deleted_photo_is_gone(client, library):
+    response = client.get(f"/v1/photos/{library.deleted}/image", headers=auth(library.alice))
+    assert response.status_code == 404
+
+
+def test_me(client, library):
+    assert client.get("/v1/me", headers=auth(library.carol)).json() == {"user": library.carol}
+
+
+def test_trusted_gateway_header(engine, library):
+    from fastapi.testclient import TestClient
+
+    with pytest.raises(ValueError, match="token key"):
+        create_app(library.settings, engine)
+    app = create_app(library.settings, engine, trusted_user_header="X-Landmarks-User")
+    with TestClient(app) as c:
+        ok = c.get(f"/v1/users/{library.bob}/attractions", headers={"X-Landmarks-User": library.bob})
+        assert ok.status_code == 200 and ok.json()["cities"][0]["city"] == "London"
+        other = c.get(f"/v1/users/{library.alice}/attractions", headers={"X-Landmarks-User": library.bob})
+        assert other.status_code == 403
+        # Without a key, bearer tokens are not accepted at all.
+        assert c.get(f"/v1/users/{library.bob}/attractions", headers=auth(library.bob)).status_code == 401
+        assert c.get(f"/v1/users/{library.bob}/attractions").status_code == 401
+
+
+# ---- photos ---------------------------------------------------------------------------------------------
+
+
+def test_image_is_a_jpeg_of_at_most_1024_px(client, library):
+    response = client.get("/v1/photos/eiffel-0/image", headers=auth(library.alice))
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    img = Image.open(io.BytesIO(response.content))
+    assert img.format == "JPEG" and img.size == (640, 480)
+    small = Image.open(io.BytesIO(client.get("/v1/photos/eiffel-0/image", params={"max_side": 200},
+                                             headers=auth(library.alice)).content))
+    assert max(small.size) == 200
+
+
+def test_large_photo_is_resized_and_exif_orientation_applied(client, library):
+    big = library.root / library.alice / "eiffel-6.jpg"
+    _jpeg(big, _paint(EIFFEL, 6, size=(2400, 1600)))
+    img = Image.open(io.BytesIO(client.get("/v1/photos/eiffel-6/image", headers=auth(library.alice)).content))
+    assert img.size == (1024, 683)
+    rotated = Image.open(io.BytesIO(client.get(f"/v1/photos/{library.rotated}/image", headers=auth(library.alice)).content))
+    assert rotated.size == (480, 640)  # orientation 6: stored landscape, shown portrait
+
+
+def test_unfetchable_photo_is_502(client, library):
+    response = client.get(f"/v1/photos/{library.missing_file}/image", headers=auth(library.carol))
+    assert response.status_code == 502 and response.json()["error"] == "photo_unavailable"
+    assert str(library.root) not in response.text  # storage paths stay server-side
+
+
+def test_heatmap_is_a_png_the_size_of_the_image(client, library):
+    response = client.get("/v1/photos/colosseum-0/heatmap", headers=auth(library.alice))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(response.content))
+    assert img.format == "PNG" and img.size == (640, 480)
+    again = client.get("/v1/photos/louvre-0/heatmap", params={"max_side": 320}, headers=auth(library.alice))
+    assert Image.open(io.BytesIO(again.content)).size == (320, 240)
+
+
+def test_heatmap_with_an_unloadable_checkpoint_is_503(engine, library):
+    from fastapi.testclient import TestClient
+
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE model_versions SET checkpoint = :c WHERE version = :v"),
+                     {"c": str(library.root / "missing.pt"), "v": VERSION})
+    try:
+        with TestClient(create_app(library.settings, engine, token_key=KEY)) as c:
+            response = c.get("/v1/photos/eiffel-1/heatmap", headers=auth(library.alice))
+        assert response.status_code == 503 and response.json()["error"] == "model_unavailable"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE model_versions SET checkpoint = :c WHERE version = :v"),
+                         {"c": str(library.checkpoint), "v": VERSION})
+
+
+def test_photo_ids_with_slashes_and_spaces(client, engine, library):
+    path = library.root / library.alice / "odd.jpg"
+    _jpeg(path, _paint(TREVI, 2))
+    event = PhotoUploaded(event_id=f"odd-{library.alice}", user_id=library.alice, photo_id="trip/2024 01.jpg",
+                          uri=path.as_uri(), uploaded_at=T0 - timedelta(days=400))
+    with transaction(engine) as session:
+        writer.write_outcomes(session, VERSION, [PhotoOutcome(event, PhotoStatus.TAGGED, [Tag(TREVI, 0.5, Method.GEO)])])
+    page = client.get(f"/v1/users/{library.alice}/landmarks/{TREVI}/photos", headers=auth(library.alice)).json()
+    odd = [p for p in page["photos"] if p["photo_id"] == "trip/2024 01.jpg"]
+    assert odd and odd[0]["image_url"] == "/v1/photos/trip%2F2024%2001.jpg/image"
+    response = client.get(odd[0]["image_url"], headers=auth(library.alice))
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert math.isfinite(page["photos"][0]["score"])
