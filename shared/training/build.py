@@ -41,7 +41,9 @@ class BuildConfig:
     non_landmark_ratio: float = 0.5   # non-landmark photos per landmark photo in each stage
     min_cluster: int = 20
     cluster_distance: float = 0.5
-    target_accuracy: float = 0.99
+    # 99 % non-landmark accuracy is the goal; calibrating for 99.5 % on the validation split leaves a
+    # margin for its sampling error (3,000 negatives estimate a 1 % tail to about ±0.2 %).
+    target_accuracy: float = 0.995
     global_k: int = 10
 
 
@@ -49,7 +51,7 @@ PRESETS = {
     "tiny": BuildConfig(train=TrainConfig(backbone="tiny", embedding_dim=64, input_size=64, batch_size=64,
                                           epochs_per_stage=(1, 1, 1, 1)), min_cluster=5),
     "small": BuildConfig(train=TrainConfig(backbone="resnet_small", embedding_dim=128, input_size=96,
-                                           batch_size=64, epochs_per_stage=(5, 4, 4, 5)), min_cluster=20),
+                                           batch_size=64, epochs_per_stage=(10, 8, 8, 10)), min_cluster=20),
     "medium": BuildConfig(train=TrainConfig(backbone="wide_resnet50_2", embedding_dim=512, input_size=224,
                                             batch_size=128, epochs_per_stage=(3, 3, 3, 3)), min_cluster=30),
 }

@@ -70,3 +70,24 @@ def test_calibration_meets_the_non_landmark_target_on_its_own_split():
     assert non_landmark >= 0.99
     assert landmark > 0.5  # well-separated toy landmarks stay recognisable at that threshold
     assert len(curve) > 10
+
+
+def test_geo_threshold_counts_every_gps_negative_including_those_far_from_landmarks():
+    # 90 negatives far from any landmark (None), 10 near one with high scores, 50 landmark photos.
+    negatives = [None] * 90 + [(1, 0.5 + 0.04 * k) for k in range(10)]
+    positives = [(1, 0.6)] * 50
+    t_geo, curve = cal.calibrate_geo(negatives + positives, [None] * 100 + [1] * 50, 0.99)
+    accepted = sum(b is not None and b[1] >= t_geo for b in negatives)
+    assert accepted <= 1  # 99 % of all GPS negatives rejected
+    assert 0.5 < t_geo <= 0.87
+    assert curve[0][1] == 1.0 and curve[-1][1] == 0.0  # lowest threshold takes every landmark photo
+
+
+def test_augmentation_is_batched_deterministic_and_keeps_pixels_in_range():
+    from shared.training.augment import augment
+    batch = torch.rand(8, 3, 40, 40)
+    a = augment(batch, 32, torch.Generator().manual_seed(3))
+    b = augment(batch, 32, torch.Generator().manual_seed(3))
+    assert a.shape == (8, 3, 32, 32) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a[0], augment(batch, 32, torch.Generator().manual_seed(4))[0])
