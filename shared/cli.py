@@ -57,6 +57,8 @@ def _index():
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from shared.logs import configure_logging
+    configure_logging()  # JSON lines when LANDMARKS_LOG_JSON=1
 
 
 # --- stack and database ---------------------------------------------------------------------
@@ -359,8 +361,10 @@ def serve_demo(result: dict, port: int) -> None:
 
 
 from shared.api.serve import register as _register_serve  # noqa: E402
+from shared.ops_cli import register as _register_ops  # noqa: E402
 
 _register_serve(app)
+_register_ops(app)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

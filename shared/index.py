@@ -85,6 +85,12 @@ class ReferenceRows:
         return int(np.asarray(self.landmark_ids).shape[0])
 
 
+# pymilvus pings every 10 s even on an idle channel; gRPC servers with default settings (milvus-lite's
+# among them) answer with GOAWAY "too_many_pings" and the client's next call fails. Ping only while
+# calls are in flight: an idle worker's broken connection is then found (and redialled) at its next call.
+GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False}
+
+
 @contextmanager
 def _quiet_pymilvus() -> Iterator[None]:
     """pymilvus logs every failed RPC with a traceback; a missing alias is an answer, not an error."""
@@ -179,7 +185,8 @@ class LandmarkIndex:
                 if self._client is None:
                     with self._wrap("connect"):
                         self._client = MilvusClient(
-                            uri=self.uri, token=self._token or "", timeout=self._connect_timeout
+                            uri=self.uri, token=self._token or "", timeout=self._connect_timeout,
+                            grpc_options=GRPC_OPTIONS,
                         )
         return self._client
 

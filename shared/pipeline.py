@@ -62,6 +62,12 @@ class RecognitionPipeline:
         self._pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
                                         thread_name_prefix="decode")
 
+    @property
+    def loaded_version(self) -> str | None:
+        """The model version in memory (None before the first load): readiness and metrics read it."""
+        runtime = self._runtime
+        return runtime.version if runtime is not None else None
+
     def runtime(self) -> ModelRuntime:
         """The active model version, read once per batch so that no batch mixes two versions."""
         version = self.index.active_version()
@@ -79,7 +85,12 @@ class RecognitionPipeline:
             checkpoint, thresholds = row.checkpoint, Thresholds(row.t_geo, row.t_global, row.t_ref)
         path = self.settings.model_path or Path(checkpoint)
         embedder = Embedder(path, self.settings.device)
-        embedder.load()
+        try:
+            embedder.load()
+        except (OSError, ValueError, RuntimeError) as exc:
+            # A missing or unreadable model file is an outage of this worker, not of the batch's photos:
+            # retried, then handed back, never acknowledged as done.
+            raise InfrastructureError(f"cannot load model {version} from {path}: {exc}") from exc
         if embedder.meta.version != version:
             raise InfrastructureError(f"model file {path} holds version {embedder.meta.version!r}, "
                                       f"but {version!r} is active")
@@ -122,14 +133,30 @@ class RecognitionPipeline:
             applied = write_outcomes(session, runtime.version, outcomes)
         clock.lap("write")
         report = BatchReport(outcomes, runtime.version, applied, clock.laps)
-        log.info("batch of %d: %d tagged, %d failed, %d applied, model %s, ms %s", len(events),
-                 sum(o.status == PhotoStatus.TAGGED for o in outcomes),
-                 sum(o.status == PhotoStatus.FAILED for o in outcomes), applied, runtime.version,
-                 {k: round(v, 1) for k, v in clock.laps.items()})
+        tagged = sum(o.status == PhotoStatus.TAGGED for o in outcomes)
+        failed = sum(o.status == PhotoStatus.FAILED for o in outcomes)
+        timings = {k: round(v, 1) for k, v in clock.laps.items()}
+        log.info("batch of %d: %d tagged, %d failed, %d applied, model %s, ms %s", len(events), tagged, failed,
+                 applied, runtime.version, timings,
+                 extra={"model_version": runtime.version, "batch_size": len(events), "tagged": tagged,
+                        "failed": failed, "applied": applied, "timings_ms": timings})
+        _log_photos(outcomes, runtime.version)
         return report
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _log_photos(outcomes: list[PhotoOutcome], version: str) -> None:
+    """One line per failed photo (INFO) and per tagged photo (DEBUG), with its ids for log search."""
+    for o in outcomes:
+        ids = {"event_id": o.event.event_id, "photo_id": o.event.photo_id, "model_version": version}
+        if o.status == PhotoStatus.FAILED and o.failure is not None:
+            log.info("photo failed at %s: %s", o.failure.stage, o.failure.reason,
+                     extra={**ids, "stage": str(o.failure.stage)})
+        elif o.status == PhotoStatus.TAGGED and log.isEnabledFor(logging.DEBUG):
+            log.debug("photo tagged: %s", [t.landmark_id for t in o.tags],
+                      extra={**ids, "landmarks": [t.landmark_id for t in o.tags]})
 
 
 def _failed(event: PhotoUploaded, failure: Failure) -> PhotoOutcome:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 
 from shared.settings import get_settings
 from shared.stack import resolve
@@ -36,3 +36,37 @@ def _configure(sender: Celery, **_: object) -> None:
         worker_send_task_events=False,
         enable_utc=True,
     )
+
+
+# --- operations: logs, the backfill queue, metrics and health (shared/metrics.py, shared/health.py) ---
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _json_logs(logger=None, **_: object) -> None:
+    from shared.logs import json_logs_enabled, use_json
+    if json_logs_enabled():
+        use_json([logger] if logger is not None else None)
+
+
+@signals.celeryd_after_setup.connect
+def _consume_backfill_queue(sender: str, instance, **_: object) -> None:
+    """Backfills arrive on their own queue (`landmarks backfill`), consumed by the same worker;
+    LANDMARKS_BACKFILL_QUEUE=off leaves it to dedicated workers."""
+    from shared.backfill import backfill_queue
+    queue = backfill_queue(get_settings())
+    if queue:
+        instance.app.amqp.queues.select_add(queue)
+
+
+@signals.worker_process_init.connect
+def _start_metrics_server(**_: object) -> None:
+    # Sent in the process that consumes (the solo pool's own process), never in a forking parent.
+    from workers.context import start_operations_server
+    start_operations_server()
+
+
+@signals.worker_ready.connect
+def _warm_up(**_: object) -> None:
+    """Load the active model before the first event arrives, so readiness reflects it."""
+    from workers.context import warm_up
+    warm_up()

@@ -3,6 +3,7 @@ after any fork, so CUDA and connections are never shared with Celery's parent.""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ class WorkerContext:
     pipeline: RecognitionPipeline
 
 
+log = logging.getLogger(__name__)
 _context: WorkerContext | None = None
 _lock = threading.Lock()
 
@@ -38,3 +40,59 @@ def worker_context() -> WorkerContext:
             index = LandmarkIndex(urls.milvus_uri, token)
             _context = WorkerContext(settings, engine, index, RecognitionPipeline(settings, engine, index))
         return _context
+
+
+# --- operations: the metrics/health server and the model warm-up (workers/app.py's signals) -----
+
+_probe: tuple[str, Engine, LandmarkIndex] | None = None  # what readiness checks, with short timeouts
+
+
+def _readiness_checks() -> dict:
+    from shared import health
+    global _probe
+    context = worker_context()
+    if _probe is None:
+        urls = resolve(context.settings)
+        token = context.settings.milvus_token.get_secret_value() if context.settings.milvus_token else None
+        # Their own connections with short timeouts: a probe never waits behind a batch, and a
+        # database that does not answer fails the check in seconds, not after TCP's minutes.
+        engine = make_engine(urls.database_url, pool_size=1, max_overflow=1,
+                             connect_args={"connect_timeout": int(health.CHECK_TIMEOUT_S)})
+        index = LandmarkIndex(urls.milvus_uri, token, timeout=health.CHECK_TIMEOUT_S,
+                              connect_timeout=health.CHECK_TIMEOUT_S)
+        _probe = urls.broker_url, engine, index
+    broker_url, engine, index = _probe
+    return {
+        "model": health.worker_model_check(lambda: context.pipeline.loaded_version),
+        "broker": health.broker_check(broker_url),
+        "database": health.database_check(engine),
+        "milvus": health.milvus_check(index),
+    }
+
+
+def start_operations_server() -> None:
+    """Prometheus /metrics, /healthz, /readyz and /backlog on LANDMARKS_METRICS_PORT (default 9808)."""
+    from shared import health, metrics
+    from shared.backfill import backfill_queue
+    try:
+        settings = get_settings()
+        urls = resolve(settings)
+        max_batch_s = health.max_batch_seconds(float(settings.visibility_timeout_s))
+        metrics.start_worker_server(
+            broker_url=urls.broker_url,
+            queues=[settings.queue, backfill_queue(settings)],
+            live=lambda: health.liveness(metrics.batch_running_since, max_batch_s),
+            ready=health.CachedReadiness(_readiness_checks),
+        )
+    except Exception:  # noqa: BLE001 - observability must never stop a worker from consuming
+        log.exception("cannot start the metrics server")
+
+
+def warm_up() -> None:
+    from shared import metrics
+    try:
+        runtime = worker_context().pipeline.runtime()
+        metrics.set_model(runtime.version)
+        log.info("model %s loaded", runtime.version, extra={"model_version": runtime.version})
+    except Exception as exc:  # noqa: BLE001 - the first batch retries; readiness says why meanwhile
+        log.warning("no model loaded at start-up: %s", exc)

@@ -156,3 +156,42 @@ class FailureRecord(Base):
     reason: Mapped[str] = mapped_column(Text, comment="Why, for a human")
     payload: Mapped[Any | None] = mapped_column(JSONB, comment="The event (at most ~8 KB of it)")
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), comment="When the failure was recorded")
+
+
+class ModelActivation(Base):
+    __tablename__ = "model_activations"
+    __table_args__ = (
+        {"comment": "History of the active model version (written by a trigger); `landmarks rollback` replays it."},
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True, comment="Order of activation")
+    version: Mapped[str] = mapped_column(ForeignKey("model_versions.version", ondelete="CASCADE"),
+                                         comment="The version that became active")
+    previous_version: Mapped[str | None] = mapped_column(Text, comment="The version recorded as active before it")
+    action: Mapped[str] = mapped_column(Text, comment="activate (publish, SQL) | promote | rollback | initial")
+    actor: Mapped[str] = mapped_column(Text, comment="Who: the CLI's user@host, else the database user")
+    activated_at: Mapped[datetime] = mapped_column(server_default=func.now(), comment="When")
+
+
+BACKFILL_STATUSES = ("running", "done")
+
+
+class BackfillJob(Base):
+    __tablename__ = "backfill_jobs"
+    __table_args__ = (
+        CheckConstraint(_in("status", BACKFILL_STATUSES), name="status"),
+        {"comment": "Resumable backfills: `landmarks backfill` re-enqueues stored photos for the active version."},
+    )
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True, comment="Job name: the same command resumes the same job")
+    scope: Mapped[dict[str, Any]] = mapped_column(JSONB, comment="Which photos: {user} | {since} | {all}")
+    model_version: Mapped[str | None] = mapped_column(Text, comment="Active version when the job started")
+    cursor_user_id: Mapped[str | None] = mapped_column(Text, comment="Keyset cursor: last enqueued photo's user")
+    cursor_photo_id: Mapped[str | None] = mapped_column(Text, comment="Keyset cursor: last enqueued photo")
+    enqueued: Mapped[int] = mapped_column(BigInteger, server_default=text("0"), comment="Events sent so far")
+    total: Mapped[int | None] = mapped_column(BigInteger, comment="Photos in scope when the job started")
+    rate: Mapped[float | None] = mapped_column(REAL, comment="Events per second asked for by the last run")
+    status: Mapped[str] = mapped_column(Text, comment="running | done")
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), comment="When it started")
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), comment="Last progress")
+    finished_at: Mapped[datetime | None] = mapped_column(comment="When it enqueued its last photo")

@@ -146,14 +146,14 @@ BATCH = [
 
 
 def test_migrations_round_trip(database_url, engine):
-    assert migrate.current(database_url) == "0001"
+    assert migrate.current(database_url) == "0002"
     migrate.downgrade(database_url, "base")
     assert migrate.current(database_url) is None
     with engine.connect() as conn:
         left = conn.scalar(text("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname NOT LIKE 'alembic_version%'"))
     assert left == 0
     migrate.upgrade(database_url, "head")
-    assert migrate.current(database_url) == "0001"
+    assert migrate.current(database_url) == "0002"
 
 
 def test_migration_matches_models(engine):

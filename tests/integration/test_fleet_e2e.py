@@ -246,3 +246,37 @@ def test_worker_killed_mid_batch_loses_nothing_and_writes_nothing_twice(
         statuses = set(conn.execute(sa.text("SELECT DISTINCT status FROM photos WHERE user_id = :u"), {"u": user}).scalars())
     assert photos_written == len(events)
     assert statuses <= {"tagged", "no_landmark"}
+
+
+def test_a_version_published_while_the_worker_runs_takes_over_at_the_next_batch(
+        photos, model_version, fleet_env, engine, milvus_uri, producer, tmp_path):
+    import dataclasses
+    user = f"carol_{uuid.uuid4().hex[:6]}"
+    first = sorted((photos["landmarks_dir"] / photos["infos"][0].slug).glob("*.jpg"))[0]
+    worker = _start_worker(fleet_env, tmp_path / "worker.log")
+    try:
+        before = _event(user, first)
+        producer(UPLOADED, before)
+        _wait(lambda: _processed(engine, user) == 1, "the first event", worker=worker)
+
+        with engine.connect() as conn:
+            checkpoint = conn.execute(sa.text("SELECT checkpoint FROM model_versions WHERE version = :v"),
+                                      {"v": model_version}).scalar_one()
+        net, meta, gallery = load_checkpoint(Path(checkpoint))
+        new_version = f"{model_version}_v2"
+        save_checkpoint(tmp_path / "v2.pt", net, dataclasses.replace(meta, version=new_version), gallery)
+        publish_model(tmp_path / "v2.pt", engine, LandmarkIndex(milvus_uri))  # the worker keeps running
+
+        after = _event(user, first)
+        producer(UPLOADED, after)
+        _wait(lambda: _processed(engine, user) == 2, "the second event", worker=worker)
+    finally:
+        _stop(worker)
+        publish_model(Path(checkpoint), engine, LandmarkIndex(milvus_uri))  # back to the module's version
+    with engine.connect() as conn:
+        versions = dict(conn.execute(sa.text("SELECT photo_id, model_version FROM photos WHERE user_id = :u"),
+                                     {"u": user}).all())
+        tag_versions = dict(conn.execute(sa.text("SELECT photo_id, model_version FROM photo_tags WHERE user_id = :u"),
+                                         {"u": user}).all())
+    assert versions == {before["photo_id"]: model_version, after["photo_id"]: new_version}
+    assert tag_versions == versions  # each photo's tags carry the version that decided it

@@ -39,7 +39,7 @@ def test_stack_up_status_down_via_the_cli(tmp_path):
             assert conn.execute(sa.text("select 1")).scalar() == 1
         assert redis.Redis.from_url(redis_client_url(urls["broker_url"])).ping()
         assert LandmarkIndex(urls["milvus_uri"]).versions() == []
-        assert "revision 0001" in cli("db", "upgrade")
+        assert "revision 0002" in cli("db", "upgrade")
     finally:
         cli("stack", "down")
     assert json.loads(cli("stack", "status", "--json"))["running"] == {"postgres": False, "redis": False, "milvus": False}

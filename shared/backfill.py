@@ -1,0 +1,270 @@
+"""Backfill: re-enqueue stored photos (the ``photos`` table) so the active model version tags them.
+
+* Events go to a low-priority queue, ``<LANDMARKS_QUEUE>_backfill`` (``LANDMARKS_BACKFILL_QUEUE``), that
+  the same workers consume beside the live queue (workers/app.py adds it), at most ``rate`` events/s.
+* Live uploads keep their latency: the backfill pauses while the live queue's backlog (waiting +
+  reserved) is above ``max_live_backlog``, and while its own queue holds more than
+  ``max_backfill_backlog`` events (so a slow fleet is not buried under a million queued events).
+* Resumable: a keyset cursor over (user_id, photo_id) is saved in ``backfill_jobs`` about once a second;
+  running the same command again resumes the job (its name derives from the scope and the version).
+  A crash re-sends at most the events sent since the last save: they are reprocessed, which is harmless.
+* Fresh event ids (``backfill-<uuid>``): the writer skips event ids it has already applied, so replaying
+  the original upload events would change nothing. Photos already processed by the active version are
+  skipped unless ``include_current``. Deleted photos are never re-enqueued (and the writer would ignore
+  them anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import Engine
+
+from shared.db.models import BackfillJob, Photo
+from shared.db.session import transaction
+from shared.db.writer import active_model_version
+
+log = logging.getLogger(__name__)
+
+EVENT_PREFIX = "backfill-"
+QUEUE_ENV = "LANDMARKS_BACKFILL_QUEUE"
+REPROCESSABLE = ("tagged", "no_landmark", "failed")
+BACKLOG_CHECK_S = 2.0
+SAVE_EVERY_S = 1.0
+
+Sender = Callable[[dict], None]
+BacklogReader = Callable[[str], int]
+
+
+def backfill_queue(settings: Any) -> str | None:
+    """The backfill queue: LANDMARKS_BACKFILL_QUEUE, else ``<queue>_backfill``; 'off' disables it."""
+    raw = os.environ.get(QUEUE_ENV)
+    if raw is None:
+        return f"{settings.queue}_backfill"
+    raw = raw.strip()
+    return None if raw.lower() in ("", "off", "none", "-") else raw
+
+
+@dataclass(frozen=True)
+class Scope:
+    user: str | None = None
+    since: datetime | None = None
+    all: bool = False
+
+    def __post_init__(self) -> None:
+        if sum([self.user is not None, self.since is not None, self.all]) != 1:
+            raise ValueError("a backfill needs exactly one of --user U, --since DATE, --all")
+        if self.since is not None and self.since.tzinfo is None:
+            object.__setattr__(self, "since", self.since.replace(tzinfo=timezone.utc))
+
+    def as_json(self) -> dict[str, Any]:
+        if self.user is not None:
+            return {"user": self.user}
+        if self.since is not None:
+            return {"since": self.since.isoformat()}
+        return {"all": True}
+
+    def job_name(self, version: str) -> str:
+        key = next(iter(self.as_json().items()))
+        return f"{version}:all" if self.all else f"{version}:{key[0]}={key[1]}"
+
+    def where(self) -> list:
+        p = Photo.__table__.c
+        clauses = [p.status.in_(REPROCESSABLE), p.uri.is_not(None)]
+        if self.user is not None:
+            clauses.append(p.user_id == self.user)
+        if self.since is not None:
+            clauses.append(p.uploaded_at >= self.since)
+        return clauses
+
+
+def upload_event(row: Any) -> dict[str, Any]:
+    """A fresh upload event for a stored photo (the GPS it came with, if the event carried it)."""
+    uploaded_at = row.uploaded_at or row.processed_at or datetime.now(timezone.utc)
+    event = {"event_id": f"{EVENT_PREFIX}{uuid.uuid4().hex}", "user_id": row.user_id, "photo_id": row.photo_id,
+             "uri": row.uri, "uploaded_at": uploaded_at.isoformat()}
+    if row.gps_source == "event" and row.gps_lat is not None and row.gps_lon is not None:
+        event["gps"] = {"lat": row.gps_lat, "lon": row.gps_lon}
+    return event
+
+
+class RateLimiter:
+    """At most ``rate`` calls per second on average, with bursts of at most one second's worth."""
+
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError("--rate must be > 0 events/s")
+        self.rate = rate
+        self._clock, self._sleep = clock, sleep
+        self._allowance = 1.0
+        self._last = clock()
+
+    def wait(self) -> None:
+        if self.rate is None:
+            return
+        now = self._clock()
+        self._allowance = min(max(1.0, self.rate), self._allowance + (now - self._last) * self.rate)
+        self._last = now
+        if self._allowance < 1.0:
+            self._sleep((1.0 - self._allowance) / self.rate)
+            self._last = self._clock()
+            self._allowance = 1.0
+        self._allowance -= 1.0
+
+
+@dataclass
+class BackfillResult:
+    name: str
+    model_version: str
+    queue: str | None
+    status: str
+    enqueued: int  # by this run
+    enqueued_total: int  # by the job, all runs
+    total: int | None
+    seconds: float
+    paused_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def run_backfill(engine: Engine, send: Sender, scope: Scope, *, queue: str | None = None,
+                 rate: float | None = None, name: str | None = None, restart: bool = False,
+                 include_current: bool = False, limit: int | None = None, chunk: int = 500,
+                 backlog: BacklogReader | None = None, live_queue: str | None = None,
+                 max_live_backlog: int | None = None, max_backfill_backlog: int | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 progress: Callable[[int, int | None], None] | None = None) -> BackfillResult:
+    """Send one fresh upload event per stored photo in ``scope``; returns what this run did."""
+    started = clock()
+    with transaction(engine) as session:
+        active = active_model_version(session)
+        if active is None:
+            raise LookupError("no active model version: publish or promote one before a backfill")
+        version = active.version
+    name = name or scope.job_name(version)
+    job = _open_job(engine, name, scope, version, rate, restart)
+    result = BackfillResult(name, version, queue, job["status"], 0, job["enqueued"], job["total"], 0.0, 0.0)
+    if job["status"] == "done":
+        log.info("backfill %s is already done (use --restart to run it again)", name)
+        return result
+
+    limiter = RateLimiter(rate, clock, sleep)
+    guard = _BacklogGuard(backlog, live_queue, max_live_backlog, queue, max_backfill_backlog, clock, sleep)
+    cursor = (job["cursor_user_id"], job["cursor_photo_id"]) if job["cursor_user_id"] is not None else None
+    p = Photo.__table__.c
+    last_save, unsaved = clock(), 0
+    while True:
+        query = (select(p.user_id, p.photo_id, p.uri, p.uploaded_at, p.processed_at, p.gps_lat, p.gps_lon,
+                        p.gps_source)
+                 .where(*scope.where()).order_by(p.user_id, p.photo_id).limit(chunk))
+        if cursor is not None:
+            query = query.where(tuple_(p.user_id, p.photo_id) > tuple_(*cursor))
+        if not include_current:
+            query = query.where(p.model_version.is_distinct_from(version))
+        with transaction(engine) as session:
+            rows = session.execute(query).all()
+        if not rows:
+            _save(engine, name, cursor, unsaved, done=True)
+            result.status = "done"
+            break
+        stop = False
+        for row in rows:
+            if limit is not None and result.enqueued >= limit:
+                stop = True
+                break
+            result.paused_s += guard.wait()
+            limiter.wait()
+            send(upload_event(row))
+            cursor = (row.user_id, row.photo_id)
+            result.enqueued += 1
+            unsaved += 1
+            if clock() - last_save >= SAVE_EVERY_S:
+                _save(engine, name, cursor, unsaved)
+                last_save, unsaved = clock(), 0
+                if progress:
+                    progress(result.enqueued, job["total"])
+        if stop:
+            _save(engine, name, cursor, unsaved)
+            break
+    result.enqueued_total = job["enqueued"] + result.enqueued
+    result.seconds = round(clock() - started, 3)
+    result.paused_s = round(result.paused_s, 3)
+    log.info("backfill %s: %d events this run, %d in all, %s", name, result.enqueued, result.enqueued_total,
+             result.status, extra={"model_version": version})
+    return result
+
+
+def _open_job(engine: Engine, name: str, scope: Scope, version: str, rate: float | None,
+              restart: bool) -> dict[str, Any]:
+    table = BackfillJob.__table__
+    with transaction(engine) as session:
+        total = session.scalar(select(func.count()).select_from(Photo.__table__).where(*scope.where()))
+        fresh = {"scope": scope.as_json(), "model_version": version, "cursor_user_id": None, "cursor_photo_id": None,
+                 "enqueued": 0, "total": total, "rate": rate, "status": "running", "finished_at": None,
+                 "updated_at": func.now()}
+        stmt = insert(table).values(name=name, **fresh)
+        if restart:
+            stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=fresh)
+        else:
+            stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"rate": rate, "updated_at": func.now()})
+        session.execute(stmt)
+        row = session.execute(select(table).where(table.c.name == name).with_for_update()).mappings().one()
+        return dict(row)
+
+
+def _save(engine: Engine, name: str, cursor: tuple[str, str] | None, sent: int, done: bool = False) -> None:
+    table = BackfillJob.__table__
+    values: dict[str, Any] = {"enqueued": table.c.enqueued + sent, "updated_at": func.now()}
+    if cursor is not None:
+        values.update(cursor_user_id=cursor[0], cursor_photo_id=cursor[1])
+    if done:
+        values.update(status="done", finished_at=func.now())
+    with transaction(engine) as session:
+        session.execute(update(table).where(table.c.name == name).values(**values))
+
+
+class _BacklogGuard:
+    """Pauses the backfill while the live queue (or its own queue) holds too much."""
+
+    def __init__(self, backlog: BacklogReader | None, live_queue: str | None, max_live: int | None,
+                 own_queue: str | None, max_own: int | None, clock, sleep) -> None:
+        self.backlog = backlog
+        self.limits = [(q, m) for q, m in ((live_queue, max_live), (own_queue, max_own)) if q and m is not None]
+        self._clock, self._sleep = clock, sleep
+        self._checked = float("-inf")
+
+    def wait(self) -> float:
+        """Seconds spent paused."""
+        if self.backlog is None or not self.limits:
+            return 0.0
+        paused = 0.0
+        while self._clock() - self._checked >= BACKLOG_CHECK_S or paused:
+            self._checked = self._clock()
+            over = [(q, n, m) for q, m in self.limits if (n := self.backlog(q)) > m]
+            if not over:
+                break
+            if not paused:
+                log.info("backfill paused: %s", ", ".join(f"{q} backlog {n} > {m}" for q, n, m in over))
+            self._sleep(BACKLOG_CHECK_S)
+            paused += BACKLOG_CHECK_S
+        return paused
+
+
+def job_status(engine: Engine, name: str | None = None) -> list[dict[str, Any]]:
+    table = BackfillJob.__table__
+    query = select(table).order_by(table.c.created_at.desc())
+    if name:
+        query = query.where(table.c.name == name)
+    with transaction(engine) as session:
+        return [dict(r) for r in session.execute(query).mappings()]

@@ -1,0 +1,161 @@
+"""Liveness and readiness.
+
+* Liveness (``/healthz``): the worker process answers and no batch has been running for longer than the
+  visibility timeout (past it Redis hands the batch to another worker, so this one is stuck). It never
+  looks at the broker, database or Milvus: an outage of a shared dependency must not restart every pod.
+* Readiness (``/readyz``, ``landmarks health``): model loaded, broker, database and Milvus reachable.
+
+Checks run in parallel, each bounded by a timeout, and a worker caches its readiness for a few seconds
+so that frequent probes do not become load on the dependencies.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any
+
+CHECK_TIMEOUT_S = 3.0
+READY_CACHE_S = 5.0
+MAX_BATCH_ENV = "LANDMARKS_LIVENESS_MAX_BATCH_S"
+
+CheckFn = Callable[[], str]  # returns a detail for humans; raises when the check fails
+
+
+def run_checks(checks: dict[str, CheckFn], timeout_s: float = CHECK_TIMEOUT_S) -> dict[str, Any]:
+    """{"ok": all passed, "checks": {name: {"ok", "detail", "ms"}}}; a check past timeout_s fails."""
+    results: dict[str, dict[str, Any]] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, len(checks)), thread_name_prefix="health")
+    try:
+        started = time.perf_counter()
+        futures = {name: pool.submit(_timed, fn) for name, fn in checks.items()}
+        for name, future in futures.items():
+            left = max(0.0, timeout_s - (time.perf_counter() - started))
+            try:
+                results[name] = future.result(timeout=left)
+            except FutureTimeout:
+                results[name] = {"ok": False, "detail": f"no answer within {timeout_s:.0f}s", "ms": timeout_s * 1000}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return {"ok": all(r["ok"] for r in results.values()), "checks": results}
+
+
+def _timed(fn: CheckFn) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        detail, ok = fn(), True
+    except Exception as exc:  # noqa: BLE001 - any failure is a failed check, reported, not raised
+        detail, ok = f"{type(exc).__name__}: {exc}"[:500], False
+    return {"ok": ok, "detail": detail, "ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+# --- the checks ----------------------------------------------------------------------------------
+
+def broker_check(broker_url: str, timeout_s: float = CHECK_TIMEOUT_S) -> CheckFn:
+    def check() -> str:
+        import redis
+
+        from shared.stack import redis_client_url
+        client = redis.Redis.from_url(redis_client_url(broker_url), socket_timeout=timeout_s,
+                                      socket_connect_timeout=timeout_s)
+        try:
+            client.ping()
+            try:  # managed Redis often forbids CONFIG; the ping is what matters
+                aof = client.config_get("appendonly").get("appendonly")
+            except redis.RedisError:
+                aof = None
+        finally:
+            client.close()
+        return "PONG" + (f", appendonly={aof}" if aof is not None else "")
+    return check
+
+
+def database_check(engine) -> CheckFn:
+    def check() -> str:
+        from sqlalchemy import text
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            try:
+                revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            except Exception:  # noqa: BLE001 - reachable but not migrated: reported in the detail
+                revision = None
+        return f"schema revision {revision}" if revision else "reachable, schema not migrated"
+    return check
+
+
+def milvus_check(index) -> CheckFn:
+    def check() -> str:
+        version = index.active_version()
+        return f"alias -> {version}" if version else "reachable, no active version"
+    return check
+
+
+def worker_model_check(loaded_version: Callable[[], str | None]) -> CheckFn:
+    def check() -> str:
+        version = loaded_version()
+        if version is None:
+            raise RuntimeError("no model loaded yet")
+        return f"version {version} loaded"
+    return check
+
+
+def published_model_check(engine, index) -> CheckFn:
+    """Outside a worker: the active version agrees between PostgreSQL and Milvus and its file is readable."""
+    def check() -> str:
+        from shared.db.session import transaction
+        from shared.db.writer import active_model_version
+        from shared.settings import get_settings
+        with transaction(engine) as session:
+            row = active_model_version(session)
+            pg_version, checkpoint = (row.version, row.checkpoint) if row else (None, None)
+        milvus_version = index.active_version()
+        if pg_version is None:
+            raise RuntimeError("no active model version: run `landmarks publish MODEL`")
+        if milvus_version != pg_version:
+            raise RuntimeError(f"PostgreSQL says {pg_version!r} is active, the Milvus alias {milvus_version!r}: "
+                               f"run `landmarks promote {pg_version}`")
+        path = get_settings().model_path or Path(checkpoint)
+        if not os.access(path, os.R_OK):
+            raise RuntimeError(f"version {pg_version}: model file {path} is not readable here")
+        return f"version {pg_version}, {path}"
+    return check
+
+
+# --- liveness ------------------------------------------------------------------------------------
+
+def max_batch_seconds(default: float) -> float:
+    raw = os.environ.get(MAX_BATCH_ENV, "").strip()
+    return float(raw) if raw else default
+
+
+def liveness(batch_running_since: Callable[[], float | None], max_batch_s: float) -> dict[str, Any]:
+    since = batch_running_since()
+    running_s = time.time() - since if since else 0.0
+    ok = running_s <= max_batch_s
+    return {"ok": ok, "batch_running_s": round(running_s, 1), "max_batch_s": max_batch_s,
+            **({} if ok else {"detail": "a batch has run longer than the visibility timeout: stuck"})}
+
+
+class CachedReadiness:
+    """Runs the checks at most once per ``ttl_s``; concurrent probes share one run."""
+
+    def __init__(self, checks: Callable[[], dict[str, CheckFn]], ttl_s: float = READY_CACHE_S,
+                 timeout_s: float = CHECK_TIMEOUT_S) -> None:
+        self._checks = checks
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._last: dict[str, Any] = {"ok": False, "checks": {}}
+
+    def __call__(self) -> dict[str, Any]:
+        with self._lock:
+            if time.monotonic() - self._at >= self.ttl_s:
+                self._last = run_checks(self._checks(), self.timeout_s)
+                self._at = time.monotonic()
+            return self._last

@@ -1,0 +1,232 @@
+"""Operations commands of `landmarks`: promote, rollback, compare, versions, backfill, health.
+
+``register(cli)`` adds them to the main command (shared/cli.py). Each one given ``--json`` prints one
+JSON object as its last line; a refused operation exits 1 with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Annotated, Any, Optional
+
+import typer
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+def _emit(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+    else:
+        for key, value in obj.items():
+            print(f"{key}: {value if not isinstance(value, (dict, list)) else json.dumps(value, default=str)}")
+
+
+def _fail(message: str, as_json: bool, **extra: Any) -> None:
+    typer.echo(message, err=True)
+    if as_json:
+        print(json.dumps({"ok": False, "error": message, **extra}, default=str))
+    raise typer.Exit(1)
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    """What a rollout command reports as a one-line refusal rather than a traceback."""
+    from shared.errors import InfrastructureError
+    from shared.rollout import RolloutError
+    return RolloutError, InfrastructureError
+
+
+def _settings():
+    from shared.settings import get_settings
+    return get_settings()
+
+
+def _urls():
+    from shared.stack import resolve
+    return resolve(_settings())
+
+
+def _engine():
+    from shared.db.session import make_engine
+    return make_engine(_urls().database_url)
+
+
+def _index(timeout: float | None = None):
+    from shared.index import LandmarkIndex
+    settings = _settings()
+    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+    kwargs = {"timeout": timeout, "connect_timeout": timeout} if timeout else {}
+    return LandmarkIndex(_urls().milvus_uri, token, **kwargs)
+
+
+def _parse_date(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
+
+
+def register(cli: typer.Typer) -> None:
+    """Adds promote, rollback, compare, versions, backfill and health to the `landmarks` command."""
+
+    @cli.command()
+    def promote(version: str, as_json: JsonFlag = False) -> None:
+        """Make an already published VERSION active: Milvus alias swap, then the albums' version."""
+        from shared.rollout import promote as do_promote
+        try:
+            activation = do_promote(version, _engine(), _index())
+        except _refusals() as exc:
+            _fail(str(exc), as_json)
+        _emit({"ok": True, **activation.as_dict()}, as_json)
+
+    @cli.command()
+    def rollback(as_json: JsonFlag = False) -> None:
+        """Go back to the version active before the current one (repeat to go further back)."""
+        from shared.rollout import rollback as do_rollback
+        try:
+            activation = do_rollback(_engine(), _index())
+        except _refusals() as exc:
+            _fail(str(exc), as_json)
+        _emit({"ok": True, **activation.as_dict()}, as_json)
+
+    @cli.command()
+    def compare(v1: str, v2: str, examples: int = 10,
+                user: Annotated[Optional[str], typer.Option("--user", help="one user's photos only")] = None,
+                as_json: JsonFlag = False) -> None:
+        """Tags of V2 (candidate) against V1 (baseline): agreement, gained and lost tags."""
+        from shared.rollout import compare as do_compare
+        try:
+            report = do_compare(_engine(), v1, v2, examples=examples, user=user)
+        except _refusals() as exc:
+            _fail(str(exc), as_json)
+        _emit(report, as_json)
+
+    @cli.command()
+    def versions(history: Annotated[int, typer.Option(help="recent activations to show")] = 10,
+                 as_json: JsonFlag = False) -> None:
+        """Published versions (active one, tagged photos, in Milvus) and the recent activations."""
+        from shared.rollout import history as activations, rollback_target, versions as list_versions, RolloutError
+        engine, index = _engine(), _index()
+        try:
+            target, _ = rollback_target(engine)
+        except RolloutError:
+            target = None
+        _emit({"active_in_milvus": index.active_version(), "rollback_target": target,
+               "versions": list_versions(engine, index), "activations": activations(engine, history)}, as_json)
+
+    @cli.command()
+    def backfill(
+        user: Annotated[Optional[str], typer.Option("--user", help="one user's photos")] = None,
+        since: Annotated[Optional[str], typer.Option("--since", help="photos uploaded on or after DATE")] = None,
+        all_photos: Annotated[bool, typer.Option("--all", help="every stored photo")] = False,
+        rate: Annotated[Optional[float], typer.Option("--rate", help="events per second (default: unlimited)")] = None,
+        name: Annotated[Optional[str], typer.Option(help="job name (default: from the scope and version)")] = None,
+        restart: Annotated[bool, typer.Option("--restart", help="start the job over from the first photo")] = False,
+        include_current: Annotated[bool, typer.Option(
+            "--include-current", help="also photos the active version has already processed")] = False,
+        limit: Annotated[Optional[int], typer.Option(help="stop after this many events (resume later)")] = None,
+        max_live_backlog: Annotated[int, typer.Option(
+            help="pause while the live queue's backlog is above this")] = 1000,
+        max_backfill_backlog: Annotated[int, typer.Option(
+            help="pause while the backfill queue holds more than this")] = 10000,
+        as_json: JsonFlag = False,
+    ) -> None:
+        """Re-enqueue stored photos for the active version on the low-priority backfill queue (resumable)."""
+        from shared.backfill import Scope, backfill_queue, run_backfill
+        from shared.backlog import queue_backlog
+        settings = _settings()
+        try:
+            scope = Scope(user=user, since=_parse_date(since) if since else None, all=all_photos)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        queue = backfill_queue(settings)
+        if queue is None:
+            _fail("LANDMARKS_BACKFILL_QUEUE is off: there is no backfill queue to send to", as_json)
+        from workers.app import app as celery_app
+        from workers.tasks import UPLOADED
+        broker_url = _urls().broker_url
+
+        def send(event: dict) -> None:
+            celery_app.send_task(UPLOADED, args=[event], queue=queue)
+
+        def backlog(q: str) -> int:
+            return queue_backlog(broker_url, q)["backlog"]
+
+        def progress(done: int, total: int | None) -> None:
+            if not as_json:
+                typer.echo(f"{done} enqueued" + (f" (job total {total})" if total is not None else ""), err=True)
+
+        try:
+            result = run_backfill(_engine(), send, scope, queue=queue, rate=rate, name=name, restart=restart,
+                                  include_current=include_current, limit=limit, backlog=backlog,
+                                  live_queue=settings.queue, max_live_backlog=max_live_backlog,
+                                  max_backfill_backlog=max_backfill_backlog, progress=progress)
+        except (LookupError, *_refusals()) as exc:
+            _fail(str(exc), as_json)
+        _emit(result.as_dict(), as_json)
+
+    @cli.command()
+    def health(
+        worker: Annotated[bool, typer.Option("--worker", help="ask the local worker's /readyz instead")] = False,
+        url: Annotated[Optional[str], typer.Option(help="a worker's base URL (implies --worker)")] = None,
+        timeout: Annotated[float, typer.Option(help="seconds per check")] = 3.0,
+        as_json: JsonFlag = False,
+    ) -> None:
+        """Readiness: broker, database, Milvus, and the active model (exit 1 when not ready).
+
+        Without --worker it checks from here that the active version agrees between PostgreSQL and
+        Milvus and that its model file is readable; with --worker it reports the running worker's own
+        view (model loaded in memory), as the Docker HEALTHCHECK does."""
+        if worker or url:
+            report = _worker_readiness(url, timeout)
+        else:
+            report = _readiness_from_here(timeout)
+        _emit(report, as_json)
+        if not report.get("ok"):
+            raise typer.Exit(1)
+
+
+def _worker_readiness(url: str | None, timeout: float) -> dict:
+    import urllib.error
+    import urllib.request
+
+    from shared.metrics import DEFAULT_PORT, configured_port
+    base = url or f"http://127.0.0.1:{configured_port() or DEFAULT_PORT}"
+    try:
+        with urllib.request.urlopen(base.rstrip("/") + "/readyz", timeout=timeout * 2) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 503 carries the failed checks
+        try:
+            return json.loads(exc.read())
+        except ValueError:
+            return {"ok": False, "error": f"{base}/readyz answered {exc.code}"}
+    except (OSError, ValueError) as exc:
+        return {"ok": False, "error": f"no worker answers at {base}: {exc}"}
+
+
+def _readiness_from_here(timeout: float) -> dict:
+    from shared import health
+    try:
+        urls = _urls()
+    except Exception as exc:  # noqa: BLE001 - e.g. the embedded stack cannot start
+        return {"ok": False, "error": str(exc), "checks": {}}
+    from shared.db.session import make_engine
+    engine = make_engine(urls.database_url, connect_args={"connect_timeout": max(1, int(timeout))})
+    index = _index(timeout)
+    try:
+        return health.run_checks({
+            "broker": health.broker_check(urls.broker_url, timeout),
+            "database": health.database_check(engine),
+            "milvus": health.milvus_check(index),
+            "model": health.published_model_check(engine, index),
+        }, timeout_s=timeout * 2)
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":  # pragma: no cover - until shared/cli.py registers these commands
+    _app = typer.Typer(no_args_is_help=True, add_completion=False)
+    register(_app)
+    sys.exit(_app())

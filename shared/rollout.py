@@ -1,0 +1,238 @@
+"""Model rollout: promote a published version, roll back to the one before, compare two versions' tags.
+
+The active version lives in two places that move together: the Milvus alias ``lm_active`` (what workers
+follow, read once per batch) and ``model_versions.is_active`` (what the album views follow). Promote and
+rollback swap the alias first, then the row, like ``shared.publish.activate_version``; re-running the
+same command repairs a half-done swap (``landmarks health`` reports a disagreement).
+
+Every activation lands in ``model_activations`` through a database trigger, whichever path made it
+(``landmarks publish`` included). ``rollback`` replays that history as a stack: promote pushes, rollback
+pops, so rolling back twice from C (after A → B → C) gives B, then A.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Text, func, select, text
+from sqlalchemy import bindparam as sa_bindparam
+from sqlalchemy.engine import Engine
+
+from shared.db.models import ModelActivation, ModelVersion, Photo, PhotoTag
+from shared.db.session import transaction
+from shared.db.writer import activate_model_version, active_model_version
+from shared.index import LandmarkIndex
+
+log = logging.getLogger(__name__)
+
+
+class RolloutError(RuntimeError):
+    """The requested promotion or rollback cannot be done; the message says why and what to do."""
+
+
+@dataclass
+class Activation:
+    version: str
+    previous: str | None
+    action: str
+    changed: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "previous": self.previous, "action": self.action, "changed": self.changed}
+
+
+def actor() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return socket.gethostname()
+
+
+def _active(engine: Engine) -> str | None:
+    with transaction(engine) as session:
+        row = active_model_version(session)
+        return row.version if row else None
+
+
+def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str = "promote",
+             who: str | None = None) -> Activation:
+    """Make an already published version active (Milvus alias, then PostgreSQL), recording ``action``."""
+    with transaction(engine) as session:
+        if session.get(ModelVersion, version) is None:
+            raise RolloutError(f"model version {version!r} is not registered: `landmarks publish MODEL` first")
+    if version not in index.versions():
+        raise RolloutError(f"model version {version!r} has no collections in Milvus: publish it again")
+    previous = _active(engine)
+    alias = index.active_version()
+    if previous == version and alias == version:
+        return Activation(version, previous, action, changed=False)
+    index.activate(version)
+    with transaction(engine) as session:
+        session.execute(select(func.set_config("landmarks.activation_action", action, True)))
+        session.execute(select(func.set_config("landmarks.activation_actor", who or actor(), True)))
+        activate_model_version(session, version)
+    log.info("%s: model %s is active (was %s)", action, version, previous, extra={"model_version": version})
+    return Activation(version, previous, action, changed=True)
+
+
+def promote(version: str, engine: Engine, index: LandmarkIndex, who: str | None = None) -> Activation:
+    return activate(version, engine, index, action="promote", who=who)
+
+
+def history(engine: Engine, limit: int | None = None) -> list[dict[str, Any]]:
+    """Activations, oldest first."""
+    table = ModelActivation.__table__
+    query = select(table).order_by(table.c.id)
+    with transaction(engine) as session:
+        rows = [dict(r) for r in session.execute(query).mappings()]
+    return rows[-limit:] if limit else rows
+
+
+def rollout_stack(rows: list[dict[str, Any]], active: str | None) -> list[str]:
+    """The versions a rollback walks back through, most recent last (see the module's docstring)."""
+    stack: list[str] = []
+    for row in rows:
+        version = row["version"]
+        if row["action"] == "rollback" and len(stack) >= 2 and stack[-2] == version:
+            stack.pop()
+        elif not stack or stack[-1] != version:
+            stack.append(version)
+    if active is not None and (not stack or stack[-1] != active):
+        stack.append(active)  # activated outside the recorded history (e.g. before migration 0002)
+    return stack
+
+
+def rollback_target(engine: Engine) -> tuple[str | None, str]:
+    active = _active(engine)
+    stack = rollout_stack(history(engine), active)
+    if active is None:
+        raise RolloutError("no active model version: nothing to roll back")
+    if len(stack) < 2:
+        raise RolloutError(f"{active} is the first version on record: nothing to roll back to "
+                           "(`landmarks promote V` activates any published version)")
+    return stack[-2], active
+
+
+def rollback(engine: Engine, index: LandmarkIndex, who: str | None = None) -> Activation:
+    target, _ = rollback_target(engine)
+    return activate(target, engine, index, action="rollback", who=who)
+
+
+def versions(engine: Engine, index: LandmarkIndex | None = None) -> list[dict[str, Any]]:
+    table = ModelVersion.__table__
+    in_milvus = set(index.versions()) if index is not None else None
+    with transaction(engine) as session:
+        rows = session.execute(select(table.c.version, table.c.created_at, table.c.is_active, table.c.backbone,
+                                      table.c.checkpoint).order_by(table.c.created_at)).mappings().all()
+        tagged = dict(session.execute(select(PhotoTag.model_version, func.count(func.distinct(
+            PhotoTag.user_id + "/" + PhotoTag.photo_id))).group_by(PhotoTag.model_version)).all())
+    out = []
+    for row in rows:
+        item = dict(row)
+        item["tagged_photos"] = tagged.get(row["version"], 0)
+        if in_milvus is not None:
+            item["in_milvus"] = row["version"] in in_milvus
+        out.append(item)
+    return out
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+COMPARE_SQL = """
+WITH seen_b AS (  -- photos version b has processed: it tagged them, or its verdict is the latest
+    SELECT user_id, photo_id FROM photo_tags WHERE model_version = :b AND (:user IS NULL OR user_id = :user)
+    UNION
+    SELECT user_id, photo_id FROM photos WHERE model_version = :b AND (:user IS NULL OR user_id = :user)
+),
+pairs AS (
+    SELECT t.user_id, t.photo_id, t.landmark_id,
+           bool_or(t.model_version = :a) AS in_a, bool_or(t.model_version = :b) AS in_b,
+           min(t.rank) FILTER (WHERE t.model_version = :a) AS rank_a,
+           min(t.rank) FILTER (WHERE t.model_version = :b) AS rank_b
+    FROM photo_tags t
+    JOIN photos p ON p.user_id = t.user_id AND p.photo_id = t.photo_id AND p.status <> 'deleted'
+    WHERE t.model_version IN (:a, :b) AND (:user IS NULL OR t.user_id = :user)
+    GROUP BY t.user_id, t.photo_id, t.landmark_id
+),
+judged AS (
+    SELECT pairs.*, (s.photo_id IS NOT NULL) AS b_saw
+    FROM pairs LEFT JOIN seen_b s ON s.user_id = pairs.user_id AND s.photo_id = pairs.photo_id
+)
+SELECT * FROM judged
+"""
+
+
+def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None = None) -> dict[str, Any]:
+    """How version ``b`` (the candidate) tags the photos that version ``a`` (the baseline) tagged
+    (one user's photos only, given ``user``).
+
+    Unit: (photo, landmark) tags of photos that are not deleted. ``a`` is taken to have seen every
+    photo (it was active when they arrived); ``b`` has seen a photo if it tagged it or its verdict is
+    the photo's latest (``photos.model_version``). Tags of photos ``b`` has not seen yet are left out
+    and counted in ``pending`` (run a backfill under ``b`` to cover them).
+
+    * ``agreement``: tags both versions gave / tags either gave (Jaccard), over the photos compared;
+    * ``top1_agreement``: among photos both tagged, the share whose best landmark (rank 0) is the same;
+    * ``gained`` / ``lost``: tags only ``b`` / only ``a`` gave, with the photos and landmarks most affected.
+    """
+    with transaction(engine) as session:
+        known = set(session.scalars(select(ModelVersion.version).where(ModelVersion.version.in_([a, b]))))
+        missing = [v for v in (a, b) if v not in known]
+        if missing:
+            raise RolloutError(f"unknown model version(s): {', '.join(missing)}")
+        rows = session.execute(text(COMPARE_SQL).bindparams(sa_bindparam("user", type_=Text)),
+                               {"a": a, "b": b, "user": user}).mappings().all()
+        seen_query = select(func.count()).select_from(Photo.__table__).where(
+            Photo.model_version == b, Photo.status != "deleted")
+        if user is not None:
+            seen_query = seen_query.where(Photo.user_id == user)
+        seen_b = session.scalar(seen_query)
+    compared = [r for r in rows if r["b_saw"]]
+    pending_photos = {(r["user_id"], r["photo_id"]) for r in rows if not r["b_saw"]}
+    both = [r for r in compared if r["in_a"] and r["in_b"]]
+    gained = [r for r in compared if r["in_b"] and not r["in_a"]]
+    lost = [r for r in compared if r["in_a"] and not r["in_b"]]
+
+    top_a: dict[tuple[str, str], int] = {}
+    top_b: dict[tuple[str, str], int] = {}
+    for r in compared:
+        key = (r["user_id"], r["photo_id"])
+        if r["rank_a"] == 0:
+            top_a[key] = r["landmark_id"]
+        if r["rank_b"] == 0:
+            top_b[key] = r["landmark_id"]
+    tagged_by_both = set(top_a) & set(top_b)
+    photos_a = {(r["user_id"], r["photo_id"]) for r in compared if r["in_a"]}
+    photos_b = {(r["user_id"], r["photo_id"]) for r in compared if r["in_b"]}
+
+    def by_landmark(items: list) -> list[dict[str, int]]:
+        counts: dict[int, int] = {}
+        for r in items:
+            counts[r["landmark_id"]] = counts.get(r["landmark_id"], 0) + 1
+        return [{"landmark_id": k, "tags": v} for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:examples]]
+
+    def sample(items: list) -> list[dict[str, Any]]:
+        return [{"user_id": r["user_id"], "photo_id": r["photo_id"], "landmark_id": r["landmark_id"]}
+                for r in sorted(items, key=lambda r: (r["user_id"], r["photo_id"], r["landmark_id"]))[:examples]]
+
+    union = len(compared)
+    return {
+        "a": a, "b": b, "user": user,
+        "photos_compared": len(photos_a | photos_b),
+        "photos_processed_by_b": seen_b,
+        "tags_a": len(both) + len(lost), "tags_b": len(both) + len(gained), "tags_both": len(both),
+        "agreement": round(len(both) / union, 6) if union else None,
+        "photos_tagged_a": len(photos_a), "photos_tagged_b": len(photos_b),
+        "photos_tagged_both": len(tagged_by_both),
+        "top1_agreement": (round(sum(top_a[k] == top_b[k] for k in tagged_by_both) / len(tagged_by_both), 6)
+                           if tagged_by_both else None),
+        "gained": len(gained), "lost": len(lost),
+        "gained_photos": len(photos_b - photos_a), "lost_photos": len(photos_a - photos_b),
+        "pending": len(pending_photos),
+        "gained_by_landmark": by_landmark(gained), "lost_by_landmark": by_landmark(lost),
+        "gained_examples": sample(gained), "lost_examples": sample(lost),
+    }

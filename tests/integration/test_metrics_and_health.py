@@ -1,0 +1,322 @@
+"""Metrics, structured logs, liveness and readiness: a real worker's endpoint scraped after real events,
+`landmarks health`, and the pieces (JSON formatter, backlog collector, liveness) on their own."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared import health, metrics
+from shared.index import LandmarkIndex
+from shared.logs import JsonFormatter, configure_logging, json_logs_enabled, log_context
+from shared.publish import publish_model
+
+import ops_fleet as fleet
+
+pytestmark = [pytest.mark.integration]
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+# --- the pieces ----------------------------------------------------------------------------------
+
+def test_json_formatter_writes_one_object_per_line_with_ids_and_context():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(f"test.json.{uuid.uuid4().hex}")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    with log_context(model_version="v7"):
+        logger.info("photo %s failed", "p1", extra={"event_id": "e1", "photo_id": "p1", "level": "clash"})
+    try:
+        raise ValueError("boom\nline two")
+    except ValueError:
+        logger.exception("with a traceback")
+    first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert first["msg"] == "photo p1 failed" and first["level"] == "INFO" and first["logger"] == logger.name
+    assert (first["event_id"], first["photo_id"], first["model_version"]) == ("e1", "p1", "v7")
+    assert first["extra_level"] == "clash"  # an extra field never overwrites the formatter's own keys
+    assert first["ts"].endswith("+00:00")
+    assert "model_version" not in second and "ValueError: boom" in second["exc"]
+
+
+def test_json_logs_are_switched_on_by_the_environment():
+    assert not json_logs_enabled({})
+    assert json_logs_enabled({"LANDMARKS_LOG_JSON": "1"}) and json_logs_enabled({"LANDMARKS_LOG_JSON": "true"})
+    assert not json_logs_enabled({"LANDMARKS_LOG_JSON": "0"})
+    root = logging.getLogger()
+    saved = [(h, h.formatter) for h in root.handlers]
+    try:
+        assert configure_logging(environ={"LANDMARKS_LOG_JSON": "1"})
+        assert all(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    finally:
+        for h, f in saved:
+            h.setFormatter(f)
+
+
+def test_backlog_collector_asks_redis_at_most_once_per_ttl_and_survives_an_outage():
+    calls = []
+
+    def reader(url, queue):
+        calls.append(queue)
+        if url == "down":
+            raise ConnectionError("refused")
+        return {"queue": queue, "waiting": 3, "reserved": 2, "backlog": 5}
+
+    registry = CollectorRegistry()
+    collector = metrics.BacklogCollector("redis://x", ["live", "live_backfill"], ttl_s=60, reader=reader)
+    registry.register(collector)
+    assert calls == []  # registering does not touch Redis
+    for _ in range(3):
+        samples = _samples(generate_latest(registry).decode())
+    assert calls == ["live", "live_backfill"]
+    assert _value(samples, "landmarks_queue_backlog", queue="live") == 5
+    assert _value(samples, "landmarks_queue_reserved", queue="live_backfill") == 2
+    assert _value(samples, "landmarks_queue_backlog_up") == 1
+
+    down = metrics.BacklogCollector("down", ["live"], ttl_s=0, reader=reader)
+    samples = _samples(generate_latest(_registry_with(down)).decode())
+    assert _value(samples, "landmarks_queue_backlog_up") == 0
+    assert ("landmarks_queue_backlog", (("queue", "live"),)) not in samples
+
+
+def _registry_with(collector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
+
+
+def test_liveness_fails_only_for_a_batch_stuck_past_the_limit():
+    assert health.liveness(lambda: None, 60)["ok"]
+    assert health.liveness(lambda: time.time() - 5, 60)["ok"]
+    stuck = health.liveness(lambda: time.time() - 120, 60)
+    assert not stuck["ok"] and "stuck" in stuck["detail"]
+
+
+def test_checks_run_in_parallel_and_a_hung_one_times_out():
+    def slow():
+        time.sleep(5)
+        return "late"
+
+    def broken():
+        raise ConnectionError("refused")
+
+    started = time.monotonic()
+    report = health.run_checks({"ok": lambda: "fine", "slow": slow, "broken": broken}, timeout_s=0.5)
+    assert time.monotonic() - started < 2
+    assert not report["ok"]
+    assert report["checks"]["ok"] == {"ok": True, "detail": "fine", "ms": report["checks"]["ok"]["ms"]}
+    assert not report["checks"]["slow"]["ok"] and "no answer" in report["checks"]["slow"]["detail"]
+    assert "ConnectionError: refused" in report["checks"]["broken"]["detail"]
+
+
+def test_metrics_port_setting():
+    assert metrics.configured_port({}) == 9808
+    assert metrics.configured_port({"LANDMARKS_METRICS_PORT": "9100"}) == 9100
+    assert metrics.configured_port({"LANDMARKS_METRICS_PORT": "off"}) is None
+
+
+# --- a real worker -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict:
+    return fleet.photo_set(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def model_version(photos, engine, milvus_uri, tmp_path_factory) -> str:
+    version = f"obs_{uuid.uuid4().hex[:8]}"
+    path = fleet.build_model(photos, tmp_path_factory.mktemp("models"), version)
+    publish_model(path, engine, LandmarkIndex(milvus_uri))
+    return version
+
+
+@pytest.fixture(scope="module")
+def env(photos, database_url, broker_url, milvus_uri, tmp_path_factory) -> dict:
+    return fleet.fleet_env(database_url, broker_url, milvus_uri, photos["root"], tmp_path_factory.mktemp("home"),
+                           LANDMARKS_METRICS_PORT=fleet.free_port(), LANDMARKS_LOG_JSON="1")
+
+
+@pytest.mark.slow
+def test_a_real_workers_metrics_match_what_it_processed(photos, model_version, env, engine, tmp_path):
+    port = env["LANDMARKS_METRICS_PORT"]
+    base = f"http://127.0.0.1:{port}"
+    queue = env["LANDMARKS_QUEUE"]
+    user = f"mia_{uuid.uuid4().hex[:6]}"
+    producer = Celery(broker=env["LANDMARKS_BROKER_URL"])
+    producer.conf.update(task_serializer="json")
+    send = lambda name, event: producer.send_task(name, args=[event], queue=queue)  # noqa: E731
+
+    log = tmp_path / "worker.log"
+    worker = fleet.start_worker(env, log)
+    try:
+        # Ready once the model is loaded (warm-up at worker_ready), before any event arrives.
+        def readiness():
+            if not _port_open(int(port)):
+                return None
+            status, body = fleet.http_get(base + "/readyz", 5)
+            return body if status == 200 else None
+
+        ready = fleet.wait(readiness, "readiness", worker=worker)
+        checks = json.loads(ready)["checks"]
+        assert set(checks) == {"model", "broker", "database", "milvus"} and all(c["ok"] for c in checks.values())
+        assert model_version in checks["model"]["detail"]
+        status, body = fleet.http_get(base + "/healthz")
+        assert status == 200 and json.loads(body)["ok"]
+
+        tagged = [fleet.event(user, p) for p in photos["firsts"]]
+        everyday = [fleet.event(user, p) for p in photos["everyday"]]
+        broken = fleet.event(user, photos["broken"])
+        outside = fleet.event(user, Path("/etc/hostname"))
+        malformed = {"event_id": uuid.uuid4().hex, "user_id": user, "photo_id": "no-uri"}
+        uploads = tagged + everyday + [broken, outside]
+        for e in uploads + [malformed]:
+            send(fleet.UPLOADED, e)
+        fleet.wait(lambda: _processed(engine, user) == len(uploads), "all uploads", worker=worker)
+        send(fleet.UPLOADED, tagged[0])  # a redelivery: processed again, applied never
+        send(fleet.DELETED, {"event_id": uuid.uuid4().hex, "user_id": user, "photo_id": everyday[0]["photo_id"]})
+        fleet.wait(lambda: _processed(engine, user) == len(uploads) + 1, "the deletion", worker=worker)
+
+        def scraped():
+            samples = _samples(fleet.http_get(base + "/metrics")[1].decode())
+            settled = (_value(samples, "landmarks_events_skipped_total") == 1
+                       and ("landmarks_queue_backlog", (("queue", queue),)) in samples
+                       and _value(samples, "landmarks_queue_backlog", queue=queue) == 0)
+            return samples if settled else None
+
+        s = fleet.wait(scraped, "the counters to settle", timeout_s=60, worker=worker)
+        events = lambda outcome: _value(s, "landmarks_events_total", outcome=outcome, source="live")  # noqa: E731
+        assert events("tagged") == len(tagged) + 1  # the redelivered event counts as processed ...
+        assert _value(s, "landmarks_events_skipped_total") == 1  # ... and as skipped, not applied
+        assert events("no_landmark") == len(everyday)
+        assert events("failed") == 2
+        assert events("malformed") == 1
+        assert events("deleted") == 1
+        assert _value(s, "landmarks_failures_total", stage="decode") == 1
+        assert _value(s, "landmarks_failures_total", stage="fetch") == 1
+        assert _value(s, "landmarks_failures_total", stage="validate") == 1
+
+        batches = _value(s, "landmarks_batches_total")
+        assert batches >= 2
+        assert _value(s, "landmarks_batch_size_count") == batches
+        assert _value(s, "landmarks_batch_size_sum") == len(uploads) + 1
+        assert _value(s, "landmarks_batch_size_bucket", le="+Inf") == batches
+        for stage in ("fetch_decode", "write"):  # every batch; embed and search skip a batch of failures
+            assert _value(s, "landmarks_stage_seconds_count", stage=stage) == batches, stage
+        for stage in metrics.STAGES:
+            assert 1 <= _value(s, "landmarks_stage_seconds_count", stage=stage) <= batches, stage
+            assert _value(s, "landmarks_stage_seconds_sum", stage=stage) > 0, stage
+        assert _value(s, "landmarks_event_age_seconds_count") == len(uploads) + 1
+        assert _value(s, "landmarks_model_info", version=model_version) == 1
+        assert _value(s, "landmarks_model_loaded") == 1
+        assert _value(s, "landmarks_last_batch_timestamp_seconds") > time.time() - 300
+        assert _value(s, "landmarks_batch_running_since_seconds") == 0
+        assert _value(s, "landmarks_queue_backlog_up") == 1
+        assert ("landmarks_queue_backlog", (("queue", f"{queue}_backfill"),)) in s
+        assert _value(s, "process_resident_memory_bytes") > 0
+        names = {name for name, _ in s if name.startswith("landmarks_")}
+        assert names <= metrics.metric_names(), names - metrics.metric_names()
+
+        status, body = fleet.http_get(base + "/backlog")
+        assert status == 200 and json.loads(body)["backlog"] == 0 and json.loads(body)["queue"] == queue
+
+        # `landmarks health --worker` is the container's HEALTHCHECK; without --worker it checks from here.
+        code, report = fleet.ops_cli(env, "health", "--worker")
+        assert code == 0 and report["ok"] and report["checks"]["model"]["ok"]
+        code, report = fleet.ops_cli(env, "health")
+        assert code == 0 and report["ok"], report
+        assert model_version in report["checks"]["model"]["detail"]
+    finally:
+        fleet.stop(worker)
+        producer.close()
+
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    batch_lines = [x for x in lines if x.get("logger") == "shared.pipeline" and "batch_size" in x]
+    assert batch_lines and all(x["model_version"] == model_version for x in batch_lines)
+    failed = [x for x in lines if x.get("event_id") == broken["event_id"]]
+    assert failed and failed[0]["photo_id"] == broken["photo_id"] and failed[0]["model_version"] == model_version
+    assert failed[0]["stage"] == "decode"
+    assert any(x.get("event_id") == malformed["event_id"] and x["level"] == "WARNING" for x in lines)
+
+
+def test_health_names_the_dependency_that_is_down(env, model_version):
+    down = {**env, "LANDMARKS_BROKER_URL": f"redis://127.0.0.1:{fleet.free_port()}/0"}
+    code, report = fleet.ops_cli(down, "health", "--timeout", "1", check=False)
+    assert code == 1 and not report["ok"]
+    assert not report["checks"]["broker"]["ok"]
+    assert report["checks"]["database"]["ok"] and report["checks"]["milvus"]["ok"]
+
+    code, report = fleet.ops_cli(env, "health", "--url", f"http://127.0.0.1:{fleet.free_port()}", check=False)
+    assert code == 1 and not report["ok"] and "no worker answers" in report["error"]
+
+
+def _port_open(port: int) -> bool:
+    import socket
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _processed(engine, user: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM processed_events WHERE user_id = :u"),
+                            {"u": user}).scalar_one()
+
+
+def test_the_backlog_exporter_serves_what_keda_reads(broker_url, tmp_path):
+    """`python -m shared.metrics`: the backlog of both queues with no worker running (scaling from zero)."""
+    import subprocess
+    import sys
+
+    from celery import Celery
+
+    port = fleet.free_port()
+    queue = f"lm_exp_{uuid.uuid4().hex[:8]}"
+    env = {**fleet.fleet_env("postgresql://unused@127.0.0.1:1/x", broker_url, "http://127.0.0.1:1", tmp_path,
+                             tmp_path / "home"), "LANDMARKS_QUEUE": queue, "LANDMARKS_METRICS_PORT": str(port)}
+    producer = Celery(broker=broker_url)
+    for k in range(3):
+        producer.send_task(fleet.UPLOADED, args=[{"k": k}], queue=queue)
+    producer.send_task(fleet.UPLOADED, args=[{"k": 9}], queue=f"{queue}_backfill")
+    exporter = subprocess.Popen([sys.executable, "-m", "shared.metrics"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        body = fleet.wait(lambda: _port_open(port) and fleet.http_get(f"http://127.0.0.1:{port}/backlog")[1],
+                          "the exporter", timeout_s=60, worker=exporter)
+        backlog = json.loads(body)
+        assert (backlog["queue"], backlog["backlog"], backlog["waiting"]) == (queue, 3, 3)
+        assert backlog["queues"][f"{queue}_backfill"]["backlog"] == 1
+        samples = _samples(fleet.http_get(f"http://127.0.0.1:{port}/metrics")[1].decode())
+        assert _value(samples, "landmarks_queue_backlog", queue=queue) == 3
+        assert fleet.http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    finally:
+        exporter.terminate()
+        exporter.wait(10)
+        import redis
+        client = redis.Redis.from_url(broker_url)
+        client.delete(queue, f"{queue}_backfill")
+        producer.close()

@@ -1,0 +1,315 @@
+"""deploy/ validated offline: every YAML parses, Kustomize renders, the KEDA ScaledObject scales the worker
+Deployment on the exporter's backlog, probes and grace periods fit the worker, compose services point at
+files that exist, and dashboards and alerts use only metric names shared/metrics.py defines."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+from shared import metrics  # noqa: E402
+from shared.logs import JSON_ENV  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REPO = DEPLOY.parent
+K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "docker-compose.yaml"
+DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+# LANDMARKS_* variables read outside shared/settings.py.
+EXTRA_ENV = {metrics.PORT_ENV, metrics.ADDR_ENV, JSON_ENV, "LANDMARKS_LIVENESS_MAX_BATCH_S", "LANDMARKS_BACKFILL_QUEUE",
+             "LANDMARKS_API_TOKEN_KEY", "LANDMARKS_API_USER_HEADER"}
+KNOWN_ENV = {f"LANDMARKS_{name.upper()}" for name in Settings.model_fields} | EXTRA_ENV
+
+
+def _yaml_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml") and "demo" not in p.parts)
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _k8s_objects() -> list[dict]:
+    """The base kustomization's objects: rendered by kubectl when it is installed, else read from the files
+    its `resources` list (the rendering test below checks both agree)."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    objects = [d for res in kustomization["resources"] for d in _docs(K8S / res)]
+    for obj in objects:
+        obj.setdefault("metadata", {}).setdefault("namespace", kustomization["namespace"])
+    return objects
+
+
+def _one(objects: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _worker(objects: list[dict]) -> dict:
+    return _one(objects, "Deployment", "landmarks-worker")
+
+
+def _container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def _metric_names(expr: str) -> set[str]:
+    without_strings = re.sub(r'"[^"]*"', '""', expr)
+    return set(re.findall(r"\blandmarks_[a-zA-Z0-9_]+", without_strings))
+
+
+# --- every file ----------------------------------------------------------------------------------
+
+def test_deploy_has_the_promised_files():
+    for rel in ("README.md", "docker/Dockerfile", "docker-compose.yaml", "prometheus/prometheus.yml",
+                "prometheus/alerts.yml", "k8s/kustomization.yaml", "k8s/monitoring/kustomization.yaml"):
+        assert (DEPLOY / rel).is_file(), rel
+    assert DASHBOARDS
+
+
+@pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_yaml_file_parses(path):
+    assert _docs(path), f"{path} is empty"
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
+@pytest.mark.parametrize("folder", [K8S, K8S / "monitoring"], ids=["base", "monitoring"])
+def test_kustomize_renders(folder):
+    out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert all(d["metadata"].get("namespace") == "landmarks" for d in rendered if d["kind"] != "Namespace")
+    if folder == K8S:
+        assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == \
+            sorted((d["kind"], d["metadata"]["name"]) for d in _k8s_objects())
+        images = {c["image"] for d in rendered if d["kind"] in ("Deployment", "Job")
+                  for c in d["spec"]["template"]["spec"]["containers"]}
+        assert len(images) == 1 and images.pop().endswith(":0.1.0")  # one image, pinned by the kustomization
+
+
+def test_keda_scales_the_worker_deployment_on_waiting_plus_reserved():
+    objects = _k8s_objects()
+    scaled = _one(objects, "ScaledObject")
+    target = scaled["spec"]["scaleTargetRef"]
+    assert target.get("kind", "Deployment") == "Deployment"
+    worker = _one(objects, "Deployment", target["name"])
+    assert worker is _worker(objects)
+    assert scaled["metadata"]["namespace"] == worker["metadata"]["namespace"]
+    low, high = scaled["spec"].get("minReplicaCount", 0), scaled["spec"]["maxReplicaCount"]
+    assert 0 <= low <= high
+    assert low <= scaled["spec"]["fallback"]["replicas"] <= high  # what KEDA holds when Redis is unreadable
+    triggers = scaled["spec"]["triggers"]
+    assert not [t for t in triggers if t["type"] == "redis"], "the redis-list scaler misses reserved events"
+    (trigger,) = [t for t in triggers if t["type"] == "metrics-api"]
+    meta = trigger["metadata"]
+    assert meta["valueLocation"] == "backlog" and float(meta["targetValue"]) > 0
+    # The URL names the exporter's Service, its port and the /backlog route of shared/metrics.py.
+    match = re.fullmatch(r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc(?:\.cluster\.local)?:(\d+)/backlog", meta["url"])
+    assert match, meta["url"]
+    service = _one(objects, "Service", match.group(1))
+    assert match.group(2) == service["metadata"]["namespace"]
+    assert int(match.group(3)) in {p["port"] for p in service["spec"]["ports"]}
+    exporter = _one(objects, "Deployment", "landmarks-backlog-exporter")
+    labels = exporter["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    assert _container(exporter)["command"] == ["python", "-m", "shared.metrics"]
+
+
+def _config(objects: list[dict]) -> dict:
+    return _one(objects, "ConfigMap", "landmarks-config")["data"]
+
+
+def test_worker_deployment_has_a_gpu_probes_and_a_grace_longer_than_a_batch():
+    from workers.tasks import INFRA_RETRY_S
+    objects = _k8s_objects()
+    worker = _worker(objects)
+    pod = worker["spec"]["template"]["spec"]
+    container = _container(worker)
+    assert container["args"] == ["worker"]
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    config = _config(objects)
+    port = int(config[metrics.PORT_ENV])
+    assert {"name": "metrics", "containerPort": port} in container["ports"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in ("metrics", port)
+    # The longest batch: every fetch timing out, then a minute of infrastructure retries.
+    longest_batch = INFRA_RETRY_S + 2 * float(config["LANDMARKS_FETCH_TIMEOUT_S"])
+    grace = pod["terminationGracePeriodSeconds"]
+    visibility = int(config["LANDMARKS_VISIBILITY_TIMEOUT_S"])
+    liveness_limit = int(config["LANDMARKS_LIVENESS_MAX_BATCH_S"])
+    assert longest_batch < grace < visibility
+    assert longest_batch < liveness_limit < visibility
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert worker["metadata"]["labels"] and \
+        worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+
+
+def test_pdb_covers_the_workers_and_the_migration_job_upgrades_the_schema():
+    objects = _k8s_objects()
+    pdb = _one(objects, "PodDisruptionBudget")
+    labels = _worker(objects)["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert "maxUnavailable" in pdb["spec"] or "minAvailable" in pdb["spec"]
+    job = _one(objects, "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["db", "upgrade"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
+
+
+def test_every_reference_between_objects_resolves_and_settings_are_known():
+    objects = _k8s_objects()
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    secret = _one(objects, "Secret")
+    assert {"LANDMARKS_DATABASE_URL", "LANDMARKS_BROKER_URL", "LANDMARKS_MILVUS_URI"} <= set(secret["stringData"])
+    for keys in (_config(objects), secret["stringData"]):
+        assert set(keys) <= KNOWN_ENV, set(keys) - KNOWN_ENV
+    for obj in objects:
+        if obj["kind"] not in ("Deployment", "Job"):
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        for container in spec["containers"]:
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert ("ConfigMap", source["configMapRef"]["name"]) in names
+                if "secretRef" in source:
+                    assert ("Secret", source["secretRef"]["name"]) in names
+            assert {e["name"] for e in container.get("env", [])} <= KNOWN_ENV
+            mounts = {m["name"] for m in container.get("volumeMounts", [])}
+            assert mounts <= {v["name"] for v in spec.get("volumes", [])}
+        for volume in spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+
+
+# --- docker --------------------------------------------------------------------------------------
+
+def test_dockerfile_is_a_non_root_cuda_image_with_a_healthcheck():
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\w.\-]+-runtime-", text, re.M)
+    user = re.findall(r"^USER (\S+)", text, re.M)
+    assert user and not user[-1].startswith(("root", "0"))
+    assert re.search(r'^HEALTHCHECK .*\n?.*CMD \["landmarks", "health"', text, re.M)
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for item in source.split():
+            assert (REPO / item).exists(), f"COPY {item}: not in the repository"
+
+
+def test_compose_services_reference_existing_images_files_and_services():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "etcd", "minio", "milvus", "migrate", "worker-0", "backlog-exporter", "api",
+            "prometheus", "grafana"} <= set(services)
+    declared_volumes = set(compose.get("volumes") or {})
+    for name, service in services.items():
+        assert service.get("image") or service.get("build"), name
+        build = service.get("build")
+        if build:
+            context = (DEPLOY / build["context"]).resolve()
+            assert (context / build["dockerfile"]).is_file(), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if "$" in source:
+                continue
+            if source.startswith((".", "/")):
+                assert (DEPLOY / source).exists(), f"{name}: {source}"
+            else:
+                assert source in declared_volumes, f"{name}: volume {source} is not declared"
+        for env_file in service.get("env_file", []):
+            path = env_file if isinstance(env_file, str) else env_file["path"]
+            required = True if isinstance(env_file, str) else env_file.get("required", True)
+            assert not required or (DEPLOY / path).exists(), f"{name}: {path}"
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+    landmarks_env = set(services["worker-0"]["environment"]) | {
+        line.split("=", 1)[0] for line in (DEPLOY / "fleet.env.example").read_text().splitlines()
+        if line and not line.startswith("#")}
+    assert landmarks_env <= KNOWN_ENV, landmarks_env - KNOWN_ENV
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    gpus = services["worker-0"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"]
+    assert services["migrate"]["command"] == ["db", "upgrade"]
+    assert services["milvus"]["command"][-1] == "standalone"
+    assert services["milvus"]["environment"]["ETCD_ENDPOINTS"].split(":")[0] == "etcd"
+    assert services["milvus"]["environment"]["MINIO_ADDRESS"].split(":")[0] == "minio"
+
+
+def _docker_compose() -> list[str] | None:
+    """Compose v2 (`docker compose`, ≥ 2.24 for `env_file.required`); it validates without an engine."""
+    if shutil.which("docker") is None:
+        return None
+    out = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        return None
+    version = tuple(int(x) for x in re.findall(r"\d+", out.stdout)[:2])
+    return ["docker", "compose"] if version >= (2, 24) else None
+
+
+def test_docker_compose_config_validates():
+    cmd = _docker_compose()
+    if cmd is None:
+        pytest.skip("no docker compose (v2.24+) client here")
+    out = subprocess.run([*cmd, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True,
+                         timeout=60, cwd=DEPLOY)
+    assert out.returncode == 0, out.stderr
+
+
+# --- Prometheus and Grafana ----------------------------------------------------------------------
+
+def test_dashboards_use_only_metrics_the_workers_define():
+    defined = metrics.metric_names()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+        assert exprs, path
+        used = set().union(*map(_metric_names, exprs))
+        assert used, path
+        assert used <= defined, f"{path.name}: {sorted(used - defined)}"
+        ids = [p["id"] for p in dashboard["panels"]]
+        assert len(ids) == len(set(ids))
+    # The panels cover what the issue asks for.
+    used = set().union(*(_metric_names(t["expr"]) for path in DASHBOARDS
+                         for p in json.loads(path.read_text())["panels"] for t in p.get("targets", [])))
+    for name in ("landmarks_events_total", "landmarks_batch_size_bucket", "landmarks_stage_seconds_bucket",
+                 "landmarks_failures_total", "landmarks_queue_backlog", "landmarks_gpu_memory_reserved_bytes",
+                 "landmarks_model_info"):
+        assert name in used, name
+
+
+def test_alerts_use_defined_metrics_and_the_prometheus_rule_matches():
+    alerts = yaml.safe_load(ALERTS.read_text())
+    rules = [r for g in alerts["groups"] for r in g["rules"]]
+    assert len(rules) >= 5 and all(r["alert"].startswith("Landmarks") for r in rules)
+    for rule in rules:
+        used = _metric_names(rule["expr"])
+        assert used and used <= metrics.metric_names(), (rule["alert"], used - metrics.metric_names())
+    operator_rule = _docs(K8S / "monitoring" / "prometheusrule.yaml")[0]
+    assert operator_rule["kind"] == "PrometheusRule" and operator_rule["spec"] == alerts
+
+
+def test_prometheus_scrapes_workers_and_the_exporter_and_loads_the_alerts():
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    compose = yaml.safe_load(COMPOSE.read_text())
+    mounted = {v.split(":")[1] for v in compose["services"]["prometheus"]["volumes"] if v.startswith(".")}
+    assert set(config["rule_files"]) <= mounted
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    worker_names = jobs["landmarks-workers"]["dns_sd_configs"][0]["names"]
+    assert set(worker_names) <= set(compose["services"])
+    assert jobs["landmarks-workers"]["dns_sd_configs"][0]["port"] == metrics.DEFAULT_PORT
+    assert jobs["landmarks-backlog"]["static_configs"][0]["targets"] == [f"backlog-exporter:{metrics.DEFAULT_PORT}"]
+    grafana = compose["services"]["grafana"]["volumes"]
+    assert any(v.startswith("./grafana/dashboards:") for v in grafana)
