@@ -148,12 +148,14 @@ def decision_ablations(world: Path, model: Path, progress=None) -> dict[str, dic
     embedder = Embedder(model, "cpu")
     test, val = embed_split(dataset.test, embedder, progress), embed_split(dataset.val, embedder, progress)
     several = LocalIndex(meta.version, *gallery_rows(gallery))
+    # Held to the build's own calibration target, so a variant differs only in what it ablates.
+    target = float(meta.extra.get("build", {}).get("config", {}).get("target_accuracy", 0.99))
     variants = {"without reference verification": (several, False)}
     if "one_centroid" in gallery:
         variants["one centroid per landmark"] = (one_centroid_index(gallery, meta.version), True)
     out = {}
     for name, (index, verify) in variants.items():
-        thresholds = recalibrate(index, meta.version, val, verify=verify)
+        thresholds = recalibrate(index, meta.version, val, verify=verify, target=target)
         out[name] = {**accuracy_metrics(test, decide(test, index, meta.version, thresholds)),
                      "closed_set_accuracy": closed_set(test, index, meta.version)}
     return out
