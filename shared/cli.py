@@ -361,10 +361,12 @@ def serve_demo(result: dict, port: int) -> None:
 
 
 from shared.api.serve import register as _register_serve  # noqa: E402
+from shared.bench_cli import register as _register_bench  # noqa: E402
 from shared.ops_cli import register as _register_ops  # noqa: E402
 
 _register_serve(app)
 _register_ops(app)
+_register_bench(app)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU benchmark of BENCHMARKS.md on one CUDA machine with PyTorch preinstalled, in under 5 minutes:
+#
+#     bash bench/gpu_bench.sh [OUT_DIR]            # default OUT_DIR: ./bench-out
+#
+# - uses the machine's Python with torch + torchvision (CUDA builds); PYTHON=... picks another;
+# - installs the fleet's other dependencies into .venv-gpu, which sees the system site-packages so that the
+#   preinstalled torch is kept (WHEELHOUSE=/dir installs offline from wheels instead of the index);
+# - tries nvImageCodec (the hardware JPEG decoder the anchors found fastest); without it the bench falls
+#   back to torchvision's nvJPEG, then to the CPU pool, and says which one it used (`decoder`);
+# - PostgreSQL and Redis: LANDMARKS_DATABASE_URL / LANDMARKS_BROKER_URL when set, else the embedded stack
+#   under LANDMARKS_HOME (default ./.landmarks-gpu); Milvus is a private milvus-lite server per run;
+# - runs `bench --device cuda` for 12mp and 2mp, then the centroid search scale; each JSON object is one
+#   line of OUT_DIR/gpu-bench.jsonl, the progress and logs go to OUT_DIR/*.log.
+#
+# Knobs: IMAGES_12MP (2048), IMAGES_2MP (4096), BATCH (256), COMPILE=1 (also time torch.compile),
+#        SCALE_MAX (1000000), RUN_TIMEOUT_S (150 per bench run), SKIP_INSTALL=1.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${1:-bench-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv-gpu}
+export LANDMARKS_HOME=${LANDMARKS_HOME:-$PWD/.landmarks-gpu}
+started=$(date +%s)
+
+"$PY" - <<'EOF'
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit(f"torch {torch.__version__} sees no CUDA device: this script is for a GPU machine")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}", file=sys.stderr)
+EOF
+
+PIP_OPTS=()
+if [[ -n "${WHEELHOUSE:-}" ]]; then PIP_OPTS=(--no-index --find-links "$WHEELHOUSE"); fi
+if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
+  [[ -x "$VENV/bin/python" ]] || "$PY" -m venv --system-site-packages "$VENV"
+  # Every dependency but torch/torchvision, so pip never replaces the machine's CUDA build.
+  mapfile -t DEPS < <("$VENV/bin/python" - <<'EOF'
+import re, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print("\n".join(d for d in deps if re.split(r"[<>=\[ ;]", d)[0] not in ("torch", "torchvision")))
+EOF
+)
+  "$VENV/bin/python" -m pip install --quiet "${PIP_OPTS[@]}" "${DEPS[@]}" psutil
+  "$VENV/bin/python" -m pip install --quiet "${PIP_OPTS[@]}" --no-deps -e .
+  CUDA_MAJOR=$("$VENV/bin/python" -c "import torch; print((torch.version.cuda or '0').split('.')[0])")
+  case "$CUDA_MAJOR" in
+    13) NVIMG=(nvidia-nvimgcodec-cu13 nvidia-nvjpeg) ;;
+    12) NVIMG=(nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12) ;;
+    *) NVIMG=() ;;
+  esac
+  if ((${#NVIMG[@]})); then
+    "$VENV/bin/python" -m pip install --quiet "${PIP_OPTS[@]}" "${NVIMG[@]}" \
+      || echo "nvImageCodec not installed: the bench decodes with torchvision nvJPEG" >&2
+  fi
+fi
+BIN="$VENV/bin/python"
+"$BIN" -c "import shared.bench" # the project imports with the machine's torch
+
+bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or an error line
+  local name=$1; shift
+  echo "== $name: bench $*" >&2
+  if timeout "${RUN_TIMEOUT_S:-150}" "$BIN" -m shared.bench_cli bench --json "$@" \
+      >"$OUT/$name.out" 2>"$OUT/$name.log"; then
+    tail -n 1 "$OUT/$name.out" | tee -a "$OUT/gpu-bench.jsonl"
+  else
+    echo "{\"run\": \"$name\", \"error\": \"exit $?; see $OUT/$name.log\"}" | tee -a "$OUT/gpu-bench.jsonl"
+    tail -n 20 "$OUT/$name.log" >&2
+  fi
+}
+
+: >"$OUT/gpu-bench.jsonl"
+EXTRA=()
+if [[ "${COMPILE:-0}" == 1 ]]; then EXTRA+=(--compile); fi
+bench cuda-12mp --device cuda --size 12mp --images "${IMAGES_12MP:-2048}" --batch-size "${BATCH:-256}" "${EXTRA[@]}"
+bench cuda-2mp --device cuda --size 2mp --images "${IMAGES_2MP:-4096}" --batch-size "${BATCH:-256}" "${EXTRA[@]}"
+bench cuda-search-scale --device cuda --search-scale --scale-max "${SCALE_MAX:-1000000}" --milvus-cap-s 45
+echo "done in $(( $(date +%s) - started ))s; results in $OUT/gpu-bench.jsonl" >&2

@@ -1,0 +1,116 @@
+"""`landmarks bench`: the throughput benchmark (shared/bench.py) on the command line, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+log = logging.getLogger(__name__)
+
+
+class RichReporter:
+    """One progress line per bench step, on stderr so that stdout stays one JSON object."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._task: TaskID | None = None
+
+    def start(self, what: str, total: int | None = None) -> None:
+        if self._task is not None:  # the previous step is done
+            total = self._progress.tasks[self._task].total or 1
+            self._progress.update(self._task, total=total, completed=total)
+        self._task = self._progress.add_task(what, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._task is not None and n:
+            self._progress.advance(self._task, n)
+
+
+def register(cli: typer.Typer) -> None:
+    """Adds `bench` to the `landmarks` command."""
+
+    @cli.command()
+    def bench(
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+        size: Annotated[str, typer.Option(help="12mp, 2mp (generated camera-like JPEGs) or real (../shared/realdata)")] = "2mp",
+        images: Annotated[Optional[int], typer.Option(help="images per stage and end to end (default by device and size)")] = None,
+        quick: Annotated[bool, typer.Option("--quick", help="a few images, a small gallery: checks the plumbing")] = False,
+        backbone: Annotated[Optional[str], typer.Option(help="served backbone (default resnet_small on CPU, wide_resnet50_2 on CUDA)")] = None,
+        input_size: Annotated[Optional[int], typer.Option(help="model input, px (default 96 CPU, 224 CUDA)")] = None,
+        dim: Annotated[Optional[int], typer.Option(help="embedding dimension (default 128 CPU, 512 CUDA)")] = None,
+        batch_size: Annotated[Optional[int], typer.Option(help="served batch (default LANDMARKS_BATCH_SIZE, else 64 CPU / 256 CUDA)")] = None,
+        centroids: Annotated[Optional[int], typer.Option(help="centroids in the published gallery (default 10,000)")] = None,
+        max_wait_ms: Annotated[Optional[int], typer.Option(help="the worker's batch wait (default: LANDMARKS_MAX_WAIT_MS, 50)")] = None,
+        skip_delf: Annotated[bool, typer.Option("--skip-delf", help="leave out the DELF comparison (null figures)")] = False,
+        compile_model: Annotated[bool, typer.Option("--compile", help="CUDA: also time the torch.compile'd forward")] = False,
+        search_scale: Annotated[bool, typer.Option("--search-scale", help="instead: centroid search at 10k, 100k, 1M")] = False,
+        scale_max: Annotated[int, typer.Option(help="--search-scale: largest gallery")] = 1_000_000,
+        milvus_cap_s: Annotated[float, typer.Option(help="--search-scale: skip a milvus-lite insert projected longer")] = 180.0,
+        seed: int = 0,
+    ) -> None:
+        """Throughput of one worker: decode, model, search and write alone, and end to end through Redis →
+        Celery → PostgreSQL with Milvus in the loop; the bound, the ratio, RSS and the DELF comparison."""
+        from shared.bench import SEARCH_SCALE_SIZES, BenchConfig, run_bench, run_search_scale
+        from shared.embedder import pick_device
+        from shared.settings import get_settings
+
+        resolved_device = str(pick_device(device)) if device == "auto" else device
+        if size not in ("12mp", "2mp", "real"):
+            raise typer.BadParameter(f"unknown size {size!r}; choose 12mp, 2mp or real", param_hint="--size")
+        cfg = BenchConfig(device=resolved_device, size=size, images=images, quick=quick, backbone=backbone,
+                          input_size=input_size, embedding_dim=dim, batch_size=batch_size, centroids=centroids,
+                          compile=compile_model, max_wait_ms=max_wait_ms, delf=not skip_delf,
+                          home=get_settings().home_path, seed=seed)
+        console = Console(stderr=True)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as progress:
+            reporter = RichReporter(progress)
+            try:
+                if search_scale:
+                    sizes = [n for n in SEARCH_SCALE_SIZES if n <= scale_max] or [scale_max]
+                    result = run_search_scale(cfg, reporter, sizes, milvus_cap_s)
+                else:
+                    result = run_bench(cfg, reporter)
+            except RuntimeError as exc:
+                console.print(f"[red]bench failed:[/red] {exc}")
+                raise typer.Exit(1) from None
+            reporter.start("done", 1)
+            reporter.advance(1)
+        if as_json:
+            print(json.dumps(result), flush=True)
+        else:
+            _print_table(console, result)
+
+
+def _print_table(console: Console, result: dict) -> None:
+    from rich.table import Table
+    table = Table(title="landmarks bench")
+    table.add_column("figure")
+    table.add_column("value")
+    for key, value in result.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    Console().print(table)
+
+
+def _standalone() -> typer.Typer:
+    """`python -m shared.bench_cli bench ...` works before `bench` is wired into shared/cli.py."""
+    app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                      help="Landmark recognition fleet benchmark.")
+
+    @app.callback()
+    def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    register(app)
+    return app
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _standalone()()

@@ -1,0 +1,112 @@
+"""The benchmark's own pieces: camera-like inputs, the bound arithmetic, and one quick run of the whole
+bench (real PostgreSQL, Redis, milvus-lite and a Celery worker) that must print every JSON key."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.bench import (camera_jpeg, combined_rate, generated_images, stage_resources, throughput_bound,
+                          worker_laps)
+from shared.imaging import decode_image
+
+REPO_KEYS = {"device", "size", "e2e_img_s", "bound_img_s", "ratio", "stages", "rss_mb_start", "rss_mb_end",
+             "delf_style_ms", "ours_ms", "model", "backbone", "batch_size"}
+STAGE_KEYS = {"decode_img_s", "model_img_s", "search_img_s", "write_img_s"}
+
+
+@pytest.mark.parametrize(("width", "height", "low_mb", "high_mb"),
+                         [(4000, 3000, 2.8, 6.0), (1600, 1200, 0.35, 0.9)])
+def test_generated_jpegs_have_camera_sizes_and_content(width, height, low_mb, high_mb):
+    data = camera_jpeg(width, height, seed=3)
+    assert low_mb <= len(data) / 1e6 <= high_mb
+    img = Image.open(io.BytesIO(data))
+    assert (img.format, img.size, img.getexif().get(0x0112)) == ("JPEG", (width, height), 1)
+    small = np.asarray(img.reduce(8), dtype=np.float32)
+    assert small.std() > 20  # not a flat colour
+    assert len(np.unique(small.reshape(-1, 3).astype(np.uint8), axis=0)) > 2000  # gradients and noise
+    rows = np.abs(np.diff(small.mean(axis=2), axis=1))
+    assert rows.max() > 40  # sharp edges somewhere
+    assert decode_image(data, size=96, max_pixels=10**8).pixels.shape == (96, 96, 3)
+
+
+def test_generated_images_are_cached(tmp_path):
+    first = generated_images(tmp_path, "2mp", 2)
+    stamp = [p.stat().st_mtime_ns for p in first]
+    again = generated_images(tmp_path, "2mp", 2)
+    assert again == first and [p.stat().st_mtime_ns for p in again] == stamp
+    assert all(p.parent == tmp_path / "2mp" for p in first)
+
+
+def test_stages_on_one_resource_combine_as_harmonic_sum():
+    assert combined_rate([100.0]) == pytest.approx(100.0)
+    assert combined_rate([100.0, 100.0]) == pytest.approx(50.0)
+    assert combined_rate([30.0, 60.0]) == pytest.approx(20.0)
+    assert combined_rate([30.0, 0.0]) == 0.0
+    with pytest.raises(ValueError):
+        combined_rate([])
+
+
+def test_bound_is_the_slowest_resource():
+    stages = {"decode": 120.0, "model": 120.0, "search": 900.0, "write": 2000.0}
+    cpu = stage_resources("cpu", "pillow")
+    assert cpu == {"decode": "cpu", "model": "cpu", "search": "milvus", "write": "postgres"}
+    assert throughput_bound(stages, cpu) == (pytest.approx(60.0), "cpu")
+    # On a GPU with the hardware JPEG engine, decode and model no longer share a resource.
+    gpu = stage_resources("cuda", "nvimgcodec_hw")
+    assert throughput_bound({**stages, "search": 90.0}, gpu) == (pytest.approx(90.0), "milvus")
+    assert throughput_bound(stages, gpu) == (pytest.approx(120.0), "gpu_jpeg_engine")
+    assert stage_resources("cuda:1", "torchvision_nvjpeg")["decode"] == "gpu"
+
+
+def test_worker_laps_are_read_from_the_pipeline_log():
+    text = ("INFO shared.pipeline: batch of 8: 1 tagged, 0 failed, 8 applied, model v1, "
+            "ms {'fetch_decode': 80.0, 'embed': 40.5, 'search': 4.0, 'write': 3.5}\n"
+            "unrelated line\n"
+            "INFO shared.pipeline: batch of 4: 0 tagged, 0 failed, 4 applied, model v1, "
+            "ms {'fetch_decode': 40.0, 'embed': 20.5, 'search': 2.0, 'write': 1.5}\n")
+    assert worker_laps(text) == (2, 12, {"fetch_decode": 120.0, "embed": 61.0, "search": 6.0, "write": 5.0})
+
+
+def test_gpu_decoder_hands_refusals_to_the_cpu_pool():
+    """The GPU decoder's batching logic, run on CPU tensors (torchvision's decode_jpeg takes device='cpu')."""
+    from torchvision.io import decode_jpeg
+
+    from shared.bench import GpuJpegDecoder
+    png = io.BytesIO()
+    Image.new("RGB", (50, 40)).save(png, "PNG")
+    decoder = GpuJpegDecoder("torchvision_nvjpeg", "cpu", 96, decode_jpeg)
+    blobs = [camera_jpeg(640, 480, 1), png.getvalue(), b"\xff\xd8\xff\xe0 not a JPEG", camera_jpeg(480, 640, 2)]
+    out, refused = decoder.decode(blobs)
+    assert refused == [1, 2]
+    assert [tuple(t.shape) for t in (out[0], out[3])] == [(3, 96, 96), (3, 96, 96)]
+    assert GpuJpegDecoder.detect("cpu", 96) is None  # no CUDA: the bench decodes with the Pillow pool
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
+    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
+           "LANDMARKS_HOME": str(tmp_path / "home")}
+    env.pop("LANDMARKS_MILVUS_URI", None)
+    run = subprocess.run([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick",
+                          "--device", "cpu", "--size", "2mp"], env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert REPO_KEYS <= set(result)
+    assert set(result["stages"]) == STAGE_KEYS
+    assert all(v > 0 for v in result["stages"].values())
+    assert result["e2e_img_s"] > 0 and result["bound_img_s"] > 0
+    assert result["ratio"] == pytest.approx(result["e2e_img_s"] / result["bound_img_s"], rel=0.01)
+    assert result["rss_mb_start"] > 0 and result["rss_mb_end"] > 0
+    assert result["delf_style_ms"] > result["ours_ms"] > 0
+    assert (result["device"], result["size"], result["backbone"], result["batch_size"]) == ("cpu", "2mp", "resnet_small", 8)
+    assert result["e2e_tagged"] >= 1  # the anchored landmark photo went all the way to a tag
