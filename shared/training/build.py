@@ -215,7 +215,8 @@ class Builder:
                 generator, self.meta.mean, self.meta.std,
                 lr_schedule=lambda p, o=progress_offset: schedule(o + p / epochs), on_step=tick)))
             log.info("stage %d epoch %d: %s", stage, epoch + 1, stats[-1])
-        report = {"stage": stage, "photos": int(len(rows)), "epochs": stats, "cleaning": cleaning}
+        regions = sorted(int(r) for r in np.unique(self.train_regions[rows]) if r > 0)
+        report = {"stage": stage, "regions": regions, "photos": int(len(rows)), "epochs": stats, "cleaning": cleaning}
         self.report["stages"].append(report)
         torch.save({"net": self.net.state_dict(), "centers": self.centers.state_dict(),
                     "keep": torch.from_numpy(self.keep), "report": _jsonable(report)}, ckpt)
