@@ -38,20 +38,27 @@ def register(cli: typer.Typer) -> None:
     def bench(
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
         device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-        size: Annotated[str, typer.Option(help="12mp, 2mp (generated camera-like JPEGs) or real (../shared/realdata)")] = "2mp",
-        images: Annotated[Optional[int], typer.Option(help="images per stage and end to end (default by device and size)")] = None,
-        quick: Annotated[bool, typer.Option("--quick", help="a few images, a small gallery: checks the plumbing")] = False,
-        backbone: Annotated[Optional[str], typer.Option(help="served backbone (default resnet_small on CPU, wide_resnet50_2 on CUDA)")] = None,
+        size: Annotated[str, typer.Option(
+            help="12mp, 2mp (generated camera-like JPEGs) or real (../shared/realdata)")] = "2mp",
+        images: Annotated[Optional[int], typer.Option(
+            help="images per stage and end to end (default by device and size)")] = None,
+        quick: Annotated[bool, typer.Option("--quick", help="a few images, a small gallery: the plumbing")] = False,
+        backbone: Annotated[Optional[str], typer.Option(
+            help="served backbone (default resnet_small on CPU, wide_resnet50_2 on CUDA)")] = None,
         input_size: Annotated[Optional[int], typer.Option(help="model input, px (default 96 CPU, 224 CUDA)")] = None,
         dim: Annotated[Optional[int], typer.Option(help="embedding dimension (default 128 CPU, 512 CUDA)")] = None,
-        batch_size: Annotated[Optional[int], typer.Option(help="served batch (default LANDMARKS_BATCH_SIZE, else 64 CPU / 256 CUDA)")] = None,
-        centroids: Annotated[Optional[int], typer.Option(help="centroids in the published gallery (default 10,000)")] = None,
-        max_wait_ms: Annotated[Optional[int], typer.Option(help="the worker's batch wait (default: LANDMARKS_MAX_WAIT_MS, 50)")] = None,
-        skip_delf: Annotated[bool, typer.Option("--skip-delf", help="leave out the DELF comparison (null figures)")] = False,
-        compile_model: Annotated[bool, typer.Option("--compile", help="CUDA: also time the torch.compile'd forward")] = False,
-        search_scale: Annotated[bool, typer.Option("--search-scale", help="instead: centroid search at 10k, 100k, 1M")] = False,
+        batch_size: Annotated[Optional[int], typer.Option(
+            help="served batch (default LANDMARKS_BATCH_SIZE, else 64 CPU / 256 CUDA)")] = None,
+        centroids: Annotated[Optional[int], typer.Option(help="centroids in the published gallery (10,000)")] = None,
+        max_wait_ms: Annotated[Optional[int], typer.Option(
+            help="the worker's batch wait (default: LANDMARKS_MAX_WAIT_MS, 50)")] = None,
+        skip_delf: Annotated[bool, typer.Option("--skip-delf", help="leave out the DELF comparison")] = False,
+        compile_model: Annotated[bool, typer.Option("--compile", help="CUDA: also time torch.compile")] = False,
+        search_scale: Annotated[bool, typer.Option(
+            "--search-scale", help="instead: centroid search at 10k, 100k, 1M")] = False,
         scale_max: Annotated[int, typer.Option(help="--search-scale: largest gallery")] = 1_000_000,
-        milvus_cap_s: Annotated[float, typer.Option(help="--search-scale: skip a milvus-lite insert projected longer")] = 180.0,
+        milvus_cap_s: Annotated[float, typer.Option(
+            help="--search-scale: skip a milvus-lite insert projected to take longer")] = 180.0,
         seed: int = 0,
     ) -> None:
         """Throughput of one worker: decode, model, search and write alone, and end to end through Redis →

@@ -73,6 +73,9 @@ def test_worker_laps_are_read_from_the_pipeline_log():
             "INFO shared.pipeline: batch of 4: 0 tagged, 0 failed, 4 applied, model v1, "
             "ms {'fetch_decode': 40.0, 'embed': 20.5, 'search': 2.0, 'write': 1.5}\n")
     assert worker_laps(text) == (2, 12, {"fetch_decode": 120.0, "embed": 61.0, "search": 6.0, "write": 5.0})
+    as_json = json.dumps({"ts": "2026-11-27T00:00:00Z", "level": "INFO", "logger": "shared.pipeline",
+                          "msg": "batch of 8: 1 tagged, 0 failed, 8 applied, model v1, ms {'embed': 40.5}"})
+    assert worker_laps(as_json + "\n{not json\n") == (1, 8, {"embed": 40.5})
 
 
 def test_gpu_decoder_hands_refusals_to_the_cpu_pool():
@@ -108,5 +111,6 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert result["ratio"] == pytest.approx(result["e2e_img_s"] / result["bound_img_s"], rel=0.01)
     assert result["rss_mb_start"] > 0 and result["rss_mb_end"] > 0
     assert result["delf_style_ms"] > result["ours_ms"] > 0
-    assert (result["device"], result["size"], result["backbone"], result["batch_size"]) == ("cpu", "2mp", "resnet_small", 8)
+    assert (result["device"], result["size"], result["backbone"], result["batch_size"]) == \
+        ("cpu", "2mp", "resnet_small", 8)
     assert result["e2e_tagged"] >= 1  # the anchored landmark photo went all the way to a tag
