@@ -20,6 +20,11 @@ def _configure(sender: Celery, **_: object) -> None:
         broker_transport_options={
             # Longer than the worst batch, or Redis hands a running batch to another worker.
             "visibility_timeout": settings.visibility_timeout_s,
+            # kombu sweeps for expired unacknowledged messages every 10 s but scans only every 10th
+            # sweep by default, and a worker killed while holding the sweep's mutex blocks others for
+            # 5 min: scan every sweep (one ZRANGE) and let a dead holder's mutex expire in a minute.
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": 60,
         },
         task_default_queue=settings.queue,
         task_serializer="json",

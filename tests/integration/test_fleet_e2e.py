@@ -237,7 +237,8 @@ def test_worker_killed_mid_batch_loses_nothing_and_writes_nothing_twice(
         assert killed_at < len(events), "the worker finished before it could be killed"
         # Reserved-but-unacknowledged events come back after the visibility timeout (10 s here).
         worker = _start_worker(fleet_env, log)
-        _wait(lambda: _processed(engine, user) == len(events), "every event after the restart", worker=worker)
+        _wait(lambda: _processed(engine, user) == len(events), "every event after the restart",
+              timeout_s=300, worker=worker)
         _wait(lambda: _drained(fleet_env), "queue drained", worker=worker)
     finally:
         _stop(worker)
