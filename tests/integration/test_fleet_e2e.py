@@ -30,20 +30,10 @@ from shared.imaging import decode_image
 from shared.publish import publish_model
 from shared.synthetic import write_photo_set
 
+from ops_fleet import wait as _wait  # noqa: E402  (tests/integration helpers)
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 UPLOADED, DELETED = "landmarks.photo_uploaded", "landmarks.photo_deleted"
-
-
-def _wait(predicate, what: str, timeout_s: float = 180.0, worker: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if worker is not None and worker.poll() is not None:
-            raise AssertionError(f"worker exited with {worker.returncode} while waiting for {what}")
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
