@@ -26,15 +26,8 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 console = Console(stderr=True)
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
-
-
-def _emit(obj: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(obj, default=str))
-    else:
-        for key, value in obj.items():
-            print(f"{key}: {value}")
+from shared.cli_output import JsonFlag  # noqa: E402
+from shared.cli_output import emit as _emit  # noqa: E402
 
 
 def _urls():

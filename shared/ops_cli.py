@@ -13,15 +13,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
-
-
-def _emit(obj: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(obj, default=str))
-    else:
-        for key, value in obj.items():
-            print(f"{key}: {value if not isinstance(value, (dict, list)) else json.dumps(value, default=str)}")
+from shared.cli_output import JsonFlag  # noqa: E402
+from shared.cli_output import emit as _emit  # noqa: E402
 
 
 def _fail(message: str, as_json: bool, **extra: Any) -> None:
