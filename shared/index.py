@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -48,6 +49,14 @@ MAX_TOPK = 16384  # Milvus's limit on search limit (milvus-lite does not enforce
 QUERY_ID_CHUNK = 500  # landmark ids per reference query (keeps results far below 16384 rows)
 _SEARCH_PARAMS = {"metric_type": "IP", "params": {}}
 _CENTROID_OUT = ["landmark_id", "centroid_no", "lat", "lon"]
+_NOT_LOADED_CODE = 101  # Milvus's "collection not loaded"
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def _is_not_loaded(e: MilvusException) -> bool:
+    text = str(e).lower()
+    return e.code == _NOT_LOADED_CODE or "not loaded" in text or "'released'" in text
 
 
 class IndexVersionError(ValueError):
@@ -411,18 +420,30 @@ class LandmarkIndex:
         out.sort(key=lambda x: -x.score)
         return out
 
+    def _loaded_call(self, name: str, op: str, call: Callable[[], T]) -> T:
+        """``call`` on collection ``name``, loading it first if the server has released it: a restarted
+        milvus-lite (or a Milvus whose query nodes were replaced) comes back with collections released."""
+        with self._wrap(f"{op} {name}"):
+            try:
+                return call()
+            except MilvusException as e:
+                if not _is_not_loaded(e):
+                    raise
+                log.warning("Milvus collection %s was released; loading it again", name)
+                self.client.load_collection(name, timeout=self._timeout)
+                return call()
+
     def _search(self, cname: str, q: np.ndarray, limit: int, filt: str) -> list[list[Hit]]:
-        with self._wrap(f"search {cname}"):
-            res = self.client.search(
-                cname,
-                data=[row for row in q],
-                filter=filt,
-                limit=limit,
-                output_fields=_CENTROID_OUT,
-                search_params=_SEARCH_PARAMS,
-                anns_field="embedding",
-                timeout=self._timeout,
-            )
+        res = self._loaded_call(cname, "search", lambda: self.client.search(
+            cname,
+            data=[row for row in q],
+            filter=filt,
+            limit=limit,
+            output_fields=_CENTROID_OUT,
+            search_params=_SEARCH_PARAMS,
+            anns_field="embedding",
+            timeout=self._timeout,
+        ))
         return [self._hits(r) for r in res]
 
     def search_global(self, version: str | None, queries: np.ndarray, k: int) -> list[list[Hit]]:
@@ -477,14 +498,13 @@ class LandmarkIndex:
             found: dict[int, list[tuple[int, list[float]]]] = {}
             for s in range(0, len(missing), QUERY_ID_CHUNK):
                 chunk = missing[s : s + QUERY_ID_CHUNK]
-                with self._wrap(f"query {rname}"):
-                    rows = self.client.query(
-                        rname,
-                        filter=f"landmark_id in [{', '.join(str(x) for x in chunk)}]",
-                        output_fields=["landmark_id", "ref_no", "embedding"],
-                        limit=MAX_TOPK,
-                        timeout=self._timeout,
-                    )
+                rows = self._loaded_call(rname, "query", lambda chunk=chunk: self.client.query(
+                    rname,
+                    filter=f"landmark_id in [{', '.join(str(x) for x in chunk)}]",
+                    output_fields=["landmark_id", "ref_no", "embedding"],
+                    limit=MAX_TOPK,
+                    timeout=self._timeout,
+                ))
                 if len(rows) >= MAX_TOPK:
                     raise InfrastructureError(
                         f"Milvus at {self.uri}: too many references for {len(chunk)} landmarks"

@@ -69,6 +69,8 @@ def start_postgres(data_dir: Path) -> str:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server outlives this process, like a system service.
     server = pgserver.get_server(data_dir, cleanup_mode=None)
+    # get_server hands back this process's earlier handle as is, even if that server was stopped since.
+    server.ensure_postgres_running()
     return server.get_uri()
 
 

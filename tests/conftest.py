@@ -82,3 +82,13 @@ def milvus_uri(tmp_path_factory) -> str:
     yield f"http://127.0.0.1:{port}"
     server.stop(0)
     db.close()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault suite's rows (fault, events sent, tagged, failures, lost, duplicated) after the run."""
+    import sys
+    rows = getattr(sys.modules.get("test_faults"), "ROWS", None)
+    if rows:
+        terminalreporter.section("fault suite: where every event ended up")
+        for row in rows:
+            terminalreporter.write_line(row)

@@ -238,3 +238,18 @@ def test_unreachable_uri_raises_infrastructure_error():
     with pytest.raises(InfrastructureError):
         idx.active_version()
     assert time.monotonic() - t < 10.0
+
+
+def test_a_released_collection_is_loaded_again_on_first_use(index, published):
+    """A restarted Milvus (milvus-lite always) serves its collections released; search must not fail."""
+    from shared.index import centroid_collection, reference_collection
+    c, r = published["v2"]
+    q = c.embeddings[[0, 7]]
+    before = index.search_global("v2", q, 3)
+    index.client.release_collection(centroid_collection("v2"))
+    index.client.release_collection(reference_collection("v2"))
+    index._ref_cache.clear()
+    _assert_same(index.search_global("v2", q, 3), [[(h.landmark_id, h.centroid_no, h.score) for h in hits]
+                                                   for hits in before])
+    got = index.references("v2", [int(r.landmark_ids[0])])
+    assert list(got) == [int(r.landmark_ids[0])]
