@@ -7,7 +7,13 @@ Loads `--tags` photo_tags rows (one photo in ten carries a second landmark) spre
 users with a skewed distribution (user k owns a share proportional to 1/k^(1-1/skew), so a few heavy
 users have tens of thousands of landmark photos and the median user has ~70 at the defaults), all
 generated in SQL with generate_series. Rows are inserted in upload order, not clustered by user, as
-a live table is. Then, for `--samples` random users that have an album, it times through
+a live table is. The album summaries (migration 0003) are built by the same triggers the writer
+fires: tags go in with `--chunk` rows per committed statement, so a user's summary rows are spread
+over the table as in a live one. `--stats rebuild` instead loads with the summary triggers off and
+calls album_stats_rebuild(), as the migration does for existing tags. `--verify` users (random, with
+albums) are then checked: their album views must equal the aggregates the views replaced.
+
+Then, for `--samples` random users that have an album, it times through
 shared.db.albums (what the API runs, client round trip included):
 
 - attractions: the user's Attractions page (album_landmarks + album_cities);
@@ -52,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skew", type=float, default=2.0, help="user = floor(users * random()^skew); 1 = uniform")
     parser.add_argument("--samples", type=int, default=1000, help="random users timed per query")
     parser.add_argument("--seed", type=float, default=0.42)
+    parser.add_argument("--stats", choices=("trigger", "rebuild"), default="trigger",
+                        help="build the album summaries by the triggers (default) or by album_stats_rebuild()")
+    parser.add_argument("--chunk", type=int, default=1_000_000, help="tags per statement with --stats trigger")
+    parser.add_argument("--verify", type=int, default=200, help="random users whose albums are checked")
     parser.add_argument("--scratch", action="store_true", help="create a fresh database, drop it at the end")
     parser.add_argument("--keep", action="store_true", help="with --scratch: do not drop the database")
     parser.add_argument("--reuse", action="store_true", help="skip loading: time an already loaded database")
@@ -79,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.reuse:
             result["load_s"] = round(load(engine, args), 1)
         result.update(sizes(engine))
+        result["verified_users"] = verify(engine, args)
         if args.explain:
             explain(engine)
         result.update(measure(engine, args))
@@ -97,55 +108,138 @@ def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+# Triggers of migration 0003 that lock a photo's owner: they order concurrent writers, and the bulk
+# load is the only writer, so its millions of photo rows skip them.
+OWNER_LOCKS = ("album_stats_lock_on_photo_insert", "album_stats_lock_on_photo_change")
+SUMMARY_TRIGGERS = {"photos": (*OWNER_LOCKS, "album_stats_photos_updated"),
+                    "photo_tags": ("album_stats_tags_inserted", "album_stats_tags_deleted", "album_stats_tags_updated")}
+
+
 def load(engine: sa.Engine, args: argparse.Namespace) -> float:
     n_photos = max(1, round(args.tags / 1.1))  # every 10th photo has a second tag
-    n_landmarks = args.landmarks
-    params = {"users": args.users, "photos": n_photos, "landmarks": n_landmarks, "skew": args.skew,
-              "cities": max(1, n_landmarks // 10), "countries": max(1, n_landmarks // 100)}
+    params = {"users": args.users, "photos": n_photos, "landmarks": args.landmarks, "skew": args.skew,
+              "cities": max(1, args.landmarks // 10), "countries": max(1, args.landmarks // 100), "v": VERSION}
     start = time.perf_counter()
-    with engine.begin() as conn:
-        if conn.scalar(sa.text("SELECT EXISTS (SELECT 1 FROM photo_tags)")):
-            raise SystemExit("the database already has tags: use --scratch (or --reuse to time it as it is)")
-        conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
-        conn.execute(sa.text("SET LOCAL maintenance_work_mem = '512MB'"))
-        conn.execute(sa.text("SELECT setseed(:seed)"), {"seed": args.seed})
-        conn.execute(sa.text(
-            "INSERT INTO model_versions (version, is_active, backbone, embedding_dim, t_geo, t_global, t_ref, checkpoint)"
-            " VALUES (:v, true, 'tiny', 32, 0.5, 0.8, 0.7, 'bench.pt')"), {"v": VERSION})
-        conn.execute(sa.text(
-            "INSERT INTO landmarks (id, name, city, country, region, lat, lon)"
-            " SELECT i, 'Landmark ' || i, 'City ' || (i % :cities), 'Country ' || (i % :cities % :countries),"
-            "        1 + i % 4, -60 + random() * 120, -180 + random() * 360"
-            " FROM generate_series(0, :landmarks - 1) i"), params)
-        _log(f"loading {n_photos} photos")
-        # Upload order: each user's rows are scattered over the heap, as in a live table.
-        conn.execute(sa.text(
-            "CREATE TEMP TABLE bench_src ON COMMIT DROP AS"
-            " SELECT i, floor(:users * power(random(), :skew))::bigint AS u,"
-            "        timestamptz '2015-01-01' + random() * interval '3650 days' AS ts,"
-            "        floor(power(random(), 3) * 200)::bigint AS pick, random() AS score"
-            " FROM generate_series(1, :photos) i"), params)
-        conn.execute(sa.text(
-            "INSERT INTO photos (user_id, photo_id, uri, uploaded_at, status, model_version, processed_at)"
-            " SELECT 'u' || u, 'p' || i, 'https://photos.example/u' || u || '/' || i || '.jpg', ts,"
-            "        'tagged', :v, ts FROM bench_src"), {"v": VERSION})
-        _log(f"loading {args.tags} tags")
-        # A user photographs a few landmarks a lot: landmark = user's home spot + a power-law offset.
-        conn.execute(sa.text(
-            "INSERT INTO photo_tags (user_id, photo_id, model_version, landmark_id, rank, score, method)"
-            " SELECT 'u' || u, 'p' || i, :v, (u * 7919 + pick) % :landmarks, 0, 0.5 + score / 2,"
-            "        CASE WHEN i % 2 = 0 THEN 'geo' ELSE 'reference' END FROM bench_src"
-            " UNION ALL"
-            " SELECT 'u' || u, 'p' || i, :v, (u * 7919 + pick + 1) % :landmarks, 1, 0.5 + score / 4, 'geo'"
-            " FROM bench_src WHERE i % 10 = 0"), {**params, "v": VERSION})
+    with engine.connect() as conn:
+        with conn.begin():
+            _load_photos(conn, args, params)
+        # Committed chunks in upload order: the summary triggers see a live table's stream of batches.
+        step = max(1, round(args.chunk / 1.1)) if args.stats == "trigger" else n_photos
+        for first in range(1, n_photos + 1, step):
+            with conn.begin():
+                _bulk_session(conn)
+                _insert_tags(conn, {**params, "first": first, "last": first + step - 1})
+            _log(f"tags of photos {first}..{min(first + step - 1, n_photos)} loaded "
+                 f"({time.perf_counter() - start:.0f} s)")
+        with conn.begin():
+            if args.stats == "rebuild":
+                _bulk_session(conn)
+                conn.execute(sa.text("SELECT album_stats_rebuild()"))
+                _set_triggers(conn, sum(SUMMARY_TRIGGERS.values(), ()), enabled=True)
+            conn.execute(sa.text("DROP TABLE bench_src"))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE photos"))
-        conn.execute(sa.text("VACUUM ANALYZE photo_tags"))
+        for table in ("photos", "photo_tags", "album_landmark_stats", "album_city_stats", "album_users"):
+            conn.execute(sa.text(f"VACUUM ANALYZE {table}"))
         conn.execute(sa.text("ANALYZE landmarks"))
         conn.execute(sa.text("ANALYZE model_versions"))
     elapsed = time.perf_counter() - start
     _log(f"loaded in {elapsed:.1f} s")
     return elapsed
+
+
+def _load_photos(conn: sa.Connection, args: argparse.Namespace, params: dict) -> None:
+    if conn.scalar(sa.text("SELECT EXISTS (SELECT 1 FROM photo_tags)")):
+        raise SystemExit("the database already has tags: use --scratch (or --reuse to time it as it is)")
+    _bulk_session(conn)
+    conn.execute(sa.text("SELECT setseed(:seed)"), {"seed": args.seed})
+    conn.execute(sa.text(
+        "INSERT INTO model_versions (version, is_active, backbone, embedding_dim, t_geo, t_global, t_ref, checkpoint)"
+        " VALUES (:v, true, 'tiny', 32, 0.5, 0.8, 0.7, 'bench.pt')"), params)
+    conn.execute(sa.text(
+        "INSERT INTO landmarks (id, name, city, country, region, lat, lon)"
+        " SELECT i, 'Landmark ' || i, 'City ' || (i % :cities), 'Country ' || (i % :cities % :countries),"
+        "        1 + i % 4, -60 + random() * 120, -180 + random() * 360"
+        " FROM generate_series(0, :landmarks - 1) i"), params)
+    _log(f"loading {params['photos']} photos")
+    # Upload order: each user's rows are scattered over the heap, as in a live table.
+    conn.execute(sa.text(
+        "CREATE TEMP TABLE bench_src AS"
+        " SELECT i, floor(:users * power(random(), :skew))::bigint AS u,"
+        "        timestamptz '2015-01-01' + random() * interval '3650 days' AS ts,"
+        "        floor(power(random(), 3) * 200)::bigint AS pick, random() AS score"
+        " FROM generate_series(1, :photos) i"), params)
+    off = OWNER_LOCKS if args.stats == "trigger" else sum(SUMMARY_TRIGGERS.values(), ())
+    _set_triggers(conn, off, enabled=False)
+    conn.execute(sa.text(
+        "INSERT INTO photos (user_id, photo_id, uri, uploaded_at, status, model_version, processed_at)"
+        " SELECT 'u' || u, 'p' || i, 'https://photos.example/u' || u || '/' || i || '.jpg', ts,"
+        "        'tagged', :v, ts FROM bench_src"), params)
+    _set_triggers(conn, OWNER_LOCKS, enabled=True)
+
+
+def _bulk_session(conn: sa.Connection) -> None:
+    conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+    conn.execute(sa.text("SET LOCAL maintenance_work_mem = '512MB'"))
+    conn.execute(sa.text("SET LOCAL work_mem = '256MB'"))
+
+
+def _set_triggers(conn: sa.Connection, names: tuple[str, ...], *, enabled: bool) -> None:
+    for table, triggers in SUMMARY_TRIGGERS.items():
+        for name in triggers:
+            if name in names:
+                conn.execute(sa.text(f"ALTER TABLE {table} {'ENABLE' if enabled else 'DISABLE'} TRIGGER {name}"))
+
+
+def _insert_tags(conn: sa.Connection, params: dict) -> None:
+    # A user photographs a few landmarks a lot: landmark = user's home spot + a power-law offset.
+    conn.execute(sa.text(
+        "INSERT INTO photo_tags (user_id, photo_id, model_version, landmark_id, rank, score, method)"
+        " SELECT 'u' || u, 'p' || i, :v, (u * 7919 + pick) % :landmarks, 0, 0.5 + score / 2,"
+        "        CASE WHEN i % 2 = 0 THEN 'geo' ELSE 'reference' END"
+        " FROM bench_src WHERE i BETWEEN :first AND :last"
+        " UNION ALL"
+        " SELECT 'u' || u, 'p' || i, :v, (u * 7919 + pick + 1) % :landmarks, 1, 0.5 + score / 4, 'geo'"
+        " FROM bench_src WHERE i BETWEEN :first AND :last AND i % 10 = 0"), params)
+
+
+# The views as they were before migration 0003: aggregates over album_photos at read time.
+AGGREGATED = {
+    "album_landmarks": (
+        "SELECT a.user_id, a.landmark_id, l.name, l.city, l.country, count(*),"
+        " (array_agg(a.photo_id ORDER BY a.score DESC, a.uploaded_at DESC NULLS LAST, a.photo_id DESC))[1],"
+        " max(a.uploaded_at)"
+        " FROM album_photos a JOIN landmarks l ON l.id = a.landmark_id WHERE a.user_id = :u"
+        " GROUP BY a.user_id, a.landmark_id, l.name, l.city, l.country ORDER BY 2"),
+    "album_cities": (
+        "SELECT a.user_id, l.country, l.city, count(DISTINCT a.landmark_id), count(DISTINCT a.photo_id),"
+        " max(a.uploaded_at)"
+        " FROM album_photos a JOIN landmarks l ON l.id = a.landmark_id WHERE a.user_id = :u"
+        " GROUP BY a.user_id, l.country, l.city ORDER BY 2, 3"),
+}
+SUMMARISED = {
+    "album_landmarks": "SELECT * FROM album_landmarks WHERE user_id = :u ORDER BY 2",
+    "album_cities": "SELECT * FROM album_cities WHERE user_id = :u ORDER BY 2, 3",
+}
+
+
+def verify(engine: sa.Engine, args: argparse.Namespace) -> int:
+    """Checks the summaries of random users with albums against the aggregates; exits on a mismatch."""
+    rng = random.Random(args.seed + 1)
+    checked = 0
+    with engine.connect() as conn:
+        for _ in range(args.verify * 20):
+            if checked == args.verify:
+                break
+            user = f"u{rng.randrange(args.users)}"
+            views = {view: ([tuple(r) for r in conn.execute(sa.text(sql), {"u": user})],
+                            [tuple(r) for r in conn.execute(sa.text(AGGREGATED[view]), {"u": user})])
+                     for view, sql in SUMMARISED.items()}
+            for view, (got, want) in views.items():
+                if got != want:
+                    raise SystemExit(f"{view} of {user} differs from its aggregate:\n{got[:5]}\n{want[:5]}")
+            checked += bool(views["album_landmarks"][0])
+    _log(f"album summaries of {checked} users match their tags")
+    return checked
 
 
 def sizes(engine: sa.Engine) -> dict:
@@ -158,8 +252,13 @@ def sizes(engine: sa.Engine) -> dict:
             " (SELECT count(*) AS n FROM photo_tags GROUP BY user_id) s")).one()
         biggest_album = conn.scalar(sa.text(
             "SELECT max(n) FROM (SELECT count(*) AS n FROM photo_tags GROUP BY user_id, landmark_id) s"))
+        summaries = {table: conn.execute(sa.text(
+            f"SELECT count(*), pg_total_relation_size('{table}') / 1048576 FROM {table}")).one()
+            for table in ("album_landmark_stats", "album_city_stats")}
     return {"tag_rows": tags, "users_with_tags": per_user[1], "median_tags_per_user": per_user[0],
-            "heaviest_user": heaviest[0], "heaviest_user_tags": heaviest[1], "biggest_album": biggest_album}
+            "heaviest_user": heaviest[0], "heaviest_user_tags": heaviest[1], "biggest_album": biggest_album,
+            **{f"{table}_rows": n for table, (n, _) in summaries.items()},
+            **{f"{table}_mb": mb for table, (_, mb) in summaries.items()}}
 
 
 def explain(engine: sa.Engine) -> None:

@@ -175,13 +175,14 @@ def throughput_bound(stages: Mapping[str, float], resources: Mapping[str, str]) 
     return per_resource[limiting], limiting
 
 
-def stage_resources(device: str, decoder: str) -> dict[str, str]:
-    """Which resource each stage occupies. The search runs in the Milvus server, the write in PostgreSQL;
-    the CPU pool decodes on the cores, the hardware JPEG engine (nvImageCodec HW) is its own unit, while
-    torchvision's nvJPEG runs on the GPU's SMs next to the model."""
+def stage_resources(device: str, decoder: str, search_in_process: bool = False) -> dict[str, str]:
+    """Which resource each stage occupies. The search runs in the worker's replica on the cores, or in the
+    Milvus server; the write in PostgreSQL; the CPU pool decodes on the cores, the hardware JPEG engine
+    (nvImageCodec HW) is its own unit, while torchvision's nvJPEG runs on the GPU's SMs next to the model."""
     model = "gpu" if device.startswith("cuda") else "cpu"
     decode = {"pillow": "cpu", "nvimgcodec_hw": "gpu_jpeg_engine", "torchvision_nvjpeg": "gpu"}[decoder]
-    return {"decode": decode, "model": model, "search": "milvus", "write": "postgres"}
+    return {"decode": decode, "model": model, "search": "cpu" if search_in_process else "milvus",
+            "write": "postgres"}
 
 
 # ----------------------------------------------------------------------------------------- host
@@ -291,6 +292,7 @@ class BenchConfig:
     compile: bool = False
     max_wait_ms: int | None = None  # the worker's LANDMARKS_MAX_WAIT_MS; None keeps the served setting
     delf: bool = True  # the DELF comparison costs ~30 s on 2 CPU cores; long RSS runs may skip it
+    load_only: bool = False  # only the worker end to end: a long backlog's throughput and memory over time
     home: Path = Path(".landmarks")
     seed: int = 0
 
@@ -973,6 +975,7 @@ class E2EPlan:
     workdir: Path
     max_wait_ms: int | None = None
     stall_s: float = 180.0
+    poll_s: float = 0.05  # how often progress is read from PostgreSQL (a long run polls less)
 
 
 def _wait_for(engine, user: str, n: int, worker: subprocess.Popen, log_path: Path, stall_s: float,
@@ -1005,6 +1008,8 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
     import redis
     from celery import Celery
     from shared.db.session import make_engine
+    from shared.settings import get_settings
+    from shared.signing import event_signer
     from shared.stack import redis_client_url
 
     env = {k: v for k, v in os.environ.items() if k != "LANDMARKS_MODEL_PATH"}
@@ -1025,9 +1030,10 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
     with log_path.open("ab") as log_file:
         worker = subprocess.Popen([sys.executable, "-m", "shared.cli", "-v", "worker", "--loglevel=INFO"],
                                   env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+    sign = event_signer(get_settings())  # a worker given a signing key refuses unsigned events
     try:
         for event in plan.warmup:
-            producer.send_task(upload, args=[event], queue=plan.queue)
+            producer.send_task(upload, args=[sign(event)], queue=plan.queue)
         warm_user = plan.warmup[0]["user_id"]
         _wait_for(engine, warm_user, len(plan.warmup), worker, log_path, max(plan.stall_s, 600.0),
                   on_poll=lambda d: reporter.advance(0), poll_s=0.2)
@@ -1038,13 +1044,13 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
         reporter.start(f"end-to-end: publishing {len(plan.events)} events to a staging list")
         start = time.perf_counter()
         for event in plan.events:
-            producer.send_task(upload, args=[event], queue=plan.staging)
+            producer.send_task(upload, args=[sign(event)], queue=plan.staging)
         enqueue_s = time.perf_counter() - start
         if client.llen(plan.queue):
             raise RuntimeError(f"queue {plan.queue} is not empty after the warm-up")
         user, n = plan.events[0]["user_id"], len(plan.events)
         reporter.start(f"end-to-end: {n} events, batch {plan.batch_size}", n)
-        rss_peak, seen, series = [rss_start or 0.0], [0], [[0, rss_start]]
+        rss_peak, seen, series = [rss_start or 0.0], [0], [[0, rss_start, 0.0]]
 
         def poll(done: int) -> None:
             reporter.advance(done - seen[0])
@@ -1052,11 +1058,11 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
             rss = rss_mb(worker.pid) or 0.0
             rss_peak.append(rss)
             if done >= series[-1][0] + n / 10 or done >= n > series[-1][0]:  # one sample per tenth
-                series.append([done, rss])
+                series.append([done, rss, round(time.perf_counter() - t0, 2)])
 
         t0 = time.perf_counter()
         client.rename(plan.staging, plan.queue)  # the whole backlog appears at once
-        t_end = _wait_for(engine, user, n, worker, log_path, plan.stall_s, on_poll=poll)
+        t_end = _wait_for(engine, user, n, worker, log_path, plan.stall_s, on_poll=poll, poll_s=plan.poll_s)
         elapsed = t_end - t0
         rss_end = rss_mb(worker.pid)
         time.sleep(0.3)  # the last batch's log line
@@ -1201,7 +1207,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
         publish_model(model.path, engine, index)
         rng = np.random.default_rng(cfg.seed)
         gps = [event_gps(i, inputs.image_of_event[i], model, rng) for i in range(inputs.n)]
-        stages = measure_stages(cfg, inputs, model, index, engine, gps, reporter)
+        stages = {} if cfg.load_only else measure_stages(cfg, inputs, model, index, engine, gps, reporter)
 
         run_id = uuid.uuid4().hex[:6]
         events = [_upload_event(f"bench_e2e_{run_id}", i, inputs.unique[inputs.image_of_event[i]], gps[i])
@@ -1211,18 +1217,53 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
         warmup = [_upload_event(f"bench_warm_{run_id}", i, inputs.unique[i % k], event_gps(i, i % k, model, warm_rng))
                   for i in range(2 * cfg.batch_size)]
         e2e = run_end_to_end(E2EPlan(database_url, broker_url, milvus_uri, queue, staging, inputs.file_root,
-                                     events, warmup, cfg.batch_size, cfg.device, workdir, cfg.max_wait_ms), reporter)
+                                     events, warmup, cfg.batch_size, cfg.device, workdir, cfg.max_wait_ms,
+                                     poll_s=1.0 if cfg.load_only else 0.05), reporter)
         host["other_cpu_share"] = account.other_share()  # before the private milvus-lite stops
     host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if cfg.load_only:
+        return summarise_load(cfg, inputs, e2e, host, seconds=time.monotonic() - started)
     return summarise(cfg, inputs, stages, e2e, host, get_settings().max_wait_ms,
                      seconds=time.monotonic() - started)
+
+
+def tenth_rates(series: Sequence[Sequence[float]]) -> list[float]:
+    """Images/s within each step of an [events done, RSS MB, seconds] series."""
+    return [round((b[0] - a[0]) / (b[2] - a[2]), 1) for a, b in zip(series, series[1:]) if b[2] > a[2]]
+
+
+def summarise_load(cfg: BenchConfig, inputs: BenchInputs, e2e: dict, host: dict, seconds: float) -> dict:
+    """`--load-only`: did the backlog drain at a steady rate in flat memory?"""
+    series = e2e["rss_mb_series"]
+    rates = tenth_rates(series)
+    # The first tenth includes the backlog appearing at once and the first batches' warm caches.
+    steady = rates[1:] or rates
+    mean = statistics.mean(steady) if steady else None
+    rss = [mb for _, mb, _ in series[1:] if mb]
+    return {
+        "device": cfg.device, "size": cfg.size, "events": inputs.n,
+        "e2e_img_s": round(e2e["e2e_img_s"], 1), "e2e_seconds": e2e["e2e_seconds"],
+        "img_s_by_tenth": rates,
+        "img_s_min_max_tenth": [min(steady), max(steady)] if steady else None,
+        "img_s_cv": round(statistics.pstdev(steady) / mean, 3) if mean else None,
+        "rss_mb_start": e2e["rss_mb_start"], "rss_mb_end": e2e["rss_mb_end"], "rss_mb_peak": e2e["rss_mb_peak"],
+        "rss_mb_growth_pct": round(100 * (max(rss) - min(rss)) / min(rss), 1) if rss else None,
+        "rss_mb_series": series, "e2e_batches": e2e["e2e_batches"], "e2e_mean_batch": e2e["e2e_mean_batch"],
+        "worker_ms_per_img": e2e["worker_ms_per_img"], "worker_busy_share": e2e["worker_busy_share"],
+        "model": f"random-init {cfg.backbone}, {cfg.input_size} px, dim {cfg.embedding_dim}, {cfg.precision}",
+        "batch_size": cfg.batch_size, "centroids": cfg.centroids, "unique_inputs": len(inputs.unique),
+        "file_mb_mean": inputs.file_mb_mean, "host": host, "seconds": round(seconds, 1),
+    }
 
 
 def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, host: dict,
               served_max_wait_ms: int, seconds: float) -> dict:
     """The JSON object: the contract keys first, then what explains them."""
-    rates = {name: stages[name]["img_s"] for name in STAGES}
-    resources = stage_resources(cfg.device, stages["decoder"])
+    from shared.settings import get_settings
+    # The worker searches its in-process replica when the gallery fits (LANDMARKS_SEARCH_REPLICA_MAX_CENTROIDS).
+    in_process = 0 < cfg.centroids <= get_settings().search_replica_max_centroids
+    rates = {name: stages["search_local" if name == "search" and in_process else name]["img_s"] for name in STAGES}
+    resources = stage_resources(cfg.device, stages["decoder"], search_in_process=in_process)
     bound, limiting = throughput_bound(rates, resources)
     serial = combined_rate(rates.values())
     comparison = stages["comparison"]
@@ -1241,6 +1282,7 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "bound_serial_img_s": round(serial, 1),
         "ratio_serial": round(e2e["e2e_img_s"] / serial, 3) if serial else None,
         "search_local_img_s": round(stages["search_local"]["img_s"], 1),
+        "search_milvus_img_s": round(stages["search"]["img_s"], 1), "search_in_process": in_process,
         "write_rows_s": round(stages["write"]["rows_s"], 1),
         "centroids": cfg.centroids, "unique_inputs": len(inputs.unique), "file_mb_mean": inputs.file_mb_mean,
         "decode_failed": stages["decode"].get("failed", 0),

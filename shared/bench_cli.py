@@ -53,6 +53,9 @@ def register(cli: typer.Typer) -> None:
         max_wait_ms: Annotated[Optional[int], typer.Option(
             help="the worker's batch wait (default: LANDMARKS_MAX_WAIT_MS, 50)")] = None,
         skip_delf: Annotated[bool, typer.Option("--skip-delf", help="leave out the DELF comparison")] = False,
+        load_only: Annotated[bool, typer.Option(
+            "--load-only", help="only the worker end to end over --images events (e.g. 100000): "
+                                "throughput per tenth of the backlog and RSS over time")] = False,
         compile_model: Annotated[bool, typer.Option("--compile", help="CUDA: also time torch.compile")] = False,
         search_scale: Annotated[bool, typer.Option(
             "--search-scale", help="instead: centroid search at 10k, 100k, 1M")] = False,
@@ -72,7 +75,7 @@ def register(cli: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown size {size!r}; choose 12mp, 2mp or real", param_hint="--size")
         cfg = BenchConfig(device=resolved_device, size=size, images=images, quick=quick, backbone=backbone,
                           input_size=input_size, embedding_dim=dim, batch_size=batch_size, centroids=centroids,
-                          compile=compile_model, max_wait_ms=max_wait_ms, delf=not skip_delf,
+                          compile=compile_model, max_wait_ms=max_wait_ms, delf=not skip_delf, load_only=load_only,
                           home=get_settings().home_path, seed=seed)
         console = Console(stderr=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -134,6 +134,7 @@ def enqueue(paths: Annotated[list[Path], typer.Argument(exists=True)],
             as_json: JsonFlag = False) -> None:
     """Send one photo_uploaded event per image file (folders recursively), as the upload pipeline does."""
     from shared.gallery import image_files
+    from shared.signing import event_signer
     from workers.app import app as celery_app
     from workers.tasks import UPLOADED
     files = [f for p in paths for f in image_files(p)]
@@ -142,8 +143,9 @@ def enqueue(paths: Annotated[list[Path], typer.Argument(exists=True)],
     if outside:
         console.print(f"[yellow]{len(outside)} file(s) lie outside LANDMARKS_FILE_ROOTS; "
                       "workers will record them as failures[/yellow]")
+    sign = event_signer(get_settings())  # workers with a key refuse unsigned events
     for path in files:
-        celery_app.send_task(UPLOADED, args=[upload_event(user, path)])
+        celery_app.send_task(UPLOADED, args=[sign(upload_event(user, path))])
     _emit({"enqueued": len(files), "user": user, "queue": get_settings().queue}, as_json)
 
 
@@ -225,12 +227,38 @@ def model_gallery(model: Annotated[Path, typer.Option("--model", exists=True)],
 
 @app.command()
 def publish(model: Annotated[Path, typer.Argument(exists=True)],
-            activate: Annotated[bool, typer.Option(help="swap the alias to this version")] = True,
+            activate: Annotated[Optional[bool], typer.Option(
+                help="swap the alias to this version (default: yes, unless --shadow)")] = None,
+            shadow: Annotated[bool, typer.Option(
+                "--shadow", help="run it beside the active version on --share of the photos instead")] = False,
+            share: Annotated[float, typer.Option(
+                min=0.0, max=1.0, help="with --shadow: share of photos sampled (0 ends its shadow)")] = 0.1,
             as_json: JsonFlag = False) -> None:
-    """Publish MODEL: landmarks + version row in PostgreSQL, new Milvus collections, alias swap."""
+    """Publish MODEL: landmarks + version row in PostgreSQL, new Milvus collections, alias swap (or shadow)."""
+    if shadow:
+        _publish_shadow(model, share, activate, as_json)
+        return
     from shared.publish import publish_model
+    activate = True if activate is None else activate
     meta = publish_model(model, _engine(), _index(), activate=activate)
     _emit({"version": meta.version, "active": activate}, as_json)
+
+
+def _publish_shadow(model: Path, share: float, activate: bool | None, as_json: bool) -> None:
+    from shared.errors import InfrastructureError
+    from shared.publish import publish_shadow
+    from shared.rollout import RolloutError
+    if activate:
+        raise typer.BadParameter("--shadow publishes without activating: drop --activate")
+    try:
+        meta, shadow = publish_shadow(model, share, _engine(), _index())
+    except (RolloutError, InfrastructureError) as exc:
+        console.print(str(exc))
+        if as_json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        raise typer.Exit(1) from None
+    _emit({"ok": True, "version": meta.version, "active": False,
+           "shadow": {**shadow, "running": share > 0} if shadow else None}, as_json)
 
 
 # --- offline pipeline -----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from shared.db.session import make_engine, transaction
 from shared.index import LandmarkIndex
 from shared.publish import publish_model
 from shared.settings import Settings
+from shared.signing import event_signer
 from shared.stack import resolve
 
 DEMO_PRESET = "small"
@@ -99,10 +100,11 @@ def run_demo(settings: Settings, console: Console, preset: str = DEMO_PRESET, se
     worker = _start_worker(settings, [world])
     try:
         truth = {}
+        sign = event_signer(settings)
         for photo in archive:
             event = _event(photo)
             truth[event["photo_id"]] = photo.landmark_id
-            celery_app.send_task(UPLOADED, args=[event])
+            celery_app.send_task(UPLOADED, args=[sign(event)])
         _wait(engine, set(truth), console, worker)
         metrics = _accuracy(engine, truth)
     finally:

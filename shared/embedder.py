@@ -28,6 +28,7 @@ class Embedder:
         self.requested_device = device
         self._net: LandmarkNet | None = None
         self._meta: ModelMeta | None = None
+        self.gallery: dict = {}  # the checkpoint's centroids and references (the worker's search replica)
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -35,7 +36,7 @@ class Embedder:
             if self._net is not None:
                 return
             self.device = pick_device(self.requested_device)
-            net, meta, _ = load_checkpoint(self.checkpoint)
+            net, meta, self.gallery = load_checkpoint(self.checkpoint)
             net = net.to(self.device).eval()
             if self.device.type == "cuda":
                 net = net.to(memory_format=torch.channels_last)

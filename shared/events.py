@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import InvalidEvent
+from shared.signing import verify_event
 
 MAX_ID_LENGTH = 256
 MAX_URI_LENGTH = 4096
+UPLOADED_YEARS = (1970, 2200)
 
 
 class GeoPoint(BaseModel):
@@ -35,12 +38,21 @@ class GeoPoint(BaseModel):
         return self.lat == 0.0 and self.lon == 0.0
 
 
+def _no_nul(value: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL: one such id would fail its whole batch's transaction.
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
     event_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     photo_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+
+    _ids_without_nul = field_validator("event_id", "user_id", "photo_id")(_no_nul)
 
 
 class PhotoUploaded(_Event):
@@ -49,6 +61,16 @@ class PhotoUploaded(_Event):
     content_type: str | None = Field(None, max_length=255)
     gps: GeoPoint | None = None
     preview_uri: str | None = Field(None, max_length=MAX_URI_LENGTH)
+
+    _uris_without_nul = field_validator("uri", "preview_uri")(_no_nul)
+
+    @field_validator("uploaded_at")
+    @classmethod
+    def _plausible_time(cls, value: datetime) -> datetime:
+        # Year 1 or 9999 with an offset lands outside what Python can read back from PostgreSQL.
+        if not UPLOADED_YEARS[0] <= value.year <= UPLOADED_YEARS[1]:
+            raise ValueError(f"year {value.year} is outside {UPLOADED_YEARS[0]}-{UPLOADED_YEARS[1]}")
+        return value
 
 
 class PhotoDeleted(_Event):
@@ -66,7 +88,8 @@ def _describe(error: ValidationError) -> str:
     return "malformed event: " + "; ".join(parts)
 
 
-def parse_event(kind: type[E], payload: Any) -> E:
+def parse_event(kind: type[E], payload: Any, *, keys: Sequence[bytes] = ()) -> E:
+    """With ``keys`` (current first), the payload must carry a valid signature from one of them."""
     if isinstance(payload, (str, bytes)):
         try:
             payload = json.loads(payload)
@@ -74,6 +97,8 @@ def parse_event(kind: type[E], payload: Any) -> E:
             raise InvalidEvent(f"malformed event: not JSON ({exc})") from None
     if not isinstance(payload, dict):
         raise InvalidEvent(f"malformed event: expected a JSON object, got {type(payload).__name__}")
+    if keys:
+        verify_event(payload, *keys)
     try:
         return kind.model_validate(payload)
     except ValidationError as exc:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
+import ipaddress
 import os
+import socket
 import stat
 import time
 import urllib.error
@@ -110,18 +113,132 @@ def _allowed_path(uri: str, settings: Settings) -> Path:
 
 # ---- http:// and https:// -------------------------------------------------------------------
 
+MAX_REDIRECTS = 5
+_ALLOW_HINT = "set LANDMARKS_FETCH_ALLOW_PRIVATE=true or list it in LANDMARKS_FETCH_ALLOWED_NETWORKS to allow it"
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def non_public_kind(address: IPAddress) -> str | None:
+    """Why an address is not on the public internet (an SSRF target), or None if it is."""
+    address = _embedded_ipv4(address) or address
+    kinds = (("unspecified", address.is_unspecified), ("loopback", address.is_loopback),
+             ("link-local", address.is_link_local), ("multicast", address.is_multicast),
+             ("reserved", address.is_reserved), ("private", address.is_private))
+    for kind, matches in kinds:
+        if matches:
+            return kind
+    return None if address.is_global else "non-public"  # e.g. 100.64.0.0/10, carrier-grade NAT
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    # ::ffff:10.0.0.5 and friends reach the IPv4 address they carry, so they are judged as it.
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    embedded = address.ipv4_mapped or address.sixtofour
+    if embedded is None and address in _NAT64:
+        embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return embedded
+
+
+def _check_address(host: str, address: IPAddress, settings: Settings) -> None:
+    kind = non_public_kind(address)
+    if kind is None or settings.fetch_allow_private:
+        return
+    candidates = {address, _embedded_ipv4(address) or address}
+    if any(a in net for a in candidates for net in settings.fetch_allowed_ip_networks):
+        return
+    a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
+    what = f"{host} is {a_kind}" if _is_ip_literal(host) else f"host {host!r} resolves to {a_kind} {address}"
+    raise FetchError(f"refused: {what} ({_ALLOW_HINT})")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve_checked(host: str, port: int, settings: Settings) -> list[tuple]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    # Every answer must pass, not just the first: the connection may fall through to any of them.
+    for *_, sockaddr in infos:
+        _check_address(host, ipaddress.ip_address(sockaddr[0]), settings)
+    return infos
+
+
+def _connect_checked(address: tuple[str, int], timeout: float | None, source_address: tuple[str, int] | None,
+                     settings: Settings) -> socket.socket:
+    """socket.create_connection, but only to addresses that passed the check, resolved once: the
+    socket goes to the very address checked, so a second DNS answer cannot swap in another (rebinding)."""
+    host, port = address
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in _resolve_checked(host, port, settings):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if isinstance(timeout, (int, float)):
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+    raise error or OSError(f"no address for {host!r}")
+
+
+# http.client connects through self._create_connection: swapping it keeps the Host header, TLS SNI
+# and certificate check on the host name while the socket goes to the checked address.
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, settings: Settings, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_connect_checked, settings=settings)
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, settings: Settings, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_connect_checked, settings=settings)
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def http_open(self, req):  # noqa: ANN001, ANN201, D102
+        return self.do_open(_CheckedHTTPConnection, req, settings=self._settings)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def https_open(self, req):  # noqa: ANN001, ANN201, D102
+        return self.do_open(_CheckedHTTPSConnection, req, context=self._context, settings=self._settings)
+
 
 class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
-    # urllib would also follow a redirect to ftp://; only http(s) is fetched here.
+    max_redirections = MAX_REDIRECTS
+
+    # urllib would also follow a redirect to ftp://; only http(s) is fetched here. Each hop opens a
+    # new checked connection, so a redirect to an internal address is refused like a direct URI.
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, D102
         if urlsplit(newurl).scheme.lower() not in ("http", "https"):
             raise FetchError(f"redirect to a non-HTTP URI refused: {short_uri(newurl)}")
+        if sum(getattr(req, "redirect_dict", {}).values()) >= MAX_REDIRECTS:
+            raise FetchError(f"too many redirects (more than {MAX_REDIRECTS}), last to {short_uri(newurl)}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def fetch_http(uri: str, settings: Settings) -> bytes:
-    # Built per call so proxy environment variables are read when used, not at import.
-    opener = urllib.request.build_opener(_SameSchemeRedirects)
+    # No proxy: a proxy resolves the name itself, which would undo the address check.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _CheckedHTTPHandler(settings),
+                                         _CheckedHTTPSHandler(settings), _SameSchemeRedirects)
     request = urllib.request.Request(uri, headers={"User-Agent": "landmarks-fleet/0.1"})
     deadline = time.monotonic() + settings.fetch_timeout_s
     try:

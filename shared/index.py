@@ -356,6 +356,16 @@ class LandmarkIndex:
             return None
         return target[len(CENTROID_PREFIX) :]
 
+    def row_counts(self, version: str) -> tuple[int, int]:
+        """(centroids, references) stored for ``version``."""
+        cname, rname = self._require(version)
+        counts = []
+        for name in (cname, rname):
+            rows = self._loaded_call(name, "count", lambda name=name: self.client.query(
+                name, filter="", output_fields=["count(*)"], timeout=self._timeout))
+            counts.append(int(rows[0]["count(*)"]))
+        return counts[0], counts[1]
+
     def versions(self) -> list[str]:
         """Published versions (sanitised), sorted."""
         with self._wrap("list collections"):

@@ -67,8 +67,12 @@ BATCH_RUNNING_SINCE = Gauge("landmarks_batch_running_since_seconds",
                             "Unix time the running batch started, 0 when idle")
 MODEL_INFO = Gauge("landmarks_model_info", "1 for the model version this worker has loaded", ["version"])
 MODEL_LOADED = Gauge("landmarks_model_loaded", "1 once a model version is loaded in this worker")
+# outcome: tagged | no_landmark (written under the shadow version), skipped (its model was not loaded yet,
+# backing off after an error, or the shadow stopped meanwhile), error (model, Milvus or database failed).
+SHADOW_PHOTOS = Counter("landmarks_shadow_photos", "Photos sampled for the shadow version, by version and outcome",
+                        ["version", "outcome"])
 ALL_METRICS = (EVENTS, SKIPPED, FAILURES, INFRA_ERRORS, HANDED_BACK, BATCHES, BATCH_SIZE, STAGE_SECONDS,
-               BATCH_SECONDS, EVENT_AGE, LAST_BATCH, BATCH_RUNNING_SINCE, MODEL_INFO, MODEL_LOADED)
+               BATCH_SECONDS, EVENT_AGE, LAST_BATCH, BATCH_RUNNING_SINCE, MODEL_INFO, MODEL_LOADED, SHADOW_PHOTOS)
 
 # Collected at scrape time (see the collectors below).
 BACKLOG_METRICS = ("landmarks_queue_backlog", "landmarks_queue_waiting", "landmarks_queue_reserved",
@@ -168,6 +172,17 @@ def observe_batch(report: Any, n_events: int) -> None:
         SKIPPED.inc(skipped)
     LAST_BATCH.set(now)
     set_model(report.model_version)
+    shadow = getattr(report, "shadow", None)
+    if shadow is not None:
+        observe_shadow(shadow)
+
+
+def observe_shadow(shadow: Any) -> None:
+    """Count a batch's shadow pass (a shared.shadow.ShadowReport); its time is the stage 'shadow'."""
+    for outcome, n in shadow.photos.items():
+        SHADOW_PHOTOS.labels(shadow.version, outcome).inc(n)
+    if shadow.timings_ms:
+        STAGE_SECONDS.labels("shadow").observe(sum(shadow.timings_ms.values()) / 1000)
 
 
 def observe_malformed(payloads: Iterable[Any]) -> None:

@@ -1,4 +1,5 @@
-"""Operations commands of `landmarks`: promote, rollback, compare, versions, backfill, health.
+"""Operations commands of `landmarks`: promote, rollback, compare, versions, backfill, health, and
+`shadow start|stop|status` (a candidate beside the active version; `publish --shadow` starts one too).
 
 ``register(cli)`` adds them to the main command (shared/cli.py). Each one given ``--json`` prints one
 JSON object as its last line; a refused operation exits 1 with the reason on stderr.
@@ -106,8 +107,12 @@ def register(cli: typer.Typer) -> None:
             target, _ = rollback_target(engine)
         except RolloutError:
             target = None
+        from shared.rollout import shadow_status
         _emit({"active_in_milvus": index.active_version(), "rollback_target": target,
-               "versions": list_versions(engine, index), "activations": activations(engine, history)}, as_json)
+               "shadow": shadow_status(engine), "versions": list_versions(engine, index),
+               "activations": activations(engine, history)}, as_json)
+
+    cli.add_typer(_shadow_commands(), name="shadow")
 
     @cli.command()
     def backfill(
@@ -138,11 +143,14 @@ def register(cli: typer.Typer) -> None:
         if queue is None:
             _fail("LANDMARKS_BACKFILL_QUEUE is off: there is no backfill queue to send to", as_json)
         from workers.app import app as celery_app
+        from shared.signing import event_signer
         from workers.tasks import UPLOADED
         broker_url = _urls().broker_url
 
+        sign = event_signer(settings)
+
         def send(event: dict) -> None:
-            celery_app.send_task(UPLOADED, args=[event], queue=queue)
+            celery_app.send_task(UPLOADED, args=[sign(event)], queue=queue)
 
         def backlog(q: str) -> int:
             return queue_backlog(broker_url, q)["backlog"]
@@ -179,6 +187,37 @@ def register(cli: typer.Typer) -> None:
         _emit(report, as_json)
         if not report.get("ok"):
             raise typer.Exit(1)
+
+
+def _shadow_commands() -> typer.Typer:
+    shadow = typer.Typer(no_args_is_help=True, help="A candidate version beside the active one, on a sample.")
+
+    @shadow.command("start")
+    def shadow_start(version: str,
+                     share: Annotated[float, typer.Option(min=0.0, max=1.0,
+                                                          help="share of photos sampled")] = 0.1,
+                     as_json: JsonFlag = False) -> None:
+        """Run the published VERSION beside the active one on --share of the photos (replaces a running shadow)."""
+        from shared.rollout import start_shadow
+        try:
+            started = start_shadow(version, share, _engine(), _index())
+        except _refusals() as exc:
+            _fail(str(exc), as_json)
+        _emit({"ok": True, "shadow": started}, as_json)
+
+    @shadow.command("stop")
+    def shadow_stop(as_json: JsonFlag = False) -> None:
+        """End the running shadow: no shadow tag is written once this returns; workers unload its model."""
+        from shared.rollout import stop_shadow
+        _emit({"ok": True, "stopped": stop_shadow(_engine())}, as_json)
+
+    @shadow.command("status")
+    def shadow_status(as_json: JsonFlag = False) -> None:
+        """The running shadow (version, share, since when), or null."""
+        from shared.rollout import shadow_status as running
+        _emit({"shadow": running(_engine())}, as_json)
+
+    return shadow
 
 
 def _worker_readiness(url: str | None, timeout: float) -> dict:

@@ -1,39 +1,33 @@
 """The recognition pipeline for a batch of upload events: fetch → decode → embed → search → decide →
-one transaction. Workers, tests, backfills and benchmarks all call it; it knows nothing of Celery."""
+one transaction. Workers, tests, backfills and benchmarks all call it; it knows nothing of Celery.
+
+While a shadow version runs (shared/shadow.py), a sample of each batch's decoded photos also goes
+through the candidate, after the live batch has committed."""
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from shared.db.models import ModelVersion
 from shared.db.session import transaction
 from shared.db.writer import write_outcomes
-from shared.embedder import Embedder
 from shared.errors import InfrastructureError, PhotoError
 from shared.events import GeoPoint, PhotoUploaded
 from shared.fetch import fetch_bytes
 from shared.imaging import DecodedImage, decode_image
 from shared.index import LandmarkIndex
 from shared.outcomes import Failure, GpsSource, PhotoOutcome, PhotoStatus
-from shared.recognition import Thresholds, recognise_batch
+from shared.recognition import recognise_batch
+from shared.runtime import ModelRuntime, StageClock, load_model_runtime, local_replica
 from shared.settings import Settings
+from shared.shadow import ShadowPlan, ShadowReport, ShadowRunner
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelRuntime:
-    version: str
-    embedder: Embedder
-    thresholds: Thresholds
 
 
 @dataclass
@@ -41,7 +35,8 @@ class BatchReport:
     outcomes: list[PhotoOutcome]
     model_version: str
     applied: int
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # the live path's stages only
+    shadow: ShadowReport | None = None
 
 
 def photo_gps(decoded: DecodedImage, event: PhotoUploaded) -> tuple[GeoPoint | None, GpsSource | None]:
@@ -61,6 +56,7 @@ class RecognitionPipeline:
         self._runtime: ModelRuntime | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
                                         thread_name_prefix="decode")
+        self.shadow = ShadowRunner(settings, engine, index)
 
     @property
     def loaded_version(self) -> str | None:
@@ -78,41 +74,49 @@ class RecognitionPipeline:
         return self._runtime
 
     def _load_runtime(self, version: str) -> ModelRuntime:
-        with transaction(self.engine) as session:
-            row = session.get(ModelVersion, version)
-            if row is None:
-                raise InfrastructureError(f"model version {version!r} is active in Milvus but not in PostgreSQL")
-            checkpoint, thresholds = row.checkpoint, Thresholds(row.t_geo, row.t_global, row.t_ref)
-        path = self.settings.model_path or Path(checkpoint)
-        embedder = Embedder(path, self.settings.device)
-        try:
-            embedder.load()
-        except (OSError, ValueError, RuntimeError) as exc:
-            # A missing or unreadable model file is an outage of this worker, not of the batch's photos:
-            # retried, then handed back, never acknowledged as done.
-            raise InfrastructureError(f"cannot load model {version} from {path}: {exc}") from exc
-        if embedder.meta.version != version:
-            raise InfrastructureError(f"model file {path} holds version {embedder.meta.version!r}, "
-                                      f"but {version!r} is active")
-        return ModelRuntime(version, embedder, thresholds)
+        runtime = load_model_runtime(self.engine, version, self.settings.device, self.settings.model_path,
+                                     role="active")
+        # Milvus answers whether the alias moved (once per batch); the searching is done in process.
+        runtime.replica = local_replica(version, runtime.embedder.gallery, self.index,
+                                        self.settings.search_replica_max_centroids)
+        runtime.embedder.gallery = {}  # the replica holds what is needed of it
+        return runtime
 
-    def _load_one(self, event: PhotoUploaded, size: int) -> DecodedImage:
+    def _load_one(self, event: PhotoUploaded, size: int, shadow_size: int | None = None,
+                  ) -> tuple[DecodedImage, np.ndarray | None]:
         uri = event.preview_uri or event.uri
         data = fetch_bytes(uri, self.settings)
-        return decode_image(data, size=size, max_pixels=self.settings.max_image_pixels)
+        decoded = decode_image(data, size=size, max_pixels=self.settings.max_image_pixels)
+        return decoded, (self._decode_for_shadow(data, shadow_size) if shadow_size else None)
 
-    def _load_all(self, events: list[PhotoUploaded], size: int) -> list[DecodedImage | Failure]:
-        def load(event: PhotoUploaded) -> DecodedImage | Failure:
+    def _decode_for_shadow(self, data: bytes, size: int) -> np.ndarray | None:
+        # The fetched bytes decoded again at the shadow model's size: a candidate with another input
+        # size is judged on pixels decoded for it, not on the active size's pixels resampled.
+        try:
+            return decode_image(data, size=size, max_pixels=self.settings.max_image_pixels).pixels
+        except PhotoError:
+            return None  # the shadow skips the photo; the live decode of the same bytes succeeded
+
+    def _load_all(self, events: list[PhotoUploaded], size: int, shadow_size: int | None = None,
+                  sampled: frozenset[int] = frozenset()) -> tuple[list[DecodedImage | Failure], dict[int, np.ndarray]]:
+        """Decoded images (or failures) at ``size``; for the ``sampled`` positions also the pixels at
+        ``shadow_size`` (when the shadow model's input size differs), from the same fetch."""
+        def load(position: int) -> tuple[DecodedImage | Failure, np.ndarray | None]:
             try:
-                return self._load_one(event, size)
+                return self._load_one(events[position], size, shadow_size if position in sampled else None)
             except PhotoError as exc:
-                return Failure(exc.stage, exc.reason)
-        return list(self._pool.map(load, events))
+                return Failure(exc.stage, exc.reason), None
+        results = list(self._pool.map(load, range(len(events))))
+        extra = {i: pixels for i, (_, pixels) in enumerate(results) if pixels is not None}
+        return [item for item, _ in results], extra
 
     def process(self, events: list[PhotoUploaded]) -> BatchReport:
-        clock = _Clock()
+        clock = StageClock()
         runtime = self.runtime()
-        loaded = self._load_all(events, runtime.embedder.meta.input_size)
+        shadow = self.shadow.for_batch(runtime)
+        sampled = shadow.sample(events) if shadow is not None else frozenset()
+        loaded, shadow_pixels = self._load_all(events, runtime.embedder.meta.input_size,
+                                               shadow.decode_size if shadow is not None else None, sampled)
         clock.lap("fetch_decode")
         ok = [i for i, item in enumerate(loaded) if isinstance(item, DecodedImage)]
         outcomes = [_failed(event, item) if isinstance(item, Failure) else None
@@ -122,7 +126,7 @@ class RecognitionPipeline:
             embeddings = runtime.embedder.embed(pixels)
             clock.lap("embed")
             gps = [photo_gps(loaded[i], events[i]) for i in ok]
-            tags = recognise_batch(embeddings, [point for point, _ in gps], self.index,
+            tags = recognise_batch(embeddings, [point for point, _ in gps], runtime.replica or self.index,
                                    runtime.version, runtime.thresholds,
                                    global_k=self.settings.global_top_k, geo_limit=self.settings.geo_top_k)
             clock.lap("search")
@@ -141,10 +145,20 @@ class RecognitionPipeline:
                  extra={"model_version": runtime.version, "batch_size": len(events), "tagged": tagged,
                         "failed": failed, "applied": applied, "timings_ms": timings})
         _log_photos(outcomes, runtime.version)
+        if shadow is not None:
+            report.shadow = self._shadow_pass(shadow, sampled, outcomes, loaded, shadow_pixels)
         return report
+
+    def _shadow_pass(self, shadow: ShadowPlan, sampled: frozenset[int], outcomes: list[PhotoOutcome],
+                     loaded: list[DecodedImage | Failure], shadow_pixels: dict[int, np.ndarray]) -> ShadowReport:
+        """The sampled photos that decoded, with the live path's GPS, through the shadow version."""
+        ready = [i for i in sorted(sampled) if isinstance(loaded[i], DecodedImage)]
+        images = [shadow_pixels.get(i) if shadow.decode_size else loaded[i].pixels for i in ready]
+        return self.shadow.run(shadow, [outcomes[i].event for i in ready], images, [outcomes[i].gps for i in ready])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
 
 
 def _log_photos(outcomes: list[PhotoOutcome], version: str) -> None:
@@ -162,14 +176,3 @@ def _log_photos(outcomes: list[PhotoOutcome], version: str) -> None:
 def _failed(event: PhotoUploaded, failure: Failure) -> PhotoOutcome:
     return PhotoOutcome(event, PhotoStatus.FAILED, failure=failure, gps=event.gps,
                         gps_source=GpsSource.EVENT if event.gps else None)
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = (now - self._last) * 1000
-        self._last = now

@@ -1,5 +1,6 @@
 """Publish a model version: landmarks and the version row into PostgreSQL, centroids and references
-into new Milvus collections, then one alias swap. Workers pick it up at their next batch."""
+into new Milvus collections, then one alias swap. Workers pick it up at their next batch. Published as a
+shadow, the version runs beside the active one on a sample of photos instead (shared/rollout.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from shared.db.session import transaction
-from shared.db.writer import activate_model_version, register_model_version, upsert_landmarks
+from shared.db.writer import activate_model_version, register_model_version, stop_shadow_rollout, upsert_landmarks
 from shared.index import CentroidRows, LandmarkIndex, ReferenceRows
 from shared.model import ModelMeta, load_checkpoint
+from shared.rollout import start_shadow, stop_shadow
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +55,14 @@ def activate_version(version: str, engine: Engine, index: LandmarkIndex) -> None
     index.activate(version)
     with transaction(engine) as session:
         activate_model_version(session, version)
+        stop_shadow_rollout(session, reason="promoted", version=version)  # a shadow ends once it is live
+
+
+def publish_shadow(model_path: Path, share: float, engine: Engine,
+                   index: LandmarkIndex) -> tuple[ModelMeta, dict | None]:
+    """Publish MODEL without activating it and make it the shadow on ``share`` of the photos; share 0
+    ends its shadow instead. Returns the model's metadata and the shadow started or ended (None if none)."""
+    meta = publish_model(model_path, engine, index, activate=False)
+    if share == 0:
+        return meta, stop_shadow(engine, version=meta.version)
+    return meta, start_shadow(meta.version, share, engine, index)

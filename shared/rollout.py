@@ -8,6 +8,11 @@ same command repairs a half-done swap (``landmarks health`` reports a disagreeme
 Every activation lands in ``model_activations`` through a database trigger, whichever path made it
 (``landmarks publish`` included). ``rollback`` replays that history as a stack: promote pushes, rollback
 pops, so rolling back twice from C (after A → B → C) gives B, then A.
+
+A shadow (``landmarks publish MODEL --shadow``) is a published, inactive version that workers run beside
+the active one on a sampled share of photos, writing its tags under its own version (the album views
+never show them) so that ``compare`` can judge it on live traffic. It lives in ``shadow_rollouts``;
+promoting it ends it.
 """
 
 from __future__ import annotations
@@ -22,9 +27,15 @@ from sqlalchemy import Text, func, select, text
 from sqlalchemy import bindparam as sa_bindparam
 from sqlalchemy.engine import Engine
 
-from shared.db.models import ModelActivation, ModelVersion, Photo, PhotoTag
+from shared.db.models import ModelActivation, ModelVersion, Photo, PhotoTag, ShadowPhoto, ShadowRollout
 from shared.db.session import transaction
-from shared.db.writer import activate_model_version, active_model_version
+from shared.db.writer import (
+    activate_model_version,
+    active_model_version,
+    running_shadow,
+    start_shadow_rollout,
+    stop_shadow_rollout,
+)
 from shared.index import LandmarkIndex
 
 log = logging.getLogger(__name__)
@@ -75,6 +86,9 @@ def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str 
         session.execute(select(func.set_config("landmarks.activation_action", action, True)))
         session.execute(select(func.set_config("landmarks.activation_actor", who or actor(), True)))
         activate_model_version(session, version)
+        ended = stop_shadow_rollout(session, reason="promoted", version=version)
+    if ended is not None:
+        log.info("%s: the shadow of %s ends with its activation", action, version, extra={"model_version": version})
     log.info("%s: model %s is active (was %s)", action, version, previous, extra={"model_version": version})
     return Activation(version, previous, action, changed=True)
 
@@ -130,10 +144,15 @@ def versions(engine: Engine, index: LandmarkIndex | None = None) -> list[dict[st
                                       table.c.checkpoint).order_by(table.c.created_at)).mappings().all()
         tagged = dict(session.execute(select(PhotoTag.model_version, func.count(func.distinct(
             PhotoTag.user_id + "/" + PhotoTag.photo_id))).group_by(PhotoTag.model_version)).all())
+        shadowed = dict(session.execute(select(ShadowPhoto.model_version, func.count())
+                                        .group_by(ShadowPhoto.model_version)).all())
+        shadow = running_shadow(session)
     out = []
     for row in rows:
         item = dict(row)
         item["tagged_photos"] = tagged.get(row["version"], 0)
+        item["shadow_photos"] = shadowed.get(row["version"], 0)
+        item["shadow"] = _shadow_dict(shadow) if shadow is not None and shadow.version == row["version"] else None
         if in_milvus is not None:
             item["in_milvus"] = row["version"] in in_milvus
         out.append(item)
@@ -143,10 +162,12 @@ def versions(engine: Engine, index: LandmarkIndex | None = None) -> list[dict[st
 # --- compare -------------------------------------------------------------------------------------
 
 COMPARE_SQL = """
-WITH seen_b AS (  -- photos version b has processed: it tagged them, or its verdict is the latest
+WITH seen_b AS (  -- photos version b has processed: it tagged them, its verdict is the latest, or it shadowed them
     SELECT user_id, photo_id FROM photo_tags WHERE model_version = :b AND (:user IS NULL OR user_id = :user)
     UNION
     SELECT user_id, photo_id FROM photos WHERE model_version = :b AND (:user IS NULL OR user_id = :user)
+    UNION  -- as a shadow, including the photos it found no landmark on
+    SELECT user_id, photo_id FROM shadow_photos WHERE model_version = :b AND (:user IS NULL OR user_id = :user)
 ),
 pairs AS (
     SELECT t.user_id, t.photo_id, t.landmark_id,
@@ -172,7 +193,8 @@ def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None
 
     Unit: (photo, landmark) tags of photos that are not deleted. ``a`` is taken to have seen every
     photo (it was active when they arrived); ``b`` has seen a photo if it tagged it or its verdict is
-    the photo's latest (``photos.model_version``). Tags of photos ``b`` has not seen yet are left out
+    the photo's latest (``photos.model_version``) or it processed the photo as a shadow (``shadow_photos``,
+    tagged or not). Tags of photos ``b`` has not seen yet are left out
     and counted in ``pending`` (run a backfill under ``b`` to cover them).
 
     * ``agreement``: tags both versions gave / tags either gave (Jaccard), over the photos compared;
@@ -186,11 +208,8 @@ def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None
             raise RolloutError(f"unknown model version(s): {', '.join(missing)}")
         rows = session.execute(text(COMPARE_SQL).bindparams(sa_bindparam("user", type_=Text)),
                                {"a": a, "b": b, "user": user}).mappings().all()
-        seen_query = select(func.count()).select_from(Photo.__table__).where(
-            Photo.model_version == b, Photo.status != "deleted")
-        if user is not None:
-            seen_query = seen_query.where(Photo.user_id == user)
-        seen_b = session.scalar(seen_query)
+        seen_b = session.scalar(_processed_by(b, user))
+        shadowed_b = session.scalar(_shadowed_by(b, user))
     compared = [r for r in rows if r["b_saw"]]
     pending_photos = {(r["user_id"], r["photo_id"]) for r in rows if not r["b_saw"]}
     both = [r for r in compared if r["in_a"] and r["in_b"]]
@@ -224,6 +243,7 @@ def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None
         "a": a, "b": b, "user": user,
         "photos_compared": len(photos_a | photos_b),
         "photos_processed_by_b": seen_b,
+        "photos_shadowed_by_b": shadowed_b,
         "tags_a": len(both) + len(lost), "tags_b": len(both) + len(gained), "tags_both": len(both),
         "agreement": round(len(both) / union, 6) if union else None,
         "photos_tagged_a": len(photos_a), "photos_tagged_b": len(photos_b),
@@ -236,3 +256,64 @@ def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None
         "gained_by_landmark": by_landmark(gained), "lost_by_landmark": by_landmark(lost),
         "gained_examples": sample(gained), "lost_examples": sample(lost),
     }
+
+
+def _processed_by(version: str, user: str | None):
+    """Photos (not deleted) whose latest verdict is ``version``'s, or that ``version`` shadowed."""
+    photos, shadowed = Photo.__table__, ShadowPhoto.__table__
+    as_shadow = select(shadowed.c.user_id, shadowed.c.photo_id).where(shadowed.c.model_version == version)
+    as_active = select(photos.c.user_id, photos.c.photo_id).where(photos.c.model_version == version)
+    seen = as_active.union(as_shadow).subquery()
+    query = (select(func.count()).select_from(seen)
+             .join(photos, (photos.c.user_id == seen.c.user_id) & (photos.c.photo_id == seen.c.photo_id))
+             .where(photos.c.status != "deleted"))
+    return query.where(photos.c.user_id == user) if user is not None else query
+
+
+def _shadowed_by(version: str, user: str | None):
+    photos, shadowed = Photo.__table__, ShadowPhoto.__table__
+    query = (select(func.count()).select_from(shadowed)
+             .join(photos, (photos.c.user_id == shadowed.c.user_id) & (photos.c.photo_id == shadowed.c.photo_id))
+             .where(shadowed.c.model_version == version, photos.c.status != "deleted"))
+    return query.where(photos.c.user_id == user) if user is not None else query
+
+
+# --- shadow --------------------------------------------------------------------------------------
+
+def _shadow_dict(row: ShadowRollout) -> dict[str, Any]:
+    return {"version": row.version, "share": row.share, "actor": row.actor, "started_at": row.started_at,
+            "stopped_at": row.stopped_at, "stop_reason": row.stop_reason}
+
+
+def start_shadow(version: str, share: float, engine: Engine, index: LandmarkIndex,
+                 who: str | None = None) -> dict[str, Any]:
+    """Run the published ``version`` beside the active one on ``share`` of the photos (replacing any
+    running shadow). Workers see it within ``shared.shadow.SHADOW_REFRESH_S`` and load its model."""
+    if version not in index.versions():
+        raise RolloutError(f"model version {version!r} has no collections in Milvus: publish it again")
+    try:
+        with transaction(engine) as session:
+            row = start_shadow_rollout(session, version, share, who or actor())
+            started = _shadow_dict(row)
+    except LookupError:
+        raise RolloutError(f"model version {version!r} is not registered: `landmarks publish MODEL` first") from None
+    except ValueError as exc:
+        raise RolloutError(str(exc)) from None
+    log.info("shadow: model %s on %.1f%% of photos", version, 100 * share, extra={"model_version": version})
+    return started
+
+
+def stop_shadow(engine: Engine, version: str | None = None) -> dict[str, Any] | None:
+    """End the running shadow (only if it is ``version``, given one); None if there was none to end."""
+    with transaction(engine) as session:
+        row = stop_shadow_rollout(session, reason="stopped", version=version)
+        stopped = _shadow_dict(row) if row is not None else None
+    if stopped is not None:
+        log.info("shadow: model %s stopped", stopped["version"], extra={"model_version": stopped["version"]})
+    return stopped
+
+
+def shadow_status(engine: Engine) -> dict[str, Any] | None:
+    with transaction(engine) as session:
+        row = running_shadow(session)
+        return _shadow_dict(row) if row is not None else None

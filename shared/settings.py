@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,12 +37,35 @@ class Settings(BaseSettings):
     file_roots: str = ""
     fetch_max_bytes: int = 50 * 1024 * 1024
     fetch_timeout_s: float = 15.0
+    # http(s) hosts that resolve to loopback, link-local (cloud metadata), private, multicast or reserved
+    # addresses are refused (SSRF); allow them all, or only these comma-separated networks (CIDRs).
+    fetch_allow_private: bool = False
+    fetch_allowed_networks: str = ""
     # Decoding: images with more pixels than this are refused as decompression bombs.
     max_image_pixels: int = 100_000_000
 
     # Search: how many centroids to take without GPS, and the tile-filter limit with GPS.
     global_top_k: int = Field(10, ge=1)
     geo_top_k: int = Field(256, ge=1)
+    # Workers search an in-process exact copy of the active version when it has at most this many
+    # centroids (~0.5 KB each at dim 128, 2 KB at 512); 0 = always search Milvus.
+    search_replica_max_centroids: int = Field(2_000_000, ge=0)
+
+    # HMAC-SHA256 key shared with the upload pipeline: when set, workers refuse unsigned or forged events.
+    # Give it inline or as a file (a mounted secret); the previous key still verifies during a rotation.
+    event_signing_key: SecretStr | None = None
+    event_signing_key_file: Path | None = None
+    event_signing_previous_key: SecretStr | None = None
+
+    @field_validator("fetch_allowed_networks")
+    @classmethod
+    def _valid_networks(cls, value: str) -> str:
+        parse_networks(value)  # a typo fails at start-up, not as a failure on every photo
+        return value
+
+    @property
+    def fetch_allowed_ip_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return parse_networks(self.fetch_allowed_networks)
 
     @property
     def file_root_paths(self) -> list[Path]:
@@ -50,6 +74,10 @@ class Settings(BaseSettings):
     @property
     def home_path(self) -> Path:
         return self.home.expanduser().resolve()
+
+
+def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in text.split(",") if item.strip())
 
 
 @lru_cache(maxsize=1)

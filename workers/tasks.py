@@ -16,11 +16,14 @@ from shared.db.writer import delete_photo, record_failure
 from shared.errors import InfrastructureError, InvalidEvent, Stage
 from shared.events import PhotoDeleted, PhotoUploaded, parse_event, safe_field
 from shared.settings import get_settings
+from shared.signing import sign_event, verification_keys
 from workers.app import app
 from workers.context import worker_context
 
 log = logging.getLogger(__name__)
 _settings = get_settings()
+# Read once at start-up: a missing or short key stops the worker here rather than letting events in unchecked.
+_signing_keys = verification_keys(_settings)
 
 UPLOADED = "landmarks.photo_uploaded"
 DELETED = "landmarks.photo_deleted"
@@ -41,7 +44,7 @@ def _split(requests: list[Any]) -> tuple[list[PhotoUploaded], list[tuple[Any, st
     for request in requests:
         payload = _payload(request)
         try:
-            event = parse_event(PhotoUploaded, payload)
+            event = parse_event(PhotoUploaded, payload, keys=_signing_keys)
         except InvalidEvent as exc:
             bad.append((payload, exc.reason))
             continue
@@ -70,7 +73,13 @@ def _observe(hook, *args) -> None:
         log.exception("metrics hook %s failed", getattr(hook, "__name__", hook))
 
 
+class Unexpected(Exception):
+    """An action failed with an error that is not an outage (a bug, CUDA out of memory, a poisonous input)."""
+
+
 def _with_retries(action, what: str) -> bool:
+    """True once ``action`` succeeds; False when infrastructure stayed down for INFRA_RETRY_S; raises
+    Unexpected for any other error (celery-batches would acknowledge the batch and lose it)."""
     delay, deadline = 0.5, time.monotonic() + INFRA_RETRY_S
     while True:
         try:
@@ -84,9 +93,9 @@ def _with_retries(action, what: str) -> bool:
             log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
-        except Exception:  # noqa: BLE001 - e.g. CUDA out of memory: celery-batches would ack and lose the batch
-            log.exception("%s failed unexpectedly; handing its events back", what)
-            return False
+        except Exception as exc:  # noqa: BLE001
+            log.exception("%s failed unexpectedly", what)
+            raise Unexpected(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _hand_back(events: list[PhotoUploaded]) -> None:
@@ -95,26 +104,64 @@ def _hand_back(events: list[PhotoUploaded]) -> None:
     _observe(metrics.observe_handed_back, len(events))
     try:
         for event in events:
-            app.send_task(UPLOADED, args=[event.model_dump(mode="json")], countdown=30)
+            app.send_task(UPLOADED, args=[_signed(event.model_dump(mode="json"))], countdown=30)
     except Exception:  # noqa: BLE001 - any failure to re-publish must end in redelivery, not loss
         log.critical("cannot re-publish %d events; exiting so the broker redelivers them", len(events))
         os._exit(75)
+
+
+def _signed(payload: dict) -> dict:
+    """A handed-back event must pass this fleet's own signature check when it comes round again."""
+    return sign_event(payload, _signing_keys[0]) if _signing_keys else payload
 
 
 @app.task(name=UPLOADED, base=Batches, flush_every=_settings.batch_size,
           flush_interval=_settings.max_wait_ms / 1000, acks_late=True, typing=False)
 def photo_uploaded(requests: list[Any]) -> None:
     events, bad = _split(requests)
-    if bad and not _with_retries(lambda: _record_malformed(bad, UPLOADED), "recording failures"):
-        os._exit(75)
+    try:
+        recorded = not bad or _with_retries(lambda: _record_malformed(bad, UPLOADED), "recording failures")
+    except Unexpected:
+        recorded = False
+    if not recorded:
+        os._exit(75)  # unacknowledged: the broker redelivers the batch to a fresh worker
     if events:
         _observe(metrics.batch_started)
         try:
-            done = _with_retries(lambda: _process(events), "batch")
+            _process_or_isolate(events)
         finally:
             _observe(metrics.batch_finished)
-        if not done:
+
+
+def _process_or_isolate(events: list[PhotoUploaded]) -> None:
+    """The batch; if it fails unexpectedly, each event alone, so that one poisonous event is recorded as a
+    failure instead of sinking its batch-mates (and coming back forever)."""
+    try:
+        if not _with_retries(lambda: _process(events), "batch"):
             _hand_back(events)
+        return
+    except Unexpected as exc:
+        if len(events) == 1:
+            _record_unexpected(events[0], f"processing failed unexpectedly: {exc}")
+            return
+    log.warning("processing the %d events of the failed batch one by one", len(events))
+    for event in events:
+        _process_or_isolate([event])
+
+
+def _record_unexpected(event: PhotoUploaded, reason: str) -> None:
+    try:
+        done = _with_retries(lambda: _record_failure(event, reason), "recording a failure")
+    except Unexpected:
+        done = False
+    if not done:
+        _hand_back([event])
+
+
+def _record_failure(event: PhotoUploaded, reason: str) -> None:
+    with transaction(worker_context().engine) as session:
+        record_failure(session, payload=event.model_dump(mode="json"), task=UPLOADED, stage=Stage.WRITE,
+                       reason=reason)
 
 
 def _process(events: list[PhotoUploaded]) -> None:
@@ -125,7 +172,7 @@ def _process(events: list[PhotoUploaded]) -> None:
 @app.task(name=DELETED, bind=True, acks_late=True, max_retries=None)
 def photo_deleted(self, event: Any) -> None:
     try:
-        parsed = parse_event(PhotoDeleted, event)
+        parsed = parse_event(PhotoDeleted, event, keys=_signing_keys)
     except InvalidEvent as exc:
         _record_malformed([(event, exc.reason)], DELETED)
         return
@@ -135,4 +182,10 @@ def photo_deleted(self, event: Any) -> None:
     except (InfrastructureError, DBAPIError) as exc:
         _observe(metrics.observe_infrastructure_error, "delete")
         raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 300))
+    except Exception as exc:  # noqa: BLE001 - Celery would acknowledge it with no trace in the tables
+        log.exception("deletion failed unexpectedly; recording it", extra={"event_id": parsed.event_id})
+        with transaction(worker_context().engine) as session:
+            record_failure(session, payload=event, task=DELETED, stage=Stage.WRITE,
+                           reason=f"deletion failed unexpectedly: {type(exc).__name__}: {exc}")
+        return
     _observe(metrics.observe_deleted)

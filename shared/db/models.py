@@ -173,6 +173,50 @@ class ModelActivation(Base):
     activated_at: Mapped[datetime] = mapped_column(server_default=func.now(), comment="When")
 
 
+class AlbumUser(Base):
+    __tablename__ = "album_users"
+    __table_args__ = (
+        {"comment": "One row per user with albums: locked, in user order, by every transaction that changes "
+                    "the user's album summaries.",
+         "postgresql_with": {"fillfactor": "80"}},
+    )
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True, comment="Owner")
+    changed_at: Mapped[datetime] = mapped_column(server_default=func.now(),
+                                                 comment="When a transaction last locked it to change the user's albums")
+
+
+class AlbumLandmarkStats(Base):
+    __tablename__ = "album_landmark_stats"
+    __table_args__ = (
+        {"comment": "Summary of each (user, model version, landmark) album, kept by triggers; read by album_landmarks.",
+         "postgresql_with": {"fillfactor": "80"}},
+    )
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True, comment="Owner")
+    model_version: Mapped[str] = mapped_column(Text, primary_key=True, comment="Model version whose tags are summarised")
+    landmark_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False, comment="Landmark of the album")
+    photo_count: Mapped[int] = mapped_column(BigInteger, comment="Photos in the album that are not deleted")
+    cover_photo_id: Mapped[str] = mapped_column(Text, comment="Highest score, then newest upload, then highest photo_id")
+    latest_uploaded_at: Mapped[datetime | None] = mapped_column(comment="Newest upload in the album")
+
+
+class AlbumCityStats(Base):
+    __tablename__ = "album_city_stats"
+    __table_args__ = (
+        {"comment": "Summary of each (user, model version, city), kept by triggers; read by album_cities.",
+         "postgresql_with": {"fillfactor": "80"}},
+    )
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True, comment="Owner")
+    model_version: Mapped[str] = mapped_column(Text, primary_key=True, comment="Model version whose tags are summarised")
+    country: Mapped[str] = mapped_column(Text, primary_key=True, comment="Country of the city")
+    city: Mapped[str] = mapped_column(Text, primary_key=True, comment="City (landmarks.city)")
+    landmark_count: Mapped[int] = mapped_column(BigInteger, comment="Landmarks of the city with photos")
+    photo_count: Mapped[int] = mapped_column(BigInteger, comment="Distinct photos of the city that are not deleted")
+    latest_uploaded_at: Mapped[datetime | None] = mapped_column(comment="Newest upload in the city")
+
+
 BACKFILL_STATUSES = ("running", "done")
 
 
@@ -195,3 +239,48 @@ class BackfillJob(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), comment="When it started")
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), comment="Last progress")
     finished_at: Mapped[datetime | None] = mapped_column(comment="When it enqueued its last photo")
+
+
+SHADOW_STOP_REASONS = ("stopped", "promoted", "replaced")
+
+
+class ShadowRollout(Base):
+    __tablename__ = "shadow_rollouts"
+    __table_args__ = (
+        CheckConstraint("share > 0 AND share <= 1", name="share_range"),
+        CheckConstraint(_in("stop_reason", SHADOW_STOP_REASONS), name="stop_reason"),
+        # At most one shadow runs at a time: workers embed a sample with exactly one candidate.
+        Index("uq_shadow_rollouts_one_running", text("(stopped_at IS NULL)"), unique=True,
+              postgresql_where=text("stopped_at IS NULL")),
+        {"comment": "Shadow runs: a candidate version tags a sampled share of live uploads beside the "
+                    "active one; the running one has no stopped_at."},
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True, comment="Order of start")
+    version: Mapped[str] = mapped_column(ForeignKey("model_versions.version", ondelete="CASCADE"),
+                                         comment="The candidate version")
+    share: Mapped[float] = mapped_column(Double, comment="Share of photos sampled, in (0, 1]")
+    actor: Mapped[str] = mapped_column(Text, comment="Who started it: the CLI's user@host")
+    started_at: Mapped[datetime] = mapped_column(server_default=func.now(), comment="When it started")
+    stopped_at: Mapped[datetime | None] = mapped_column(comment="When it stopped; NULL while it runs")
+    stop_reason: Mapped[str | None] = mapped_column(Text, comment="stopped | promoted | replaced (another shadow started)")
+
+
+class ShadowPhoto(Base):
+    __tablename__ = "shadow_photos"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["user_id", "photo_id"], ["photos.user_id", "photos.photo_id"], ondelete="CASCADE",
+            name="fk_shadow_photos_photo"
+        ),
+        Index("ix_shadow_photos_version", "model_version"),
+        {"comment": "Photos a shadow version has processed, tagged or not, so that `landmarks compare` "
+                    "counts its 'no landmark' verdicts as seen."},
+    )
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True, comment="Owner")
+    photo_id: Mapped[str] = mapped_column(Text, primary_key=True, comment="Photo id")
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version", ondelete="CASCADE"),
+                                               primary_key=True, comment="The shadow version")
+    processed_at: Mapped[datetime] = mapped_column(server_default=func.now(),
+                                                   comment="When the shadow last processed the photo")

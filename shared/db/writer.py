@@ -6,11 +6,20 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import delete, func, literal, select, tuple_, update
+from sqlalchemy import delete, func, literal, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from shared.db.models import FailureRecord, Landmark, ModelVersion, Photo, PhotoTag, ProcessedEvent
+from shared.db.models import (
+    FailureRecord,
+    Landmark,
+    ModelVersion,
+    Photo,
+    PhotoTag,
+    ProcessedEvent,
+    ShadowPhoto,
+    ShadowRollout,
+)
 from shared.events import PhotoDeleted, event_key, safe_field
 from shared.outcomes import PhotoOutcome, PhotoStatus
 
@@ -23,6 +32,8 @@ photos = Photo.__table__
 photo_tags = PhotoTag.__table__
 processed_events = ProcessedEvent.__table__
 failures = FailureRecord.__table__
+shadow_rollouts = ShadowRollout.__table__
+shadow_photos = ShadowPhoto.__table__
 
 
 def write_outcomes(
@@ -291,3 +302,102 @@ def active_model_version(session: Session) -> ModelVersion | None:
     return session.scalars(
         select(ModelVersion).where(ModelVersion.is_active).execution_options(populate_existing=True)
     ).one_or_none()
+
+
+# --- shadow rollouts: a candidate version tagging a sample beside the active one -------------------
+
+def running_shadow(session: Session) -> ShadowRollout | None:
+    return session.scalars(
+        select(ShadowRollout).where(ShadowRollout.stopped_at.is_(None)).execution_options(populate_existing=True)
+    ).one_or_none()
+
+
+def start_shadow_rollout(session: Session, version: str, share: float, actor: str) -> ShadowRollout:
+    """Makes ``version`` the running shadow (a running one is stopped as replaced); raises LookupError for
+    an unknown version and ValueError for the active one or a share outside (0, 1]."""
+    # The activation lock: a promotion (which ends the shadow of the version it activates) and a shadow
+    # start cannot interleave and leave one version both active and shadow.
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext(literal(ACTIVATE_LOCK)))))
+    if not 0 < share <= 1:
+        raise ValueError(f"shadow share must be in (0, 1], got {share}")
+    row = session.get(ModelVersion, version, populate_existing=True)
+    if row is None:
+        raise LookupError(f"unknown model version {version!r}")
+    if row.is_active:
+        raise ValueError(f"model version {version!r} is the active one: a shadow must be another version")
+    running = running_shadow(session)
+    if running is not None and (running.version, running.share) == (version, share):
+        return running  # re-running the same command changes nothing
+    stop_shadow_rollout(session, reason="replaced")
+    session.execute(insert(shadow_rollouts).values(version=version, share=share, actor=actor))
+    shadow = running_shadow(session)
+    assert shadow is not None
+    return shadow
+
+
+def stop_shadow_rollout(session: Session, *, reason: str = "stopped",
+                        version: str | None = None) -> ShadowRollout | None:
+    """Stops the running shadow (only if it is ``version``, given one); returns it, or None if none ran.
+    Shadow writes committed after this commits find no running shadow and write nothing."""
+    stmt = update(shadow_rollouts).where(shadow_rollouts.c.stopped_at.is_(None))
+    if version is not None:
+        stmt = stmt.where(shadow_rollouts.c.version == version)
+    stopped_id = session.scalar(stmt.values(stopped_at=func.now(), stop_reason=reason)
+                                .returning(shadow_rollouts.c.id))
+    return session.get(ShadowRollout, stopped_id, populate_existing=True) if stopped_id is not None else None
+
+
+def write_shadow_outcomes(session: Session, version: str, outcomes: list[PhotoOutcome]) -> set[tuple[str, str]]:
+    """Replaces ``version``'s tags on these photos and records them as processed by it, idempotently.
+
+    Leaves photos.status, photos.model_version and processed_events alone: they belong to the active
+    version. Writes nothing once ``version`` is no longer the running shadow, nor on deleted photos or
+    photos the active path has not written. Returns the (user_id, photo_id) written."""
+    by_photo = {(o.event.user_id, o.event.photo_id): o for o in outcomes}  # a later event for a photo wins
+    if not by_photo or not _shadow_runs(session, version):
+        return set()
+    # The users' album-summary locks first, in the order the live writer takes them (migration 0003), so
+    # that a live batch and this one never wait on each other crosswise.
+    session.execute(text("SELECT album_stats_lock_users(:users)"),
+                    {"users": sorted({user_id for user_id, _ in by_photo})})
+    # Shared row locks, in a fixed order: a concurrent deletion waits for this transaction, then drops
+    # these tags with all the others.
+    live = session.execute(
+        select(photos.c.user_id, photos.c.photo_id)
+        .where(tuple_(photos.c.user_id, photos.c.photo_id).in_(sorted(by_photo)),
+               photos.c.status != PhotoStatus.DELETED.value)
+        .order_by(photos.c.user_id, photos.c.photo_id)
+        .with_for_update(read=True)
+    ).all()
+    keys = [(r.user_id, r.photo_id) for r in live]
+    if not keys:
+        return set()
+    session.execute(
+        delete(photo_tags).where(
+            photo_tags.c.model_version == version,
+            tuple_(photo_tags.c.user_id, photo_tags.c.photo_id).in_(keys),
+        )
+    )
+    tag_rows = [
+        {"user_id": user_id, "photo_id": photo_id, "model_version": version, "landmark_id": tag.landmark_id,
+         "rank": rank, "score": float(tag.score), "method": str(tag.method)}
+        for (user_id, photo_id) in keys
+        for rank, tag in enumerate(by_photo[(user_id, photo_id)].tags)
+    ]
+    if tag_rows:
+        session.execute(insert(photo_tags).values(tag_rows).on_conflict_do_nothing())
+    seen = insert(shadow_photos).values(
+        [{"user_id": user_id, "photo_id": photo_id, "model_version": version} for user_id, photo_id in keys]
+    )
+    session.execute(seen.on_conflict_do_update(index_elements=["user_id", "photo_id", "model_version"],
+                                               set_={"processed_at": func.now()}))
+    return set(keys)
+
+
+def _shadow_runs(session: Session, version: str) -> bool:
+    # FOR SHARE: `landmarks shadow stop` waits for the shadow writes in flight, and none commits after it.
+    return session.scalar(
+        select(shadow_rollouts.c.id)
+        .where(shadow_rollouts.c.version == version, shadow_rollouts.c.stopped_at.is_(None))
+        .with_for_update(read=True)
+    ) is not None

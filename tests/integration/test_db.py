@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import secrets
 import socket
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.orm import Session
 
@@ -145,15 +147,21 @@ BATCH = [
 ]
 
 
+def _head() -> str:
+    return ScriptDirectory.from_config(migrate.config(SERVER)).get_current_head()
+
+
 def test_migrations_round_trip(database_url, engine):
-    assert migrate.current(database_url) == "0002"
+    head = _head()
+    assert migrate.current(database_url) == head
     migrate.downgrade(database_url, "base")
     assert migrate.current(database_url) is None
     with engine.connect() as conn:
         left = conn.scalar(text("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname NOT LIKE 'alembic_version%'"))
-    assert left == 0
+        functions = conn.scalar(text("SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace"))
+    assert left == 0 and functions == 0
     migrate.upgrade(database_url, "head")
-    assert migrate.current(database_url) == "0002"
+    assert migrate.current(database_url) == head
 
 
 def test_migration_matches_models(engine):
@@ -391,3 +399,225 @@ def test_concurrent_redelivery_applies_once(engine):
     finally:
         with transaction(engine) as s:
             s.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+
+
+# --- album summaries (migration 0003): the views must equal the aggregates they replaced -----------
+
+# album_landmarks and album_cities as defined before 0003: aggregates over album_photos at read time.
+AGGREGATED_LANDMARKS = """
+SELECT a.user_id, a.landmark_id, l.name, l.city, l.country, count(*) AS photo_count,
+       (array_agg(a.photo_id ORDER BY a.score DESC, a.uploaded_at DESC NULLS LAST, a.photo_id DESC))[1],
+       max(a.uploaded_at)
+FROM album_photos a JOIN landmarks l ON l.id = a.landmark_id
+GROUP BY a.user_id, a.landmark_id, l.name, l.city, l.country
+"""
+AGGREGATED_CITIES = """
+SELECT a.user_id, l.country, l.city, count(DISTINCT a.landmark_id), count(DISTINCT a.photo_id), max(a.uploaded_at)
+FROM album_photos a JOIN landmarks l ON l.id = a.landmark_id
+GROUP BY a.user_id, l.country, l.city
+"""
+
+
+def assert_albums_match_tags(session: Session) -> None:
+    def rows(sql: str) -> list[tuple]:
+        return [tuple(r) for r in session.execute(text(f"SELECT * FROM ({sql}) v ORDER BY 1, 2, 3"))]
+
+    assert rows("SELECT * FROM album_landmarks") == rows(AGGREGATED_LANDMARKS)
+    assert rows("SELECT * FROM album_cities") == rows(AGGREGATED_CITIES)
+    # Every version's summary, not only the active one's, so that activating another is instant.
+    for version in session.scalars(text("SELECT version FROM model_versions")).all():
+        with _active(session, version):
+            assert rows("SELECT * FROM album_landmarks") == rows(AGGREGATED_LANDMARKS)
+            assert rows("SELECT * FROM album_cities") == rows(AGGREGATED_CITIES)
+
+
+@contextmanager
+def _active(session: Session, version: str):
+    savepoint = session.begin_nested()  # rolled back: the activation is only for the block
+    try:
+        session.execute(text("UPDATE model_versions SET is_active = false WHERE is_active"))
+        session.execute(text("UPDATE model_versions SET is_active = true WHERE version = :v"), {"v": version})
+        yield
+    finally:
+        savepoint.rollback()
+
+
+def test_album_summaries_follow_writes(world):
+    writer.write_outcomes(world, "v1", BATCH)
+    assert_albums_match_tags(world)
+    # A photo of two landmarks of one city counts once in the city.
+    writer.write_outcomes(world, "v1", [tagged("p7", (1, 0.5), (2, 0.95), minutes=7)])
+    assert summary(world)[0] == ("Paris", 2, 4, [("Eiffel Tower", 4, "p4"), ("Louvre", 2, "p7")])
+    assert_albums_match_tags(world)
+    # Re-processing moves p7 out of Paris; the Louvre's cover goes back to p1.
+    writer.write_outcomes(world, "v1", [tagged("p7", (3, 0.99), minutes=7, event="again")])
+    assert summary(world) == [
+        ("Paris", 2, 3, [("Eiffel Tower", 3, "p4"), ("Louvre", 1, "p1")]),
+        ("Rome", 1, 2, [("Colosseum", 2, "p7")]),
+    ]
+    assert_albums_match_tags(world)
+    # The cover is deleted: the next best photo becomes the cover; the emptied album disappears.
+    writer.delete_photo(world, PhotoDeleted(event_id="d4", user_id="alice", photo_id="p4"))
+    writer.delete_photo(world, PhotoDeleted(event_id="d1", user_id="alice", photo_id="p1"))
+    assert summary(world) == [("Paris", 1, 1, [("Eiffel Tower", 1, "p2")]), ("Rome", 1, 2, [("Colosseum", 2, "p7")])]
+    assert_albums_match_tags(world)
+    no_landmark = PhotoOutcome(event=uploaded("p7", minutes=7, event="third"), status=PhotoStatus.NO_LANDMARK)
+    writer.write_outcomes(world, "v1", [no_landmark])
+    assert summary(world) == [("Paris", 1, 1, [("Eiffel Tower", 1, "p2")]), ("Rome", 1, 1, [("Colosseum", 1, "p3")])]
+    assert_albums_match_tags(world)
+
+
+def test_album_summaries_follow_sql_by_hand(world):
+    writer.write_outcomes(world, "v1", BATCH)
+    # Deleted and restored by status alone, tags kept: hidden, then back.
+    world.execute(text("UPDATE photos SET status = 'deleted' WHERE photo_id IN ('p1', 'p3')"))
+    assert summary(world) == [("Paris", 1, 2, [("Eiffel Tower", 2, "p4")])]
+    assert_albums_match_tags(world)
+    world.execute(text("UPDATE photos SET status = 'tagged' WHERE photo_id = 'p1'"))
+    assert_albums_match_tags(world)
+    # A new upload time, a new score, a moved tag, a deleted photo row.
+    world.execute(text("UPDATE photos SET uploaded_at = uploaded_at + interval '1 day' WHERE photo_id = 'p2'"))
+    world.execute(text("UPDATE photo_tags SET score = 0.99 WHERE photo_id = 'p2' AND landmark_id = 1"))
+    assert summary(world)[0][3][0] == ("Eiffel Tower", 3, "p2")
+    assert_albums_match_tags(world)
+    world.execute(text("UPDATE photo_tags SET landmark_id = 4 WHERE photo_id = 'p2'"))
+    assert_albums_match_tags(world)
+    world.execute(text("DELETE FROM photos WHERE photo_id = 'p4'"))
+    assert_albums_match_tags(world)
+    # A landmark moved to another city (a catalogue fix) takes its albums along.
+    writer.upsert_landmarks(world, [{**LANDMARKS[1], "city": "Versailles"}])
+    assert [c.city for c in albums.attractions(world, "alice")] == ["Paris", "Versailles", "London"]
+    assert_albums_match_tags(world)
+    writer.upsert_landmarks(world, LANDMARKS)  # unchanged rows move nothing
+    assert_albums_match_tags(world)
+
+
+def test_album_summaries_survive_activation_changes(world):
+    writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
+    writer.write_outcomes(world, "v1", BATCH)
+    writer.write_outcomes(world, "v2", [tagged("p1", (3, 0.9), event="b1"), tagged("p2", (1, 0.4), (4, 0.8), event="b2")])
+    before = summary(world)
+    writer.activate_model_version(world, "v2")
+    assert summary(world) == [("Paris", 1, 1, [("Eiffel Tower", 1, "p2")]),
+                              ("Rome", 1, 1, [("Colosseum", 1, "p1")]),
+                              ("London", 1, 1, [("Big Ben", 1, "p2")])]
+    assert_albums_match_tags(world)
+    writer.delete_photo(world, PhotoDeleted(event_id="d2", user_id="alice", photo_id="p2"))
+    writer.activate_model_version(world, "v1")  # rollback: v1's albums, less the photo deleted meanwhile
+    assert summary(world) == [("Paris", 2, 2, [("Eiffel Tower", 2, "p4"), ("Louvre", 1, "p1")]),
+                              ("Rome", 1, 1, [("Colosseum", 1, "p3")])]
+    assert before != summary(world)
+    assert_albums_match_tags(world)
+    world.execute(text("UPDATE model_versions SET is_active = false"))
+    assert albums.attractions(world, "alice") == []
+
+
+def test_album_summaries_are_rebuilt_by_the_migration(database_url, engine):
+    with transaction(engine) as s:
+        writer.upsert_landmarks(s, LANDMARKS)
+        writer.register_model_version(s, "vm", activate=True, **_model_args())
+        writer.write_outcomes(s, "vm", BATCH)
+        expected = summary(s)
+    try:
+        migrate.downgrade(database_url, "0002")
+        with transaction(engine) as s:  # written while no trigger kept the summaries
+            writer.write_outcomes(s, "vm", [tagged("p8", (3, 0.95), minutes=8)])
+            writer.delete_photo(s, PhotoDeleted(event_id="d-p4", user_id="alice", photo_id="p4"))
+        migrate.upgrade(database_url, "head")
+        with transaction(engine) as s:
+            assert summary(s) == [("Paris", 2, 2, [("Eiffel Tower", 2, "p1"), ("Louvre", 1, "p1")]),
+                                  ("Rome", 1, 2, [("Colosseum", 2, "p8")])]
+            assert summary(s) != expected
+            assert_albums_match_tags(s)
+    finally:
+        migrate.upgrade(database_url, "head")
+        _truncate(engine)
+
+
+def _truncate(engine) -> None:
+    with transaction(engine) as s:
+        s.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+        # The summaries go with the tags.
+        assert s.scalar(text("SELECT count(*) FROM album_landmark_stats")) == 0
+        assert s.scalar(text("SELECT count(*) FROM album_city_stats")) == 0
+
+
+def test_concurrent_writers_of_one_album_lose_no_count(engine):
+    import threading
+
+    errors: list[BaseException] = []
+    try:
+        with transaction(engine) as s:
+            writer.upsert_landmarks(s, LANDMARKS)
+            writer.register_model_version(s, "vw", activate=True, **_model_args())
+        first = Session(bind=engine)
+        writer.write_outcomes(first, "vw", [tagged("a1", (1, 0.9), minutes=1, event="w-a1")])
+
+        def second():
+            try:
+                with transaction(engine) as s:
+                    writer.write_outcomes(s, "vw", [tagged("b1", (2, 0.8), (1, 0.7), minutes=2, event="w-b1")])
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        # The second writer waits on the first's lock of alice's Paris albums, then adds to its counts.
+        worker = threading.Thread(target=second)
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive()
+        first.commit()
+        first.close()
+        worker.join(10)
+        assert not worker.is_alive() and errors == []
+        with transaction(engine) as s:
+            assert summary(s) == [("Paris", 2, 2, [("Eiffel Tower", 2, "a1"), ("Louvre", 1, "b1")])]
+            assert_albums_match_tags(s)
+    finally:
+        _truncate(engine)
+
+
+def test_many_concurrent_writers_keep_summaries_exact(engine):
+    import random
+    import threading
+
+    # Two users, few photos: batches keep re-tagging and deleting each other's photos and albums.
+    users, photos_per_user, workers, batches = ["alice", "bob"], 40, 4, 25
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for step in range(batches):
+            outcomes = [
+                tagged(f"p{rng.randrange(photos_per_user)}",
+                       *[(lm, round(rng.random(), 3)) for lm in rng.sample([1, 2, 3, 4], rng.randint(1, 2))],
+                       user=rng.choice(users), minutes=rng.randrange(100), event=f"e{seed}-{step}-{i}")
+                for i in range(rng.randint(1, 6))
+            ]
+            with transaction(engine) as s:
+                writer.write_outcomes(s, "vs", outcomes)
+            if rng.random() < 0.1:
+                with transaction(engine) as s:
+                    writer.delete_photo(s, PhotoDeleted(event_id=f"d{seed}-{step}", user_id=rng.choice(users),
+                                                        photo_id=f"p{rng.randrange(photos_per_user)}"))
+
+    def guarded(seed: int) -> None:
+        try:
+            work(seed)
+        except BaseException as exc:  # noqa: BLE001 - a deadlock among them fails the test
+            errors.append(exc)
+
+    try:
+        with transaction(engine) as s:
+            writer.upsert_landmarks(s, LANDMARKS)
+            writer.register_model_version(s, "vs", activate=True, **_model_args())
+        threads = [threading.Thread(target=guarded, args=(seed,)) for seed in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == [] and not any(t.is_alive() for t in threads)
+        with transaction(engine) as s:
+            assert s.scalar(text("SELECT count(*) FROM album_photos")) > 0
+            assert_albums_match_tags(s)
+    finally:
+        _truncate(engine)

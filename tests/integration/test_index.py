@@ -253,3 +253,8 @@ def test_a_released_collection_is_loaded_again_on_first_use(index, published):
                                                    for hits in before])
     got = index.references("v2", [int(r.landmark_ids[0])])
     assert list(got) == [int(r.landmark_ids[0])]
+
+
+def test_row_counts(index, published):
+    c, r = published["v2"]
+    assert index.row_counts("v2") == (len(c), len(r))

@@ -1,11 +1,14 @@
 """Model rollout and backfill against real PostgreSQL, Milvus, Redis and a real worker: promote, rollback
-(the history is a stack), compare, albums after a rollback, resumable rate-limited backfills."""
+(the history is a stack), compare, albums after a rollback, resumable rate-limited backfills, and a shadow
+version tagging a sample of live uploads beside the active one."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -14,11 +17,19 @@ from shared import rollout
 from shared.backfill import EVENT_PREFIX, RateLimiter, Scope, run_backfill
 from shared.db.albums import attractions
 from shared.db.session import transaction
-from shared.db.writer import write_outcomes
+from shared.db.writer import write_outcomes, write_shadow_outcomes
+from shared.embedder import Embedder
 from shared.events import PhotoUploaded
+from shared.gallery import LandmarkPhotos, build_gallery
+from shared.imaging import decode_image
 from shared.index import LandmarkIndex
+from shared.model import load_checkpoint, save_checkpoint
+from shared.modelinit import init_model
 from shared.outcomes import Method, PhotoOutcome, PhotoStatus, Tag
+from shared.pipeline import RecognitionPipeline
+from shared.shadow import in_shadow_sample
 from shared.publish import publish_model
+from shared.settings import Settings
 
 import ops_fleet as fleet
 
@@ -171,6 +182,211 @@ def test_compare_counts_agreement_gains_and_losses(versions, engine, index):
         rollout.compare(engine, a, "nope")
 
 
+# --- shadow: a candidate beside the active version ----------------------------------------------
+
+def test_the_shadow_sample_is_per_photo_stable_and_near_its_share():
+    ids = [f"p{k}" for k in range(4000)]
+    quarter = {p for p in ids if in_shadow_sample("u", p, 0.25)}
+    assert 0.22 < len(quarter) / len(ids) < 0.28
+    assert quarter == {p for p in ids if in_shadow_sample("u", p, 0.25)}  # a redelivery chooses alike
+    assert quarter < {p for p in ids if in_shadow_sample("u", p, 0.5)}  # a larger share keeps the sample
+    assert all(in_shadow_sample("u", p, 1.0) for p in ids)
+    assert {p for p in ids if in_shadow_sample("v", p, 0.25)} != quarter  # per (user, photo)
+
+
+def test_shadow_start_refusals_replacement_and_promotion(versions, engine, index):
+    a, b, c = versions["A"], versions["B"], versions["C"]
+    with pytest.raises(rollout.RolloutError, match="active"):
+        rollout.start_shadow(a, 0.5, engine, index)
+    with pytest.raises(rollout.RolloutError, match="no collections"):
+        rollout.start_shadow("no_such_version", 0.5, engine, index)
+    with pytest.raises(rollout.RolloutError, match="share"):
+        rollout.start_shadow(b, 0.0, engine, index)
+    try:
+        assert rollout.start_shadow(b, 0.5, engine, index)["share"] == 0.5
+        assert rollout.start_shadow(c, 0.2, engine, index)["version"] == c  # one shadow at a time
+        assert rollout.shadow_status(engine)["version"] == c
+        assert _shadow_runs(engine)[-2:] == [(b, "replaced"), (c, None)]
+        listed = {v["version"]: v for v in rollout.versions(engine, index)}
+        assert listed[c]["shadow"]["share"] == pytest.approx(0.2) and listed[b]["shadow"] is None
+        rollout.promote(c, engine, index)  # a shadow ends once it is live
+        assert rollout.shadow_status(engine) is None and _shadow_runs(engine)[-1] == (c, "promoted")
+    finally:
+        _back_to(a, engine, index)
+
+
+def test_shadow_writes_replace_their_tags_and_leave_the_live_verdict_alone(versions, engine, index):
+    a, b = versions["A"], versions["B"]
+    user = f"sw_{uuid.uuid4().hex[:6]}"
+    _write(engine, a, [_outcome(user, "kept", 1), _outcome(user, "lost", 2), _outcome(user, "gone", 1),
+                       _outcome(user, "unseen", 1)])
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE photos SET status = 'deleted' WHERE user_id = :u AND photo_id = 'gone'"),
+                     {"u": user})
+    before = _photo_rows(engine, user)
+    rollout.start_shadow(b, 1.0, engine, index)
+    try:
+        assert _write_shadow(engine, b, [_outcome(user, "kept", 2), _outcome(user, "lost"), _outcome(user, "gone", 1),
+                                         _outcome(user, "never_uploaded", 1)]) == {"kept", "lost"}
+        assert _write_shadow(engine, b, [_outcome(user, "kept", 1, 3)]) == {"kept"}  # replaces, idempotent
+        assert _write_shadow(engine, b, [_outcome(user, "kept", 1, 3)]) == {"kept"}
+    finally:
+        rollout.stop_shadow(engine)
+    assert _write_shadow(engine, b, [_outcome(user, "kept", 2)]) == set()  # stopped: nothing more is written
+    assert _photo_rows(engine, user) == before  # status, model_version, processed_events: the active path's
+    assert _tags(engine, user, b) == {("kept", 1), ("kept", 3)}
+    with transaction(engine) as session:
+        assert {lm.landmark_id for city in attractions(session, user) for lm in city.landmarks} == {1, 2}
+    report = rollout.compare(engine, a, b, user=user)
+    # "lost" was seen by the shadow (no landmark), "unseen" was not: lost, and pending.
+    assert (report["tags_both"], report["gained"], report["lost"], report["pending"]) == (1, 1, 1, 1)
+    assert report["photos_shadowed_by_b"] == 2 and report["lost_examples"][0]["photo_id"] == "lost"
+
+
+def _back_to(active: str, engine, index) -> None:
+    rollout.stop_shadow(engine)
+    if _active(engine, index) != (active, active):
+        assert rollout.rollback(engine, index).version == active
+
+
+def _write_shadow(engine, version: str, outcomes: list[PhotoOutcome]) -> set[str]:
+    with transaction(engine) as session:
+        return {photo for _, photo in write_shadow_outcomes(session, version, outcomes)}
+
+
+def _photo_rows(engine, user: str) -> tuple:
+    with engine.connect() as conn:
+        photos = conn.execute(sa.text("SELECT photo_id, status, model_version, processed_at FROM photos "
+                                      "WHERE user_id = :u ORDER BY photo_id"), {"u": user}).all()
+        events = conn.execute(sa.text("SELECT count(*) FROM processed_events WHERE user_id = :u"), {"u": user}).scalar()
+    return tuple(photos), events
+
+
+def _tags(engine, user: str, version: str) -> set[tuple[str, int]]:
+    with engine.connect() as conn:
+        return {tuple(row) for row in conn.execute(sa.text("SELECT photo_id, landmark_id FROM photo_tags WHERE "
+                                                           "user_id = :u AND model_version = :v"),
+                                                   {"u": user, "v": version})}
+
+
+def _shadow_runs(engine) -> list[tuple[str, str | None]]:
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(sa.text("SELECT version, stop_reason FROM shadow_rollouts ORDER BY id"))]
+
+
+def _shadowed(engine, user: str, version: str) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.text("SELECT photo_id FROM shadow_photos WHERE user_id = :u "
+                                        "AND model_version = :v"), {"u": user, "v": version}).scalars())
+
+
+@pytest.fixture
+def pipeline(photos, engine, index):
+    settings = Settings(file_roots=str(photos["root"]), device="cpu", model_path=None)
+    pipe = RecognitionPipeline(settings, engine, index)
+    pipe.shadow.refresh_s = 0  # see every start and stop at the next batch
+    yield pipe
+    pipe.close()
+
+
+def _uploads(user: str, paths: list[Path], prefix: str = "p") -> list[PhotoUploaded]:
+    return [PhotoUploaded.model_validate(fleet.event(user, path, photo_id=f"{prefix}{k}")) for k, path in enumerate(paths)]
+
+
+def test_the_pipeline_tags_the_sample_under_the_shadow_and_albums_stay_on_the_active(
+        versions, photos, engine, index, pipeline):
+    a, b = versions["A"], versions["B"]
+    user = f"sp_{uuid.uuid4().hex[:6]}"
+    uploads = _uploads(user, photos["firsts"] + photos["everyday"])  # landmarks 1-3, then two non-landmarks
+    rollout.start_shadow(b, 1.0, engine, index)
+    try:
+        report = pipeline.process(uploads)
+        assert report.applied == 5 and report.model_version == a
+        assert (report.shadow.version, report.shadow.photos) == (b, {"tagged": 3, "no_landmark": 2})
+        assert _tags(engine, user, b) == {("p0", 1), ("p1", 2), ("p2", 3)} and len(_shadowed(engine, user, b)) == 5
+        assert _versions_of(engine, user) == {a}
+        again = pipeline.process(uploads)  # a redelivery: the live path skips it, the shadow rewrites alike
+        assert again.applied == 0 and again.shadow.photos == {"tagged": 3, "no_landmark": 2}
+        assert _tags(engine, user, b) == {("p0", 1), ("p1", 2), ("p2", 3)}
+        with transaction(engine) as session:
+            assert {lm.landmark_id for city in attractions(session, user) for lm in city.landmarks} == {1, 2}
+        report = rollout.compare(engine, a, b, user=user)
+        assert (report["tags_both"], report["gained"], report["lost"], report["pending"]) == (2, 1, 0, 0)
+        assert report["photos_shadowed_by_b"] == 5 and report["agreement"] == pytest.approx(2 / 3)
+
+        rollout.stop_shadow(engine)
+        later = pipeline.process(_uploads(user, photos["firsts"], prefix="q"))
+        assert later.shadow is None and pipeline.shadow.loaded_version is None  # the model is unloaded
+        assert not {p for p, _ in _tags(engine, user, b)} & {"q0", "q1", "q2"}
+
+        rollout.promote(b, engine, index)  # promoting the shadow switches the albums to its tags
+        with transaction(engine) as session:
+            assert {lm.landmark_id for city in attractions(session, user) for lm in city.landmarks} == {1, 2, 3}
+    finally:
+        _back_to(a, engine, index)
+
+
+def test_a_broken_shadow_costs_the_live_batch_nothing(versions, photos, engine, index, pipeline, tmp_path):
+    a = versions["A"]
+    user = f"sb_{uuid.uuid4().hex[:6]}"
+    missing_file = f"sb_file_{uuid.uuid4().hex[:6]}"
+    model = fleet.build_model(photos, tmp_path, missing_file)
+    publish_model(model, engine, index, activate=False)
+    model.rename(model.with_suffix(".moved"))
+    missing_collections = f"sb_milvus_{uuid.uuid4().hex[:6]}"
+    publish_model(fleet.build_model(photos, tmp_path, missing_collections), engine, index, activate=False)
+    try:
+        rollout.start_shadow(missing_file, 1.0, engine, index)
+        first = pipeline.process(_uploads(user, photos["firsts"], prefix="f"))
+        assert first.applied == 3 and first.shadow.photos == {"error": 3}
+        second = pipeline.process(_uploads(user, photos["firsts"], prefix="g"))
+        assert second.applied == 3 and second.shadow.photos == {"skipped": 3}  # backing off: no retry per batch
+
+        rollout.start_shadow(missing_collections, 1.0, engine, index)
+        index.drop(missing_collections)
+        third = pipeline.process(_uploads(user, photos["firsts"], prefix="h"))
+        assert third.applied == 3 and third.shadow.photos == {"error": 3}
+        assert pipeline.shadow.loaded_version == missing_collections  # its model loaded, its search failed
+        assert _processed(engine, user) == 9 and _versions_of(engine, user) == {a}
+    finally:
+        rollout.stop_shadow(engine)
+
+
+def test_a_shadow_with_another_input_size_decodes_the_same_fetch_at_its_size(
+        versions, photos, engine, index, pipeline, tmp_path, monkeypatch):
+    version = f"s128_{uuid.uuid4().hex[:6]}"
+    publish_model(_model_of_size(photos, tmp_path, version, 128), engine, index, activate=False)
+    import shared.pipeline as pipeline_module
+    fetched: list[str] = []
+    real_fetch = pipeline_module.fetch_bytes
+    monkeypatch.setattr(pipeline_module, "fetch_bytes", lambda uri, settings: fetched.append(uri) or real_fetch(uri, settings))
+    user = f"ss_{uuid.uuid4().hex[:6]}"
+    try:
+        rollout.start_shadow(version, 1.0, engine, index)
+        loading = pipeline.process(_uploads(user, photos["firsts"], prefix="a"))  # decoded before its model loaded
+        assert loading.shadow.photos == {"skipped": 3}
+        report = pipeline.process(_uploads(user, photos["firsts"], prefix="b"))
+        # Tagged with similarity 1 only if decoded at 128 from the same bytes as its gallery.
+        assert report.shadow.photos == {"tagged": 3}
+        assert _tags(engine, user, version) == {("b0", 1), ("b1", 2), ("b2", 3)}
+        assert len(fetched) == 6  # one fetch per photo, shadow or not
+    finally:
+        rollout.stop_shadow(engine)
+
+
+def _model_of_size(photos: dict, out: Path, version: str, size: int) -> Path:
+    """As ops_fleet.build_model, at another input size: its gallery is the first photos decoded at ``size``."""
+    init_model(out / f"{version}_init.pt", backbone="tiny", dim=64, size=size, version=version,
+               calibrate=photos["root"], seed=2)
+    net, meta, _ = load_checkpoint(out / f"{version}_init.pt")
+    embedder = Embedder(out / f"{version}_init.pt", "cpu")
+    items = [LandmarkPhotos(info, emb, emb) for info, first in zip(photos["infos"], photos["firsts"])
+             for emb in [embedder.embed(decode_image(first.read_bytes(), size=size, max_pixels=10**8).pixels[None])]]
+    meta = dataclasses.replace(meta, t_geo=0.99, t_global=0.999, t_ref=0.999)
+    save_checkpoint(out / f"{version}.pt", net, meta, build_gallery(items, min_cluster=1))
+    return out / f"{version}.pt"
+
+
 # --- backfill --------------------------------------------------------------------------------
 
 class FakeClock:
@@ -310,6 +526,99 @@ def test_backfill_retags_stored_photos_under_the_promoted_version_while_live_upl
     assert 3 not in album and album
 
 
+@pytest.mark.slow
+def test_a_shadow_published_from_the_cli_tags_its_sample_of_live_uploads_until_stopped(
+        versions, photos, env, engine, index, broker_url, tmp_path):
+    a = versions["A"]
+    assert _active(engine, index) == (a, a)
+    candidate = f"ro_s_{uuid.uuid4().hex[:6]}"  # knows landmarks 1-3; A knows 1-2
+    out = _landmarks(env, "publish", str(fleet.build_model(photos, tmp_path, candidate)), "--shadow", "--share", "0.5")
+    assert out["ok"] and not out["active"] and (out["shadow"]["version"], out["shadow"]["share"]) == (candidate, 0.5)
+    assert _active(engine, index) == (a, a)
+    listed = fleet.ops_cli(env, "versions")[1]
+    assert listed["shadow"]["version"] == candidate
+    assert {v["version"]: v for v in listed["versions"]}[candidate]["shadow"]["share"] == 0.5
+
+    user = f"shadow_{uuid.uuid4().hex[:6]}"
+    landmark_of = {first.as_uri(): info.id for info, first in zip(photos["infos"], photos["firsts"])}
+    paths = photos["firsts"] + photos["everyday"]
+    uploads = [fleet.event(user, paths[k % len(paths)], photo_id=f"s{k:02d}") for k in range(24)]
+    sampled = {e["photo_id"] for e in uploads if in_shadow_sample(user, e["photo_id"], 0.5)}
+    assert 0 < len(sampled) < len(uploads)
+    expected = {(e["photo_id"], landmark_of[e["uri"]]) for e in uploads
+                if e["photo_id"] in sampled and e["uri"] in landmark_of}
+    from celery import Celery
+    producer = Celery(broker=broker_url)
+    producer.conf.update(task_serializer="json")
+    send = lambda e: producer.send_task(fleet.UPLOADED, args=[e], queue=env["LANDMARKS_QUEUE"])  # noqa: E731
+    port = fleet.free_port()
+    log_path = tmp_path / "worker.log"
+    worker = fleet.start_worker({**env, "LANDMARKS_METRICS_PORT": str(port)}, log_path)
+    try:
+        for e in uploads:
+            send(e)
+        fleet.wait(lambda: _processed(engine, user) == 24 and _shadowed(engine, user, candidate) == sampled,
+                   "the sample under the shadow", worker=worker)
+        assert _tags(engine, user, candidate) == expected and _versions_of(engine, user) == {a}
+        with transaction(engine) as session:  # the albums read the active version only
+            assert {lm.landmark_id for city in attractions(session, user) for lm in city.landmarks} == {1, 2}
+        report = fleet.ops_cli(env, "compare", a, candidate, "--user", user)[1]
+        third = {p for p, landmark in expected if landmark == 3}
+        assert (report["gained"], report["lost"], report["tags_both"]) == (len(third), 0, len(expected) - len(third))
+        assert report["photos_shadowed_by_b"] == len(sampled)
+        assert report["pending"] == len(_tagged(engine, user, a) - sampled)  # A's tags the shadow did not sample
+        status, body = fleet.http_get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and _counter(body, "landmarks_shadow_photos_total", version=candidate,
+                                          outcome="tagged") == len(expected)
+
+        assert fleet.ops_cli(env, "shadow", "stop")[1]["stopped"]["version"] == candidate
+        for k in range(8):
+            send(fleet.event(user, photos["firsts"][k % 3], photo_id=f"t{k}"))
+        fleet.wait(lambda: _processed(engine, user) == 32, "uploads after the stop", worker=worker)
+        assert _shadowed(engine, user, candidate) == sampled  # no shadow write once stopped
+        time.sleep(pipeline_refresh_s() + 0.5)  # the worker's view of the shadow is now stale ...
+        send(fleet.event(user, photos["firsts"][0], photo_id="u0"))  # ... so this batch unloads its model
+        fleet.wait(lambda: f"shadow model {candidate} unloaded" in log_path.read_text(errors="replace"),
+                   "the shadow model unloaded", 60, worker)
+    finally:
+        fleet.stop(worker)
+        producer.close()
+
+    fleet.ops_cli(env, "shadow", "start", candidate, "--share", "0.5")
+    assert fleet.ops_cli(env, "promote", candidate)[1]["version"] == candidate
+    try:
+        assert fleet.ops_cli(env, "versions")[1]["shadow"] is None  # promoting the shadow ends it
+        with transaction(engine) as session:  # and the albums show its tags at once
+            assert 3 in {lm.landmark_id for city in attractions(session, user) for lm in city.landmarks}
+    finally:
+        assert fleet.ops_cli(env, "rollback")[1]["version"] == a
+
+
+def pipeline_refresh_s() -> float:
+    from shared.shadow import SHADOW_REFRESH_S
+    return SHADOW_REFRESH_S
+
+
+def _landmarks(env, *args) -> dict:
+    """Runs `python -m shared.cli ARGS --json` and returns its last line as JSON."""
+    import json
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "shared.cli", *args, "--json"], env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _counter(metrics: bytes, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    for family in text_string_to_metric_families(metrics.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
 def _popen_ops(env, *args):
     import subprocess
     import sys
@@ -349,3 +658,5 @@ def test_ops_commands_do_not_clash_with_the_main_command():
     register(probe)
     assert names(probe) == {"promote", "rollback", "compare", "versions", "backfill", "health"}
     assert not names(probe) & names(app, skip_module="shared.ops_cli")
+    assert [g.name for g in probe.registered_groups] == ["shadow"]
+    assert [g.name for g in app.registered_groups].count("shadow") == 1 and "shadow" not in names(app)

@@ -64,6 +64,9 @@ def test_bound_is_the_slowest_resource():
     assert throughput_bound({**stages, "search": 90.0}, gpu) == (pytest.approx(90.0), "milvus")
     assert throughput_bound(stages, gpu) == (pytest.approx(120.0), "gpu_jpeg_engine")
     assert stage_resources("cuda:1", "torchvision_nvjpeg")["decode"] == "gpu"
+    # Searched in the worker's replica, the search takes its turn on the cores with decode and model.
+    local = stage_resources("cpu", "pillow", search_in_process=True)
+    assert throughput_bound({**stages, "search": 120.0}, local) == (pytest.approx(40.0), "cpu")
 
 
 def test_worker_laps_are_read_from_the_pipeline_log():
@@ -114,3 +117,12 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert (result["device"], result["size"], result["backbone"], result["batch_size"]) == \
         ("cpu", "2mp", "resnet_small", 8)
     assert result["e2e_tagged"] >= 1  # the anchored landmark photo went all the way to a tag
+    # The quick gallery fits the worker's in-process replica, so the bound uses that search, on the cores.
+    assert result["search_in_process"] and result["resources"]["search"] == "cpu"
+    assert result["stages"]["search_img_s"] == result["search_local_img_s"]
+
+
+def test_tenth_rates_are_images_per_second_within_each_step():
+    from shared.bench import tenth_rates
+    series = [[0, 900.0, 0.0], [100, 905.0, 2.0], [200, 905.0, 6.0], [200, 906.0, 6.0]]
+    assert tenth_rates(series) == [50.0, 25.0]

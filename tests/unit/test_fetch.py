@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import http.server
+import ipaddress
+import shutil
+import socket
+import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import pytest
+from pydantic import ValidationError
 
 from shared import fetch
 from shared.errors import FetchError
@@ -16,7 +23,8 @@ from shared.settings import Settings
 
 
 def make_settings(**overrides) -> Settings:
-    values = {"file_roots": "", "fetch_max_bytes": 1000, "fetch_timeout_s": 0.5}
+    values = {"file_roots": "", "fetch_max_bytes": 1000, "fetch_timeout_s": 0.5,
+              "fetch_allow_private": False, "fetch_allowed_networks": ""}
     values.update(overrides)
     return Settings(**values)
 
@@ -153,8 +161,11 @@ def test_plugin_os_errors_become_fetch_errors(settings: Settings, monkeypatch) -
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
+    seen: list[tuple[str, str]] = []  # (path, Host header) of every request the server answered
+
     def do_GET(self) -> None:  # noqa: N802
-        if self.path == "/ok":
+        self.seen.append((self.path, self.headers.get("Host", "")))
+        if self.path.startswith("/ok"):
             self._send(200, b"hello")
         elif self.path == "/big":
             self._send(200, b"y" * 5000)
@@ -176,16 +187,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.1)
         elif self.path == "/to-file":
-            self.send_response(302)
-            self.send_header("Location", "ftp://127.0.0.1/x")
-            self.end_headers()
+            self._redirect("ftp://127.0.0.1/x")
         elif self.path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", "/ok")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self._redirect("/ok")
+        elif self.path.startswith("/to?u="):
+            self._redirect(unquote(self.path[len("/to?u="):]))
+        elif self.path.startswith("/loop/"):
+            self._redirect(f"/loop/{int(self.path.rsplit('/', 1)[1]) + 1}")
         else:
             self._send(404, b"nope")
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send(self, code: int, body: bytes) -> None:
         try:
@@ -200,12 +216,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def server():
+def _serve(tls: ssl.SSLContext | None = None):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = _serve()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
@@ -217,49 +239,226 @@ def _no_proxy(monkeypatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def local_settings(**overrides) -> Settings:
+    """The test servers listen on 127.0.0.1, which fetching refuses unless told otherwise."""
+    return make_settings(fetch_allow_private=True, **overrides)
+
+
+def _port(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
 def test_http_ok(server: str) -> None:
-    assert fetch_bytes(f"{server}/ok", make_settings()) == b"hello"
+    assert fetch_bytes(f"{server}/ok", local_settings()) == b"hello"
 
 
 def test_http_follows_http_redirect(server: str) -> None:
-    assert fetch_bytes(f"{server}/redirect", make_settings()) == b"hello"
+    assert fetch_bytes(f"{server}/redirect", local_settings()) == b"hello"
 
 
 def test_http_redirect_to_other_scheme_refused(server: str) -> None:
     with pytest.raises(FetchError, match="redirect to a non-HTTP URI refused"):
-        fetch_bytes(f"{server}/to-file", make_settings())
+        fetch_bytes(f"{server}/to-file", local_settings())
+
+
+def test_http_redirects_are_capped(server: str) -> None:
+    with pytest.raises(FetchError, match=f"too many redirects \\(more than {fetch.MAX_REDIRECTS}\\)") as info:
+        fetch_bytes(f"{server}/loop/0", local_settings())
+    assert "\n" not in info.value.reason
 
 
 def test_http_404(server: str) -> None:
     with pytest.raises(FetchError, match="HTTP 404"):
-        fetch_bytes(f"{server}/missing", make_settings())
+        fetch_bytes(f"{server}/missing", local_settings())
 
 
 @pytest.mark.parametrize("path", ["/big", "/big-unannounced"])
 def test_http_oversize_body(server: str, path: str) -> None:
     with pytest.raises(FetchError, match="too large"):
-        fetch_bytes(f"{server}{path}", make_settings())
+        fetch_bytes(f"{server}{path}", local_settings())
 
 
 def test_http_slow_response_times_out(server: str) -> None:
     start = time.monotonic()
     with pytest.raises(FetchError, match="timed out"):
-        fetch_bytes(f"{server}/slow", make_settings(fetch_timeout_s=0.5))
+        fetch_bytes(f"{server}/slow", local_settings(fetch_timeout_s=0.5))
     assert time.monotonic() - start < 1.5
 
 
 def test_http_dripping_body_hits_total_deadline(server: str) -> None:
     start = time.monotonic()
     with pytest.raises(FetchError, match="timed out"):
-        fetch_bytes(f"{server}/drip", make_settings(fetch_timeout_s=0.5))
+        fetch_bytes(f"{server}/drip", local_settings(fetch_timeout_s=0.5))
     assert time.monotonic() - start < 1.5
 
 
 def test_connection_refused_is_fetch_error() -> None:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(FetchError, match="cannot fetch"):
-        fetch_bytes(f"http://127.0.0.1:{port}/x", make_settings())
+        fetch_bytes(f"http://127.0.0.1:{port}/x", local_settings())
+
+
+# ---- http(s): server-side request forgery -----------------------------------------------------
+
+
+def test_loopback_is_refused_by_default_without_connecting(server: str) -> None:
+    refusal = r"refused: 127\.0\.0\.1 is a loopback address .*LANDMARKS_FETCH_ALLOW_PRIVATE"
+    with pytest.raises(FetchError, match=refusal):
+        fetch_bytes(f"{server}/ok-never-asked", make_settings())
+    assert not [path for path, _ in _Handler.seen if path == "/ok-never-asked"]
+
+
+@pytest.mark.parametrize(("host", "kind"), [
+    ("169.254.169.254", "link-local"),  # cloud metadata
+    ("10.0.0.5", "private"),
+    ("172.16.3.4", "private"),
+    ("192.168.1.1", "private"),
+    ("100.64.0.1", "non-public"),
+    ("0.0.0.0", "unspecified"),
+    ("224.0.0.1", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("[::1]", "loopback"),
+    ("[::]", "unspecified"),
+    ("[fe80::1]", "link-local"),
+    ("[fd00::1]", "private"),
+    ("[ff02::1]", "multicast"),
+    ("[::ffff:127.0.0.1]", "loopback"),
+    ("[::ffff:169.254.169.254]", "link-local"),
+    ("[::ffff:10.0.0.5]", "private"),
+    ("[64:ff9b::a00:5]", "private"),  # NAT64 of 10.0.0.5
+])
+def test_internal_addresses_are_refused_before_any_connection(host: str, kind: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(FetchError, match=f"refused: .* {kind} address") as info:
+        fetch_bytes(f"http://{host}/latest/meta-data/", make_settings(fetch_timeout_s=5))
+    assert time.monotonic() - start < 1  # no connection was even tried
+    assert "LANDMARKS_FETCH_ALLOW_PRIVATE" in info.value.reason and "\n" not in info.value.reason
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "2a00:1450::1"])
+def test_public_addresses_pass(address: str) -> None:
+    assert fetch.non_public_kind(ipaddress.ip_address(address)) is None
+
+
+def _resolve_as(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
+    """Host names answer with these addresses, in turn; returns the names asked, one per lookup."""
+    real, asked = socket.getaddrinfo, []
+
+    def fake(host, port, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if host not in answers:
+            return real(host, port, *args, **kwargs)
+        asked.append(host)
+        address = answers[host][min(len(asked), len(answers[host])) - 1]
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", fake)
+    return asked
+
+
+def test_a_name_resolving_to_loopback_is_refused(server: str, monkeypatch) -> None:
+    _resolve_as(monkeypatch, {"photos.example.com": ["127.0.0.1"]})
+    with pytest.raises(FetchError, match="refused: host 'photos.example.com' resolves to a loopback address 127.0.0.1"):
+        fetch_bytes(f"http://photos.example.com:{_port(server)}/ok", make_settings())
+
+
+def test_every_answer_of_a_name_is_checked(monkeypatch) -> None:
+    real = socket.getaddrinfo
+
+    def public_then_private(host, port, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if host != "mixed.example.com":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in ("93.184.216.34", "10.0.0.5")]
+
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", public_then_private)
+    with pytest.raises(FetchError, match="resolves to a private address 10.0.0.5"):
+        fetch_bytes("http://mixed.example.com/a.jpg", make_settings())
+
+
+def test_real_localhost_is_refused_by_default_and_allowed_when_configured(server: str) -> None:
+    uri = f"http://localhost:{_port(server)}/ok"
+    with pytest.raises(FetchError, match="refused: host 'localhost' resolves to a loopback address"):
+        fetch_bytes(uri, make_settings())
+    # localhost may answer ::1 first, where nothing listens: the next checked address is tried.
+    assert fetch_bytes(uri, local_settings()) == b"hello"
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.2:{port}/ok",
+    "http://[::ffff:127.0.0.2]:{port}/ok",
+    "http://10.0.0.5/ok",
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+])
+def test_a_redirect_to_an_internal_address_is_refused(server: str, target: str) -> None:
+    only_the_server = make_settings(fetch_allowed_networks="127.0.0.1/32", fetch_timeout_s=5)
+    assert fetch_bytes(f"{server}/ok", only_the_server) == b"hello"
+    location = target.format(port=_port(server))
+    with pytest.raises(FetchError, match="refused: .* address"):
+        fetch_bytes(f"{server}/to?u={quote(location, safe='')}", only_the_server)
+
+
+def test_the_checked_address_is_the_one_connected_to(server: str, monkeypatch) -> None:
+    # A rebinding DNS server answers an allowed address to the check, then an internal one.
+    asked = _resolve_as(monkeypatch, {"photos.test": ["127.0.0.1", "10.0.0.5"]})
+    _Handler.seen.clear()
+    uri = f"http://photos.test:{_port(server)}/ok-pinned"
+    assert fetch_bytes(uri, make_settings(fetch_allowed_networks="127.0.0.1/32")) == b"hello"
+    assert asked == ["photos.test"]  # resolved once: the socket went to the address checked
+    assert _Handler.seen == [("/ok-pinned", f"photos.test:{_port(server)}")]  # Host stays the name
+
+
+@pytest.mark.parametrize(("networks", "allowed"), [
+    ("127.0.0.0/8", True),
+    ("10.0.0.0/8, 127.0.0.1/32", True),
+    ("::1/128", False),
+    ("10.0.0.0/8", False),
+    ("", False),
+])
+def test_allowed_networks(server: str, networks: str, allowed: bool) -> None:
+    settings = make_settings(fetch_allowed_networks=networks)
+    if allowed:
+        assert fetch_bytes(f"{server}/ok", settings) == b"hello"
+    else:
+        with pytest.raises(FetchError, match="refused"):
+            fetch_bytes(f"{server}/ok", settings)
+
+
+def test_a_bad_allowed_network_fails_at_start_up() -> None:
+    with pytest.raises(ValidationError, match="fetch_allowed_networks"):
+        make_settings(fetch_allowed_networks="10.0.0.0/33")
+
+
+def test_proxy_variables_are_not_used(server: str, monkeypatch) -> None:
+    # A proxy would resolve the name itself, out of reach of the address check.
+    monkeypatch.setenv("http_proxy", "http://10.0.0.5:3128")
+    assert fetch_bytes(f"{server}/ok", local_settings()) == b"hello"
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An https server on 127.0.0.1 whose certificate names only photos.test."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=photos.test", "-addext", "subjectAltName=DNS:photos.test",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd = _serve(context)
+    yield httpd.server_address[1], cert
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_to_a_checked_address_verifies_the_host_name(tls_server, monkeypatch) -> None:
+    port, cert = tls_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test certificate
+    _resolve_as(monkeypatch, {"photos.test": ["127.0.0.1"]})
+    settings = make_settings(fetch_allowed_networks="127.0.0.1/32", fetch_timeout_s=5)
+    assert fetch_bytes(f"https://photos.test:{port}/ok", settings) == b"hello"  # SNI and check on the name
+    with pytest.raises(FetchError, match="(?i)certificate|hostname|IP address mismatch"):
+        fetch_bytes(f"https://127.0.0.1:{port}/ok", settings)  # the certificate does not name the address

@@ -1,0 +1,84 @@
+"""A loaded model version (its embedder and decision thresholds) and the per-stage clock: what the live
+pipeline and the shadow pass share."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from shared.db.models import ModelVersion
+from shared.db.session import transaction
+from shared.embedder import Embedder
+from shared.errors import InfrastructureError
+from shared.index import LandmarkIndex
+from shared.local_index import LocalIndex
+from shared.recognition import Thresholds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRuntime:
+    version: str
+    embedder: Embedder
+    thresholds: Thresholds
+    replica: LocalIndex | None = None  # exact in-process search of this version, when it is kept
+
+
+def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroids: int) -> LocalIndex | None:
+    """An exact in-process copy of ``version``'s centroids and references, built from the checkpoint
+    that was published (so it costs no transfer), used only if it matches Milvus, the system of record,
+    row for row. Search then costs a matrix product instead of a Milvus round trip per tile group."""
+    if max_centroids <= 0 or not gallery.get("landmarks"):
+        return None
+    from shared.publish import gallery_rows
+    centroids, references = gallery_rows(gallery)
+    if len(centroids) > max_centroids:
+        log.info("version %s has %d centroids (> %d): searching Milvus", version, len(centroids), max_centroids)
+        return None
+    published = index.row_counts(version)
+    if published != (len(centroids), len(references)):
+        log.warning("the checkpoint of %s holds %d centroids and %d references, Milvus %s: searching Milvus",
+                    version, len(centroids), len(references), published)
+        return None
+    log.info("searching %d centroids of %s in process", len(centroids), version)
+    return LocalIndex(version, centroids, references)
+
+
+def load_model_runtime(engine: Engine, version: str, device: str, path_override: Path | None = None,
+                       role: str = "active") -> ModelRuntime:
+    """The model of ``version`` (its registered checkpoint unless ``path_override``), loaded."""
+    with transaction(engine) as session:
+        row = session.get(ModelVersion, version)
+        if row is None:
+            raise InfrastructureError(f"model version {version!r} ({role}) is not registered in PostgreSQL")
+        checkpoint, thresholds = row.checkpoint, Thresholds(row.t_geo, row.t_global, row.t_ref)
+    path = path_override or Path(checkpoint)
+    embedder = Embedder(path, device)
+    try:
+        embedder.load()
+    except (OSError, ValueError, RuntimeError) as exc:
+        # A missing or unreadable model file is an outage of this worker, not of the batch's photos:
+        # retried, then handed back, never acknowledged as done.
+        raise InfrastructureError(f"cannot load model {version} from {path}: {exc}") from exc
+    if embedder.meta.version != version:
+        raise InfrastructureError(f"model file {path} holds version {embedder.meta.version!r}, "
+                                  f"but {version!r} is {role}")
+    return ModelRuntime(version, embedder, thresholds)
+
+
+class StageClock:
+    """Milliseconds per stage of one batch, in order."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = (now - self._last) * 1000
+        self._last = now

@@ -1,0 +1,71 @@
+"""The worker's in-process search replica: built from the published checkpoint, used only when it
+matches Milvus row for row, and giving the same tags as searching Milvus."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from shared.events import PhotoUploaded
+from shared.index import LandmarkIndex
+from shared.local_index import LocalIndex
+from shared.model import load_checkpoint
+from shared.outcomes import PhotoStatus
+from shared.pipeline import RecognitionPipeline
+from shared.publish import publish_model
+from shared.runtime import local_replica
+from shared.settings import Settings
+
+from ops_fleet import build_model, event, photo_set
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, engine, milvus_uri) -> dict:
+    photos = photo_set(tmp_path_factory.mktemp("replica_photos"))
+    version = f"replica_{uuid.uuid4().hex[:6]}"
+    model = build_model(photos, tmp_path_factory.mktemp("replica_models"), version)
+    index = LandmarkIndex(milvus_uri)
+    publish_model(model, engine, index)
+    return {"photos": photos, "model": model, "version": version, "index": index}
+
+
+def _pipeline(engine, index, photos, max_centroids: int) -> RecognitionPipeline:
+    settings = Settings(file_roots=str(photos["root"]), search_replica_max_centroids=max_centroids)
+    return RecognitionPipeline(settings, engine, index)
+
+
+def _uploads(photos, user: str) -> list[PhotoUploaded]:
+    """Every other photo with GPS (its landmark's place, or somewhere for everyday photos): both the
+    geo-filtered and the global search run."""
+    places = [(info.lat, info.lon) for info in photos["infos"]] + [(48.85, 2.35)] * len(photos["everyday"])
+    paths = photos["firsts"] + photos["everyday"]
+    return [PhotoUploaded.model_validate(event(user, p, gps=place if k % 2 else None))
+            for k, (p, place) in enumerate(zip(paths, places))]
+
+
+def test_the_worker_searches_in_process_with_the_same_tags_as_milvus(published, engine):
+    index, photos = published["index"], published["photos"]
+    local = _pipeline(engine, index, photos, max_centroids=1000)
+    remote = _pipeline(engine, index, photos, max_centroids=0)
+    assert isinstance(local.runtime().replica, LocalIndex)
+    assert remote.runtime().replica is None
+    by_local = local.process(_uploads(photos, f"rl_{uuid.uuid4().hex[:6]}"))
+    by_milvus = remote.process(_uploads(photos, f"rm_{uuid.uuid4().hex[:6]}"))
+    tags = lambda report: [[t.landmark_id for t in o.tags] for o in report.outcomes]  # noqa: E731
+    assert tags(by_local) == tags(by_milvus)
+    assert sum(o.status == PhotoStatus.TAGGED for o in by_local.outcomes) == len(photos["firsts"])
+
+
+def test_no_replica_when_the_checkpoint_disagrees_with_milvus_or_is_too_large(published):
+    _, _, gallery = load_checkpoint(published["model"])
+    version, index = published["version"], published["index"]
+    assert local_replica(version, gallery, index, max_centroids=1000) is not None
+    assert local_replica(version, gallery, index, max_centroids=1) is None  # too large to keep
+    fewer = {**gallery, "centroids": {k: v[:-1] for k, v in gallery["centroids"].items()}}
+    assert local_replica(version, fewer, index, max_centroids=1000) is None  # Milvus is the record
+    assert local_replica(version, {}, index, max_centroids=1000) is None
+    assert np.asarray(gallery["centroids"]["embeddings"]).shape[0] == index.row_counts(version)[0]
