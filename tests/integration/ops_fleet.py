@@ -71,6 +71,15 @@ def build_model(photos: dict, out: Path, version: str, landmarks: slice = slice(
     return out / f"{version}.pt"
 
 
+def publish_tiny_model(photos: dict, engine, milvus_uri: str, out: Path, prefix: str) -> str:
+    """``build_model`` under a fresh version name ``PREFIX_xxxxxxxx``, published and active; its version."""
+    from shared.index import LandmarkIndex
+    from shared.publish import publish_model
+    version = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    publish_model(build_model(photos, out, version), engine, LandmarkIndex(milvus_uri))
+    return version
+
+
 def fleet_env(database_url: str, broker_url: str, milvus_uri: str, photos_root: Path, home: Path, **extra) -> dict:
     env = {**os.environ, "LANDMARKS_DATABASE_URL": database_url, "LANDMARKS_BROKER_URL": broker_url,
            "LANDMARKS_MILVUS_URI": milvus_uri, "LANDMARKS_FILE_ROOTS": str(photos_root),

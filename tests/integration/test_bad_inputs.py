@@ -20,8 +20,6 @@ from celery import Celery
 
 from shared.errors import DecodeError
 from shared.imaging import decode_image
-from shared.index import LandmarkIndex
-from shared.publish import publish_model
 from shared.stack import redis_client_url
 
 import bad_inputs as bad
@@ -154,10 +152,7 @@ def photos(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def model_version(photos, engine, milvus_uri, tmp_path_factory) -> str:
-    version = f"bad_{uuid.uuid4().hex[:8]}"
-    path = fleet.build_model(photos, tmp_path_factory.mktemp("models"), version)
-    publish_model(path, engine, LandmarkIndex(milvus_uri))
-    return version
+    return fleet.publish_tiny_model(photos, engine, milvus_uri, tmp_path_factory.mktemp("models"), "bad")
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,7 @@ class Case:
         self.ids = [e["event_id"] for e in self.events]
         self.producer = Producer(stack.broker_url, self.env["LANDMARKS_QUEUE"])
         self.worker = SupervisedWorker(self.env, self.log).start()
+        self.settled_at_fault = EVENTS  # set by wait_for_mid_stream
 
     def settled(self) -> int:
         processed, failed = outcome_ids(self.engine, self.ids)
@@ -91,6 +92,11 @@ class Case:
 
     def wait_until_settled(self, at_least: int = EVENTS, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         wait(lambda: self.settled() >= at_least, f"{at_least} events settled ({self.name})", timeout_s)
+
+    def wait_for_mid_stream(self) -> None:
+        """Returns once FAULT_AFTER events are settled, while others are still in flight."""
+        self.wait_until_settled(FAULT_AFTER)
+        self.settled_at_fault = self.settled()
 
     def ledger(self) -> Ledger:
         processed, failed = outcome_ids(self.engine, self.ids)
@@ -129,6 +135,7 @@ def _settle_and_check(c: Case) -> Ledger:
     ROWS.append(ledger.row())
     print(ledger.row())
     processed, failed = outcome_ids(c.engine, c.ids)
+    assert c.settled_at_fault < EVENTS, "the fault came after the stream had ended"
     assert (ledger.lost, ledger.duplicated) == (0, 0), ledger.row()
     assert failed == c.bad_ids, "exactly the corrupt and missing files end as recorded failures"
     assert len(processed) == EVENTS - BAD_EVENTS
@@ -144,7 +151,7 @@ def _reasons(engine: sa.Engine, ids: set[str]) -> list[str]:
 def test_worker_sigkilled_mid_batch(case):
     c = case("SIGKILL worker")
     c.producer.send_all(c.events)
-    c.wait_until_settled(FAULT_AFTER)
+    c.wait_for_mid_stream()
     c.worker.signal_and_restart(signal.SIGKILL)
     _settle_and_check(c)
     assert all(r for r in _reasons(c.engine, c.bad_ids)), "every failure carries its reason"
@@ -153,7 +160,7 @@ def test_worker_sigkilled_mid_batch(case):
 def test_worker_sigtermed_finishes_or_returns_its_batch(case):
     c = case("SIGTERM worker")
     c.producer.send_all(c.events)
-    c.wait_until_settled(FAULT_AFTER)
+    c.wait_for_mid_stream()
     exit_code = c.worker.signal_and_restart(signal.SIGTERM)
     assert exit_code == 0, "a warm shutdown exits cleanly"
     _settle_and_check(c)
@@ -163,7 +170,7 @@ def test_redis_restarted_mid_stream(case):
     c = case("Redis restart (AOF)")
     sender = threading.Thread(target=c.producer.send_all, args=(c.events,), kwargs={"per_second": 100})
     sender.start()
-    c.wait_until_settled(FAULT_AFTER)
+    c.wait_for_mid_stream()
     c.stack.restart_redis(down_s=3)
     sender.join(240)
     assert not sender.is_alive()
@@ -174,7 +181,7 @@ def test_redis_restarted_mid_stream(case):
 def test_postgres_stopped_for_10_seconds(case):
     c = case("PostgreSQL down 10 s")
     c.producer.send_all(c.events)
-    c.wait_until_settled(FAULT_AFTER)
+    c.wait_for_mid_stream()
     c.stack.stop_postgres()
     time.sleep(10)
     c.stack.start_postgres()
@@ -184,7 +191,7 @@ def test_postgres_stopped_for_10_seconds(case):
 def test_milvus_unavailable_for_10_seconds(case):
     c = case("Milvus down 10 s")
     c.producer.send_all(c.events)
-    c.wait_until_settled(FAULT_AFTER)
+    c.wait_for_mid_stream()
     c.stack.milvus.stop()
     time.sleep(10)
     c.stack.milvus.start()
@@ -196,7 +203,7 @@ def test_milvus_unavailable_for_good_keeps_every_event_in_the_broker(case):
     the events wait in the broker; when it comes back they drain."""
     c = case("Milvus down for good")
     c.producer.send_all(c.events)
-    c.wait_until_settled(FAULT_AFTER)
+    c.wait_for_mid_stream()
     c.stack.milvus.stop()
     try:
         time.sleep(90)  # longer than a batch's 60 s of retries, so events have been handed back

@@ -13,7 +13,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import sqlalchemy as sa
 from celery import Celery
@@ -22,7 +21,7 @@ from shared.backlog import queue_backlog
 from shared.db.albums import attractions, photo_report
 from shared.db.session import transaction
 from shared.embedder import Embedder
-from shared.gallery import LandmarkPhotos, LandmarkInfo, build_gallery, read_landmarks_csv
+from shared.gallery import LandmarkPhotos, build_gallery, read_landmarks_csv
 from shared.index import LandmarkIndex
 from shared.model import load_checkpoint, save_checkpoint
 from shared.modelinit import init_model
@@ -213,7 +212,8 @@ def test_worker_killed_mid_batch_loses_nothing_and_writes_nothing_twice(
     user = f"bob_{uuid.uuid4().hex[:6]}"
     paths = [p for i in photos["infos"] for p in sorted((photos["landmarks_dir"] / i.slug).glob("*.jpg"))]
     paths += photos["everyday"]
-    events = [_event(user, paths[k % len(paths)]) for k in range(120)]
+    # Enough batches of 8 that a starved poll on a busy machine still catches the worker mid-stream.
+    events = [_event(user, paths[k % len(paths)]) for k in range(480)]
     for event in events:
         producer(UPLOADED, event)
 

@@ -17,9 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import health, metrics
-from shared.index import LandmarkIndex
 from shared.logs import JsonFormatter, configure_logging, json_logs_enabled, log_context
-from shared.publish import publish_model
 
 import ops_fleet as fleet
 
@@ -147,10 +145,7 @@ def photos(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def model_version(photos, engine, milvus_uri, tmp_path_factory) -> str:
-    version = f"obs_{uuid.uuid4().hex[:8]}"
-    path = fleet.build_model(photos, tmp_path_factory.mktemp("models"), version)
-    publish_model(path, engine, LandmarkIndex(milvus_uri))
-    return version
+    return fleet.publish_tiny_model(photos, engine, milvus_uri, tmp_path_factory.mktemp("models"), "obs")
 
 
 @pytest.fixture(scope="module")

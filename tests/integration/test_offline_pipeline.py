@@ -4,7 +4,6 @@ centroids, calibration), resume, and evaluation through Milvus equal to exact lo
 from __future__ import annotations
 
 import csv
-import time
 from dataclasses import replace
 from pathlib import Path
 

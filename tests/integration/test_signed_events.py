@@ -13,8 +13,6 @@ from celery import Celery
 
 from shared.db.albums import photo_report
 from shared.db.session import transaction
-from shared.index import LandmarkIndex
-from shared.publish import publish_model
 from shared.signing import sign_event
 
 import ops_fleet as fleet
@@ -30,10 +28,7 @@ def photos(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def model_version(photos, engine, milvus_uri, tmp_path_factory) -> str:
-    version = f"sig_{uuid.uuid4().hex[:8]}"
-    path = fleet.build_model(photos, tmp_path_factory.mktemp("models"), version)
-    publish_model(path, engine, LandmarkIndex(milvus_uri))
-    return version
+    return fleet.publish_tiny_model(photos, engine, milvus_uri, tmp_path_factory.mktemp("models"), "sig")
 
 
 @pytest.fixture(scope="module")
