@@ -82,13 +82,25 @@ def _read_regular(fd: int, uri: str, limit: int) -> bytes:
     if info.st_size > limit:
         raise FetchError(f"file too large: {info.st_size} bytes exceeds limit {limit}: {short_uri(uri)}")
     try:
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(limit + 1)  # the file may have grown since fstat
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
+            # Sized to the file, not the limit: read(limit + 1) allocates limit + 1 bytes on every call.
+            data = _read_up_to(fh, info.st_size + 1)
+            if len(data) > info.st_size:  # it grew since fstat: read on, up to the limit
+                data += _read_up_to(fh, limit + 1 - len(data))
     except OSError as exc:
         raise FetchError(f"cannot read {short_uri(uri)}: {_describe(exc)}") from None
     if len(data) > limit:
         raise FetchError(f"file too large: exceeds limit {limit} bytes: {short_uri(uri)}")
     return data
+
+
+def _read_up_to(fh, n: int) -> bytes:  # noqa: ANN001
+    """Up to ``n`` bytes, fewer only at the end of the file (one raw read may return less)."""
+    chunks, total = [], 0
+    while total < n and (chunk := fh.read(n - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def _allowed_path(uri: str, settings: Settings) -> Path:

@@ -462,3 +462,22 @@ def test_https_to_a_checked_address_verifies_the_host_name(tls_server, monkeypat
     assert fetch_bytes(f"https://photos.test:{port}/ok", settings) == b"hello"  # SNI and check on the name
     with pytest.raises(FetchError, match="(?i)certificate|hostname|IP address mismatch"):
         fetch_bytes(f"https://127.0.0.1:{port}/ok", settings)  # the certificate does not name the address
+
+
+@pytest.mark.parametrize("size, outcome", [(900, "read whole"), (1500, "too large")])
+def test_a_file_that_grew_after_fstat_is_read_whole_or_refused(root: Path, settings: Settings, monkeypatch,
+                                                               size: int, outcome: str) -> None:
+    path = root / "growing.jpg"
+    path.write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+    real_fstat = fetch.os.fstat
+
+    class Shrunk:  # what fstat said before the file grew
+        def __init__(self, info) -> None:
+            self.st_mode, self.st_size = info.st_mode, 10
+
+    monkeypatch.setattr(fetch.os, "fstat", lambda fd: Shrunk(real_fstat(fd)))
+    if outcome == "read whole":
+        assert fetch_bytes(path.as_uri(), settings) == path.read_bytes()
+    else:
+        with pytest.raises(FetchError, match="file too large"):
+            fetch_bytes(path.as_uri(), settings)
