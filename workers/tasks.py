@@ -16,7 +16,7 @@ from shared.db.writer import delete_photo, record_failure
 from shared.errors import InfrastructureError, InvalidEvent, Stage
 from shared.events import PhotoDeleted, PhotoUploaded, parse_event, safe_field
 from shared.settings import get_settings
-from shared.signing import sign_event, verification_keys
+from shared.signing import event_signer, verification_keys
 from workers.app import app
 from workers.context import worker_context
 
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 _settings = get_settings()
 # Read once at start-up: a missing or short key stops the worker here rather than letting events in unchecked.
 _signing_keys = verification_keys(_settings)
+# A handed-back event must pass this fleet's own signature check when it comes round again.
+_sign = event_signer(_settings)
 
 UPLOADED = "landmarks.photo_uploaded"
 DELETED = "landmarks.photo_deleted"
@@ -104,15 +106,10 @@ def _hand_back(events: list[PhotoUploaded]) -> None:
     _observe(metrics.observe_handed_back, len(events))
     try:
         for event in events:
-            app.send_task(UPLOADED, args=[_signed(event.model_dump(mode="json"))], countdown=30)
+            app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=30)
     except Exception:  # noqa: BLE001 - any failure to re-publish must end in redelivery, not loss
         log.critical("cannot re-publish %d events; exiting so the broker redelivers them", len(events))
         os._exit(75)
-
-
-def _signed(payload: dict) -> dict:
-    """A handed-back event must pass this fleet's own signature check when it comes round again."""
-    return sign_event(payload, _signing_keys[0]) if _signing_keys else payload
 
 
 @app.task(name=UPLOADED, base=Batches, flush_every=_settings.batch_size,
@@ -151,17 +148,17 @@ def _process_or_isolate(events: list[PhotoUploaded]) -> None:
 
 def _record_unexpected(event: PhotoUploaded, reason: str) -> None:
     try:
-        done = _with_retries(lambda: _record_failure(event, reason), "recording a failure")
+        done = _with_retries(lambda: _record_failure(event.model_dump(mode="json"), UPLOADED, reason),
+                             "recording a failure")
     except Unexpected:
         done = False
     if not done:
         _hand_back([event])
 
 
-def _record_failure(event: PhotoUploaded, reason: str) -> None:
+def _record_failure(payload: Any, task: str, reason: str) -> None:
     with transaction(worker_context().engine) as session:
-        record_failure(session, payload=event.model_dump(mode="json"), task=UPLOADED, stage=Stage.WRITE,
-                       reason=reason)
+        record_failure(session, payload=payload, task=task, stage=Stage.WRITE, reason=reason)
 
 
 def _process(events: list[PhotoUploaded]) -> None:
@@ -184,8 +181,6 @@ def photo_deleted(self, event: Any) -> None:
         raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 300))
     except Exception as exc:  # noqa: BLE001 - Celery would acknowledge it with no trace in the tables
         log.exception("deletion failed unexpectedly; recording it", extra={"event_id": parsed.event_id})
-        with transaction(worker_context().engine) as session:
-            record_failure(session, payload=event, task=DELETED, stage=Stage.WRITE,
-                           reason=f"deletion failed unexpectedly: {type(exc).__name__}: {exc}")
+        _record_failure(event, DELETED, f"deletion failed unexpectedly: {type(exc).__name__}: {exc}")
         return
     _observe(metrics.observe_deleted)

@@ -29,7 +29,7 @@ from shared.imaging import decode_image
 from shared.publish import publish_model
 from shared.synthetic import write_photo_set
 
-from ops_fleet import wait as _wait  # noqa: E402  (tests/integration helpers)
+from ops_fleet import start_worker as _start_worker, stop as _stop, wait as _wait  # noqa: E402  (tests/integration helpers)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 UPLOADED, DELETED = "landmarks.photo_uploaded", "landmarks.photo_deleted"
@@ -73,20 +73,6 @@ def fleet_env(photos, database_url, broker_url, milvus_uri, tmp_path_factory) ->
             "LANDMARKS_QUEUE": f"lm_test_{uuid.uuid4().hex[:8]}", "LANDMARKS_BATCH_SIZE": "8",
             "LANDMARKS_MAX_WAIT_MS": "200", "LANDMARKS_VISIBILITY_TIMEOUT_S": "10",
             "LANDMARKS_HOME": str(tmp_path_factory.mktemp("home")), "PYTHONUNBUFFERED": "1"}
-
-
-def _start_worker(env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--loglevel=INFO"], env=env,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
-
-
-def _stop(worker: subprocess.Popen) -> None:
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
 
 
 @pytest.fixture
