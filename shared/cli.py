@@ -105,13 +105,13 @@ def db_downgrade(revision: str) -> None:
 @app.command()
 def worker(device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (one worker per GPU)")] = None,
            loglevel: str = "INFO") -> None:
-    """Run one recognition worker process (Celery, solo pool: the model lives in this process)."""
+    """Run one recognition worker process (the model lives in this process; batches overlap in threads)."""
     if device:
         os.environ["LANDMARKS_DEVICE"] = device
         get_settings.cache_clear()
     from workers.app import app as celery_app
     settings = get_settings()
-    celery_app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue}",
+    celery_app.worker_main(["worker", f"--queues={settings.queue}",
                             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
                             "--without-heartbeat"])
 

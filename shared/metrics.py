@@ -64,7 +64,7 @@ EVENT_AGE = Histogram("landmarks_event_age_seconds", "Live uploads: from uploade
                       buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
 LAST_BATCH = Gauge("landmarks_last_batch_timestamp_seconds", "Unix time the last batch committed")
 BATCH_RUNNING_SINCE = Gauge("landmarks_batch_running_since_seconds",
-                            "Unix time the running batch started, 0 when idle")
+                            "Unix time the oldest running batch started, 0 when idle")
 MODEL_INFO = Gauge("landmarks_model_info", "1 for the model version this worker has loaded", ["version"])
 MODEL_LOADED = Gauge("landmarks_model_loaded", "1 once a model version is loaded in this worker")
 # outcome: tagged | no_landmark (written under the shadow version), skipped (its model was not loaded yet,
@@ -127,24 +127,27 @@ def loaded_model() -> str | None:
     return _model_version
 
 
-_batch_started_at: float | None = None
+# Start times of the batches running now, by thread: a worker runs up to LANDMARKS_BATCHES_IN_FLIGHT at once.
+_batches_running: dict[int, float] = {}
+_batches_lock = threading.Lock()
 
 
 def batch_started() -> None:
-    global _batch_started_at
-    _batch_started_at = time.time()
-    BATCH_RUNNING_SINCE.set(_batch_started_at)
+    with _batches_lock:
+        _batches_running[threading.get_ident()] = time.time()
+        BATCH_RUNNING_SINCE.set(min(_batches_running.values()))
 
 
 def batch_finished() -> None:
-    global _batch_started_at
-    _batch_started_at = None
-    BATCH_RUNNING_SINCE.set(0)
+    with _batches_lock:
+        _batches_running.pop(threading.get_ident(), None)
+        BATCH_RUNNING_SINCE.set(min(_batches_running.values(), default=0))
 
 
 def batch_running_since() -> float | None:
-    """Unix time the running batch started (retries included), None when idle: liveness reads it."""
-    return _batch_started_at
+    """Unix time the oldest running batch started (retries included), None when idle: liveness reads it."""
+    with _batches_lock:
+        return min(_batches_running.values(), default=None)
 
 
 def observe_batch(report: Any, n_events: int) -> None:

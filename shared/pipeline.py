@@ -2,12 +2,17 @@
 one transaction. Workers, tests, backfills and benchmarks all call it; it knows nothing of Celery.
 
 While a shadow version runs (shared/shadow.py), a sample of each batch's decoded photos also goes
-through the candidate, after the live batch has committed."""
+through the candidate, after the live batch has committed.
+
+A worker calls `process` from several threads at once (LANDMARKS_BATCHES_IN_FLIGHT): the decode pool is
+shared, and the model runs one batch at a time under `device_lock`, so batch i+1 decodes while batch i
+is embedded, searched and written."""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -54,9 +59,12 @@ class RecognitionPipeline:
         self.engine = engine
         self.index = index
         self._runtime: ModelRuntime | None = None
+        self._runtime_lock = threading.Lock()
+        # One forward pass at a time: two would split the cores (or the GPU) and gain nothing.
+        self.device_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
                                         thread_name_prefix="decode")
-        self.shadow = ShadowRunner(settings, engine, index)
+        self.shadow = ShadowRunner(settings, engine, index, device_lock=self.device_lock)
 
     @property
     def loaded_version(self) -> str | None:
@@ -69,9 +77,10 @@ class RecognitionPipeline:
         version = self.index.active_version()
         if version is None:
             raise InfrastructureError("no active model version: run `landmarks publish MODEL` first")
-        if self._runtime is None or self._runtime.version != version:
-            self._runtime = self._load_runtime(version)
-        return self._runtime
+        with self._runtime_lock:  # the first batch after the alias moved loads it; the others wait for it
+            if self._runtime is None or self._runtime.version != version:
+                self._runtime = self._load_runtime(version)
+            return self._runtime
 
     def _load_runtime(self, version: str) -> ModelRuntime:
         runtime = load_model_runtime(self.engine, version, self.settings.device, self.settings.model_path,
@@ -123,7 +132,9 @@ class RecognitionPipeline:
                     for event, item in zip(events, loaded)]
         if ok:
             pixels = np.stack([loaded[i].pixels for i in ok])
-            embeddings = runtime.embedder.embed(pixels)
+            with self.device_lock:
+                clock.lap("wait_model")
+                embeddings = runtime.embedder.embed(pixels)
             clock.lap("embed")
             gps = [photo_gps(loaded[i], events[i]) for i in ok]
             tags = recognise_batch(embeddings, [point for point, _ in gps], runtime.replica or self.index,

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     queue: str = "landmarks"
     # Longer than the worst batch, or Redis redelivers a batch that is still running.
     visibility_timeout_s: int = Field(3600, ge=10)
+    # Batches one worker works on at once (a thread each): with 2, the next batch is fetched and decoded
+    # while this one is in the model, searched and written. The model runs one batch at a time.
+    batches_in_flight: int = Field(2, ge=1, le=8)
 
     # Fetching: file:// only below these roots (colon-separated), size and time limits.
     file_roots: str = ""

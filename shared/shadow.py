@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -66,7 +67,8 @@ class ShadowRunner:
     tagging of a batch's sample under its version. Nothing here raises into the live batch."""
 
     def __init__(self, settings: Settings, engine: Engine, index: LandmarkIndex,
-                 refresh_s: float = SHADOW_REFRESH_S, retry_s: float = SHADOW_RETRY_S) -> None:
+                 refresh_s: float = SHADOW_REFRESH_S, retry_s: float = SHADOW_RETRY_S,
+                 device_lock: threading.Lock | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.index = index
@@ -76,6 +78,10 @@ class ShadowRunner:
         self._read_at = -float("inf")
         self._runtime: ModelRuntime | None = None
         self._backoff: tuple[str, float] | None = None  # (version, when to try it again)
+        # Batches run in several threads: one of them at a time reads, loads or runs the shadow, and its
+        # forward pass takes turns with the live model's.
+        self._lock = threading.RLock()
+        self._device_lock = device_lock or threading.Lock()
 
     @property
     def loaded_version(self) -> str | None:
@@ -84,6 +90,10 @@ class ShadowRunner:
 
     def for_batch(self, active: ModelRuntime) -> ShadowPlan | None:
         """The shadow for this batch, or None; a shadow that stopped, or became active, is unloaded."""
+        with self._lock:
+            return self._plan(active)
+
+    def _plan(self, active: ModelRuntime) -> ShadowPlan | None:
         running = self._read_running()
         if running is None or running[0] == active.version:
             self._unload()
@@ -99,6 +109,11 @@ class ShadowRunner:
     def run(self, plan: ShadowPlan, events: list[PhotoUploaded], images: list[np.ndarray | None],
             gps: list[GeoPoint | None]) -> ShadowReport:
         """Tags the sampled photos under the shadow version (after the live batch committed)."""
+        with self._lock:
+            return self._run(plan, events, images, gps)
+
+    def _run(self, plan: ShadowPlan, events: list[PhotoUploaded], images: list[np.ndarray | None],
+             gps: list[GeoPoint | None]) -> ShadowReport:
         if self._backing_off(plan.version):
             return ShadowReport(plan.version, {"skipped": len(events)} if events else {})
         if plan.runtime is None:  # loaded now that the live batch is done: its first batch waits for nothing
@@ -130,7 +145,8 @@ class ShadowRunner:
         photos = {"skipped": len(events) - len(usable)} if len(usable) < len(events) else {}
         if not usable:
             return photos
-        embeddings = runtime.embedder.embed(np.stack([images[k] for k in usable]))
+        with self._device_lock:
+            embeddings = runtime.embedder.embed(np.stack([images[k] for k in usable]))
         clock.lap("embed")
         tags = recognise_batch(embeddings, [gps[k] for k in usable], self.index, plan.version, runtime.thresholds,
                                global_k=self.settings.global_top_k, geo_limit=self.settings.geo_top_k)

@@ -6,6 +6,7 @@ from celery import Celery, signals
 
 from shared.settings import get_settings
 from shared.stack import resolve
+from workers.pool import prefetch_multiplier
 
 app = Celery("landmarks", include=["workers.tasks"])
 
@@ -35,8 +36,12 @@ def _configure(sender: Celery, **_: object) -> None:
         # batch goes back to the queue.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # celery-batches buffers prefetched messages: prefetch must cover a whole batch.
-        worker_prefetch_multiplier=settings.batch_size,
+        # celery-batches buffers prefetched messages: prefetch (this times the concurrency) must cover
+        # a whole batch for each batch in flight.
+        worker_prefetch_multiplier=prefetch_multiplier(settings.batch_size, settings.batches_in_flight),
+        # Threads in this one process (workers/pool.py): up to batches_in_flight batches overlap.
+        worker_pool="workers.pool:BatchPipelinePool",
+        worker_concurrency=settings.batches_in_flight,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         enable_utc=True,

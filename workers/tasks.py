@@ -7,7 +7,6 @@ import os
 import time
 from typing import Any
 
-from celery_batches import Batches
 from sqlalchemy.exc import DBAPIError
 
 from shared import metrics
@@ -19,6 +18,7 @@ from shared.settings import get_settings
 from shared.signing import event_signer, verification_keys
 from workers.app import app
 from workers.context import worker_context
+from workers.pool import PipelinedBatches
 
 log = logging.getLogger(__name__)
 _settings = get_settings()
@@ -112,7 +112,7 @@ def _hand_back(events: list[PhotoUploaded]) -> None:
         os._exit(75)
 
 
-@app.task(name=UPLOADED, base=Batches, flush_every=_settings.batch_size,
+@app.task(name=UPLOADED, base=PipelinedBatches, flush_every=_settings.batch_size,
           flush_interval=_settings.max_wait_ms / 1000, acks_late=True, typing=False)
 def photo_uploaded(requests: list[Any]) -> None:
     events, bad = _split(requests)
