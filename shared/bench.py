@@ -301,13 +301,14 @@ class BenchConfig:
         return self.device.startswith("cuda")
 
     def resolved(self) -> BenchConfig:
-        """Defaults by device: the served model of each machine and enough images for a few seconds a stage."""
+        """Defaults by device: the served model of each machine, and enough images that filling and draining
+        the worker's pipeline (a batch or two) weigh little against the steady state (~60 batches)."""
         cuda = self.cuda
         batch = self.batch_size or _env_int("LANDMARKS_BATCH_SIZE") or (256 if cuda else 64)
         if self.quick:
             images, batch = self.images or 16, self.batch_size or 8
         else:  # `real` defaults to two passes over the photos found
-            images = self.images or {("12mp", False): 384, ("2mp", False): 1024, ("12mp", True): 2048,
+            images = self.images or {("12mp", False): 1024, ("2mp", False): 4096, ("12mp", True): 2048,
                                      ("2mp", True): 4096}.get((self.size, cuda))
         return replace(self, images=images, batch_size=batch,
                        backbone=self.backbone or ("wide_resnet50_2" if cuda else "resnet_small"),
@@ -980,8 +981,10 @@ class E2EPlan:
 
 def _wait_for(engine, user: str, n: int, worker: subprocess.Popen, log_path: Path, stall_s: float,
               on_poll: Callable[[int], None] | None = None, poll_s: float = 0.05) -> float:
-    """Polls processed_events until `n` events of `user` are committed; the time the last one was seen."""
-    last, last_change = -1, time.monotonic()
+    """Polls processed_events until `n` events of `user` are committed; the time the last one was seen.
+    A long run polls every `poll_s`, but every 50 ms once the end may come before the next poll, so the
+    end is timed closely."""
+    last, last_change, step = -1, time.monotonic(), n
     while True:
         done = _processed(engine, user)
         now = time.perf_counter()
@@ -990,13 +993,14 @@ def _wait_for(engine, user: str, n: int, worker: subprocess.Popen, log_path: Pat
         if done >= n:
             return now
         if done != last:
+            step = done - max(last, 0)  # the progress of one poll
             last, last_change = done, time.monotonic()
         if worker.poll() is not None:
             raise RuntimeError(f"the bench worker exited with {worker.returncode} at {done}/{n} events:\n"
                                f"{_tail(log_path)}")
         if time.monotonic() - last_change > stall_s:
             raise TimeoutError(f"no progress for {stall_s:.0f}s at {done}/{n} events:\n{_tail(log_path)}")
-        time.sleep(poll_s)
+        time.sleep(poll_s if n - done > 2 * step else min(poll_s, 0.05))
 
 
 def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
@@ -1087,7 +1091,10 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
             "rss_mb_series": series,
             "e2e_batches": batches, "e2e_mean_batch": round(photos / batches, 1) if batches else None,
             "worker_ms_per_img": per_img,
-            "worker_busy_share": round(sum(laps.values()) / 1e3 / elapsed, 3) if laps else None,
+            # Batch-seconds per second: how many batches were being worked on, on average (at most
+            # LANDMARKS_BATCHES_IN_FLIGHT); waiting for the model's turn does not count.
+            "worker_batches_busy": round(sum(v for k, v in laps.items() if k != "wait_model") / 1e3 / elapsed, 3)
+            if laps else None,
             "e2e_tagged": tagged, "worker_log": str(log_path)}
 
 
@@ -1184,7 +1191,11 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
     cfg = cfg.resolved()
     if cfg.cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    from shared.runtime import configure_threads
+    settings = get_settings()
+    threads = configure_threads(settings.torch_threads, settings.blas_threads)  # as the worker does
     started, account, host = time.monotonic(), CpuAccount(), host_info()
+    host["threads"], host["batches_in_flight"] = threads, settings.batches_in_flight
     inputs = bench_inputs(cfg, reporter)
     if inputs is None:
         return {"device": cfg.device, "size": cfg.size, "skipped": f"no real photos at {realdata_dir()}"}
@@ -1192,7 +1203,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
         torch.backends.cudnn.benchmark = True  # the bound is what the card can do
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lm-bench-")))
-        database_server, broker_url = service_urls(get_settings())
+        database_server, broker_url = service_urls(settings)
         reporter.start("services: scratch database, private milvus-lite, bench queue")
         database_url = stack.enter_context(scratch_database(database_server))
         milvus_uri = stack.enter_context(private_milvus(workdir))
@@ -1249,7 +1260,7 @@ def summarise_load(cfg: BenchConfig, inputs: BenchInputs, e2e: dict, host: dict,
         "rss_mb_start": e2e["rss_mb_start"], "rss_mb_end": e2e["rss_mb_end"], "rss_mb_peak": e2e["rss_mb_peak"],
         "rss_mb_growth_pct": round(100 * (max(rss) - min(rss)) / min(rss), 1) if rss else None,
         "rss_mb_series": series, "e2e_batches": e2e["e2e_batches"], "e2e_mean_batch": e2e["e2e_mean_batch"],
-        "worker_ms_per_img": e2e["worker_ms_per_img"], "worker_busy_share": e2e["worker_busy_share"],
+        "worker_ms_per_img": e2e["worker_ms_per_img"], "worker_batches_busy": e2e["worker_batches_busy"],
         "model": f"random-init {cfg.backbone}, {cfg.input_size} px, dim {cfg.embedding_dim}, {cfg.precision}",
         "batch_size": cfg.batch_size, "centroids": cfg.centroids, "unique_inputs": len(inputs.unique),
         "file_mb_mean": inputs.file_mb_mean, "host": host, "seconds": round(seconds, 1),

@@ -1,9 +1,10 @@
-"""A loaded model version (its embedder and decision thresholds) and the per-stage clock: what the live
-pipeline and the shadow pass share."""
+"""A loaded model version (its embedder and decision thresholds), the per-stage clock and the worker's
+CPU thread settings: what the live pipeline and the shadow pass share."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,28 @@ from shared.local_index import LocalIndex
 from shared.recognition import Thresholds
 
 log = logging.getLogger(__name__)
+
+
+def configure_threads(torch_threads: int, blas_threads: int) -> dict[str, int]:
+    """Thread counts for a worker whose decode pool, forward pass and search share the cores.
+
+    - BLAS (numpy's OpenBLAS, used by the in-process search): its idle threads spin, waiting for the
+      next product, and took a third of a core from the decode pool on 2 cores; the products are small
+      (a batch against the active version's centroids), so 1 thread by default.
+    - torch: intra-op threads as asked (0 = one per core); inter-op 1, since nothing here runs
+      independent operators in parallel.
+    Returns what was applied, for the start-up log."""
+    import torch
+    from threadpoolctl import threadpool_limits
+    intra = torch_threads or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(intra)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already fixed: some operator ran first (tests, a second call)
+        pass
+    if blas_threads:
+        threadpool_limits(limits=blas_threads, user_api="blas")
+    return {"torch_intra_op": intra, "torch_inter_op": torch.get_num_interop_threads(), "blas": blas_threads}
 
 
 @dataclass

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     # Batches one worker works on at once (a thread each): with 2, the next batch is fetched and decoded
     # while this one is in the model, searched and written. The model runs one batch at a time.
     batches_in_flight: int = Field(2, ge=1, le=8)
+    # CPU threads of a worker (shared/runtime.configure_threads): torch intra-op (0 = one per core) and
+    # numpy's BLAS (0 = leave as is), whose spinning idle threads otherwise eat into the decode pool.
+    torch_threads: int = Field(0, ge=0, le=256)
+    blas_threads: int = Field(1, ge=0, le=256)
 
     # Fetching: file:// only below these roots (colon-separated), size and time limits.
     file_roots: str = ""
@@ -71,8 +75,8 @@ class Settings(BaseSettings):
         return parse_networks(self.fetch_allowed_networks)
 
     @property
-    def file_root_paths(self) -> list[Path]:
-        return [Path(p).resolve() for p in self.file_roots.split(":") if p.strip()]
+    def file_root_paths(self) -> tuple[Path, ...]:
+        return resolved_roots(self.file_roots)
 
     @property
     def home_path(self) -> Path:
@@ -81,6 +85,13 @@ class Settings(BaseSettings):
 
 def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in text.split(",") if item.strip())
+
+
+@lru_cache(maxsize=16)
+def resolved_roots(text: str) -> tuple[Path, ...]:
+    """The file roots with symlinks resolved, once per process: every file:// fetch checks against them,
+    and resolving them each time cost a tenth of a decode thread's time."""
+    return tuple(Path(p).resolve() for p in text.split(":") if p.strip())
 
 
 @lru_cache(maxsize=1)

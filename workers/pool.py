@@ -12,9 +12,16 @@ import math
 import threading
 from typing import Any
 
+import logging
+
 from celery import signals
 from celery.concurrency.thread import TaskPool
 from celery_batches import Batches
+
+from shared.runtime import configure_threads
+from shared.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 def prefetch_multiplier(batch_size: int, batches_in_flight: int) -> int:
@@ -30,6 +37,10 @@ class BatchPipelinePool(TaskPool):
         super().__init__(*args, **kwargs)
         self._busy = 0
         self._busy_lock = threading.Lock()
+        settings = get_settings()
+        threads = configure_threads(settings.torch_threads, settings.blas_threads)
+        log.info("%d batches in flight; threads %s", self.limit, threads,
+                 extra={"batches_in_flight": self.limit, "threads": threads})
         # Like the solo pool: this process is the one that consumes, so per-process set-up (the metrics
         # server) hangs off this signal whichever pool runs.
         signals.worker_process_init.send(sender=None)
