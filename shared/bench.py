@@ -260,20 +260,46 @@ class CpuAccount:
 
 
 def rss_mb(pid: int) -> float | None:
-    try:
-        import psutil
-        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess and friends: the process is gone
-        return None
+    """RSS of a process and all its descendants (the worker and its decode processes), in MB."""
+    total = 0.0
+    for member in [pid, *_descendants(pid)]:
+        mb = _own_rss_mb(member)
+        if mb is None and member == pid:
+            return None  # the process is gone
+        total += mb or 0.0
+    return round(total, 1)
+
+
+def _own_rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
+                return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def _descendants(pid: int) -> list[int]:
+    """From /proc (Linux); empty elsewhere."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 # ----------------------------------------------------------------------------------------- config

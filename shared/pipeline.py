@@ -4,16 +4,14 @@ one transaction. Workers, tests, backfills and benchmarks all call it; it knows 
 While a shadow version runs (shared/shadow.py), a sample of each batch's decoded photos also goes
 through the candidate, after the live batch has committed.
 
-A worker calls `process` from several threads at once (LANDMARKS_BATCHES_IN_FLIGHT): the decode pool is
-shared, and the model runs one batch at a time under `device_lock`, so batch i+1 decodes while batch i
+A worker calls `process` from several threads at once (LANDMARKS_BATCHES_IN_FLIGHT): the decode pool
+(shared/loading.py) is shared, and the model runs one batch at a time under `device_lock`, so batch i+1 decodes while batch i
 is embedded, searched and written."""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,11 +19,11 @@ from sqlalchemy.engine import Engine
 
 from shared.db.session import transaction
 from shared.db.writer import write_outcomes
-from shared.errors import InfrastructureError, PhotoError
+from shared.errors import InfrastructureError
 from shared.events import GeoPoint, PhotoUploaded
-from shared.fetch import fetch_bytes
-from shared.imaging import DecodedImage, decode_image
+from shared.imaging import DecodedImage
 from shared.index import LandmarkIndex
+from shared.loading import LoadRequest, PhotoLoader
 from shared.outcomes import Failure, GpsSource, PhotoOutcome, PhotoStatus
 from shared.recognition import recognise_batch
 from shared.runtime import ModelRuntime, StageClock, load_model_runtime, local_replica
@@ -62,8 +60,7 @@ class RecognitionPipeline:
         self._runtime_lock = threading.Lock()
         # One forward pass at a time: two would split the cores (or the GPU) and gain nothing.
         self.device_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
-                                        thread_name_prefix="decode")
+        self.loader = PhotoLoader(settings)
         self.shadow = ShadowRunner(settings, engine, index, device_lock=self.device_lock)
 
     @property
@@ -91,33 +88,15 @@ class RecognitionPipeline:
         runtime.embedder.gallery = {}  # the replica holds what is needed of it
         return runtime
 
-    def _load_one(self, event: PhotoUploaded, size: int, shadow_size: int | None = None,
-                  ) -> tuple[DecodedImage, np.ndarray | None]:
-        uri = event.preview_uri or event.uri
-        data = fetch_bytes(uri, self.settings)
-        decoded = decode_image(data, size=size, max_pixels=self.settings.max_image_pixels)
-        return decoded, (self._decode_for_shadow(data, shadow_size) if shadow_size else None)
-
-    def _decode_for_shadow(self, data: bytes, size: int) -> np.ndarray | None:
-        # The fetched bytes decoded again at the shadow model's size: a candidate with another input
-        # size is judged on pixels decoded for it, not on the active size's pixels resampled.
-        try:
-            return decode_image(data, size=size, max_pixels=self.settings.max_image_pixels).pixels
-        except PhotoError:
-            return None  # the shadow skips the photo; the live decode of the same bytes succeeded
-
     def _load_all(self, events: list[PhotoUploaded], size: int, shadow_size: int | None = None,
                   sampled: frozenset[int] = frozenset()) -> tuple[list[DecodedImage | Failure], dict[int, np.ndarray]]:
         """Decoded images (or failures) at ``size``; for the ``sampled`` positions also the pixels at
         ``shadow_size`` (when the shadow model's input size differs), from the same fetch."""
-        def load(position: int) -> tuple[DecodedImage | Failure, np.ndarray | None]:
-            try:
-                return self._load_one(events[position], size, shadow_size if position in sampled else None)
-            except PhotoError as exc:
-                return Failure(exc.stage, exc.reason), None
-        results = list(self._pool.map(load, range(len(events))))
-        extra = {i: pixels for i, (_, pixels) in enumerate(results) if pixels is not None}
-        return [item for item, _ in results], extra
+        requests = [LoadRequest(event.preview_uri or event.uri, size, shadow_size if i in sampled else None)
+                    for i, event in enumerate(events)]
+        results = self.loader.load(requests)
+        extra = {i: r.extra_pixels for i, r in enumerate(results) if r.extra_pixels is not None}
+        return [r.image for r in results], extra
 
     def process(self, events: list[PhotoUploaded]) -> BatchReport:
         clock = StageClock()
@@ -168,7 +147,7 @@ class RecognitionPipeline:
         return self.shadow.run(shadow, [outcomes[i].event for i in ready], images, [outcomes[i].gps for i in ready])
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.loader.close()
 
 
 

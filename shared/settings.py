@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,7 +49,10 @@ class Settings(BaseSettings):
     # addresses are refused (SSRF); allow them all, or only these comma-separated networks (CIDRs).
     fetch_allow_private: bool = False
     fetch_allowed_networks: str = ""
-    # Decoding: images with more pixels than this are refused as decompression bombs.
+    # Decoding: in a pool of processes (default; see shared/loading.py) or threads, of this many workers
+    # (0 = one per core). Images with more pixels than max_image_pixels are refused as decompression bombs.
+    decode_pool: Literal["processes", "threads"] = "processes"
+    decode_workers: int = Field(0, ge=0, le=256)
     max_image_pixels: int = 100_000_000
 
     # Search: how many centroids to take without GPS, and the tile-filter limit with GPS.

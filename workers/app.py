@@ -75,6 +75,12 @@ def _start_metrics_server(**_: object) -> None:
     start_operations_server()
 
 
+@signals.worker_shutdown.connect
+def _close(**_: object) -> None:
+    from workers.context import close_worker_context
+    close_worker_context()
+
+
 @signals.worker_ready.connect
 def _warm_up(**_: object) -> None:
     """Load the active model before the first event arrives, so readiness reflects it."""

@@ -42,6 +42,18 @@ def worker_context() -> WorkerContext:
         return _context
 
 
+def close_worker_context() -> None:
+    """At worker shutdown: the decode processes joined, connections closed."""
+    global _context
+    with _lock:
+        context, _context = _context, None
+    if context is None:
+        return
+    context.pipeline.close()
+    context.engine.dispose()
+    context.index.close()
+
+
 # --- operations: the metrics/health server and the model warm-up (workers/app.py's signals) -----
 
 _probe: tuple[str, Engine, LandmarkIndex] | None = None  # what readiness checks, with short timeouts

@@ -4,6 +4,7 @@ matches Milvus row for row, and giving the same tags as searching Milvus."""
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -53,11 +54,46 @@ def test_the_worker_searches_in_process_with_the_same_tags_as_milvus(published, 
     remote = _pipeline(engine, index, photos, max_centroids=0)
     assert isinstance(local.runtime().replica, LocalIndex)
     assert remote.runtime().replica is None
-    by_local = local.process(_uploads(photos, f"rl_{uuid.uuid4().hex[:6]}"))
-    by_milvus = remote.process(_uploads(photos, f"rm_{uuid.uuid4().hex[:6]}"))
-    tags = lambda report: [[t.landmark_id for t in o.tags] for o in report.outcomes]  # noqa: E731
-    assert tags(by_local) == tags(by_milvus)
+    try:
+        by_local = local.process(_uploads(photos, f"rl_{uuid.uuid4().hex[:6]}"))
+        by_milvus = remote.process(_uploads(photos, f"rm_{uuid.uuid4().hex[:6]}"))
+    finally:
+        local.close()
+        remote.close()
+    assert _tags(by_local.outcomes) == _tags(by_milvus.outcomes)
     assert sum(o.status == PhotoStatus.TAGGED for o in by_local.outcomes) == len(photos["firsts"])
+
+
+def _tags(outcomes) -> list[list[str]]:
+    return [[t.landmark_id for t in o.tags] for o in outcomes]
+
+
+@pytest.mark.parametrize("decode_pool", ["processes", "threads"])
+def test_batches_processed_in_two_threads_at_once_tag_as_one_after_another(published, engine, decode_pool):
+    """A worker runs LANDMARKS_BATCHES_IN_FLIGHT batches at once on one pipeline (shared decode pool,
+    one forward pass at a time): the tags and the rows written are those of running them in turn."""
+    photos = published["photos"]
+    settings = Settings(file_roots=str(photos["root"]), decode_pool=decode_pool, decode_workers=2)
+    pipeline = RecognitionPipeline(settings, engine, published["index"])
+    try:
+        uploads = _uploads(photos, f"rc_{uuid.uuid4().hex[:6]}")
+        batches = [uploads[i::4] for i in range(4)]
+        with ThreadPoolExecutor(2) as threads:
+            reports = list(threads.map(pipeline.process, batches * 2))  # each batch twice: redelivered
+        serial = RecognitionPipeline(settings, engine, published["index"])
+        try:
+            expected = [serial.process(b) for b in _as_user(batches, f"rs_{uuid.uuid4().hex[:6]}")]
+        finally:
+            serial.close()
+    finally:
+        pipeline.close()
+    assert [_tags(r.outcomes) for r in reports[:4]] == [_tags(r.outcomes) for r in expected]
+    # Each batch was delivered twice, perhaps at the same time: its rows were written once.
+    assert [reports[i].applied + reports[i + 4].applied for i in range(4)] == [len(b) for b in batches]
+
+
+def _as_user(batches: list[list[PhotoUploaded]], user: str) -> list[list[PhotoUploaded]]:
+    return [[e.model_copy(update={"user_id": user, "event_id": uuid.uuid4().hex}) for e in b] for b in batches]
 
 
 def test_no_replica_when_the_checkpoint_disagrees_with_milvus_or_is_too_large(published):

@@ -1,0 +1,165 @@
+"""Fetch and decode a batch's photos in a pool sized to the cores: the pipeline's first stage.
+
+By default the pool is made of processes (LANDMARKS_DECODE_POOL=processes). Decoding a JPEG releases the
+GIL only inside the codec: in threads, the decoders wait for the GIL behind the Celery consumer and the
+other batch's Python, and on 2 cores a tenth of the CPU went idle that way. A process also keeps a codec
+that crashes on a hostile file (libjpeg, libheif) from taking the worker down: the photo is recorded as
+failed and the pool is started again.
+
+The processes come from a forkserver that has imported only this module's dependencies (Pillow, numpy,
+pillow-heif; never torch), so they are small and never inherit CUDA or the worker's connections."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from shared.errors import PhotoError, Stage
+from shared.fetch import FETCHERS, fetch_bytes, register_fetcher
+from shared.imaging import DecodedImage, decode_image
+from shared.outcomes import Failure
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POOL_KINDS = ("processes", "threads")
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    uri: str
+    size: int
+    extra_size: int | None = None  # also decode at this size (a shadow model's), from the same fetch
+
+
+@dataclass
+class Loaded:
+    image: DecodedImage | Failure
+    extra_pixels: np.ndarray | None = None
+
+
+def load_photo(request: LoadRequest, settings: Settings) -> Loaded:
+    """One photo: fetched once, decoded at the requested size(s). Errors about the photo come back as a
+    Failure (they are results, and cross a process boundary as plain data)."""
+    try:
+        data = fetch_bytes(request.uri, settings)
+        image = decode_image(data, size=request.size, max_pixels=settings.max_image_pixels)
+    except PhotoError as exc:
+        return Loaded(Failure(exc.stage, exc.reason))
+    extra = None
+    if request.extra_size:
+        try:
+            extra = decode_image(data, size=request.extra_size, max_pixels=settings.max_image_pixels).pixels
+        except PhotoError:
+            pass  # the extra size is a shadow's: it skips the photo; the live decode succeeded
+    return Loaded(image, extra)
+
+
+# The settings of a pool process, set once by its initializer (pickled a single time, not per photo).
+_process_settings: Settings | None = None
+
+
+def _init_process(settings: Settings, fetchers: dict) -> None:
+    global _process_settings
+    _process_settings = settings
+    for scheme, fetcher in fetchers.items():  # schemes plugged in by the worker's code (register_fetcher)
+        register_fetcher(scheme, fetcher)
+
+
+def _load_in_process(load: Callable[[LoadRequest, Settings], Loaded], request: LoadRequest) -> Loaded:
+    assert _process_settings is not None, "pool process started without its initializer"
+    return load(request, _process_settings)
+
+
+class PhotoLoader:
+    """Loads a batch's photos in parallel; safe to call from several batch threads at once."""
+
+    def __init__(self, settings: Settings, kind: str | None = None, workers: int | None = None,
+                 load: Callable[[LoadRequest, Settings], Loaded] = load_photo) -> None:
+        """``load`` must be a module-level function when the pool is made of processes (it is pickled)."""
+        self.settings = settings
+        self._load = load
+        self.kind = kind or settings.decode_pool
+        if self.kind not in POOL_KINDS:
+            raise ValueError(f"decode pool must be one of {POOL_KINDS}, not {self.kind!r}")
+        self._fetchers = dict(FETCHERS)
+        if self.kind == "processes" and not _picklable(self._fetchers):
+            log.warning("a registered fetcher cannot be sent to a process (a lambda or a closure?): "
+                        "decoding in threads instead")
+            self.kind = "threads"
+        self.workers = workers or settings.decode_workers or max(1, os.cpu_count() or 1)
+        self._lock = threading.Lock()
+        self._pool: Executor = self._start()
+
+    def _start(self) -> Executor:
+        if self.kind == "threads":
+            return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+        context = _process_context()
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_process,
+                                   initargs=(self.settings, self._fetchers))
+
+    def load(self, requests: Sequence[LoadRequest]) -> list[Loaded]:
+        if not requests:
+            return []
+        if self.kind == "threads":
+            return list(self._pool.map(lambda r: self._load(r, self.settings), requests))
+        pool = self._pool
+        try:
+            # A few photos per task: fewer round trips to the pool, still spread over every process.
+            chunk = max(1, min(8, len(requests) // (4 * self.workers)))
+            return list(pool.map(partial(_load_in_process, self._load), requests, chunksize=chunk))
+        except BrokenProcessPool:
+            self._restart(pool)
+            return [self._load_alone(request) for request in requests]
+
+    def _load_alone(self, request: LoadRequest) -> Loaded:
+        """After a pool process died: each photo alone, so the one that kills its process is found."""
+        pool = self._pool
+        try:
+            return pool.submit(_load_in_process, self._load, request).result()
+        except BrokenProcessPool:
+            self._restart(pool)
+            log.warning("the decoder process died on %s; recording the photo as failed", request.uri[:200])
+            return Loaded(Failure(Stage.DECODE, "the decoder process died on this file (a crash in the codec)"))
+
+    def _restart(self, broken: Executor) -> None:
+        with self._lock:  # two batch threads may see the same broken pool: one restarts it
+            if self._pool is broken:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._start()
+
+    def close(self) -> None:
+        # Joined, so the processes' CPU time is accounted to this one and none is left behind.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _picklable(value: object) -> bool:
+    try:
+        pickle.dumps(value)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return False
+    return True
+
+
+_context_lock = threading.Lock()
+
+
+def _process_context() -> multiprocessing.context.BaseContext:
+    """forkserver where there is one (Linux): a clean, small parent to fork from, never this process with
+    its threads, CUDA context and sockets. spawn elsewhere."""
+    with _context_lock:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["shared.loading"])
+            return context
+        return multiprocessing.get_context("spawn")

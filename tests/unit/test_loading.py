@@ -1,0 +1,139 @@
+"""PhotoLoader: a batch's photos fetched and decoded in a pool of processes (the default) or threads,
+with the same results either way, and a decoder process that dies costing one photo, not the worker."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared import fetch
+from shared.errors import Stage
+from shared.imaging import decode_image
+from shared.loading import Loaded, LoadRequest, PhotoLoader, load_photo
+from shared.outcomes import Failure
+from shared.settings import Settings
+
+POISON = "poison"
+
+
+def _jpeg(path: Path, seed: int, size: tuple[int, int] = (320, 240)) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> list[Path]:
+    return [_jpeg(tmp_path / f"p{i}.jpg", i) for i in range(12)]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(file_roots=str(tmp_path))
+
+
+def _dies_on_poison(request: LoadRequest, settings: Settings) -> Loaded:
+    """Stands for a codec that crashes the process on a hostile file (runs in a pool process)."""
+    if POISON in request.uri:
+        os._exit(139)
+    return load_photo(request, settings)
+
+
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_pool_decodes_like_the_decoder_and_reports_bad_photos(kind, photos, settings, tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
+    uris = [p.as_uri() for p in photos] + [corrupt.as_uri(), (tmp_path / "missing.jpg").as_uri()]
+    loader = PhotoLoader(settings, kind=kind, workers=2)
+    try:
+        results = loader.load([LoadRequest(uri, 64) for uri in uris])
+    finally:
+        loader.close()
+    assert len(results) == len(uris)
+    for path, result in zip(photos, results):
+        expected = decode_image(path.read_bytes(), size=64, max_pixels=settings.max_image_pixels)
+        assert np.array_equal(result.image.pixels, expected.pixels)
+        assert (result.image.width, result.image.height) == (320, 240)
+    assert isinstance(results[-2].image, Failure) and results[-2].image.stage == Stage.DECODE
+    assert isinstance(results[-1].image, Failure) and results[-1].image.stage == Stage.FETCH
+
+
+def test_the_extra_size_comes_from_the_same_fetch(photos, settings):
+    loader = PhotoLoader(settings, workers=2)
+    try:
+        plain, both = loader.load([LoadRequest(photos[0].as_uri(), 64),
+                                   LoadRequest(photos[0].as_uri(), 64, extra_size=32)])
+    finally:
+        loader.close()
+    assert plain.extra_pixels is None
+    assert both.image.pixels.shape == (64, 64, 3) and both.extra_pixels.shape == (32, 32, 3)
+
+
+def test_a_dying_decoder_process_fails_its_photo_and_the_pool_recovers(photos, settings, tmp_path):
+    poison = _jpeg(tmp_path / f"{POISON}.jpg", 99)
+    loader = PhotoLoader(settings, kind="processes", workers=2, load=_dies_on_poison)
+    try:
+        uris = [p.as_uri() for p in photos[:5]] + [poison.as_uri()] + [p.as_uri() for p in photos[5:]]
+        results = loader.load([LoadRequest(uri, 64) for uri in uris])
+        failed = [i for i, r in enumerate(results) if isinstance(r.image, Failure)]
+        assert failed == [5]
+        assert results[5].image.stage == Stage.DECODE and "decoder process died" in results[5].image.reason
+        # The next batch runs on a fresh pool.
+        again = loader.load([LoadRequest(p.as_uri(), 64) for p in photos])
+        assert not any(isinstance(r.image, Failure) for r in again)
+    finally:
+        loader.close()
+
+
+def test_processes_never_import_torch(settings, photos):
+    """The pool processes stay small: no torch (0.5 GB each), no CUDA."""
+    loader = PhotoLoader(settings, kind="processes", workers=1)
+    try:
+        [loaded] = loader.load([LoadRequest(photos[0].as_uri(), 64)])
+        assert not isinstance(loaded.image, Failure)
+        assert loader._pool.submit(_imported, "torch").result() is False
+    finally:
+        loader.close()
+
+
+def _imported(module: str) -> bool:
+    import sys
+    return module in sys.modules
+
+
+def _memory_fetcher(uri: str, settings: Settings) -> bytes:
+    return Path(uri.removeprefix("mem://")).read_bytes()
+
+
+def test_fetchers_plugged_in_by_the_worker_reach_the_processes(settings, photos, monkeypatch):
+    monkeypatch.setitem(fetch.FETCHERS, "mem", _memory_fetcher)
+    loader = PhotoLoader(settings, kind="processes", workers=1)
+    try:
+        [loaded] = loader.load([LoadRequest(f"mem://{photos[0]}", 64)])
+    finally:
+        loader.close()
+    assert not isinstance(loaded.image, Failure)
+
+
+def test_an_unpicklable_fetcher_keeps_decoding_in_threads(settings, photos, monkeypatch):
+    monkeypatch.setitem(fetch.FETCHERS, "mem", lambda uri, s: Path(uri.removeprefix("mem://")).read_bytes())
+    loader = PhotoLoader(settings, kind="processes", workers=1)
+    try:
+        assert loader.kind == "threads"
+        [loaded] = loader.load([LoadRequest(f"mem://{photos[0]}", 64)])
+    finally:
+        loader.close()
+    assert not isinstance(loaded.image, Failure)
+
+
+def test_an_unknown_pool_kind_is_refused(settings):
+    with pytest.raises(ValueError, match="decode pool"):
+        PhotoLoader(settings, kind="fibers")

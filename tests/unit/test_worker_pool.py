@@ -1,0 +1,106 @@
+"""How a worker overlaps its batches: the pool knows when every thread is busy, the batch timer then
+keeps a partial batch filling instead of queueing it, and liveness watches the oldest running batch."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from shared import metrics
+from workers.pool import BatchPipelinePool, PipelinedBatches, prefetch_multiplier
+
+
+def test_prefetch_covers_the_batches_in_flight_and_one_filling():
+    assert prefetch_multiplier(64, 2) * 2 >= 64 * 3
+    assert prefetch_multiplier(64, 1) * 1 >= 64 * 2
+    assert prefetch_multiplier(256, 3) * 3 >= 256 * 4
+
+
+def test_the_pool_is_saturated_while_every_thread_works():
+    pool = BatchPipelinePool(limit=2)
+    release = threading.Event()
+    try:
+        assert not pool.saturated()
+        first = pool.on_apply(release.wait, args=(5,), kwargs={})
+        assert not pool.saturated()
+        second = pool.on_apply(release.wait, args=(5,), kwargs={})
+        assert pool.saturated()
+        release.set()
+        first.wait(5)
+        second.wait(5)
+        deadline = time.monotonic() + 5
+        while pool.saturated() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not pool.saturated()
+    finally:
+        release.set()
+        pool.on_stop()
+
+
+class _Pool:
+    def __init__(self, saturated: bool) -> None:
+        self.busy = saturated
+
+    def saturated(self) -> bool:
+        return self.busy
+
+
+class _Batches(PipelinedBatches):
+    name = "test.batches"
+    flush_every = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[list[str]] = []
+
+    def flush(self, requests):
+        self.flushed.append(list(requests))
+
+
+class _Request:
+    eta = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_the_timer_keeps_a_partial_batch_while_the_pool_is_saturated():
+    batches = _Batches()
+    batches._pool = _Pool(saturated=True)
+    for name in "ab":
+        batches._buffer.put(_Request(name))
+    batches._do_flush()  # a timer tick: both threads busy, the batch keeps filling
+    assert batches.flushed == []
+    for name in "cd":
+        batches._buffer.put(_Request(name))
+    batches._do_flush()  # full: flushed even though it will queue behind the running batches
+    assert [[r.name for r in b] for b in batches.flushed] == [["a", "b", "c", "d"]]
+    batches._buffer.put(_Request("e"))
+    batches._pool.busy = False
+    batches._do_flush()  # a free thread: the partial batch goes now, latency bounded by the timer
+    assert [r.name for r in batches.flushed[-1]] == ["e"]
+
+
+def test_liveness_sees_the_oldest_of_the_running_batches():
+    assert metrics.batch_running_since() is None
+    started = threading.Event()
+    finish = threading.Event()
+
+    def batch() -> None:
+        metrics.batch_started()
+        started.set()
+        finish.wait(5)
+        metrics.batch_finished()
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    started.wait(5)
+    oldest = metrics.batch_running_since()
+    time.sleep(0.02)
+    metrics.batch_started()  # a second batch, in this thread
+    assert metrics.batch_running_since() == oldest
+    finish.set()
+    worker.join(5)
+    assert metrics.batch_running_since() > oldest  # now only this thread's batch runs
+    metrics.batch_finished()
+    assert metrics.batch_running_since() is None
