@@ -27,15 +27,18 @@ class Settings(BaseSettings):
     model_path: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
-    # Batching: a batch closes at `batch_size` events or `max_wait_ms` after its first event.
+    # Batching: a batch closes at `batch_size` events, or once its first event has waited `max_wait_ms`
+    # (checked every `max_wait_ms`).
     batch_size: int = Field(64, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0)
     queue: str = "landmarks"
     # Longer than the worst batch, or Redis redelivers a batch that is still running.
     visibility_timeout_s: int = Field(3600, ge=10)
     # Batches one worker works on at once (a thread each): with 2, the next batch is fetched and decoded
-    # while this one is in the model, searched and written. The model runs one batch at a time.
-    batches_in_flight: int = Field(2, ge=1, le=8)
+    # while this one is in the model, searched and written (the model runs one batch at a time). 1 by
+    # default: with more, the consumer receives while batches run, and kombu's Redis transport can lose
+    # a message popped but not yet recorded as unacknowledged when the worker is killed (workers/pool.py).
+    batches_in_flight: int = Field(1, ge=1, le=8)
     # CPU threads of a worker (shared/runtime.configure_threads): torch intra-op (0 = one per core) and
     # numpy's BLAS (0 = leave as is), whose spinning idle threads otherwise eat into the decode pool.
     torch_threads: int = Field(0, ge=0, le=256)

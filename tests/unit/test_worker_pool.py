@@ -12,7 +12,7 @@ from workers.pool import BatchPipelinePool, PipelinedBatches, prefetch_multiplie
 
 def test_prefetch_covers_the_batches_in_flight_and_one_filling():
     assert prefetch_multiplier(64, 2) * 2 >= 64 * 3
-    assert prefetch_multiplier(64, 1) * 1 >= 64 * 2
+    assert prefetch_multiplier(64, 1) == 64  # one batch: received only between batches
     assert prefetch_multiplier(256, 3) * 3 >= 256 * 4
 
 
@@ -64,20 +64,27 @@ class _Request:
         self.name = name
 
 
-def test_the_timer_keeps_a_partial_batch_while_the_pool_is_saturated():
+def test_a_partial_batch_waits_for_a_free_thread_and_for_max_wait():
     batches = _Batches()
-    batches._pool = _Pool(saturated=True)
+    batches.flush_interval = 0.05
+    batches._pool = _Pool(saturated=False)
+    batches._first_buffered_at = time.monotonic()
     for name in "ab":
         batches._buffer.put(_Request(name))
-    batches._do_flush()  # a timer tick: both threads busy, the batch keeps filling
+    batches._do_flush()  # a timer tick while a backlog is still being received: keep filling
     assert batches.flushed == []
     for name in "cd":
         batches._buffer.put(_Request(name))
-    batches._do_flush()  # full: flushed even though it will queue behind the running batches
+    batches._do_flush()  # full: flushed at once
     assert [[r.name for r in b] for b in batches.flushed] == [["a", "b", "c", "d"]]
+
+    batches._first_buffered_at = time.monotonic() - 0.06  # a lone event, older than max wait
     batches._buffer.put(_Request("e"))
+    batches._pool.busy = True
+    batches._do_flush()  # every thread busy: it would only queue, so it keeps filling
+    assert len(batches.flushed) == 1
     batches._pool.busy = False
-    batches._do_flush()  # a free thread: the partial batch goes now, latency bounded by the timer
+    batches._do_flush()  # a free thread and max wait passed: the partial batch goes
     assert [r.name for r in batches.flushed[-1]] == ["e"]
 
 
