@@ -1030,7 +1030,7 @@ def _wait_for(engine, user: str, n: int, worker: subprocess.Popen, log_path: Pat
 
 
 def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
-    """Events → Redis → `python -m shared.cli worker` (Celery, solo pool) → tags in PostgreSQL.
+    """Events → Redis → `python -m shared.cli worker` (Celery, batches in a thread pool) → tags in PostgreSQL.
 
     A warm-up set first (model load, first forward, connections); then all measured events are published
     into a staging list and moved into the worker's queue with one RENAME, so the clock measures the worker

@@ -1,10 +1,10 @@
 """Prometheus metrics of a recognition worker, and the small HTTP server that exposes them.
 
-One server per worker process, started in that process (Celery's ``worker_process_init``, which the
-solo pool sends in the consuming process itself), never in a forking parent. It serves:
+One server per worker process, started in that process (Celery's ``worker_process_init``, which
+workers/pool.py sends in the consuming process itself), never in a forking parent. It serves:
 
 * ``/metrics``: the metrics below plus prometheus_client's process and Python collectors;
-* ``/healthz``: liveness (the process answers and no batch has run longer than the visibility timeout);
+* ``/healthz``: liveness (the process answers and no running batch is older than the visibility timeout);
 * ``/readyz``: readiness (model loaded, broker, database and Milvus reachable; see shared/health.py);
 * ``/backlog``: ``{"queue", "waiting", "reserved", "backlog"}`` as JSON, for KEDA's metrics-api scaler.
 

@@ -70,7 +70,7 @@ def _consume_backfill_queue(sender: str, instance, **_: object) -> None:
 
 @signals.worker_process_init.connect
 def _start_metrics_server(**_: object) -> None:
-    # Sent in the process that consumes (the solo pool's own process), never in a forking parent.
+    # Sent by workers/pool.py in the process that consumes, never in a forking parent.
     from workers.context import start_operations_server
     start_operations_server()
 

@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine
 
 from shared.db.session import make_engine
 from shared.index import LandmarkIndex
+from shared.loading import stop_forkserver
 from shared.pipeline import RecognitionPipeline
 from shared.settings import Settings, get_settings
 from shared.stack import resolve
@@ -50,6 +51,7 @@ def close_worker_context() -> None:
     if context is None:
         return
     context.pipeline.close()
+    stop_forkserver()
     context.engine.dispose()
     context.index.close()
 
