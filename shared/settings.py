@@ -35,10 +35,9 @@ class Settings(BaseSettings):
     # Longer than the worst batch, or Redis redelivers a batch that is still running.
     visibility_timeout_s: int = Field(3600, ge=10)
     # Batches one worker works on at once (a thread each): with 2, the next batch is fetched and decoded
-    # while this one is in the model, searched and written (the model runs one batch at a time). 1 by
-    # default: with more, the consumer receives while batches run, and kombu's Redis transport can lose
-    # a message popped but not yet recorded as unacknowledged when the worker is killed (workers/pool.py).
-    batches_in_flight: int = Field(1, ge=1, le=8)
+    # while this one is in the model, searched and written (the model runs one batch at a time). Safe
+    # because workers/broker.py takes a message and records it as unacknowledged in one step.
+    batches_in_flight: int = Field(2, ge=1, le=8)
     # CPU threads of a worker (shared/runtime.configure_threads): torch intra-op (0 = one per core) and
     # numpy's BLAS (0 = leave as is), whose spinning idle threads otherwise eat into the decode pool.
     torch_threads: int = Field(0, ge=0, le=256)

@@ -6,8 +6,11 @@ from celery import Celery, signals
 
 from shared.settings import get_settings
 from shared.stack import resolve
+from workers.broker import install as install_atomic_consume
 from workers.pool import prefetch_multiplier
 
+# Before any broker connection: messages are taken off Redis and recorded as unacknowledged in one step.
+install_atomic_consume()
 app = Celery("landmarks", include=["workers.tasks"])
 
 

@@ -28,12 +28,11 @@ log = logging.getLogger(__name__)
 def prefetch_multiplier(batch_size: int, batches_in_flight: int) -> int:
     """Celery prefetches multiplier × concurrency messages.
 
-    One batch in flight: exactly one batch, so the consumer receives only between batches. kombu's Redis
-    transport pops a message (BRPOP) before it records it as unacknowledged; a worker killed in between
-    loses that message, and receiving while a batch runs (GIL-bound, so slowly) keeps that window open
-    far more often: the fault suite lost an event to SIGKILL that way.
-    Several in flight: the batches in flight plus one that fills meanwhile, so that a full batch is
-    waiting when a thread frees."""
+    One batch in flight: exactly one batch, so the consumer receives only between batches, as the solo
+    pool did. Several: the batches in flight plus one that fills meanwhile, so that a full batch is
+    waiting when a thread frees. The consumer then receives while batches run, which is safe only because
+    workers/broker.py takes a message and records it as unacknowledged in one step (stock kombu, which
+    does it in two round trips, lost an event to SIGKILL in the fault suite that way)."""
     if batches_in_flight <= 1:
         return batch_size
     return math.ceil(batch_size * (batches_in_flight + 1) / batches_in_flight)
