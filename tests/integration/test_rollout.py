@@ -353,13 +353,17 @@ def test_a_broken_shadow_costs_the_live_batch_nothing(versions, photos, engine, 
 
 
 def test_a_shadow_with_another_input_size_decodes_the_same_fetch_at_its_size(
-        versions, photos, engine, index, pipeline, tmp_path, monkeypatch):
+        versions, photos, engine, index, tmp_path, monkeypatch):
     version = f"s128_{uuid.uuid4().hex[:6]}"
     publish_model(_model_of_size(photos, tmp_path, version, 128), engine, index, activate=False)
-    import shared.pipeline as pipeline_module
+    import shared.loading as loading_module
     fetched: list[str] = []
-    real_fetch = pipeline_module.fetch_bytes
-    monkeypatch.setattr(pipeline_module, "fetch_bytes", lambda uri, settings: fetched.append(uri) or real_fetch(uri, settings))
+    real_fetch = loading_module.fetch_bytes
+    monkeypatch.setattr(loading_module, "fetch_bytes", lambda uri, settings: fetched.append(uri) or real_fetch(uri, settings))
+    # Decoding in threads, so that this process sees the fetches.
+    settings = Settings(file_roots=str(photos["root"]), device="cpu", model_path=None, decode_pool="threads")
+    pipeline = RecognitionPipeline(settings, engine, index)
+    pipeline.shadow.refresh_s = 0
     user = f"ss_{uuid.uuid4().hex[:6]}"
     try:
         rollout.start_shadow(version, 1.0, engine, index)
@@ -372,6 +376,7 @@ def test_a_shadow_with_another_input_size_decodes_the_same_fetch_at_its_size(
         assert len(fetched) == 6  # one fetch per photo, shadow or not
     finally:
         rollout.stop_shadow(engine)
+        pipeline.close()
 
 
 def _model_of_size(photos: dict, out: Path, version: str, size: int) -> Path:
