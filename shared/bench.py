@@ -1260,7 +1260,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
     host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if cfg.load_only:
         return summarise_load(cfg, inputs, e2e, host, seconds=time.monotonic() - started)
-    return summarise(cfg, inputs, stages, e2e, host, get_settings().max_wait_ms,
+    return summarise(cfg, inputs, stages, e2e, host, settings.max_wait_ms,
                      seconds=time.monotonic() - started)
 
 

@@ -164,15 +164,11 @@ def _picklable(value: object) -> bool:
     return True
 
 
-_context_lock = threading.Lock()
-
-
 def _process_context() -> multiprocessing.context.BaseContext:
     """forkserver where there is one (Linux): a clean, small parent to fork from, never this process with
     its threads, CUDA context and sockets. spawn elsewhere."""
-    with _context_lock:
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["shared.loading"])
-            return context
-        return multiprocessing.get_context("spawn")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["shared.loading"])
+        return context
+    return multiprocessing.get_context("spawn")

@@ -5,8 +5,8 @@ While a shadow version runs (shared/shadow.py), a sample of each batch's decoded
 through the candidate, after the live batch has committed.
 
 A worker calls `process` from several threads at once (LANDMARKS_BATCHES_IN_FLIGHT): the decode pool
-(shared/loading.py) is shared, and the model runs one batch at a time under `device_lock`, so batch i+1 decodes while batch i
-is embedded, searched and written."""
+(shared/loading.py) is shared, and the model runs one batch at a time under `device_lock`, so batch i+1
+decodes while batch i is embedded, searched and written."""
 
 from __future__ import annotations
 
@@ -148,7 +148,6 @@ class RecognitionPipeline:
 
     def close(self) -> None:
         self.loader.close()
-
 
 
 def _log_photos(outcomes: list[PhotoOutcome], version: str) -> None:

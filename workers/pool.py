@@ -8,12 +8,11 @@ only process there is."""
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from typing import Any
-
-import logging
 
 from celery import signals
 from celery.concurrency.thread import TaskPool
