@@ -15,7 +15,9 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -69,11 +71,32 @@ def load_photo(request: LoadRequest, settings: Settings) -> Loaded:
 _process_settings: Settings | None = None
 
 
-def _init_process(settings: Settings, fetchers: dict) -> None:
+def _init_process(settings: Settings, fetchers: dict, owner_pid: int) -> None:
     global _process_settings
     _process_settings = settings
     for scheme, fetcher in fetchers.items():  # schemes plugged in by the worker's code (register_fetcher)
         register_fetcher(scheme, fetcher)
+    threading.Thread(target=_exit_with, args=(owner_pid,), name="owner-watch", daemon=True).start()
+
+
+def _exit_with(owner_pid: int) -> None:
+    """Ends this pool process once the process that owns the pool is gone. A killed worker cannot shut its
+    pool down, and the pool's processes would wait on its queues for ever (keeping the forkserver alive)."""
+    try:
+        pidfd = os.pidfd_open(owner_pid)  # Linux 5.3+: readable when the process exits
+    except (AttributeError, OSError):
+        pidfd = None
+    while True:
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+            os._exit(0)
+        time.sleep(1.0)
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
 
 
 def _load_in_process(load: Callable[[LoadRequest, Settings], Loaded], request: LoadRequest) -> Loaded:
@@ -106,7 +129,7 @@ class PhotoLoader:
             return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         context = _process_context()
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_process,
-                                   initargs=(self.settings, self._fetchers))
+                                   initargs=(self.settings, self._fetchers, os.getpid()))
 
     def load(self, requests: Sequence[LoadRequest]) -> list[Loaded]:
         if not requests:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +135,43 @@ def test_an_unpicklable_fetcher_keeps_decoding_in_threads(settings, photos, monk
     finally:
         loader.close()
     assert not isinstance(loaded.image, Failure)
+
+
+OWNER = """
+import sys
+from pathlib import Path
+from shared.loading import LoadRequest, PhotoLoader
+from shared.settings import Settings
+photo = Path(sys.argv[1])
+loader = PhotoLoader(Settings(file_roots=str(photo.parent)), kind="processes", workers=2)
+loader.load([LoadRequest(photo.as_uri(), 64)] * 4)
+print(" ".join(str(p) for p in loader._pool._processes), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_pool_processes_exit_when_their_owner_is_killed(photos):
+    """A SIGKILLed worker cannot shut its pool down: the pool's processes go on their own."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(photos[0])], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    finally:
+        owner.kill()
+        owner.wait(10)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def test_an_unknown_pool_kind_is_refused(settings):
