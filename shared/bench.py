@@ -559,12 +559,14 @@ def model_stage(embedder, batch_size: int, n_images: int, *, reporter: Reporter 
     reporter.start(f"model-only: batch {batch_size} at {size} px", batches * batch_size)
     for _ in range(2):
         embedder.embed(pixels)  # warm-up: oneDNN/cuDNN algorithm choice, allocator
-    start, done = time.perf_counter(), 0
+    start, cpu_start, done = time.perf_counter(), time.process_time(), 0
     while done < batches and (done < min_batches or time.perf_counter() - start < max_seconds):
         embedder.embed(pixels)  # returns host numpy: the device is synchronised
         done += 1
         reporter.advance(batch_size)
-    return {"img_s": done * batch_size / (time.perf_counter() - start), "batches": done}
+    images = done * batch_size
+    return {"img_s": images / (time.perf_counter() - start), "batches": done,
+            "cpu_ms_per_img": round((time.process_time() - cpu_start) * 1000 / images, 3)}
 
 
 def device_model_figures(checkpoint: Path, device: str, batch_size: int, *, compile_model: bool,
@@ -860,13 +862,15 @@ def write_stage(engine, version: str, n: int, batch_size: int, landmark_ids: Seq
         rows += 2 + len(tags)  # photos + processed_events + photo_tags
     reporter = reporter or NullReporter()
     reporter.start(f"write-only: one transaction per {batch_size} photos", n)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.thread_time()
     for s in range(0, n, batch_size):
         with transaction(engine) as session:
             write_outcomes(session, version, outcomes[s:s + batch_size])
         reporter.advance(min(batch_size, n - s))
     elapsed = time.perf_counter() - start
-    return {"img_s": n / elapsed, "rows_s": rows / elapsed}
+    # The worker's own CPU for building and sending the statements (PostgreSQL's is on its server).
+    client_ms = (time.thread_time() - cpu_start) * 1000 / n
+    return {"img_s": n / elapsed, "rows_s": rows / elapsed, "client_cpu_ms_per_img": round(client_ms, 3)}
 
 
 # ----------------------------------------------------------------------------------------- services
@@ -1161,6 +1165,19 @@ def bench_inputs(cfg: BenchConfig, reporter: Reporter) -> BenchInputs | None:
     return BenchInputs(unique, file_root, n, [blobs[i] for i in image_of_event], image_of_event)
 
 
+@contextmanager
+def whole_machine_threads() -> Iterator[int]:
+    """torch gets one intra-op thread per core while a stage is measured alone: the bound is what the
+    machine can do, though the worker itself runs its forward pass on fewer (shared/runtime)."""
+    import torch
+    served = torch.get_num_threads()
+    torch.set_num_threads(cpu_count())
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(served)
+
+
 def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, index, engine,
                    gps: Sequence[tuple[float, float] | None], reporter: Reporter) -> dict:
     """Each stage alone, on the resources the worker would use, plus the DELF comparison."""
@@ -1181,7 +1198,13 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
         out["decode"] = decode_stage(blobs, cfg.input_size, reporter=reporter)
     embedder = Embedder(model.path, cfg.device)
     embedder.load()
-    out["model"] = model_stage(embedder, cfg.batch_size, n, reporter=reporter)
+    with whole_machine_threads() as threads:
+        out["model"] = model_stage(embedder, cfg.batch_size, n, reporter=reporter)
+        out["model"]["torch_threads"] = threads
+    if not cfg.cuda and torch.get_num_threads() != threads:  # the worker's own thread count, for comparison
+        served = model_stage(embedder, cfg.batch_size, min(n, 2048), reporter=reporter)
+        out["model_served"] = {"torch_threads": torch.get_num_threads(), "img_s": round(served["img_s"], 1),
+                               "cpu_ms_per_img": served["cpu_ms_per_img"]}
     queries = model.image_embeddings[inputs.image_of_event]
     thresholds = Thresholds(model.meta.t_geo, model.meta.t_global, model.meta.t_ref)
     out["search"] = search_stage(index, model.version, queries, gps, thresholds, cfg.batch_size,
@@ -1190,8 +1213,9 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     out["search_local"] = search_stage(local, model.version, queries, gps, thresholds, cfg.batch_size,
                                        what="exact in-process LocalIndex", reporter=reporter)
     out["write"] = write_stage(engine, model.version, n, cfg.batch_size, sorted(model.places), reporter=reporter)
-    out["comparison"] = (delf_vs_ours(embedder, cfg.device, quick=cfg.quick, article_model=not cfg.quick,
-                                      reporter=reporter) if cfg.delf else {"delf_style_ms": None, "ours_ms": None})
+    with whole_machine_threads():
+        out["comparison"] = (delf_vs_ours(embedder, cfg.device, quick=cfg.quick, article_model=not cfg.quick,
+                                          reporter=reporter) if cfg.delf else {"delf_style_ms": None, "ours_ms": None})
     if cfg.cuda:
         out["device_figures"] = device_model_figures(model.path, cfg.device, cfg.batch_size,
                                                      compile_model=cfg.compile, reporter=reporter)
@@ -1315,12 +1339,16 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "backbone": cfg.backbone, "batch_size": cfg.batch_size,
         "max_wait_ms": cfg.max_wait_ms if cfg.max_wait_ms is not None else served_max_wait_ms,
         "input_size": cfg.input_size, "embedding_dim": cfg.embedding_dim, "precision": cfg.precision,
+        "model_stage_threads": stages["model"].get("torch_threads"),
+        "model_cpu_ms_per_img": stages["model"].get("cpu_ms_per_img"),
+        **({"model_served": stages["model_served"]} if "model_served" in stages else {}),
         "decoder": stages["decoder"], "resources": resources, "limiting_resource": limiting,
         "bound_serial_img_s": round(serial, 1),
         "ratio_serial": round(e2e["e2e_img_s"] / serial, 3) if serial else None,
         "search_local_img_s": round(stages["search_local"]["img_s"], 1),
         "search_milvus_img_s": round(stages["search"]["img_s"], 1), "search_in_process": in_process,
         "write_rows_s": round(stages["write"]["rows_s"], 1),
+        "write_client_cpu_ms_per_img": stages["write"]["client_cpu_ms_per_img"],
         "centroids": cfg.centroids, "unique_inputs": len(inputs.unique), "file_mb_mean": inputs.file_mb_mean,
         "decode_failed": stages["decode"].get("failed", 0),
         **({"decode_cpu_img_s": stages["decode_cpu_img_s"]} if "decode_cpu_img_s" in stages else {}),

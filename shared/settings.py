@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     # while this one is in the model, searched and written (the model runs one batch at a time). Safe
     # because workers/broker.py takes a message and records it as unacknowledged in one step.
     batches_in_flight: int = Field(2, ge=1, le=8)
-    # CPU threads of a worker (shared/runtime.configure_threads): torch intra-op (0 = one per core) and
+    # CPU threads of a worker (shared/runtime.configure_threads): torch intra-op (0 = one per 4 cores) and
     # numpy's BLAS (0 = leave as is), whose spinning idle threads otherwise eat into the decode pool.
     torch_threads: int = Field(0, ge=0, le=256)
     blas_threads: int = Field(1, ge=0, le=256)

@@ -36,6 +36,45 @@ shadow_rollouts = ShadowRollout.__table__
 shadow_photos = ShadowPhoto.__table__
 
 
+# The batch's statements pass each column as one array and unnest it on the server. Their SQL text never
+# changes, so nothing is compiled per batch: building and compiling 64-row VALUES lists cost the worker
+# ~0.19 ms of CPU per photo, more than PostgreSQL spent applying them.
+CLAIM_EVENTS = text("""
+    INSERT INTO processed_events (event_id, kind, user_id, photo_id)
+    SELECT e, 'uploaded', u, p FROM unnest(CAST(:event_ids AS text[]), CAST(:user_ids AS text[]),
+                                           CAST(:photo_ids AS text[])) AS t(e, u, p)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id""")
+# WITH ORDINALITY ... ORDER BY keeps the rows in the caller's (sorted) order: a fixed lock order, so that
+# concurrent batches cannot deadlock. A tombstone stays: an upload redelivered after its deletion must not
+# bring the photo back.
+UPSERT_PHOTOS = text("""
+    INSERT INTO photos (user_id, photo_id, uri, uploaded_at, status, model_version, gps_lat, gps_lon,
+                        gps_source, processed_at)
+    SELECT u, p, uri, at, st, :model_version, lat, lon, src, now()
+    FROM unnest(CAST(:user_ids AS text[]), CAST(:photo_ids AS text[]), CAST(:uris AS text[]),
+                CAST(:uploaded_at AS timestamptz[]), CAST(:statuses AS text[]), CAST(:lats AS float8[]),
+                CAST(:lons AS float8[]), CAST(:sources AS text[])) WITH ORDINALITY AS t(u, p, uri, at, st, lat, lon, src, n)
+    ORDER BY n
+    ON CONFLICT (user_id, photo_id) DO UPDATE SET
+        uri = EXCLUDED.uri, uploaded_at = EXCLUDED.uploaded_at, status = EXCLUDED.status,
+        model_version = EXCLUDED.model_version, gps_lat = EXCLUDED.gps_lat, gps_lon = EXCLUDED.gps_lon,
+        gps_source = EXCLUDED.gps_source, processed_at = EXCLUDED.processed_at
+    WHERE photos.status <> 'deleted'
+    RETURNING user_id, photo_id""")
+CLEAR_TAGS = text("""
+    DELETE FROM photo_tags
+    WHERE model_version = :model_version
+      AND (user_id, photo_id) IN (SELECT * FROM unnest(CAST(:user_ids AS text[]), CAST(:photo_ids AS text[])))""")
+# A landmark listed twice keeps its first (best) rank.
+INSERT_TAGS = text("""
+    INSERT INTO photo_tags (user_id, photo_id, model_version, landmark_id, rank, score, method)
+    SELECT u, p, :model_version, l, r, s, m
+    FROM unnest(CAST(:user_ids AS text[]), CAST(:photo_ids AS text[]), CAST(:landmark_ids AS bigint[]),
+                CAST(:ranks AS smallint[]), CAST(:scores AS real[]), CAST(:methods AS text[])) AS t(u, p, l, r, s, m)
+    ON CONFLICT DO NOTHING""")
+
+
 def write_outcomes(
     session: Session, model_version: str, outcomes: list[PhotoOutcome], task: str = UPLOAD_TASK
 ) -> int:
@@ -47,19 +86,10 @@ def write_outcomes(
         return 0
 
     # Claiming the event ids first makes a concurrent redelivery wait here, then skip.
-    claimed = set(
-        session.scalars(
-            insert(processed_events)
-            .values(
-                [
-                    {"event_id": o.event.event_id, "kind": "uploaded", "user_id": o.event.user_id, "photo_id": o.event.photo_id}
-                    for o in by_event.values()
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=["event_id"])
-            .returning(processed_events.c.event_id)
-        )
-    )
+    events = [o.event for o in by_event.values()]
+    claimed = set(session.scalars(CLAIM_EVENTS, {
+        "event_ids": [e.event_id for e in events], "user_ids": [e.user_id for e in events],
+        "photo_ids": [e.photo_id for e in events]}))
     # Two events for one photo in a batch: the later one wins (one row may be upserted once per statement).
     by_photo: dict[tuple[str, str], PhotoOutcome] = {}
     for event_id, outcome in by_event.items():
@@ -72,28 +102,9 @@ def write_outcomes(
     if not applied:
         return 0
     keys = sorted(applied)
-    session.execute(
-        delete(photo_tags).where(
-            photo_tags.c.model_version == model_version,
-            tuple_(photo_tags.c.user_id, photo_tags.c.photo_id).in_(keys),
-        )
-    )
-    tag_rows = [
-        {
-            "user_id": user_id,
-            "photo_id": photo_id,
-            "model_version": model_version,
-            "landmark_id": tag.landmark_id,
-            "rank": rank,
-            "score": float(tag.score),
-            "method": str(tag.method),
-        }
-        for (user_id, photo_id) in keys
-        for rank, tag in enumerate(by_photo[(user_id, photo_id)].tags)
-    ]
-    if tag_rows:
-        # A landmark listed twice keeps its first (best) rank.
-        session.execute(insert(photo_tags).values(tag_rows).on_conflict_do_nothing())
+    session.execute(CLEAR_TAGS, {"model_version": model_version, "user_ids": [u for u, _ in keys],
+                                 "photo_ids": [p for _, p in keys]})
+    _insert_tags(session, model_version, [(key, by_photo[key]) for key in keys])
     failure_rows = [
         _failure_row(
             key=o.event.event_id,
@@ -117,34 +128,28 @@ def write_outcomes(
 def _upsert_photos(
     session: Session, model_version: str, by_photo: dict[tuple[str, str], PhotoOutcome]
 ) -> set[tuple[str, str]]:
-    rows = []
-    for key in sorted(by_photo):  # a fixed lock order, so concurrent batches cannot deadlock
-        o = by_photo[key]
-        rows.append(
-            {
-                "user_id": key[0],
-                "photo_id": key[1],
-                "uri": o.event.uri,
-                "uploaded_at": o.event.uploaded_at,
-                "status": str(o.status),
-                "model_version": model_version,
-                "gps_lat": o.gps.lat if o.gps else None,
-                "gps_lon": o.gps.lon if o.gps else None,
-                "gps_source": str(o.gps_source) if o.gps and o.gps_source else None,
-                "processed_at": func.now(),
-            }
-        )
-    stmt = insert(photos).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["user_id", "photo_id"],
-        set_={
-            name: stmt.excluded[name]
-            for name in ("uri", "uploaded_at", "status", "model_version", "gps_lat", "gps_lon", "gps_source", "processed_at")
-        },
-        # A tombstone stays: an upload redelivered after its deletion must not bring the photo back.
-        where=photos.c.status != PhotoStatus.DELETED.value,
-    ).returning(photos.c.user_id, photos.c.photo_id)
-    return {(r.user_id, r.photo_id) for r in session.execute(stmt)}
+    keys = sorted(by_photo)  # a fixed lock order, so concurrent batches cannot deadlock
+    rows = [by_photo[key] for key in keys]
+    located = [o.gps for o in rows]
+    result = session.execute(UPSERT_PHOTOS, {
+        "model_version": model_version,
+        "user_ids": [u for u, _ in keys], "photo_ids": [p for _, p in keys],
+        "uris": [o.event.uri for o in rows], "uploaded_at": [o.event.uploaded_at for o in rows],
+        "statuses": [str(o.status) for o in rows],
+        "lats": [g.lat if g else None for g in located], "lons": [g.lon if g else None for g in located],
+        "sources": [str(o.gps_source) if g and o.gps_source else None for o, g in zip(rows, located)]})
+    return {(r.user_id, r.photo_id) for r in result}
+
+
+def _insert_tags(session: Session, model_version: str, photos_in_order: list[tuple[tuple[str, str], PhotoOutcome]]) -> None:
+    tags = [(key, rank, tag) for key, outcome in photos_in_order for rank, tag in enumerate(outcome.tags)]
+    if not tags:
+        return
+    session.execute(INSERT_TAGS, {
+        "model_version": model_version,
+        "user_ids": [key[0] for key, _, _ in tags], "photo_ids": [key[1] for key, _, _ in tags],
+        "landmark_ids": [int(tag.landmark_id) for _, _, tag in tags], "ranks": [rank for _, rank, _ in tags],
+        "scores": [float(tag.score) for _, _, tag in tags], "methods": [str(tag.method) for _, _, tag in tags]})
 
 
 def delete_photo(session: Session, event: PhotoDeleted) -> bool:

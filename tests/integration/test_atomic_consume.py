@@ -9,6 +9,7 @@ import uuid
 import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.asynchronous import Hub
 
 from workers.broker import TAKE_AND_RECORD, Transport
 
@@ -80,17 +81,98 @@ def test_the_script_takes_and_records_in_one_step(broker_url, queue_name):
 
 def _check_script(client: redis.Redis, queue_name: str) -> None:
     unacked, index = f"{queue_name}.unacked", f"{queue_name}.unacked_index"
-    message = {"body": "e30=", "properties": {"delivery_tag": "tag-1",
-                                              "delivery_info": {"exchange": "ex", "routing_key": "rk"}}}
-    raw = json.dumps(message)
-    client.lpush(queue_name, raw, "not json at all")
+
+    def message(tag: str) -> dict:
+        return {"body": "e30=", "properties": {"delivery_tag": tag,
+                                               "delivery_info": {"exchange": "ex", "routing_key": "rk"}}}
+    raws = [json.dumps(message("tag-1")), "not json at all", json.dumps(message("tag-3"))]
+    client.lpush(queue_name, *raws)  # the first pushed is the first taken
+
+    def take(at_most: int, now: float) -> list:
+        return client.eval(TAKE_AND_RECORD, 3, queue_name, unacked, index, now, at_most)
     try:
-        first = client.eval(TAKE_AND_RECORD, 3, queue_name, unacked, index, 123.0)
-        assert first[0].decode() == queue_name and first[1].decode() == raw and first[2] == 1
-        assert json.loads(client.hget(unacked, "tag-1")) == [message, "ex", "rk"]
+        first = take(1, 123.0)
+        assert [first[0].decode(), first[1].decode(), first[2]] == [queue_name, raws[0], 1]
+        assert json.loads(client.hget(unacked, "tag-1")) == [message("tag-1"), "ex", "rk"]
         assert client.zscore(index, "tag-1") == 123.0
-        second = client.eval(TAKE_AND_RECORD, 3, queue_name, unacked, index, 124.0)
-        assert second[1] == b"not json at all" and second[2] == 0  # taken, left to kombu to record
-        assert client.eval(TAKE_AND_RECORD, 3, queue_name, unacked, index, 125.0) is None
+        assert client.llen(queue_name) == 2  # one asked for, one taken
+        rest = take(5, 124.0)  # more asked for than there are: what there is
+        assert [(r[1].decode(), r[2]) for r in (rest[:3], rest[3:])] == [(raws[1], 0), (raws[2], 1)]
+        assert not client.hexists(unacked, "not json at all")  # taken, left to kombu to record
+        assert client.zscore(index, "tag-3") == 124.0
+        assert take(5, 125.0) == []
     finally:
         client.delete(queue_name, unacked, index)
+
+
+def test_in_an_event_loop_takes_up_to_the_prefetch_limit_and_acknowledges_a_turn_in_one_round_trip(
+        broker_url, queue_name):
+    queue = Queue(queue_name, Exchange(queue_name, "direct"), routing_key=queue_name)
+    _publish(broker_url, queue, [{"n": i} for i in range(10)])
+    received = []
+    hub = Hub()
+    try:
+        with Connection(broker_url, transport=Transport) as conn:
+            conn.register_with_event_loop(hub)
+            channel = conn.channel()
+            client = _client(conn)
+            with Consumer(channel, [queue], callbacks=[lambda body, message: received.append(message)],
+                          accept=["json"], prefetch_count=4):
+                _turn_until(hub, lambda: len(received) == 4)
+                for _ in range(3):
+                    hub.run_once()
+                # The prefetch limit holds: 4 taken, none more, all 4 recorded as unacknowledged.
+                assert len(received) == 4 and client.llen(queue_name) == 6
+                assert client.hlen(channel.unacked_key) == 4
+                hdel_before = _calls(client, "hdel")
+                first = received[:]
+                for message in first:  # as Celery's consumer does: one callback per message, one turn
+                    hub.call_soon(message.ack)
+                hub.run_once()
+                assert not any(client.hexists(channel.unacked_key, m.delivery_tag) for m in first)
+                assert _calls(client, "hdel") - hdel_before == 1  # four acknowledgements, one round trip
+                _turn_until(hub, lambda: len(received) == 8)  # the slots freed: the next four come
+                assert [m.decode()["n"] for m in received] == list(range(8))
+                assert all(client.hexists(channel.unacked_key, m.delivery_tag) for m in received[4:])
+                for message in received[4:]:
+                    message.ack()  # sent at the end of the loop turn...
+                assert client.hlen(channel.unacked_key) == 4
+                channel.close()  # ...or when the channel closes first
+            unacked_key = channel.unacked_key
+        with Connection(broker_url) as check:
+            assert _client(check).hlen(unacked_key) == 0
+            assert _client(check).llen(queue_name) == 2
+    finally:
+        hub.close()
+
+
+def _turn_until(hub: Hub, done, turns: int = 200) -> None:
+    for _ in range(turns):
+        if done():
+            return
+        hub.run_once()
+    raise AssertionError("the event loop never got there")
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_an_unreadable_message_does_not_strand_the_ones_taken_with_it(broker_url, queue_name):
+    queue = Queue(queue_name, Exchange(queue_name, "direct"), routing_key=queue_name)
+    _publish(broker_url, queue, [{"n": 0}])
+    with Connection(broker_url) as conn:
+        _client(conn).lpush(queue_name, "not json at all")  # written by something that is not kombu
+    _publish(broker_url, queue, [{"n": 1}])
+    received = []
+    with Connection(broker_url, transport=Transport) as conn:
+        channel = conn.channel()
+        with Consumer(channel, [queue], callbacks=[lambda body, message: received.append(message)],
+                      accept=["json"], prefetch_count=10):
+            with pytest.raises(ValueError):  # the unreadable one fails as it does with stock kombu...
+                conn.drain_events(timeout=5)  # ...in the one call that took all three
+            assert [m.decode()["n"] for m in received] == [0, 1]
+            for message in received:
+                message.ack()
+        assert _client(conn).llen(queue_name) == 0 and _client(conn).hlen(channel.unacked_key) == 0
+        channel.close()

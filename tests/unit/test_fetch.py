@@ -94,6 +94,21 @@ def test_symlink_escaping_root_is_refused(root: Path, tmp_path: Path, settings: 
             fetch_bytes(f"file://{root}/{name}", settings)
 
 
+def test_a_symlink_loop_is_a_clear_refusal(root: Path, settings: Settings) -> None:
+    (root / "loop-a").symlink_to(root / "loop-b")
+    (root / "loop-b").symlink_to(root / "loop-a")
+    with pytest.raises(FetchError, match=r"cannot open file://.*loop-a: .*(symbolic links|Too many levels)"):
+        fetch_bytes(f"file://{root}/loop-a", settings)
+
+
+def test_a_sibling_folder_sharing_the_root_prefix_is_outside(root: Path, settings: Settings) -> None:
+    sibling = root.parent / (root.name + "-other")  # /x/root-other is not under /x/root
+    sibling.mkdir()
+    (sibling / "p.jpg").write_bytes(b"not yours")
+    with pytest.raises(FetchError, match="outside the allowed roots"):
+        fetch_bytes(f"file://{sibling}/p.jpg", settings)
+
+
 def test_symlink_inside_root_is_allowed(root: Path, settings: Settings) -> None:
     (root / "alias.jpg").symlink_to(root / "a b.jpg")
     assert fetch_bytes(f"file://{root}/alias.jpg", settings) == b"photo-bytes"
