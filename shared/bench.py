@@ -328,13 +328,13 @@ class BenchConfig:
 
     def resolved(self) -> BenchConfig:
         """Defaults by device: the served model of each machine, and enough images that filling and draining
-        the worker's pipeline (a batch or two) weigh little against the steady state (~60 batches)."""
+        the worker's pipeline (a batch or two) weigh little against the steady state (32-128 batches)."""
         cuda = self.cuda
         batch = self.batch_size or _env_int("LANDMARKS_BATCH_SIZE") or (256 if cuda else 64)
         if self.quick:
             images, batch = self.images or 16, self.batch_size or 8
         else:  # `real` defaults to two passes over the photos found
-            images = self.images or {("12mp", False): 1024, ("2mp", False): 4096, ("12mp", True): 2048,
+            images = self.images or {("12mp", False): 2048, ("2mp", False): 8192, ("12mp", True): 2048,
                                      ("2mp", True): 4096}.get((self.size, cuda))
         return replace(self, images=images, batch_size=batch,
                        backbone=self.backbone or ("wide_resnet50_2" if cuda else "resnet_small"),

@@ -10,6 +10,7 @@ decodes while batch i is embedded, searched and written."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -80,12 +81,17 @@ class RecognitionPipeline:
             return self._runtime
 
     def _load_runtime(self, version: str) -> ModelRuntime:
+        gc.unfreeze()  # the runtime being replaced, if any, becomes collectable again
         runtime = load_model_runtime(self.engine, version, self.settings.device, self.settings.model_path,
                                      role="active")
         # Milvus answers whether the alias moved (once per batch); the searching is done in process.
         runtime.replica = local_replica(version, runtime.embedder.gallery, self.index,
                                         self.settings.search_replica_max_centroids)
         runtime.embedder.gallery = {}  # the replica holds what is needed of it
+        # What lives as long as this version (torch, the model, the replica: about half a million objects)
+        # leaves the cyclic collector's view: each full collection had walked them all, pausing the batches.
+        gc.collect()
+        gc.freeze()
         return runtime
 
     def _load_all(self, events: list[PhotoUploaded], size: int, shadow_size: int | None = None,
