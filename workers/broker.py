@@ -13,10 +13,10 @@ about a fifth of a core at 300 photos/s. A worker killed after acknowledging loc
 trip leaves the messages in `unacked`: they are redelivered, and a redelivered event changes nothing.
 
 While the queues are empty the channel waits with a non-destructive `BLMOVE q q RIGHT RIGHT` (the last
-element is moved onto itself), then takes messages with the script. Everything else (publishing,
-restoring expired messages, priorities, acknowledging outside an event loop) is kombu's. The workers
-install it for the `redis://`, `rediss://` and `redis+socket://` URLs (`install()`, called by
-workers/app.py)."""
+element is moved onto itself) on its first queue (Channel._wait_queue), then takes messages with the
+script. Everything else (publishing, restoring expired messages, priorities, acknowledging outside an
+event loop) is kombu's. The workers install it for the `redis://`, `rediss://` and `redis+socket://` URLs
+(`install()`, called by workers/app.py)."""
 
 from __future__ import annotations
 
@@ -124,12 +124,20 @@ class Channel(kombu_redis.Channel):
         self._brpop_sent_at = time.monotonic()
         if self._wait_first:
             self._pending_mode = "wait"
-            self.client.connection.send_command("BLMOVE", keys[0], keys[0], "RIGHT", "RIGHT", timeout or 0)
+            wait_on = self._q_for_pri(self._wait_queue(queues), self.priority_steps[0])
+            self.client.connection.send_command("BLMOVE", wait_on, wait_on, "RIGHT", "RIGHT", timeout or 0)
         else:
             self._pending_mode = "take"
             self.client.connection.send_command("EVAL", TAKE_AND_RECORD, len(keys) + 2, *keys,
                                                 self.unacked_key, self.unacked_index_key, time.time(),
                                                 self._take_count())
+
+    def _wait_queue(self, queues: list[str]) -> str:
+        """BLMOVE waits on one key: the queue this channel consumed first, the worker's upload queue (its
+        backfill queue is added after it). A message on another queue, or with a priority, is taken when
+        the wait times out (brpop_timeout, 1 s). Waiting on whichever queue the round-robin put first had
+        left uploads waiting out that second behind an idle backfill queue."""
+        return next((q for q in self._active_queues if q in queues), queues[0])
 
     def _take_count(self) -> int:
         """As many as the prefetch limit still allows, so that a worker never holds more than its share."""

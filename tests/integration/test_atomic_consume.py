@@ -4,6 +4,8 @@ in the format kombu's own restore reads; consuming, acknowledging and restoring 
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 
 import pytest
@@ -176,3 +178,33 @@ def test_an_unreadable_message_does_not_strand_the_ones_taken_with_it(broker_url
                 message.ack()
         assert _client(conn).llen(queue_name) == 0 and _client(conn).hlen(channel.unacked_key) == 0
         channel.close()
+
+
+def test_a_waiting_consumer_wakes_for_its_first_queue_whichever_queue_it_took_from_last(broker_url, queue_name):
+    uploads = Queue(queue_name, Exchange(queue_name, "direct"), routing_key=queue_name)
+    backfill = Queue(f"{queue_name}_backfill", Exchange(f"{queue_name}_backfill", "direct"),
+                     routing_key=f"{queue_name}_backfill")
+    received = []
+    hub = Hub()
+    try:
+        with Connection(broker_url, transport=Transport, transport_options={"polling_interval": 20}) as conn:
+            conn.register_with_event_loop(hub)
+            channel = conn.channel()
+            with Consumer(channel, [uploads, backfill], accept=["json"], prefetch_count=10,
+                          callbacks=[lambda body, message: (received.append(body), message.ack())]):
+                _publish(broker_url, uploads, [{"n": 0}])
+                _turn_until(hub, lambda: len(received) == 1)  # taking it rotates the uploads queue last
+                for _ in range(3):
+                    hub.run_once()  # both queues empty: the channel waits (up to 20 s)
+                later = threading.Timer(0.3, _publish, (broker_url, uploads, [{"n": 1}]))
+                later.start()
+                started = time.monotonic()
+                _turn_until(hub, lambda: len(received) == 2)
+                later.join()
+                # Woken by the upload's arrival, not by the end of the 20-s wait on the backfill queue.
+                assert time.monotonic() - started < 10
+            channel.close()
+    finally:
+        hub.close()
+        with Connection(broker_url) as conn:
+            _client(conn).delete(f"{queue_name}_backfill")
