@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 def default_torch_threads(cores: int | None = None) -> int:
     """One intra-op thread per 4 cores. The decode pool already keeps every core busy, and on a CPU worker
     the forward pass is a small share of the work (a sixth for 2 MP photos, less for larger ones), so it
-    needs no more than a quarter of the cores. Fewer threads also cost less: on 2 cores one thread spent
-    0.77 ms of CPU per image where two spent 0.92, waiting for each other at every layer while the
-    decoders held a core."""
+    needs no more than a quarter of the cores. Fewer threads also cost less: on 2 cores one thread spends
+    about 0.8 ms of CPU per image where two spend about 0.95 (the bench's `model_served` and
+    `model_cpu_ms_per_img`), the two waiting for each other at every layer."""
     return max(1, (cores or os.cpu_count() or 1) // 4)
 
 

@@ -8,9 +8,9 @@ the format kombu's own restore reads, so a killed worker leaves every message it
 
 The script takes as many messages as the prefetch limit still allows (at most TAKE_AT_MOST), and in an
 event loop the acknowledgements of one loop turn (a finished batch's 64) go to Redis together, in one
-round trip, before the loop polls again. One round trip per message each way cost the consumer thread
-about a fifth of a core at 300 photos/s. A worker killed after acknowledging locally and before that round
-trip leaves the messages in `unacked`: they are redelivered, and a redelivered event changes nothing.
+round trip, before the loop polls again. One round trip per message each way was most of the consumer
+thread's work (py-spy). A worker killed after acknowledging locally and before that round trip leaves the
+messages in `unacked`: they are redelivered, and a redelivered event changes nothing.
 
 While the queues are empty the channel waits with a non-destructive `BLMOVE q q RIGHT RIGHT` (the last
 element is moved onto itself) on its first queue (Channel._wait_queue), then takes messages with the
