@@ -88,7 +88,7 @@ class RecognitionPipeline:
         runtime.replica = local_replica(version, runtime.embedder.gallery, self.index,
                                         self.settings.search_replica_max_centroids)
         runtime.embedder.gallery = {}  # the replica holds what is needed of it
-        # What lives as long as this version (torch, the model, the replica: about half a million objects)
+        # What lives as long as this version (torch, the model, the replica: hundreds of thousands of objects)
         # leaves the cyclic collector's view: each full collection had walked them all, pausing the batches.
         gc.collect()
         gc.freeze()
