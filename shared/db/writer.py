@@ -36,9 +36,9 @@ shadow_rollouts = ShadowRollout.__table__
 shadow_photos = ShadowPhoto.__table__
 
 
-# The batch's statements pass each column as one array and unnest it on the server. Their SQL text never
-# changes, so nothing is compiled per batch: building and compiling 64-row VALUES lists cost the worker
-# ~0.19 ms of CPU per photo, more than PostgreSQL spent applying them.
+# The batch's statements pass each column as one array (_columns) and unnest it on the server. Their SQL
+# text never changes, so nothing is compiled per batch: building and compiling 64-row VALUES lists was most
+# of the write's cost, in the worker's Python (BENCHMARKS.md, fourth session).
 CLAIM_EVENTS = text("""
     INSERT INTO processed_events (event_id, kind, user_id, photo_id)
     SELECT e, 'uploaded', u, p FROM unnest(CAST(:event_ids AS text[]), CAST(:user_ids AS text[]),
@@ -54,7 +54,8 @@ UPSERT_PHOTOS = text("""
     SELECT u, p, uri, at, st, :model_version, lat, lon, src, now()
     FROM unnest(CAST(:user_ids AS text[]), CAST(:photo_ids AS text[]), CAST(:uris AS text[]),
                 CAST(:uploaded_at AS timestamptz[]), CAST(:statuses AS text[]), CAST(:lats AS float8[]),
-                CAST(:lons AS float8[]), CAST(:sources AS text[])) WITH ORDINALITY AS t(u, p, uri, at, st, lat, lon, src, n)
+                CAST(:lons AS float8[]), CAST(:sources AS text[]))
+         WITH ORDINALITY AS t(u, p, uri, at, st, lat, lon, src, n)
     ORDER BY n
     ON CONFLICT (user_id, photo_id) DO UPDATE SET
         uri = EXCLUDED.uri, uploaded_at = EXCLUDED.uploaded_at, status = EXCLUDED.status,
@@ -86,10 +87,9 @@ def write_outcomes(
         return 0
 
     # Claiming the event ids first makes a concurrent redelivery wait here, then skip.
-    events = [o.event for o in by_event.values()]
-    claimed = set(session.scalars(CLAIM_EVENTS, {
-        "event_ids": [e.event_id for e in events], "user_ids": [e.user_id for e in events],
-        "photo_ids": [e.photo_id for e in events]}))
+    claimed = set(session.scalars(CLAIM_EVENTS, _columns(
+        ("event_ids", "user_ids", "photo_ids"),
+        [(o.event.event_id, o.event.user_id, o.event.photo_id) for o in by_event.values()])))
     # Two events for one photo in a batch: the later one wins (one row may be upserted once per statement).
     by_photo: dict[tuple[str, str], PhotoOutcome] = {}
     for event_id, outcome in by_event.items():
@@ -102,9 +102,12 @@ def write_outcomes(
     if not applied:
         return 0
     keys = sorted(applied)
-    session.execute(CLEAR_TAGS, {"model_version": model_version, "user_ids": [u for u, _ in keys],
-                                 "photo_ids": [p for _, p in keys]})
-    _insert_tags(session, model_version, [(key, by_photo[key]) for key in keys])
+    session.execute(CLEAR_TAGS, {"model_version": model_version, **_columns(("user_ids", "photo_ids"), keys)})
+    tags = [(user_id, photo_id, int(tag.landmark_id), rank, float(tag.score), str(tag.method))
+            for user_id, photo_id in keys for rank, tag in enumerate(by_photo[(user_id, photo_id)].tags)]
+    if tags:
+        session.execute(INSERT_TAGS, {"model_version": model_version, **_columns(
+            ("user_ids", "photo_ids", "landmark_ids", "ranks", "scores", "methods"), tags)})
     failure_rows = [
         _failure_row(
             key=o.event.event_id,
@@ -128,28 +131,20 @@ def write_outcomes(
 def _upsert_photos(
     session: Session, model_version: str, by_photo: dict[tuple[str, str], PhotoOutcome]
 ) -> set[tuple[str, str]]:
-    keys = sorted(by_photo)  # a fixed lock order, so concurrent batches cannot deadlock
-    rows = [by_photo[key] for key in keys]
-    located = [o.gps for o in rows]
-    result = session.execute(UPSERT_PHOTOS, {
-        "model_version": model_version,
-        "user_ids": [u for u, _ in keys], "photo_ids": [p for _, p in keys],
-        "uris": [o.event.uri for o in rows], "uploaded_at": [o.event.uploaded_at for o in rows],
-        "statuses": [str(o.status) for o in rows],
-        "lats": [g.lat if g else None for g in located], "lons": [g.lon if g else None for g in located],
-        "sources": [str(o.gps_source) if g and o.gps_source else None for o, g in zip(rows, located)]})
+    rows = []
+    for (user_id, photo_id), o in sorted(by_photo.items()):  # a fixed lock order: no deadlock between batches
+        gps = o.gps
+        rows.append((user_id, photo_id, o.event.uri, o.event.uploaded_at, str(o.status),
+                     gps.lat if gps else None, gps.lon if gps else None,
+                     str(o.gps_source) if gps and o.gps_source else None))
+    result = session.execute(UPSERT_PHOTOS, {"model_version": model_version, **_columns(
+        ("user_ids", "photo_ids", "uris", "uploaded_at", "statuses", "lats", "lons", "sources"), rows)})
     return {(r.user_id, r.photo_id) for r in result}
 
 
-def _insert_tags(session: Session, model_version: str, photos_in_order: list[tuple[tuple[str, str], PhotoOutcome]]) -> None:
-    tags = [(key, rank, tag) for key, outcome in photos_in_order for rank, tag in enumerate(outcome.tags)]
-    if not tags:
-        return
-    session.execute(INSERT_TAGS, {
-        "model_version": model_version,
-        "user_ids": [key[0] for key, _, _ in tags], "photo_ids": [key[1] for key, _, _ in tags],
-        "landmark_ids": [int(tag.landmark_id) for _, _, tag in tags], "ranks": [rank for _, rank, _ in tags],
-        "scores": [float(tag.score) for _, _, tag in tags], "methods": [str(tag.method) for _, _, tag in tags]})
+def _columns(names: tuple[str, ...], rows: list[tuple]) -> dict[str, list]:
+    """Rows turned into one list per column, each bound to the unnest statements as an array."""
+    return {name: list(column) for name, column in zip(names, zip(*rows))}
 
 
 def delete_photo(session: Session, event: PhotoDeleted) -> bool:
