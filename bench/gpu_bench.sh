@@ -13,7 +13,8 @@
 # - runs `bench --device cuda` for 12mp and 2mp, then the centroid search scale; each JSON object is one
 #   line of OUT_DIR/gpu-bench.jsonl, the progress and logs go to OUT_DIR/*.log.
 #
-# Knobs: IMAGES_12MP (2048), IMAGES_2MP (4096), BATCH (256), COMPILE=1 (also time torch.compile),
+# Knobs: IMAGES_12MP (2048), IMAGES_2MP (4096), BATCH (256),
+#        COMPILE=1 (time torch.compile; the end-to-end worker compiles its model at start),
 #        SCALE_MAX (1000000), RUN_TIMEOUT_S (150 per bench run), SKIP_INSTALL=1.
 set -euo pipefail
 

@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -36,6 +35,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shared.device_decode import DeviceJpegDecoder
 from shared.errors import DecodeError
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def stage_resources(device: str, decoder: str, search_in_process: bool = False) 
     Milvus server; the write in PostgreSQL; the CPU pool decodes on the cores, the hardware JPEG engine
     (nvImageCodec HW) is its own unit, while torchvision's nvJPEG runs on the GPU's SMs next to the model."""
     model = "gpu" if device.startswith("cuda") else "cpu"
-    decode = {"pillow": "cpu", "nvimgcodec_hw": "gpu_jpeg_engine", "torchvision_nvjpeg": "gpu"}[decoder]
+    decode = "cpu" if decoder == "pillow" else DeviceJpegDecoder.UNITS[decoder]
     return {"decode": decode, "model": model, "search": "cpu" if search_in_process else "milvus",
             "write": "postgres"}
 
@@ -418,125 +418,40 @@ def decode_stage(blobs: Sequence[bytes], size: int, *, workers: int | None = Non
     return {"img_s": len(blobs) / elapsed, "failed": len(blobs) - ok, "workers": workers}
 
 
-def _is_jpeg(data: bytes) -> bool:
-    return data[:3] == b"\xff\xd8\xff"
-
-
-class GpuJpegDecoder:
-    """Batched JPEG decode on the GPU into centre-cropped, resized (n, 3, size, size) float tensors.
-    Prefers nvImageCodec's hardware decoder (backend HW_GPU_ONLY), else torchvision's nvJPEG; whatever it
-    refuses (not a JPEG, CMYK, corrupt, a failed batch) is returned by index for the CPU pool."""
-
-    def __init__(self, name: str, device: str, size: int, impl: object) -> None:
-        self.name, self.device, self.size, self._impl = name, device, size, impl
-
-    @classmethod
-    def detect(cls, device: str, size: int) -> GpuJpegDecoder | None:
-        import torch
-        if not device.startswith("cuda") or not torch.cuda.is_available():
-            return None
-        # Optional extras fail to load in many ways (missing wheel, CUDA driver/library mismatch).
-        load_errors = (ImportError, OSError, RuntimeError, AttributeError, TypeError, ValueError)
-        try:
-            from nvidia import nvimgcodec
-            kind = nvimgcodec.BackendKind.HW_GPU_ONLY
-            try:
-                decoder = nvimgcodec.Decoder(backend_kinds=[kind])
-            except TypeError:  # older nvImageCodec spelling
-                decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(kind)])
-            probe = cls("nvimgcodec_hw", device, size, decoder)
-            if probe.decode([camera_jpeg(320, 240, 0)])[1]:
-                raise RuntimeError("the hardware decoder refused a baseline JPEG (no NVJPG engine?)")
-            return probe
-        except load_errors as exc:
-            log.info("nvImageCodec hardware decoder unavailable (%s); trying torchvision nvJPEG", exc)
-        try:
-            from torchvision.io import decode_jpeg
-            probe = cls("torchvision_nvjpeg", device, size, decode_jpeg)
-            if probe.decode([camera_jpeg(320, 240, 0)])[1]:
-                raise RuntimeError("torchvision nvJPEG refused a baseline JPEG")
-            return probe
-        except load_errors as exc:
-            log.info("torchvision GPU JPEG decode unavailable (%s); decoding on the CPU", exc)
-        return None
-
-    def decode(self, blobs: Sequence[bytes]) -> tuple[list, list[int]]:
-        """(tensors, refused indices): tensors[i] is None where the GPU refused image i."""
-        out: list = [None] * len(blobs)
-        todo = [i for i, b in enumerate(blobs) if _is_jpeg(b)]
-        if self.name == "nvimgcodec_hw":
-            self._decode_nvimgcodec(blobs, todo, out)
-        else:
-            self._decode_torchvision(blobs, todo, out)
-        return out, [i for i, t in enumerate(out) if t is None]
-
-    def _decode_nvimgcodec(self, blobs: Sequence[bytes], todo: list[int], out: list) -> None:
-        if not todo:
-            return
-        import torch
-        data = [blobs[i] for i in todo]
-        try:  # on the caller's stream, so that a decode thread can overlap the model's stream
-            images = self._impl.decode(data, cuda_stream=torch.cuda.current_stream(self.device).cuda_stream)
-        except TypeError:  # an nvImageCodec without the keyword
-            images = self._impl.decode(data)
-        for i, image in zip(todo, images):
-            if image is not None:  # HWC uint8 on the device, EXIF orientation applied
-                out[i] = self._square(torch.as_tensor(image, device=self.device).permute(2, 0, 1))
-
-    def _decode_torchvision(self, blobs: Sequence[bytes], todo: list[int], out: list) -> None:
-        import torch
-        from torchvision.io import ImageReadMode
-        if not todo:
-            return
-        datas = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in todo]
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                images = self._impl(datas, mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:  # one bad image fails the batch: retry one by one
-                images = []
-                for data in datas:
-                    try:
-                        images.append(self._impl(data, mode=ImageReadMode.RGB, device=self.device))
-                    except RuntimeError:
-                        images.append(None)
-        for i, image in zip(todo, images):
-            if image is not None:
-                out[i] = self._square(image)
-
-    def _square(self, chw):
-        import torch.nn.functional as F
-        _, h, w = chw.shape
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        crop = chw[:, top:top + side, left:left + side].unsqueeze(0).float()
-        return F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True,
-                             align_corners=False)[0]
-
-
-def gpu_decode_stage(decoder: GpuJpegDecoder, blobs: Sequence[bytes], *, chunk: int = 64,
+def gpu_decode_stage(decoder: DeviceJpegDecoder, blobs: Sequence[bytes], size: int, *, chunk: int = 64,
                      max_pixels: int = 100_000_000, reporter: Reporter | None = None) -> dict:
-    """The GPU decoder over batches of `chunk`, with the CPU pool decoding what it refuses in parallel."""
+    """What the worker's loading does per batch of ``chunk``: headers read by the CPU pool, the JPEGs decoded
+    on the device, the rest (and what the device refuses) decoded by the pool in parallel."""
     import torch
-    from shared.imaging import decode_image
+    from shared.imaging import decode_image, probe_jpeg
     reporter = reporter or NullReporter()
-    reporter.start(f"decode-only: {decoder.name} (+ CPU pool for refusals)", len(blobs))
-    decoder.decode(blobs[:chunk])  # warm-up: codec state, CUDA kernels, allocator
+    reporter.start(f"decode-only: {decoder.name} (+ CPU pool for the rest)", len(blobs))
+    decoder.decode(blobs[:chunk], size)  # warm-up: codec state, CUDA kernels, allocator
     torch.cuda.synchronize()
-    refused = 0
+
+    def header(data: bytes):
+        try:
+            return probe_jpeg(data, max_pixels=max_pixels, progressive=decoder.progressive)
+        except DecodeError:
+            return None
+
+    on_cpu = 0
     with ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="bench-decode") as pool:
         start, pending = time.perf_counter(), []
         for s in range(0, len(blobs), chunk):
             part = blobs[s:s + chunk]
-            _, bad = decoder.decode(part)
-            refused += len(bad)
-            pending += [pool.submit(_decode_or_none, decode_image, part[i], decoder.size, max_pixels) for i in bad]
+            jpegs = dict(enumerate(pool.map(header, part)))
+            at = [i for i, jpeg in jpegs.items() if jpeg is not None]
+            _, refused = decoder.decode([jpegs[i] for i in at], size)
+            cpu = sorted({i for i in jpegs if jpegs[i] is None} | {at[k] for k in refused})
+            on_cpu += len(cpu)
+            pending += [pool.submit(_decode_or_none, decode_image, part[i], size, max_pixels) for i in cpu]
             reporter.advance(len(part))
         for future in pending:
             future.result()
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    return {"img_s": len(blobs) / elapsed, "refused_to_cpu": refused}
+    return {"img_s": len(blobs) / elapsed, "refused_to_cpu": on_cpu}
 
 
 def _decode_or_none(decode_image, data: bytes, size: int, max_pixels: int):
@@ -604,7 +519,7 @@ def device_model_figures(checkpoint: Path, device: str, batch_size: int, *, comp
     return figures
 
 
-def overlap_figures(decoder: GpuJpegDecoder, blobs: Sequence[bytes], checkpoint: Path, device: str,
+def overlap_figures(decoder: DeviceJpegDecoder, blobs: Sequence[bytes], checkpoint: Path, device: str,
                     batch_size: int, seconds: float = 6.0) -> dict:
     """GPU decode in a thread while the model runs: what each keeps when they share the card."""
     import threading
@@ -621,7 +536,7 @@ def overlap_figures(decoder: GpuJpegDecoder, blobs: Sequence[bytes], checkpoint:
     def decode_loop() -> None:
         with torch.cuda.stream(torch.cuda.Stream()):
             while time.perf_counter() < stop:
-                decoder.decode(chunk)
+                decoder.decode(chunk, meta.input_size)
                 torch.cuda.current_stream().synchronize()
                 decoded[0] += len(chunk)
 
@@ -1005,6 +920,7 @@ class E2EPlan:
     device: str
     workdir: Path
     max_wait_ms: int | None = None
+    torch_compile: bool = False  # the worker compiles its model at start (LANDMARKS_TORCH_COMPILE)
     stall_s: float = 180.0
     poll_s: float = 0.05  # how often progress is read from PostgreSQL (a long run polls less)
 
@@ -1054,6 +970,8 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
                 "PYTHONUNBUFFERED": "1"})
     if plan.max_wait_ms is not None:
         env["LANDMARKS_MAX_WAIT_MS"] = str(plan.max_wait_ms)
+    if plan.torch_compile:
+        env["LANDMARKS_TORCH_COMPILE"] = "1"
     log_path = plan.workdir / "worker.log"
     producer = Celery(broker=plan.broker_url)
     producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
@@ -1188,10 +1106,13 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     from shared.recognition import Thresholds
     n, blobs = inputs.n, inputs.blobs
     out: dict = {"decoder": "pillow"}
-    gpu_decoder = GpuJpegDecoder.detect(cfg.device, cfg.input_size) if cfg.cuda else None
+    from shared.settings import get_settings
+    # The decoder the worker will detect (shared/pipeline.py), unless LANDMARKS_DEVICE_DECODE=off.
+    device_decode = get_settings().device_decode == "auto"
+    gpu_decoder = DeviceJpegDecoder.detect(cfg.device) if cfg.cuda and device_decode else None
     if gpu_decoder is not None:
         out["decoder"] = gpu_decoder.name
-        out["decode"] = gpu_decode_stage(gpu_decoder, blobs, reporter=reporter)
+        out["decode"] = gpu_decode_stage(gpu_decoder, blobs, cfg.input_size, reporter=reporter)
         out["decode_cpu_img_s"] = round(decode_stage(blobs[:min(n, 512)], cfg.input_size,
                                                      reporter=reporter)["img_s"], 1)
     else:
@@ -1288,6 +1209,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
                   for i in range(2 * cfg.batch_size)]
         e2e = run_end_to_end(E2EPlan(database_url, broker_url, milvus_uri, queue, staging, inputs.file_root,
                                      events, warmup, cfg.batch_size, cfg.device, workdir, cfg.max_wait_ms,
+                                     torch_compile=cfg.compile, stall_s=600.0 if cfg.compile else 180.0,
                                      poll_s=1.0 if cfg.load_only else 0.05), reporter)
         host["other_cpu_share"] = account.other_share()  # before the private milvus-lite stops
         if not cfg.load_only:

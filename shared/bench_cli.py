@@ -56,7 +56,9 @@ def register(cli: typer.Typer) -> None:
         load_only: Annotated[bool, typer.Option(
             "--load-only", help="only the worker end to end over --images events (e.g. 100000): "
                                 "throughput per tenth of the backlog and RSS over time")] = False,
-        compile_model: Annotated[bool, typer.Option("--compile", help="CUDA: also time torch.compile")] = False,
+        compile_model: Annotated[bool, typer.Option(
+            "--compile", help="time torch.compile on CUDA, and the worker compiles its model at start "
+                              "(LANDMARKS_TORCH_COMPILE)")] = False,
         search_scale: Annotated[bool, typer.Option(
             "--search-scale", help="instead: centroid search at 10k, 100k, 1M")] = False,
         scale_max: Annotated[int, typer.Option(help="--search-scale: largest gallery")] = 1_000_000,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,12 @@ def pick_device(requested: str = "auto") -> torch.device:
 class Embedder:
     """Loads its checkpoint on first use, so CUDA is initialised in the worker process only."""
 
-    def __init__(self, checkpoint: Path, device: str = "auto") -> None:
+    def __init__(self, checkpoint: Path, device: str = "auto", compile_batch: int = 0) -> None:
+        """``compile_batch``: when not 0, the forward is compiled (torch.compile) for batches of that size
+        while loading, so that the compilation is done before the first batch arrives."""
         self.checkpoint = Path(checkpoint)
         self.requested_device = device
+        self.compile_batch = compile_batch
         self._net: LandmarkNet | None = None
         self._meta: ModelMeta | None = None
         self.gallery: dict = {}  # the checkpoint's centroids and references (the worker's search replica)
@@ -43,9 +47,35 @@ class Embedder:
             mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255
             std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255
             self._mean, self._std = mean, std
+            self._forward = net.embed
+            if self.compile_batch:
+                self._forward = self._compiled(net, meta.input_size, self.compile_batch)
             self._net, self._meta = net, meta
-            log.info("loaded model %s (%s, dim %d) on %s", meta.version, meta.backbone,
-                     meta.embedding_dim, self.device)
+            log.info("loaded model %s (%s, dim %d) on %s%s", meta.version, meta.backbone,
+                     meta.embedding_dim, self.device, ", compiled" if self.compile_batch else "")
+
+    def _compiled(self, net: LandmarkNet, input_size: int, batch_size: int):
+        """net.embed compiled for one batch shape: a smaller batch is padded to it (its padding costs less
+        than a recompile per size), a larger one split. Compiled and warmed up here, at load."""
+        compiled = torch.compile(net.embed, dynamic=False)
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            n = len(batch)
+            if n > batch_size:
+                return torch.cat([forward(part) for part in batch.split(batch_size)])
+            if n < batch_size:
+                batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
+            return compiled(batch)[:n]
+
+        start = time.perf_counter()
+        warm_up = torch.zeros(batch_size, 3, input_size, input_size, device=self.device)
+        if self.device.type == "cuda":
+            warm_up = warm_up.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.device.type == "cuda"):
+            forward(warm_up)
+        log.info("compiled the model for batches of %d in %.1f s", batch_size, time.perf_counter() - start)
+        return forward
 
     @property
     def meta(self) -> ModelMeta:
@@ -54,19 +84,23 @@ class Embedder:
         return self._meta
 
     @torch.inference_mode()
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """pixels: (n, size, size, 3) uint8 RGB."""
+    def embed(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """pixels: (n, size, size, 3) uint8 RGB on the host, or (n, 3, size, size) 0..255 on the device (from
+        shared/device_decode.py)."""
         self.load()
         if len(pixels) == 0:
             return np.zeros((0, self.meta.embedding_dim), dtype=np.float32)
-        batch = torch.from_numpy(np.ascontiguousarray(pixels))
         on_gpu = self.device.type == "cuda"
-        if on_gpu:
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2).float()
+        if isinstance(pixels, torch.Tensor):
+            batch = pixels.to(self.device).float()
+        else:
+            batch = torch.from_numpy(np.ascontiguousarray(pixels))
+            if on_gpu:
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            batch = batch.permute(0, 3, 1, 2).float()
         batch = ((batch - self._mean) / self._std)
         if on_gpu:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            embeddings = self._net.embed(batch)
+            embeddings = self._forward(batch)
         return embeddings.float().cpu().numpy()

@@ -50,11 +50,41 @@ _ORIENTATION = 0x0112
 
 @dataclass
 class DecodedImage:
-    pixels: np.ndarray  # (size, size, 3) uint8 RGB
+    # (size, size, 3) uint8 RGB from the CPU; from a device decoder (shared/device_decode.py) a torch tensor
+    # (3, size, size) on the model's device, which this module never imports.
+    pixels: np.ndarray | Any
     gps: GeoPoint | None
     width: int  # of the original image, after EXIF orientation
     height: int
     format: str
+
+
+@dataclass
+class EncodedJpeg:
+    """A JPEG left whole for a device decoder (shared/device_decode.py): its bytes and what its header says.
+    The header is read on the CPU, so the photo's GPS, size and bomb check do not depend on the decoder."""
+    data: bytes
+    gps: GeoPoint | None
+    width: int  # after EXIF orientation, as DecodedImage's
+    height: int
+    orientation: int  # EXIF 1..8: the device decoder applies it to the pixels
+
+
+def probe_jpeg(data: bytes, *, max_pixels: int, progressive: bool) -> EncodedJpeg | None:
+    """The photo as an EncodedJpeg when a device JPEG decoder can take it: a JPEG in RGB or greyscale, and
+    progressive only if ``progressive``. None for everything else (other formats, CMYK), which the CPU
+    decodes. Raises DecodeError as decode_image does (unreadable header, decompression bomb)."""
+    img = _open(data, max_pixels)
+    if img.format not in _JPEG_FORMATS or img.mode not in ("RGB", "L"):
+        return None
+    if img.info.get("progressive") and not progressive:
+        return None
+    exif = _exif(img)
+    orientation = _orientation(exif)
+    width, height = img.size
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return EncodedJpeg(data, exif_gps(exif), width, height, orientation)
 
 
 def decode_image(data: bytes, *, size: int, max_pixels: int) -> DecodedImage:

@@ -6,6 +6,9 @@ other batch's Python, and on 2 cores a tenth of the CPU went idle that way. A pr
 that crashes on a hostile file (libjpeg, libheif) from taking the worker down: the photo is recorded as
 failed and the pool is started again.
 
+On a GPU worker with a device JPEG decoder (shared/device_decode.py), a request may ask for JPEGs to come
+back undecoded (an EncodedJpeg: the bytes plus what the header says), for the GPU to decode in one batch.
+
 The processes come from a forkserver that has imported only this module's dependencies (Pillow, numpy,
 pillow-heif; never torch), so they are small and never inherit CUDA or the worker's connections."""
 
@@ -28,7 +31,7 @@ import numpy as np
 
 from shared.errors import PhotoError, Stage
 from shared.fetch import FETCHERS, fetch_bytes, register_fetcher
-from shared.imaging import DecodedImage, decode_image
+from shared.imaging import DecodedImage, EncodedJpeg, decode_image, probe_jpeg
 from shared.outcomes import Failure
 from shared.settings import Settings
 
@@ -42,19 +45,29 @@ class LoadRequest:
     uri: str
     size: int
     extra_size: int | None = None  # also decode at this size (a shadow model's), from the same fetch
+    # A device decoder takes JPEGs (shared/device_decode.py): such a photo comes back undecoded, as an
+    # EncodedJpeg; progressive ones too when ``device_progressive``.
+    device_jpeg: bool = False
+    device_progressive: bool = False
+    data: bytes | None = None  # the photo's bytes when already fetched (what a device decoder refused)
 
 
 @dataclass
 class Loaded:
-    image: DecodedImage | Failure
+    image: DecodedImage | Failure | EncodedJpeg
     extra_pixels: np.ndarray | None = None
 
 
 def load_photo(request: LoadRequest, settings: Settings) -> Loaded:
-    """One photo: fetched once, decoded at the requested size(s). Errors about the photo come back as a
-    Failure (they are results, and cross a process boundary as plain data)."""
+    """One photo: fetched once, decoded at the requested size(s), or only its header read when a device
+    decoder takes it. Errors about the photo come back as a Failure (they are results, and cross a process
+    boundary as plain data)."""
     try:
-        data = fetch_bytes(request.uri, settings)
+        data = request.data if request.data is not None else fetch_bytes(request.uri, settings)
+        if request.device_jpeg:
+            jpeg = probe_jpeg(data, max_pixels=settings.max_image_pixels, progressive=request.device_progressive)
+            if jpeg is not None:
+                return Loaded(jpeg)
         image = decode_image(data, size=request.size, max_pixels=settings.max_image_pixels)
     except PhotoError as exc:
         return Loaded(Failure(exc.stage, exc.reason))

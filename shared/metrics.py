@@ -54,6 +54,8 @@ INFRA_ERRORS = Counter("landmarks_infrastructure_errors", "Batch attempts that f
 HANDED_BACK = Counter("landmarks_events_handed_back", "Events re-published after a minute of infrastructure "
                       "errors")
 BATCHES = Counter("landmarks_batches", "Batches processed by the pipeline")
+DECODED = Counter("landmarks_photos_decoded", "Photos decoded, by where: device (a GPU JPEG decoder, "
+                  "shared/device_decode.py) or cpu (the decode pool)", ["where"])
 BATCH_SIZE = Histogram("landmarks_batch_size", "Upload events per batch",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
 STAGE_SECONDS = Histogram("landmarks_stage_seconds", "Time per pipeline stage of a batch", ["stage"],
@@ -72,7 +74,8 @@ MODEL_LOADED = Gauge("landmarks_model_loaded", "1 once a model version is loaded
 SHADOW_PHOTOS = Counter("landmarks_shadow_photos", "Photos sampled for the shadow version, by version and outcome",
                         ["version", "outcome"])
 ALL_METRICS = (EVENTS, SKIPPED, FAILURES, INFRA_ERRORS, HANDED_BACK, BATCHES, BATCH_SIZE, STAGE_SECONDS,
-               BATCH_SECONDS, EVENT_AGE, LAST_BATCH, BATCH_RUNNING_SINCE, MODEL_INFO, MODEL_LOADED, SHADOW_PHOTOS)
+               BATCH_SECONDS, EVENT_AGE, LAST_BATCH, BATCH_RUNNING_SINCE, MODEL_INFO, MODEL_LOADED, SHADOW_PHOTOS,
+               DECODED)
 
 # Collected at scrape time (see the collectors below).
 BACKLOG_METRICS = ("landmarks_queue_backlog", "landmarks_queue_waiting", "landmarks_queue_reserved",
@@ -159,6 +162,8 @@ def observe_batch(report: Any, n_events: int) -> None:
         if stage in report.timings_ms:
             STAGE_SECONDS.labels(stage).observe(report.timings_ms[stage] / 1000)
     BATCH_SECONDS.observe(sum(report.timings_ms.values()) / 1000)
+    DECODED.labels("device").inc(report.decoded_on_device)
+    DECODED.labels("cpu").inc(report.decoded - report.decoded_on_device)
     for outcome in report.outcomes:
         event = outcome.event
         source = source_of(event.event_id)

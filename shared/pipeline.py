@@ -6,14 +6,15 @@ through the candidate, after the live batch has committed.
 
 A worker calls `process` from several threads at once (LANDMARKS_BATCHES_IN_FLIGHT): the decode pool
 (shared/loading.py) is shared, and the model runs one batch at a time under `device_lock`, so batch i+1
-decodes while batch i is embedded, searched and written."""
+decodes while batch i is embedded, searched and written. On CUDA, with a device JPEG decoder, the batch's
+JPEGs are decoded on the GPU (shared/device_decode.py), each batch thread on its own CUDA stream."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -22,7 +23,8 @@ from shared.db.session import transaction
 from shared.db.writer import write_outcomes
 from shared.errors import InfrastructureError
 from shared.events import GeoPoint, PhotoUploaded
-from shared.imaging import DecodedImage
+from shared.device_decode import DeviceJpegDecoder, stack_pixels, thread_stream
+from shared.imaging import DecodedImage, EncodedJpeg
 from shared.index import LandmarkIndex
 from shared.loading import LoadRequest, PhotoLoader
 from shared.outcomes import Failure, GpsSource, PhotoOutcome, PhotoStatus
@@ -41,6 +43,8 @@ class BatchReport:
     applied: int
     timings_ms: dict[str, float] = field(default_factory=dict)  # the live path's stages only
     shadow: ShadowReport | None = None
+    decoded: int = 0  # photos decoded (the others failed before the model)
+    decoded_on_device: int = 0  # of which by the device JPEG decoder
 
 
 def photo_gps(decoded: DecodedImage, event: PhotoUploaded) -> tuple[GeoPoint | None, GpsSource | None]:
@@ -62,6 +66,8 @@ class RecognitionPipeline:
         # One forward pass at a time: two would split the cores (or the GPU) and gain nothing.
         self.device_lock = threading.Lock()
         self.loader = PhotoLoader(settings)
+        # JPEGs decoded on the GPU when a decoder loads there (found with the first model version).
+        self.device_decoder: DeviceJpegDecoder | None = None
         self.shadow = ShadowRunner(settings, engine, index, device_lock=self.device_lock)
 
     @property
@@ -83,11 +89,14 @@ class RecognitionPipeline:
     def _load_runtime(self, version: str) -> ModelRuntime:
         gc.unfreeze()  # the runtime being replaced, if any, becomes collectable again
         runtime = load_model_runtime(self.engine, version, self.settings.device, self.settings.model_path,
-                                     role="active")
+                                     role="active",
+                                     compile_batch=self.settings.batch_size if self.settings.torch_compile else 0)
         # Milvus answers whether the alias moved (once per batch); the searching is done in process.
         runtime.replica = local_replica(version, runtime.embedder.gallery, self.index,
                                         self.settings.search_replica_max_centroids)
         runtime.embedder.gallery = {}  # the replica holds what is needed of it
+        if self.device_decoder is None and self.settings.device_decode == "auto":
+            self.device_decoder = DeviceJpegDecoder.detect(str(runtime.embedder.device))
         # What lives as long as this version (torch, the model, the replica: hundreds of thousands of objects)
         # leaves the cyclic collector's view: each full collection had walked them all, pausing the batches.
         gc.collect()
@@ -97,16 +106,43 @@ class RecognitionPipeline:
     def _load_all(self, events: list[PhotoUploaded], size: int, shadow_size: int | None = None,
                   sampled: frozenset[int] = frozenset()) -> tuple[list[DecodedImage | Failure], dict[int, np.ndarray]]:
         """Decoded images (or failures) at ``size``; for the ``sampled`` positions also the pixels at
-        ``shadow_size`` (when the shadow model's input size differs), from the same fetch."""
-        requests = [LoadRequest(event.preview_uri or event.uri, size, shadow_size if i in sampled else None)
+        ``shadow_size`` (when the shadow model's input size differs), from the same fetch. With a device
+        decoder, the JPEGs among the others are decoded on the device."""
+        decoder = self.device_decoder
+        requests = [LoadRequest(event.preview_uri or event.uri, size, shadow_size if i in sampled else None,
+                                device_jpeg=decoder is not None and i not in sampled,
+                                device_progressive=decoder is not None and decoder.progressive)
                     for i, event in enumerate(events)]
         results = self.loader.load(requests)
         extra = {i: r.extra_pixels for i, r in enumerate(results) if r.extra_pixels is not None}
-        return [r.image for r in results], extra
+        images = [r.image for r in results]
+        if decoder is not None:
+            self._decode_on_device(decoder, images, requests)
+        return images, extra
+
+    def _decode_on_device(self, decoder: DeviceJpegDecoder, images: list, requests: list[LoadRequest]) -> None:
+        """Replaces each EncodedJpeg in ``images`` by its decode: on the device, or in the CPU pool for what the
+        device refused (from the bytes already fetched)."""
+        at = [i for i, image in enumerate(images) if isinstance(image, EncodedJpeg)]
+        if not at:
+            return
+        jpegs = [images[i] for i in at]
+        tensors, refused = decoder.decode(jpegs, requests[at[0]].size)
+        for i, jpeg, pixels in zip(at, jpegs, tensors):
+            if pixels is not None:
+                images[i] = DecodedImage(pixels, jpeg.gps, jpeg.width, jpeg.height, "JPEG")
+        if refused:
+            retry = [replace(requests[at[k]], device_jpeg=False, data=jpegs[k].data) for k in refused]
+            for k, loaded in zip(refused, self.loader.load(retry)):
+                images[at[k]] = loaded.image
 
     def process(self, events: list[PhotoUploaded]) -> BatchReport:
-        clock = StageClock()
         runtime = self.runtime()
+        with thread_stream(runtime.embedder.device):  # on CUDA, this batch's decode overlaps another's forward
+            return self._process(events, runtime)
+
+    def _process(self, events: list[PhotoUploaded], runtime: ModelRuntime) -> BatchReport:
+        clock = StageClock()
         shadow = self.shadow.for_batch(runtime)
         sampled = shadow.sample(events) if shadow is not None else frozenset()
         loaded, shadow_pixels = self._load_all(events, runtime.embedder.meta.input_size,
@@ -116,7 +152,7 @@ class RecognitionPipeline:
         outcomes = [_failed(event, item) if isinstance(item, Failure) else None
                     for event, item in zip(events, loaded)]
         if ok:
-            pixels = np.stack([loaded[i].pixels for i in ok])
+            pixels = stack_pixels([loaded[i].pixels for i in ok], runtime.embedder.device)
             with self.device_lock:
                 clock.lap("wait_model")
                 embeddings = runtime.embedder.embed(pixels)
@@ -132,14 +168,17 @@ class RecognitionPipeline:
         with transaction(self.engine) as session:
             applied = write_outcomes(session, runtime.version, outcomes)
         clock.lap("write")
-        report = BatchReport(outcomes, runtime.version, applied, clock.laps)
+        on_device = sum(not isinstance(loaded[i].pixels, np.ndarray) for i in ok)
+        report = BatchReport(outcomes, runtime.version, applied, clock.laps, decoded=len(ok),
+                             decoded_on_device=on_device)
         tagged = sum(o.status == PhotoStatus.TAGGED for o in outcomes)
         failed = sum(o.status == PhotoStatus.FAILED for o in outcomes)
         timings = {k: round(v, 1) for k, v in clock.laps.items()}
         log.info("batch of %d: %d tagged, %d failed, %d applied, model %s, ms %s", len(events), tagged, failed,
                  applied, runtime.version, timings,
                  extra={"model_version": runtime.version, "batch_size": len(events), "tagged": tagged,
-                        "failed": failed, "applied": applied, "timings_ms": timings})
+                        "failed": failed, "applied": applied, "decoded_on_device": on_device,
+                        "timings_ms": timings})
         _log_photos(outcomes, runtime.version)
         if shadow is not None:
             report.shadow = self._shadow_pass(shadow, sampled, outcomes, loaded, shadow_pixels)

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # The recognition model used by workers (a checkpoint written by `landmarks build`).
     model_path: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Compile the model with torch.compile as the worker starts (minutes for WRN-50-2; done before the worker
+    # takes a batch), for the served batch size (smaller batches are padded to it). Meant for CUDA; on the
+    # CPU it needs a C compiler.
+    torch_compile: bool = False
 
     # Batching: a batch closes at `batch_size` events, or once its first event has waited `max_wait_ms`
     # (checked every `max_wait_ms`).
@@ -56,6 +60,9 @@ class Settings(BaseSettings):
     decode_pool: Literal["processes", "threads"] = "processes"
     decode_workers: int = Field(0, ge=0, le=256)
     max_image_pixels: int = 100_000_000
+    # On CUDA, baseline JPEGs are decoded on the GPU when a decoder loads (shared/device_decode.py): "auto"
+    # uses it when present, "off" keeps every decode in the CPU pool.
+    device_decode: Literal["auto", "off"] = "auto"
 
     # Search: how many centroids to take without GPS, and the tile-filter limit with GPS.
     global_top_k: int = Field(10, ge=1)

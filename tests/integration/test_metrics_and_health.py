@@ -210,6 +210,9 @@ def test_a_real_workers_metrics_match_what_it_processed(photos, model_version, e
         assert events("malformed") == 1
         assert events("deleted") == 1
         assert _value(s, "landmarks_failures_total", stage="decode") == 1
+        # What reached the model was decoded by the CPU pool (no GPU here), the redelivered event again.
+        assert _value(s, "landmarks_photos_decoded_total", where="cpu") == len(tagged) + 1 + len(everyday)
+        assert _value(s, "landmarks_photos_decoded_total", where="device") == 0
         assert _value(s, "landmarks_failures_total", stage="fetch") == 1
         assert _value(s, "landmarks_failures_total", stage="validate") == 1
 

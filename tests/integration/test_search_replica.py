@@ -10,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from shared.device_decode import DeviceJpegDecoder
 from shared.events import PhotoUploaded
 from shared.index import LandmarkIndex
 from shared.local_index import LocalIndex
@@ -120,3 +122,33 @@ def test_a_loaded_version_is_kept_out_of_the_collector_and_freed_once_replaced(p
     gc.collect()
     assert replaced() is None  # the previous model's memory is released
     assert pipeline.runtime().version == published["version"]
+
+
+def test_a_device_jpeg_decoder_tags_as_the_cpu_pool_and_hands_back_what_it_refuses(published, engine):
+    """The GPU path's decode (shared/device_decode.py), run here by torchvision on the CPU: the same tags as
+    the pool's decode. A PNG goes to the pool; a truncated JPEG, refused by the device, goes back to the
+    pool and fails there as it would have on the CPU."""
+    photos = published["photos"]
+    png, truncated = photos["root"] / "firsts0.png", photos["root"] / "truncated.jpg"
+    Image.open(photos["firsts"][0]).save(png)
+    truncated.write_bytes(photos["firsts"][0].read_bytes()[:3000])
+    uploads = _uploads(photos, f"rd_{uuid.uuid4().hex[:6]}")
+    uploads += [PhotoUploaded.model_validate(event(uploads[0].user_id, path)) for path in (png, truncated)]
+    on_cpu = _pipeline(engine, published["index"], photos, max_centroids=1000)
+    on_device = _pipeline(engine, published["index"], photos, max_centroids=1000)
+    on_device.runtime()
+    assert on_device.device_decoder is None  # nothing detected on a CPU worker
+    on_device.device_decoder = DeviceJpegDecoder.torchvision("cpu")
+    try:
+        by_device = on_device.process(uploads)
+        by_cpu = on_cpu.process(_as_user([uploads], f"rp_{uuid.uuid4().hex[:6]}")[0])
+    finally:
+        on_cpu.close()
+        on_device.close()
+    assert _tags(by_device.outcomes) == _tags(by_cpu.outcomes)
+    assert sum(o.status == PhotoStatus.TAGGED for o in by_device.outcomes) == len(photos["firsts"])
+    assert [o.status for o in by_device.outcomes] == [o.status for o in by_cpu.outcomes]
+    refused = by_device.outcomes[-1]
+    assert refused.status == PhotoStatus.FAILED and refused.failure.reason == by_cpu.outcomes[-1].failure.reason
+    assert (by_device.decoded, by_device.decoded_on_device) == (len(uploads) - 1, len(uploads) - 2)
+    assert by_cpu.decoded_on_device == 0

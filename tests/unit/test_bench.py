@@ -81,21 +81,6 @@ def test_worker_laps_are_read_from_the_pipeline_log():
     assert worker_laps(as_json + "\n{not json\n") == (1, 8, {"embed": 40.5})
 
 
-def test_gpu_decoder_hands_refusals_to_the_cpu_pool():
-    """The GPU decoder's batching logic, run on CPU tensors (torchvision's decode_jpeg takes device='cpu')."""
-    from torchvision.io import decode_jpeg
-
-    from shared.bench import GpuJpegDecoder
-    png = io.BytesIO()
-    Image.new("RGB", (50, 40)).save(png, "PNG")
-    decoder = GpuJpegDecoder("torchvision_nvjpeg", "cpu", 96, decode_jpeg)
-    blobs = [camera_jpeg(640, 480, 1), png.getvalue(), b"\xff\xd8\xff\xe0 not a JPEG", camera_jpeg(480, 640, 2)]
-    out, refused = decoder.decode(blobs)
-    assert refused == [1, 2]
-    assert [tuple(t.shape) for t in (out[0], out[3])] == [(3, 96, 96), (3, 96, 96)]
-    assert GpuJpegDecoder.detect("cpu", 96) is None  # no CUDA: the bench decodes with the Pillow pool
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):

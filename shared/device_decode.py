@@ -1,0 +1,199 @@
+"""JPEG decode on the model's device, the GPU path's first stage (an optional extra the worker detects).
+
+The decode pool (shared/loading.py) still fetches every photo and reads its header on the CPU (GPS, size,
+orientation, the bomb check); a baseline RGB or greyscale JPEG then comes back whole and is decoded here,
+in one batch, straight into device memory: nvImageCodec's hardware JPEG engine when it is installed
+(`nvidia-nvimgcodec-cu13` + `nvidia-nvjpeg`, backend HW_GPU_ONLY, the fastest in ../shared/ANCHORS.md),
+else torchvision's nvJPEG. Whatever the device refuses (a corrupt file, a failed batch) goes back to the
+CPU pool, so a photo never fails for being decoded on the GPU. Crop, resize and orientation are done on
+the device too, so the model's input never crosses the PCIe bus as pixels.
+
+torch is imported only when a decoder is made: the pool processes import shared.imaging, never this."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from shared.imaging import EncodedJpeg
+
+log = logging.getLogger(__name__)
+
+# Optional extras fail to load in many ways (missing wheel, CUDA driver or library mismatch).
+_LOAD_ERRORS = (ImportError, OSError, RuntimeError, AttributeError, TypeError, ValueError)
+
+
+class DeviceJpegDecoder:
+    """Batched JPEG decode into centre-cropped, resized (3, size, size) float32 tensors (0..255) on
+    ``device``; what it refuses comes back by index for the CPU pool."""
+
+    # name → the resource it occupies (bench: the bound groups stages by resource). The hardware engine is
+    # a unit of its own; nvJPEG's kernels run on the SMs beside the model.
+    UNITS = {"nvimgcodec_hw": "gpu_jpeg_engine", "torchvision_nvjpeg": "gpu", "torchvision_cpu": "cpu"}
+
+    def __init__(self, name: str, device: str, impl: Any, *, progressive: bool,
+                 applies_orientation: bool = False) -> None:
+        self.name, self.device, self._impl = name, str(device), impl
+        self.progressive = progressive  # whether progressive JPEGs are sent to it (the hardware engine: no)
+        self._applies_orientation = applies_orientation  # the codec already turned the pixels upright
+        self.unit = self.UNITS[name]
+
+    @classmethod
+    def detect(cls, device: str) -> DeviceJpegDecoder | None:
+        """The best decoder that works on this CUDA device, checked on a real JPEG; None on the CPU or when
+        neither codec loads (the worker then decodes everything in its CPU pool)."""
+        if not str(device).startswith("cuda"):
+            return None
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        for make in (cls._nvimgcodec, cls.torchvision):
+            try:
+                decoder = make(device)
+                if decoder.decode([_probe_jpeg()], 64)[1]:
+                    raise RuntimeError(f"{decoder.name} refused a baseline JPEG")
+                log.info("decoding JPEGs on %s with %s", device, decoder.name)
+                return decoder
+            except _LOAD_ERRORS as exc:
+                log.info("%s: device JPEG decoder unavailable (%s)", make.__name__.strip("_"), exc)
+        return None
+
+    @classmethod
+    def _nvimgcodec(cls, device: str) -> DeviceJpegDecoder:
+        from nvidia import nvimgcodec
+        kind = nvimgcodec.BackendKind.HW_GPU_ONLY
+        try:
+            decoder = nvimgcodec.Decoder(backend_kinds=[kind])
+        except TypeError:  # older nvImageCodec spelling
+            decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(kind)])
+        try:  # orientation is ours to apply (from the header read on the CPU), as for every other path
+            params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
+            return cls("nvimgcodec_hw", device, (decoder, params), progressive=False)
+        except (AttributeError, TypeError):
+            return cls("nvimgcodec_hw", device, (decoder, None), progressive=False,
+                       applies_orientation=True)
+
+    @classmethod
+    def torchvision(cls, device: str) -> DeviceJpegDecoder:
+        """torchvision's decode_jpeg: nvJPEG on CUDA; on the CPU (libjpeg-turbo) only for tests, since Pillow's
+        draft mode (DCT scaling) in the pool is faster there."""
+        from torchvision.io import decode_jpeg
+        name = "torchvision_nvjpeg" if str(device).startswith("cuda") else "torchvision_cpu"
+        return cls(name, device, decode_jpeg, progressive=True)
+
+    def decode(self, photos: Sequence[EncodedJpeg | bytes], size: int) -> tuple[list[Any], list[int]]:
+        """(tensors, refused indices): tensors[i], (3, size, size), is None where the device refused photo i.
+        A failure of the codec itself (a CUDA error) refuses the whole batch: the CPU pool decodes it."""
+        jpegs = [p if isinstance(p, EncodedJpeg) else EncodedJpeg(p, None, 0, 0, 1) for p in photos]
+        out: list[Any] = [None] * len(jpegs)
+        try:
+            images = self._decode_nvimgcodec(jpegs) if self.name == "nvimgcodec_hw" else self._decode_torchvision(jpegs)
+            for i, (jpeg, image) in enumerate(zip(jpegs, images)):
+                if image is not None:
+                    out[i] = self._square(self._upright(image, jpeg.orientation), size)
+        except RuntimeError as exc:
+            log.warning("%s failed on a batch of %d (%s); the CPU pool decodes it", self.name, len(jpegs), exc)
+            out = [None] * len(jpegs)
+        return out, [i for i, t in enumerate(out) if t is None]
+
+    def _decode_nvimgcodec(self, jpegs: list[EncodedJpeg]) -> list[Any]:
+        import torch
+        if not jpegs:
+            return []
+        decoder, params = self._impl
+        data = [j.data for j in jpegs]
+        stream = torch.cuda.current_stream(self.device).cuda_stream  # the batch thread's own stream
+        try:
+            images = decoder.decode(data, params=params, cuda_stream=stream) if params is not None \
+                else decoder.decode(data, cuda_stream=stream)
+        except TypeError:  # an nvImageCodec without these keywords
+            images = decoder.decode(data)
+        # HWC uint8 on the device (None where the engine refused the image); greyscale comes as 1 channel.
+        return [None if im is None else torch.as_tensor(im, device=self.device).permute(2, 0, 1) for im in images]
+
+    def _decode_torchvision(self, jpegs: list[EncodedJpeg]) -> list[Any]:
+        import torch
+        from torchvision.io import ImageReadMode
+        if not jpegs:
+            return []
+        datas = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                return list(self._impl(datas, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:  # one bad image fails the whole batch: again one by one
+                return [self._one_torchvision(data) for data in datas]
+
+    def _one_torchvision(self, data: Any) -> Any:
+        from torchvision.io import ImageReadMode
+        try:
+            return self._impl(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            return None
+
+    def _upright(self, chw: Any, orientation: int) -> Any:
+        """EXIF orientation 2..8 applied as Pillow's transpose does in shared/imaging.py."""
+        if self._applies_orientation or orientation in (0, 1):
+            return chw
+        if orientation in (5, 6, 7, 8):
+            chw = chw.transpose(-1, -2)  # 5 is this transpose alone; 6, 7, 8 add a flip
+        flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation)
+        return chw.flip(flips) if flips else chw
+
+    def _square(self, chw: Any, size: int) -> Any:
+        """Shorter side to ``size`` and centre crop, as shared/imaging._square (antialiased bilinear)."""
+        import torch.nn.functional as F
+        if chw.shape[0] == 1:
+            chw = chw.expand(3, -1, -1)
+        _, h, w = chw.shape
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        crop = chw[:, top:top + side, left:left + side].unsqueeze(0).float()
+        return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                             align_corners=False)[0]
+
+
+def stack_pixels(images: Sequence[Any], device: Any) -> Any:
+    """One (n, size, size, 3) uint8 array when every image came from the CPU (the CPU path, unchanged);
+    else one (n, 3, size, size) float tensor on ``device``, the CPU pool's images copied there."""
+    if all(isinstance(image, np.ndarray) for image in images):
+        return np.stack(images)
+    import torch
+    return torch.stack([image if isinstance(image, torch.Tensor)
+                        else torch.from_numpy(image).to(device, non_blocking=False).permute(2, 0, 1).float()
+                        for image in images])
+
+
+_streams = threading.local()
+
+
+@contextlib.contextmanager
+def thread_stream(device: Any) -> Iterator[None]:
+    """On CUDA, this thread's own stream: a batch thread's decode then overlaps another's forward pass
+    (on the shared default stream they would run one after the other). Elsewhere nothing."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        yield
+        return
+    import torch
+    stream = getattr(_streams, "stream", None)
+    if stream is None:
+        stream = _streams.stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        yield
+
+
+def _probe_jpeg() -> bytes:
+    """A small camera-like JPEG to check that a decoder works before the worker relies on it."""
+    import io
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pixels = (np.linspace(0, 255, 320 * 240 * 3).reshape(240, 320, 3) + rng.normal(0, 8, (240, 320, 3)))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()

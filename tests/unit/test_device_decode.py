@@ -1,0 +1,143 @@
+"""The device JPEG path (shared/device_decode.py) against the CPU decoder it stands in for. On CUDA it runs
+nvImageCodec or nvJPEG; here the same code runs torchvision's decode_jpeg on the CPU, so the header probe,
+orientation, crop, resize, refusals and batching are checked on every machine."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared.device_decode import DeviceJpegDecoder, stack_pixels
+from shared.errors import DecodeError
+from shared.imaging import EncodedJpeg, decode_image, probe_jpeg
+from shared.loading import LoadRequest, PhotoLoader
+from shared.settings import Settings
+
+SIZE = 96
+MAX_PIXELS = 100_000_000
+
+
+@pytest.fixture(scope="module")
+def decoder() -> DeviceJpegDecoder:
+    return DeviceJpegDecoder.torchvision("cpu")
+
+
+def _asymmetric(width: int = 450, height: int = 300) -> Image.Image:
+    """Gradients and a white block in one corner: every flip and turn changes the pixels."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], -1).astype(np.uint8)
+    pixels[: height // 5, : width // 4] = 255
+    return Image.fromarray(pixels)
+
+
+def _jpeg(image: Image.Image, *, orientation: int = 1, **save) -> bytes:
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=92, exif=exif.tobytes(), **save)
+    return buffer.getvalue()
+
+
+def _hwc(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_each_exif_orientation_gives_the_pixels_the_cpu_decoder_gives(decoder, orientation):
+    data = _jpeg(_asymmetric(), orientation=orientation)
+    cpu = decode_image(data, size=SIZE, max_pixels=MAX_PIXELS)
+    jpeg = probe_jpeg(data, max_pixels=MAX_PIXELS, progressive=True)
+    (pixels,), refused = decoder.decode([jpeg], SIZE)
+    assert refused == [] and pixels.shape == (3, SIZE, SIZE)
+    assert np.abs(_hwc(pixels) - cpu.pixels).mean() < 2.0
+    assert (jpeg.width, jpeg.height) == (cpu.width, cpu.height)
+    if orientation != 1:  # the same file read as upright is another picture: the check above can fail
+        (upright,), _ = decoder.decode([data], SIZE)
+        assert np.abs(_hwc(upright) - cpu.pixels).mean() > 20
+
+
+def test_the_probe_leaves_to_the_cpu_what_a_device_decoder_cannot_take():
+    image = _asymmetric()
+    png = io.BytesIO()
+    image.save(png, "PNG")
+    cmyk = io.BytesIO()
+    image.convert("CMYK").save(cmyk, "JPEG")
+    progressive = _jpeg(image, progressive=True)
+    assert probe_jpeg(png.getvalue(), max_pixels=MAX_PIXELS, progressive=True) is None
+    assert probe_jpeg(cmyk.getvalue(), max_pixels=MAX_PIXELS, progressive=True) is None
+    assert probe_jpeg(progressive, max_pixels=MAX_PIXELS, progressive=False) is None  # the hardware engine
+    assert isinstance(probe_jpeg(progressive, max_pixels=MAX_PIXELS, progressive=True), EncodedJpeg)
+    grey = probe_jpeg(_jpeg(image.convert("L")), max_pixels=MAX_PIXELS, progressive=False)
+    assert isinstance(grey, EncodedJpeg)
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        probe_jpeg(_jpeg(image), max_pixels=1000, progressive=True)
+    with pytest.raises(DecodeError, match="not an image"):
+        probe_jpeg(b"", max_pixels=MAX_PIXELS, progressive=True)
+
+
+def test_a_corrupt_jpeg_is_refused_by_index_and_the_rest_of_the_batch_decodes(decoder):
+    good = [_jpeg(_asymmetric(300 + 20 * i, 200)) for i in range(3)]
+    truncated = good[0][: len(good[0]) // 3]
+    grey = _jpeg(_asymmetric().convert("L"))
+    tensors, refused = decoder.decode([good[0], truncated, good[1], grey, good[2]], SIZE)
+    assert refused == [1]
+    assert all(t is not None and t.shape == (3, SIZE, SIZE) for k, t in enumerate(tensors) if k != 1)
+    grey_cpu = decode_image(grey, size=SIZE, max_pixels=MAX_PIXELS).pixels
+    assert np.abs(_hwc(tensors[3]) - grey_cpu).mean() < 2.0
+
+
+def test_real_photos_taken_by_the_device_path_match_the_cpu_decode(decoder, realdata):
+    """Every real JPEG the probe hands to a device: same GPS and size as the CPU path, nearly the same
+    pixels (Pillow's draft mode scales in the DCT, the device resizes the full image)."""
+    diffs = []
+    for path in sorted(p for p in realdata.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")):
+        data = path.read_bytes()
+        try:
+            cpu = decode_image(data, size=224, max_pixels=MAX_PIXELS)
+            jpeg = probe_jpeg(data, max_pixels=MAX_PIXELS, progressive=True)
+        except DecodeError:
+            continue
+        if jpeg is None:
+            continue
+        (pixels,), refused = decoder.decode([jpeg], 224)
+        assert refused == [], path.name
+        assert (jpeg.gps, jpeg.width, jpeg.height) == (cpu.gps, cpu.width, cpu.height), path.name
+        diffs.append(float(np.abs(_hwc(pixels) - cpu.pixels).mean()))
+    assert len(diffs) > 100
+    assert np.median(diffs) < 3.0 and max(diffs) < 12.0
+
+
+def test_stacking_cpu_and_device_images_keeps_order_and_pixels():
+    rng = np.random.default_rng(0)
+    cpu = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(3)]
+    assert isinstance(stack_pixels(cpu, "cpu"), np.ndarray)  # the CPU path is left as it was
+    mixed = stack_pixels([cpu[0], torch.from_numpy(cpu[1]).permute(2, 0, 1).float(), cpu[2]], "cpu")
+    assert mixed.shape == (3, 3, SIZE, SIZE)
+    assert np.array_equal(mixed.permute(0, 2, 3, 1).numpy(), np.stack(cpu).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_the_pool_returns_device_jpegs_undecoded_and_decodes_the_rest(kind, tmp_path):
+    image = _asymmetric()
+    (tmp_path / "a.jpg").write_bytes(_jpeg(image, orientation=6))
+    (tmp_path / "p.jpg").write_bytes(_jpeg(image, progressive=True))
+    image.save(tmp_path / "c.png")
+    loader = PhotoLoader(Settings(file_roots=str(tmp_path)), kind=kind, workers=2)
+    try:
+        a, p, c = loader.load([LoadRequest((tmp_path / n).as_uri(), SIZE, device_jpeg=True)
+                               for n in ("a.jpg", "p.jpg", "c.png")])
+        again, = loader.load([LoadRequest("file:///nowhere.jpg", SIZE, data=a.image.data)])
+    finally:
+        loader.close()
+    assert isinstance(a.image, EncodedJpeg) and a.image.orientation == 6 and a.image.width == 300
+    assert not isinstance(p.image, EncodedJpeg)  # progressive, and this request did not allow it
+    assert c.image.pixels.shape == (SIZE, SIZE, 3)
+    assert again.image.pixels.shape == (SIZE, SIZE, 3)  # bytes already fetched: decoded, not fetched again
+
+
+def test_no_device_decoder_is_detected_on_the_cpu():
+    assert DeviceJpegDecoder.detect("cpu") is None
