@@ -30,7 +30,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -860,12 +860,20 @@ def bench_queues(broker_url: str) -> Iterator[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------- end to end
 
 _BATCH_LINE = re.compile(r"batch of (\d+): .*?ms (\{.*\})\s*$")
+_ON_DEVICE = re.compile(r", (\d+) decoded on the device,")
 
 
-def worker_laps(log_text: str) -> tuple[int, int, dict[str, float]]:
-    """(batches, photos, summed ms per stage) from the pipeline's per-batch log lines, plain text or the
-    JSON lines of LANDMARKS_LOG_JSON=1 (the message is their `msg`)."""
-    batches, photos, laps = 0, 0, {}
+class WorkerLaps(NamedTuple):
+    batches: int
+    photos: int
+    laps: dict[str, float]  # summed ms per stage
+    decoded_on_device: int  # photos the device JPEG decoder decoded (0 on a CPU worker)
+
+
+def worker_laps(log_text: str) -> WorkerLaps:
+    """What the pipeline's per-batch log lines add up to, plain text or the JSON lines of
+    LANDMARKS_LOG_JSON=1 (the message is their `msg`)."""
+    batches, photos, laps, on_device = 0, 0, {}, 0
     for line in log_text.splitlines():
         if line.startswith("{"):
             try:
@@ -882,7 +890,9 @@ def worker_laps(log_text: str) -> tuple[int, int, dict[str, float]]:
         batches, photos = batches + 1, photos + int(match.group(1))
         for key, value in timings.items():
             laps[key] = laps.get(key, 0.0) + float(value)
-    return batches, photos, laps
+        device = _ON_DEVICE.search(line)
+        on_device += int(device.group(1)) if device else 0
+    return WorkerLaps(batches, photos, laps, on_device)
 
 
 def _processed(engine, user: str) -> int:
@@ -1020,7 +1030,7 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
         time.sleep(0.3)  # the last batch's log line
         with log_path.open("rb") as handle:
             handle.seek(log_offset)
-            batches, photos, laps = worker_laps(handle.read().decode(errors="replace"))
+            batches, photos, laps, on_device = worker_laps(handle.read().decode(errors="replace"))
         tagged = _count_tagged(engine, user)
     finally:
         if worker.poll() is None:
@@ -1043,7 +1053,7 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
             # LANDMARKS_BATCHES_IN_FLIGHT); waiting for the model's turn does not count.
             "worker_batches_busy": round(sum(v for k, v in laps.items() if k != "wait_model") / 1e3 / elapsed, 3)
             if laps else None,
-            "e2e_tagged": tagged, "worker_log": str(log_path)}
+            "e2e_tagged": tagged, "e2e_decoded_on_device": on_device, "worker_log": str(log_path)}
 
 
 # ----------------------------------------------------------------------------------------- the bench

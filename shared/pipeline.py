@@ -174,8 +174,9 @@ class RecognitionPipeline:
         tagged = sum(o.status == PhotoStatus.TAGGED for o in outcomes)
         failed = sum(o.status == PhotoStatus.FAILED for o in outcomes)
         timings = {k: round(v, 1) for k, v in clock.laps.items()}
-        log.info("batch of %d: %d tagged, %d failed, %d applied, model %s, ms %s", len(events), tagged, failed,
-                 applied, runtime.version, timings,
+        on_device_note = f", {on_device} decoded on the device" if self.device_decoder is not None else ""
+        log.info("batch of %d: %d tagged, %d failed, %d applied%s, model %s, ms %s", len(events), tagged, failed,
+                 applied, on_device_note, runtime.version, timings,
                  extra={"model_version": runtime.version, "batch_size": len(events), "tagged": tagged,
                         "failed": failed, "applied": applied, "decoded_on_device": on_device,
                         "timings_ms": timings})

@@ -75,10 +75,13 @@ def test_worker_laps_are_read_from_the_pipeline_log():
             "unrelated line\n"
             "INFO shared.pipeline: batch of 4: 0 tagged, 0 failed, 4 applied, model v1, "
             "ms {'fetch_decode': 40.0, 'embed': 20.5, 'search': 2.0, 'write': 1.5}\n")
-    assert worker_laps(text) == (2, 12, {"fetch_decode": 120.0, "embed": 61.0, "search": 6.0, "write": 5.0})
+    assert worker_laps(text) == (2, 12, {"fetch_decode": 120.0, "embed": 61.0, "search": 6.0, "write": 5.0}, 0)
+    gpu = ("INFO shared.pipeline: batch of 8: 1 tagged, 0 failed, 8 applied, 7 decoded on the device, model v1, "
+           "ms {'fetch_decode': 8.0}\n") * 2
+    assert worker_laps(gpu) == (2, 16, {"fetch_decode": 16.0}, 14)
     as_json = json.dumps({"ts": "2026-11-27T00:00:00Z", "level": "INFO", "logger": "shared.pipeline",
                           "msg": "batch of 8: 1 tagged, 0 failed, 8 applied, model v1, ms {'embed': 40.5}"})
-    assert worker_laps(as_json + "\n{not json\n") == (1, 8, {"embed": 40.5})
+    assert worker_laps(as_json + "\n{not json\n") == (1, 8, {"embed": 40.5}, 0)
 
 
 @pytest.mark.integration
