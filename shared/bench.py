@@ -1106,6 +1106,20 @@ def whole_machine_threads() -> Iterator[int]:
         torch.set_num_threads(served)
 
 
+def decode_alone(cfg: BenchConfig, blobs: Sequence[bytes], reporter: Reporter) -> dict:
+    """The decode stage alone, with the decoder the worker will detect (shared/pipeline.py) unless
+    LANDMARKS_DEVICE_DECODE=off: {decoder, img_s, ...}."""
+    from shared.settings import get_settings
+    device_decode = get_settings().device_decode == "auto"
+    gpu_decoder = DeviceJpegDecoder.detect(cfg.device) if cfg.cuda and device_decode else None
+    if gpu_decoder is None:
+        return {"decoder": "pillow", **decode_stage(blobs, cfg.input_size, reporter=reporter)}
+    result = {"decoder": gpu_decoder.name, **gpu_decode_stage(gpu_decoder, blobs, cfg.input_size, reporter=reporter)}
+    result["cpu_img_s"] = round(decode_stage(blobs[:min(len(blobs), 512)], cfg.input_size,
+                                             reporter=reporter)["img_s"], 1)
+    return result
+
+
 def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, index, engine,
                    gps: Sequence[tuple[float, float] | None], reporter: Reporter) -> dict:
     """Each stage alone, on the resources the worker would use."""
@@ -1115,18 +1129,11 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     from shared.publish import gallery_rows
     from shared.recognition import Thresholds
     n, blobs = inputs.n, inputs.blobs
-    out: dict = {"decoder": "pillow"}
-    from shared.settings import get_settings
-    # The decoder the worker will detect (shared/pipeline.py), unless LANDMARKS_DEVICE_DECODE=off.
-    device_decode = get_settings().device_decode == "auto"
-    gpu_decoder = DeviceJpegDecoder.detect(cfg.device) if cfg.cuda and device_decode else None
-    if gpu_decoder is not None:
-        out["decoder"] = gpu_decoder.name
-        out["decode"] = gpu_decode_stage(gpu_decoder, blobs, cfg.input_size, reporter=reporter)
-        out["decode_cpu_img_s"] = round(decode_stage(blobs[:min(n, 512)], cfg.input_size,
-                                                     reporter=reporter)["img_s"], 1)
-    else:
-        out["decode"] = decode_stage(blobs, cfg.input_size, reporter=reporter)
+    out: dict = {"decode": decode_alone(cfg, blobs, reporter)}
+    out["decoder"] = out["decode"]["decoder"]
+    if "cpu_img_s" in out["decode"]:
+        out["decode_cpu_img_s"] = out["decode"]["cpu_img_s"]
+    gpu_decoder = DeviceJpegDecoder.detect(cfg.device) if out["decoder"] != "pillow" else None
     embedder = Embedder(model.path, cfg.device)
     embedder.load()
     with whole_machine_threads() as threads:
@@ -1223,6 +1230,9 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
                                      poll_s=1.0 if cfg.load_only else 0.05), reporter)
         host["other_cpu_share"] = account.other_share()  # before the private milvus-lite stops
         if not cfg.load_only:
+            # Decode is the stage that bounds a CPU run: measured again after the end-to-end part, so that a
+            # machine whose speed drifts during the run (shared hosts do) is measured on both sides of it.
+            stages["decode_after"] = decode_alone(cfg, inputs.blobs[:max(1, inputs.n // 2)], reporter)
             stages["comparison"] = comparison_stage(cfg, model, reporter)
     host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if cfg.load_only:
@@ -1267,6 +1277,8 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
     # The worker searches its in-process replica when the gallery fits (LANDMARKS_SEARCH_REPLICA_MAX_CENTROIDS).
     in_process = 0 < cfg.centroids <= get_settings().search_replica_max_centroids
     rates = {name: stages["search_local" if name == "search" and in_process else name]["img_s"] for name in STAGES}
+    decode_runs = [stages[k]["img_s"] for k in ("decode", "decode_after") if k in stages]
+    rates["decode"] = statistics.mean(decode_runs)  # before and after the end-to-end part
     resources = stage_resources(cfg.device, stages["decoder"], search_in_process=in_process)
     bound, limiting = throughput_bound(rates, resources)
     serial = combined_rate(rates.values())
@@ -1294,6 +1306,7 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "write_client_cpu_ms_per_img": stages["write"]["client_cpu_ms_per_img"],
         "centroids": cfg.centroids, "unique_inputs": len(inputs.unique), "file_mb_mean": inputs.file_mb_mean,
         "decode_failed": stages["decode"].get("failed", 0),
+        "decode_img_s_before": round(decode_runs[0], 1), "decode_img_s_after": round(decode_runs[-1], 1),
         **({"decode_cpu_img_s": stages["decode_cpu_img_s"]} if "decode_cpu_img_s" in stages else {}),
         **{k: v for k, v in comparison.items() if k not in ("delf_style_ms", "ours_ms")},
         **stages.get("device_figures", {}),

@@ -101,6 +101,9 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert result["e2e_img_s"] > 0 and result["bound_img_s"] > 0
     assert result["ratio"] == pytest.approx(result["e2e_img_s"] / result["bound_img_s"], rel=0.01)
     assert result["rss_mb_start"] > 0 and result["rss_mb_end"] > 0
+    # Decode alone is measured on both sides of the end-to-end part; the bound uses their mean.
+    assert result["stages"]["decode_img_s"] == pytest.approx(
+        (result["decode_img_s_before"] + result["decode_img_s_after"]) / 2, abs=0.1)
     assert result["delf_style_ms"] > result["ours_ms"] > 0
     assert (result["device"], result["size"], result["backbone"], result["batch_size"]) == \
         ("cpu", "2mp", "resnet_small", 8)
