@@ -42,6 +42,9 @@ class DeviceJpegDecoder:
         self.name, self.device, self._impl = name, str(device), impl
         self.progressive = progressive  # whether progressive JPEGs are sent to it (the hardware engine: no)
         self._applies_orientation = applies_orientation  # the codec already turned the pixels upright
+        # nvImageCodec does not document its Decoder as safe to share between threads: the batch threads
+        # take turns in it (each still overlaps the other's forward pass). torchvision's nvJPEG is.
+        self._codec_lock = threading.Lock()
         self.unit = self.UNITS[name]
 
     @classmethod
@@ -56,13 +59,27 @@ class DeviceJpegDecoder:
         for make in (cls._nvimgcodec, cls.torchvision):
             try:
                 decoder = make(device)
-                if decoder.decode([_probe_jpeg()], 64)[1]:
-                    raise RuntimeError(f"{decoder.name} refused a baseline JPEG")
+                decoder.check_against_cpu()
                 log.info("decoding JPEGs on %s with %s", device, decoder.name)
                 return decoder
             except _LOAD_ERRORS as exc:
                 log.info("%s: device JPEG decoder unavailable (%s)", make.__name__.strip("_"), exc)
         return None
+
+    def check_against_cpu(self, size: int = 64, tolerance: float = 4.0) -> None:
+        """Raises RuntimeError unless this decoder gives the CPU decoder's pixels (mean difference in levels)
+        for a JPEG turned by its EXIF orientation: a codec that refuses baseline JPEGs, or turns the pixels
+        itself as well, is not used."""
+        from shared.imaging import decode_image, probe_jpeg
+        data = _probe_jpeg()
+        jpeg = probe_jpeg(data, max_pixels=1 << 24, progressive=self.progressive)
+        (pixels,), refused = self.decode([jpeg], size)
+        if refused:
+            raise RuntimeError(f"{self.name} refused a baseline JPEG")
+        expected = decode_image(data, size=size, max_pixels=1 << 24).pixels
+        difference = float(np.abs(pixels.permute(1, 2, 0).cpu().numpy() - expected).mean())
+        if difference > tolerance:
+            raise RuntimeError(f"{self.name}'s pixels differ from the CPU decoder's by {difference:.1f} levels")
 
     @classmethod
     def _nvimgcodec(cls, device: str) -> DeviceJpegDecoder:
@@ -108,12 +125,15 @@ class DeviceJpegDecoder:
             return []
         decoder, params = self._impl
         data = [j.data for j in jpegs]
-        stream = torch.cuda.current_stream(self.device).cuda_stream  # the batch thread's own stream
-        try:
-            images = decoder.decode(data, params=params, cuda_stream=stream) if params is not None \
-                else decoder.decode(data, cuda_stream=stream)
-        except TypeError:  # an nvImageCodec without these keywords
-            images = decoder.decode(data)
+        options = {"cuda_stream": torch.cuda.current_stream(self.device).cuda_stream}  # the thread's stream
+        if params is not None:
+            options["params"] = params
+        with self._codec_lock:
+            try:
+                images = decoder.decode(data, **options)
+            except TypeError:  # an older nvImageCodec without cuda_stream: its default stream
+                del options["cuda_stream"]
+                images = decoder.decode(data, **options)
         # HWC uint8 on the device (None where the engine refused the image); greyscale comes as 1 channel.
         return [None if im is None else torch.as_tensor(im, device=self.device).permute(2, 0, 1) for im in images]
 
@@ -189,11 +209,16 @@ def thread_stream(device: Any) -> Iterator[None]:
 
 
 def _probe_jpeg() -> bytes:
-    """A small camera-like JPEG to check that a decoder works before the worker relies on it."""
+    """A small JPEG with EXIF orientation 6 whose every turn and flip differs (gradients, one bright corner):
+    what check_against_cpu decodes before the worker relies on a decoder."""
     import io
     from PIL import Image
-    rng = np.random.default_rng(0)
-    pixels = (np.linspace(0, 255, 320 * 240 * 3).reshape(240, 320, 3) + rng.normal(0, 8, (240, 320, 3)))
+    y, x = np.mgrid[0:240, 0:320]
+    pixels = np.stack([x * 255 // 320, y * 255 // 240, (x + y) % 256], -1).astype(np.uint8)
+    pixels[:48, :80] = 255
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    image.save(buffer, "JPEG", quality=92, exif=exif.tobytes())
     return buffer.getvalue()

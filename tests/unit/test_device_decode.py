@@ -139,5 +139,17 @@ def test_the_pool_returns_device_jpegs_undecoded_and_decodes_the_rest(kind, tmp_
     assert again.image.pixels.shape == (SIZE, SIZE, 3)  # bytes already fetched: decoded, not fetched again
 
 
-def test_no_device_decoder_is_detected_on_the_cpu():
+def test_no_device_decoder_is_detected_without_cuda():
     assert DeviceJpegDecoder.detect("cpu") is None
+    if not torch.cuda.is_available():
+        assert DeviceJpegDecoder.detect("cuda") is None
+
+
+def test_a_decoder_is_checked_against_the_cpu_decoder_before_it_is_used(decoder):
+    """detect() runs this check: a codec whose pixels differ (here one said to turn photos upright itself
+    that does not) is refused, and the worker keeps decoding on the CPU."""
+    from torchvision.io import decode_jpeg
+    decoder.check_against_cpu()
+    wrong = DeviceJpegDecoder("torchvision_cpu", "cpu", decode_jpeg, progressive=True, applies_orientation=True)
+    with pytest.raises(RuntimeError, match="differ from the CPU decoder"):
+        wrong.check_against_cpu()
