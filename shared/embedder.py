@@ -58,6 +58,8 @@ class Embedder:
         """net.embed compiled for one batch shape: a smaller batch is padded to it (its padding costs less
         than a recompile per size), a larger one split. Compiled and warmed up here, at load."""
         compiled = torch.compile(net.embed, dynamic=False)
+        # One layout for every call (embed uses channels_last on CUDA): another would be compiled again.
+        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
             n = len(batch)
@@ -65,12 +67,10 @@ class Embedder:
                 return torch.cat([forward(part) for part in batch.split(batch_size)])
             if n < batch_size:
                 batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
-            return compiled(batch)[:n]
+            return compiled(batch.contiguous(memory_format=layout))[:n]
 
         start = time.perf_counter()
         warm_up = torch.zeros(batch_size, 3, input_size, input_size, device=self.device)
-        if self.device.type == "cuda":
-            warm_up = warm_up.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
             forward(warm_up)
