@@ -1106,12 +1106,17 @@ def whole_machine_threads() -> Iterator[int]:
         torch.set_num_threads(served)
 
 
-def decode_alone(cfg: BenchConfig, blobs: Sequence[bytes], reporter: Reporter) -> dict:
-    """The decode stage alone, with the decoder the worker will detect (shared/pipeline.py) unless
-    LANDMARKS_DEVICE_DECODE=off: {decoder, img_s, ...}."""
+def worker_device_decoder(cfg: BenchConfig) -> DeviceJpegDecoder | None:
+    """The device decoder the worker will detect (shared/pipeline.py), unless LANDMARKS_DEVICE_DECODE=off."""
     from shared.settings import get_settings
-    device_decode = get_settings().device_decode == "auto"
-    gpu_decoder = DeviceJpegDecoder.detect(cfg.device) if cfg.cuda and device_decode else None
+    if not cfg.cuda or get_settings().device_decode != "auto":
+        return None
+    return DeviceJpegDecoder.detect(cfg.device)
+
+
+def decode_alone(cfg: BenchConfig, blobs: Sequence[bytes], gpu_decoder: DeviceJpegDecoder | None,
+                 reporter: Reporter) -> dict:
+    """The decode stage alone, with the worker's decoder: {decoder, img_s, ...}."""
     if gpu_decoder is None:
         return {"decoder": "pillow", **decode_stage(blobs, cfg.input_size, reporter=reporter)}
     result = {"decoder": gpu_decoder.name, **gpu_decode_stage(gpu_decoder, blobs, cfg.input_size, reporter=reporter)}
@@ -1129,11 +1134,8 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     from shared.publish import gallery_rows
     from shared.recognition import Thresholds
     n, blobs = inputs.n, inputs.blobs
-    out: dict = {"decode": decode_alone(cfg, blobs, reporter)}
-    out["decoder"] = out["decode"]["decoder"]
-    if "cpu_img_s" in out["decode"]:
-        out["decode_cpu_img_s"] = out["decode"]["cpu_img_s"]
-    gpu_decoder = DeviceJpegDecoder.detect(cfg.device) if out["decoder"] != "pillow" else None
+    gpu_decoder = worker_device_decoder(cfg)
+    out: dict = {"decode": decode_alone(cfg, blobs, gpu_decoder, reporter)}
     embedder = Embedder(model.path, cfg.device)
     embedder.load()
     with whole_machine_threads() as threads:
@@ -1232,7 +1234,8 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
         if not cfg.load_only:
             # Decode is the stage that bounds a CPU run: measured again after the end-to-end part, so that a
             # machine whose speed drifts during the run (shared hosts do) is measured on both sides of it.
-            stages["decode_after"] = decode_alone(cfg, inputs.blobs[:max(1, inputs.n // 2)], reporter)
+            stages["decode_after"] = decode_alone(cfg, inputs.blobs[:max(1, inputs.n // 2)],
+                                                  worker_device_decoder(cfg), reporter)
             stages["comparison"] = comparison_stage(cfg, model, reporter)
     host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if cfg.load_only:
@@ -1279,7 +1282,8 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
     rates = {name: stages["search_local" if name == "search" and in_process else name]["img_s"] for name in STAGES}
     decode_runs = [stages[k]["img_s"] for k in ("decode", "decode_after") if k in stages]
     rates["decode"] = statistics.mean(decode_runs)  # before and after the end-to-end part
-    resources = stage_resources(cfg.device, stages["decoder"], search_in_process=in_process)
+    decode = stages["decode"]
+    resources = stage_resources(cfg.device, decode["decoder"], search_in_process=in_process)
     bound, limiting = throughput_bound(rates, resources)
     serial = combined_rate(rates.values())
     comparison = stages["comparison"]
@@ -1297,7 +1301,7 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "model_stage_threads": stages["model"].get("torch_threads"),
         "model_cpu_ms_per_img": stages["model"].get("cpu_ms_per_img"),
         **({"model_served": stages["model_served"]} if "model_served" in stages else {}),
-        "decoder": stages["decoder"], "resources": resources, "limiting_resource": limiting,
+        "decoder": decode["decoder"], "resources": resources, "limiting_resource": limiting,
         "bound_serial_img_s": round(serial, 1),
         "ratio_serial": round(e2e["e2e_img_s"] / serial, 3) if serial else None,
         "search_local_img_s": round(stages["search_local"]["img_s"], 1),
@@ -1305,9 +1309,9 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "write_rows_s": round(stages["write"]["rows_s"], 1),
         "write_client_cpu_ms_per_img": stages["write"]["client_cpu_ms_per_img"],
         "centroids": cfg.centroids, "unique_inputs": len(inputs.unique), "file_mb_mean": inputs.file_mb_mean,
-        "decode_failed": stages["decode"].get("failed", 0),
+        "decode_failed": decode.get("failed", 0),
         "decode_img_s_before": round(decode_runs[0], 1), "decode_img_s_after": round(decode_runs[-1], 1),
-        **({"decode_cpu_img_s": stages["decode_cpu_img_s"]} if "decode_cpu_img_s" in stages else {}),
+        **({"decode_cpu_img_s": decode["cpu_img_s"]} if "cpu_img_s" in decode else {}),
         **{k: v for k, v in comparison.items() if k not in ("delf_style_ms", "ours_ms")},
         **stages.get("device_figures", {}),
         **{k: v for k, v in e2e.items() if k not in ("e2e_img_s", "rss_mb_start", "rss_mb_end", "worker_log")},

@@ -142,9 +142,12 @@ class DeviceJpegDecoder:
         from torchvision.io import ImageReadMode
         if not jpegs:
             return []
-        datas = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
             warnings.simplefilter("ignore", DeprecationWarning)
+            # The photo's bytes are viewed, not copied (a copy per photo on the hot path): the decoder only
+            # reads them, so torch's warning about a read-only buffer does not apply.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            datas = [torch.frombuffer(j.data, dtype=torch.uint8) for j in jpegs]
             try:
                 return list(self._impl(datas, mode=ImageReadMode.RGB, device=self.device))
             except RuntimeError:  # one bad image fails the whole batch: again one by one

@@ -43,8 +43,12 @@ class BatchReport:
     applied: int
     timings_ms: dict[str, float] = field(default_factory=dict)  # the live path's stages only
     shadow: ShadowReport | None = None
-    decoded: int = 0  # photos decoded (the others failed before the model)
-    decoded_on_device: int = 0  # of which by the device JPEG decoder
+    decoded_on_device: int = 0  # photos decoded by the device JPEG decoder
+
+    @property
+    def decoded(self) -> int:
+        """Photos decoded: every photo that did not fail reached the model (failures come from loading)."""
+        return sum(o.status != PhotoStatus.FAILED for o in self.outcomes)
 
 
 def photo_gps(decoded: DecodedImage, event: PhotoUploaded) -> tuple[GeoPoint | None, GpsSource | None]:
@@ -169,8 +173,7 @@ class RecognitionPipeline:
             applied = write_outcomes(session, runtime.version, outcomes)
         clock.lap("write")
         on_device = sum(not isinstance(loaded[i].pixels, np.ndarray) for i in ok)
-        report = BatchReport(outcomes, runtime.version, applied, clock.laps, decoded=len(ok),
-                             decoded_on_device=on_device)
+        report = BatchReport(outcomes, runtime.version, applied, clock.laps, decoded_on_device=on_device)
         tagged = sum(o.status == PhotoStatus.TAGGED for o in outcomes)
         failed = sum(o.status == PhotoStatus.FAILED for o in outcomes)
         timings = {k: round(v, 1) for k, v in clock.laps.items()}
