@@ -280,6 +280,24 @@ def _own_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_s(pid: int) -> tuple[float, float] | None:
+    """CPU seconds (user + system) of a process's own threads, and of its live descendants (the worker's
+    decode forkserver and processes); None when the process is gone. From /proc (Linux)."""
+    own = _own_cpu_seconds(pid)
+    if own is None:
+        return None
+    return own, sum(_own_cpu_seconds(child) or 0.0 for child in _descendants(pid))
+
+
+def _own_cpu_seconds(pid: int) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def _descendants(pid: int) -> list[int]:
     """From /proc (Linux); empty elsewhere."""
     parents: dict[int, list[int]] = {}
@@ -1022,10 +1040,12 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
             if done >= series[-1][0] + n / 10 or done >= n > series[-1][0]:  # one sample per tenth
                 series.append([done, rss, round(time.perf_counter() - t0, 2)])
 
+        cpu_start = cpu_s(worker.pid)
         t0 = time.perf_counter()
         client.rename(plan.staging, plan.queue)  # the whole backlog appears at once
         t_end = _wait_for(engine, user, n, worker, log_path, plan.stall_s, on_poll=poll, poll_s=plan.poll_s)
         elapsed = t_end - t0
+        cpu_end = cpu_s(worker.pid)
         rss_end = rss_mb(worker.pid)
         time.sleep(0.3)  # the last batch's log line
         with log_path.open("rb") as handle:
@@ -1053,7 +1073,17 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
             # LANDMARKS_BATCHES_IN_FLIGHT); waiting for the model's turn does not count.
             "worker_batches_busy": round(sum(v for k, v in laps.items() if k != "wait_model") / 1e3 / elapsed, 3)
             if laps else None,
-            "e2e_tagged": tagged, "e2e_decoded_on_device": on_device, "worker_log": str(log_path)}
+            "e2e_tagged": tagged, "e2e_decoded_on_device": on_device,
+            "worker_cpu_ms_per_img": _cpu_per_img(cpu_start, cpu_end, n), "worker_log": str(log_path)}
+
+
+def _cpu_per_img(start: tuple[float, float] | None, end: tuple[float, float] | None, n: int) -> dict | None:
+    """The worker's CPU per photo during the measured run: `main`, the worker process's own threads (Celery,
+    the batch threads: on CPU the forward pass too), and `pool`, its decode processes. On a GPU worker,
+    `main` is the host-side cost of a photo that one Python process must carry."""
+    if start is None or end is None or not n:
+        return None
+    return {"main": round((end[0] - start[0]) * 1e3 / n, 3), "pool": round((end[1] - start[1]) * 1e3 / n, 3)}
 
 
 # ----------------------------------------------------------------------------------------- the bench
@@ -1149,9 +1179,10 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     thresholds = Thresholds(model.meta.t_geo, model.meta.t_global, model.meta.t_ref)
     out["search"] = search_stage(index, model.version, queries, gps, thresholds, cfg.batch_size,
                                  what="milvus-lite (the worker's index)", reporter=reporter)
-    local = LocalIndex(model.version, *gallery_rows(model.gallery))
+    # As the worker keeps it: its global search on the GPU when there is one.
+    local = LocalIndex(model.version, *gallery_rows(model.gallery), device=cfg.device if cfg.cuda else None)
     out["search_local"] = search_stage(local, model.version, queries, gps, thresholds, cfg.batch_size,
-                                       what="exact in-process LocalIndex", reporter=reporter)
+                                       what=f"exact in-process LocalIndex ({local.device})", reporter=reporter)
     out["write"] = write_stage(engine, model.version, n, cfg.batch_size, sorted(model.places), reporter=reporter)
     if cfg.cuda:
         out["device_figures"] = device_model_figures(model.path, cfg.device, cfg.batch_size,
@@ -1267,6 +1298,7 @@ def summarise_load(cfg: BenchConfig, inputs: BenchInputs, e2e: dict, host: dict,
         "rss_mb_growth_pct": round(100 * (max(rss) - min(rss)) / min(rss), 1) if rss else None,
         "rss_mb_series": series, "e2e_batches": e2e["e2e_batches"], "e2e_mean_batch": e2e["e2e_mean_batch"],
         "worker_ms_per_img": e2e["worker_ms_per_img"], "worker_batches_busy": e2e["worker_batches_busy"],
+        "worker_cpu_ms_per_img": e2e["worker_cpu_ms_per_img"],
         "model": f"random-init {cfg.backbone}, {cfg.input_size} px, dim {cfg.embedding_dim}, {cfg.precision}",
         "batch_size": cfg.batch_size, "centroids": cfg.centroids, "unique_inputs": len(inputs.unique),
         "file_mb_mean": inputs.file_mb_mean, "host": host, "seconds": round(seconds, 1),
@@ -1333,7 +1365,8 @@ def _upload_event(user: str, i: int, path: Path, gps: tuple[float, float] | None
 def run_search_scale(cfg: BenchConfig, reporter: Reporter | None = None,
                      sizes: Sequence[int] = SEARCH_SCALE_SIZES, milvus_cap_s: float = MILVUS_INSERT_CAP_S) -> dict:
     """Centroid search at growing gallery sizes: milvus-lite (FLAT, IP; what the worker queries) against
-    the exact in-process LocalIndex (and a torch matmul on the GPU when there is one), 64-query batches,
+    the exact in-process LocalIndex (and, with --device cuda, the same replica with its global search on the
+    GPU, as a GPU worker keeps it), 64-query batches,
     global top-k and 1x1 km geo-filtered, as recognise_batch issues them."""
     import torch
     from shared import geo
@@ -1373,11 +1406,11 @@ def run_search_scale(cfg: BenchConfig, reporter: Reporter | None = None,
                            local_global_img_s=round(batch / g, 1), local_geo_img_s=round(batch / geo_t, 1))
                 del local
                 if torch.cuda.is_available() and cfg.cuda:
-                    c = torch.from_numpy(emb).to(cfg.device).half()
-                    q = torch.from_numpy(queries).to(cfg.device).half()
-                    t = median_time(lambda: (q @ c.T).topk(k, dim=1), iters=20, warmup=3, device=cfg.device)
-                    row["gpu_exact_global_ms"] = round(t * 1e3, 3)
-                    del c, q
+                    on_gpu = LocalIndex("scale", centroids, empty, device=cfg.device)
+                    t = median_time(lambda: on_gpu.search_global(None, queries, k), iters=20, warmup=3,
+                                    device=cfg.device)
+                    row.update(local_gpu_global_ms=round(t * 1e3, 3), local_gpu_global_img_s=round(batch / t, 1))
+                    del on_gpu
                 projected = n / insert_rate if insert_rate else 0.0
                 if projected > milvus_cap_s:
                     row["milvus"] = (f"skipped: inserting {n:,} rows would take ~{projected:.0f}s at the "

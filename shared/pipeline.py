@@ -97,7 +97,7 @@ class RecognitionPipeline:
                                      compile_batch=self.settings.batch_size if self.settings.torch_compile else 0)
         # Milvus answers whether the alias moved (once per batch); the searching is done in process.
         runtime.replica = local_replica(version, runtime.embedder.gallery, self.index,
-                                        self.settings.search_replica_max_centroids)
+                                        self.settings.search_replica_max_centroids, str(runtime.embedder.device))
         runtime.embedder.gallery = {}  # the replica holds what is needed of it
         if self.device_decoder is None and self.settings.device_decode == "auto":
             self.device_decoder = DeviceJpegDecoder.detect(str(runtime.embedder.device))

@@ -61,10 +61,12 @@ class ModelRuntime:
     replica: LocalIndex | None = None  # exact in-process search of this version, when it is kept
 
 
-def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroids: int) -> LocalIndex | None:
+def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroids: int,
+                  device: str = "cpu") -> LocalIndex | None:
     """An exact in-process copy of ``version``'s centroids and references, built from the checkpoint
     that was published (so it costs no transfer), used only if it matches Milvus, the system of record,
-    row for row. Search then costs a matrix product instead of a Milvus round trip per tile group."""
+    row for row. Search then costs a matrix product instead of a Milvus round trip per tile group; on a
+    CUDA ``device`` the global search's product runs there (shared/local_index.py)."""
     if max_centroids <= 0 or not gallery.get("landmarks"):
         return None
     from shared.publish import gallery_rows
@@ -77,8 +79,9 @@ def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroi
         log.warning("the checkpoint of %s holds %d centroids and %d references, Milvus %s: searching Milvus",
                     version, len(centroids), len(references), published)
         return None
-    log.info("searching %d centroids of %s in process", len(centroids), version)
-    return LocalIndex(version, centroids, references)
+    on_gpu = str(device).startswith("cuda")
+    log.info("searching %d centroids of %s in process%s", len(centroids), version, f" (on {device})" if on_gpu else "")
+    return LocalIndex(version, centroids, references, device=str(device) if on_gpu else None)
 
 
 def load_model_runtime(engine: Engine, version: str, device: str, path_override: Path | None = None,

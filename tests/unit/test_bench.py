@@ -111,9 +111,38 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     # The quick gallery fits the worker's in-process replica, so the bound uses that search, on the cores.
     assert result["search_in_process"] and result["resources"]["search"] == "cpu"
     assert result["stages"]["search_img_s"] == result["search_local_img_s"]
+    # The worker's CPU per photo: its own threads and its decode processes both worked during the run.
+    assert result["worker_cpu_ms_per_img"]["main"] > 0 and result["worker_cpu_ms_per_img"]["pool"] > 0
 
 
 def test_tenth_rates_are_images_per_second_within_each_step():
     from shared.bench import tenth_rates
     series = [[0, 900.0, 0.0], [100, 905.0, 2.0], [200, 905.0, 6.0], [200, 906.0, 6.0]]
     assert tenth_rates(series) == [50.0, 25.0]
+
+
+def test_cpu_seconds_are_read_for_a_process_and_its_descendants():
+    from shared.bench import cpu_s
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
+    try:
+        own_before, _ = cpu_s(os.getpid())
+        sum(i * i for i in range(2_000_000))  # this process's own CPU
+        deadline = 50
+        while cpu_s(os.getpid())[1] < 0.3 and deadline:  # the child's busy loop shows among the descendants
+            deadline -= 1
+            subprocess.run(["sleep", "0.1"])
+        own_after, descendants = cpu_s(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert own_after > own_before
+    assert descendants >= 0.3
+    assert cpu_s(child.pid) is None  # gone
+
+
+def test_worker_cpu_per_photo_is_the_difference_over_the_run():
+    from shared.bench import _cpu_per_img
+    assert _cpu_per_img((10.0, 100.0), (12.0, 108.0), 1000) == {"main": 2.0, "pool": 8.0}
+    assert _cpu_per_img(None, (12.0, 108.0), 1000) is None  # the worker was gone
+
