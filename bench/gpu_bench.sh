@@ -13,7 +13,8 @@
 # - runs `bench --device cuda` for 12mp and 2mp, then the centroid search scale; each JSON object is one
 #   line of OUT_DIR/gpu-bench.jsonl, the progress and logs go to OUT_DIR/*.log.
 #
-# Knobs: IMAGES_12MP (2048), IMAGES_2MP (4096), BATCH (256),
+# Knobs: IMAGES_12MP (2048), IMAGES_2MP (4096), BATCH (256), WORKERS (1: worker processes end to end on
+#        the one GPU; 2 when one process's Python is the limit, see worker_cpu_ms_per_img.main),
 #        COMPILE=1 (time torch.compile; the end-to-end worker compiles its model at start),
 #        SCALE_MAX (1000000), RUN_TIMEOUT_S (150 per bench run; 480 with COMPILE=1, which takes longer
 #        than 5 minutes in all), SKIP_INSTALL=1.
@@ -74,7 +75,7 @@ bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or a
 }
 
 : >"$OUT/gpu-bench.jsonl"
-EXTRA=()
+EXTRA=(--workers "${WORKERS:-1}")
 RUN_TIMEOUT=${RUN_TIMEOUT_S:-150}
 if [[ "${COMPILE:-0}" == 1 ]]; then  # the worker compiles at start too: minutes more per run
   EXTRA+=(--compile)

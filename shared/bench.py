@@ -337,6 +337,7 @@ class BenchConfig:
     max_wait_ms: int | None = None  # the worker's LANDMARKS_MAX_WAIT_MS; None keeps the served setting
     delf: bool = True  # the DELF comparison costs ~30 s on 2 CPU cores; long RSS runs may skip it
     load_only: bool = False  # only the worker end to end: a long backlog's throughput and memory over time
+    workers: int = 1  # worker processes end to end
     home: Path = Path(".landmarks")
     seed: int = 0
 
@@ -951,9 +952,64 @@ class E2EPlan:
     torch_compile: bool = False  # the worker compiles its model at start (LANDMARKS_TORCH_COMPILE)
     stall_s: float = 180.0
     poll_s: float = 0.05  # how often progress is read from PostgreSQL (a long run polls less)
+    workers: int = 1  # worker processes on the queue (several per GPU when one process's Python limits it)
 
 
-def _wait_for(engine, user: str, n: int, worker: subprocess.Popen, log_path: Path, stall_s: float,
+class BenchWorkers:
+    """The worker processes of an end-to-end run (`python -m shared.cli worker`), each with its own log."""
+
+    def __init__(self, env: dict, count: int, workdir: Path) -> None:
+        self.logs = [workdir / ("worker.log" if count == 1 else f"worker-{i}.log") for i in range(count)]
+        self.procs: list[subprocess.Popen] = []
+        for path in self.logs:
+            with path.open("ab") as log_file:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "shared.cli", "-v", "worker", "--loglevel=INFO"],
+                    env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT))
+
+    def check_alive(self, done: int, n: int) -> None:
+        for proc, path in zip(self.procs, self.logs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"a bench worker exited with {proc.returncode} at {done}/{n} events:\n"
+                                   f"{_tail(path)}")
+
+    def tail(self) -> str:
+        return "\n".join(_tail(path) for path in self.logs)
+
+    def rss_mb(self) -> float | None:
+        """All the workers and their decode processes; None once one is gone."""
+        each = [rss_mb(proc.pid) for proc in self.procs]
+        return None if None in each else round(sum(each), 1)
+
+    def cpu_s(self) -> tuple[float, float] | None:
+        each = [cpu_s(proc.pid) for proc in self.procs]
+        return None if None in each else (sum(c[0] for c in each), sum(c[1] for c in each))
+
+    def log_offsets(self) -> list[int]:
+        return [path.stat().st_size for path in self.logs]
+
+    def laps_since(self, offsets: list[int]) -> list[WorkerLaps]:
+        """Each worker's batch laps written after ``offsets``."""
+        laps = []
+        for path, offset in zip(self.logs, offsets):
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                laps.append(worker_laps(handle.read().decode(errors="replace")))
+        return laps
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # Celery warm shutdown
+        for proc in self.procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _wait_for(engine, user: str, n: int, workers: BenchWorkers, stall_s: float,
               on_poll: Callable[[int], None] | None = None, poll_s: float = 0.05) -> float:
     """Polls processed_events until `n` events of `user` are committed; the time the last one was seen.
     A long run polls every `poll_s`, but every 50 ms once the end may come before the next poll, so the
@@ -969,19 +1025,34 @@ def _wait_for(engine, user: str, n: int, worker: subprocess.Popen, log_path: Pat
         if done != last:
             step = done - max(last, 0)  # the progress of one poll
             last, last_change = done, time.monotonic()
-        if worker.poll() is not None:
-            raise RuntimeError(f"the bench worker exited with {worker.returncode} at {done}/{n} events:\n"
-                               f"{_tail(log_path)}")
+        workers.check_alive(done, n)
         if time.monotonic() - last_change > stall_s:
-            raise TimeoutError(f"no progress for {stall_s:.0f}s at {done}/{n} events:\n{_tail(log_path)}")
+            raise TimeoutError(f"no progress for {stall_s:.0f}s at {done}/{n} events:\n{workers.tail()}")
         time.sleep(poll_s if n - done > 2 * step else min(poll_s, 0.05))
 
 
+def _worker_env(plan: E2EPlan) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "LANDMARKS_MODEL_PATH"}
+    env.update({"LANDMARKS_DATABASE_URL": plan.database_url, "LANDMARKS_BROKER_URL": plan.broker_url,
+                "LANDMARKS_MILVUS_URI": plan.milvus_uri, "LANDMARKS_FILE_ROOTS": str(plan.file_root),
+                "LANDMARKS_QUEUE": plan.queue, "LANDMARKS_BATCH_SIZE": str(plan.batch_size),
+                "LANDMARKS_DEVICE": plan.device, "LANDMARKS_HOME": str(plan.workdir / "home"),
+                "LANDMARKS_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"})
+    if plan.workers > 1 and "LANDMARKS_DECODE_WORKERS" not in env:
+        env["LANDMARKS_DECODE_WORKERS"] = str(max(1, cpu_count() // plan.workers))  # the cores, shared out
+    if plan.max_wait_ms is not None:
+        env["LANDMARKS_MAX_WAIT_MS"] = str(plan.max_wait_ms)
+    if plan.torch_compile:
+        env["LANDMARKS_TORCH_COMPILE"] = "1"
+    return env
+
+
 def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
-    """Events → Redis → `python -m shared.cli worker` (Celery, batches in a thread pool) → tags in PostgreSQL.
+    """Events → Redis → `python -m shared.cli worker` (Celery, batches in a thread pool) → tags in PostgreSQL;
+    ``plan.workers`` such processes on one queue, as a fleet runs several per machine.
 
     A warm-up set first (model load, first forward, connections); then all measured events are published
-    into a staging list and moved into the worker's queue with one RENAME, so the clock measures the worker
+    into a staging list and moved into the workers' queue with one RENAME, so the clock measures the workers
     draining a backlog, not the producer. e2e_img_s = events / (last commit seen − the RENAME)."""
     import redis
     from celery import Celery
@@ -990,36 +1061,23 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
     from shared.signing import event_signer
     from shared.stack import redis_client_url
 
-    env = {k: v for k, v in os.environ.items() if k != "LANDMARKS_MODEL_PATH"}
-    env.update({"LANDMARKS_DATABASE_URL": plan.database_url, "LANDMARKS_BROKER_URL": plan.broker_url,
-                "LANDMARKS_MILVUS_URI": plan.milvus_uri, "LANDMARKS_FILE_ROOTS": str(plan.file_root),
-                "LANDMARKS_QUEUE": plan.queue, "LANDMARKS_BATCH_SIZE": str(plan.batch_size),
-                "LANDMARKS_DEVICE": plan.device, "LANDMARKS_HOME": str(plan.workdir / "home"),
-                "PYTHONUNBUFFERED": "1"})
-    if plan.max_wait_ms is not None:
-        env["LANDMARKS_MAX_WAIT_MS"] = str(plan.max_wait_ms)
-    if plan.torch_compile:
-        env["LANDMARKS_TORCH_COMPILE"] = "1"
-    log_path = plan.workdir / "worker.log"
     producer = Celery(broker=plan.broker_url)
     producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
     client = redis.Redis.from_url(redis_client_url(plan.broker_url), socket_timeout=30)
     engine = make_engine(plan.database_url)
     upload = "landmarks.photo_uploaded"
-    reporter.start("end-to-end: starting the worker and warming it up", len(plan.warmup))
-    with log_path.open("ab") as log_file:
-        worker = subprocess.Popen([sys.executable, "-m", "shared.cli", "-v", "worker", "--loglevel=INFO"],
-                                  env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+    reporter.start(f"end-to-end: starting {plan.workers} worker(s) and warming up", len(plan.warmup))
+    workers = BenchWorkers(_worker_env(plan), plan.workers, plan.workdir)
     sign = event_signer(get_settings())  # a worker given a signing key refuses unsigned events
     try:
         for event in plan.warmup:
             producer.send_task(upload, args=[sign(event)], queue=plan.queue)
         warm_user = plan.warmup[0]["user_id"]
-        _wait_for(engine, warm_user, len(plan.warmup), worker, log_path, max(plan.stall_s, 600.0),
+        _wait_for(engine, warm_user, len(plan.warmup), workers, max(plan.stall_s, 600.0),
                   on_poll=lambda d: reporter.advance(0), poll_s=0.2)
         time.sleep(0.5)  # let the warm-up batch finish acknowledging
-        log_offset = log_path.stat().st_size
-        rss_start = rss_mb(worker.pid)
+        log_offsets = workers.log_offsets()
+        rss_start = workers.rss_mb()
 
         reporter.start(f"end-to-end: publishing {len(plan.events)} events to a staging list")
         start = time.perf_counter()
@@ -1035,51 +1093,56 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
         def poll(done: int) -> None:
             reporter.advance(done - seen[0])
             seen[0] = done
-            rss = rss_mb(worker.pid) or 0.0
+            rss = workers.rss_mb() or 0.0
             rss_peak.append(rss)
             if done >= series[-1][0] + n / 10 or done >= n > series[-1][0]:  # one sample per tenth
                 series.append([done, rss, round(time.perf_counter() - t0, 2)])
 
-        cpu_start = cpu_s(worker.pid)
+        cpu_start = workers.cpu_s()
         t0 = time.perf_counter()
         client.rename(plan.staging, plan.queue)  # the whole backlog appears at once
-        t_end = _wait_for(engine, user, n, worker, log_path, plan.stall_s, on_poll=poll, poll_s=plan.poll_s)
+        t_end = _wait_for(engine, user, n, workers, plan.stall_s, on_poll=poll, poll_s=plan.poll_s)
         elapsed = t_end - t0
-        cpu_end = cpu_s(worker.pid)
-        rss_end = rss_mb(worker.pid)
+        cpu_end = workers.cpu_s()
+        rss_end = workers.rss_mb()
         time.sleep(0.3)  # the last batch's log line
-        with log_path.open("rb") as handle:
-            handle.seek(log_offset)
-            batches, photos, laps, on_device = worker_laps(handle.read().decode(errors="replace"))
+        per_worker = workers.laps_since(log_offsets)
         tagged = _count_tagged(engine, user)
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)  # Celery warm shutdown
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(10)
+        workers.stop()
         producer.close()
         client.close()
         engine.dispose()
-    per_img = {k: round(v / max(photos, 1), 3) for k, v in laps.items()}
     return {"e2e_img_s": n / elapsed, "e2e_seconds": round(elapsed, 2), "enqueue_img_s": round(n / enqueue_s, 1),
             "rss_mb_start": rss_start, "rss_mb_end": rss_end, "rss_mb_peak": max(rss_peak),
-            "rss_mb_series": series,
-            "e2e_batches": batches, "e2e_mean_batch": round(photos / batches, 1) if batches else None,
-            "worker_ms_per_img": per_img,
-            # Batch-seconds per second: how many batches were being worked on, on average (at most
-            # LANDMARKS_BATCHES_IN_FLIGHT); waiting for the model's turn does not count.
-            "worker_batches_busy": round(sum(v for k, v in laps.items() if k != "wait_model") / 1e3 / elapsed, 3)
-            if laps else None,
-            "e2e_tagged": tagged, "e2e_decoded_on_device": on_device,
-            "worker_cpu_ms_per_img": _cpu_per_img(cpu_start, cpu_end, n), "worker_log": str(log_path)}
+            "rss_mb_series": series, **_laps_summary(per_worker, elapsed),
+            "e2e_tagged": tagged, "worker_cpu_ms_per_img": _cpu_per_img(cpu_start, cpu_end, n),
+            "worker_log": str(workers.logs[0])}
+
+
+def _laps_summary(per_worker: list[WorkerLaps], elapsed: float) -> dict:
+    """The workers' batch laps, together: per image, batches busy at once, batches per worker."""
+    batches = sum(w.batches for w in per_worker)
+    photos = sum(w.photos for w in per_worker)
+    laps: dict[str, float] = {}
+    for worker in per_worker:
+        for key, value in worker.laps.items():
+            laps[key] = laps.get(key, 0.0) + value
+    return {
+        "e2e_batches": batches, "e2e_mean_batch": round(photos / batches, 1) if batches else None,
+        "worker_ms_per_img": {k: round(v / max(photos, 1), 3) for k, v in laps.items()},
+        # Batch-seconds per second: how many batches were being worked on, on average (at most
+        # LANDMARKS_BATCHES_IN_FLIGHT per worker); waiting for the model's turn does not count.
+        "worker_batches_busy": round(sum(v for k, v in laps.items() if k != "wait_model") / 1e3 / elapsed, 3)
+        if laps else None,
+        "e2e_decoded_on_device": sum(w.decoded_on_device for w in per_worker),
+        "e2e_workers": len(per_worker), "e2e_batches_by_worker": [w.batches for w in per_worker],
+    }
 
 
 def _cpu_per_img(start: tuple[float, float] | None, end: tuple[float, float] | None, n: int) -> dict | None:
-    """The worker's CPU per photo during the measured run: `main`, the worker process's own threads (Celery,
-    the batch threads: on CPU the forward pass too), and `pool`, its decode processes. On a GPU worker,
+    """The workers' CPU per photo during the measured run: `main`, the worker processes' own threads (Celery,
+    the batch threads: on CPU the forward pass too), and `pool`, their decode processes. On a GPU worker,
     `main` is the host-side cost of a photo that one Python process must carry."""
     if start is None or end is None or not n:
         return None
@@ -1260,7 +1323,7 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
         e2e = run_end_to_end(E2EPlan(database_url, broker_url, milvus_uri, queue, staging, inputs.file_root,
                                      events, warmup, cfg.batch_size, cfg.device, workdir, cfg.max_wait_ms,
                                      torch_compile=cfg.compile, stall_s=600.0 if cfg.compile else 180.0,
-                                     poll_s=1.0 if cfg.load_only else 0.05), reporter)
+                                     poll_s=1.0 if cfg.load_only else 0.05, workers=cfg.workers), reporter)
         host["other_cpu_share"] = account.other_share()  # before the private milvus-lite stops
         if not cfg.load_only:
             # Decode is the stage that bounds a CPU run: measured again after the end-to-end part, so that a
@@ -1298,7 +1361,8 @@ def summarise_load(cfg: BenchConfig, inputs: BenchInputs, e2e: dict, host: dict,
         "rss_mb_growth_pct": round(100 * (max(rss) - min(rss)) / min(rss), 1) if rss else None,
         "rss_mb_series": series, "e2e_batches": e2e["e2e_batches"], "e2e_mean_batch": e2e["e2e_mean_batch"],
         "worker_ms_per_img": e2e["worker_ms_per_img"], "worker_batches_busy": e2e["worker_batches_busy"],
-        "worker_cpu_ms_per_img": e2e["worker_cpu_ms_per_img"],
+        "worker_cpu_ms_per_img": e2e["worker_cpu_ms_per_img"], "e2e_workers": e2e["e2e_workers"],
+        "e2e_batches_by_worker": e2e["e2e_batches_by_worker"],
         "model": f"random-init {cfg.backbone}, {cfg.input_size} px, dim {cfg.embedding_dim}, {cfg.precision}",
         "batch_size": cfg.batch_size, "centroids": cfg.centroids, "unique_inputs": len(inputs.unique),
         "file_mb_mean": inputs.file_mb_mean, "host": host, "seconds": round(seconds, 1),

@@ -64,6 +64,9 @@ def register(cli: typer.Typer) -> None:
         scale_max: Annotated[int, typer.Option(help="--search-scale: largest gallery")] = 1_000_000,
         milvus_cap_s: Annotated[float, typer.Option(
             help="--search-scale: skip a milvus-lite insert projected to take longer")] = 180.0,
+        workers: Annotated[int, typer.Option(
+            min=1, help="worker processes end to end, on one queue (e.g. 2 per GPU when one process's "
+                        "Python is the limit); the decode processes are shared out among them")] = 1,
         seed: int = 0,
     ) -> None:
         """Throughput of one worker: decode, model, search and write alone, and end to end through Redis →
@@ -78,7 +81,7 @@ def register(cli: typer.Typer) -> None:
         cfg = BenchConfig(device=resolved_device, size=size, images=images, quick=quick, backbone=backbone,
                           input_size=input_size, embedding_dim=dim, batch_size=batch_size, centroids=centroids,
                           compile=compile_model, max_wait_ms=max_wait_ms, delf=not skip_delf, load_only=load_only,
-                          home=get_settings().home_path, seed=seed)
+                          workers=workers, home=get_settings().home_path, seed=seed)
         console = Console(stderr=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as progress:

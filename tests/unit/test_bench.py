@@ -115,6 +115,23 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert result["worker_cpu_ms_per_img"]["main"] > 0 and result["worker_cpu_ms_per_img"]["pool"] > 0
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_load_run_can_drain_the_queue_with_two_worker_processes(pg_server_url, broker_url, tmp_path):
+    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
+           "LANDMARKS_HOME": str(tmp_path / "home")}
+    env.pop("LANDMARKS_MILVUS_URI", None)
+    run = subprocess.run([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick", "--load-only",
+                          "--device", "cpu", "--size", "2mp", "--images", "48", "--workers", "2"],
+                         env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["e2e_workers"] == 2 and len(result["e2e_batches_by_worker"]) == 2
+    assert sum(result["e2e_batches_by_worker"]) == result["e2e_batches"] > 0
+    assert result["events"] == 48 and result["e2e_img_s"] > 0
+    assert result["worker_cpu_ms_per_img"]["main"] > 0
+
+
 def test_tenth_rates_are_images_per_second_within_each_step():
     from shared.bench import tenth_rates
     series = [[0, 900.0, 0.0], [100, 905.0, 2.0], [200, 905.0, 6.0], [200, 906.0, 6.0]]
