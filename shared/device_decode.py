@@ -33,6 +33,10 @@ class DeviceJpegDecoder:
     """Batched JPEG decode into centre-cropped, resized (3, size, size) float32 tensors (0..255) on
     ``device``; what it refuses comes back by index for the CPU pool."""
 
+    # Photos of one shape and orientation are turned, cropped and resized together, at most this many at a
+    # time: each is float32 at full resolution while it is resized (~108 MB for 12 MP).
+    GROUP_AT_MOST = 16
+
     # name → the resource it occupies (bench: the bound groups stages by resource). The hardware engine is
     # a unit of its own; nvJPEG's kernels run on the SMs beside the model.
     UNITS = {"nvimgcodec_hw": "gpu_jpeg_engine", "torchvision_nvjpeg": "gpu", "torchvision_cpu": "cpu"}
@@ -111,9 +115,7 @@ class DeviceJpegDecoder:
         out: list[Any] = [None] * len(jpegs)
         try:
             images = self._decode_nvimgcodec(jpegs) if self.name == "nvimgcodec_hw" else self._decode_torchvision(jpegs)
-            for i, (jpeg, image) in enumerate(zip(jpegs, images)):
-                if image is not None:
-                    out[i] = self._square(self._upright(image, jpeg.orientation), size)
+            out = self._finish(images, [jpeg.orientation for jpeg in jpegs], size)
         except RuntimeError as exc:
             log.warning("%s failed on a batch of %d (%s); the CPU pool decodes it", self.name, len(jpegs), exc)
             out = [None] * len(jpegs)
@@ -160,26 +162,45 @@ class DeviceJpegDecoder:
         except RuntimeError:
             return None
 
-    def _upright(self, chw: Any, orientation: int) -> Any:
+    def _finish(self, images: list[Any], orientations: list[int], size: int) -> list[Any]:
+        """Each decoded (C, H, W) image upright, centre-cropped and resized to (3, size, size); None stays None.
+        Images of one shape and orientation go through together: done per photo, the Python and the kernel
+        launches of a dozen small operations were paid for each of the thousands of photos a second that
+        one worker process must carry."""
+        import torch
+        out: list[Any] = [None] * len(images)
+        groups: dict[tuple, list[int]] = {}
+        for i, (image, orientation) in enumerate(zip(images, orientations)):
+            if image is not None:
+                groups.setdefault((tuple(image.shape), orientation), []).append(i)
+        for (_, orientation), members in groups.items():
+            for start in range(0, len(members), self.GROUP_AT_MOST):
+                part = members[start:start + self.GROUP_AT_MOST]
+                batch = torch.stack([images[i] for i in part])
+                out_part = self._square(self._upright(batch, orientation), size)
+                for i, pixels in zip(part, out_part):
+                    out[i] = pixels
+        return out
+
+    def _upright(self, nchw: Any, orientation: int) -> Any:
         """EXIF orientation 2..8 applied as Pillow's transpose does in shared/imaging.py."""
         if self._applies_orientation or orientation in (0, 1):
-            return chw
+            return nchw
         if orientation in (5, 6, 7, 8):
-            chw = chw.transpose(-1, -2)  # 5 is this transpose alone; 6, 7, 8 add a flip
+            nchw = nchw.transpose(-1, -2)  # 5 is this transpose alone; 6, 7, 8 add a flip
         flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation)
-        return chw.flip(flips) if flips else chw
+        return nchw.flip(flips) if flips else nchw
 
-    def _square(self, chw: Any, size: int) -> Any:
+    def _square(self, nchw: Any, size: int) -> Any:
         """Shorter side to ``size`` and centre crop, as shared/imaging._square (antialiased bilinear)."""
         import torch.nn.functional as F
-        if chw.shape[0] == 1:
-            chw = chw.expand(3, -1, -1)
-        _, h, w = chw.shape
+        if nchw.shape[1] == 1:
+            nchw = nchw.expand(-1, 3, -1, -1)
+        h, w = nchw.shape[-2:]
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
-        crop = chw[:, top:top + side, left:left + side].unsqueeze(0).float()
-        return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
-                             align_corners=False)[0]
+        crop = nchw[:, :, top:top + side, left:left + side].float()
+        return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def stack_pixels(images: Sequence[Any], device: Any) -> Any:

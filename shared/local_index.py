@@ -40,10 +40,14 @@ class LocalIndex:
     def active_version(self) -> str:
         return self.version
 
+    def _columns(self, rows: np.ndarray, scores: np.ndarray) -> tuple[list, ...]:
+        """A Hit's fields for ``rows``, as Python lists (nested for a 2-D ``rows``): whole columns at once, since
+        per-element numpy indexing was most of a worker's search time."""
+        return (self.ids[rows].tolist(), self.nos[rows].tolist(), scores.tolist(), self.lats[rows].tolist(),
+                self.lons[rows].tolist())
+
     def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        # Whole columns to Python at once: per-element numpy indexing was most of a worker's search time.
-        return list(map(Hit, self.ids[rows].tolist(), self.nos[rows].tolist(), scores.tolist(),
-                        self.lats[rows].tolist(), self.lons[rows].tolist()))
+        return list(map(Hit, *self._columns(rows, scores)))
 
     @property
     def device(self) -> str:
@@ -60,7 +64,7 @@ class LocalIndex:
             top_sims = np.take_along_axis(sims, top, axis=1)
         order = np.argsort(-top_sims, axis=1, kind="stable")[:, :k]
         rows, scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_sims, order, axis=1)
-        return [self._hits(r, s) for r, s in zip(rows, scores)]
+        return [list(map(Hit, *columns)) for columns in zip(*self._columns(rows, scores))]
 
     def _candidates_on_device(self, queries: np.ndarray, n: int) -> np.ndarray:
         """Each query's ``n`` best rows by the device's product (fp16 on CUDA), as a (queries, n) array."""

@@ -90,6 +90,29 @@ def test_a_corrupt_jpeg_is_refused_by_index_and_the_rest_of_the_batch_decodes(de
     assert np.abs(_hwc(tensors[3]) - grey_cpu).mean() < 2.0
 
 
+def test_a_batch_of_mixed_shapes_and_orientations_gives_each_photo_its_own_pixels(decoder, monkeypatch):
+    """Photos of one shape and orientation are resized together, a few at a time: each still gets exactly
+    the pixels it gets alone, in its place in the batch."""
+    monkeypatch.setattr(DeviceJpegDecoder, "GROUP_AT_MOST", 2)  # the group of four is split, too
+    rng = np.random.default_rng(3)
+
+    def photo(width: int, height: int, orientation: int = 1, mode: str = "RGB") -> bytes:
+        image = np.asarray(_asymmetric(width, height)).copy()
+        image[rng.integers(0, height - 40):, rng.integers(0, width - 40):] = rng.integers(0, 256, 3)  # its own
+        return _jpeg(Image.fromarray(image).convert(mode), orientation=orientation)
+
+    photos = [photo(450, 300), photo(450, 300, 6), photo(450, 300), photo(300, 450), photo(450, 300),
+              photo(450, 300, 6), photo(450, 300, mode="L"), photo(450, 300)]
+    jpegs = [probe_jpeg(p, max_pixels=MAX_PIXELS, progressive=True) for p in photos]
+    together, refused = decoder.decode(jpegs, SIZE)
+    assert refused == []
+    for jpeg, pixels in zip(jpegs, together):
+        (alone,), _ = decoder.decode([jpeg], SIZE)
+        assert pixels.shape == (3, SIZE, SIZE)
+        assert torch.allclose(pixels, alone, atol=1e-3)
+    assert not torch.allclose(together[0], together[2], atol=1.0)  # same shape, different photos
+
+
 def test_real_photos_taken_by_the_device_path_match_the_cpu_decode(decoder, realdata):
     """Every real JPEG the probe hands to a device: same GPS and size as the CPU path, nearly the same
     pixels (Pillow's draft mode scales in the DCT, the device resizes the full image)."""
