@@ -1428,10 +1428,10 @@ def _upload_event(user: str, i: int, path: Path, gps: tuple[float, float] | None
 
 def run_search_scale(cfg: BenchConfig, reporter: Reporter | None = None,
                      sizes: Sequence[int] = SEARCH_SCALE_SIZES, milvus_cap_s: float = MILVUS_INSERT_CAP_S) -> dict:
-    """Centroid search at growing gallery sizes: milvus-lite (FLAT, IP; what the worker queries) against
-    the exact in-process LocalIndex (and, with --device cuda, the same replica with its global search on the
-    GPU, as a GPU worker keeps it), 64-query batches,
-    global top-k and 1x1 km geo-filtered, as recognise_batch issues them."""
+    """Centroid search at growing gallery sizes: milvus-lite (FLAT, IP; what the worker queries) against the
+    exact in-process LocalIndex (and, with --device cuda, the same replica with its global search on the GPU,
+    as a GPU worker keeps it); 64-query batches, global top-k and 1x1 km geo-filtered, as recognise_batch
+    issues them."""
     import torch
     from shared import geo
     from shared.index import CentroidRows, LandmarkIndex, ReferenceRows
