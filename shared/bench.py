@@ -437,40 +437,42 @@ def decode_stage(blobs: Sequence[bytes], size: int, *, workers: int | None = Non
     return {"img_s": len(blobs) / elapsed, "failed": len(blobs) - ok, "workers": workers}
 
 
-def gpu_decode_stage(decoder: DeviceJpegDecoder, blobs: Sequence[bytes], size: int, *, chunk: int = 64,
-                     max_pixels: int = 100_000_000, reporter: Reporter | None = None) -> dict:
-    """What the worker's loading does per batch of ``chunk``: headers read by the CPU pool, the JPEGs decoded
-    on the device, the rest (and what the device refuses) decoded by the pool in parallel."""
-    import torch
-    from shared.imaging import decode_image, probe_jpeg
+def gpu_decode_stage(decoder: DeviceJpegDecoder, paths: Sequence[Path], file_root: Path, size: int, *, batch: int,
+                     reporter: Reporter | None = None) -> dict:
+    """The worker's loading (shared/device_decode.load_split), alone: batches of ``batch`` photos, as many at
+    once as the worker runs (LANDMARKS_BATCHES_IN_FLIGHT, each on its own CUDA stream). The worker's pool
+    fetches every photo and reads the headers of the device's share; the device decodes that share while the
+    pool decodes the rest, the split learnt as the worker learns it."""
+    from shared.device_decode import DecodeSplit, load_split, thread_stream
+    from shared.loading import LoadRequest, PhotoLoader
+    from shared.settings import Settings
     reporter = reporter or NullReporter()
-    reporter.start(f"decode-only: {decoder.name} (+ CPU pool for the rest)", len(blobs))
-    decoder.decode(blobs[:chunk], size)  # warm-up: codec state, CUDA kernels, allocator
-    torch.cuda.synchronize()
+    settings = Settings(file_roots=str(file_root))
+    split = DecodeSplit(settings.device_decode_share)
+    requests = [LoadRequest(path.as_uri(), size) for path in paths]
+    chunks = [requests[s:s + batch] for s in range(0, len(requests), batch)]
+    loader = PhotoLoader(settings)
 
-    def header(data: bytes):
-        try:
-            return probe_jpeg(data, max_pixels=max_pixels, progressive=decoder.progressive)
-        except DecodeError:
-            return None
+    def one(chunk: list) -> int:
+        with thread_stream(decoder.device):
+            _, on_device = load_split(loader, decoder, split, chunk, list(range(len(chunk))))
+            if decoder.device.startswith("cuda"):  # this batch's stream only: the other batch runs on
+                import torch
+                torch.cuda.current_stream().synchronize()
+        reporter.advance(len(chunk))
+        return on_device
 
-    on_cpu = 0
-    with ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="bench-decode") as pool:
-        start, pending = time.perf_counter(), []
-        for s in range(0, len(blobs), chunk):
-            part = blobs[s:s + chunk]
-            jpegs = dict(enumerate(pool.map(header, part)))
-            at = [i for i, jpeg in jpegs.items() if jpeg is not None]
-            _, refused = decoder.decode([jpegs[i] for i in at], size)
-            cpu = sorted({i for i in jpegs if jpegs[i] is None} | {at[k] for k in refused})
-            on_cpu += len(cpu)
-            pending += [pool.submit(_decode_or_none, decode_image, part[i], size, max_pixels) for i in cpu]
-            reporter.advance(len(part))
-        for future in pending:
-            future.result()
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-    return {"img_s": len(blobs) / elapsed, "refused_to_cpu": on_cpu}
+    try:
+        one(chunks[0])  # warm-up: the pool's processes, the codec, CUDA kernels, the split's first rates
+        reporter.start(f"decode-only: {decoder.name} + the CPU pool, split as the worker does", len(requests))
+        with ThreadPoolExecutor(max_workers=settings.batches_in_flight) as threads:
+            start = time.perf_counter()
+            on_device = sum(threads.map(one, chunks))
+            elapsed = time.perf_counter() - start
+    finally:
+        loader.close()
+    return {"img_s": len(requests) / elapsed, "device_share": round(on_device / len(requests), 3),
+            "split_rates": {k: round(v, 1) for k, v in split.rates.items()}}
 
 
 def _decode_or_none(decode_image, data: bytes, size: int, max_pixels: int):
@@ -1207,12 +1209,15 @@ def worker_device_decoder(cfg: BenchConfig) -> DeviceJpegDecoder | None:
     return DeviceJpegDecoder.detect(cfg.device)
 
 
-def decode_alone(cfg: BenchConfig, blobs: Sequence[bytes], gpu_decoder: DeviceJpegDecoder | None,
+def decode_alone(cfg: BenchConfig, inputs: BenchInputs, count: int, gpu_decoder: DeviceJpegDecoder | None,
                  reporter: Reporter) -> dict:
-    """The decode stage alone, with the worker's decoder: {decoder, img_s, ...}."""
+    """The decode stage alone over the first ``count`` photos, with the worker's decoder: {decoder, img_s, ...}."""
+    blobs = inputs.blobs[:count]
     if gpu_decoder is None:
         return {"decoder": "pillow", **decode_stage(blobs, cfg.input_size, reporter=reporter)}
-    result = {"decoder": gpu_decoder.name, **gpu_decode_stage(gpu_decoder, blobs, cfg.input_size, reporter=reporter)}
+    paths = [inputs.unique[i] for i in inputs.image_of_event[:count]]
+    result = {"decoder": gpu_decoder.name, **gpu_decode_stage(gpu_decoder, paths, inputs.file_root, cfg.input_size,
+                                                              batch=cfg.batch_size, reporter=reporter)}
     result["cpu_img_s"] = round(decode_stage(blobs[:min(len(blobs), 512)], cfg.input_size,
                                              reporter=reporter)["img_s"], 1)
     return result
@@ -1228,7 +1233,7 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     from shared.recognition import Thresholds
     n, blobs = inputs.n, inputs.blobs
     gpu_decoder = worker_device_decoder(cfg)
-    out: dict = {"decode": decode_alone(cfg, blobs, gpu_decoder, reporter)}
+    out: dict = {"decode": decode_alone(cfg, inputs, n, gpu_decoder, reporter)}
     embedder = Embedder(model.path, cfg.device)
     embedder.load()
     with whole_machine_threads() as threads:
@@ -1328,8 +1333,8 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
         if not cfg.load_only:
             # Decode is the stage that bounds a CPU run: measured again after the end-to-end part, so that a
             # machine whose speed drifts during the run (shared hosts do) is measured on both sides of it.
-            stages["decode_after"] = decode_alone(cfg, inputs.blobs[:max(1, inputs.n // 2)],
-                                                  worker_device_decoder(cfg), reporter)
+            stages["decode_after"] = decode_alone(cfg, inputs, max(1, inputs.n // 2), worker_device_decoder(cfg),
+                                                  reporter)
             stages["comparison"] = comparison_stage(cfg, model, reporter)
     host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if cfg.load_only:
@@ -1408,6 +1413,8 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "decode_failed": decode.get("failed", 0),
         "decode_img_s_before": round(decode_runs[0], 1), "decode_img_s_after": round(decode_runs[-1], 1),
         **({"decode_cpu_img_s": decode["cpu_img_s"]} if "cpu_img_s" in decode else {}),
+        **({"decode_device_share": decode["device_share"], "decode_split_rates": decode["split_rates"]}
+           if "device_share" in decode else {}),
         **{k: v for k, v in comparison.items() if k not in ("delf_style_ms", "ours_ms")},
         **stages.get("device_figures", {}),
         **{k: v for k, v in e2e.items() if k not in ("e2e_img_s", "rss_mb_start", "rss_mb_end", "worker_log")},

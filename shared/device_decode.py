@@ -8,6 +8,9 @@ else torchvision's nvJPEG. Whatever the device refuses (a corrupt file, a failed
 CPU pool, so a photo never fails for being decoded on the GPU. Crop, resize and orientation are done on
 the device too, so the model's input never crosses the PCIe bus as pixels.
 
+Only a share of each batch goes to the device (load_split, DecodeSplit): the pool decodes the others at
+the same time, and the share is learnt so that both finish together.
+
 torch is imported only when a decoder is made: the pool processes import shared.imaging, never this."""
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from shared.imaging import EncodedJpeg
+from shared.imaging import DecodedImage, EncodedJpeg
+from shared.loading import Loaded, LoadRequest, PhotoLoader
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +207,92 @@ class DeviceJpegDecoder:
         top, left = (h - side) // 2, (w - side) // 2
         crop = nchw[:, :, top:top + side, left:left + side].float()
         return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+class DecodeSplit:
+    """How many of a batch's photos go to the device decoder while the CPU pool decodes the others.
+
+    Neither side is enough alone for the 12 MP target: the H100's JPEG engine decodes 790 photos a second,
+    563 beside the model (../shared/ANCHORS.md), and a pool of 16 cores in draft mode a comparable number.
+    Each side's rate (photos per second from the batch's start until that side is done, smoothed) is learnt
+    from the batches; the share r_device / (r_device + r_cpu) makes both finish together. A fixed share
+    (LANDMARKS_DEVICE_DECODE_SHARE) overrides it."""
+
+    LOW, HIGH = 0.05, 0.95  # each side keeps a few photos, so that its rate keeps being measured
+    SMOOTHING = 0.2  # weight of the newest batch
+
+    def __init__(self, fixed: float | None = None) -> None:
+        self.fixed = fixed
+        self._rates: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def share(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        with self._lock:
+            device, cpu = self._rates.get("device"), self._rates.get("cpu")
+        if not device or not cpu:
+            return 0.5  # until both sides were seen once
+        return min(self.HIGH, max(self.LOW, device / (device + cpu)))
+
+    @property
+    def rates(self) -> dict[str, float]:
+        """The learnt rates, photos per second: {"device": ..., "cpu": ...} once each side was seen."""
+        with self._lock:
+            return dict(self._rates)
+
+    def observe(self, side: str, photos: int, seconds: float) -> None:
+        if self.fixed is not None or photos <= 0 or seconds <= 0:
+            return
+        rate = photos / seconds
+        with self._lock:
+            old = self._rates.get(side)
+            self._rates[side] = rate if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * rate
+
+
+def load_split(loader: PhotoLoader, decoder: DeviceJpegDecoder, split: DecodeSplit, requests: list[LoadRequest],
+               eligible: Sequence[int]) -> tuple[list[Loaded], int]:
+    """(the photos loaded, how many the device decoded). ``split``'s share of the ``eligible`` requests is
+    fetched and header-read by the pool and decoded on the device; the pool decodes the rest meanwhile, and
+    whatever the device refuses afterwards."""
+    take = round(len(eligible) * split.share)
+    device_at = list(eligible[:take])
+    chosen = set(device_at)
+    cpu_at = [i for i in range(len(requests)) if i not in chosen]
+    start = time.perf_counter()
+    # The device's photos are sent first: the pool reads their headers before it decodes the others.
+    headers = loader.submit([replace(requests[i], device_jpeg=True, device_progressive=decoder.progressive)
+                             for i in device_at])
+    decodes = loader.submit([requests[i] for i in cpu_at])
+    results: list[Any] = [None] * len(requests)
+    for i, loaded in zip(device_at, headers.result()):
+        results[i] = loaded
+    on_device = _decode_on_device(loader, decoder, results, requests, device_at)
+    split.observe("device", on_device, time.perf_counter() - start)
+    for i, loaded in zip(cpu_at, decodes.result()):
+        results[i] = loaded
+    split.observe("cpu", len(cpu_at), decodes.finished_at - start)
+    return results, on_device
+
+
+def _decode_on_device(loader: PhotoLoader, decoder: DeviceJpegDecoder, results: list[Loaded],
+                      requests: list[LoadRequest], device_at: list[int]) -> int:
+    """Replaces each EncodedJpeg among ``results`` by its decode: on the device, or in the pool for what the
+    device refused (from the bytes already fetched). Returns how many the device decoded."""
+    at = [i for i in device_at if isinstance(results[i].image, EncodedJpeg)]
+    if not at:
+        return 0
+    jpegs = [results[i].image for i in at]
+    tensors, refused = decoder.decode(jpegs, requests[at[0]].size)
+    for i, jpeg, pixels in zip(at, jpegs, tensors):
+        if pixels is not None:
+            results[i] = Loaded(DecodedImage(pixels, jpeg.gps, jpeg.width, jpeg.height, "JPEG"))
+    if refused:
+        retry = [replace(requests[at[k]], device_jpeg=False, data=jpegs[k].data) for k in refused]
+        for k, loaded in zip(refused, loader.load(retry)):
+            results[at[k]] = loaded
+    return len(at) - len(refused)
 
 
 def stack_pixels(images: Sequence[Any], device: Any) -> Any:

@@ -22,7 +22,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
@@ -117,6 +117,40 @@ def _load_in_process(load: Callable[[LoadRequest, Settings], Loaded], request: L
     return load(request, _process_settings)
 
 
+def _load_chunk_in_process(load: Callable[[LoadRequest, Settings], Loaded],
+                           requests: list[LoadRequest]) -> list[Loaded]:
+    return [_load_in_process(load, request) for request in requests]
+
+
+class PendingLoad:
+    """Photos being loaded (PhotoLoader.submit): ``result()`` waits for them, in order; ``finished_at``
+    (time.perf_counter) says when the last one was ready, whenever it is read after ``result()``."""
+
+    def __init__(self, loader: PhotoLoader, pool: Executor | None, requests: Sequence[LoadRequest],
+                 futures: list[Future] | None) -> None:
+        self._loader, self._pool, self._requests, self._futures = loader, pool, requests, futures
+        self._done: list[float] = []
+        self.finished_at = time.perf_counter()
+        for future in futures or []:
+            future.add_done_callback(lambda _: self._done.append(time.perf_counter()))
+
+    def result(self) -> list[Loaded]:
+        out: list[Loaded] = []
+        try:
+            if self._futures is None:
+                raise BrokenProcessPool("the pool was broken when the photos were sent")
+            for future in self._futures:
+                value = future.result()
+                out += value if isinstance(value, list) else [value]
+        except BrokenProcessPool:
+            self._loader._restart(self._pool)
+            out = [self._loader._load_alone(request) for request in self._requests]
+            self._done.append(time.perf_counter())
+        if self._done:
+            self.finished_at = max(self._done)
+        return out
+
+
 class PhotoLoader:
     """Loads a batch's photos in parallel; safe to call from several batch threads at once."""
 
@@ -145,18 +179,24 @@ class PhotoLoader:
                                    initargs=(self.settings, self._fetchers, os.getpid()))
 
     def load(self, requests: Sequence[LoadRequest]) -> list[Loaded]:
+        return self.submit(requests).result()
+
+    def submit(self, requests: Sequence[LoadRequest]) -> PendingLoad:
+        """Starts loading ``requests`` and returns at once; the pool takes work in the order it was sent."""
         if not requests:
-            return []
+            return PendingLoad(self, None, [], [])
         if self.kind == "threads":
-            return list(self._pool.map(lambda r: self._load(r, self.settings), requests))
+            futures = [self._pool.submit(self._load, request, self.settings) for request in requests]
+            return PendingLoad(self, self._pool, requests, futures)
         pool = self._pool
+        # A few photos per task: fewer round trips to the pool, still spread over every process.
+        chunk = max(1, min(8, len(requests) // (4 * self.workers)))
+        load = partial(_load_chunk_in_process, self._load)
         try:
-            # A few photos per task: fewer round trips to the pool, still spread over every process.
-            chunk = max(1, min(8, len(requests) // (4 * self.workers)))
-            return list(pool.map(partial(_load_in_process, self._load), requests, chunksize=chunk))
-        except BrokenProcessPool:
-            self._restart(pool)
-            return [self._load_alone(request) for request in requests]
+            futures = [pool.submit(load, list(requests[s:s + chunk])) for s in range(0, len(requests), chunk)]
+        except BrokenProcessPool:  # broken by an earlier batch: the result restarts it
+            futures = None
+        return PendingLoad(self, pool, requests, futures)
 
     def _load_alone(self, request: LoadRequest) -> Loaded:
         """After a pool process died: each photo alone, so the one that kills its process is found."""

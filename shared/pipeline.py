@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -23,8 +23,8 @@ from shared.db.session import transaction
 from shared.db.writer import write_outcomes
 from shared.errors import InfrastructureError
 from shared.events import GeoPoint, PhotoUploaded
-from shared.device_decode import DeviceJpegDecoder, stack_pixels, thread_stream
-from shared.imaging import DecodedImage, EncodedJpeg
+from shared.device_decode import DecodeSplit, DeviceJpegDecoder, load_split, stack_pixels, thread_stream
+from shared.imaging import DecodedImage
 from shared.index import LandmarkIndex
 from shared.loading import LoadRequest, PhotoLoader
 from shared.outcomes import Failure, GpsSource, PhotoOutcome, PhotoStatus
@@ -70,8 +70,10 @@ class RecognitionPipeline:
         # One forward pass at a time: two would split the cores (or the GPU) and gain nothing.
         self.device_lock = threading.Lock()
         self.loader = PhotoLoader(settings)
-        # JPEGs decoded on the GPU when a decoder loads there (found with the first model version).
+        # JPEGs decoded on the GPU when a decoder loads there (found with the first model version), a share
+        # of each batch's photos while the pool decodes the others.
         self.device_decoder: DeviceJpegDecoder | None = None
+        self.decode_split = DecodeSplit(settings.device_decode_share)
         self.shadow = ShadowRunner(settings, engine, index, device_lock=self.device_lock)
 
     @property
@@ -108,37 +110,21 @@ class RecognitionPipeline:
         return runtime
 
     def _load_all(self, events: list[PhotoUploaded], size: int, shadow_size: int | None = None,
-                  sampled: frozenset[int] = frozenset()) -> tuple[list[DecodedImage | Failure], dict[int, np.ndarray]]:
+                  sampled: frozenset[int] = frozenset()) -> tuple[list[DecodedImage | Failure], dict[int, np.ndarray], int]:
         """Decoded images (or failures) at ``size``; for the ``sampled`` positions also the pixels at
-        ``shadow_size`` (when the shadow model's input size differs), from the same fetch. With a device
-        decoder, the JPEGs among the others are decoded on the device."""
-        decoder = self.device_decoder
-        requests = [LoadRequest(event.preview_uri or event.uri, size, shadow_size if i in sampled else None,
-                                device_jpeg=decoder is not None and i not in sampled,
-                                device_progressive=decoder is not None and decoder.progressive)
+        ``shadow_size`` (when the shadow model's input size differs), from the same fetch; and how many
+        were decoded on the device. With a device decoder, a share of the others goes to the device while
+        the pool decodes the rest (shared/device_decode.load_split)."""
+        requests = [LoadRequest(event.preview_uri or event.uri, size, shadow_size if i in sampled else None)
                     for i, event in enumerate(events)]
-        results = self.loader.load(requests)
+        decoder = self.device_decoder
+        if decoder is None:
+            results, on_device = self.loader.load(requests), 0
+        else:
+            eligible = [i for i in range(len(requests)) if i not in sampled]  # the shadow decodes on the CPU
+            results, on_device = load_split(self.loader, decoder, self.decode_split, requests, eligible)
         extra = {i: r.extra_pixels for i, r in enumerate(results) if r.extra_pixels is not None}
-        images = [r.image for r in results]
-        if decoder is not None:
-            self._decode_on_device(decoder, images, requests)
-        return images, extra
-
-    def _decode_on_device(self, decoder: DeviceJpegDecoder, images: list, requests: list[LoadRequest]) -> None:
-        """Replaces each EncodedJpeg in ``images`` by its decode: on the device, or in the CPU pool for what the
-        device refused (from the bytes already fetched)."""
-        at = [i for i, image in enumerate(images) if isinstance(image, EncodedJpeg)]
-        if not at:
-            return
-        jpegs = [images[i] for i in at]
-        tensors, refused = decoder.decode(jpegs, requests[at[0]].size)
-        for i, jpeg, pixels in zip(at, jpegs, tensors):
-            if pixels is not None:
-                images[i] = DecodedImage(pixels, jpeg.gps, jpeg.width, jpeg.height, "JPEG")
-        if refused:
-            retry = [replace(requests[at[k]], device_jpeg=False, data=jpegs[k].data) for k in refused]
-            for k, loaded in zip(refused, self.loader.load(retry)):
-                images[at[k]] = loaded.image
+        return [r.image for r in results], extra, on_device
 
     def process(self, events: list[PhotoUploaded]) -> BatchReport:
         runtime = self.runtime()
@@ -149,8 +135,9 @@ class RecognitionPipeline:
         clock = StageClock()
         shadow = self.shadow.for_batch(runtime)
         sampled = shadow.sample(events) if shadow is not None else frozenset()
-        loaded, shadow_pixels = self._load_all(events, runtime.embedder.meta.input_size,
-                                               shadow.decode_size if shadow is not None else None, sampled)
+        loaded, shadow_pixels, on_device = self._load_all(events, runtime.embedder.meta.input_size,
+                                                          shadow.decode_size if shadow is not None else None,
+                                                          sampled)
         clock.lap("fetch_decode")
         ok = [i for i, item in enumerate(loaded) if isinstance(item, DecodedImage)]
         outcomes = [_failed(event, item) if isinstance(item, Failure) else None
@@ -172,7 +159,6 @@ class RecognitionPipeline:
         with transaction(self.engine) as session:
             applied = write_outcomes(session, runtime.version, outcomes)
         clock.lap("write")
-        on_device = sum(not isinstance(loaded[i].pixels, np.ndarray) for i in ok)
         report = BatchReport(outcomes, runtime.version, applied, clock.laps, decoded_on_device=on_device)
         tagged = sum(o.status == PhotoStatus.TAGGED for o in outcomes)
         failed = sum(o.status == PhotoStatus.FAILED for o in outcomes)

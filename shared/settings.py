@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # On CUDA, baseline JPEGs are decoded on the GPU when a decoder loads (shared/device_decode.py): "auto"
     # uses it when present, "off" keeps every decode in the CPU pool.
     device_decode: Literal["auto", "off"] = "auto"
+    # The share of a batch's photos sent to the device decoder; the CPU pool decodes the others at the same
+    # time. Unset: learnt from the batches, so that both sides finish together (shared/device_decode.py).
+    device_decode_share: float | None = Field(None, ge=0, le=1)
 
     # Search: how many centroids to take without GPS, and the tile-filter limit with GPS.
     global_top_k: int = Field(10, ge=1)

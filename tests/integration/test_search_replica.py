@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.device_decode import DeviceJpegDecoder
+from shared.device_decode import DecodeSplit, DeviceJpegDecoder
 from shared.events import PhotoUploaded
 from shared.index import LandmarkIndex
 from shared.local_index import LocalIndex
@@ -139,6 +139,7 @@ def test_a_device_jpeg_decoder_tags_as_the_cpu_pool_and_hands_back_what_it_refus
     on_device.runtime()
     assert on_device.device_decoder is None  # nothing detected on a CPU worker
     on_device.device_decoder = DeviceJpegDecoder.torchvision("cpu")
+    on_device.decode_split = DecodeSplit(1.0)  # every photo offered to the device
     try:
         by_device = on_device.process(uploads)
         by_cpu = on_cpu.process(_as_user([uploads], f"rp_{uuid.uuid4().hex[:6]}")[0])
@@ -152,3 +153,25 @@ def test_a_device_jpeg_decoder_tags_as_the_cpu_pool_and_hands_back_what_it_refus
     assert refused.status == PhotoStatus.FAILED and refused.failure.reason == by_cpu.outcomes[-1].failure.reason
     assert (by_device.decoded, by_device.decoded_on_device) == (len(uploads) - 1, len(uploads) - 2)
     assert by_cpu.decoded_on_device == 0
+
+
+def test_a_batch_split_between_the_device_and_the_pool_tags_as_the_pool_alone(published, engine):
+    """With a device decoder the pool decodes part of each batch at the same time (LANDMARKS_DEVICE_DECODE_
+    SHARE, here a half): the tags are those of the pool alone, and the split is what was asked."""
+    photos = published["photos"]
+    settings = Settings(file_roots=str(photos["root"]), search_replica_max_centroids=1000, device_decode_share=0.5)
+    split = RecognitionPipeline(settings, engine, published["index"])
+    on_cpu = _pipeline(engine, published["index"], photos, max_centroids=1000)
+    split.runtime()
+    split.device_decoder = DeviceJpegDecoder.torchvision("cpu")
+    uploads = _uploads(photos, f"rh_{uuid.uuid4().hex[:6]}")
+    try:
+        by_split = split.process(uploads)
+        by_cpu = on_cpu.process(_as_user([uploads], f"rq_{uuid.uuid4().hex[:6]}")[0])
+    finally:
+        split.close()
+        on_cpu.close()
+    assert _tags(by_split.outcomes) == _tags(by_cpu.outcomes)
+    assert by_split.decoded_on_device == round(len(uploads) * 0.5)
+    assert by_split.decoded == len(uploads)
+

@@ -163,3 +163,17 @@ def test_worker_cpu_per_photo_is_the_difference_over_the_run():
     assert _cpu_per_img((10.0, 100.0), (12.0, 108.0), 1000) == {"main": 2.0, "pool": 8.0}
     assert _cpu_per_img(None, (12.0, 108.0), 1000) is None  # the worker was gone
 
+
+
+def test_the_gpu_decode_stage_runs_the_workers_split_loading(tmp_path):
+    """The CUDA bench's decode stage, run here with torchvision's decoder on the CPU: every photo decoded,
+    the share asked for taken by the device, both sides' rates learnt as the worker learns them."""
+    from shared.bench import gpu_decode_stage
+    from shared.device_decode import DeviceJpegDecoder
+    paths = generated_images(tmp_path / "bench", "2mp", 3)
+    photos = [paths[i % 3] for i in range(24)]
+    decoder = DeviceJpegDecoder.torchvision("cpu")
+    result = gpu_decode_stage(decoder, photos, (tmp_path / "bench" / "2mp").resolve(), 64, batch=8)
+    assert result["img_s"] > 0
+    assert 0 < result["device_share"] < 1  # the split starts even and keeps both sides busy
+    assert set(result["split_rates"]) == {"device", "cpu"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.device_decode import DeviceJpegDecoder, stack_pixels
+from shared.device_decode import DecodeSplit, DeviceJpegDecoder, load_split, stack_pixels
 from shared.errors import DecodeError
 from shared.imaging import EncodedJpeg, decode_image, probe_jpeg
 from shared.loading import LoadRequest, PhotoLoader
@@ -176,3 +176,46 @@ def test_a_decoder_is_checked_against_the_cpu_decoder_before_it_is_used(decoder)
     wrong = DeviceJpegDecoder("torchvision_cpu", "cpu", decode_jpeg, progressive=True, applies_orientation=True)
     with pytest.raises(RuntimeError, match="differ from the CPU decoder"):
         wrong.check_against_cpu()
+
+
+def test_the_split_learns_the_share_that_makes_both_sides_finish_together():
+    split = DecodeSplit()
+    assert split.share == 0.5  # until both sides were seen
+    for _ in range(40):  # the device does 600 photos a second, the pool 200: the device takes three quarters
+        split.observe("device", 600, 1.0)
+        split.observe("cpu", 100, 0.5)
+    assert split.share == pytest.approx(0.75, abs=0.01)
+    for _ in range(40):  # a pool that can hardly decode still keeps a few photos, so it is still measured
+        split.observe("cpu", 1, 1.0)
+    assert split.share == DecodeSplit.HIGH
+    fixed = DecodeSplit(0.3)
+    fixed.observe("device", 1000, 1.0)
+    assert fixed.share == 0.3 and fixed.rates == {}
+
+
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_a_split_batch_decodes_its_share_on_the_device_and_the_rest_in_the_pool(decoder, tmp_path, kind):
+    paths = []
+    for i in range(8):
+        path = tmp_path / f"p{i}.jpg"
+        path.write_bytes(_jpeg(_asymmetric(300 + 10 * i, 200), orientation=1 + i % 8))
+        paths.append(path)
+    _asymmetric().save(tmp_path / "p8.png")
+    paths.append(tmp_path / "p8.png")
+    requests = [LoadRequest(path.as_uri(), SIZE) for path in paths]
+    loader = PhotoLoader(Settings(file_roots=str(tmp_path)), kind=kind, workers=2)
+    learning = DecodeSplit()
+    try:
+        results, on_device = load_split(loader, decoder, DecodeSplit(0.75), requests, list(range(9)))
+        load_split(loader, decoder, learning, requests, list(range(9)))
+    finally:
+        loader.close()
+    assert on_device == round(9 * 0.75) == 7  # the first seven photos, all JPEGs
+    assert [isinstance(r.image.pixels, torch.Tensor) for r in results] == [True] * 7 + [False] * 2
+    for path, loaded in zip(paths, results):
+        expected = decode_image(path.read_bytes(), size=SIZE, max_pixels=MAX_PIXELS).pixels
+        pixels = loaded.image.pixels
+        got = _hwc(pixels) if isinstance(pixels, torch.Tensor) else pixels.astype(np.float32)
+        assert np.abs(got - expected).mean() < 2.0, path.name
+    assert set(learning.rates) == {"device", "cpu"}  # both sides were timed
+
