@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.device_decode import DecodeSplit, DeviceJpegDecoder
+from shared.device_decode import DeviceJpegDecoder
 from shared.events import PhotoUploaded
 from shared.index import LandmarkIndex
 from shared.local_index import LocalIndex
@@ -134,18 +134,7 @@ def test_a_device_jpeg_decoder_tags_as_the_cpu_pool_and_hands_back_what_it_refus
     truncated.write_bytes(photos["firsts"][0].read_bytes()[:3000])
     uploads = _uploads(photos, f"rd_{uuid.uuid4().hex[:6]}")
     uploads += [PhotoUploaded.model_validate(event(uploads[0].user_id, path)) for path in (png, truncated)]
-    on_cpu = _pipeline(engine, published["index"], photos, max_centroids=1000)
-    on_device = _pipeline(engine, published["index"], photos, max_centroids=1000)
-    on_device.runtime()
-    assert on_device.device_decoder is None  # nothing detected on a CPU worker
-    on_device.device_decoder = DeviceJpegDecoder.torchvision("cpu")
-    on_device.decode_split = DecodeSplit(1.0)  # every photo offered to the device
-    try:
-        by_device = on_device.process(uploads)
-        by_cpu = on_cpu.process(_as_user([uploads], f"rp_{uuid.uuid4().hex[:6]}")[0])
-    finally:
-        on_cpu.close()
-        on_device.close()
+    by_device, by_cpu = _with_device_decoder_and_on_cpu(published, engine, uploads, share=1.0)  # all offered
     assert _tags(by_device.outcomes) == _tags(by_cpu.outcomes)
     assert sum(o.status == PhotoStatus.TAGGED for o in by_device.outcomes) == len(photos["firsts"])
     assert [o.status for o in by_device.outcomes] == [o.status for o in by_cpu.outcomes]
@@ -158,20 +147,29 @@ def test_a_device_jpeg_decoder_tags_as_the_cpu_pool_and_hands_back_what_it_refus
 def test_a_batch_split_between_the_device_and_the_pool_tags_as_the_pool_alone(published, engine):
     """With a device decoder the pool decodes part of each batch at the same time (LANDMARKS_DEVICE_DECODE_
     SHARE, here a half): the tags are those of the pool alone, and the split is what was asked."""
-    photos = published["photos"]
-    settings = Settings(file_roots=str(photos["root"]), search_replica_max_centroids=1000, device_decode_share=0.5)
-    split = RecognitionPipeline(settings, engine, published["index"])
-    on_cpu = _pipeline(engine, published["index"], photos, max_centroids=1000)
-    split.runtime()
-    split.device_decoder = DeviceJpegDecoder.torchvision("cpu")
-    uploads = _uploads(photos, f"rh_{uuid.uuid4().hex[:6]}")
-    try:
-        by_split = split.process(uploads)
-        by_cpu = on_cpu.process(_as_user([uploads], f"rq_{uuid.uuid4().hex[:6]}")[0])
-    finally:
-        split.close()
-        on_cpu.close()
+    uploads = _uploads(published["photos"], f"rh_{uuid.uuid4().hex[:6]}")
+    by_split, by_cpu = _with_device_decoder_and_on_cpu(published, engine, uploads, share=0.5)
     assert _tags(by_split.outcomes) == _tags(by_cpu.outcomes)
     assert by_split.decoded_on_device == round(len(uploads) * 0.5)
     assert by_split.decoded == len(uploads)
+
+
+def _with_device_decoder_and_on_cpu(published, engine, uploads, share: float):
+    """The batch through a pipeline given a device decoder (torchvision's, on the CPU) that takes ``share``
+    of each batch (LANDMARKS_DEVICE_DECODE_SHARE), and again, as another user, through a CPU pipeline:
+    (device report, CPU report)."""
+    photos = published["photos"]
+    on_cpu = _pipeline(engine, published["index"], photos, max_centroids=1000)
+    settings = Settings(file_roots=str(photos["root"]), search_replica_max_centroids=1000, device_decode_share=share)
+    on_device = RecognitionPipeline(settings, engine, published["index"])
+    on_device.runtime()
+    assert on_device.device_decoder is None  # nothing detected on a CPU worker
+    on_device.device_decoder = DeviceJpegDecoder.torchvision("cpu")
+    try:
+        by_device = on_device.process(uploads)
+        by_cpu = on_cpu.process(_as_user([uploads], f"rp_{uuid.uuid4().hex[:6]}")[0])
+    finally:
+        on_cpu.close()
+        on_device.close()
+    return by_device, by_cpu
 

@@ -84,17 +84,22 @@ def test_worker_laps_are_read_from_the_pipeline_log():
     assert worker_laps(as_json + "\n{not json\n") == (1, 8, {"embed": 40.5}, 0)
 
 
+def _quick_bench(pg_server_url: str, broker_url: str, home, *args: str) -> dict:
+    """`bench --json --quick --device cpu --size 2mp ARGS` on the test's PostgreSQL and Redis: its JSON."""
+    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
+           "LANDMARKS_HOME": str(home)}
+    env.pop("LANDMARKS_MILVUS_URI", None)
+    run = subprocess.run([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick",
+                          "--device", "cpu", "--size", "2mp", *args], env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
-    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
-           "LANDMARKS_HOME": str(tmp_path / "home")}
-    env.pop("LANDMARKS_MILVUS_URI", None)
-    run = subprocess.run([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick",
-                          "--device", "cpu", "--size", "2mp"], env=env, capture_output=True, text=True,
-                         timeout=400)
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = _quick_bench(pg_server_url, broker_url, tmp_path / "home")
     assert REPO_KEYS <= set(result)
     assert set(result["stages"]) == STAGE_KEYS
     assert all(v > 0 for v in result["stages"].values())
@@ -118,14 +123,8 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_load_run_can_drain_the_queue_with_two_worker_processes(pg_server_url, broker_url, tmp_path):
-    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
-           "LANDMARKS_HOME": str(tmp_path / "home")}
-    env.pop("LANDMARKS_MILVUS_URI", None)
-    run = subprocess.run([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick", "--load-only",
-                          "--device", "cpu", "--size", "2mp", "--images", "48", "--workers", "2"],
-                         env=env, capture_output=True, text=True, timeout=400)
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = _quick_bench(pg_server_url, broker_url, tmp_path / "home", "--load-only", "--images", "48",
+                          "--workers", "2")
     assert result["e2e_workers"] == 2 and len(result["e2e_batches_by_worker"]) == 2
     assert sum(result["e2e_batches_by_worker"]) == result["e2e_batches"] > 0
     assert result["events"] == 48 and result["e2e_img_s"] > 0
