@@ -475,13 +475,6 @@ def gpu_decode_stage(decoder: DeviceJpegDecoder, paths: Sequence[Path], file_roo
             "split_rates": {k: round(v, 1) for k, v in split.rates.items()}}
 
 
-def _decode_or_none(decode_image, data: bytes, size: int, max_pixels: int):
-    try:
-        return decode_image(data, size=size, max_pixels=max_pixels)
-    except DecodeError:
-        return None
-
-
 # ----------------------------------------------------------------------------------------- model
 
 def model_stage(embedder, batch_size: int, n_images: int, *, reporter: Reporter | None = None,

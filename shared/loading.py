@@ -117,9 +117,15 @@ def _load_in_process(load: Callable[[LoadRequest, Settings], Loaded], request: L
     return load(request, _process_settings)
 
 
+def _load_chunk(load: Callable[[LoadRequest, Settings], Loaded], settings: Settings,
+                requests: list[LoadRequest]) -> list[Loaded]:
+    return [load(request, settings) for request in requests]
+
+
 def _load_chunk_in_process(load: Callable[[LoadRequest, Settings], Loaded],
                            requests: list[LoadRequest]) -> list[Loaded]:
-    return [_load_in_process(load, request) for request in requests]
+    assert _process_settings is not None, "pool process started without its initializer"
+    return _load_chunk(load, _process_settings, requests)
 
 
 class PendingLoad:
@@ -140,8 +146,7 @@ class PendingLoad:
             if self._futures is None:
                 raise BrokenProcessPool("the pool was broken when the photos were sent")
             for future in self._futures:
-                value = future.result()
-                out += value if isinstance(value, list) else [value]
+                out += future.result()
         except BrokenProcessPool:
             self._loader._restart(self._pool)
             out = [self._loader._load_alone(request) for request in self._requests]
@@ -185,13 +190,12 @@ class PhotoLoader:
         """Starts loading ``requests`` and returns at once; the pool takes work in the order it was sent."""
         if not requests:
             return PendingLoad(self, None, [], [])
-        if self.kind == "threads":
-            futures = [self._pool.submit(self._load, request, self.settings) for request in requests]
-            return PendingLoad(self, self._pool, requests, futures)
         pool = self._pool
-        # A few photos per task: fewer round trips to the pool, still spread over every process.
-        chunk = max(1, min(8, len(requests) // (4 * self.workers)))
-        load = partial(_load_chunk_in_process, self._load)
+        if self.kind == "threads":
+            chunk, load = 1, partial(_load_chunk, self._load, self.settings)
+        else:  # a few photos per task: fewer round trips to the pool, still spread over every process
+            chunk = max(1, min(8, len(requests) // (4 * self.workers)))
+            load = partial(_load_chunk_in_process, self._load)
         try:
             futures = [pool.submit(load, list(requests[s:s + chunk])) for s in range(0, len(requests), chunk)]
         except BrokenProcessPool:  # broken by an earlier batch: the result restarts it

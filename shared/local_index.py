@@ -27,11 +27,9 @@ class LocalIndex:
         self.nos = np.asarray(centroids.centroid_nos, dtype=np.int64)
         self.lats = np.asarray(centroids.lats, dtype=np.float64)
         self.lons = np.asarray(centroids.lons, dtype=np.float64)
-        self.tiles = np.array([geo.tile_of(a, o) for a, o in zip(self.lats, self.lons)], dtype=np.int64)
+        tiles = np.array([geo.tile_of(a, o) for a, o in zip(self.lats, self.lons)], dtype=np.int64)
         # tile → its rows, ascending: a geo query looks up its few tiles instead of scanning every centroid.
-        order = np.argsort(self.tiles, kind="stable")
-        tiles, starts = np.unique(self.tiles[order], return_index=True)
-        self._tile_rows = dict(zip(tiles.tolist(), np.split(order, starts[1:])))
+        self._tile_rows = _grouped(tiles, np.arange(len(tiles)))
         self.embeddings = np.asarray(centroids.embeddings, dtype=np.float32)
         self.refs = _grouped(np.asarray(references.landmark_ids, dtype=np.int64),
                              np.asarray(references.embeddings, dtype=np.float32))
