@@ -1416,6 +1416,18 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
     }
 
 
+def _scratch_mb(call: Callable[[], object]) -> float:
+    """The peak memory ``call`` allocates while it runs (numpy's arrays included), in MB: the transient RSS
+    a worker's batch thread adds."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        call()
+        return round(tracemalloc.get_traced_memory()[1] / 2 ** 20, 1)
+    finally:
+        tracemalloc.stop()
+
+
 def _upload_event(user: str, i: int, path: Path, gps: tuple[float, float] | None) -> dict:
     event = {"event_id": uuid.uuid4().hex, "user_id": user, "photo_id": f"{user}_{i:07d}",
              "uri": path.resolve().as_uri(), "uploaded_at": "2026-11-26T10:00:00Z"}
@@ -1467,7 +1479,8 @@ def run_search_scale(cfg: BenchConfig, reporter: Reporter | None = None,
                 g = adaptive_time(lambda: local.search_global(None, queries, k), iters=5)
                 geo_t = adaptive_time(lambda: local.search_geo(None, queries, tiles, 256), iters=3)
                 row.update(local_global_ms=round(g * 1e3, 2), local_geo_ms=round(geo_t * 1e3, 2),
-                           local_global_img_s=round(batch / g, 1), local_geo_img_s=round(batch / geo_t, 1))
+                           local_global_img_s=round(batch / g, 1), local_geo_img_s=round(batch / geo_t, 1),
+                           local_global_scratch_mb=_scratch_mb(lambda: local.search_global(None, queries, k)))
                 del local
                 if torch.cuda.is_available() and cfg.cuda:
                     on_gpu = LocalIndex("scale", centroids, empty, device=cfg.device)
@@ -1478,7 +1491,7 @@ def run_search_scale(cfg: BenchConfig, reporter: Reporter | None = None,
                 projected = n / insert_rate if insert_rate else 0.0
                 if projected > milvus_cap_s:
                     row["milvus"] = (f"skipped: inserting {n:,} rows would take ~{projected:.0f}s at the "
-                                     f"{insert_rate:,.0f} rows/s measured below (cap {milvus_cap_s:.0f}s)")
+                                     f"{insert_rate:,.0f} rows/s measured on the smaller gallery (cap {milvus_cap_s:.0f}s)")
                     notes.append(f"{n:,}: milvus-lite not measured, {row['milvus']}")
                 else:
                     version = f"scale_{n}"

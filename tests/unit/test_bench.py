@@ -176,3 +176,17 @@ def test_the_gpu_decode_stage_runs_the_workers_split_loading(tmp_path):
     assert result["img_s"] > 0
     assert 0 < result["device_share"] < 1  # the split starts even and keeps both sides busy
     assert set(result["split_rates"]) == {"device", "cpu"}
+
+
+@pytest.mark.integration
+def test_search_scale_measures_the_replica_and_milvus_and_skips_an_insert_past_the_cap():
+    from shared.bench import BenchConfig, run_search_scale
+    result = run_search_scale(BenchConfig(embedding_dim=16), sizes=(2_000, 4_000), milvus_cap_s=1e-3)
+    small, large = result["results"]
+    assert (small["centroids"], large["centroids"], result["dim"]) == (2_000, 4_000, 16)
+    for row in (small, large):
+        assert row["local_global_ms"] > 0 and row["local_geo_ms"] > 0 and row["local_global_scratch_mb"] > 0
+    assert small["milvus_global_ms"] > 0 and small["milvus_insert_s"] >= 0
+    # The first insert measured the rate; 4,000 rows at that rate would pass the 1 ms cap.
+    assert large["milvus"].startswith("skipped") and "milvus_global_ms" not in large
+    assert result["notes"] == [f"4,000: milvus-lite not measured, {large['milvus']}"]

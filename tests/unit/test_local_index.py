@@ -69,3 +69,22 @@ def test_references_are_grouped_by_landmark_in_their_order(gallery):
     assert set(refs) == {5, 200}  # 999 has none
     for landmark in (5, 200):
         assert np.array_equal(refs[landmark], references.embeddings[references.landmark_ids == landmark])
+
+
+@pytest.mark.parametrize("scores_per_block", [1 << 22, 60_000, 3_000])  # one block; two pruned; k·32 rows each
+def test_global_search_is_exact_whatever_the_block_size(gallery, monkeypatch, scores_per_block):
+    """The host scores the gallery a block at a time and prunes each block: the hits must be a full scan's."""
+    from shared import local_index
+    centroids, references, _ = gallery
+    rng = np.random.default_rng(3)
+    queries = _unit(rng.standard_normal((300, 32)))  # more than one chunk of queries
+    monkeypatch.setattr(local_index, "QUERIES_PER_CHUNK", 128)
+    monkeypatch.setattr(local_index, "SCORES_PER_BLOCK", scores_per_block)
+    hits = LocalIndex("v", centroids, references).search_global("v", queries, 7)
+    scan = queries @ centroids.embeddings.T
+    for query_hits, scores in zip(hits, scan):
+        best = np.argsort(-scores, kind="stable")[:7]
+        assert [(h.landmark_id, h.centroid_no) for h in query_hits] == \
+            [(int(centroids.landmark_ids[r]), int(centroids.centroid_nos[r])) for r in best]
+        assert np.allclose([h.score for h in query_hits], scores[best], atol=1e-6)
+    assert LocalIndex("v", centroids, references).search_global("v", queries[:0], 7) == []
