@@ -1,4 +1,4 @@
-"""`landmarks bench`: the throughput benchmark (shared/bench.py) on the command line, progress on stderr."""
+"""`landmarks bench`: the throughput benchmark (shared/bench/) on the command line, progress on stderr."""
 
 from __future__ import annotations
 

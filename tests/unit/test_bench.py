@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.bench import (camera_jpeg, combined_rate, generated_images, stage_resources, throughput_bound,
-                          worker_laps)
+from shared.bench.bound import combined_rate, stage_resources, throughput_bound
+from shared.bench.end_to_end import worker_laps
+from shared.bench.inputs import camera_jpeg, generated_images
 from shared.imaging import decode_image
 
 REPO_KEYS = {"device", "size", "e2e_img_s", "bound_img_s", "ratio", "stages", "rss_mb_start", "rss_mb_end",
@@ -132,13 +133,13 @@ def test_the_load_run_can_drain_the_queue_with_two_worker_processes(pg_server_ur
 
 
 def test_tenth_rates_are_images_per_second_within_each_step():
-    from shared.bench import tenth_rates
+    from shared.bench.run import tenth_rates
     series = [[0, 900.0, 0.0], [100, 905.0, 2.0], [200, 905.0, 6.0], [200, 906.0, 6.0]]
     assert tenth_rates(series) == [50.0, 25.0]
 
 
 def test_cpu_seconds_are_read_for_a_process_and_its_descendants():
-    from shared.bench import cpu_s
+    from shared.bench.host import cpu_s
     child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
                               "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
     try:
@@ -158,7 +159,7 @@ def test_cpu_seconds_are_read_for_a_process_and_its_descendants():
 
 
 def test_worker_cpu_per_photo_is_the_difference_over_the_run():
-    from shared.bench import _cpu_per_img
+    from shared.bench.end_to_end import _cpu_per_img
     assert _cpu_per_img((10.0, 100.0), (12.0, 108.0), 1000) == {"main": 2.0, "pool": 8.0}
     assert _cpu_per_img(None, (12.0, 108.0), 1000) is None  # the worker was gone
 
@@ -167,7 +168,7 @@ def test_worker_cpu_per_photo_is_the_difference_over_the_run():
 def test_the_gpu_decode_stage_runs_the_workers_split_loading(tmp_path):
     """The CUDA bench's decode stage, run here with torchvision's decoder on the CPU: every photo decoded,
     the share asked for taken by the device, both sides' rates learnt as the worker learns them."""
-    from shared.bench import gpu_decode_stage
+    from shared.bench.stages import gpu_decode_stage
     from shared.device_decode import DeviceJpegDecoder
     paths = generated_images(tmp_path / "bench", "2mp", 3)
     photos = [paths[i % 3] for i in range(24)]

@@ -1,0 +1,23 @@
+"""Throughput benchmark of one recognition worker: each stage alone (decode, model, search, write) and the
+whole worker end to end (events through Redis → a real Celery worker → tags in PostgreSQL, Milvus in the
+loop), side by side on one machine, so that the end-to-end figure can be compared with its physical bound.
+
+The bound is the slowest *resource*: stages that share one (on a CPU-only machine decode and the model
+share the cores) combine as 1/Σ(1/x). `landmarks bench --json` prints one JSON object (see BENCHMARKS.md).
+
+A run, in the order `run.run_bench` takes it:
+
+- `inputs`: camera-like generated JPEGs, or the real photos of ../shared/realdata;
+- `gallery`: a random-init model and a synthetic gallery, published to a private milvus-lite (`services`);
+- `stages`: decode, model, search and write, each alone; `timing` and `host` measure them;
+- `end_to_end`: the events through real worker processes, with their laps, RSS and CPU;
+- `bound`: the slowest resource, against which `run.summarise` puts the end-to-end figure.
+
+`search_scale` (`landmarks bench --search-scale`) measures centroid search alone at 10k to 1M centroids.
+"""
+
+from shared.bench.config import BenchConfig
+from shared.bench.run import run_bench
+from shared.bench.search_scale import SEARCH_SCALE_SIZES, run_search_scale
+
+__all__ = ["SEARCH_SCALE_SIZES", "BenchConfig", "run_bench", "run_search_scale"]

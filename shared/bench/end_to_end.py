@@ -1,0 +1,306 @@
+"""The whole worker end to end: N events published to Redis, real `shared.cli worker` processes, the clock
+stopped when the last event's commit is in processed_events; laps, RSS and CPU."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from shared.bench.config import REPO, Reporter
+from shared.bench.host import cpu_count, cpu_s, rss_mb
+
+
+log = logging.getLogger(__name__)
+
+
+_BATCH_LINE = re.compile(r"batch of (\d+): .*?ms (\{.*\})\s*$")
+
+
+_ON_DEVICE = re.compile(r", (\d+) decoded on the device,")
+
+
+class WorkerLaps(NamedTuple):
+    batches: int
+    photos: int
+    laps: dict[str, float]  # summed ms per stage
+    decoded_on_device: int  # photos the device JPEG decoder decoded (0 on a CPU worker)
+
+
+def worker_laps(log_text: str) -> WorkerLaps:
+    """What the pipeline's per-batch log lines add up to, plain text or the JSON lines of
+    LANDMARKS_LOG_JSON=1 (the message is their `msg`)."""
+    batches, photos, laps, on_device = 0, 0, {}, 0
+    for line in log_text.splitlines():
+        if line.startswith("{"):
+            try:
+                line = str(json.loads(line).get("msg", ""))
+            except (ValueError, AttributeError):
+                continue
+        match = _BATCH_LINE.search(line)
+        if not match:
+            continue
+        try:
+            timings = ast.literal_eval(match.group(2))
+        except (ValueError, SyntaxError):
+            continue
+        batches, photos = batches + 1, photos + int(match.group(1))
+        for key, value in timings.items():
+            laps[key] = laps.get(key, 0.0) + float(value)
+        device = _ON_DEVICE.search(line)
+        on_device += int(device.group(1)) if device else 0
+    return WorkerLaps(batches, photos, laps, on_device)
+
+
+def _processed(engine, user: str) -> int:
+    import sqlalchemy as sa
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM processed_events WHERE user_id = :u"),
+                            {"u": user}).scalar_one()
+
+
+def _count_tagged(engine, user: str) -> int:
+    import sqlalchemy as sa
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM photos WHERE user_id = :u AND status = 'tagged'"),
+                            {"u": user}).scalar_one()
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class E2EPlan:
+    database_url: str
+    broker_url: str
+    milvus_uri: str
+    queue: str
+    staging: str
+    file_root: Path
+    events: list[dict]
+    warmup: list[dict]
+    batch_size: int
+    device: str
+    workdir: Path
+    max_wait_ms: int | None = None
+    torch_compile: bool = False  # the worker compiles its model at start (LANDMARKS_TORCH_COMPILE)
+    stall_s: float = 180.0
+    poll_s: float = 0.05  # how often progress is read from PostgreSQL (a long run polls less)
+    workers: int = 1  # worker processes on the queue (several per GPU when one process's Python limits it)
+
+
+class BenchWorkers:
+    """The worker processes of an end-to-end run (`python -m shared.cli worker`), each with its own log."""
+
+    def __init__(self, env: dict, count: int, workdir: Path) -> None:
+        self.logs = [workdir / ("worker.log" if count == 1 else f"worker-{i}.log") for i in range(count)]
+        self.procs: list[subprocess.Popen] = []
+        for path in self.logs:
+            with path.open("ab") as log_file:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "shared.cli", "-v", "worker", "--loglevel=INFO"],
+                    env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT))
+
+    def check_alive(self, done: int, n: int) -> None:
+        for proc, path in zip(self.procs, self.logs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"a bench worker exited with {proc.returncode} at {done}/{n} events:\n"
+                                   f"{_tail(path)}")
+
+    def tail(self) -> str:
+        return "\n".join(_tail(path) for path in self.logs)
+
+    def rss_mb(self) -> float | None:
+        """All the workers and their decode processes; None once one is gone."""
+        each = [rss_mb(proc.pid) for proc in self.procs]
+        return None if None in each else round(sum(each), 1)
+
+    def cpu_s(self) -> tuple[float, float] | None:
+        each = [cpu_s(proc.pid) for proc in self.procs]
+        return None if None in each else (sum(c[0] for c in each), sum(c[1] for c in each))
+
+    def log_offsets(self) -> list[int]:
+        return [path.stat().st_size for path in self.logs]
+
+    def laps_since(self, offsets: list[int]) -> list[WorkerLaps]:
+        """Each worker's batch laps written after ``offsets``."""
+        laps = []
+        for path, offset in zip(self.logs, offsets):
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                laps.append(worker_laps(handle.read().decode(errors="replace")))
+        return laps
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # Celery warm shutdown
+        for proc in self.procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _wait_for(engine, user: str, n: int, workers: BenchWorkers, stall_s: float,
+              on_poll: Callable[[int], None] | None = None, poll_s: float = 0.05) -> float:
+    """Polls processed_events until `n` events of `user` are committed; the time the last one was seen.
+    A long run polls every `poll_s`, but every 50 ms once the end may come before the next poll, so the
+    end is timed closely."""
+    last, last_change, step = -1, time.monotonic(), n
+    while True:
+        done = _processed(engine, user)
+        now = time.perf_counter()
+        if on_poll:
+            on_poll(done)
+        if done >= n:
+            return now
+        if done != last:
+            step = done - max(last, 0)  # the progress of one poll
+            last, last_change = done, time.monotonic()
+        workers.check_alive(done, n)
+        if time.monotonic() - last_change > stall_s:
+            raise TimeoutError(f"no progress for {stall_s:.0f}s at {done}/{n} events:\n{workers.tail()}")
+        time.sleep(poll_s if n - done > 2 * step else min(poll_s, 0.05))
+
+
+def _worker_env(plan: E2EPlan) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "LANDMARKS_MODEL_PATH"}
+    env.update({"LANDMARKS_DATABASE_URL": plan.database_url, "LANDMARKS_BROKER_URL": plan.broker_url,
+                "LANDMARKS_MILVUS_URI": plan.milvus_uri, "LANDMARKS_FILE_ROOTS": str(plan.file_root),
+                "LANDMARKS_QUEUE": plan.queue, "LANDMARKS_BATCH_SIZE": str(plan.batch_size),
+                "LANDMARKS_DEVICE": plan.device, "LANDMARKS_HOME": str(plan.workdir / "home"),
+                "LANDMARKS_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"})
+    if plan.workers > 1 and "LANDMARKS_DECODE_WORKERS" not in env:
+        env["LANDMARKS_DECODE_WORKERS"] = str(max(1, cpu_count() // plan.workers))  # the cores, shared out
+    if plan.max_wait_ms is not None:
+        env["LANDMARKS_MAX_WAIT_MS"] = str(plan.max_wait_ms)
+    if plan.torch_compile:
+        env["LANDMARKS_TORCH_COMPILE"] = "1"
+    return env
+
+
+def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
+    """Events → Redis → `python -m shared.cli worker` (Celery, batches in a thread pool) → tags in PostgreSQL;
+    ``plan.workers`` such processes on one queue, as a fleet runs several per machine.
+
+    A warm-up set first (model load, first forward, connections); then all measured events are published
+    into a staging list and moved into the workers' queue with one RENAME, so the clock measures the workers
+    draining a backlog, not the producer. e2e_img_s = events / (last commit seen − the RENAME)."""
+    import redis
+    from celery import Celery
+    from shared.db.session import make_engine
+    from shared.settings import get_settings
+    from shared.signing import event_signer
+    from shared.stack import redis_client_url
+
+    producer = Celery(broker=plan.broker_url)
+    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    client = redis.Redis.from_url(redis_client_url(plan.broker_url), socket_timeout=30)
+    engine = make_engine(plan.database_url)
+    upload = "landmarks.photo_uploaded"
+    reporter.start(f"end-to-end: starting {plan.workers} worker(s) and warming up", len(plan.warmup))
+    workers = BenchWorkers(_worker_env(plan), plan.workers, plan.workdir)
+    sign = event_signer(get_settings())  # a worker given a signing key refuses unsigned events
+    try:
+        for event in plan.warmup:
+            producer.send_task(upload, args=[sign(event)], queue=plan.queue)
+        warm_user = plan.warmup[0]["user_id"]
+        _wait_for(engine, warm_user, len(plan.warmup), workers, max(plan.stall_s, 600.0),
+                  on_poll=lambda d: reporter.advance(0), poll_s=0.2)
+        time.sleep(0.5)  # let the warm-up batch finish acknowledging
+        log_offsets = workers.log_offsets()
+        rss_start = workers.rss_mb()
+
+        reporter.start(f"end-to-end: publishing {len(plan.events)} events to a staging list")
+        start = time.perf_counter()
+        for event in plan.events:
+            producer.send_task(upload, args=[sign(event)], queue=plan.staging)
+        enqueue_s = time.perf_counter() - start
+        if client.llen(plan.queue):
+            raise RuntimeError(f"queue {plan.queue} is not empty after the warm-up")
+        user, n = plan.events[0]["user_id"], len(plan.events)
+        reporter.start(f"end-to-end: {n} events, batch {plan.batch_size}", n)
+        rss_peak, seen, series = [rss_start or 0.0], [0], [[0, rss_start, 0.0]]
+
+        def poll(done: int) -> None:
+            reporter.advance(done - seen[0])
+            seen[0] = done
+            rss = workers.rss_mb() or 0.0
+            rss_peak.append(rss)
+            if done >= series[-1][0] + n / 10 or done >= n > series[-1][0]:  # one sample per tenth
+                series.append([done, rss, round(time.perf_counter() - t0, 2)])
+
+        cpu_start = workers.cpu_s()
+        t0 = time.perf_counter()
+        client.rename(plan.staging, plan.queue)  # the whole backlog appears at once
+        t_end = _wait_for(engine, user, n, workers, plan.stall_s, on_poll=poll, poll_s=plan.poll_s)
+        elapsed = t_end - t0
+        cpu_end = workers.cpu_s()
+        rss_end = workers.rss_mb()
+        time.sleep(0.3)  # the last batch's log line
+        per_worker = workers.laps_since(log_offsets)
+        tagged = _count_tagged(engine, user)
+    finally:
+        workers.stop()
+        producer.close()
+        client.close()
+        engine.dispose()
+    return {"e2e_img_s": n / elapsed, "e2e_seconds": round(elapsed, 2), "enqueue_img_s": round(n / enqueue_s, 1),
+            "rss_mb_start": rss_start, "rss_mb_end": rss_end, "rss_mb_peak": max(rss_peak),
+            "rss_mb_series": series, **_laps_summary(per_worker, elapsed),
+            "e2e_tagged": tagged, "worker_cpu_ms_per_img": _cpu_per_img(cpu_start, cpu_end, n),
+            "worker_log": str(workers.logs[0])}
+
+
+def _laps_summary(per_worker: list[WorkerLaps], elapsed: float) -> dict:
+    """The workers' batch laps, together: per image, batches busy at once, batches per worker."""
+    batches = sum(w.batches for w in per_worker)
+    photos = sum(w.photos for w in per_worker)
+    laps: dict[str, float] = {}
+    for worker in per_worker:
+        for key, value in worker.laps.items():
+            laps[key] = laps.get(key, 0.0) + value
+    return {
+        "e2e_batches": batches, "e2e_mean_batch": round(photos / batches, 1) if batches else None,
+        "worker_ms_per_img": {k: round(v / max(photos, 1), 3) for k, v in laps.items()},
+        # Batch-seconds per second: how many batches were being worked on, on average (at most
+        # LANDMARKS_BATCHES_IN_FLIGHT per worker); waiting for the model's turn does not count.
+        "worker_batches_busy": round(sum(v for k, v in laps.items() if k != "wait_model") / 1e3 / elapsed, 3)
+        if laps else None,
+        "e2e_decoded_on_device": sum(w.decoded_on_device for w in per_worker),
+        "e2e_workers": len(per_worker), "e2e_batches_by_worker": [w.batches for w in per_worker],
+    }
+
+
+def _cpu_per_img(start: tuple[float, float] | None, end: tuple[float, float] | None, n: int) -> dict | None:
+    """The workers' CPU per photo during the measured run: `main`, the worker processes' own threads (Celery,
+    the batch threads: on CPU the forward pass too), and `pool`, their decode processes. On a GPU worker,
+    `main` is the host-side cost of a photo that one Python process must carry."""
+    if start is None or end is None or not n:
+        return None
+    return {"main": round((end[0] - start[0]) * 1e3 / n, 3), "pool": round((end[1] - start[1]) * 1e3 / n, 3)}
+
+
+def bench_event(user: str, i: int, path: Path, gps: tuple[float, float] | None) -> dict:
+    event = {"event_id": uuid.uuid4().hex, "user_id": user, "photo_id": f"{user}_{i:07d}",
+             "uri": path.resolve().as_uri(), "uploaded_at": "2026-11-26T10:00:00Z"}
+    if gps:
+        event["gps"] = {"lat": gps[0], "lon": gps[1]}
+    return event

@@ -1,0 +1,249 @@
+"""One bench run: the inputs, each stage alone, the worker end to end, and the JSON that compares them
+(`landmarks bench --json`)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from shared.bench.bound import STAGES, combined_rate, stage_resources, throughput_bound
+from shared.bench.config import BenchConfig, NullReporter, Reporter
+from shared.bench.end_to_end import E2EPlan, bench_event, run_end_to_end
+from shared.bench.gallery import BenchModel, event_gps, make_bench_model
+from shared.bench.host import CpuAccount, host_info, whole_machine_threads
+from shared.bench.inputs import BenchInputs, bench_inputs, realdata_dir
+from shared.bench.services import bench_queues, private_milvus, scratch_database, service_urls
+from shared.bench.stages import (decode_stage, delf_vs_ours, device_model_figures, gpu_decode_stage, model_stage,
+                                 overlap_figures, search_stage, write_stage)
+from shared.device_decode import DeviceJpegDecoder
+
+
+def worker_device_decoder(cfg: BenchConfig) -> DeviceJpegDecoder | None:
+    """The device decoder the worker will detect (shared/pipeline.py), unless LANDMARKS_DEVICE_DECODE=off."""
+    from shared.settings import get_settings
+    if not cfg.cuda or get_settings().device_decode != "auto":
+        return None
+    return DeviceJpegDecoder.detect(cfg.device)
+
+
+def decode_alone(cfg: BenchConfig, inputs: BenchInputs, count: int, gpu_decoder: DeviceJpegDecoder | None,
+                 reporter: Reporter) -> dict:
+    """The decode stage alone over the first ``count`` photos, with the worker's decoder: {decoder, img_s, ...}."""
+    blobs = inputs.blobs[:count]
+    if gpu_decoder is None:
+        return {"decoder": "pillow", **decode_stage(blobs, cfg.input_size, reporter=reporter)}
+    paths = [inputs.unique[i] for i in inputs.image_of_event[:count]]
+    result = {"decoder": gpu_decoder.name, **gpu_decode_stage(gpu_decoder, paths, inputs.file_root, cfg.input_size,
+                                                              batch=cfg.batch_size, reporter=reporter)}
+    result["cpu_img_s"] = round(decode_stage(blobs[:min(len(blobs), 512)], cfg.input_size,
+                                             reporter=reporter)["img_s"], 1)
+    return result
+
+
+def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, index, engine,
+                   gps: Sequence[tuple[float, float] | None], reporter: Reporter) -> dict:
+    """Each stage alone, on the resources the worker would use."""
+    import torch
+    from shared.embedder import Embedder
+    from shared.local_index import LocalIndex
+    from shared.publish import gallery_rows
+    from shared.recognition import Thresholds
+    n, blobs = inputs.n, inputs.blobs
+    gpu_decoder = worker_device_decoder(cfg)
+    out: dict = {"decode": decode_alone(cfg, inputs, n, gpu_decoder, reporter)}
+    embedder = Embedder(model.path, cfg.device)
+    embedder.load()
+    with whole_machine_threads() as threads:
+        out["model"] = model_stage(embedder, cfg.batch_size, n, reporter=reporter)
+        out["model"]["torch_threads"] = threads
+    if not cfg.cuda and torch.get_num_threads() != threads:  # the worker's own thread count, for comparison
+        served = model_stage(embedder, cfg.batch_size, min(n, 2048), reporter=reporter)
+        out["model_served"] = {"torch_threads": torch.get_num_threads(), "img_s": round(served["img_s"], 1),
+                               "cpu_ms_per_img": served["cpu_ms_per_img"]}
+    queries = model.image_embeddings[inputs.image_of_event]
+    thresholds = Thresholds(model.meta.t_geo, model.meta.t_global, model.meta.t_ref)
+    out["search"] = search_stage(index, model.version, queries, gps, thresholds, cfg.batch_size,
+                                 what="milvus-lite (the worker's index)", reporter=reporter)
+    # As the worker keeps it: its global search on the GPU when there is one.
+    local = LocalIndex(model.version, *gallery_rows(model.gallery), device=cfg.device if cfg.cuda else None)
+    out["search_local"] = search_stage(local, model.version, queries, gps, thresholds, cfg.batch_size,
+                                       what=f"exact in-process LocalIndex ({local.device})", reporter=reporter)
+    out["write"] = write_stage(engine, model.version, n, cfg.batch_size, sorted(model.places), reporter=reporter)
+    if cfg.cuda:
+        out["device_figures"] = device_model_figures(model.path, cfg.device, cfg.batch_size,
+                                                     compile_model=cfg.compile, reporter=reporter)
+        if gpu_decoder is not None:
+            reporter.start("GPU decode and model together (6 s)")
+            out["device_figures"]["concurrent"] = overlap_figures(
+                gpu_decoder, blobs[:len(inputs.unique)], model.path, cfg.device, cfg.batch_size)
+    del embedder, gpu_decoder, local
+    gc.collect()
+    if cfg.cuda:
+        torch.cuda.empty_cache()  # the worker gets the card to itself
+    return out
+
+
+def comparison_stage(cfg: BenchConfig, model: BenchModel, reporter: Reporter) -> dict:
+    """The DELF comparison, run after the end-to-end part: its gigabytes of activations and its minute of
+    work on every core slowed the worker that started right after it (the first tenth of the run)."""
+    from shared.embedder import Embedder
+    if not cfg.delf:
+        return {"delf_style_ms": None, "ours_ms": None}
+    embedder = Embedder(model.path, cfg.device)
+    embedder.load()
+    with whole_machine_threads():
+        return delf_vs_ours(embedder, cfg.device, quick=cfg.quick, article_model=not cfg.quick, reporter=reporter)
+
+
+def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
+    """One run: inputs, private services, a published model; each stage alone; the worker end to end."""
+    import torch
+    from shared.db.session import make_engine
+    from shared.index import LandmarkIndex
+    from shared.publish import publish_model
+    from shared.settings import get_settings
+    reporter = reporter or NullReporter()
+    cfg = cfg.resolved()
+    if cfg.cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    from shared.runtime import configure_threads
+    settings = get_settings()
+    threads = configure_threads(settings.torch_threads, settings.blas_threads)  # as the worker does
+    started, account, host = time.monotonic(), CpuAccount(), host_info()
+    host["threads"], host["batches_in_flight"] = threads, settings.batches_in_flight
+    inputs = bench_inputs(cfg, reporter)
+    if inputs is None:
+        return {"device": cfg.device, "size": cfg.size, "skipped": f"no real photos at {realdata_dir()}"}
+    if cfg.cuda:
+        torch.backends.cudnn.benchmark = True  # the bound is what the card can do
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lm-bench-")))
+        database_server, broker_url = service_urls(settings)
+        reporter.start("services: scratch database, private milvus-lite, bench queue")
+        database_url = stack.enter_context(scratch_database(database_server))
+        milvus_uri = stack.enter_context(private_milvus(workdir))
+        queue, staging = stack.enter_context(bench_queues(broker_url))
+        engine = make_engine(database_url)
+        stack.callback(engine.dispose)
+        index = LandmarkIndex(milvus_uri)
+        stack.callback(index.close)
+
+        model = make_bench_model(workdir / "model.pt", cfg, inputs.unique, reporter)
+        reporter.start(f"publishing {cfg.centroids} centroids to milvus-lite")
+        publish_model(model.path, engine, index)
+        rng = np.random.default_rng(cfg.seed)
+        gps = [event_gps(i, inputs.image_of_event[i], model, rng) for i in range(inputs.n)]
+        stages = {} if cfg.load_only else measure_stages(cfg, inputs, model, index, engine, gps, reporter)
+
+        run_id = uuid.uuid4().hex[:6]
+        events = [bench_event(f"bench_e2e_{run_id}", i, inputs.unique[inputs.image_of_event[i]], gps[i])
+                  for i in range(inputs.n)]
+        warm_rng = np.random.default_rng(cfg.seed + 1)
+        k = len(inputs.unique)
+        warmup = [bench_event(f"bench_warm_{run_id}", i, inputs.unique[i % k], event_gps(i, i % k, model, warm_rng))
+                  for i in range(2 * cfg.batch_size)]
+        e2e = run_end_to_end(E2EPlan(database_url, broker_url, milvus_uri, queue, staging, inputs.file_root,
+                                     events, warmup, cfg.batch_size, cfg.device, workdir, cfg.max_wait_ms,
+                                     torch_compile=cfg.compile, stall_s=600.0 if cfg.compile else 180.0,
+                                     poll_s=1.0 if cfg.load_only else 0.05, workers=cfg.workers), reporter)
+        host["other_cpu_share"] = account.other_share()  # before the private milvus-lite stops
+        if not cfg.load_only:
+            # Decode is the stage that bounds a CPU run: measured again after the end-to-end part, so that a
+            # machine whose speed drifts during the run (shared hosts do) is measured on both sides of it.
+            stages["decode_after"] = decode_alone(cfg, inputs, max(1, inputs.n // 2), worker_device_decoder(cfg),
+                                                  reporter)
+            stages["comparison"] = comparison_stage(cfg, model, reporter)
+    host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if cfg.load_only:
+        return summarise_load(cfg, inputs, e2e, host, seconds=time.monotonic() - started)
+    return summarise(cfg, inputs, stages, e2e, host, settings.max_wait_ms,
+                     seconds=time.monotonic() - started)
+
+
+def tenth_rates(series: Sequence[Sequence[float]]) -> list[float]:
+    """Images/s within each step of an [events done, RSS MB, seconds] series."""
+    return [round((b[0] - a[0]) / (b[2] - a[2]), 1) for a, b in zip(series, series[1:]) if b[2] > a[2]]
+
+
+def summarise_load(cfg: BenchConfig, inputs: BenchInputs, e2e: dict, host: dict, seconds: float) -> dict:
+    """`--load-only`: did the backlog drain at a steady rate in flat memory?"""
+    series = e2e["rss_mb_series"]
+    rates = tenth_rates(series)
+    # The first tenth includes the backlog appearing at once and the first batches' warm caches.
+    steady = rates[1:] or rates
+    mean = statistics.mean(steady) if steady else None
+    rss = [mb for _, mb, _ in series[1:] if mb]
+    return {
+        "device": cfg.device, "size": cfg.size, "events": inputs.n,
+        "e2e_img_s": round(e2e["e2e_img_s"], 1), "e2e_seconds": e2e["e2e_seconds"],
+        "img_s_by_tenth": rates,
+        "img_s_min_max_tenth": [min(steady), max(steady)] if steady else None,
+        "img_s_cv": round(statistics.pstdev(steady) / mean, 3) if mean else None,
+        "rss_mb_start": e2e["rss_mb_start"], "rss_mb_end": e2e["rss_mb_end"], "rss_mb_peak": e2e["rss_mb_peak"],
+        "rss_mb_growth_pct": round(100 * (max(rss) - min(rss)) / min(rss), 1) if rss else None,
+        "rss_mb_series": series, "e2e_batches": e2e["e2e_batches"], "e2e_mean_batch": e2e["e2e_mean_batch"],
+        "worker_ms_per_img": e2e["worker_ms_per_img"], "worker_batches_busy": e2e["worker_batches_busy"],
+        "worker_cpu_ms_per_img": e2e["worker_cpu_ms_per_img"], "e2e_workers": e2e["e2e_workers"],
+        "e2e_batches_by_worker": e2e["e2e_batches_by_worker"],
+        "model": f"random-init {cfg.backbone}, {cfg.input_size} px, dim {cfg.embedding_dim}, {cfg.precision}",
+        "batch_size": cfg.batch_size, "centroids": cfg.centroids, "unique_inputs": len(inputs.unique),
+        "file_mb_mean": inputs.file_mb_mean, "host": host, "seconds": round(seconds, 1),
+    }
+
+
+def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, host: dict,
+              served_max_wait_ms: int, seconds: float) -> dict:
+    """The JSON object: the contract keys first, then what explains them."""
+    from shared.settings import get_settings
+    # The worker searches its in-process replica when the gallery fits (LANDMARKS_SEARCH_REPLICA_MAX_CENTROIDS).
+    in_process = 0 < cfg.centroids <= get_settings().search_replica_max_centroids
+    rates = {name: stages["search_local" if name == "search" and in_process else name]["img_s"] for name in STAGES}
+    decode_runs = [stages[k]["img_s"] for k in ("decode", "decode_after") if k in stages]
+    rates["decode"] = statistics.mean(decode_runs)  # before and after the end-to-end part
+    decode = stages["decode"]
+    resources = stage_resources(cfg.device, decode["decoder"], search_in_process=in_process)
+    bound, limiting = throughput_bound(rates, resources)
+    serial = combined_rate(rates.values())
+    comparison = stages["comparison"]
+    return {
+        "device": cfg.device, "size": cfg.size, "images": inputs.n,
+        "e2e_img_s": round(e2e["e2e_img_s"], 1), "bound_img_s": round(bound, 1),
+        "ratio": round(e2e["e2e_img_s"] / bound, 3) if bound else None,
+        "stages": {f"{name}_img_s": round(rate, 1) for name, rate in rates.items()},
+        "rss_mb_start": e2e["rss_mb_start"], "rss_mb_end": e2e["rss_mb_end"],
+        "delf_style_ms": comparison["delf_style_ms"], "ours_ms": comparison["ours_ms"],
+        "model": f"random-init {cfg.backbone}, {cfg.input_size} px, dim {cfg.embedding_dim}, {cfg.precision}",
+        "backbone": cfg.backbone, "batch_size": cfg.batch_size,
+        "max_wait_ms": cfg.max_wait_ms if cfg.max_wait_ms is not None else served_max_wait_ms,
+        "input_size": cfg.input_size, "embedding_dim": cfg.embedding_dim, "precision": cfg.precision,
+        "model_stage_threads": stages["model"].get("torch_threads"),
+        "model_cpu_ms_per_img": stages["model"].get("cpu_ms_per_img"),
+        **({"model_served": stages["model_served"]} if "model_served" in stages else {}),
+        "decoder": decode["decoder"], "resources": resources, "limiting_resource": limiting,
+        "bound_serial_img_s": round(serial, 1),
+        "ratio_serial": round(e2e["e2e_img_s"] / serial, 3) if serial else None,
+        "search_local_img_s": round(stages["search_local"]["img_s"], 1),
+        "search_milvus_img_s": round(stages["search"]["img_s"], 1), "search_in_process": in_process,
+        "write_rows_s": round(stages["write"]["rows_s"], 1),
+        "write_client_cpu_ms_per_img": stages["write"]["client_cpu_ms_per_img"],
+        "centroids": cfg.centroids, "unique_inputs": len(inputs.unique), "file_mb_mean": inputs.file_mb_mean,
+        "decode_failed": decode.get("failed", 0),
+        "decode_img_s_before": round(decode_runs[0], 1), "decode_img_s_after": round(decode_runs[-1], 1),
+        **({"decode_cpu_img_s": decode["cpu_img_s"]} if "cpu_img_s" in decode else {}),
+        **({"decode_device_share": decode["device_share"], "decode_split_rates": decode["split_rates"]}
+           if "device_share" in decode else {}),
+        **{k: v for k, v in comparison.items() if k not in ("delf_style_ms", "ours_ms")},
+        **stages.get("device_figures", {}),
+        **{k: v for k, v in e2e.items() if k not in ("e2e_img_s", "rss_mb_start", "rss_mb_end", "worker_log")},
+        "search_tagged": stages["search"]["tagged"], "quick": cfg.quick, "host": host,
+        "seconds": round(seconds, 1),
+    }

@@ -1,0 +1,293 @@
+"""Each stage of the worker alone: decode (CPU pool, or the worker's GPU/pool split), the model, search and
+writes, and the article's DELF-style comparison."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from shared.bench.config import NullReporter, Reporter
+from shared.bench.gallery import LANDMARK_IMAGE_EVERY
+from shared.bench.host import cpu_count
+from shared.bench.timing import median_time
+from shared.device_decode import DeviceJpegDecoder
+from shared.errors import DecodeError
+
+
+DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+
+
+def decode_stage(blobs: Sequence[bytes], size: int, *, workers: int | None = None,
+                 max_pixels: int = 100_000_000, reporter: Reporter | None = None) -> dict:
+    """Pillow draft-mode decode (shared.imaging, the worker's decoder) in a thread pool sized to the cores."""
+    from shared.imaging import decode_image
+
+    def one(data: bytes) -> bool:
+        try:
+            decode_image(data, size=size, max_pixels=max_pixels)
+            return True
+        except DecodeError:
+            return False
+
+    workers = workers or cpu_count()
+    reporter = reporter or NullReporter()
+    reporter.start(f"decode-only: Pillow draft, {workers} threads", len(blobs))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-decode") as pool:
+        list(pool.map(one, blobs[:workers]))  # warm the threads and Pillow's codec
+        start, ok = time.perf_counter(), 0
+        for decoded in pool.map(one, blobs):
+            ok += decoded
+            reporter.advance()
+        elapsed = time.perf_counter() - start
+    return {"img_s": len(blobs) / elapsed, "failed": len(blobs) - ok, "workers": workers}
+
+
+def gpu_decode_stage(decoder: DeviceJpegDecoder, paths: Sequence[Path], file_root: Path, size: int, *, batch: int,
+                     reporter: Reporter | None = None) -> dict:
+    """The worker's loading (shared/device_decode.load_split), alone: batches of ``batch`` photos, as many at
+    once as the worker runs (LANDMARKS_BATCHES_IN_FLIGHT, each on its own CUDA stream). The worker's pool
+    fetches every photo and reads the headers of the device's share; the device decodes that share while the
+    pool decodes the rest, the split learnt as the worker learns it."""
+    from shared.device_decode import DecodeSplit, load_split, thread_stream
+    from shared.loading import LoadRequest, PhotoLoader
+    from shared.settings import Settings
+    reporter = reporter or NullReporter()
+    settings = Settings(file_roots=str(file_root))
+    split = DecodeSplit(settings.device_decode_share)
+    requests = [LoadRequest(path.as_uri(), size) for path in paths]
+    chunks = [requests[s:s + batch] for s in range(0, len(requests), batch)]
+    loader = PhotoLoader(settings)
+
+    def one(chunk: list) -> int:
+        with thread_stream(decoder.device):
+            _, on_device = load_split(loader, decoder, split, chunk, list(range(len(chunk))))
+            if decoder.device.startswith("cuda"):  # this batch's stream only: the other batch runs on
+                import torch
+                torch.cuda.current_stream().synchronize()
+        reporter.advance(len(chunk))
+        return on_device
+
+    try:
+        one(chunks[0])  # warm-up: the pool's processes, the codec, CUDA kernels, the split's first rates
+        reporter.start(f"decode-only: {decoder.name} + the CPU pool, split as the worker does", len(requests))
+        with ThreadPoolExecutor(max_workers=settings.batches_in_flight) as threads:
+            start = time.perf_counter()
+            on_device = sum(threads.map(one, chunks))
+            elapsed = time.perf_counter() - start
+    finally:
+        loader.close()
+    return {"img_s": len(requests) / elapsed, "device_share": round(on_device / len(requests), 3),
+            "split_rates": {k: round(v, 1) for k, v in split.rates.items()}}
+
+
+def model_stage(embedder, batch_size: int, n_images: int, *, reporter: Reporter | None = None,
+                min_batches: int = 3, max_seconds: float = 30.0) -> dict:
+    """The served forward (shared.embedder.Embedder: uint8 host pixels in, normalised embeddings out)."""
+    size = embedder.meta.input_size
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    batches = max(min_batches, math.ceil(n_images / batch_size))
+    reporter = reporter or NullReporter()
+    reporter.start(f"model-only: batch {batch_size} at {size} px", batches * batch_size)
+    for _ in range(2):
+        embedder.embed(pixels)  # warm-up: oneDNN/cuDNN algorithm choice, allocator
+    start, cpu_start, done = time.perf_counter(), time.process_time(), 0
+    while done < batches and (done < min_batches or time.perf_counter() - start < max_seconds):
+        embedder.embed(pixels)  # returns host numpy: the device is synchronised
+        done += 1
+        reporter.advance(batch_size)
+    images = done * batch_size
+    return {"img_s": images / (time.perf_counter() - start), "batches": done,
+            "cpu_ms_per_img": round((time.process_time() - cpu_start) * 1000 / images, 3)}
+
+
+def device_model_figures(checkpoint: Path, device: str, batch_size: int, *, compile_model: bool,
+                         reporter: Reporter | None = None) -> dict:
+    """On CUDA, the forward alone (input already on the GPU, bf16, channels_last), optionally compiled:
+    what the worker's forward could reach without host copies."""
+    import torch
+    from shared.model import load_checkpoint
+    net, meta, _ = load_checkpoint(checkpoint)
+    net = net.to(device).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, meta.input_size, meta.input_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    figures = {}
+    reporter = reporter or NullReporter()
+
+    def run(model) -> Callable[[], object]:
+        def fn():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                return model.embed(x) if hasattr(model, "embed") else model(x)
+        return fn
+
+    reporter.start("model on device (bf16, channels_last)")
+    figures["model_device_img_s"] = round(batch_size / median_time(run(net), iters=15, warmup=3, device=device), 1)
+    if compile_model:
+        reporter.start("model on device, torch.compile (compiling)")
+        compiled = torch.compile(net.embed)
+        start = time.perf_counter()
+        run(compiled)()
+        torch.cuda.synchronize()
+        figures["compile_s"] = round(time.perf_counter() - start, 1)
+        t = median_time(run(compiled), iters=15, warmup=2, device=device)
+        figures["model_compiled_img_s"] = round(batch_size / t, 1)
+    del net, x
+    torch.cuda.empty_cache()
+    return figures
+
+
+def overlap_figures(decoder: DeviceJpegDecoder, blobs: Sequence[bytes], checkpoint: Path, device: str,
+                    batch_size: int, seconds: float = 6.0) -> dict:
+    """GPU decode in a thread while the model runs: what each keeps when they share the card."""
+    import threading
+    import torch
+    from shared.model import load_checkpoint
+    net, meta, _ = load_checkpoint(checkpoint)
+    net = net.to(device).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, meta.input_size, meta.input_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    chunk = list(blobs[:64])
+    stop = time.perf_counter() + seconds
+    decoded = [0]
+
+    def decode_loop() -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            while time.perf_counter() < stop:
+                decoder.decode(chunk, meta.input_size)
+                torch.cuda.current_stream().synchronize()
+                decoded[0] += len(chunk)
+
+    thread = threading.Thread(target=decode_loop, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    forwards = 0
+    while time.perf_counter() < stop:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            net.embed(x)
+        torch.cuda.synchronize()
+        forwards += 1
+    thread.join()
+    elapsed = time.perf_counter() - start
+    del net, x
+    torch.cuda.empty_cache()
+    return {"decode_img_s": round(decoded[0] / elapsed, 1), "model_img_s": round(forwards * batch_size / elapsed, 1)}
+
+
+def delf_vs_ours(embedder, device: str, *, quick: bool, article_model: bool,
+                 reporter: Reporter | None = None) -> dict:
+    """The article's speed comparison at batch 1: a DELF-style extraction (ResNet-50 to conv4 at 7 scales
+    of a 1024-px image, fp32, as in ../shared/tools/gpu_anchor.py) against one pass of our served model;
+    plus one WRN-50-2 224-px fp32 pass (the article's network) when the served backbone is another.
+    Best of N: these are latencies, and on a shared machine interference only adds time."""
+    import torch
+    import torchvision
+    reporter = reporter or NullReporter()
+    cuda = device.startswith("cuda")
+    side = 256 if quick else 1024
+    # On CPU a first pass costs what the next ones do (13 s at 1024 px on 2 cores): warm up at one scale.
+    iters, warmup = (1, 0) if quick else ((10, 3) if cuda else (2, 0))
+    reporter.start(f"DELF-style 7 scales of {side}x{side} (ResNet-50 to conv4, fp32, batch 1)")
+    trunk = torch.nn.Sequential(*list(torchvision.models.resnet50(weights=None).children())[:-3]).eval().to(device)
+    image = torch.randn(1, 3, side, side, device=device)
+
+    def delf() -> None:
+        with torch.inference_mode():
+            for scale in DELF_SCALES:
+                trunk(torch.nn.functional.interpolate(image, scale_factor=scale, mode="bilinear"))
+
+    with torch.inference_mode():
+        trunk(torch.nn.functional.interpolate(image, scale_factor=DELF_SCALES[0], mode="bilinear"))
+    delf_ms = median_time(delf, iters=iters, warmup=warmup, device=device, best=True) * 1e3
+    del trunk, image
+    reporter.start("our model, one image")
+    one = np.random.default_rng(1).integers(0, 256, (1, embedder.meta.input_size, embedder.meta.input_size, 3),
+                                            dtype=np.uint8)
+    rounds = []
+    for _ in range(1 if quick else 3):  # spread over seconds: a shared machine has slow episodes
+        rounds.append(median_time(lambda: embedder.embed(one), iters=5 if quick else 20, warmup=3, device=device,
+                                  best=True))
+        time.sleep(0 if quick else 0.5)
+    ours_ms = min(rounds) * 1e3
+    out = {"delf_style_ms": round(delf_ms, 2), "ours_ms": round(ours_ms, 3),
+           "delf_over_ours": round(delf_ms / ours_ms, 1), "delf_image_px": side}
+    if article_model and embedder.meta.backbone != "wide_resnet50_2":
+        reporter.start("WRN-50-2 224 px fp32, one image (the article's network)")
+        wrn = torchvision.models.wide_resnet50_2(weights=None).eval().to(device)
+        x = torch.randn(1, 3, 224, 224, device=device)
+
+        def article() -> None:
+            with torch.inference_mode():
+                wrn(x)
+
+        wrn_ms = median_time(article, iters=3 if not cuda else 20, warmup=1 if not cuda else 3, device=device,
+                             best=True) * 1e3
+        out.update(ours_wrn50_2_ms=round(wrn_ms, 2), delf_over_wrn50_2=round(delf_ms / wrn_ms, 1))
+        del wrn, x
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def search_stage(index, version: str, queries: np.ndarray, gps: Sequence[tuple[float, float] | None],
+                 thresholds, batch_size: int, *, what: str, reporter: Reporter | None = None) -> dict:
+    """shared.recognition.recognise_batch (geo-filtered search with GPS, global top-k + references
+    without) over batches of the served size: the worker's search step, alone."""
+    from shared.events import GeoPoint
+    from shared.recognition import recognise_batch
+    from shared.settings import get_settings
+    settings = get_settings()
+    points = [GeoPoint(lat=p[0], lon=p[1]) if p else None for p in gps]
+    reporter = reporter or NullReporter()
+    reporter.start(f"search-only: {what}", len(queries))
+
+    def batch(s: int) -> int:
+        tags = recognise_batch(queries[s:s + batch_size], points[s:s + batch_size], index, version, thresholds,
+                               global_k=settings.global_top_k, geo_limit=settings.geo_top_k)
+        return sum(bool(t) for t in tags)
+
+    batch(0)  # warm-up: connection, reference cache
+    start, tagged = time.perf_counter(), 0
+    for s in range(0, len(queries), batch_size):
+        tagged += batch(s)
+        reporter.advance(min(batch_size, len(queries) - s))
+    return {"img_s": len(queries) / (time.perf_counter() - start), "tagged": tagged}
+
+
+def write_stage(engine, version: str, n: int, batch_size: int, landmark_ids: Sequence[int],
+                reporter: Reporter | None = None) -> dict:
+    """shared.db.writer.write_outcomes, one transaction per batch of the served size, on fresh events:
+    a landmark tag for one photo in 32, half the photos with GPS."""
+    from shared.db.session import transaction
+    from shared.db.writer import write_outcomes
+    from shared.events import GeoPoint, PhotoUploaded
+    from shared.outcomes import GpsSource, Method, PhotoOutcome, PhotoStatus, Tag
+    user = f"bench_write_{uuid.uuid4().hex[:6]}"
+    now = datetime.now(timezone.utc)
+    outcomes, rows = [], 0
+    for i in range(n):
+        event = PhotoUploaded(event_id=uuid.uuid4().hex, user_id=user, photo_id=f"w{i:07d}",
+                              uri=f"file:///bench/{i}.jpg", uploaded_at=now)
+        gps = GeoPoint(lat=48.8584, lon=2.2945) if i % 2 == 0 else None
+        tags = [Tag(int(landmark_ids[i % len(landmark_ids)]), 0.99, Method.GEO if gps else Method.REFERENCE)] \
+            if i % LANDMARK_IMAGE_EVERY == 0 else []
+        outcomes.append(PhotoOutcome(event, PhotoStatus.TAGGED if tags else PhotoStatus.NO_LANDMARK, tags,
+                                     gps=gps, gps_source=GpsSource.EVENT if gps else None))
+        rows += 2 + len(tags)  # photos + processed_events + photo_tags
+    reporter = reporter or NullReporter()
+    reporter.start(f"write-only: one transaction per {batch_size} photos", n)
+    start, cpu_start = time.perf_counter(), time.thread_time()
+    for s in range(0, n, batch_size):
+        with transaction(engine) as session:
+            write_outcomes(session, version, outcomes[s:s + batch_size])
+        reporter.advance(min(batch_size, n - s))
+    elapsed = time.perf_counter() - start
+    # The worker's own CPU for building and sending the statements (PostgreSQL's is on its server).
+    client_ms = (time.thread_time() - cpu_start) * 1000 / n
+    return {"img_s": n / elapsed, "rows_s": rows / elapsed, "client_cpu_ms_per_img": round(client_ms, 3)}
