@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -11,6 +13,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger(__name__)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """`kill` or a CI job's timeout sends SIGTERM, which by default ends Python without running `finally`:
+    the bench's milvus-lite server and worker processes were left running, its scratch database and queues
+    in place. As SystemExit, the context managers that own them remove them, as they do on Ctrl-C."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 class RichReporter:
@@ -74,6 +83,8 @@ def register(cli: typer.Typer) -> None:
         from shared.bench import SEARCH_SCALE_SIZES, BenchConfig, run_bench, run_search_scale
         from shared.embedder import pick_device
         from shared.settings import get_settings
+
+        _exit_cleanly_on_sigterm()
 
         resolved_device = str(pick_device(device)) if device == "auto" else device
         if size not in ("12mp", "2mp", "real"):

@@ -6,7 +6,6 @@ from collections.abc import Iterable, Mapping
 
 from shared.device_decode import DeviceJpegDecoder
 
-
 STAGES = ("decode", "model", "search", "write")
 
 

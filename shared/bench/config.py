@@ -8,9 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-
 log = logging.getLogger(__name__)
-
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -21,13 +21,9 @@ from typing import NamedTuple
 from shared.bench.config import REPO, Reporter
 from shared.bench.host import cpu_count, cpu_s, rss_mb
 
-
 log = logging.getLogger(__name__)
 
-
 _BATCH_LINE = re.compile(r"batch of (\d+): .*?ms (\{.*\})\s*$")
-
-
 _ON_DEVICE = re.compile(r", (\d+) decoded on the device,")
 
 

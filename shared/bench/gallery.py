@@ -13,7 +13,6 @@ import numpy as np
 from shared.bench.config import BenchConfig, Reporter
 from shared.errors import DecodeError
 
-
 LANDMARK_IMAGE_EVERY = 32  # one generated image in 32 shows a "landmark" (the article: 1–3 % of photos)
 
 

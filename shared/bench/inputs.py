@@ -16,10 +16,7 @@ from PIL import Image, ImageDraw
 from shared.bench.config import BenchConfig, NullReporter, REPO, Reporter
 from shared.bench.host import cpu_count
 
-
 GENERATOR_VERSION = "v1"  # bump when camera_jpeg changes, so cached inputs are regenerated
-
-
 SIZES: dict[str, tuple[int, int]] = {"12mp": (4000, 3000), "2mp": (1600, 1200)}
 
 

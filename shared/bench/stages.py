@@ -20,7 +20,6 @@ from shared.bench.timing import median_time
 from shared.device_decode import DeviceJpegDecoder
 from shared.errors import DecodeError
 
-
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
 

@@ -191,3 +191,59 @@ def test_search_scale_measures_the_replica_and_milvus_and_skips_an_insert_past_t
     # The first insert measured the rate; 4,000 rows at that rate would pass the 1 ms cap.
     assert large["milvus"].startswith("skipped") and "milvus_global_ms" not in large
     assert result["notes"] == [f"4,000: milvus-lite not measured, {large['milvus']}"]
+
+
+def _bench_databases(server_url: str) -> set[str]:
+    import sqlalchemy as sa
+    from shared.db.session import make_engine
+    engine = make_engine(server_url)
+    try:
+        with engine.connect() as conn:
+            return set(conn.scalars(sa.text("SELECT datname FROM pg_database WHERE datname LIKE 'lm_bench_%'")))
+    finally:
+        engine.dispose()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_a_terminated_bench_stops_its_milvus_and_worker_and_drops_its_database(pg_server_url, broker_url, tmp_path):
+    """`kill` (or a CI timeout) mid-run: the bench's own servers, processes and scratch database go with it."""
+    import time
+    from shared.bench.host import _descendants
+    before = _bench_databases(pg_server_url)
+    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
+           "LANDMARKS_HOME": str(tmp_path / "home")}
+    env.pop("LANDMARKS_MILVUS_URI", None)
+    bench = subprocess.Popen([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick", "--device",
+                              "cpu", "--size", "2mp", "--load-only", "--images", "4000"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until its milvus-lite and its worker both run
+            children = {pid: _cmdline(pid) for pid in _descendants(bench.pid)}
+            if any("milvus_lite" in c for c in children.values()) and \
+                    any("shared.cli" in c and "worker" in c for c in children.values()):
+                break
+            assert bench.poll() is None, "the bench ended before its worker started"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the bench's milvus-lite and worker did not start within 300 s")
+        assert _bench_databases(pg_server_url) - before  # its scratch database exists
+        bench.terminate()
+        assert bench.wait(timeout=120) == 128 + 15
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    time.sleep(1)
+    alive = [pid for pid in children if _cmdline(pid)]
+    assert alive == [], f"left running: {[children[p] for p in alive]}"
+    assert _bench_databases(pg_server_url) == before
