@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy.engine import Engine
 
 from shared.db.session import transaction
@@ -26,9 +27,23 @@ def gallery_rows(gallery: dict) -> tuple[CentroidRows, ReferenceRows]:
                              lats=[places[i][0] for i in ids], lons=[places[i][1] for i in ids],
                              embeddings=c["embeddings"].numpy())
     ref_ids = r["landmark_ids"].numpy()
-    ref_nos = [int((ref_ids[:k] == lid).sum()) for k, lid in enumerate(ref_ids)]
-    references = ReferenceRows(landmark_ids=ref_ids, ref_nos=ref_nos, embeddings=r["embeddings"].numpy())
+    references = ReferenceRows(landmark_ids=ref_ids, ref_nos=occurrence_numbers(ref_ids),
+                               embeddings=r["embeddings"].numpy())
     return centroids, references
+
+
+def occurrence_numbers(ids: np.ndarray) -> np.ndarray:
+    """For each element, how many equal ids come before it: a landmark's references are numbered 0, 1, 2…
+    in gallery order, wherever they lie. One stable sort; counting the earlier equal ids element by element
+    took hours at a million references."""
+    ids = np.asarray(ids)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    run_starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    run_lengths = np.diff(np.r_[run_starts, len(ids)])
+    numbers = np.empty(len(ids), dtype=np.int64)
+    numbers[order] = np.arange(len(ids)) - np.repeat(run_starts, run_lengths)
+    return numbers
 
 
 def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, activate: bool = True) -> ModelMeta:
