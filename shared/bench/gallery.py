@@ -32,15 +32,24 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def _centroids_per_landmark(n_centroids: int) -> list[int]:
+    """1, 2, 3, 4, 5, 1, 2, … centroids per landmark, the last cut short to make n_centroids in all
+    (whole cycles at once: summing the list at each step was quadratic, an hour at a million)."""
+    cycles, rest = divmod(n_centroids, 15)
+    counts = [1, 2, 3, 4, 5] * cycles
+    while rest > 0:
+        counts.append(min(len(counts) % 5 + 1, rest))
+        rest -= counts[-1]
+    return counts
+
+
 def synthetic_gallery(n_centroids: int, dim: int, anchors: np.ndarray, seed: int = 0) -> dict:
     """A checkpoint gallery of ~n_centroids random unit centroids (1–5 per landmark, 3 references each).
     Landmark k < len(anchors) is anchored on anchors[k] (centroid 0 and references), so the photos that
     produced those embeddings are recognised: the bench exercises the tag path, not only rejections."""
     import torch
     rng = np.random.default_rng(seed)
-    counts = []
-    while sum(counts) < n_centroids:
-        counts.append(min(1 + len(counts) % 5, n_centroids - sum(counts)))
+    counts = _centroids_per_landmark(n_centroids)
     n_landmarks = len(counts)
     lats, lons = synthetic_places(n_landmarks, rng)
     ids = np.repeat(np.arange(1, n_landmarks + 1), counts)
