@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 
 from shared.db.models import (
     FailureRecord,
-    Landmark,
     ModelVersion,
     Photo,
     PhotoTag,
@@ -240,16 +239,24 @@ def _bounded_payload(payload: Any) -> Any:
     return _clean(json.loads(raw))
 
 
+# A gallery's landmarks as arrays too: a VALUES list of 333,000 landmarks (a million centroids) is 2.3 million
+# bind parameters, which SQLAlchemy took many minutes to compile; chunks keep each statement a few MB.
+UPSERT_LANDMARKS = text("""
+    INSERT INTO landmarks (id, name, city, country, region, lat, lon)
+    SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:names AS text[]), CAST(:cities AS text[]),
+                         CAST(:countries AS text[]), CAST(:regions AS smallint[]), CAST(:lats AS float8[]),
+                         CAST(:lons AS float8[]))
+    ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, city = EXCLUDED.city, country = EXCLUDED.country,
+        region = EXCLUDED.region, lat = EXCLUDED.lat, lon = EXCLUDED.lon""")
+LANDMARKS_PER_STATEMENT = 50_000
+
+
 def upsert_landmarks(session: Session, rows: Iterable[dict[str, Any]]) -> int:
-    columns = ("id", "name", "city", "country", "region", "lat", "lon")
-    values = [{c: row[c] for c in columns} for row in rows]
-    if not values:
-        return 0
-    table = Landmark.__table__
-    stmt = insert(table).values(values)
-    session.execute(
-        stmt.on_conflict_do_update(index_elements=["id"], set_={c: stmt.excluded[c] for c in columns if c != "id"})
-    )
+    fields = ("id", "name", "city", "country", "region", "lat", "lon")
+    values = [tuple(row[f] for f in fields) for row in rows]
+    for start in range(0, len(values), LANDMARKS_PER_STATEMENT):
+        session.execute(UPSERT_LANDMARKS, _columns(("ids", "names", "cities", "countries", "regions", "lats", "lons"),
+                                                   values[start:start + LANDMARKS_PER_STATEMENT]))
     return len(values)
 
 

@@ -621,3 +621,16 @@ def test_many_concurrent_writers_keep_summaries_exact(engine):
             assert_albums_match_tags(s)
     finally:
         _truncate(engine)
+
+
+@pytest.mark.parametrize("per_statement", [1, 2, 50_000])  # a statement per landmark; uneven chunks; one
+def test_landmarks_are_upserted_in_chunks_and_updated_in_place(session, monkeypatch, per_statement):
+    monkeypatch.setattr(writer, "LANDMARKS_PER_STATEMENT", per_statement)
+    assert writer.upsert_landmarks(session, LANDMARKS) == len(LANDMARKS)
+    assert writer.upsert_landmarks(session, []) == 0
+    moved = [{**row, "city": f"New {row['city']}", "lat": row["lat"] + 1} for row in LANDMARKS[:3]]
+    writer.upsert_landmarks(session, moved)
+    rows = session.execute(text("SELECT id, name, city, country, region, lat, lon FROM landmarks ORDER BY id")).all()
+    expected = {row["id"]: row for row in LANDMARKS} | {row["id"]: row for row in moved}
+    assert [tuple(r) for r in rows] == [tuple(expected[i][k] for k in ("id", "name", "city", "country", "region",
+                                                                      "lat", "lon")) for i in sorted(expected)]
