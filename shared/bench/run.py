@@ -26,6 +26,8 @@ from shared.bench.stages import (decode_stage, delf_vs_ours, device_model_figure
                                  overlap_figures, search_stage, write_stage)
 from shared.device_decode import DeviceJpegDecoder
 
+MILVUS_SAMPLE_S = 30.0  # milvus-lite's search, when the worker does not use it: measured for this long
+
 
 def worker_device_decoder(cfg: BenchConfig) -> DeviceJpegDecoder | None:
     """The device decoder the worker will detect (shared/pipeline.py), unless LANDMARKS_DEVICE_DECODE=off."""
@@ -71,8 +73,10 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
                                "cpu_ms_per_img": served["cpu_ms_per_img"]}
     queries = model.image_embeddings[inputs.image_of_event]
     thresholds = Thresholds(model.meta.t_geo, model.meta.t_global, model.meta.t_ref)
+    # Where the worker searches its replica, milvus-lite's rate is for comparison only: a sample will do.
     out["search"] = search_stage(index, model.version, queries, gps, thresholds, cfg.batch_size,
-                                 what="milvus-lite (the worker's index)", reporter=reporter)
+                                 what="milvus-lite (the worker's index)", reporter=reporter,
+                                 budget_s=MILVUS_SAMPLE_S if _searches_in_process(cfg) else None)
     # As the worker keeps it: its global search on the GPU when there is one.
     local = LocalIndex(model.version, *gallery_rows(model.gallery), device=cfg.device if cfg.cuda else None)
     out["search_local"] = search_stage(local, model.version, queries, gps, thresholds, cfg.batch_size,
@@ -90,6 +94,13 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     if cfg.cuda:
         torch.cuda.empty_cache()  # the worker gets the card to itself
     return out
+
+
+def _searches_in_process(cfg: BenchConfig) -> bool:
+    """Whether the worker searches its in-process replica: the gallery fits
+    (LANDMARKS_SEARCH_REPLICA_MAX_CENTROIDS)."""
+    from shared.settings import get_settings
+    return 0 < cfg.centroids <= get_settings().search_replica_max_centroids
 
 
 def comparison_stage(cfg: BenchConfig, model: BenchModel, reporter: Reporter) -> dict:
@@ -203,9 +214,8 @@ def summarise_load(cfg: BenchConfig, inputs: BenchInputs, e2e: dict, host: dict,
 def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, host: dict,
               served_max_wait_ms: int, seconds: float) -> dict:
     """The JSON object: the contract keys first, then what explains them."""
-    from shared.settings import get_settings
     # The worker searches its in-process replica when the gallery fits (LANDMARKS_SEARCH_REPLICA_MAX_CENTROIDS).
-    in_process = 0 < cfg.centroids <= get_settings().search_replica_max_centroids
+    in_process = _searches_in_process(cfg)
     rates = {name: stages["search_local" if name == "search" and in_process else name]["img_s"] for name in STAGES}
     decode_runs = [stages[k]["img_s"] for k in ("decode", "decode_after") if k in stages]
     rates["decode"] = statistics.mean(decode_runs)  # before and after the end-to-end part
@@ -244,6 +254,7 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         **{k: v for k, v in comparison.items() if k not in ("delf_style_ms", "ours_ms")},
         **stages.get("device_figures", {}),
         **{k: v for k, v in e2e.items() if k not in ("e2e_img_s", "rss_mb_start", "rss_mb_end", "worker_log")},
-        "search_tagged": stages["search"]["tagged"], "quick": cfg.quick, "host": host,
+        "search_tagged": stages["search_local" if in_process else "search"]["tagged"],
+        "search_milvus_queries": stages["search"]["queries"], "quick": cfg.quick, "host": host,
         "seconds": round(seconds, 1),
     }

@@ -235,9 +235,12 @@ def delf_vs_ours(embedder, device: str, *, quick: bool, article_model: bool,
 
 
 def search_stage(index, version: str, queries: np.ndarray, gps: Sequence[tuple[float, float] | None],
-                 thresholds, batch_size: int, *, what: str, reporter: Reporter | None = None) -> dict:
+                 thresholds, batch_size: int, *, what: str, reporter: Reporter | None = None,
+                 budget_s: float | None = None) -> dict:
     """shared.recognition.recognise_batch (geo-filtered search with GPS, global top-k + references
-    without) over batches of the served size: the worker's search step, alone."""
+    without) over batches of the served size: the worker's search step, alone. With ``budget_s`` it stops
+    after the first batch that ends past the budget (milvus-lite's geo search takes a minute a batch at a
+    million centroids); ``queries`` says how many were searched."""
     from shared.events import GeoPoint
     from shared.recognition import recognise_batch
     from shared.settings import get_settings
@@ -252,11 +255,14 @@ def search_stage(index, version: str, queries: np.ndarray, gps: Sequence[tuple[f
         return sum(bool(t) for t in tags)
 
     batch(0)  # warm-up: connection, reference cache
-    start, tagged = time.perf_counter(), 0
+    start, tagged, done = time.perf_counter(), 0, 0
     for s in range(0, len(queries), batch_size):
         tagged += batch(s)
+        done += min(batch_size, len(queries) - s)
         reporter.advance(min(batch_size, len(queries) - s))
-    return {"img_s": len(queries) / (time.perf_counter() - start), "tagged": tagged}
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
+    return {"img_s": done / (time.perf_counter() - start), "tagged": tagged, "queries": done}
 
 
 def write_stage(engine, version: str, n: int, batch_size: int, landmark_ids: Sequence[int],
