@@ -15,6 +15,7 @@ import torch
 from shared.embedder import Embedder
 from shared.errors import DecodeError
 from shared.imaging import decode_image
+from shared.local_index import grouped_by_id
 from shared.recognition import reference_similarity
 from shared.training.calibrate import threshold_for_accuracy
 from shared.training.centroids import landmark_centroids
@@ -106,6 +107,9 @@ def calibrate_thresholds(gallery: dict, negatives: np.ndarray, target: float = 0
     sims = negatives @ centroids.T
     best = sims.max(axis=1)
     best_ids = centroid_ids[sims.argmax(axis=1)]
-    ref_scores = np.array([reference_similarity(e, refs[ref_ids == lid]) for e, lid in zip(negatives, best_ids)])
+    refs_of = grouped_by_id(ref_ids, refs)  # one sort, not a scan of every reference per negative
+    empty = np.zeros((0, refs.shape[1]), refs.dtype)
+    ref_scores = np.array([reference_similarity(e, refs_of.get(int(lid), empty))
+                           for e, lid in zip(negatives, best_ids)])
     t_global = threshold_for_accuracy(best, target)
     return {"t_geo": t_global, "t_global": t_global, "t_ref": threshold_for_accuracy(ref_scores, target)}

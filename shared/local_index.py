@@ -37,9 +37,9 @@ class LocalIndex:
         self.lons = np.asarray(centroids.lons, dtype=np.float64)
         tiles = np.array([geo.tile_of(a, o) for a, o in zip(self.lats, self.lons)], dtype=np.int64)
         # tile → its rows, ascending: a geo query looks up its few tiles instead of scanning every centroid.
-        self._tile_rows = _grouped(tiles, np.arange(len(tiles)))
+        self._tile_rows = grouped_by_id(tiles, np.arange(len(tiles)))
         self.embeddings = np.asarray(centroids.embeddings, dtype=np.float32)
-        self.refs = _grouped(np.asarray(references.landmark_ids, dtype=np.int64),
+        self.refs = grouped_by_id(np.asarray(references.landmark_ids, dtype=np.int64),
                              np.asarray(references.embeddings, dtype=np.float32))
         self._on_device = _to_device(self.embeddings, device) if device is not None else None
 
@@ -141,7 +141,7 @@ def _take_top_k(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarra
     return np.take_along_axis(rows, pick, axis=1), np.take_along_axis(scores, pick, axis=1)
 
 
-def _grouped(ids: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
+def grouped_by_id(ids: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
     """{id: its rows}, in one sort (a mask per id would cost ids × rows: hours at a million references)."""
     order = np.argsort(ids, kind="stable")
     unique, starts = np.unique(ids[order], return_index=True)

@@ -19,7 +19,7 @@ from shared.errors import DecodeError
 from shared.events import GeoPoint
 from shared.gallery import LandmarkInfo, LandmarkPhotos, build_gallery
 from shared.imaging import decode_image
-from shared.local_index import LocalIndex
+from shared.local_index import LocalIndex, grouped_by_id
 from shared.model import LandmarkNet, ModelMeta, save_checkpoint
 from shared.publish import gallery_rows
 from shared.training import calibrate as cal
@@ -232,9 +232,12 @@ class Builder:
     def gallery(self) -> dict:
         emb = embed_images(self.net, self.train_pixels, self.cfg.train.input_size, self.meta.mean, self.meta.std)
         references = self._references()
+        kept = np.flatnonzero(self.keep)
+        kept_rows = grouped_by_id(self.train_labels[kept], kept)  # one sort, not a mask per landmark
+        no_photos = np.zeros(0, np.int64)
         items = []
         for k, lm in enumerate(self.landmarks):
-            photos = emb[(self.train_labels == k) & self.keep]
+            photos = emb[kept_rows.get(k, no_photos)]
             refs = references.get(lm.id, np.zeros((0, emb.shape[1]), np.float32))
             if len(photos) == 0:
                 photos = refs

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.local_index import grouped_by_id
+
 
 @dataclass
 class CleaningReport:
@@ -19,10 +21,10 @@ class CleaningReport:
 
 def mean_reference_similarity(embeddings: np.ndarray, labels: np.ndarray,
                               references: dict[int, np.ndarray]) -> np.ndarray:
+    """Each photo's mean similarity to its landmark's references; NaN where the landmark has none."""
     out = np.full(len(embeddings), np.nan, dtype=np.float32)
-    for landmark_id in np.unique(labels):
-        rows = np.flatnonzero(labels == landmark_id)
-        refs = references.get(int(landmark_id))
+    for landmark_id, rows in grouped_by_id(np.asarray(labels), np.arange(len(labels))).items():
+        refs = references.get(landmark_id)
         if refs is not None and len(refs):
             out[rows] = (embeddings[rows] @ refs.T).mean(axis=1)
     return out
@@ -35,13 +37,18 @@ def reference_threshold(references: dict[int, np.ndarray], margin: float = 0.5) 
     ids = [i for i, refs in references.items() if len(refs) >= 2]
     if len(ids) < 2:
         raise ValueError("cleaning needs two or more landmarks with at least two references each")
+    # A mean of inner products is the inner product with the mean: a reference's mean similarity to the
+    # other landmarks' references uses the sum of all of them, less its own landmark's. Scoring every pair
+    # of landmarks took landmarks² products (and as many copies of the references).
+    total = sum(references[i].sum(axis=0, dtype=np.float64) for i in ids)
+    count = sum(len(references[i]) for i in ids)
     genuine, impostor = [], []
     for i in ids:
         refs = references[i]
         sims = refs @ refs.T
         genuine.extend((sims.sum(axis=1) - np.diag(sims)) / (len(refs) - 1))
-        others = np.concatenate([references[j] for j in ids if j != i])
-        impostor.extend((refs @ others.T).mean(axis=1))
+        others = (total - refs.sum(axis=0, dtype=np.float64)) / (count - len(refs))
+        impostor.extend(refs @ others)
     low_genuine, high_impostor = np.quantile(genuine, 0.05), np.quantile(impostor, 0.95)
     return float(high_impostor + margin * (low_genuine - high_impostor))
 

@@ -1,6 +1,7 @@
 """Training pieces on toy data: center loss, cleaning, calibration of the decision thresholds."""
 
 import numpy as np
+import pytest
 import torch
 
 from shared.local_index import LocalIndex
@@ -49,6 +50,31 @@ def test_cleaning_drops_photos_far_from_their_references_and_scores_itself():
     keep, report = clean(sims, reference_threshold(refs), np.r_[np.zeros(20), np.ones(5)])
     assert report.dropped == 5 and report.precision == 1.0 and report.recall == 1.0
     assert keep[:20].all()
+
+
+def test_cleaning_figures_equal_their_pair_by_pair_definitions():
+    """Each photo against its own landmark's references; each reference against its own landmark's others
+    (genuine) and every other landmark's references (impostor): the quantiles of a direct computation."""
+    rng = np.random.default_rng(4)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    refs = {i: unit(rng.normal(size=(int(rng.integers(1, 6)), 12))) for i in range(1, 9)}
+    labels = rng.integers(1, 11, 60)  # 9 and 10 have no references
+    photos = unit(rng.normal(size=(60, 12)))
+    sims = mean_reference_similarity(photos, labels, refs)
+    for photo, label, sim in zip(photos, labels, sims):
+        if label in refs:
+            assert sim == pytest.approx(float((refs[label] @ photo).mean()), abs=1e-5)
+        else:
+            assert np.isnan(sim)
+    ids = [i for i, r in refs.items() if len(r) >= 2]
+    genuine, impostor = [], []
+    for i in ids:
+        for k, ref in enumerate(refs[i]):
+            genuine.append(np.mean([ref @ other for j, other in enumerate(refs[i]) if j != k]))
+            impostor.append(np.mean([ref @ other for j in ids if j != i for other in refs[j]]))
+    for margin in (0.0, 0.5, 1.0):
+        low, high = np.quantile(genuine, 0.05), np.quantile(impostor, 0.95)
+        assert reference_threshold(refs, margin) == pytest.approx(float(high + margin * (low - high)), abs=1e-5)
 
 
 def test_calibration_meets_the_non_landmark_target_on_its_own_split():
