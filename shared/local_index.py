@@ -60,6 +60,8 @@ class LocalIndex:
         return str(self._on_device.device) if self._on_device is not None else "cpu"
 
     def search_global(self, version: str | None, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        if k < 1:  # as LandmarkIndex: no search asks for nothing
+            raise ValueError(f"limit must be at least 1, got {k}")
         k = min(k, len(self.embeddings))
         if self._on_device is not None:
             top = self._candidates_on_device(queries, min(2 * k, len(self.embeddings)))

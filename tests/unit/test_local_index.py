@@ -88,3 +88,5 @@ def test_global_search_is_exact_whatever_the_block_size(gallery, monkeypatch, sc
             [(int(centroids.landmark_ids[r]), int(centroids.centroid_nos[r])) for r in best]
         assert np.allclose([h.score for h in query_hits], scores[best], atol=1e-6)
     assert LocalIndex("v", centroids, references).search_global("v", queries[:0], 7) == []
+    with pytest.raises(ValueError):
+        LocalIndex("v", centroids, references).search_global("v", queries, 0)
