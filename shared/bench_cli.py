@@ -116,12 +116,34 @@ def register(cli: typer.Typer) -> None:
 
 def _print_table(console: Console, result: dict) -> None:
     from rich.table import Table
+    if result.get("mode") == "search_scale":
+        Console().print(search_scale_table(result))
+        return
     table = Table(title="landmarks bench")
     table.add_column("figure")
     table.add_column("value")
     for key, value in result.items():
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     Console().print(table)
+
+
+def search_scale_table(result: dict):
+    """One row per gallery size: ms per batch and img/s, the replica beside milvus-lite."""
+    from rich.table import Table
+    table = Table(title=f"centroid search, dim {result['dim']}, {result['batch']} queries per batch "
+                        f"(ms per batch, img/s)")
+    for column in ("centroids", "replica global", "replica geo", "replica scratch MB", "milvus-lite insert s",
+                   "milvus-lite global", "milvus-lite geo"):
+        table.add_column(column, justify="right")
+    for row in result["results"]:
+        def timed(prefix: str, kind: str) -> str:
+            ms = row.get(f"{prefix}_{kind}_ms")
+            return "–" if ms is None else f"{ms:,} ({row[f'{prefix}_{kind}_img_s']:,})"
+        milvus = ([str(row["milvus_insert_s"]), timed("milvus", "global"), timed("milvus", "geo")]
+                  if "milvus_insert_s" in row else ["skipped (cap)", "–", "–"])
+        table.add_row(f"{row['centroids']:,}", timed("local", "global"), timed("local", "geo"),
+                      str(row.get("local_global_scratch_mb", "–")), *milvus)
+    return table
 
 
 def _standalone() -> typer.Typer:

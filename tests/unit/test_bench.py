@@ -248,3 +248,22 @@ def test_a_terminated_bench_stops_its_milvus_and_worker_and_drops_its_database(p
     alive = [pid for pid in children if _cmdline(pid)]
     assert alive == [], f"left running: {[children[p] for p in alive]}"
     assert _bench_databases(pg_server_url) == before
+
+
+def test_the_search_scale_prints_a_row_per_gallery_size():
+    from rich.console import Console
+    from shared.bench_cli import search_scale_table
+    result = {"mode": "search_scale", "dim": 128, "batch": 64, "results": [
+        {"centroids": 10000, "local_global_ms": 2.41, "local_global_img_s": 26540.6, "local_geo_ms": 0.68,
+         "local_geo_img_s": 94442.5, "local_global_scratch_mb": 3.3, "milvus_insert_s": 2.3,
+         "milvus_global_ms": 47.98, "milvus_global_img_s": 1333.8, "milvus_geo_ms": 514.69,
+         "milvus_geo_img_s": 124.3},
+        {"centroids": 1000000, "local_global_ms": 153.48, "local_global_img_s": 417.0, "local_geo_ms": 1.0,
+         "local_geo_img_s": 63941.9, "local_global_scratch_mb": 18.7, "milvus": "skipped: ..."}]}
+    console = Console(record=True, width=200)
+    console.print(search_scale_table(result))
+    lines = console.export_text().splitlines()
+    small = next(line for line in lines if "10,000" in line)
+    large = next(line for line in lines if "1,000,000" in line)
+    assert "2.41 (26,540.6)" in small and "47.98 (1,333.8)" in small and "3.3" in small
+    assert "153.48 (417.0)" in large and "skipped (cap)" in large
