@@ -136,14 +136,17 @@ def search_scale_table(result: dict):
                    "milvus-lite global", "milvus-lite geo"):
         table.add_column(column, justify="right")
     for row in result["results"]:
-        def timed(prefix: str, kind: str) -> str:
-            ms = row.get(f"{prefix}_{kind}_ms")
-            return "–" if ms is None else f"{ms:,} ({row[f'{prefix}_{kind}_img_s']:,})"
-        milvus = ([str(row["milvus_insert_s"]), timed("milvus", "global"), timed("milvus", "geo")]
+        milvus = ([str(row["milvus_insert_s"]), _timed(row, "milvus_global"), _timed(row, "milvus_geo")]
                   if "milvus_insert_s" in row else ["skipped (cap)", "–", "–"])
-        table.add_row(f"{row['centroids']:,}", timed("local", "global"), timed("local", "geo"),
+        table.add_row(f"{row['centroids']:,}", _timed(row, "local_global"), _timed(row, "local_geo"),
                       str(row.get("local_global_scratch_mb", "–")), *milvus)
     return table
+
+
+def _timed(row: dict, figure: str) -> str:
+    """"ms (img/s)" of one search-scale figure, "–" where it was not measured."""
+    ms = row.get(f"{figure}_ms")
+    return "–" if ms is None else f"{ms:,} ({row[f'{figure}_img_s']:,})"
 
 
 def _standalone() -> typer.Typer:

@@ -12,6 +12,7 @@ import numpy as np
 
 from shared.bench.config import BenchConfig, Reporter
 from shared.errors import DecodeError
+from shared.training.centroids import normalise
 
 LANDMARK_IMAGE_EVERY = 32  # one generated image in 32 shows a "landmark" (the article: 1–3 % of photos)
 
@@ -27,9 +28,6 @@ def synthetic_places(n_landmarks: int, rng: np.random.Generator) -> tuple[np.nda
     lons = (city_lon[city] + rng.normal(0, 0.04, n_landmarks) + 180) % 360 - 180
     return lats, lons
 
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _centroids_per_landmark(n_centroids: int) -> list[int]:
@@ -54,9 +52,9 @@ def synthetic_gallery(n_centroids: int, dim: int, anchors: np.ndarray, seed: int
     lats, lons = synthetic_places(n_landmarks, rng)
     ids = np.repeat(np.arange(1, n_landmarks + 1), counts)
     nos = np.concatenate([np.arange(c) for c in counts])
-    centroids = unit_rows(rng.standard_normal((len(ids), dim)).astype(np.float32))
+    centroids = normalise(rng.standard_normal((len(ids), dim)).astype(np.float32))
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    refs = unit_rows(np.repeat(centroids[first], 3, axis=0) + 0.3 * rng.standard_normal((3 * n_landmarks, dim)))
+    refs = normalise(np.repeat(centroids[first], 3, axis=0) + 0.3 * rng.standard_normal((3 * n_landmarks, dim)))
     for k, anchor in enumerate(anchors[:n_landmarks]):
         centroids[first[k]] = anchor
         refs[3 * k:3 * k + 3] = anchor

@@ -12,14 +12,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shared.bench.config import BenchConfig, NullReporter, Reporter
-from shared.bench.gallery import synthetic_places, unit_rows
+from shared.bench.gallery import synthetic_places
 from shared.bench.host import CpuAccount, host_info
 from shared.bench.services import private_milvus
 from shared.bench.timing import adaptive_time, median_time, scratch_mb
+from shared.training.centroids import normalise
+
+if TYPE_CHECKING:
+    from shared.index import CentroidRows, ReferenceRows
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +39,8 @@ GEO_LIMIT = 256
 class ScaleCase:
     """One gallery size: its centroids, and a batch of queries near some of them with their geo tiles."""
     size: int
-    centroids: object  # shared.index.CentroidRows
-    references: object  # shared.index.ReferenceRows (none: the search alone is measured)
+    centroids: CentroidRows
+    references: ReferenceRows  # none: the search alone is measured
     queries: np.ndarray
     tiles: list[list[int]]
 
@@ -84,11 +89,11 @@ def _case(n: int, dim: int, rng: np.random.Generator) -> ScaleCase:
     from shared.index import CentroidRows, ReferenceRows
     from shared.recognition import SQUARE_HALF_SIZE_M
     lats, lons = synthetic_places(n, rng)
-    embeddings = unit_rows(rng.standard_normal((n, dim), dtype=np.float32))
+    embeddings = normalise(rng.standard_normal((n, dim), dtype=np.float32))
     centroids = CentroidRows(np.arange(n, dtype=np.int64), np.zeros(n, np.int64), lats, lons, embeddings)
     no_references = ReferenceRows(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
     pick = rng.integers(0, n, BATCH)
-    queries = unit_rows(embeddings[pick] + 0.5 * rng.standard_normal((BATCH, dim), dtype=np.float32))
+    queries = normalise(embeddings[pick] + 0.5 * rng.standard_normal((BATCH, dim), dtype=np.float32))
     tiles = [geo.tiles_covering_square(float(lats[p]), float(lons[p]), SQUARE_HALF_SIZE_M) for p in pick]
     return ScaleCase(n, centroids, no_references, queries, tiles)
 
