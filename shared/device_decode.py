@@ -129,10 +129,12 @@ class DeviceJpegDecoder:
 
     def _decode_nvimgcodec(self, jpegs: list[EncodedJpeg]) -> list[Any]:
         import torch
+        from nvidia import nvimgcodec
         if not jpegs:
             return []
         decoder, params = self._impl
-        data = [j.data for j in jpegs]
+        # A JPEG from shared memory is a uint8 array (shared/spill.py), which nvImageCodec takes as a CodeStream.
+        data = [j.data if isinstance(j.data, bytes) else nvimgcodec.CodeStream(j.data) for j in jpegs]
         options = {"cuda_stream": torch.cuda.current_stream(self.device).cuda_stream}  # the thread's stream
         if params is not None:
             options["params"] = params

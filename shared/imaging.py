@@ -62,8 +62,9 @@ class DecodedImage:
 @dataclass
 class EncodedJpeg:
     """A JPEG left whole for a device decoder (shared/device_decode.py): its bytes and what its header says.
-    The header is read on the CPU, so the photo's GPS, size and bomb check do not depend on the decoder."""
-    data: bytes
+    The header is read on the CPU, so the photo's GPS, size and bomb check do not depend on the decoder.
+    ``data`` is bytes, or a uint8 array when the pool handed it over in shared memory (shared/spill.py)."""
+    data: bytes | np.ndarray
     gps: GeoPoint | None
     width: int  # after EXIF orientation, as DecodedImage's
     height: int
@@ -113,7 +114,7 @@ def decode_image(data: bytes, *, size: int, max_pixels: int) -> DecodedImage:
 
 
 def _open(data: bytes, max_pixels: int) -> Image.ImageFile.ImageFile:
-    if not data:
+    if len(data) == 0:  # bytes, or a uint8 array (a JPEG handed back by the device decoder)
         raise DecodeError("not an image: empty data")
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)

@@ -10,11 +10,13 @@ On a GPU worker with a device JPEG decoder (shared/device_decode.py), a request 
 back undecoded (an EncodedJpeg: the bytes plus what the header says), for the GPU to decode in one batch.
 
 The processes come from a forkserver that has imported only this module's dependencies (Pillow, numpy,
-pillow-heif; never torch), so they are small and never inherit CUDA or the worker's connections."""
+pillow-heif; never torch), so they are small and never inherit CUDA or the worker's connections. Their large
+results (pixels, JPEG bytes) come back through shared memory rather than the pool's pipe (shared/spill.py)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -24,11 +26,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
 
+from shared import spill
 from shared.errors import PhotoError, Stage
 from shared.fetch import FETCHERS, fetch_bytes, register_fetcher
 from shared.imaging import DecodedImage, EncodedJpeg, decode_image, probe_jpeg
@@ -38,6 +41,7 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 POOL_KINDS = ("processes", "threads")
+HEADERS_PER_TASK = 8
 
 
 @dataclass(frozen=True)
@@ -80,13 +84,16 @@ def load_photo(request: LoadRequest, settings: Settings) -> Loaded:
     return Loaded(image, extra)
 
 
-# The settings of a pool process, set once by its initializer (pickled a single time, not per photo).
+# The settings of a pool process, set once by its initializer (pickled a single time, not per photo), and
+# where its large results go (shared/spill.py).
 _process_settings: Settings | None = None
+_process_spill: tuple[str | None, int] = (None, 0)
 
 
-def _init_process(settings: Settings, fetchers: dict, owner_pid: int) -> None:
-    global _process_settings
+def _init_process(settings: Settings, fetchers: dict, owner_pid: int, spill_dir: str | None = None) -> None:
+    global _process_settings, _process_spill
     _process_settings = settings
+    _process_spill = (spill_dir, owner_pid)
     for scheme, fetcher in fetchers.items():  # schemes plugged in by the worker's code (register_fetcher)
         register_fetcher(scheme, fetcher)
     threading.Thread(target=_exit_with, args=(owner_pid,), name="owner-watch", daemon=True).start()
@@ -123,9 +130,21 @@ def _load_chunk(load: Callable[[LoadRequest, Settings], Loaded], settings: Setti
 
 
 def _load_chunk_in_process(load: Callable[[LoadRequest, Settings], Loaded],
-                           requests: list[LoadRequest]) -> list[Loaded]:
+                           requests: list[LoadRequest]) -> list[Loaded] | spill.Spilled:
     assert _process_settings is not None, "pool process started without its initializer"
-    return _load_chunk(load, _process_settings, requests)
+    results = _load_chunk(load, _process_settings, requests)
+    if _process_spill[0] is not None:
+        results = [_jpeg_as_array(loaded) for loaded in results]
+    return spill.ship(results, *_process_spill)
+
+
+def _jpeg_as_array(loaded: Loaded) -> Loaded:
+    """A JPEG's bytes as a uint8 array (a view, not a copy), which leaves the pickle with the pixel arrays and
+    reaches the worker through shared memory (shared/spill.py); pickle keeps bytes objects inline."""
+    image = loaded.image
+    if isinstance(image, EncodedJpeg) and isinstance(image.data, bytes):
+        return replace(loaded, image=replace(image, data=np.frombuffer(image.data, dtype=np.uint8)))
+    return loaded
 
 
 class PendingLoad:
@@ -142,18 +161,44 @@ class PendingLoad:
 
     def result(self) -> list[Loaded]:
         out: list[Loaded] = []
+        read = 0
         try:
             if self._futures is None:
                 raise BrokenProcessPool("the pool was broken when the photos were sent")
             for future in self._futures:
-                out += future.result()
-        except BrokenProcessPool:
-            self._loader._restart(self._pool)
+                out += spill.unship(future.result())
+                read += 1
+        except (BrokenProcessPool, spill.SpillLost) as exc:
+            self._discard_unread(read)
+            if isinstance(exc, BrokenProcessPool):
+                self._loader._restart(self._pool)
+            else:  # a spill file removed or cut short under us: load the photos again, through the pipe
+                log.warning("decode results lost (%s); loading the batch's photos again", exc)
             out = [self._loader._load_alone(request) for request in self._requests]
             self._done.append(time.perf_counter())
         if self._done:
             self.finished_at = max(self._done)
         return out
+
+    def _discard_unread(self, read: int) -> None:
+        """Removes the spill files of the chunks after the first ``read``, now or when they finish."""
+        for future in (self._futures or [])[read:]:
+            future.add_done_callback(_discard_result)
+
+
+def photos_per_task(requests: Sequence[LoadRequest], workers: int) -> int:
+    """How many photos one task of a process pool takes. Each task costs the worker's process a round trip
+    through the pool (a fraction of a millisecond of its CPU), so a task should be milliseconds of work:
+    HEADERS_PER_TASK header reads for a device decoder (each is a fetch and a parse), or enough decodes
+    that every process gets about two tasks of the batch, at most 8 photos."""
+    if requests and all(request.device_jpeg for request in requests):
+        return HEADERS_PER_TASK
+    return max(1, min(8, math.ceil(len(requests) / (2 * workers))))
+
+
+def _discard_result(future: Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        spill.discard(future.result())
 
 
 class PhotoLoader:
@@ -173,6 +218,8 @@ class PhotoLoader:
                         "decoding in threads instead")
             self.kind = "threads"
         self.workers = workers or settings.decode_workers or max(1, os.cpu_count() or 1)
+        self.spill_dir = spill.resolve_dir(settings.decode_spill_dir) if self.kind == "processes" else None
+        spill.sweep_stale(self.spill_dir)
         self._lock = threading.Lock()
         self._pool: Executor = self._start()
 
@@ -181,7 +228,7 @@ class PhotoLoader:
             return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         context = _process_context()
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_process,
-                                   initargs=(self.settings, self._fetchers, os.getpid()))
+                                   initargs=(self.settings, self._fetchers, os.getpid(), self.spill_dir))
 
     def load(self, requests: Sequence[LoadRequest]) -> list[Loaded]:
         return self.submit(requests).result()
@@ -193,9 +240,8 @@ class PhotoLoader:
         pool = self._pool
         if self.kind == "threads":
             chunk, load = 1, partial(_load_chunk, self._load, self.settings)
-        else:  # a few photos per task: fewer round trips to the pool, still spread over every process
-            chunk = max(1, min(8, len(requests) // (4 * self.workers)))
-            load = partial(_load_chunk_in_process, self._load)
+        else:
+            chunk, load = photos_per_task(requests, self.workers), partial(_load_chunk_in_process, self._load)
         try:
             futures = [pool.submit(load, list(requests[s:s + chunk])) for s in range(0, len(requests), chunk)]
         except BrokenProcessPool:  # broken by an earlier batch: the result restarts it
@@ -221,6 +267,7 @@ class PhotoLoader:
     def close(self) -> None:
         # Joined, so that none is left behind and their CPU time is accounted to this process.
         self._pool.shutdown(wait=True, cancel_futures=True)
+        spill.sweep_own(self.spill_dir, os.getpid())  # results of batches that were never read
 
 
 def stop_forkserver() -> None:

@@ -12,6 +12,12 @@ round trip, before the loop polls again. One round trip per message each way was
 thread's work (py-spy). A worker killed after acknowledging locally and before that round trip leaves the
 messages in `unacked`: they are redelivered, and a redelivered event changes nothing.
 
+Messages are read with the standard library's JSON decoder. kombu's passes every JSON object through a
+Python hook that turns its `{"__type__": ..., "__value__": ...}` objects back into datetimes, UUIDs and
+bytes, and builds a new decoder for each call: about half of the 30 µs each message took to read twice
+(envelope, then body). A message with no such object in it decodes the same without the hook; one that
+has one, or that escapes a character (which could spell `__type__`), still goes through kombu's.
+
 While the queues are empty the channel waits with a non-destructive `BLMOVE q q RIGHT RIGHT` (the last
 element is moved onto itself) on its first queue (Channel._wait_queue), then takes messages with the
 script. Everything else (publishing, restoring expired messages, priorities, acknowledging outside an
@@ -20,18 +26,31 @@ event loop) is kombu's. The workers install it for the `redis://`, `rediss://` a
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
 from queue import Empty
 
+from kombu.serialization import registry
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps as kombu_dumps
+from kombu.utils.json import loads as kombu_loads
 
 log = logging.getLogger(__name__)
+
+
+def loads(text: str | bytes | bytearray | memoryview) -> object:
+    """kombu's JSON decoding, with the standard decoder wherever kombu's object hook would change nothing."""
+    if not isinstance(text, str):
+        text = bytes(text).decode("utf-8")
+    if "__type__" in text or "\\u" in text:
+        return kombu_loads(text)
+    return json.loads(text)
+
 
 # The most messages one script call takes; the prefetch limit usually allows fewer.
 TAKE_AT_MOST = 64
@@ -210,6 +229,8 @@ class Transport(kombu_redis.Transport):
 
 
 def install() -> None:
-    """Route this process's Redis broker connections through the transport above."""
+    """Route this process's Redis broker connections through the transport above, and read JSON message bodies
+    with ``loads`` (kombu's encoder is kept)."""
     for alias in ("redis", "rediss"):
         TRANSPORT_ALIASES[alias] = "workers.broker:Transport"
+    registry.register("json", kombu_dumps, loads, content_type="application/json", content_encoding="utf-8")

@@ -86,6 +86,46 @@ def gpu_decode_stage(decoder: DeviceJpegDecoder, paths: Sequence[Path], file_roo
             "split_rates": {k: round(v, 1) for k, v in split.rates.items()}}
 
 
+def handover_stage(paths: Sequence[Path], file_root: Path, size: int, *, batch: int, photos: int = 512,
+                   reporter: Reporter | None = None) -> dict:
+    """The worker's own CPU per photo for taking what its decode pool hands back (shared/loading.py): the
+    pixels at the model's input size, and the whole JPEGs with their headers read that a GPU worker's
+    device decoder takes. The pool's decoding is not counted, only this process's CPU: the part a GPU
+    worker's one Python process has to spare for every photo. Each batch is used as the worker uses it (its
+    pixels stacked, every page of its JPEGs read), so that memory mapped late is paid for here too."""
+    from shared.loading import LoadRequest, PhotoLoader
+    from shared.settings import Settings
+    reporter = reporter or NullReporter()
+    loader = PhotoLoader(Settings(file_roots=str(file_root)))
+    chosen = [paths[i % len(paths)] for i in range(photos)]
+    out: dict = {"spill_dir": loader.spill_dir}
+    try:
+        for name, device_jpeg in (("pixels", False), ("jpeg", True)):
+            requests = [LoadRequest(path.as_uri(), size, device_jpeg=device_jpeg) for path in chosen]
+            reporter.start(f"decode pool hand-over: {name}", len(requests))
+            _use(loader.load(requests[:batch]))  # warm-up: the pool's processes
+            cpu = time.process_time()
+            for start in range(0, len(requests), batch):
+                _use(loader.load(requests[start:start + batch]))
+                reporter.advance(len(requests[start:start + batch]))
+            out[f"{name}_cpu_ms_per_img"] = round((time.process_time() - cpu) * 1000 / len(requests), 3)
+    finally:
+        loader.close()
+    return out
+
+
+def _use(loaded: list) -> None:
+    """What the pipeline does with a batch: stacks the pixels; reads every page of the JPEGs."""
+    from shared.imaging import DecodedImage, EncodedJpeg
+    images = [item.image for item in loaded]
+    pixels = [image.pixels for image in images if isinstance(image, DecodedImage)]
+    if pixels:
+        np.stack(pixels)
+    for image in images:
+        if isinstance(image, EncodedJpeg):
+            np.frombuffer(image.data, dtype=np.uint8)[::4096].sum()
+
+
 def model_stage(embedder, batch_size: int, n_images: int, *, reporter: Reporter | None = None,
                 min_batches: int = 3, max_seconds: float = 30.0) -> dict:
     """The served forward (shared.embedder.Embedder: uint8 host pixels in, normalised embeddings out)."""

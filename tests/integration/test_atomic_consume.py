@@ -208,3 +208,26 @@ def test_a_waiting_consumer_wakes_for_its_first_queue_whichever_queue_it_took_fr
         hub.close()
         with Connection(broker_url) as conn:
             _client(conn).delete(f"{queue_name}_backfill")
+
+
+def test_bodies_with_kombu_typed_values_arrive_as_kombu_would_give_them(broker_url, queue_name):
+    """The worker reads JSON with the standard decoder where kombu's hook has nothing to do: a datetime, a
+    UUID, bytes and an escaped text still arrive as stock kombu gives them."""
+    from datetime import datetime, timezone
+
+    from workers.broker import install
+    install()
+    queue = Queue(queue_name, Exchange(queue_name, "direct"), routing_key=queue_name)
+    taken_at = datetime(2026, 11, 27, 18, 30, tzinfo=timezone.utc)
+    photo = uuid.uuid4()
+    bodies = [{"photo": "plain"}, {"at": taken_at, "id": photo, "raw": b"\x00\xff"}, {"caption": "Kölner Dom"}]
+    _publish(broker_url, queue, bodies)
+    received = []
+    with Connection(broker_url, transport=Transport) as conn:
+        with Consumer(conn.channel(), [queue], callbacks=[lambda b, m: (received.append(b), m.ack())],
+                      accept=["json"]):
+            while len(received) < 3:
+                conn.drain_events(timeout=5)
+    assert received[0] == {"photo": "plain"}
+    assert received[1] == {"at": taken_at, "id": photo, "raw": b"\x00\xff"}
+    assert received[2] == {"caption": "Kölner Dom"}

@@ -120,6 +120,8 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert 0 < result["search_milvus_queries"] <= result["images"]  # milvus-lite is sampled for comparison
     # The worker's CPU per photo: its own threads and its decode processes both worked during the run.
     assert result["worker_cpu_ms_per_img"]["main"] > 0 and result["worker_cpu_ms_per_img"]["pool"] > 0
+    handover = result["handover_cpu_ms_per_img"]
+    assert handover["pixels_cpu_ms_per_img"] > 0 and handover["jpeg_cpu_ms_per_img"] > 0
 
 
 @pytest.mark.integration
@@ -178,6 +180,21 @@ def test_the_gpu_decode_stage_runs_the_workers_split_loading(tmp_path):
     assert result["img_s"] > 0
     assert 0 < result["device_share"] < 1  # the split starts even and keeps both sides busy
     assert set(result["split_rates"]) == {"device", "cpu"}
+
+
+@pytest.mark.parametrize("spill_to", ["shared", "off"])
+def test_the_handover_stage_takes_pixels_and_jpegs_from_the_workers_pool(tmp_path, monkeypatch, spill_to):
+    """The worker's CPU for taking its pool's results, through shared memory or through the pipe: every photo
+    loaded both ways, and no spill file left behind."""
+    from shared.bench.stages import handover_stage
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    monkeypatch.setenv("LANDMARKS_DECODE_SPILL_DIR", str(spill_dir) if spill_to == "shared" else "off")
+    paths = generated_images(tmp_path / "bench", "2mp", 3)
+    result = handover_stage(paths, (tmp_path / "bench" / "2mp").resolve(), 224, batch=8, photos=16)
+    assert result["spill_dir"] == (str(spill_dir) if spill_to == "shared" else None)
+    assert result["pixels_cpu_ms_per_img"] > 0 and result["jpeg_cpu_ms_per_img"] > 0
+    assert list(spill_dir.iterdir()) == []
 
 
 @pytest.mark.integration

@@ -177,3 +177,14 @@ def _alive(pid: int) -> bool:
 def test_an_unknown_pool_kind_is_refused(settings):
     with pytest.raises(ValueError, match="decode pool"):
         PhotoLoader(settings, kind="fibers")
+
+
+def test_tasks_hold_milliseconds_of_work_whatever_the_number_of_processes():
+    from shared.loading import HEADERS_PER_TASK, photos_per_task
+    decodes = [LoadRequest(f"file:///p{i}.jpg", 224) for i in range(64)]
+    headers = [LoadRequest(f"file:///p{i}.jpg", 224, device_jpeg=True) for i in range(40)]
+    assert photos_per_task(decodes, 2) == 8  # 8 tasks: 4 for each of the 2 processes
+    assert photos_per_task(decodes, 16) == 2  # 32 tasks: 2 for each of the 16, not 64 tasks of one photo
+    assert photos_per_task(decodes[:3], 16) == 1
+    assert photos_per_task(headers, 16) == HEADERS_PER_TASK  # a header read is too little work for a task
+    assert photos_per_task(headers + decodes[:1], 16) == 2
