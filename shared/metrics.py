@@ -17,6 +17,7 @@ that every ``landmarks_*`` name those files use is defined here): rename both si
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -164,17 +165,23 @@ def observe_batch(report: Any, n_events: int) -> None:
     BATCH_SECONDS.observe(sum(report.timings_ms.values()) / 1000)
     DECODED.labels("device").inc(report.decoded_on_device)
     DECODED.labels("cpu").inc(report.decoded - report.decoded_on_device)
-    for outcome in report.outcomes:
+    events: collections.Counter[tuple[str, str]] = collections.Counter()
+    failures: collections.Counter[str] = collections.Counter()
+    for outcome in report.outcomes:  # counted here, then one locked increment per label set
         event = outcome.event
         source = source_of(event.event_id)
-        EVENTS.labels(str(outcome.status), source).inc()
+        events[str(outcome.status), source] += 1
         if outcome.failure is not None:
-            FAILURES.labels(str(outcome.failure.stage)).inc()
+            failures[str(outcome.failure.stage)] += 1
         if source == "live" and event.uploaded_at is not None:
             uploaded = event.uploaded_at
             if uploaded.tzinfo is None:
                 uploaded = uploaded.replace(tzinfo=timezone.utc)
             EVENT_AGE.observe(max(0.0, now - uploaded.timestamp()))
+    for labels, count in events.items():
+        EVENTS.labels(*labels).inc(count)
+    for stage, count in failures.items():
+        FAILURES.labels(stage).inc(count)
     skipped = len({o.event.event_id for o in report.outcomes}) - report.applied
     if skipped > 0:
         SKIPPED.inc(skipped)
