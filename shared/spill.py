@@ -3,17 +3,17 @@
 
 A process pool returns results by pickling them down a pipe. The worker's side reads the pipe 64 KB at a
 time into a growing buffer, unpickles the result out of it into fresh memory, and the kernel fills every
-fresh page on first touch. `perf` on the bench's machine: about 1.5 µs of the worker's CPU per KB, a third
-of it copying and much of the rest page faults and pipe wake-ups. That is 0.2 ms per photo for 224 px
-pixels, and 0.6–0.9 ms per 2 MP JPEG when the pool only fetches and reads headers for a GPU decoder, all in
-the worker's one process: a GPU worker at 3,000 photos a second has a third of a millisecond per photo for
-all of its Python.
+fresh page on first touch: 1.3–2.2 µs of the worker's CPU per KB on the bench's machine, 0.74 ms per 2 MP
+JPEG and 7.1 ms per 12 MP one that the pool fetched and header-read for a GPU decoder
+(`handover_cpu_ms_per_img`, BENCHMARKS.md). All of it runs in the worker's one process, and a GPU worker
+at 3,000 photos a second has a third of a millisecond per photo for all of its Python.
 
 Here the process pickles a chunk's results with their numpy arrays (pixels; a JPEG's bytes, which the
-loader hands over as a uint8 array) out of band (pickle protocol 5) and writes those buffers to one file in the spill directory. Only the small pickle
-crosses the pipe. The worker maps the file (copy-on-write), removes its name at once, and unpickles around
-views of the mapping: no copy, and the pages are already in memory, mapped 16 at a time. The arrays it
-gets keep the mapping alive; it goes when the last of them does.
+loader hands over as a uint8 array) out of band (pickle protocol 5), and writes those buffers to one file
+in the spill directory. Only the small pickle crosses the pipe. The worker maps the file (copy-on-write),
+removes its name at once, and unpickles around views of the mapping: no copy, and the pages are already
+in memory. The arrays it gets keep the mapping alive; it goes when the last of them does. What is left is
+the kernel's work of mapping, unmapping and freeing each photo's pages (BENCHMARKS.md, eighth session).
 
 When the directory is missing, full (a container's /dev/shm is 64 MB by default) or unwritable, the results
 go down the pipe as before: spilling is a fast path, never a requirement. Files left by a worker that was
