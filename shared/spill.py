@@ -76,28 +76,23 @@ def ship(results: Any, directory: str | None, owner_pid: int) -> Any:
         return results
     head, buffers = _pickled(results)
     views = [buffer.raw() for buffer in buffers]
-    if sum(view.nbytes for view in views) < MIN_BYTES:
+    size = sum(view.nbytes for view in views)
+    if size < MIN_BYTES:
         return results
     path = os.path.join(directory, f"{PREFIX}{owner_pid}-{os.getpid()}-{next(_counter)}")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        try:
+        with open(path, "xb", opener=_private) as file:  # "x": never another's file of the same name
             for view in views:
-                _write_all(fd, view)
-        finally:
-            os.close(fd)
+                file.write(view)
     except OSError as exc:  # full, removed, read-only: the pipe still works
         _remove(path)
-        log.debug("could not spill %d bytes to %s (%s): sending them through the pipe",
-                  sum(v.nbytes for v in views), directory, exc)
+        log.debug("could not spill %d bytes to %s (%s): sending them through the pipe", size, directory, exc)
         return results
-    return Spilled(head, path, tuple(v.nbytes for v in views))
+    return Spilled(head, path, tuple(view.nbytes for view in views))
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    while view.nbytes:
-        written = os.write(fd, view)
-        view = view[written:]
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 def unship(shipped: Any) -> Any:
@@ -105,12 +100,9 @@ def unship(shipped: Any) -> Any:
     if not isinstance(shipped, Spilled):
         return shipped
     try:
-        fd = os.open(shipped.path, os.O_RDONLY)
-        try:
-            mapped = mmap.mmap(fd, sum(shipped.sizes), flags=mmap.MAP_PRIVATE,
+        with open(shipped.path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), sum(shipped.sizes), flags=mmap.MAP_PRIVATE,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
     except (OSError, ValueError) as exc:  # ValueError: the file is shorter than what was written
         raise SpillLost(f"spilled decode results unreadable: {shipped.path} ({exc})") from None
     finally:

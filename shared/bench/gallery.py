@@ -29,7 +29,6 @@ def synthetic_places(n_landmarks: int, rng: np.random.Generator) -> tuple[np.nda
     return lats, lons
 
 
-
 def _centroids_per_landmark(n_centroids: int) -> list[int]:
     """1, 2, 3, 4, 5, 1, 2, … centroids per landmark, the last cut short to make n_centroids in all
     (whole cycles at once: summing the list at each step was quadratic, an hour at a million)."""

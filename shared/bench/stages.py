@@ -106,8 +106,9 @@ def handover_stage(paths: Sequence[Path], file_root: Path, size: int, *, batch: 
             _use(loader.load(requests[:batch]))  # warm-up: the pool's processes
             cpu = time.process_time()
             for start in range(0, len(requests), batch):
-                _use(loader.load(requests[start:start + batch]))
-                reporter.advance(len(requests[start:start + batch]))
+                chunk = requests[start:start + batch]
+                _use(loader.load(chunk))
+                reporter.advance(len(chunk))
             out[f"{name}_cpu_ms_per_img"] = round((time.process_time() - cpu) * 1000 / len(requests), 3)
     finally:
         loader.close()
