@@ -11,7 +11,8 @@ back undecoded (an EncodedJpeg: the bytes plus what the header says), for the GP
 
 The processes come from a forkserver that has imported only this module's dependencies (Pillow, numpy,
 pillow-heif; never torch), so they are small and never inherit CUDA or the worker's connections. Their large
-results (pixels, JPEG bytes) come back through shared memory rather than the pool's pipe (shared/spill.py)."""
+results (pixels, JPEG bytes) come back through shared memory rather than the pool's pipe (shared/spill.py):
+into an arena of the worker's, made again with the pool (shared/arena.py), or a file per chunk."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from functools import partial
 
 import numpy as np
 
+from shared import arena as arenas
 from shared import spill
 from shared.errors import PhotoError, Stage
 from shared.fetch import FETCHERS, fetch_bytes, register_fetcher
@@ -87,16 +89,27 @@ def load_photo(request: LoadRequest, settings: Settings) -> Loaded:
 # The settings of a pool process, set once by its initializer (pickled a single time, not per photo), and
 # where its large results go (shared/spill.py).
 _process_settings: Settings | None = None
-_process_spill: tuple[str | None, int] = (None, 0)
+_process_spill: tuple[str | None, int, arenas.ArenaWriter | None] = (None, 0, None)
 
 
-def _init_process(settings: Settings, fetchers: dict, owner_pid: int, spill_dir: str | None = None) -> None:
+def _init_process(settings: Settings, fetchers: dict, owner_pid: int, spill_dir: str | None = None,
+                  arena: tuple[str, int] | None = None) -> None:
     global _process_settings, _process_spill
     _process_settings = settings
-    _process_spill = (spill_dir, owner_pid)
+    _process_spill = (spill_dir, owner_pid, _open_arena(arena))
     for scheme, fetcher in fetchers.items():  # schemes plugged in by the worker's code (register_fetcher)
         register_fetcher(scheme, fetcher)
     threading.Thread(target=_exit_with, args=(owner_pid,), name="owner-watch", daemon=True).start()
+
+
+def _open_arena(arena: tuple[str, int] | None) -> arenas.ArenaWriter | None:
+    if arena is None:
+        return None
+    try:
+        return arenas.ArenaWriter(*arena)
+    except OSError as exc:  # removed under the worker: results go to files of their own
+        log.warning("cannot open the decode arena %s (%s): results go to spill files", arena[0], exc)
+        return None
 
 
 def _exit_with(owner_pid: int) -> None:
@@ -220,15 +233,37 @@ class PhotoLoader:
         self.workers = workers or settings.decode_workers or max(1, os.cpu_count() or 1)
         self.spill_dir = spill.resolve_dir(settings.decode_spill_dir) if self.kind == "processes" else None
         spill.sweep_stale(self.spill_dir)
+        self.arena_bytes = arenas.arena_bytes(settings.decode_arena_mb, self.spill_dir) if self.spill_dir else 0
+        self._arena: arenas.Arena | None = None
         self._lock = threading.Lock()
         self._pool: Executor = self._start()
 
     def _start(self) -> Executor:
+        """A new pool, and a new arena for it: one that a killed process may have left blocks taken in is
+        never reused."""
         if self.kind == "threads":
             return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
-        context = _process_context()
-        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_process,
-                                   initargs=(self.settings, self._fetchers, os.getpid(), self.spill_dir))
+        if self._arena is not None:
+            self._arena.close()
+        self._arena = self._new_arena()
+        arena = (self._arena.path, self._arena.blocks) if self._arena is not None else None
+        return ProcessPoolExecutor(self.workers, mp_context=_process_context(), initializer=_init_process,
+                                   initargs=(self.settings, self._fetchers, os.getpid(), self.spill_dir, arena))
+
+    def _new_arena(self) -> arenas.Arena | None:
+        if self.spill_dir is None or self.arena_bytes < arenas.BLOCK:
+            return None
+        try:
+            return arenas.Arena(self.spill_dir, self.arena_bytes, f"{spill.PREFIX}{os.getpid()}-")
+        except OSError as exc:
+            log.warning("cannot make a %d MB decode arena in %s (%s): results go to spill files",
+                        self.arena_bytes >> 20, self.spill_dir, exc)
+            return None
+
+    @property
+    def arena(self) -> arenas.Arena | None:
+        """The shared memory the current pool's processes write their results into, if any."""
+        return self._arena
 
     def load(self, requests: Sequence[LoadRequest]) -> list[Loaded]:
         return self.submit(requests).result()
@@ -267,6 +302,8 @@ class PhotoLoader:
     def close(self) -> None:
         # Joined, so that none is left behind and their CPU time is accounted to this process.
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._arena is not None:
+            self._arena.close()
         spill.sweep_own(self.spill_dir, os.getpid())  # results of batches that were never read
 
 

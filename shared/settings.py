@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # Where decode processes leave their large results for the worker (shared/spill.py): "auto" is /dev/shm
     # when writable; "off" sends everything through the pool's pipe (1.3–2.2 µs of the worker's CPU per KB).
     decode_spill_dir: str = "auto"
+    # The arena there that decode processes write into, its pages reused (shared/arena.py), in MB: unset is
+    # half the directory's filesystem, at most 2048; 0 writes a file per chunk (~1.3 ms of the worker's CPU
+    # per 12 MP JPEG more). Memory is charged only as the busiest moment fills it, and kept.
+    decode_arena_mb: int | None = Field(None, ge=0)
     # On CUDA, baseline JPEGs are decoded on the GPU when a decoder loads (shared/device_decode.py): "auto"
     # uses it when present, "off" keeps every decode in the CPU pool.
     device_decode: Literal["auto", "off"] = "auto"

@@ -13,7 +13,9 @@ loader hands over as a uint8 array) out of band (pickle protocol 5), and writes 
 in the spill directory. Only the small pickle crosses the pipe. The worker maps the file (copy-on-write),
 removes its name at once, and unpickles around views of the mapping: no copy, and the pages are already
 in memory. The arrays it gets keep the mapping alive; it goes when the last of them does. What is left is
-the kernel's work of mapping, unmapping and freeing each photo's pages (BENCHMARKS.md, eighth session).
+the kernel's work of mapping, unmapping and freeing each photo's pages (BENCHMARKS.md, eighth session),
+which is why a chunk goes first to the worker's arena (shared/arena.py), whose pages are made once and
+reused, and to a file of its own only when the arena has no room.
 
 When the directory is missing, full (a container's /dev/shm is 64 MB by default) or unwritable, the results
 go down the pipe as before: spilling is a fast path, never a requirement. Files left by a worker that was
@@ -29,6 +31,8 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shared import arena as arenas
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +74,9 @@ def _pickled(results: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     return pickle.dumps(results, protocol=5, buffer_callback=buffers.append), buffers
 
 
-def ship(results: Any, directory: str | None, owner_pid: int) -> Any:
-    """In a pool process: ``results``, or a Spilled whose buffers were written to ``directory``."""
+def ship(results: Any, directory: str | None, owner_pid: int, arena: arenas.ArenaWriter | None = None) -> Any:
+    """In a pool process: ``results``, or where their buffers were written: the worker's ``arena`` when it
+    has room (InArena), else a file of their own in ``directory`` (Spilled)."""
     if directory is None:
         return results
     head, buffers = _pickled(results)
@@ -79,6 +84,9 @@ def ship(results: Any, directory: str | None, owner_pid: int) -> Any:
     size = sum(view.nbytes for view in views)
     if size < MIN_BYTES:
         return results
+    in_arena = arena.put(head, views, size) if arena is not None else None
+    if in_arena is not None:
+        return in_arena
     path = os.path.join(directory, f"{PREFIX}{owner_pid}-{os.getpid()}-{next(_counter)}")
     try:
         with open(path, "xb", opener=_private) as file:  # "x": never another's file of the same name
@@ -97,6 +105,11 @@ def _private(path: str, flags: int) -> int:
 
 def unship(shipped: Any) -> Any:
     """In the worker: the results ``ship`` returned, mapped back (and the file's name removed) if spilled."""
+    if isinstance(shipped, arenas.InArena):
+        arena = arenas.opened(shipped.path)
+        if arena is None:  # the pool that wrote it was replaced, and its arena closed
+            raise SpillLost(f"decode results in a closed arena: {shipped.path}")
+        return pickle.loads(shipped.head, buffers=arena.buffers(shipped))
     if not isinstance(shipped, Spilled):
         return shipped
     try:
@@ -115,9 +128,12 @@ def unship(shipped: Any) -> Any:
 
 
 def discard(shipped: Any) -> None:
-    """Removes the file of results that will not be read (their batch failed or the worker is stopping)."""
+    """Frees the file or arena blocks of results that will not be read (their batch failed or the worker is
+    stopping)."""
     if isinstance(shipped, Spilled):
         _remove(shipped.path)
+    elif isinstance(shipped, arenas.InArena) and (arena := arenas.opened(shipped.path)) is not None:
+        arena.give_back(shipped.first, shipped.blocks)
 
 
 def _remove(path: str) -> None:

@@ -98,7 +98,7 @@ def handover_stage(paths: Sequence[Path], file_root: Path, size: int, *, batch: 
     reporter = reporter or NullReporter()
     loader = PhotoLoader(Settings(file_roots=str(file_root)))
     chosen = [paths[i % len(paths)] for i in range(photos)]
-    out: dict = {"spill_dir": loader.spill_dir}
+    out: dict = {"spill_dir": loader.spill_dir, "arena_mb": loader.arena_bytes >> 20 if loader.arena else 0}
     try:
         for name, device_jpeg in (("pixels", False), ("jpeg", True)):
             requests = [LoadRequest(path.as_uri(), size, device_jpeg=device_jpeg) for path in chosen]

@@ -182,17 +182,19 @@ def test_the_gpu_decode_stage_runs_the_workers_split_loading(tmp_path):
     assert set(result["split_rates"]) == {"device", "cpu"}
 
 
-@pytest.mark.parametrize("spill_to", ["shared", "off"])
+@pytest.mark.parametrize("spill_to", ["arena", "files", "off"])
 def test_the_handover_stage_takes_pixels_and_jpegs_from_the_workers_pool(tmp_path, monkeypatch, spill_to):
-    """The worker's CPU for taking its pool's results, through shared memory or through the pipe: every photo
-    loaded both ways, and no spill file left behind."""
+    """The worker's CPU for taking its pool's results, through the arena, files in shared memory or the pipe:
+    every photo loaded each way, and no file left behind."""
     from shared.bench.stages import handover_stage
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
-    monkeypatch.setenv("LANDMARKS_DECODE_SPILL_DIR", str(spill_dir) if spill_to == "shared" else "off")
+    monkeypatch.setenv("LANDMARKS_DECODE_SPILL_DIR", str(spill_dir) if spill_to != "off" else "off")
+    monkeypatch.setenv("LANDMARKS_DECODE_ARENA_MB", "64" if spill_to == "arena" else "0")
     paths = generated_images(tmp_path / "bench", "2mp", 3)
     result = handover_stage(paths, (tmp_path / "bench" / "2mp").resolve(), 224, batch=8, photos=16)
-    assert result["spill_dir"] == (str(spill_dir) if spill_to == "shared" else None)
+    assert result["spill_dir"] == (str(spill_dir) if spill_to != "off" else None)
+    assert result["arena_mb"] == (64 if spill_to == "arena" else 0)
     assert result["pixels_cpu_ms_per_img"] > 0 and result["jpeg_cpu_ms_per_img"] > 0
     assert list(spill_dir.iterdir()) == []
 

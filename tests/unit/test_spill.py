@@ -42,8 +42,9 @@ def spill_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def _loader(photos: list[Path], spill_to: str) -> PhotoLoader:
-    settings = Settings(file_roots=str(photos[0].parent), decode_spill_dir=spill_to)
+def _loader(photos: list[Path], spill_to: str, arena_mb: int | None = 0) -> PhotoLoader:
+    """Files per chunk unless ``arena_mb`` (tests/unit/test_arena.py covers the arena)."""
+    settings = Settings(file_roots=str(photos[0].parent), decode_spill_dir=spill_to, decode_arena_mb=arena_mb)
     return PhotoLoader(settings, kind="processes", workers=2)
 
 
@@ -116,12 +117,13 @@ def test_files_removed_before_the_worker_reads_them_are_loaded_again(photos, spi
 def test_files_of_stopped_workers_are_swept_and_a_running_one_keeps_its_own(spill_dir):
     dead = _a_finished_pid()
     stale = spill_dir / f"{spill.PREFIX}{dead}-123-0"
+    stale_arena = spill_dir / f"{spill.PREFIX}{dead}-arena-0"
     live = spill_dir / f"{spill.PREFIX}{os.getpid()}-123-0"
     other = spill_dir / "someone-else"
-    for path in (stale, live, other):
+    for path in (stale, stale_arena, live, other):
         path.write_bytes(b"x")
-    assert spill.sweep_stale(str(spill_dir)) == 1
-    assert not stale.exists() and live.exists() and other.exists()
+    assert spill.sweep_stale(str(spill_dir)) == 2
+    assert not stale.exists() and not stale_arena.exists() and live.exists() and other.exists()
     spill.sweep_own(str(spill_dir), os.getpid())
     assert not live.exists() and other.exists()
 

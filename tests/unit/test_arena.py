@@ -1,0 +1,175 @@
+"""The decode arena (shared/arena.py): results come through memory that is reused, its blocks come back when
+the worker is done with them, a full arena sends chunks to files of their own, and a pool that is replaced
+gets a new arena."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared import arena as arenas
+from shared import spill
+from shared.imaging import EncodedJpeg
+from shared.loading import Loaded, LoadRequest, PhotoLoader, load_photo
+from shared.outcomes import Failure
+from shared.settings import Settings
+
+SIZE = 224  # 150 KB of pixels a photo; 16 photos in 2 processes are chunks of 4: 10 blocks each
+POISON = "poison"
+
+
+def _jpeg(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path, "JPEG", quality=90)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> list[Path]:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    return [_jpeg(folder / f"p{i}.jpg", i) for i in range(16)]
+
+
+@pytest.fixture
+def spill_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "spill"
+    folder.mkdir()
+    return folder
+
+
+def _loader(photos: list[Path], spill_to: str, arena_mb: int | None, load=load_photo) -> PhotoLoader:
+    settings = Settings(file_roots=str(photos[0].parent), decode_spill_dir=spill_to, decode_arena_mb=arena_mb)
+    return PhotoLoader(settings, kind="processes", workers=2, load=load)
+
+
+def _requests(photos: list[Path], device_jpeg: bool = False) -> list[LoadRequest]:
+    return [LoadRequest(p.as_uri(), SIZE, device_jpeg=device_jpeg) for p in photos]
+
+
+def _pixels(loaded) -> list[np.ndarray]:
+    return [item.image.pixels for item in loaded]
+
+
+def _charged_bytes(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_results_come_through_the_arena_and_its_memory_is_reused(photos, spill_dir):
+    piped = _loader(photos, "off", None)
+    loader = _loader(photos, str(spill_dir), 16)
+    try:
+        expected = _pixels(piped.load(_requests(photos)))
+        arena = loader.arena
+        assert arena is not None and [p.name for p in spill_dir.iterdir()] == [Path(arena.path).name]
+        got = _pixels(loader.load(_requests(photos)))
+        assert [p.name for p in spill_dir.iterdir()] == [Path(arena.path).name]  # no file per chunk
+        assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+        assert all(b.flags.writeable for b in got)  # the pipeline may write into its batch's pixels
+        assert arena.blocks_taken == 40  # 4 chunks of 10 blocks, held while their pixels are in use
+        other = _pixels(loader.load(_requests(photos[::-1])))  # written elsewhere while those are held
+        assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+        assert all(np.array_equal(a, b) for a, b in zip(expected[::-1], other))
+        del other
+        charged = _charged_bytes(arena.path)
+        del got
+        gc.collect()
+        assert arena.blocks_taken == 0  # given back with the last array
+        for _ in range(3):  # later batches write over the same pages
+            again = _pixels(loader.load(_requests(photos)))
+            assert all(np.array_equal(a, b) for a, b in zip(expected, again))
+            del again
+        assert _charged_bytes(arena.path) == charged
+    finally:
+        piped.close()
+        loader.close()
+    assert list(spill_dir.iterdir()) == []
+
+
+def test_jpegs_for_a_device_decoder_come_back_whole_from_the_arena(photos, spill_dir):
+    loader = _loader(photos, str(spill_dir), 16)
+    try:
+        loaded = loader.load(_requests(photos, device_jpeg=True))
+        assert loader.arena.blocks_taken > 0
+        for item, path in zip(loaded, photos):
+            assert isinstance(item.image, EncodedJpeg)
+            assert item.image.data.tobytes() == path.read_bytes()
+    finally:
+        loader.close()
+
+
+def test_a_full_arena_sends_chunks_to_files_of_their_own(photos, spill_dir, monkeypatch):
+    piped = _loader(photos, "off", None)
+    loader = _loader(photos, str(spill_dir), 1)  # 16 blocks: one chunk of 10 at a time
+    shipped: list[str] = []
+    unship = spill.unship
+    monkeypatch.setattr(spill, "unship", lambda s: shipped.append(type(s).__name__) or unship(s))
+    try:
+        got = _pixels(loader.load(_requests(photos)))
+        assert sorted(shipped) == ["InArena", "Spilled", "Spilled", "Spilled"]
+        expected = _pixels(piped.load(_requests(photos)))
+    finally:
+        piped.close()
+        loader.close()
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    assert list(spill_dir.iterdir()) == []
+
+
+def _dies_on_poison(request: LoadRequest, settings: Settings) -> Loaded:
+    """Stands for a codec that crashes its process (runs in a pool process)."""
+    if POISON in request.uri:
+        os._exit(139)
+    return load_photo(request, settings)
+
+
+def test_a_replaced_pool_gets_a_new_arena_and_the_old_one_goes(photos, spill_dir):
+    poison = _jpeg(photos[0].parent / f"{POISON}.jpg", 99)
+    loader = _loader(photos, str(spill_dir), 16, load=_dies_on_poison)
+    try:
+        first = loader.arena
+        results = loader.load(_requests(photos[:8] + [poison] + photos[8:]))
+        assert [i for i, r in enumerate(results) if isinstance(r.image, Failure)] == [8]
+        assert loader.arena is not first and not os.path.exists(first.path)
+        again = loader.load(_requests(photos))
+        assert not any(isinstance(r.image, Failure) for r in again) and loader.arena.blocks_taken > 0
+    finally:
+        loader.close()
+    assert list(spill_dir.iterdir()) == []
+
+
+def test_results_that_are_never_read_give_their_blocks_back(spill_dir):
+    arena = arenas.Arena(str(spill_dir), 16 * arenas.BLOCK, "test-")
+    writer = arenas.ArenaWriter(arena.path, arena.blocks)
+    try:
+        large = {"pixels": np.arange(100_000, dtype=np.int32)}
+        shipped = spill.ship(large, str(spill_dir), os.getpid(), writer)
+        assert isinstance(shipped, arenas.InArena) and arena.blocks_taken == 7
+        spill.discard(shipped)  # its batch failed
+        assert arena.blocks_taken == 0
+        back = spill.unship(spill.ship(large, str(spill_dir), os.getpid(), writer))
+        assert np.array_equal(back["pixels"], large["pixels"])
+    finally:
+        arena.close()
+    with pytest.raises(spill.SpillLost):  # the arena of a pool that was replaced
+        spill.unship(shipped)
+
+
+def test_blocks_are_taken_from_the_lowest_free_run():
+    control = np.array([1, 0, 0, 1, 0, 0, 0, 1], dtype=np.uint8)
+    assert arenas.first_free_run(control, 2) == 1
+    assert arenas.first_free_run(control, 3) == 4
+    assert arenas.first_free_run(control, 4) is None
+    assert arenas.first_free_run(control, 9) is None
+
+
+def test_the_arena_size(tmp_path):
+    assert arenas.arena_bytes(0, str(tmp_path)) == 0
+    assert arenas.arena_bytes(16, str(tmp_path)) == 16 << 20
+    auto = arenas.arena_bytes(None, str(tmp_path))
+    assert 0 < auto <= arenas.AUTO_MAX_MB << 20
+    assert arenas.arena_bytes(None, str(tmp_path / "missing")) == 0
