@@ -20,7 +20,8 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -33,6 +34,30 @@ log = logging.getLogger(__name__)
 
 # Optional extras fail to load in many ways (missing wheel, CUDA driver or library mismatch).
 _LOAD_ERRORS = (ImportError, OSError, RuntimeError, AttributeError, TypeError, ValueError)
+
+
+class HeldUntilRead:
+    """Input bytes held until the device has read them. A CUDA decoder may still be copying them from host
+    memory after its call returns, and they may be blocks of the decode arena (shared/arena.py) that a
+    decode process writes other photos into once the last array over them is gone. Each batch's inputs
+    are held with an event recorded on its stream after its decode, and let go, oldest first, once that
+    event has passed."""
+
+    def __init__(self, make_event: Callable[[], Any]) -> None:
+        self._make_event = make_event
+        self._held: deque[tuple[Any, Any]] = deque()
+        self._lock = threading.Lock()
+
+    def hold(self, inputs: Any, stream: Any) -> None:
+        event = self._make_event()
+        event.record(stream)
+        with self._lock:
+            self._held.append((event, inputs))
+            while self._held and self._held[0][0].query():
+                self._held.popleft()
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 class DeviceJpegDecoder:
@@ -56,6 +81,7 @@ class DeviceJpegDecoder:
         # take turns in it (each still overlaps the other's forward pass). torchvision's nvJPEG is.
         self._codec_lock = threading.Lock()
         self.unit = self.UNITS[name]
+        self._inputs = HeldUntilRead(self._cuda_event) if self.device.startswith("cuda") else None
 
     @classmethod
     def detect(cls, device: str) -> DeviceJpegDecoder | None:
@@ -122,10 +148,20 @@ class DeviceJpegDecoder:
         try:
             images = self._decode_nvimgcodec(jpegs) if self.name == "nvimgcodec_hw" else self._decode_torchvision(jpegs)
             out = self._finish(images, [jpeg.orientation for jpeg in jpegs], size)
+            if self._inputs is not None:
+                self._inputs.hold(jpegs, self._stream())
         except RuntimeError as exc:
             log.warning("%s failed on a batch of %d (%s); the CPU pool decodes it", self.name, len(jpegs), exc)
             out = [None] * len(jpegs)
         return out, [i for i, t in enumerate(out) if t is None]
+
+    def _cuda_event(self) -> Any:
+        import torch
+        return torch.cuda.Event()
+
+    def _stream(self) -> Any:
+        import torch
+        return torch.cuda.current_stream(self.device)
 
     def _decode_nvimgcodec(self, jpegs: list[EncodedJpeg]) -> list[Any]:
         import torch
@@ -268,9 +304,14 @@ def load_split(loader: PhotoLoader, decoder: DeviceJpegDecoder, split: DecodeSpl
                              for i in device_at])
     decodes = loader.submit([requests[i] for i in cpu_at])
     results: list[Any] = [None] * len(requests)
-    for i, loaded in zip(device_at, headers.result()):
-        results[i] = loaded
-    on_device = _decode_on_device(loader, decoder, results, requests, device_at)
+    try:
+        for i, loaded in zip(device_at, headers.result()):
+            results[i] = loaded
+        on_device = _decode_on_device(loader, decoder, results, requests, device_at)
+    except BaseException:  # the batch fails: what the pool still sends for it is freed, not kept till shutdown
+        headers.discard()
+        decodes.discard()
+        raise
     split.observe("device", on_device, time.perf_counter() - start)
     for i, loaded in zip(cpu_at, decodes.result()):
         results[i] = loaded

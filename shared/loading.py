@@ -168,21 +168,21 @@ class PendingLoad:
                  futures: list[Future] | None) -> None:
         self._loader, self._pool, self._requests, self._futures = loader, pool, requests, futures
         self._done: list[float] = []
+        self._read = 0  # chunks whose results were taken (result())
         self.finished_at = time.perf_counter()
         for future in futures or []:
             future.add_done_callback(lambda _: self._done.append(time.perf_counter()))
 
     def result(self) -> list[Loaded]:
         out: list[Loaded] = []
-        read = 0
         try:
             if self._futures is None:
                 raise BrokenProcessPool("the pool was broken when the photos were sent")
-            for future in self._futures:
+            for future in self._futures[self._read:]:
                 out += spill.unship(future.result())
-                read += 1
+                self._read += 1
         except (BrokenProcessPool, spill.SpillLost) as exc:
-            self._discard_unread(read)
+            self.discard()
             if isinstance(exc, BrokenProcessPool):
                 self._loader._restart(self._pool)
             else:  # a spill file removed or cut short under us: load the photos again, through the pipe
@@ -193,9 +193,12 @@ class PendingLoad:
             self.finished_at = max(self._done)
         return out
 
-    def _discard_unread(self, read: int) -> None:
-        """Removes the spill files of the chunks after the first ``read``, now or when they finish."""
-        for future in (self._futures or [])[read:]:
+    def discard(self) -> None:
+        """Lets go of the results not taken yet (their batch failed): their spill files or arena blocks are
+        freed now, or as each chunk finishes. Those already taken are the caller's."""
+        unread = (self._futures or [])[self._read:]
+        self._read += len(unread)
+        for future in unread:
             future.add_done_callback(_discard_result)
 
 

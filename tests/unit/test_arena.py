@@ -173,3 +173,63 @@ def test_the_arena_size(tmp_path):
     auto = arenas.arena_bytes(None, str(tmp_path))
     assert 0 < auto <= arenas.AUTO_MAX_MB << 20
     assert arenas.arena_bytes(None, str(tmp_path / "missing")) == 0
+
+
+class _Event:
+    """Stands for a CUDA event (no GPU here): passed once the test says the device is done."""
+
+    def __init__(self) -> None:
+        self.passed = False
+
+    def record(self, stream) -> None:
+        pass
+
+    def query(self) -> bool:
+        return self.passed
+
+
+def test_blocks_a_device_may_still_be_reading_are_not_given_back_before_it_is_done(spill_dir):
+    from shared.device_decode import HeldUntilRead
+    arena = arenas.Arena(str(spill_dir), 16 * arenas.BLOCK, "test-")
+    writer = arenas.ArenaWriter(arena.path, arena.blocks)
+    events: list[_Event] = []
+    held = HeldUntilRead(lambda: events.append(_Event()) or events[-1])
+    try:
+        for _ in range(2):  # two batches of JPEG bytes handed to the device decoder
+            batch = spill.unship(spill.ship([np.ones(100_000, dtype=np.uint8)], str(spill_dir), os.getpid(), writer))
+            held.hold(batch, stream=None)
+            del batch
+        gc.collect()
+        assert arena.blocks_taken == 4 and len(held) == 2  # the decoder's call returned; the copies may not have
+        events[0].passed = True
+        events.append(_Event())
+        held.hold([], stream=None)  # the next batch's decode lets the first one go
+        gc.collect()
+        assert arena.blocks_taken == 2 and len(held) == 2
+    finally:
+        arena.close()
+
+
+def test_a_batch_that_fails_on_the_device_frees_what_the_pool_sends_for_it(photos, spill_dir, monkeypatch):
+    """An unexpected error in the device decoder fails the batch; the pool's decodes for the rest of it
+    still arrive, and their blocks come back instead of staying taken until the worker stops."""
+    import time
+
+    from shared.device_decode import DecodeSplit, DeviceJpegDecoder, load_split
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("a bug in the device path")
+
+    loader = _loader(photos, str(spill_dir), 16)
+    decoder = DeviceJpegDecoder.torchvision("cpu")
+    monkeypatch.setattr(decoder, "decode", broken)
+    try:
+        with pytest.raises(ValueError):
+            load_split(loader, decoder, DecodeSplit(0.5), _requests(photos), list(range(len(photos))))
+        gc.collect()
+        deadline = time.monotonic() + 30
+        while loader.arena.blocks_taken and time.monotonic() < deadline:
+            time.sleep(0.05)  # the pool's chunks finish after the batch gave up on them
+        assert loader.arena.blocks_taken == 0
+    finally:
+        loader.close()
