@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from shared import arena as arenas
 from shared import spill
@@ -21,26 +20,6 @@ from shared.settings import Settings
 
 SIZE = 224  # 150 KB of pixels a photo; 16 photos in 2 processes are chunks of 4: 10 blocks each
 POISON = "poison"
-
-
-def _jpeg(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path, "JPEG", quality=90)
-    return path
-
-
-@pytest.fixture
-def photos(tmp_path: Path) -> list[Path]:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    return [_jpeg(folder / f"p{i}.jpg", i) for i in range(16)]
-
-
-@pytest.fixture
-def spill_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "spill"
-    folder.mkdir()
-    return folder
 
 
 def _loader(photos: list[Path], spill_to: str, arena_mb: int | None, load=load_photo) -> PhotoLoader:
@@ -60,19 +39,19 @@ def _charged_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def test_results_come_through_the_arena_and_its_memory_is_reused(photos, spill_dir):
-    piped = _loader(photos, "off", None)
-    loader = _loader(photos, str(spill_dir), 16)
+def test_results_come_through_the_arena_and_its_memory_is_reused(noisy_photos, spill_dir):
+    piped = _loader(noisy_photos, "off", None)
+    loader = _loader(noisy_photos, str(spill_dir), 16)
     try:
-        expected = _pixels(piped.load(_requests(photos)))
+        expected = _pixels(piped.load(_requests(noisy_photos)))
         arena = loader.arena
         assert arena is not None and [p.name for p in spill_dir.iterdir()] == [Path(arena.path).name]
-        got = _pixels(loader.load(_requests(photos)))
+        got = _pixels(loader.load(_requests(noisy_photos)))
         assert [p.name for p in spill_dir.iterdir()] == [Path(arena.path).name]  # no file per chunk
         assert all(np.array_equal(a, b) for a, b in zip(expected, got))
         assert all(b.flags.writeable for b in got)  # the pipeline may write into its batch's pixels
         assert arena.blocks_taken == 40  # 4 chunks of 10 blocks, held while their pixels are in use
-        other = _pixels(loader.load(_requests(photos[::-1])))  # written elsewhere while those are held
+        other = _pixels(loader.load(_requests(noisy_photos[::-1])))  # written elsewhere while those are held
         assert all(np.array_equal(a, b) for a, b in zip(expected, got))
         assert all(np.array_equal(a, b) for a, b in zip(expected[::-1], other))
         del other
@@ -81,7 +60,7 @@ def test_results_come_through_the_arena_and_its_memory_is_reused(photos, spill_d
         gc.collect()
         assert arena.blocks_taken == 0  # given back with the last array
         for _ in range(3):  # later batches write over the same pages
-            again = _pixels(loader.load(_requests(photos)))
+            again = _pixels(loader.load(_requests(noisy_photos)))
             assert all(np.array_equal(a, b) for a, b in zip(expected, again))
             del again
         assert _charged_bytes(arena.path) == charged
@@ -91,28 +70,28 @@ def test_results_come_through_the_arena_and_its_memory_is_reused(photos, spill_d
     assert list(spill_dir.iterdir()) == []
 
 
-def test_jpegs_for_a_device_decoder_come_back_whole_from_the_arena(photos, spill_dir):
-    loader = _loader(photos, str(spill_dir), 16)
+def test_jpegs_for_a_device_decoder_come_back_whole_from_the_arena(noisy_photos, spill_dir):
+    loader = _loader(noisy_photos, str(spill_dir), 16)
     try:
-        loaded = loader.load(_requests(photos, device_jpeg=True))
+        loaded = loader.load(_requests(noisy_photos, device_jpeg=True))
         assert loader.arena.blocks_taken > 0
-        for item, path in zip(loaded, photos):
+        for item, path in zip(loaded, noisy_photos):
             assert isinstance(item.image, EncodedJpeg)
             assert item.image.data.tobytes() == path.read_bytes()
     finally:
         loader.close()
 
 
-def test_a_full_arena_sends_chunks_to_files_of_their_own(photos, spill_dir, monkeypatch):
-    piped = _loader(photos, "off", None)
-    loader = _loader(photos, str(spill_dir), 1)  # 16 blocks: one chunk of 10 at a time
+def test_a_full_arena_sends_chunks_to_files_of_their_own(noisy_photos, spill_dir, monkeypatch):
+    piped = _loader(noisy_photos, "off", None)
+    loader = _loader(noisy_photos, str(spill_dir), 1)  # 16 blocks: one chunk of 10 at a time
     shipped: list[str] = []
     unship = spill.unship
     monkeypatch.setattr(spill, "unship", lambda s: shipped.append(type(s).__name__) or unship(s))
     try:
-        got = _pixels(loader.load(_requests(photos)))
+        got = _pixels(loader.load(_requests(noisy_photos)))
         assert sorted(shipped) == ["InArena", "Spilled", "Spilled", "Spilled"]
-        expected = _pixels(piped.load(_requests(photos)))
+        expected = _pixels(piped.load(_requests(noisy_photos)))
     finally:
         piped.close()
         loader.close()
@@ -127,15 +106,16 @@ def _dies_on_poison(request: LoadRequest, settings: Settings) -> Loaded:
     return load_photo(request, settings)
 
 
-def test_a_replaced_pool_gets_a_new_arena_and_the_old_one_goes(photos, spill_dir):
-    poison = _jpeg(photos[0].parent / f"{POISON}.jpg", 99)
-    loader = _loader(photos, str(spill_dir), 16, load=_dies_on_poison)
+def test_a_replaced_pool_gets_a_new_arena_and_the_old_one_goes(noisy_photos, spill_dir, make_jpeg):
+    photos = noisy_photos
+    poison = make_jpeg(photos[0].parent / f"{POISON}.jpg", 99)
+    loader = _loader(noisy_photos, str(spill_dir), 16, load=_dies_on_poison)
     try:
         first = loader.arena
         results = loader.load(_requests(photos[:8] + [poison] + photos[8:]))
         assert [i for i, r in enumerate(results) if isinstance(r.image, Failure)] == [8]
         assert loader.arena is not first and not os.path.exists(first.path)
-        again = loader.load(_requests(photos))
+        again = loader.load(_requests(noisy_photos))
         assert not any(isinstance(r.image, Failure) for r in again) and loader.arena.blocks_taken > 0
     finally:
         loader.close()
@@ -210,7 +190,7 @@ def test_blocks_a_device_may_still_be_reading_are_not_given_back_before_it_is_do
         arena.close()
 
 
-def test_a_batch_that_fails_on_the_device_frees_what_the_pool_sends_for_it(photos, spill_dir, monkeypatch):
+def test_a_batch_that_fails_on_the_device_frees_what_the_pool_sends_for_it(noisy_photos, spill_dir, monkeypatch):
     """An unexpected error in the device decoder fails the batch; the pool's decodes for the rest of it
     still arrive, and their blocks come back instead of staying taken until the worker stops."""
     import time
@@ -220,12 +200,12 @@ def test_a_batch_that_fails_on_the_device_frees_what_the_pool_sends_for_it(photo
     def broken(*_args, **_kwargs):
         raise ValueError("a bug in the device path")
 
-    loader = _loader(photos, str(spill_dir), 16)
+    loader = _loader(noisy_photos, str(spill_dir), 16)
     decoder = DeviceJpegDecoder.torchvision("cpu")
     monkeypatch.setattr(decoder, "decode", broken)
     try:
         with pytest.raises(ValueError):
-            load_split(loader, decoder, DecodeSplit(0.5), _requests(photos), list(range(len(photos))))
+            load_split(loader, decoder, DecodeSplit(0.5), _requests(noisy_photos), list(range(len(noisy_photos))))
         gc.collect()
         deadline = time.monotonic() + 30
         while loader.arena.blocks_taken and time.monotonic() < deadline:

@@ -11,7 +11,6 @@ from concurrent.futures import wait
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from shared import spill
@@ -20,26 +19,6 @@ from shared.loading import LoadRequest, PhotoLoader
 from shared.settings import Settings
 
 SIZE = 224  # 150 KB of pixels a photo: every chunk is large enough to spill
-
-
-def _jpeg(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path, "JPEG", quality=90)
-    return path
-
-
-@pytest.fixture
-def photos(tmp_path: Path) -> list[Path]:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    return [_jpeg(folder / f"p{i}.jpg", i) for i in range(16)]
-
-
-@pytest.fixture
-def spill_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "spill"
-    folder.mkdir()
-    return folder
 
 
 def _loader(photos: list[Path], spill_to: str, arena_mb: int | None = 0) -> PhotoLoader:
@@ -56,29 +35,29 @@ def _pixels(loaded) -> list[np.ndarray]:
     return [item.image.pixels for item in loaded]
 
 
-def test_spilled_pixels_equal_the_piped_ones_and_leave_no_file(photos, spill_dir):
-    piped = _loader(photos, "off")
-    spilled = _loader(photos, str(spill_dir))
+def test_spilled_pixels_equal_the_piped_ones_and_leave_no_file(noisy_photos, spill_dir):
+    piped = _loader(noisy_photos, "off")
+    spilled = _loader(noisy_photos, str(spill_dir))
     try:
         assert piped.spill_dir is None and spilled.spill_dir == str(spill_dir)
-        expected, got = _pixels(piped.load(_requests(photos))), _pixels(spilled.load(_requests(photos)))
+        expected, got = _pixels(piped.load(_requests(noisy_photos))), _pixels(spilled.load(_requests(noisy_photos)))
     finally:
         piped.close()
         spilled.close()
-    assert len(got) == len(photos)
+    assert len(got) == len(noisy_photos)
     for a, b in zip(expected, got):
         assert a.shape == (SIZE, SIZE, 3) and np.array_equal(a, b)
     assert all(b.flags.writeable for b in got)  # the pipeline may write into its batch's pixels
     assert list(spill_dir.iterdir()) == []
 
 
-def test_jpegs_for_a_device_decoder_come_back_whole_as_arrays(photos, spill_dir):
-    loader = _loader(photos, str(spill_dir))
+def test_jpegs_for_a_device_decoder_come_back_whole_as_arrays(noisy_photos, spill_dir):
+    loader = _loader(noisy_photos, str(spill_dir))
     try:
-        loaded = loader.load(_requests(photos, device_jpeg=True))
+        loaded = loader.load(_requests(noisy_photos, device_jpeg=True))
     finally:
         loader.close()
-    for item, path in zip(loaded, photos):
+    for item, path in zip(loaded, noisy_photos):
         assert isinstance(item.image, EncodedJpeg)
         assert isinstance(item.image.data, np.ndarray) and item.image.data.dtype == np.uint8
         assert item.image.data.tobytes() == path.read_bytes()
@@ -87,21 +66,21 @@ def test_jpegs_for_a_device_decoder_come_back_whole_as_arrays(photos, spill_dir)
     assert list(spill_dir.iterdir()) == []
 
 
-def test_a_directory_that_disappears_falls_back_to_the_pipe(photos, spill_dir):
-    loader = _loader(photos, str(spill_dir))
+def test_a_directory_that_disappears_falls_back_to_the_pipe(noisy_photos, spill_dir):
+    loader = _loader(noisy_photos, str(spill_dir))
     try:
         shutil.rmtree(spill_dir)  # the pool processes cannot write their files any more
-        got = _pixels(loader.load(_requests(photos)))
+        got = _pixels(loader.load(_requests(noisy_photos)))
     finally:
         loader.close()
-    assert len(got) == len(photos) and all(p.shape == (SIZE, SIZE, 3) for p in got)
+    assert len(got) == len(noisy_photos) and all(p.shape == (SIZE, SIZE, 3) for p in got)
 
 
-def test_files_removed_before_the_worker_reads_them_are_loaded_again(photos, spill_dir):
-    loader = _loader(photos, str(spill_dir))
+def test_files_removed_before_the_worker_reads_them_are_loaded_again(noisy_photos, spill_dir):
+    loader = _loader(noisy_photos, str(spill_dir))
     try:
-        expected = _pixels(loader.load(_requests(photos)))
-        pending = loader.submit(_requests(photos))
+        expected = _pixels(loader.load(_requests(noisy_photos)))
+        pending = loader.submit(_requests(noisy_photos))
         wait(pending._futures)
         files = list(spill_dir.iterdir())
         assert files  # every chunk spilled
