@@ -89,9 +89,9 @@ class Arena:
         """Views of a result's buffers; its blocks go back when the last array made over them is gone."""
         region = np.frombuffer(self._map, dtype=np.uint8, count=shipped.blocks * BLOCK,
                                offset=self._data_start + shipped.first * BLOCK)
-        # Every array unpickled over a slice of ``region`` keeps ``region`` as its base (numpy collapses a
-        # view's base only down to the last array that does not own its memory), so this runs once all of them
-        # are gone.
+        # Every array unpickled over a slice of ``region`` has ``region`` as its base: numpy follows a view's
+        # chain of bases only while the next one is an array too, and region's own base is the mapping. So
+        # this runs once all of them are gone.
         weakref.finalize(region, self.give_back, shipped.first, shipped.blocks).atexit = False
         out, offset = [], 0
         for size in shipped.sizes:
@@ -101,6 +101,7 @@ class Arena:
 
     @property
     def blocks_taken(self) -> int:
+        """Blocks holding results the worker has not let go of yet (or that a decode process is writing)."""
         return int(np.count_nonzero(self._control))
 
     def give_back(self, first: int, blocks: int) -> None:

@@ -175,11 +175,14 @@ class PendingLoad:
 
     def result(self) -> list[Loaded]:
         out: list[Loaded] = []
+        paths: list[str] = []
         try:
             if self._futures is None:
                 raise BrokenProcessPool("the pool was broken when the photos were sent")
             for future in self._futures[self._read:]:
-                out += spill.unship(future.result())
+                shipped = future.result()
+                paths.append(spill.path_of(shipped))
+                out += spill.unship(shipped)
                 self._read += 1
         except (BrokenProcessPool, spill.SpillLost) as exc:
             self.discard()
@@ -191,6 +194,7 @@ class PendingLoad:
             self._done.append(time.perf_counter())
         if self._done:
             self.finished_at = max(self._done)
+        _observe_handovers(paths)
         return out
 
     def discard(self) -> None:
@@ -200,6 +204,13 @@ class PendingLoad:
         self._read += len(unread)
         for future in unread:
             future.add_done_callback(_discard_result)
+
+
+def _observe_handovers(paths: list[str]) -> None:
+    """Counted in the worker only: the pool processes never import the metrics (prometheus_client)."""
+    if paths:
+        from shared.metrics import observe_handovers
+        observe_handovers(paths)
 
 
 def photos_per_task(requests: Sequence[LoadRequest], workers: int) -> int:

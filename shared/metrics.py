@@ -57,6 +57,10 @@ HANDED_BACK = Counter("landmarks_events_handed_back", "Events re-published after
 BATCHES = Counter("landmarks_batches", "Batches processed by the pipeline")
 DECODED = Counter("landmarks_photos_decoded", "Photos decoded, by where: device (a GPU JPEG decoder, "
                   "shared/device_decode.py) or cpu (the decode pool)", ["where"])
+# path: arena (reused shared memory), file (a shared-memory file of its own: the arena was full), pipe (a small
+# chunk, or no usable shared memory). Files and pipe cost the worker's process more CPU per photo (BENCHMARKS.md).
+HANDOVERS = Counter("landmarks_decode_handovers", "Chunks of photos the decode pool handed back to the worker, "
+                    "by the way they came: arena, file or pipe (shared/spill.py)", ["path"])
 BATCH_SIZE = Histogram("landmarks_batch_size", "Upload events per batch",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
 STAGE_SECONDS = Histogram("landmarks_stage_seconds", "Time per pipeline stage of a batch", ["stage"],
@@ -76,7 +80,7 @@ SHADOW_PHOTOS = Counter("landmarks_shadow_photos", "Photos sampled for the shado
                         ["version", "outcome"])
 ALL_METRICS = (EVENTS, SKIPPED, FAILURES, INFRA_ERRORS, HANDED_BACK, BATCHES, BATCH_SIZE, STAGE_SECONDS,
                BATCH_SECONDS, EVENT_AGE, LAST_BATCH, BATCH_RUNNING_SINCE, MODEL_INFO, MODEL_LOADED, SHADOW_PHOTOS,
-               DECODED)
+               DECODED, HANDOVERS)
 
 # Collected at scrape time (see the collectors below).
 BACKLOG_METRICS = ("landmarks_queue_backlog", "landmarks_queue_waiting", "landmarks_queue_reserved",
@@ -213,6 +217,11 @@ def observe_deleted() -> None:
 
 def observe_infrastructure_error(what: str) -> None:
     INFRA_ERRORS.labels(what).inc()
+
+
+def observe_handovers(paths: Iterable[str]) -> None:
+    for path, count in collections.Counter(paths).items():
+        HANDOVERS.labels(path).inc(count)
 
 
 def observe_handed_back(n: int) -> None:

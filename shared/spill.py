@@ -127,6 +127,13 @@ def unship(shipped: Any) -> Any:
     return pickle.loads(shipped.head, buffers=buffers)
 
 
+def path_of(shipped: Any) -> str:
+    """How results came back: "arena", "file" or "pipe" (the landmarks_decode_handovers metric)."""
+    if isinstance(shipped, arenas.InArena):
+        return "arena"
+    return "file" if isinstance(shipped, Spilled) else "pipe"
+
+
 def discard(shipped: Any) -> None:
     """Frees the file or arena blocks of results that will not be read (their batch failed or the worker is
     stopping)."""

@@ -218,6 +218,10 @@ def test_a_real_workers_metrics_match_what_it_processed(photos, model_version, e
 
         batches = _value(s, "landmarks_batches_total")
         assert batches >= 2
+        # Every batch's photos came back from the decode pool in at least one chunk, each counted by its path.
+        handovers = {path: _value(s, "landmarks_decode_handovers_total", path=path)
+                     for path in ("arena", "file", "pipe")}
+        assert sum(handovers.values()) >= batches and handovers["file"] == 0  # the arena never filled up
         assert _value(s, "landmarks_batch_size_count") == batches
         assert _value(s, "landmarks_batch_size_sum") == len(uploads) + 1
         assert _value(s, "landmarks_batch_size_bucket", le="+Inf") == batches

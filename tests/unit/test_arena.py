@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from shared import arena as arenas
 from shared import spill
@@ -82,16 +83,26 @@ def test_jpegs_for_a_device_decoder_come_back_whole_from_the_arena(noisy_photos,
         loader.close()
 
 
-def test_a_full_arena_sends_chunks_to_files_of_their_own(noisy_photos, spill_dir, monkeypatch):
+def _handovers() -> dict[str, float]:
+    """landmarks_decode_handovers_total by path: what the dashboard shows an SRE."""
+    return {path: REGISTRY.get_sample_value("landmarks_decode_handovers_total", {"path": path}) or 0.0
+            for path in ("arena", "file", "pipe")}
+
+
+def _added(before: dict[str, float]) -> dict[str, float]:
+    return {path: count - before[path] for path, count in _handovers().items()}
+
+
+def test_a_full_arena_sends_chunks_to_files_of_their_own_and_the_metric_says_so(noisy_photos, spill_dir):
     piped = _loader(noisy_photos, "off", None)
     loader = _loader(noisy_photos, str(spill_dir), 1)  # 16 blocks: one chunk of 10 at a time
-    shipped: list[str] = []
-    unship = spill.unship
-    monkeypatch.setattr(spill, "unship", lambda s: shipped.append(type(s).__name__) or unship(s))
     try:
+        before = _handovers()
         got = _pixels(loader.load(_requests(noisy_photos)))
-        assert sorted(shipped) == ["InArena", "Spilled", "Spilled", "Spilled"]
+        assert _added(before) == {"arena": 1, "file": 3, "pipe": 0}
+        before = _handovers()
         expected = _pixels(piped.load(_requests(noisy_photos)))
+        assert _added(before) == {"arena": 0, "file": 0, "pipe": 4}
     finally:
         piped.close()
         loader.close()
