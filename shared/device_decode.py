@@ -53,6 +53,11 @@ class HeldUntilRead:
         event.record(stream)
         with self._lock:
             self._held.append((event, inputs))
+        self.let_go()
+
+    def let_go(self) -> None:
+        """Lets go of the inputs whose events have passed, oldest first."""
+        with self._lock:
             while self._held and self._held[0][0].query():
                 self._held.popleft()
 
@@ -154,6 +159,12 @@ class DeviceJpegDecoder:
             log.warning("%s failed on a batch of %d (%s); the CPU pool decodes it", self.name, len(jpegs), exc)
             out = [None] * len(jpegs)
         return out, [i for i, t in enumerate(out) if t is None]
+
+    def inputs_read(self) -> None:
+        """Called once a batch's forward pass has finished: its JPEGs (and any earlier batch's) have been read
+        by now, and their arena blocks can come back before the next batch is decoded."""
+        if self._inputs is not None:
+            self._inputs.let_go()
 
     def _cuda_event(self) -> Any:
         import torch

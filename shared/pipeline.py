@@ -148,6 +148,8 @@ class RecognitionPipeline:
                 clock.lap("wait_model")
                 embeddings = runtime.embedder.embed(pixels)
             clock.lap("embed")
+            if self.device_decoder is not None:
+                self.device_decoder.inputs_read()  # the embeddings are on the host: the stream got that far
             gps = [photo_gps(loaded[i], events[i]) for i in ok]
             tags = recognise_batch(embeddings, [point for point, _ in gps], runtime.replica or self.index,
                                    runtime.version, runtime.thresholds,

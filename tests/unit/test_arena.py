@@ -193,10 +193,13 @@ def test_blocks_a_device_may_still_be_reading_are_not_given_back_before_it_is_do
         gc.collect()
         assert arena.blocks_taken == 4 and len(held) == 2  # the decoder's call returned; the copies may not have
         events[0].passed = True
-        events.append(_Event())
         held.hold([], stream=None)  # the next batch's decode lets the first one go
         gc.collect()
         assert arena.blocks_taken == 2 and len(held) == 2
+        events[1].passed = events[2].passed = True
+        held.let_go()  # the pipeline's forward pass has finished: the rest go before the next decode
+        gc.collect()
+        assert arena.blocks_taken == 0 and len(held) == 0
     finally:
         arena.close()
 
