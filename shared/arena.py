@@ -66,23 +66,28 @@ def _control_bytes(blocks: int) -> int:
     return -(-blocks // BLOCK) * BLOCK  # whole blocks, so that every data block starts page-aligned
 
 
+def _mapped(fd: int, blocks: int) -> tuple[mmap.mmap, np.ndarray, int]:
+    """The arena file mapped whole and shared, its control bytes, and where its data blocks start."""
+    data_start = _control_bytes(blocks)
+    mapped = mmap.mmap(fd, data_start + blocks * BLOCK, flags=mmap.MAP_SHARED)
+    return mapped, np.frombuffer(mapped, dtype=np.uint8, count=blocks), data_start
+
+
 class Arena:
     """The worker's side: creates the file, reads results out of it, gives their blocks back."""
 
     def __init__(self, directory: str, size: int, name_prefix: str) -> None:
         self.blocks = size // BLOCK
         self.path = os.path.join(directory, f"{name_prefix}arena-{next(_counter)}")
-        self._data_start = _control_bytes(self.blocks)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, self._data_start + self.blocks * BLOCK)  # sparse: no page is made yet
-            self._map = mmap.mmap(fd, self._data_start + self.blocks * BLOCK, flags=mmap.MAP_SHARED)
+            os.ftruncate(fd, _control_bytes(self.blocks) + self.blocks * BLOCK)  # sparse: no page is made yet
+            self._map, self._control, self._data_start = _mapped(fd, self.blocks)
         except OSError:
             _remove(self.path)
             raise
         finally:
             os.close(fd)
-        self._control = np.frombuffer(self._map, dtype=np.uint8, count=self.blocks)
         _open[self.path] = self
 
     def buffers(self, shipped: InArena) -> list[np.ndarray]:
@@ -122,10 +127,8 @@ class ArenaWriter:
 
     def __init__(self, path: str, blocks: int) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR)
-        self._data_start = _control_bytes(blocks)
-        self._map = mmap.mmap(self._fd, self._data_start + blocks * BLOCK, flags=mmap.MAP_SHARED)
-        self._control = np.frombuffer(self._map, dtype=np.uint8, count=blocks)
+        self._fd = os.open(path, os.O_RDWR)  # kept open: the lock that serialises taking blocks is on it
+        self._map, self._control, self._data_start = _mapped(self._fd, blocks)
         self._view = memoryview(self._map)
 
     def put(self, head: bytes, views: list[memoryview], size: int) -> InArena | None:

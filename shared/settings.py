@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     # when writable; "off" sends everything through the pool's pipe (1.3–2.2 µs of the worker's CPU per KB).
     decode_spill_dir: str = "auto"
     # The arena there that decode processes write into, its pages reused (shared/arena.py), in MB: unset is
-    # half the directory's filesystem, at most 2048; 0 writes a file per chunk (~1.3 ms of the worker's CPU
-    # per 12 MP JPEG more). Memory is charged only as the busiest moment fills it, and kept.
+    # half the directory's filesystem, at most 2048; 0 writes a file per chunk (about 1 ms of the worker's
+    # CPU more per 12 MP JPEG, BENCHMARKS.md). Memory is charged only as the busiest moment fills it, and kept.
     decode_arena_mb: int | None = Field(None, ge=0)
     # On CUDA, baseline JPEGs are decoded on the GPU when a decoder loads (shared/device_decode.py): "auto"
     # uses it when present, "off" keeps every decode in the CPU pool.
