@@ -17,7 +17,10 @@
 #        the one GPU; 2 when one process's Python is the limit, see worker_cpu_ms_per_img.main),
 #        COMPILE=1 (time torch.compile; the end-to-end worker compiles its model at start),
 #        SCALE_MAX (1000000), RUN_TIMEOUT_S (150 per bench run; 480 with COMPILE=1, which takes longer
-#        than 5 minutes in all), SKIP_INSTALL=1.
+#        than 5 minutes in all), SKIP_INSTALL=1 (with no .venv-gpu: run with PYTHON's own packages).
+#
+# On a machine that reaches no package index (the lent ones here), bench/device_run.sh installs wheels
+# prepared beforehand and calls this script.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -60,6 +63,8 @@ EOF
   fi
 fi
 BIN="$VENV/bin/python"
+# SKIP_INSTALL=1 without the venv: the machine's own Python has everything (bench/device_run.sh put it there).
+[[ -x "$BIN" ]] || BIN=$PY
 "$BIN" -c "import shared.bench" # the project imports with the machine's torch
 
 bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or an error line

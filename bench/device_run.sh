@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On a lent GPU machine, which reaches no package index: install the wheels prepared here by
+# `python -m shared.bench.device_wheels` into the machine's Python, check them, and run bench/gpu_bench.sh.
+#
+#     bash bench/device_run.sh STEP...       # steps, in the order given:
+#       stack | decoder   install .device-wheels/STEP/*.whl (each part fits one call's 64 MiB: send it with
+#                         the device tool's `carry`); the machine is thrown away after, so they go into its
+#                         own environment, where the nvidia/ namespace the decoder shares with torch lives
+#       check             the project's requirements against what the machine now has (image versions too)
+#       bench             bash bench/gpu_bench.sh "$OUT" with nothing to install (results: $OUT/gpu-bench.jsonl)
+#
+# Two calls, back to back while the machine is warm (BENCHMARKS.md, "GPU"):
+#     carry [".device-wheels/stack"]    bash bench/device_run.sh stack check
+#     carry [".device-wheels/decoder"]  bash bench/device_run.sh decoder check bench
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-bench-out}
+
+for step in "$@"; do
+  case "$step" in
+    stack|decoder)
+      wheels=(.device-wheels/"$step"/*.whl)
+      [[ -e "${wheels[0]}" ]] || { echo "no wheels in .device-wheels/$step: carry it" >&2; exit 2; }
+      echo "== installing ${#wheels[@]} $step wheels" >&2
+      "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir "${wheels[@]}"
+      ;;
+    check)
+      "$PY" -m shared.bench.device_wheels --check || echo "(the bench still runs; see above)" >&2
+      ;;
+    bench)
+      SKIP_INSTALL=1 PYTHON="$PY" bash bench/gpu_bench.sh "$OUT_DIR"
+      ;;
+    *)
+      echo "unknown step: $step (stack, decoder, check, bench)" >&2; exit 2
+      ;;
+  esac
+done
