@@ -7,16 +7,20 @@
 #                         the device tool's `carry`); the machine is thrown away after, so they go into its
 #                         own environment, where the nvidia/ namespace the decoder shares with torch lives
 #       check             the project's requirements against what the machine now has (image versions too)
+#       gputests          the tests marked `gpu` (pytest -m gpu: the CUDA decoders, inference, search);
+#                         decodertests: only the hardware decoder's. Output in $OUT/gputests.log
 #       bench             bash bench/gpu_bench.sh "$OUT" with nothing to install (results: $OUT/gpu-bench.jsonl)
+# A failing check or test does not stop the steps after it: the bench's figures are worth having anyway.
 #
 # Two calls, back to back while the machine is warm (BENCHMARKS.md, "GPU"):
-#     carry [".device-wheels/stack"]    bash bench/device_run.sh stack check
-#     carry [".device-wheels/decoder"]  bash bench/device_run.sh decoder check bench
+#     carry [".device-wheels/stack"]    bash bench/device_run.sh stack check gputests
+#     carry [".device-wheels/decoder"]  bash bench/device_run.sh decoder check decodertests bench
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-bench-out}
+mkdir -p "$OUT_DIR"
 
 for step in "$@"; do
   case "$step" in
@@ -29,11 +33,16 @@ for step in "$@"; do
     check)
       "$PY" -m shared.bench.device_wheels --check || echo "(the bench still runs; see above)" >&2
       ;;
+    gputests|decodertests)
+      only=(); [[ "$step" == decodertests ]] && only=(-k nvimgcodec)
+      "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu "${only[@]}" tests/unit \
+        2>&1 | tee "$OUT_DIR/gputests.log" || echo "(GPU tests failed; see above)" >&2
+      ;;
     bench)
       SKIP_INSTALL=1 PYTHON="$PY" bash bench/gpu_bench.sh "$OUT_DIR"
       ;;
     *)
-      echo "unknown step: $step (stack, decoder, check, bench)" >&2; exit 2
+      echo "unknown step: $step (stack, decoder, check, gputests, decodertests, bench)" >&2; exit 2
       ;;
   esac
 done

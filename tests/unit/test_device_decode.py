@@ -1,9 +1,12 @@
 """The device JPEG path (shared/device_decode.py) against the CPU decoder it stands in for. On CUDA it runs
-nvImageCodec or nvJPEG; here the same code runs torchvision's decode_jpeg on the CPU, so the header probe,
-orientation, crop, resize, refusals and batching are checked on every machine."""
+nvImageCodec or nvJPEG; everywhere the same code runs torchvision's decode_jpeg on the CPU, so the header
+probe, orientation, crop, resize, refusals and batching are checked on every machine. The tests that take
+the `decoder` fixture run again with each CUDA decoder where there is a GPU (marked `gpu`:
+`pytest -m gpu` runs only those, as bench/device_run.sh does on a lent machine)."""
 
 from __future__ import annotations
 
+import gc
 import io
 
 import numpy as np
@@ -21,9 +24,24 @@ SIZE = 96
 MAX_PIXELS = 100_000_000
 
 
-@pytest.fixture(scope="module")
-def decoder() -> DeviceJpegDecoder:
-    return DeviceJpegDecoder.torchvision("cpu")
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+@pytest.fixture(scope="module", params=["torchvision-cpu", pytest.param("torchvision-cuda", marks=ON_CUDA),
+                                        pytest.param("nvimgcodec-cuda", marks=ON_CUDA)])
+def decoder(request) -> DeviceJpegDecoder:
+    if request.param == "nvimgcodec-cuda":
+        try:
+            return DeviceJpegDecoder._nvimgcodec("cuda")
+        except ImportError:
+            pytest.skip("nvImageCodec is not installed (the `gpu` extra)")
+    return DeviceJpegDecoder.torchvision(request.param.split("-")[1])
+
+
+def _strict(decoder: DeviceJpegDecoder) -> bool:
+    """Whether the decoder must take every JPEG it is given. The hardware engine may refuse some layouts it
+    has no circuit for (the CPU pool then decodes them): for it, a photo must be decoded right or refused."""
+    return decoder.name != "nvimgcodec_hw"
 
 
 def _asymmetric(width: int = 450, height: int = 300) -> Image.Image:
@@ -43,14 +61,14 @@ def _jpeg(image: Image.Image, *, orientation: int = 1, **save) -> bytes:
 
 
 def _hwc(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.permute(1, 2, 0).numpy()
+    return tensor.permute(1, 2, 0).cpu().numpy()
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_each_exif_orientation_gives_the_pixels_the_cpu_decoder_gives(decoder, orientation):
     data = _jpeg(_asymmetric(), orientation=orientation)
     cpu = decode_image(data, size=SIZE, max_pixels=MAX_PIXELS)
-    jpeg = probe_jpeg(data, max_pixels=MAX_PIXELS, progressive=True)
+    jpeg = probe_jpeg(data, max_pixels=MAX_PIXELS, progressive=decoder.progressive)
     (pixels,), refused = decoder.decode([jpeg], SIZE)
     assert refused == [] and pixels.shape == (3, SIZE, SIZE)
     assert np.abs(_hwc(pixels) - cpu.pixels).mean() < 2.0
@@ -84,10 +102,11 @@ def test_a_corrupt_jpeg_is_refused_by_index_and_the_rest_of_the_batch_decodes(de
     truncated = good[0][: len(good[0]) // 3]
     grey = _jpeg(_asymmetric().convert("L"))
     tensors, refused = decoder.decode([good[0], truncated, good[1], grey, good[2]], SIZE)
-    assert refused == [1]
-    assert all(t is not None and t.shape == (3, SIZE, SIZE) for k, t in enumerate(tensors) if k != 1)
-    grey_cpu = decode_image(grey, size=SIZE, max_pixels=MAX_PIXELS).pixels
-    assert np.abs(_hwc(tensors[3]) - grey_cpu).mean() < 2.0
+    assert refused == [1] or (not _strict(decoder) and refused == [1, 3])  # the engine may leave grey to the pool
+    assert all(tensors[k] is not None and tensors[k].shape == (3, SIZE, SIZE) for k in (0, 2, 4))
+    if tensors[3] is not None:
+        grey_cpu = decode_image(grey, size=SIZE, max_pixels=MAX_PIXELS).pixels
+        assert np.abs(_hwc(tensors[3]) - grey_cpu).mean() < 2.0
 
 
 def test_a_batch_of_mixed_shapes_and_orientations_gives_each_photo_its_own_pixels(decoder, monkeypatch):
@@ -103,10 +122,12 @@ def test_a_batch_of_mixed_shapes_and_orientations_gives_each_photo_its_own_pixel
 
     photos = [photo(450, 300), photo(450, 300, 6), photo(450, 300), photo(300, 450), photo(450, 300),
               photo(450, 300, 6), photo(450, 300, mode="L"), photo(450, 300)]
-    jpegs = [probe_jpeg(p, max_pixels=MAX_PIXELS, progressive=True) for p in photos]
+    jpegs = [probe_jpeg(p, max_pixels=MAX_PIXELS, progressive=decoder.progressive) for p in photos]
     together, refused = decoder.decode(jpegs, SIZE)
-    assert refused == []
+    assert refused == [] or (not _strict(decoder) and refused == [6])  # [6] is the greyscale photo
     for jpeg, pixels in zip(jpegs, together):
+        if pixels is None:
+            continue
         (alone,), _ = decoder.decode([jpeg], SIZE)
         assert pixels.shape == (3, SIZE, SIZE)
         assert torch.allclose(pixels, alone, atol=1e-3)
@@ -115,22 +136,26 @@ def test_a_batch_of_mixed_shapes_and_orientations_gives_each_photo_its_own_pixel
 
 def test_real_photos_taken_by_the_device_path_match_the_cpu_decode(decoder, realdata):
     """Every real JPEG the probe hands to a device: same GPS and size as the CPU path, nearly the same
-    pixels (Pillow's draft mode scales in the DCT, the device resizes the full image)."""
-    diffs = []
+    pixels (Pillow's draft mode scales in the DCT, the device resizes the full image). The hardware engine
+    may leave a few to the pool, not most."""
+    diffs, refusals = [], 0
     for path in sorted(p for p in realdata.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")):
         data = path.read_bytes()
         try:
             cpu = decode_image(data, size=224, max_pixels=MAX_PIXELS)
-            jpeg = probe_jpeg(data, max_pixels=MAX_PIXELS, progressive=True)
+            jpeg = probe_jpeg(data, max_pixels=MAX_PIXELS, progressive=decoder.progressive)
         except DecodeError:
             continue
         if jpeg is None:
             continue
         (pixels,), refused = decoder.decode([jpeg], 224)
+        if refused and not _strict(decoder):
+            refusals += 1
+            continue
         assert refused == [], path.name
         assert (jpeg.gps, jpeg.width, jpeg.height) == (cpu.gps, cpu.width, cpu.height), path.name
         diffs.append(float(np.abs(_hwc(pixels) - cpu.pixels).mean()))
-    assert len(diffs) > 100
+    assert len(diffs) > 100 and refusals < len(diffs) / 4
     assert np.median(diffs) < 3.0 and max(diffs) < 12.0
 
 
@@ -195,10 +220,11 @@ def test_the_split_learns_the_share_that_makes_both_sides_finish_together():
 
 @pytest.mark.parametrize("kind", ["processes", "threads"])
 def test_a_split_batch_decodes_its_share_on_the_device_and_the_rest_in_the_pool(decoder, tmp_path, kind):
-    paths = []
-    for i in range(8):
+    paths, rng = [], np.random.default_rng(5)
+    for i in range(8):  # grainy, so each JPEG is large enough to come back through the arena (spill.MIN_BYTES)
+        image = np.asarray(_asymmetric(1200 + 40 * i, 800), dtype=np.int16) + rng.integers(-12, 13, (800, 1200 + 40 * i, 3))
         path = tmp_path / f"p{i}.jpg"
-        path.write_bytes(_jpeg(_asymmetric(300 + 10 * i, 200), orientation=1 + i % 8))
+        path.write_bytes(_jpeg(Image.fromarray(image.clip(0, 255).astype(np.uint8)), orientation=1 + i % 8))
         paths.append(path)
     _asymmetric().save(tmp_path / "p8.png")
     paths.append(tmp_path / "p8.png")
@@ -208,14 +234,23 @@ def test_a_split_batch_decodes_its_share_on_the_device_and_the_rest_in_the_pool(
     try:
         results, on_device = load_split(loader, decoder, DecodeSplit(0.75), requests, list(range(9)))
         load_split(loader, decoder, learning, requests, list(range(9)))
+        pixels = [p if isinstance(p, torch.Tensor) else p.copy() for p in (r.image.pixels for r in results)]
+        del results
+        decoder.inputs_read()  # as the pipeline does once the batch's forward pass has finished
+        gc.collect()
+        # Nothing either batch took from the shared-memory arena is kept once its results are let go: on
+        # CUDA the JPEGs were held until the device had read them, and no longer.
+        left_in_arena = loader.arena.blocks_taken if loader.arena is not None else 0
     finally:
         loader.close()
-    assert on_device == round(9 * 0.75) == 7  # the first seven photos, all JPEGs
-    assert [isinstance(r.image.pixels, torch.Tensor) for r in results] == [True] * 7 + [False] * 2
-    for path, loaded in zip(paths, results):
+    assert left_in_arena == 0
+    refused = on_device < 7 and not _strict(decoder)
+    assert on_device == round(9 * 0.75) == 7 or refused  # the first seven photos, all JPEGs
+    assert [isinstance(p, torch.Tensor) for p in pixels][:on_device] == [True] * on_device
+    assert [isinstance(p, torch.Tensor) for p in pixels][7:] == [False] * 2
+    for path, got in zip(paths, pixels):
         expected = decode_image(path.read_bytes(), size=SIZE, max_pixels=MAX_PIXELS).pixels
-        pixels = loaded.image.pixels
-        got = _hwc(pixels) if isinstance(pixels, torch.Tensor) else pixels.astype(np.float32)
+        got = _hwc(got) if isinstance(got, torch.Tensor) else got.astype(np.float32)
         assert np.abs(got - expected).mean() < 2.0, path.name
     assert set(learning.rates) == {"device", "cpu"}  # both sides were timed
 

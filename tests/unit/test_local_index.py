@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from shared import geo
 from shared.index import CentroidRows, ReferenceRows
@@ -47,13 +48,17 @@ def test_geo_search_finds_what_a_scan_of_every_centroid_finds(gallery):
     assert index.search_geo("v", queries[:1], [[12345]], limit=5) == [[]]  # a tile with no landmark
 
 
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_CUDA)])  # fp16 candidates on CUDA
 @pytest.mark.parametrize("k", [10, 400, 1000])  # 2k above the gallery's size, and k above it
-def test_global_search_on_a_torch_device_gives_the_host_search_hits(gallery, k):
+def test_global_search_on_a_torch_device_gives_the_host_search_hits(gallery, k, device):
     centroids, references, queries = gallery
     host = LocalIndex("v", centroids, references).search_global("v", queries, k)
-    device = LocalIndex("v", centroids, references, device="cpu")
-    assert device.device == "cpu"
-    on_device = device.search_global("v", queries, k)
+    index = LocalIndex("v", centroids, references, device=device)
+    assert index.device.split(":")[0] == device
+    on_device = index.search_global("v", queries, k)
     assert [len(h) for h in on_device] == [min(k, 600)] * len(queries)
     for a, b in zip(host, on_device):
         assert [(h.landmark_id, h.centroid_no) for h in a] == [(h.landmark_id, h.centroid_no) for h in b]

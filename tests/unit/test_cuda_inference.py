@@ -1,0 +1,88 @@
+"""The model's side of a GPU worker, on a real CUDA device: what the CPU tests cannot show. Marked `gpu` and
+skipped without CUDA; bench/device_run.sh runs them (`pytest -m gpu`) on a lent machine before its bench.
+
+bf16 autocast with channels_last keeps the embeddings the CPU's fp32 model gives; pixels decoded on the
+device embed as pixels from the pool do; batch threads on their own streams (device_decode.thread_stream)
+each get their own batch's embeddings; the compiled model (LANDMARKS_TORCH_COMPILE) gives the eager one's."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from shared.device_decode import stack_pixels, thread_stream
+from shared.embedder import Embedder
+from shared.modelinit import init_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "m.pt"
+    init_model(path, backbone="resnet_small", dim=64, size=SIZE, version="cuda_v1", calibrate=None)
+    return path
+
+
+def _pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1)  # the embedder's outputs are L2-normalised
+
+
+def test_bf16_channels_last_on_cuda_gives_the_cpu_fp32_embeddings(checkpoint):
+    pixels = _pixels(16)
+    on_cpu = Embedder(checkpoint, "cpu").embed(pixels)
+    on_cuda = Embedder(checkpoint, "cuda").embed(pixels)
+    assert on_cuda.dtype == np.float32 and on_cuda.shape == (16, 64)
+    assert _cosines(on_cpu, on_cuda).min() > 0.995
+
+
+def test_pixels_decoded_on_the_device_embed_as_the_pools_pixels_do(checkpoint):
+    """The pipeline stacks the device decoder's (3, size, size) float tensors with the pool's uint8 arrays
+    (stack_pixels) and embeds them in one batch."""
+    embedder = Embedder(checkpoint, "cuda")
+    pixels = _pixels(6, seed=1)
+    from_host = embedder.embed(pixels)
+    on_device = [torch.from_numpy(p).cuda().permute(2, 0, 1).float() for p in pixels[::2]]
+    mixed = stack_pixels([on_device[0], pixels[1], on_device[1], pixels[3], on_device[2], pixels[5]], "cuda")
+    assert mixed.device.type == "cuda" and mixed.shape == (6, 3, SIZE, SIZE)
+    assert _cosines(from_host, embedder.embed(mixed)).min() > 0.9999
+
+
+def test_batch_threads_on_their_own_streams_each_get_their_own_embeddings(checkpoint):
+    embedder = Embedder(checkpoint, "cuda")
+    batches = [_pixels(32, seed=s) for s in (2, 3)]
+    expected = [embedder.embed(b) for b in batches]
+    got: dict[int, list[np.ndarray]] = {0: [], 1: []}
+
+    def run(which: int) -> None:
+        with thread_stream(embedder.device):
+            for _ in range(5):
+                got[which].append(embedder.embed(batches[which]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for which in (0, 1):
+        assert len(got[which]) == 5
+        for embeddings in got[which]:
+            assert _cosines(expected[which], embeddings).min() > 0.9999
+
+
+@pytest.mark.slow
+def test_the_compiled_model_on_cuda_gives_the_eager_embeddings(checkpoint):
+    eager = Embedder(checkpoint, "cuda")
+    compiled = Embedder(checkpoint, "cuda", compile_batch=8)
+    pixels = _pixels(11, seed=4)
+    for n in (3, 8, 11):  # padded, as compiled, split
+        assert _cosines(eager.embed(pixels[:n]), compiled.embed(pixels[:n])).min() > 0.999
