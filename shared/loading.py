@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 POOL_KINDS = ("processes", "threads")
 HEADERS_PER_TASK = 8
+MAX_PHOTOS_PER_TASK = 32
 
 
 @dataclass(frozen=True)
@@ -214,13 +215,17 @@ def _observe_handovers(paths: list[str]) -> None:
 
 
 def photos_per_task(requests: Sequence[LoadRequest], workers: int) -> int:
-    """How many photos one task of a process pool takes. Each task costs the worker's process a round trip
-    through the pool (a fraction of a millisecond of its CPU), so a task should be milliseconds of work:
-    HEADERS_PER_TASK header reads for a device decoder (each is a fetch and a parse), or enough decodes
-    that every process gets about two tasks of the batch, at most 8 photos."""
+    """How many photos one task of a process pool takes: a batch's photos shared out one task per process.
+    Each task costs the worker's own process a round trip through the pool (its manager thread, a result to
+    read, futures to wake: a few tenths of a millisecond under load), which a GPU worker's one Python process
+    pays at thousands of photos a second; with two batches in flight, the other batch's tasks keep every
+    process busy while one batch's last task finishes. Header reads for a device decoder (a fetch and a parse
+    each) go at least HEADERS_PER_TASK to a task; no task takes more than MAX_PHOTOS_PER_TASK, which bounds
+    the run of arena blocks one result needs (whole JPEGs, for a device decoder)."""
+    share = math.ceil(len(requests) / workers) if requests else 1
     if requests and all(request.device_jpeg for request in requests):
-        return HEADERS_PER_TASK
-    return max(1, min(8, math.ceil(len(requests) / (2 * workers))))
+        share = max(share, HEADERS_PER_TASK)
+    return max(1, min(MAX_PHOTOS_PER_TASK, share))
 
 
 def _discard_result(future: Future) -> None:

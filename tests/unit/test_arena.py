@@ -13,14 +13,21 @@ import pytest
 from prometheus_client import REGISTRY
 
 from shared import arena as arenas
+from shared import loading
 from shared import spill
 from shared.imaging import EncodedJpeg
 from shared.loading import Loaded, LoadRequest, PhotoLoader, load_photo
 from shared.outcomes import Failure
 from shared.settings import Settings
 
-SIZE = 224  # 150 KB of pixels a photo; 16 photos in 2 processes are chunks of 4: 10 blocks each
+SIZE = 224  # 150 KB of pixels a photo; 16 photos in chunks of 4 (below): 10 blocks each
 POISON = "poison"
+
+
+@pytest.fixture(autouse=True)
+def chunks_of_four(monkeypatch):
+    """The block counts below are for chunks of 4 photos (the pool's own rule would make 2 chunks of 8)."""
+    monkeypatch.setattr(loading, "MAX_PHOTOS_PER_TASK", 4)
 
 
 def _loader(photos: list[Path], spill_to: str, arena_mb: int | None, load=load_photo) -> PhotoLoader:

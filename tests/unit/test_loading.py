@@ -179,12 +179,15 @@ def test_an_unknown_pool_kind_is_refused(settings):
         PhotoLoader(settings, kind="fibers")
 
 
-def test_tasks_hold_milliseconds_of_work_whatever_the_number_of_processes():
-    from shared.loading import HEADERS_PER_TASK, photos_per_task
+def test_a_batch_is_shared_out_one_task_per_process():
+    """Each task is a round trip the worker's own process pays for: as few as keep every process busy."""
+    from shared.loading import HEADERS_PER_TASK, MAX_PHOTOS_PER_TASK, photos_per_task
     decodes = [LoadRequest(f"file:///p{i}.jpg", 224) for i in range(64)]
-    headers = [LoadRequest(f"file:///p{i}.jpg", 224, device_jpeg=True) for i in range(40)]
-    assert photos_per_task(decodes, 2) == 8  # 8 tasks: 4 for each of the 2 processes
-    assert photos_per_task(decodes, 16) == 2  # 32 tasks: 2 for each of the 16, not 64 tasks of one photo
+    headers = [LoadRequest(f"file:///p{i}.jpg", 224, device_jpeg=True) for i in range(200)]
+    assert photos_per_task(decodes, 2) == 32  # 2 tasks, one for each of the 2 processes
+    assert photos_per_task(decodes, 16) == 4  # 16 tasks, not 64 of one photo
     assert photos_per_task(decodes[:3], 16) == 1
-    assert photos_per_task(headers, 16) == HEADERS_PER_TASK  # a header read is too little work for a task
-    assert photos_per_task(headers + decodes[:1], 16) == 2
+    assert photos_per_task(decodes * 4, 2) == MAX_PHOTOS_PER_TASK  # 256 on 2 cores: results stay bounded
+    assert photos_per_task(headers, 16) == 13  # 16 tasks of header reads, each a fetch and a parse
+    assert photos_per_task(headers[:40], 16) == HEADERS_PER_TASK  # a header read is too little work alone
+    assert photos_per_task(headers[:40] + decodes[:1], 16) == 3  # mixed: shared out as decodes
