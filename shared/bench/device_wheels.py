@@ -76,7 +76,7 @@ def _pin(req: Requirement) -> str:
     try:
         return f"{req.name}=={metadata.version(req.name)}"
     except metadata.PackageNotFoundError:
-        return str(Requirement(f"{req.name}{req.specifier}"))
+        return f"{req.name}{req.specifier}"
 
 
 def project_requires(path: Path = PYPROJECT) -> list[str]:
@@ -91,7 +91,7 @@ def project_requires(path: Path = PYPROJECT) -> list[str]:
 def walk(extras: tuple[str, ...], skip: set[str]) -> Iterator[tuple[str, Requirement]]:
     """(who needs it, requirement) for everything the project with `extras` needs on the machine, through
     this environment's metadata; names in `skip` are yielded but not walked into (the image's concern)."""
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, tuple[str, ...]]] = set()  # (distribution, extras) already walked
     todo: list[tuple[str | None, tuple[str, ...]]] = [(None, extras)]
     while todo:
         name, wanted = todo.pop()
@@ -103,10 +103,10 @@ def walk(extras: tuple[str, ...], skip: set[str]) -> Iterator[tuple[str, Require
             key = canonicalize_name(req.name)
             if key in skip:
                 continue
-            for extra in ("", *sorted(req.extras)):
-                if (key, extra) not in seen:
-                    seen.add((key, extra))
-                    todo.append((req.name, tuple(sorted(req.extras))))
+            wanted_there = tuple(sorted(req.extras))
+            if (key, wanted_there) not in seen:
+                seen.add((key, wanted_there))
+                todo.append((req.name, wanted_there))
 
 
 def closure(extras: tuple[str, ...], skip: set[str]) -> dict[str, str]:
