@@ -128,18 +128,19 @@ def _print_table(console: Console, result: dict) -> None:
 
 
 def search_scale_table(result: dict):
-    """One row per gallery size: ms per batch and img/s, the replica beside milvus-lite."""
+    """One row per gallery size: ms per batch and img/s, the replica beside milvus-lite ("replica squares":
+    the replica's whole-batch geo decision, what a worker runs; "geo": the tile search milvus-lite does)."""
     from rich.table import Table
     table = Table(title=f"centroid search, dim {result['dim']}, {result['batch']} queries per batch "
                         f"(ms per batch, img/s)")
-    for column in ("centroids", "replica global", "replica geo", "replica scratch MB", "milvus-lite insert s",
-                   "milvus-lite global", "milvus-lite geo"):
+    for column in ("centroids", "replica global", "replica geo", "replica squares", "replica scratch MB",
+                   "milvus-lite insert s", "milvus-lite global", "milvus-lite geo"):
         table.add_column(column, justify="right")
     for row in result["results"]:
         milvus = ([str(row["milvus_insert_s"]), _timed(row, "milvus_global"), _timed(row, "milvus_geo")]
                   if "milvus_insert_s" in row else ["skipped (cap)", "–", "–"])
         table.add_row(f"{row['centroids']:,}", _timed(row, "local_global"), _timed(row, "local_geo"),
-                      str(row.get("local_global_scratch_mb", "–")), *milvus)
+                      _timed(row, "local_squares"), str(row.get("local_global_scratch_mb", "–")), *milvus)
     return table
 
 

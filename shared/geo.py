@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 M_PER_DEG_LAT = 111_320.0
 TILE_DEG = 1.0 / 111.32  # 1 km of latitude, in degrees
 N_BANDS = math.ceil(180.0 / TILE_DEG)  # 20038; the last band is partial and holds lat = 90
@@ -125,6 +127,17 @@ def in_square(
         return False
     ew = abs(lon_diff_deg(lon, center_lon)) * M_PER_DEG_LAT * math.cos(math.radians(lat))
     return ew <= half_size_m
+
+
+def in_square_mask(lats: np.ndarray, lons: np.ndarray, center_lats: np.ndarray, center_lons: np.ndarray,
+                   half_size_m: float = 500.0) -> np.ndarray:
+    """``in_square`` elementwise over arrays (broadcast): the same arithmetic, for a whole batch of points
+    and centres at once. A NaN coordinate is outside."""
+    lats = np.clip(lats, -90.0, 90.0)
+    north_south = np.abs(lats - np.clip(center_lats, -90.0, 90.0)) * M_PER_DEG_LAT
+    lon_diff = (np.asarray(lons, dtype=np.float64) - center_lons + 180.0) % 360.0 - 180.0
+    east_west = np.abs(lon_diff) * M_PER_DEG_LAT * np.cos(np.radians(lats))
+    return (north_south <= half_size_m) & (east_west <= half_size_m)
 
 
 def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

@@ -471,13 +471,16 @@ class LandmarkIndex:
         ))
         return [self._hits(r) for r in res]
 
-    def search_global(self, version: str | None, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k centroids per query over the whole version, best first (None = active)."""
+    def search_global(self, version: str | None, queries: np.ndarray, k: int,
+                      min_score: float | None = None) -> list[list[Hit]]:
+        """Top-k centroids per query over the whole version, best first (None = active); with ``min_score``
+        only those of them that score at least that."""
         q = self._queries(queries)
         k = self._check_limit(k)
         if q.shape[0] == 0:
             return []
-        return self._search(centroid_collection(self._resolve(version)), q, k, "")
+        hits = self._search(centroid_collection(self._resolve(version)), q, k, "")
+        return hits if min_score is None else [[h for h in found if h.score >= min_score] for found in hits]
 
     def search_geo(
         self,

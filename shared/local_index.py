@@ -12,7 +12,7 @@ and its scratch memory stays under 20 MB at any gallery size instead of a gigaby
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from shared.index import CentroidRows, Hit, ReferenceRows
 SCORES_PER_BLOCK = 1 << 22  # 16 MB of fp32 scores per block: near the cache, and flat memory at any size
 QUERIES_PER_CHUNK = 256  # an evaluation's thousands of queries are scored a chunk at a time
 PRUNING_GROUPS = 32  # columns in a pruning group: a block partitions k·32 scores per query, not all of them
+BAND_ROWS_PER_PASS = 1 << 20  # candidate rows a geo pass holds: ~50 MB of coordinates, however dense the places
 
 
 class LocalIndex:
@@ -38,6 +39,9 @@ class LocalIndex:
         tiles = np.array([geo.tile_of(a, o) for a, o in zip(self.lats, self.lons)], dtype=np.int64)
         # tile → its rows, ascending: a geo query looks up its few tiles instead of scanning every centroid.
         self._tile_rows = grouped_by_id(tiles, np.arange(len(tiles)))
+        # The rows by latitude: a square's rows lie in a 1 km band of it, found by bisection (best_in_squares).
+        self._by_lat = np.argsort(self.lats, kind="stable")
+        self._sorted_lats = self.lats[self._by_lat]
         self.embeddings = np.asarray(centroids.embeddings, dtype=np.float32)
         self.refs = grouped_by_id(np.asarray(references.landmark_ids, dtype=np.int64),
                                   np.asarray(references.embeddings, dtype=np.float32))
@@ -59,7 +63,8 @@ class LocalIndex:
     def device(self) -> str:
         return str(self._on_device.device) if self._on_device is not None else "cpu"
 
-    def search_global(self, version: str | None, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def search_global(self, version: str | None, queries: np.ndarray, k: int,
+                      min_score: float | None = None) -> list[list[Hit]]:
         if k < 1:  # as LandmarkIndex: no search asks for nothing
             raise ValueError(f"limit must be at least 1, got {k}")
         k = min(k, len(self.embeddings))
@@ -70,7 +75,14 @@ class LocalIndex:
             top, top_sims = _exact_top_k(np.asarray(queries, dtype=np.float32), self.embeddings, k)
         order = np.argsort(-top_sims, axis=1, kind="stable")[:, :k]
         rows, scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_sims, order, axis=1)
-        return [list(map(Hit, *columns)) for columns in zip(*self._columns(rows, scores))]
+        if min_score is None:
+            return [list(map(Hit, *columns)) for columns in zip(*self._columns(rows, scores))]
+        # Most photos show no landmark and keep no hit: only the hits kept become objects.
+        query_of, rank = np.nonzero(scores >= min_score)
+        out: list[list[Hit]] = [[] for _ in range(len(rows))]
+        for i, hit in zip(query_of.tolist(), self._hits(rows[query_of, rank], scores[query_of, rank])):
+            out[i].append(hit)
+        return out
 
     def _candidates_on_device(self, queries: np.ndarray, n: int) -> np.ndarray:
         """Each query's ``n`` best rows by the device's product (fp16 on CUDA), as a (queries, n) array."""
@@ -90,6 +102,32 @@ class LocalIndex:
             out.append(self._hits(rows[order], scores[order]))
         return out
 
+    def best_in_squares(self, version: str | None, queries: np.ndarray, lats: Sequence[float],
+                        lons: Sequence[float], half_size_m: float) -> list[Hit | None]:
+        """Each query's best centroid inside the square of ±``half_size_m`` around (lats[i], lons[i]), or None
+        when the square holds none: what the decision rule keeps of a tile search (shared.recognition), found
+        exactly for the whole batch in a few array operations. The candidates are the rows in the square's
+        band of latitude, bisected from the latitude-sorted rows; ``geo.in_square_mask`` keeps those inside,
+        and only these are scored. Ties in score go to the lower row, as in ``search_geo``."""
+        centre_lats = np.clip(np.asarray(lats, dtype=np.float64), -90.0, 90.0)
+        centre_lons = np.asarray(lons, dtype=np.float64)
+        reach = half_size_m / geo.M_PER_DEG_LAT * (1 + 1e-9)  # a little wider than in_square's own test
+        first = np.searchsorted(self._sorted_lats, centre_lats - reach, side="left")
+        end = np.searchsorted(self._sorted_lats, centre_lats + reach, side="right")
+        out: list[Hit | None] = [None] * len(centre_lats)
+        for start, stop in _spans_of_at_most(end - first, BAND_ROWS_PER_PASS):
+            query_of, rows = _ragged_rows(first[start:stop], end[start:stop], self._by_lat)
+            query_of += start
+            inside = geo.in_square_mask(self.lats[rows], self.lons[rows], centre_lats[query_of],
+                                        centre_lons[query_of], half_size_m)
+            query_of, rows = query_of[inside], rows[inside]
+            scores = np.einsum("ij,ij->i", self.embeddings[rows], np.asarray(queries, dtype=np.float32)[query_of])
+            order = np.lexsort((rows, -scores, query_of))  # by query, then best score, then lowest row
+            best = order[np.flatnonzero(np.diff(query_of[order], prepend=-1))]
+            for i, hit in zip(query_of[best].tolist(), self._hits(rows[best], scores[best])):
+                out[i] = hit
+        return out
+
     def _rows_in(self, tiles: list[int]) -> np.ndarray:
         """The rows of the centroids in ``tiles``, ascending (ties in score then keep the row order)."""
         parts = [self._tile_rows[t] for t in tiles if t in self._tile_rows]
@@ -99,6 +137,25 @@ class LocalIndex:
 
     def references(self, version: str | None, landmark_ids: Iterable[int]) -> dict[int, np.ndarray]:
         return {int(i): self.refs[int(i)] for i in landmark_ids if int(i) in self.refs}
+
+
+def _ragged_rows(first: np.ndarray, end: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (query, row) pairs of ``rows[first[q]:end[q]]`` for every query q, as two flat arrays."""
+    lengths = end - first
+    query_of = np.repeat(np.arange(len(first)), lengths)
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return query_of, rows[first[query_of] + offsets]
+
+
+def _spans_of_at_most(lengths: np.ndarray, cap: int) -> list[tuple[int, int]]:
+    """Consecutive spans of queries whose ``lengths`` add up to at most ``cap`` (a longer one alone)."""
+    spans, start, total = [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if total + n > cap and i > start:
+            spans.append((start, i))
+            start, total = i, 0
+        total += n
+    return spans + [(start, len(lengths))] if len(lengths) else spans
 
 
 def _exact_top_k(queries: np.ndarray, table: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,12 +38,34 @@ def inside_square(hits: Sequence[Hit], where: GeoPoint) -> list[Hit]:
             and geo.in_square(h.lat, h.lon, where.lat, where.lon, SQUARE_HALF_SIZE_M)]
 
 
+def best_inside(hits: Sequence[Hit], where: GeoPoint) -> Hit | None:
+    """The best-scoring hit inside the square around ``where`` (the first of equals), or None."""
+    return max(inside_square(hits, where), key=lambda hit: hit.score, default=None)
+
+
+def geo_tag(best: Hit | None, t_geo: float) -> list[Tag]:
+    """With GPS, the best landmark inside the square is the answer when it reaches t_geo."""
+    return [Tag(best.landmark_id, float(best.score), Method.GEO)] if best is not None and best.score >= t_geo else []
+
+
 def decide_geo(hits: Sequence[Hit], where: GeoPoint, t_geo: float) -> list[Tag]:
-    scores = best_per_landmark(inside_square(hits, where))
-    if not scores:
+    return geo_tag(best_inside(hits, where), t_geo)
+
+
+def geo_winners(index: LandmarkIndex, version: str, embeddings: np.ndarray, points: Sequence[GeoPoint],
+                limit: int = 256) -> list[Hit | None]:
+    """Each photo's best centroid inside the square around its point. An index that finds it for a whole
+    batch at once (the worker-local replica, shared.local_index.LocalIndex.best_in_squares: exact, no
+    tiles) does; otherwise the ``limit`` best centroids in the tiles covering each square are searched
+    (Milvus's filtered search) and those outside the square dropped."""
+    if len(points) == 0:
         return []
-    landmark_id, score = max(scores.items(), key=lambda item: item[1])
-    return [Tag(landmark_id, float(score), Method.GEO)] if score >= t_geo else []
+    whole_batch = getattr(index, "best_in_squares", None)
+    if whole_batch is not None:
+        return whole_batch(version, embeddings, [p.lat for p in points], [p.lon for p in points],
+                           SQUARE_HALF_SIZE_M)
+    tiles = [geo.tiles_covering_square(p.lat, p.lon, SQUARE_HALF_SIZE_M) for p in points]
+    return [best_inside(hits, p) for hits, p in zip(index.search_geo(version, embeddings, tiles, limit), points)]
 
 
 def reference_similarity(embedding: np.ndarray, references: np.ndarray) -> float:
@@ -71,14 +93,13 @@ def recognise_batch(embeddings: np.ndarray, gps: Sequence[GeoPoint | None], inde
     with_gps = [i for i, point in enumerate(gps) if point is not None]
     without_gps = [i for i, point in enumerate(gps) if point is None]
     if with_gps:
-        tiles = [geo.tiles_covering_square(gps[i].lat, gps[i].lon, SQUARE_HALF_SIZE_M) for i in with_gps]
-        hits = index.search_geo(version, embeddings[with_gps], tiles, geo_limit)
-        for i, photo_hits in zip(with_gps, hits):
-            results[i] = decide_geo(photo_hits, gps[i], thresholds.t_geo)
+        winners = geo_winners(index, version, embeddings[with_gps], [gps[i] for i in with_gps], geo_limit)
+        for i, best in zip(with_gps, winners):
+            results[i] = geo_tag(best, thresholds.t_geo)
     if without_gps:
-        hits = index.search_global(version, embeddings[without_gps], global_k)
-        candidates = {h.landmark_id for photo_hits in hits for h in photo_hits
-                      if h.score >= thresholds.t_global}
+        # Only the hits that reach t_global can be tagged (decide_global): the index leaves out the others.
+        hits = index.search_global(version, embeddings[without_gps], global_k, min_score=thresholds.t_global)
+        candidates = {h.landmark_id for photo_hits in hits for h in photo_hits}
         references = index.references(version, candidates) if candidates else {}
         for i, photo_hits in zip(without_gps, hits):
             results[i] = decide_global(photo_hits, embeddings[i], references, thresholds)

@@ -1,7 +1,8 @@
 """Centroid search alone at growing gallery sizes (`landmarks bench --search-scale`): milvus-lite (FLAT, IP;
 what the worker queries) against the worker's exact in-process replica (`shared.local_index.LocalIndex`), and
 with --device cuda the same replica searching on the GPU, as a GPU worker keeps it. Queries come in batches
-of 64, global top-k and 1x1 km geo-filtered, as `recognise_batch` issues them."""
+of 64, global top-k and 1x1 km geo-filtered, as `recognise_batch` issues them; `local_squares_*` is the
+replica's whole-batch geo decision (`LocalIndex.best_in_squares`), what a worker with a replica runs."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class ScaleCase:
     references: ReferenceRows  # none: the search alone is measured
     queries: np.ndarray
     tiles: list[list[int]]
+    points: tuple[list[float], list[float]]  # the queries' photo positions (lats, lons), the tiles' centres
 
 
 def run_search_scale(cfg: BenchConfig, reporter: Reporter | None = None,
@@ -95,7 +97,7 @@ def _case(n: int, dim: int, rng: np.random.Generator) -> ScaleCase:
     pick = rng.integers(0, n, BATCH)
     queries = normalise(embeddings[pick] + 0.5 * rng.standard_normal((BATCH, dim), dtype=np.float32))
     tiles = [geo.tiles_covering_square(float(lats[p]), float(lons[p]), SQUARE_HALF_SIZE_M) for p in pick]
-    return ScaleCase(n, centroids, no_references, queries, tiles)
+    return ScaleCase(n, centroids, no_references, queries, tiles, (lats[pick].tolist(), lons[pick].tolist()))
 
 
 def _replica_figures(case: ScaleCase, cfg: BenchConfig) -> dict:
@@ -103,12 +105,16 @@ def _replica_figures(case: ScaleCase, cfg: BenchConfig) -> dict:
     img/s, and the scratch memory one global batch allocates."""
     import torch
     from shared.local_index import LocalIndex
+    from shared.recognition import SQUARE_HALF_SIZE_M
     start = time.perf_counter()
     host = LocalIndex("scale", case.centroids, case.references)
     figures = {"local_build_s": round(time.perf_counter() - start, 2),
                **_batch_figures("local", lambda: host.search_global(None, case.queries, TOP_K),
                                 lambda: host.search_geo(None, case.queries, case.tiles, GEO_LIMIT)),
                "local_global_scratch_mb": scratch_mb(lambda: host.search_global(None, case.queries, TOP_K))}
+    # What a worker runs for its GPS photos: each square's best centroid for the whole batch, no tiles.
+    t = adaptive_time(lambda: host.best_in_squares(None, case.queries, *case.points, SQUARE_HALF_SIZE_M), iters=5)
+    figures.update(local_squares_ms=round(t * 1e3, 2), local_squares_img_s=round(BATCH / t, 1))
     del host  # a million centroids: free them before the device copy
     if cfg.cuda and torch.cuda.is_available():
         on_gpu = LocalIndex("scale", case.centroids, case.references, device=cfg.device)

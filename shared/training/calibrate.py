@@ -19,8 +19,7 @@ def threshold_for_accuracy(negative_scores: np.ndarray, target: float = 0.99) ->
 
 from dataclasses import dataclass, field  # noqa: E402
 
-from shared import geo  # noqa: E402
-from shared.recognition import SQUARE_HALF_SIZE_M, best_per_landmark, decide_geo, reference_similarity  # noqa: E402
+from shared.recognition import best_per_landmark, geo_winners, reference_similarity  # noqa: E402
 
 
 @dataclass
@@ -80,12 +79,8 @@ def calibrate_no_gps(c: Candidates, truth: list[int | None], target: float) -> t
 
 def geo_scores(index, version: str, embeddings: np.ndarray, gps: list) -> list[tuple[int, float] | None]:
     """Per GPS photo, the best landmark inside its square and its score (None: no landmark nearby)."""
-    tiles = [geo.tiles_covering_square(p.lat, p.lon, SQUARE_HALF_SIZE_M) for p in gps]
-    out = []
-    for hits, point in zip(index.search_geo(version, embeddings, tiles, 256), gps):
-        tags = decide_geo(hits, point, -np.inf)
-        out.append((tags[0].landmark_id, tags[0].score) if tags else None)
-    return out
+    return [(best.landmark_id, best.score) if best is not None else None
+            for best in geo_winners(index, version, embeddings, gps)]
 
 
 def calibrate_geo(best: list[tuple[int, float] | None], truth: list[int | None], target: float) -> tuple[float, list]:

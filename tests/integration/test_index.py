@@ -178,6 +178,10 @@ def test_search_global_matches_brute_force(index, published):
     assert index.search_global("v1_0", q[:0], 5) == []
     with pytest.raises(ValueError):
         index.search_global("v1_0", q, 0)
+    every = index.search_global("v1_0", q, 10)
+    floor = float(np.median([h.score for found in every for h in found]))
+    assert index.search_global("v1_0", q, 10, min_score=floor) == \
+        [[h for h in found if h.score >= floor] for found in every]
 
 
 def test_search_geo_exact_on_selective_filter(index, published):

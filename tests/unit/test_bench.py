@@ -207,6 +207,7 @@ def test_search_scale_measures_the_replica_and_milvus_and_skips_an_insert_past_t
     assert (small["centroids"], large["centroids"], result["dim"]) == (2_000, 4_000, 16)
     for row in (small, large):
         assert row["local_global_ms"] > 0 and row["local_geo_ms"] > 0 and row["local_global_scratch_mb"] > 0
+        assert row["local_squares_ms"] > 0 and row["local_squares_img_s"] > 0
     assert small["milvus_global_ms"] > 0 and small["milvus_insert_s"] >= 0
     # The first insert measured the rate; 4,000 rows at that rate would pass the 1 ms cap.
     assert large["milvus"].startswith("skipped") and "milvus_global_ms" not in large
@@ -274,7 +275,8 @@ def test_the_search_scale_prints_a_row_per_gallery_size():
     from shared.bench_cli import search_scale_table
     result = {"mode": "search_scale", "dim": 128, "batch": 64, "results": [
         {"centroids": 10000, "local_global_ms": 2.41, "local_global_img_s": 26540.6, "local_geo_ms": 0.68,
-         "local_geo_img_s": 94442.5, "local_global_scratch_mb": 3.3, "milvus_insert_s": 2.3,
+         "local_geo_img_s": 94442.5, "local_squares_ms": 0.31, "local_squares_img_s": 206451.6,
+         "local_global_scratch_mb": 3.3, "milvus_insert_s": 2.3,
          "milvus_global_ms": 47.98, "milvus_global_img_s": 1333.8, "milvus_geo_ms": 514.69,
          "milvus_geo_img_s": 124.3},
         {"centroids": 1000000, "local_global_ms": 153.48, "local_global_img_s": 417.0, "local_geo_ms": 1.0,
@@ -285,4 +287,5 @@ def test_the_search_scale_prints_a_row_per_gallery_size():
     small = next(line for line in lines if "10,000" in line)
     large = next(line for line in lines if "1,000,000" in line)
     assert "2.41 (26,540.6)" in small and "47.98 (1,333.8)" in small and "3.3" in small
+    assert "0.31 (206,451.6)" in small
     assert "153.48 (417.0)" in large and "skipped (cap)" in large

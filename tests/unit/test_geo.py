@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from shared.geo import (
     band_of,
     haversine_m,
     in_square,
+    in_square_mask,
     n_lon,
     tile_band_cell,
     tile_of,
@@ -152,3 +154,18 @@ def test_haversine():
     assert haversine_m(0.0, 179.5, 0.0, -179.5) == pytest.approx(111_195.0, rel=1e-3)
     assert haversine_m(90.0, 0.0, -90.0, 0.0) == pytest.approx(math.pi * 6_371_008.8, rel=1e-9)
     assert haversine_m(10.0, 20.0, 11.0, 21.0) == pytest.approx(haversine_m(11.0, 21.0, 10.0, 20.0))
+
+
+@settings(deadline=None, max_examples=300)
+@given(clat=lats_any, clon=lons_any, u=st.floats(-3.0, 3.0), v=st.floats(-3.0, 3.0),
+       half=st.sampled_from([HALF, 100.0, 1500.0]))
+def test_the_array_square_test_agrees_with_the_scalar_one(clat, clon, u, v, half):
+    """The replica's whole-batch geo search (in_square_mask) keeps exactly what the decision rule's
+    in_square keeps, inside and outside the square, across the antimeridian and at the poles."""
+    lat, lon = _point_in_square(clat, clon, u, v, half)
+    mask = in_square_mask(np.array([lat]), np.array([lon]), np.array([clat]), np.array([clon]), half)
+    assert bool(mask[0]) == in_square(lat, lon, clat, clon, half)
+
+
+def test_a_missing_coordinate_is_outside_every_square():
+    assert not in_square_mask(np.array([np.nan, 10.0]), np.array([0.0, np.nan]), np.zeros(2), np.zeros(2)).any()

@@ -1,5 +1,6 @@
-"""The in-process search replica's index: geo search by tile lookup, global search on the host or on a
-torch device (a GPU worker's), references grouped by landmark. Each is checked against a plain scan."""
+"""The in-process search replica's index: geo search by tile lookup and by whole batch, global search on
+the host or on a torch device (a GPU worker's), references grouped by landmark. Each is checked against a
+plain scan, or against what the decision rule gets from the searches Milvus offers."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from shared import geo
+from shared.events import GeoPoint
 from shared.index import CentroidRows, ReferenceRows
 from shared.local_index import LocalIndex
-from shared.recognition import SQUARE_HALF_SIZE_M
+from shared.recognition import SQUARE_HALF_SIZE_M, Thresholds, geo_winners, recognise_batch
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -95,3 +97,84 @@ def test_global_search_is_exact_whatever_the_block_size(gallery, monkeypatch, sc
     assert LocalIndex("v", centroids, references).search_global("v", queries[:0], 7) == []
     with pytest.raises(ValueError):
         LocalIndex("v", centroids, references).search_global("v", queries, 0)
+
+
+class TileSearchOnly:
+    """The replica seen through the searches Milvus offers (no whole-batch geo, no score floor): what
+    shared.recognition does with Milvus, for comparison with what it does with the replica."""
+
+    def __init__(self, index: LocalIndex) -> None:
+        self.index = index
+
+    def search_geo(self, version, queries, tiles, limit):
+        return self.index.search_geo(version, queries, tiles, limit)
+
+    def search_global(self, version, queries, k, min_score=None):
+        return [[h for h in hits if min_score is None or h.score >= min_score]
+                for hits in self.index.search_global(version, queries, k)]
+
+    def references(self, version, ids):
+        return self.index.references(version, ids)
+
+
+@pytest.fixture(scope="module")
+def places():
+    """1,000 centroids in crowded squares (~150 centroids a km²), on both sides of the antimeridian and at
+    both poles, with photo points near them and some in empty places."""
+    rng = np.random.default_rng(11)
+    centres = np.array([(48.86, 2.35), (-16.5, 179.9995), (-16.5, -179.9995), (89.9995, 40.0), (-89.999, -120.0)])
+    n = 1000
+    ids = np.arange(n) // 4 + 1
+    at = centres[rng.integers(0, len(centres), n)]
+    lats = np.clip(at[:, 0] + rng.normal(0, 0.004, n), -90, 90)
+    lons = (at[:, 1] + rng.normal(0, 0.004, n) / np.cos(np.radians(lats)).clip(0.05) + 180) % 360 - 180
+    centroids = CentroidRows(ids, np.arange(n) % 4, lats, lons, _unit(rng.standard_normal((n, 32))))
+    references = ReferenceRows(ids[::4], np.zeros(n // 4, int), _unit(rng.standard_normal((n // 4, 32))))
+    near = rng.integers(0, n, 300)
+    points = [GeoPoint(lat=float(np.clip(lats[r] + rng.normal(0, 0.003), -90, 90)),
+                       lon=float((lons[r] + rng.normal(0, 0.003) + 180) % 360 - 180)) for r in near]
+    points += [GeoPoint(lat=10.0, lon=10.0), GeoPoint(lat=-16.5, lon=179.9)]  # nothing near; 10 km off
+    queries = _unit(centroids.embeddings[np.append(near, [0, 1])] + 0.5 * rng.standard_normal((302, 32)))
+    return centroids, references, queries, points
+
+
+@pytest.mark.parametrize("rows_per_pass", [1 << 20, 500])  # the whole batch at once; several passes
+def test_the_replica_finds_each_squares_best_centroid_as_a_tile_search_does(places, monkeypatch, rows_per_pass):
+    from shared import local_index
+    centroids, references, queries, points = places
+    monkeypatch.setattr(local_index, "BAND_ROWS_PER_PASS", rows_per_pass)
+    index = LocalIndex("v", centroids, references)
+    found = geo_winners(index, "v", queries, points)
+    by_tiles = geo_winners(TileSearchOnly(index), "v", queries, points, limit=len(queries))
+    assert sum(hit is not None for hit in found) > 250 and found[-2:] == [None, None]
+    for hit, expected in zip(found, by_tiles):
+        assert (hit is None) == (expected is None)
+        if hit is not None:
+            assert (hit.landmark_id, hit.centroid_no, hit.lat, hit.lon) == \
+                (expected.landmark_id, expected.centroid_no, expected.lat, expected.lon)
+            assert hit.score == pytest.approx(expected.score, abs=1e-6)
+    assert geo_winners(index, "v", queries[:0], []) == []
+
+
+def test_a_batch_gets_the_same_tags_from_the_replica_as_through_milvus_searches(places):
+    """recognise_batch takes the replica's shortcuts (whole-batch geo, global hits under t_global left
+    out): the tags must be those the plain searches give."""
+    centroids, references, queries, points = places
+    index = LocalIndex("v", centroids, references)
+    gps = [p if i % 3 else None for i, p in enumerate(points)]  # a third without GPS
+    thresholds = Thresholds(t_geo=0.3, t_global=0.3, t_ref=0.0)
+    direct = recognise_batch(queries, gps, index, "v", thresholds)
+    plain = recognise_batch(queries, gps, TileSearchOnly(index), "v", thresholds)
+    assert sum(bool(t) for t in direct[::3]) > 10 and sum(bool(t) for t in direct) > 100
+    for mine, theirs in zip(direct, plain):
+        assert [(t.landmark_id, t.method) for t in mine] == [(t.landmark_id, t.method) for t in theirs]
+        assert np.allclose([t.score for t in mine], [t.score for t in theirs], atol=1e-6)
+
+
+def test_a_score_floor_keeps_exactly_the_hits_that_reach_it(places):
+    centroids, references, queries, _ = places
+    index = LocalIndex("v", centroids, references)
+    every = index.search_global("v", queries, 10)
+    floor = float(np.median([h.score for hits in every for h in hits]))
+    assert index.search_global("v", queries, 10, min_score=floor) == \
+        [[h for h in hits if h.score >= floor] for hits in every]

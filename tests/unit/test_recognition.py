@@ -51,7 +51,7 @@ class FakeIndex:
         self.calls.append(("geo", len(queries)))
         return [[Hit(7, 0, 0.6, PARIS.lat, PARIS.lon)] for _ in queries]
 
-    def search_global(self, version, queries, k):
+    def search_global(self, version, queries, k, min_score=None):
         self.calls.append(("global", len(queries)))
         return [[Hit(9, 0, 0.9)] for _ in queries]
 
