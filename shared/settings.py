@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     # time. Unset: learnt from the batches, so that both sides finish together (shared/device_decode.py).
     device_decode_share: float | None = Field(None, ge=0, le=1)
 
-    # Search: how many centroids to take without GPS, and the tile-filter limit with GPS.
+    # Search: how many centroids to take without GPS, and the tile-filter limit with GPS when Milvus is
+    # searched (the in-process replica finds each photo's best centroid in its square exactly).
     global_top_k: int = Field(10, ge=1)
     geo_top_k: int = Field(256, ge=1)
     # Workers search an in-process exact copy of the active version when it has at most this many
