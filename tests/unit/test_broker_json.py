@@ -4,6 +4,7 @@ where it would."""
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from datetime import datetime, timezone
 
@@ -35,3 +36,22 @@ def test_an_escaped_type_marker_is_still_read_by_kombus_hook():
 
 def test_plain_json_is_read_without_the_hook():
     assert loads(json.dumps({"a": [1, 2.5, None, True]})) == {"a": [1, 2.5, None, True]}
+
+
+def test_what_python_encodes_and_orjson_refuses_is_still_read():
+    """Python's encoder writes NaN and Infinity; a message holding them still decodes (the event's
+    validation then refuses what it must) instead of failing at every redelivery."""
+    decoded = loads(b'{"lat": NaN, "lon": Infinity}')
+    assert math.isnan(decoded["lat"]) and decoded["lon"] == math.inf
+
+
+def test_an_integer_past_64_bits_arrives_as_the_nearest_float():
+    """No field of a message or an event is such a number; one that a broken producer sends decodes (a
+    malformed event is then recorded) rather than blocking its batch."""
+    assert loads('{"id": 123456789012345678901234567890}') == {"id": 1.2345678901234568e29}
+
+
+def test_a_message_in_a_memoryview_decodes_and_broken_json_is_an_error():
+    assert loads(memoryview(b'{"a": [1, 2]}')) == {"a": [1, 2]}
+    with pytest.raises(ValueError):
+        loads(b'{"a": ')
