@@ -13,6 +13,7 @@ and its scratch memory stays under 20 MB at any gallery size instead of a gigaby
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 
 import numpy as np
 
@@ -36,9 +37,6 @@ class LocalIndex:
         self.nos = np.asarray(centroids.centroid_nos, dtype=np.int64)
         self.lats = np.asarray(centroids.lats, dtype=np.float64)
         self.lons = np.asarray(centroids.lons, dtype=np.float64)
-        tiles = np.array([geo.tile_of(a, o) for a, o in zip(self.lats, self.lons)], dtype=np.int64)
-        # tile → its rows, ascending: a geo query looks up its few tiles instead of scanning every centroid.
-        self._tile_rows = grouped_by_id(tiles, np.arange(len(tiles)))
         # The rows by latitude: a square's rows lie in a 1 km band of it, found by bisection (best_in_squares).
         self._by_lat = np.argsort(self.lats, kind="stable")
         self._sorted_lats = self.lats[self._by_lat]
@@ -111,6 +109,7 @@ class LocalIndex:
         and only these are scored. Ties in score go to the lower row, as in ``search_geo``."""
         centre_lats = np.clip(np.asarray(lats, dtype=np.float64), -90.0, 90.0)
         centre_lons = np.asarray(lons, dtype=np.float64)
+        queries = np.asarray(queries, dtype=np.float32)
         reach = half_size_m / geo.M_PER_DEG_LAT * (1 + 1e-9)  # a little wider than in_square's own test
         first = np.searchsorted(self._sorted_lats, centre_lats - reach, side="left")
         end = np.searchsorted(self._sorted_lats, centre_lats + reach, side="right")
@@ -121,12 +120,20 @@ class LocalIndex:
             inside = geo.in_square_mask(self.lats[rows], self.lons[rows], centre_lats[query_of],
                                         centre_lons[query_of], half_size_m)
             query_of, rows = query_of[inside], rows[inside]
-            scores = np.einsum("ij,ij->i", self.embeddings[rows], np.asarray(queries, dtype=np.float32)[query_of])
+            scores = np.einsum("ij,ij->i", self.embeddings[rows], queries[query_of])
             order = np.lexsort((rows, -scores, query_of))  # by query, then best score, then lowest row
             best = order[np.flatnonzero(np.diff(query_of[order], prepend=-1))]
             for i, hit in zip(query_of[best].tolist(), self._hits(rows[best], scores[best])):
                 out[i] = hit
         return out
+
+    @cached_property
+    def _tile_rows(self) -> dict[int, np.ndarray]:
+        """tile → its rows, ascending: a tile search looks up its few tiles instead of scanning every centroid.
+        Built on the first tile search (a tile per centroid in Python: seconds and a dict entry per tile at a
+        million centroids); a worker decides with best_in_squares and never makes one."""
+        tiles = np.array([geo.tile_of(a, o) for a, o in zip(self.lats, self.lons)], dtype=np.int64)
+        return grouped_by_id(tiles, np.arange(len(tiles)))
 
     def _rows_in(self, tiles: list[int]) -> np.ndarray:
         """The rows of the centroids in ``tiles``, ascending (ties in score then keep the row order)."""
