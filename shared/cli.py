@@ -104,16 +104,24 @@ def db_downgrade(revision: str) -> None:
 
 @app.command()
 def worker(device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (one worker per GPU)")] = None,
+           processes: Annotated[Optional[int], typer.Option(
+               min=1, max=16, help="worker processes on the device, under one supervisor (default "
+               "LANDMARKS_WORKER_PROCESSES, 1): 2 when one process's Python limits the GPU")] = None,
            loglevel: str = "INFO") -> None:
-    """Run one recognition worker process (the model lives in this process; batches overlap in threads)."""
+    """Run a recognition worker (the model lives in the worker process; batches overlap in threads)."""
     if device:
         os.environ["LANDMARKS_DEVICE"] = device
         get_settings.cache_clear()
-    from workers.app import app as celery_app
     settings = get_settings()
-    celery_app.worker_main(["worker", f"--queues={settings.queue}",
-                            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
-                            "--without-heartbeat"])
+    if (processes or settings.worker_processes) > 1:
+        from workers.supervisor import supervise
+        raise typer.Exit(supervise(processes or settings.worker_processes, loglevel))
+    from workers.supervisor import stop_with_parent
+    stop_with_parent(dict(os.environ))
+    from workers.app import app as celery_app
+    node = os.environ.get("LANDMARKS_WORKER_NODE")  # set by the supervisor: one Celery node name per process
+    celery_app.worker_main(["worker", f"--queues={settings.queue}", f"--loglevel={loglevel}", "--without-gossip",
+                            "--without-mingle", "--without-heartbeat", *([f"--hostname={node}"] if node else [])])
 
 
 def _photo_id(user: str, path: Path) -> str:

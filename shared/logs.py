@@ -4,7 +4,8 @@ Enabled with LANDMARKS_LOG_JSON=1 (read here, by ``json_logs_enabled``, when a w
 exporter sets up logging). Each line carries ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``msg`` and,
 when the call site passed them with ``extra=``, ``event_id``, ``photo_id``, ``model_version`` and any
 other extra field; ``exc`` holds a traceback. Inside ``log_context(...)`` every line of the thread also
-carries the context's fields (the worker sets ``model_version`` for a batch).
+carries the context's fields (the worker sets ``model_version`` for a batch). A worker run among several
+by `landmarks worker --processes N` adds ``worker``, its Celery node name (``worker0@host``, ...).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ JSON_ENV = "LANDMARKS_LOG_JSON"
 # Attributes every LogRecord has: anything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 # Keys the formatter owns: an extra field with one of these names is prefixed with "extra_".
-_RESERVED = {"ts", "level", "logger", "msg", "exc", "stack"}
+_RESERVED = {"ts", "level", "logger", "msg", "worker", "exc", "stack"}
+# Set by workers/supervisor.py for each of the worker processes it runs.
+_WORKER_NODE = os.environ.get("LANDMARKS_WORKER_NODE")
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("landmarks_log_context", default={})
 
 
@@ -61,6 +64,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if _WORKER_NODE:
+            out["worker"] = _WORKER_NODE
         fields = dict(_context.get())
         fields.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
         for key, value in fields.items():

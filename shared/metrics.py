@@ -87,6 +87,9 @@ BACKLOG_METRICS = ("landmarks_queue_backlog", "landmarks_queue_waiting", "landma
                    "landmarks_queue_backlog_up")
 GPU_METRICS = ("landmarks_gpu_memory_allocated_bytes", "landmarks_gpu_memory_reserved_bytes",
                "landmarks_gpu_memory_total_bytes")
+# Served by the parent of several worker processes (workers/supervisor_http.py), labelled by process.
+PROCESS_UP = "landmarks_worker_process_up"
+PROCESS_RESTARTS = "landmarks_worker_process_restarts_total"
 
 _model_version: str | None = None
 _state_lock = threading.Lock()
@@ -94,7 +97,7 @@ _state_lock = threading.Lock()
 
 def metric_names() -> set[str]:
     """Every sample name this module can expose (counters with _total, histograms with _bucket/_sum/_count)."""
-    names: set[str] = set(BACKLOG_METRICS) | set(GPU_METRICS)
+    names: set[str] = set(BACKLOG_METRICS) | set(GPU_METRICS) | {PROCESS_UP, PROCESS_RESTARTS}
     for metric in ALL_METRICS:
         for family in metric.describe():
             base = family.name

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # while this one is in the model, searched and written (the model runs one batch at a time). Safe
     # because workers/broker.py takes a message and records it as unacknowledged in one step.
     batches_in_flight: int = Field(2, ge=1, le=8)
+    # Worker processes `landmarks worker` runs on its device, under one supervisor (workers/supervisor.py):
+    # 2 when one process's own Python limits a GPU's throughput (BENCHMARKS.md, worker_cpu_ms_per_img.main).
+    worker_processes: int = Field(1, ge=1, le=16)
     # CPU threads of a worker (shared/runtime.configure_threads): torch intra-op (0 = one per 4 cores) and
     # numpy's BLAS (0 = leave as is), whose spinning idle threads otherwise eat into the decode pool.
     torch_threads: int = Field(0, ge=0, le=256)

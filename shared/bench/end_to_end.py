@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shared.bench.config import REPO, Reporter
-from shared.bench.host import cpu_count, cpu_s, rss_mb
+from shared.bench.host import cpu_s, rss_mb
+from workers.supervisor import resource_shares
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,7 @@ def _worker_env(plan: E2EPlan) -> dict:
                 "LANDMARKS_QUEUE": plan.queue, "LANDMARKS_BATCH_SIZE": str(plan.batch_size),
                 "LANDMARKS_DEVICE": plan.device, "LANDMARKS_HOME": str(plan.workdir / "home"),
                 "LANDMARKS_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"})
-    if plan.workers > 1 and "LANDMARKS_DECODE_WORKERS" not in env:
-        env["LANDMARKS_DECODE_WORKERS"] = str(max(1, cpu_count() // plan.workers))  # the cores, shared out
+    env.update(resource_shares(plan.workers, env))  # the cores and the arena, shared out as the supervisor does
     if plan.max_wait_ms is not None:
         env["LANDMARKS_MAX_WAIT_MS"] = str(plan.max_wait_ms)
     if plan.torch_compile:
