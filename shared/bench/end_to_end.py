@@ -97,7 +97,10 @@ class E2EPlan:
     max_wait_ms: int | None = None
     torch_compile: bool = False  # the worker compiles its model at start (LANDMARKS_TORCH_COMPILE)
     stall_s: float = 180.0
-    poll_s: float = 0.05  # how often progress is read from PostgreSQL (a long run polls less)
+    # How often progress is read from PostgreSQL; every 50 ms near the end whatever this says. Each read costs
+    # the machine about 2 ms of CPU (PostgreSQL's and the bench's): every 50 ms throughout, that was 2 % of
+    # two cores taken from the worker being measured.
+    poll_s: float = 0.25
     workers: int = 1  # worker processes on the queue (several per GPU when one process's Python limits it)
 
 
@@ -156,7 +159,7 @@ class BenchWorkers:
 
 
 def _wait_for(engine, user: str, n: int, workers: BenchWorkers, stall_s: float,
-              on_poll: Callable[[int], None] | None = None, poll_s: float = 0.05) -> float:
+              on_poll: Callable[[int], None] | None = None, poll_s: float = 0.25) -> float:
     """Polls processed_events until `n` events of `user` are committed; the time the last one was seen.
     A long run polls every `poll_s`, but every 50 ms once the end may come before the next poll, so the
     end is timed closely."""
