@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 from sqlalchemy import delete, func, literal, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -35,13 +36,14 @@ shadow_rollouts = ShadowRollout.__table__
 shadow_photos = ShadowPhoto.__table__
 
 
-# The batch's statements pass each column as one array (_columns) and unnest it on the server. Their SQL
-# text never changes, so nothing is compiled per batch: building and compiling 64-row VALUES lists was most
-# of the write's cost, in the worker's Python (BENCHMARKS.md, fourth session).
+# A batch's statements take its rows as one JSON parameter, an array of arrays, and read it on the server. Their
+# SQL text never changes, so nothing is compiled per batch: building and compiling 64-row VALUES lists was
+# most of the write's cost, in the worker's Python (BENCHMARKS.md, fourth session). One JSON text (orjson,
+# about 0.4 ms for 256 photos) replaced a Python list per column, which psycopg2 adapted element by element
+# into array literals (about 2 ms for the same photos, with the worker's GIL held; twelfth session).
 CLAIM_EVENTS = text("""
     INSERT INTO processed_events (event_id, kind, user_id, photo_id)
-    SELECT e, 'uploaded', u, p FROM unnest(CAST(:event_ids AS text[]), CAST(:user_ids AS text[]),
-                                           CAST(:photo_ids AS text[])) AS t(e, u, p)
+    SELECT r->>0, 'uploaded', r->>1, r->>2 FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS t(r)
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id""")
 # WITH ORDINALITY ... ORDER BY keeps the rows in the caller's (sorted) order: a fixed lock order, so that
@@ -50,11 +52,9 @@ CLAIM_EVENTS = text("""
 UPSERT_PHOTOS = text("""
     INSERT INTO photos (user_id, photo_id, uri, uploaded_at, status, model_version, gps_lat, gps_lon,
                         gps_source, processed_at)
-    SELECT u, p, uri, at, st, :model_version, lat, lon, src, now()
-    FROM unnest(CAST(:user_ids AS text[]), CAST(:photo_ids AS text[]), CAST(:uris AS text[]),
-                CAST(:uploaded_at AS timestamptz[]), CAST(:statuses AS text[]), CAST(:lats AS float8[]),
-                CAST(:lons AS float8[]), CAST(:sources AS text[]))
-         WITH ORDINALITY AS t(u, p, uri, at, st, lat, lon, src, n)
+    SELECT r->>0, r->>1, r->>2, CAST(r->>3 AS timestamptz), r->>4, :model_version, CAST(r->>5 AS float8),
+           CAST(r->>6 AS float8), r->>7, now()
+    FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS t(r, n)
     ORDER BY n
     ON CONFLICT (user_id, photo_id) DO UPDATE SET
         uri = EXCLUDED.uri, uploaded_at = EXCLUDED.uploaded_at, status = EXCLUDED.status,
@@ -65,13 +65,13 @@ UPSERT_PHOTOS = text("""
 CLEAR_TAGS = text("""
     DELETE FROM photo_tags
     WHERE model_version = :model_version
-      AND (user_id, photo_id) IN (SELECT * FROM unnest(CAST(:user_ids AS text[]), CAST(:photo_ids AS text[])))""")
+      AND (user_id, photo_id) IN (SELECT r->>0, r->>1 FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS t(r))""")
 # A landmark listed twice keeps its first (best) rank.
 INSERT_TAGS = text("""
     INSERT INTO photo_tags (user_id, photo_id, model_version, landmark_id, rank, score, method)
-    SELECT u, p, :model_version, l, r, s, m
-    FROM unnest(CAST(:user_ids AS text[]), CAST(:photo_ids AS text[]), CAST(:landmark_ids AS bigint[]),
-                CAST(:ranks AS smallint[]), CAST(:scores AS real[]), CAST(:methods AS text[])) AS t(u, p, l, r, s, m)
+    SELECT r->>0, r->>1, :model_version, CAST(r->>2 AS bigint), CAST(r->>3 AS smallint), CAST(r->>4 AS real),
+           r->>5
+    FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS t(r)
     ON CONFLICT DO NOTHING""")
 
 
@@ -86,9 +86,8 @@ def write_outcomes(
         return 0
 
     # Claiming the event ids first makes a concurrent redelivery wait here, then skip.
-    claimed = set(session.scalars(CLAIM_EVENTS, _columns(
-        ("event_ids", "user_ids", "photo_ids"),
-        [(o.event.event_id, o.event.user_id, o.event.photo_id) for o in by_event.values()])))
+    claimed = set(session.scalars(CLAIM_EVENTS, {"rows": _json_rows(
+        [(o.event.event_id, o.event.user_id, o.event.photo_id) for o in by_event.values()])}))
     # Two events for one photo in a batch: the later one wins (one row may be upserted once per statement).
     by_photo: dict[tuple[str, str], PhotoOutcome] = {}
     for event_id, outcome in by_event.items():
@@ -101,12 +100,11 @@ def write_outcomes(
     if not applied:
         return 0
     keys = sorted(applied)
-    session.execute(CLEAR_TAGS, {"model_version": model_version, **_columns(("user_ids", "photo_ids"), keys)})
+    session.execute(CLEAR_TAGS, {"model_version": model_version, "rows": _json_rows(keys)})
     tags = [(user_id, photo_id, int(tag.landmark_id), rank, float(tag.score), str(tag.method))
             for user_id, photo_id in keys for rank, tag in enumerate(by_photo[(user_id, photo_id)].tags)]
     if tags:
-        session.execute(INSERT_TAGS, {"model_version": model_version, **_columns(
-            ("user_ids", "photo_ids", "landmark_ids", "ranks", "scores", "methods"), tags)})
+        session.execute(INSERT_TAGS, {"model_version": model_version, "rows": _json_rows(tags)})
     failure_rows = [
         _failure_row(
             key=o.event.event_id,
@@ -136,9 +134,13 @@ def _upsert_photos(
         rows.append((user_id, photo_id, o.event.uri, o.event.uploaded_at, str(o.status),
                      gps.lat if gps else None, gps.lon if gps else None,
                      str(o.gps_source) if gps and o.gps_source else None))
-    result = session.execute(UPSERT_PHOTOS, {"model_version": model_version, **_columns(
-        ("user_ids", "photo_ids", "uris", "uploaded_at", "statuses", "lats", "lons", "sources"), rows)})
+    result = session.execute(UPSERT_PHOTOS, {"model_version": model_version, "rows": _json_rows(rows)})
     return {(r.user_id, r.photo_id) for r in result}
+
+
+def _json_rows(rows: list[tuple]) -> str:
+    """Rows as one JSON array of arrays (datetimes in ISO 8601 with their offset, None as null)."""
+    return orjson.dumps(rows).decode()
 
 
 def _columns(names: tuple[str, ...], rows: list[tuple]) -> dict[str, list]:
@@ -239,7 +241,7 @@ def _bounded_payload(payload: Any) -> Any:
     return _clean(json.loads(raw))
 
 
-# A gallery's landmarks as arrays too: a VALUES list of 333,000 landmarks (a million centroids) is 2.3 million
+# A gallery's landmarks as one array per column (not the hot path): a VALUES list of 333,000 landmarks (a million centroids) is 2.3 million
 # bind parameters, which SQLAlchemy took many minutes to compile; chunks keep each statement a few MB.
 UPSERT_LANDMARKS = text("""
     INSERT INTO landmarks (id, name, city, country, region, lat, lon)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import secrets
 import socket
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
+import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -213,6 +214,29 @@ def test_write_outcomes_fills_tables_and_views(world):
     failed_report = albums.photo_report(world, "alice", "p6")
     assert failed_report["failure"] == "not an image" and failed_report["tags"] == [] and failed_report["gps"] is None
     assert albums.photo_report(world, "alice", "missing") is None
+
+
+def test_every_value_of_a_batch_arrives_exactly(world):
+    """What the writer sends (one JSON parameter per statement) comes back as it was: an offset and
+    microseconds, coordinates to the last bit, quotes, backslashes and non-ASCII in a URI, float32 scores."""
+    at = datetime(2025, 3, 9, 23, 59, 58, 123456, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    gps = GeoPoint(lat=48.858370123456789, lon=-2.2944813287654321)
+    event = PhotoUploaded(event_id="exact-1", user_id="zoë", photo_id="p'1\\x", uploaded_at=at, gps=gps,
+                          uri='file:///photos/zoë/"quoted" \\ back\\slash\u00e9.jpg')
+    score = float(np.float32(0.87654321))
+    outcome = PhotoOutcome(event=event, status=PhotoStatus.TAGGED, gps=gps, gps_source=GpsSource.EXIF,
+                           tags=[Tag(landmark_id=1, score=score, method=Method.REFERENCE),
+                                 Tag(landmark_id=2, score=0.5, method=Method.GEO)])
+    assert writer.write_outcomes(world, "v1", [outcome]) == 1
+
+    photo = world.execute(text("SELECT user_id, photo_id, uri, uploaded_at, gps_lat, gps_lon, gps_source, status "
+                               "FROM photos WHERE photo_id = :p"), {"p": event.photo_id})
+    assert photo.one() == ("zoë", event.photo_id, event.uri, at, gps.lat, gps.lon, "exif", "tagged")
+    tags = world.execute(text("SELECT landmark_id, rank, score, method FROM photo_tags WHERE photo_id = :p ORDER BY rank"),
+                         {"p": event.photo_id}).all()
+    assert [tuple(t) for t in tags] == [(1, 0, pytest.approx(score, rel=1e-7), "reference"), (2, 1, 0.5, "geo")]
+    claimed = world.execute(text("SELECT user_id, photo_id FROM processed_events WHERE event_id = 'exact-1'")).one()
+    assert tuple(claimed) == ("zoë", event.photo_id)
 
 
 def test_redelivery_changes_nothing(world):
