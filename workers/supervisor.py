@@ -200,6 +200,17 @@ class Supervisor:
         return 1 if self.gave_up else status
 
 
+def _serve_pod_view(view, port: int | None):
+    """The pod's port; one in use is logged, never fatal (as in a lone worker): the workers run on."""
+    if port is None:
+        return None
+    try:
+        return view.serve(port)
+    except OSError as exc:
+        log.error("cannot serve the pod's health and metrics on port %s: %s", port, exc)
+        return None
+
+
 def supervise(processes: int, loglevel: str) -> int:
     """`landmarks worker --processes N`: N workers on this machine's device; returns the exit status."""
     from shared import metrics
@@ -216,7 +227,7 @@ def supervise(processes: int, loglevel: str) -> int:
     supervisor = Supervisor(processes, command, environ, metrics=port is not None)
     for signum in FORWARDED:
         signal.signal(signum, lambda received, _frame: supervisor.forward(received))
-    server = PodView(supervisor).serve(port) if port is not None else None
+    server = _serve_pod_view(PodView(supervisor), port)
     log.info("supervising %d worker processes%s", processes, f"; pod health and metrics on port {server.port}"
              if server else "")
     try:

@@ -158,3 +158,17 @@ def test_the_pod_is_live_but_not_ready_while_a_worker_loads_and_not_live_once_it
     finally:
         supervisor.forward(signal.SIGTERM)
         thread.join(20)
+
+
+def test_a_pod_port_in_use_is_logged_and_the_workers_run_on(tmp_path, caplog):
+    import socket
+
+    from workers import supervisor_http
+    from workers.supervisor import _serve_pod_view
+    view = supervisor_http.PodView(_supervisor(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        assert _serve_pod_view(view, taken.getsockname()[1]) is None
+    assert "cannot serve the pod's health and metrics" in caplog.text
+    assert _serve_pod_view(view, None) is None
