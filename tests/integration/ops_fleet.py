@@ -44,6 +44,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def processed(engine, user: str) -> int:
+    """Events of ``user`` committed so far (processed_events)."""
+    import sqlalchemy as sa
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM processed_events WHERE user_id = :u"),
+                            {"u": user}).scalar_one()
+
+
 def photo_set(root: Path, n_landmarks: int = 3, n_everyday: int = 3) -> dict:
     landmarks_dir, csv_path, everyday = write_photo_set(root, n_landmarks=n_landmarks, photos_per_landmark=2,
                                                        n_everyday=n_everyday, seed=11)

@@ -11,13 +11,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from celery import Celery
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import health, metrics
 from shared.logs import JsonFormatter, configure_logging, json_logs_enabled, log_context
+from shared.stack import _port_open
 
 import ops_fleet as fleet
 
@@ -189,10 +189,10 @@ def test_a_real_workers_metrics_match_what_it_processed(photos, model_version, e
         uploads = tagged + everyday + [broken, outside]
         for e in uploads + [malformed]:
             send(fleet.UPLOADED, e)
-        fleet.wait(lambda: _processed(engine, user) == len(uploads), "all uploads", worker=worker)
+        fleet.wait(lambda: fleet.processed(engine, user) == len(uploads), "all uploads", worker=worker)
         send(fleet.UPLOADED, tagged[0])  # a redelivery: processed again, applied never
         send(fleet.DELETED, {"event_id": uuid.uuid4().hex, "user_id": user, "photo_id": everyday[0]["photo_id"]})
-        fleet.wait(lambda: _processed(engine, user) == len(uploads) + 1, "the deletion", worker=worker)
+        fleet.wait(lambda: fleet.processed(engine, user) == len(uploads) + 1, "the deletion", worker=worker)
 
         def scraped():
             samples = _samples(fleet.http_get(base + "/metrics")[1].decode())
@@ -272,21 +272,6 @@ def test_health_names_the_dependency_that_is_down(env, model_version):
 
     code, report = fleet.ops_cli(env, "health", "--url", f"http://127.0.0.1:{fleet.free_port()}", check=False)
     assert code == 1 and not report["ok"] and "no worker answers" in report["error"]
-
-
-def _port_open(port: int) -> bool:
-    import socket
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _processed(engine, user: str) -> int:
-    with engine.connect() as conn:
-        return conn.execute(sa.text("SELECT count(*) FROM processed_events WHERE user_id = :u"),
-                            {"u": user}).scalar_one()
 
 
 def test_the_backlog_exporter_serves_what_keda_reads(broker_url, tmp_path):

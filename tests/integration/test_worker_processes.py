@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.stack import _port_open
+
 import ops_fleet as fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,12 +45,6 @@ def _by_process(samples: dict, name: str, **labels) -> dict[str, float]:
         if sample_name == name and all(found.get(k) == v for k, v in labels.items()):
             out[found["process"]] = out.get(found["process"], 0.0) + value
     return out
-
-
-def _processed(engine, user: str) -> int:
-    with engine.connect() as conn:
-        return conn.execute(sa.text("SELECT count(*) FROM processed_events WHERE user_id = :u"),
-                            {"u": user}).scalar_one()
 
 
 def _tagged(engine, user: str) -> int:
@@ -97,7 +93,7 @@ def test_two_worker_processes_share_a_queue_behind_one_port(photos, model_versio
 
         uploads = photos["firsts"] * 4 + photos["everyday"] * 4  # distinct events, several batches
         send(uploads)
-        fleet.wait(lambda: _processed(engine, user) == len(uploads), "the first uploads", worker=supervisor)
+        fleet.wait(lambda: fleet.processed(engine, user) == len(uploads), "the first uploads", worker=supervisor)
         assert _tagged(engine, user) == len(photos["firsts"]) * 4
 
         s = _samples(fleet.http_get(base + "/metrics")[1].decode())
@@ -114,7 +110,7 @@ def test_two_worker_processes_share_a_queue_behind_one_port(photos, model_versio
         assert _by_process(s, "landmarks_worker_process_restarts_total") == {"0": 1.0, "1": 0.0}
         more = photos["everyday"] * 3
         send(more)
-        fleet.wait(lambda: _processed(engine, user) == len(uploads) + len(more), "uploads after the restart",
+        fleet.wait(lambda: fleet.processed(engine, user) == len(uploads) + len(more), "uploads after the restart",
                    worker=supervisor)
 
         code, health = fleet.ops_cli(env, "health", "--url", base)
@@ -129,12 +125,3 @@ def test_two_worker_processes_share_a_queue_behind_one_port(photos, model_versio
     assert any(x["level"] == "ERROR" and "exited with -9" in x["msg"] and "worker" not in x for x in lines)
     loaded = {x["worker"].split("@")[0] for x in lines if x.get("logger") == "workers.context" and "worker" in x}
     assert loaded == {"worker0", "worker1"}  # each worker's lines say which it is
-
-
-def _port_open(port: int) -> bool:
-    import socket
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
