@@ -113,13 +113,14 @@ def worker(device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N
         os.environ["LANDMARKS_DEVICE"] = device
         get_settings.cache_clear()
     settings = get_settings()
-    if (processes or settings.worker_processes) > 1:
+    processes = processes or settings.worker_processes
+    if processes > 1:
         from workers.supervisor import supervise
-        raise typer.Exit(supervise(processes or settings.worker_processes, loglevel))
-    from workers.supervisor import stop_with_parent
+        raise typer.Exit(supervise(processes, loglevel))
+    from workers.supervisor import NODE_ENV, stop_with_parent
     stop_with_parent(dict(os.environ))
     from workers.app import app as celery_app
-    node = os.environ.get("LANDMARKS_WORKER_NODE")  # set by the supervisor: one Celery node name per process
+    node = os.environ.get(NODE_ENV)  # set by the supervisor: one Celery node name per process
     celery_app.worker_main(["worker", f"--queues={settings.queue}", f"--loglevel={loglevel}", "--without-gossip",
                             "--without-mingle", "--without-heartbeat", *([f"--hostname={node}"] if node else [])])
 

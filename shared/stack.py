@@ -38,7 +38,8 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -130,7 +131,7 @@ def start_milvus(data_dir: Path, state: dict) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     pid, port = state.get("milvus_pid"), state.get("milvus_port")
     if not (_pid_alive(pid) and port and _port_open(port)):
-        port = _free_port()
+        port = free_port()
         log_file = open(data_dir.parent / "milvus.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),

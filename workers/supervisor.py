@@ -31,9 +31,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from shared.stack import free_port
+
 log = logging.getLogger(__name__)
 
 PROCESSES_ENV = "LANDMARKS_WORKER_PROCESSES"
+NODE_ENV = "LANDMARKS_WORKER_NODE"  # each worker's Celery node name (shared/logs.py reads it too)
 # Exits of any worker within the window after which the parent stops them all and exits itself.
 MAX_EXITS, EXIT_WINDOW_S = 5, 300.0
 # A worker that ran this long before exiting is restarted at once; otherwise the wait doubles up to the cap.
@@ -54,12 +57,6 @@ def resource_shares(processes: int, environ: dict[str, str]) -> dict[str, str]:
         if directory:
             shares["LANDMARKS_DECODE_ARENA_MB"] = str(arena.arena_bytes(None, directory) // processes // 2**20)
     return shares
-
-
-def free_local_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -113,27 +110,28 @@ class Supervisor:
     command: list[str]
     environ: dict[str, str]
     metrics: bool = True  # give each worker a metrics port of its own (the parent serves the pod's)
-    children: list[Child] = field(default_factory=list)
-    exits: deque = field(default_factory=deque)
     max_exits: int = MAX_EXITS
     exit_window_s: float = EXIT_WINDOW_S
     healthy_run_s: float = HEALTHY_RUN_S
     max_backoff_s: float = MAX_BACKOFF_S
-    stopping: bool = False
-    stop_signal: int = signal.SIGTERM
-    gave_up: bool = False
-    signalled: set = field(default_factory=set)  # pids the stop signal was sent to
+    # What running it changes:
+    children: list[Child] = field(init=False, default_factory=list)
+    exits: deque = field(init=False, default_factory=deque)  # when workers exited, within the window
+    stopping: bool = field(init=False, default=False)
+    stop_signal: int = field(init=False, default=signal.SIGTERM)
+    gave_up: bool = field(init=False, default=False)
+    signalled: set = field(init=False, default_factory=set)  # pids the stop signal was sent to
 
     def __post_init__(self) -> None:
         shared = {**self.environ, **resource_shares(self.processes, self.environ), PROCESSES_ENV: "1",
                   PARENT_ENV: str(os.getpid())}
         for index in range(self.processes):
-            env = {**shared, "LANDMARKS_WORKER_NODE": f"worker{index}@{socket.gethostname()}"}
+            env = {**shared, NODE_ENV: f"worker{index}@{socket.gethostname()}"}
             self.children.append(Child(index, env))
 
     def start(self, child: Child) -> None:
         if self.metrics:
-            child.port = free_local_port()  # a new one each time: the old may linger in TIME_WAIT
+            child.port = free_port()  # a new one each time: the old may linger in TIME_WAIT
             child.env.update({"LANDMARKS_METRICS_PORT": str(child.port), "LANDMARKS_METRICS_ADDR": "127.0.0.1"})
         else:
             child.env["LANDMARKS_METRICS_PORT"] = "off"

@@ -76,13 +76,15 @@ class PodView:
         """Ready when every worker is; `checks` holds each check failed if any worker failed it."""
         processes, checks = {}, {}
         for child, status, body in self._ask_all("/readyz"):
-            report = _json_or_text(body) if status is not None else {"error": body.decode()}
             if not child.running:
                 report = {"error": f"exited {child.last_exit}; restarting"}
-            ok = child.running and status == 200
-            processes[str(child.index)] = {**(report if isinstance(report, dict) else {"detail": report}), "ok": ok,
-                                           "pid": child.pid}
-            for name, check in (report.get("checks") or {}).items() if isinstance(report, dict) else ():
+            elif status is None:
+                report = {"error": body.decode()}
+            else:
+                answer = _json_or_text(body)
+                report = answer if isinstance(answer, dict) else {"detail": answer}
+            processes[str(child.index)] = {**report, "ok": child.running and status == 200, "pid": child.pid}
+            for name, check in (report.get("checks") or {}).items():
                 if name not in checks or (checks[name].get("ok") and not check.get("ok")):
                     checks[name] = check
         return {"ok": all(p["ok"] for p in processes.values()), "checks": checks, "processes": processes}
