@@ -350,14 +350,28 @@ def _decode_on_device(loader: PhotoLoader, decoder: DeviceJpegDecoder, results: 
 
 
 def stack_pixels(images: Sequence[Any], device: Any) -> Any:
-    """One (n, size, size, 3) uint8 array when every image came from the CPU (the CPU path, unchanged);
-    else one (n, 3, size, size) float tensor on ``device``, the CPU pool's images copied there."""
-    if all(isinstance(image, np.ndarray) for image in images):
+    """The batch for Embedder.embed. On the CPU, one (n, size, size, 3) uint8 array (the CPU path, unchanged).
+    On CUDA, one (n, 3, size, size) float tensor on ``device``, the device decoder's tensors and the pool's
+    arrays in their order: the arrays go over in one asynchronous copy from one pinned buffer, not one
+    blocking copy from pageable memory each, which would also wait for the stream's decode before the host
+    could queue anything more."""
+    on_cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+    if not on_cuda and all(isinstance(image, np.ndarray) for image in images):
         return np.stack(images)
     import torch
-    return torch.stack([image if isinstance(image, torch.Tensor)
-                        else torch.from_numpy(image).to(device, non_blocking=False).permute(2, 0, 1).float()
-                        for image in images])
+    from_pool = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
+    if not from_pool:
+        return torch.stack(list(images))
+    staging = torch.empty((len(from_pool), *images[from_pool[0]].shape), dtype=torch.uint8, pin_memory=on_cuda)
+    torch.stack([torch.from_numpy(images[i]) for i in from_pool], out=staging)  # torch copies without the GIL
+    # The caching host allocator keeps the pinned buffer until the stream has read it.
+    sent = staging.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if len(from_pool) == len(images):
+        return sent
+    batch = list(images)
+    for k, i in enumerate(from_pool):
+        batch[i] = sent[k]
+    return torch.stack(batch)
 
 
 _streams = threading.local()

@@ -47,7 +47,7 @@ def test_bf16_channels_last_on_cuda_gives_the_cpu_fp32_embeddings(checkpoint):
 
 def test_pixels_decoded_on_the_device_embed_as_the_pools_pixels_do(checkpoint):
     """The pipeline stacks the device decoder's (3, size, size) float tensors with the pool's uint8 arrays
-    (stack_pixels) and embeds them in one batch."""
+    (stack_pixels) and embeds them in one batch; a batch the pool decoded alone goes over the same way."""
     embedder = Embedder(checkpoint, "cuda")
     pixels = _pixels(6, seed=1)
     from_host = embedder.embed(pixels)
@@ -55,6 +55,9 @@ def test_pixels_decoded_on_the_device_embed_as_the_pools_pixels_do(checkpoint):
     mixed = stack_pixels([on_device[0], pixels[1], on_device[1], pixels[3], on_device[2], pixels[5]], "cuda")
     assert mixed.device.type == "cuda" and mixed.shape == (6, 3, SIZE, SIZE)
     assert _cosines(from_host, embedder.embed(mixed)).min() > 0.9999
+    all_from_pool = stack_pixels(list(pixels), "cuda")  # one pinned buffer, one asynchronous copy
+    assert all_from_pool.device.type == "cuda" and all_from_pool.shape == (6, 3, SIZE, SIZE)
+    assert _cosines(from_host, embedder.embed(all_from_pool)).min() > 0.9999
 
 
 def test_batch_threads_on_their_own_streams_each_get_their_own_embeddings(checkpoint):

@@ -166,6 +166,8 @@ def test_stacking_cpu_and_device_images_keeps_order_and_pixels():
     mixed = stack_pixels([cpu[0], torch.from_numpy(cpu[1]).permute(2, 0, 1).float(), cpu[2]], "cpu")
     assert mixed.shape == (3, 3, SIZE, SIZE)
     assert np.array_equal(mixed.permute(0, 2, 3, 1).numpy(), np.stack(cpu).astype(np.float32))
+    on_device = stack_pixels([torch.from_numpy(c).permute(2, 0, 1).float() for c in cpu[::-1]], "cpu")
+    assert np.array_equal(on_device.permute(0, 2, 3, 1).numpy(), np.stack(cpu[::-1]).astype(np.float32))
 
 
 @pytest.mark.parametrize("kind", ["processes", "threads"])
