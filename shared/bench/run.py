@@ -59,6 +59,7 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     from shared.local_index import LocalIndex
     from shared.publish import gallery_rows
     from shared.recognition import Thresholds
+    from shared.settings import get_settings
     n, blobs = inputs.n, inputs.blobs
     gpu_decoder = worker_device_decoder(cfg)
     out: dict = {"decode": decode_alone(cfg, inputs, n, gpu_decoder, reporter)}
@@ -66,8 +67,10 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
                                      photos=min(n, 512), reporter=reporter)
     embedder = Embedder(model.path, cfg.device)
     embedder.load()
+    # On CUDA, as many batches at once as the worker runs: their copies to the device overlap the forwards.
+    in_flight = get_settings().batches_in_flight if cfg.cuda else 1
     with whole_machine_threads() as threads:
-        out["model"] = model_stage(embedder, cfg.batch_size, n, reporter=reporter)
+        out["model"] = model_stage(embedder, cfg.batch_size, n, reporter=reporter, in_flight=in_flight)
         out["model"]["torch_threads"] = threads
     if not cfg.cuda and torch.get_num_threads() != threads:  # the worker's own thread count, for comparison
         served = model_stage(embedder, cfg.batch_size, min(n, 2048), reporter=reporter)
@@ -238,6 +241,7 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "max_wait_ms": cfg.max_wait_ms if cfg.max_wait_ms is not None else served_max_wait_ms,
         "input_size": cfg.input_size, "embedding_dim": cfg.embedding_dim, "precision": cfg.precision,
         "model_stage_threads": stages["model"].get("torch_threads"),
+        "model_in_flight": stages["model"].get("in_flight"),
         "model_cpu_ms_per_img": stages["model"].get("cpu_ms_per_img"),
         **({"model_served": stages["model_served"]} if "model_served" in stages else {}),
         "decoder": decode["decoder"], "resources": resources, "limiting_resource": limiting,

@@ -8,9 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from shared.bench.bound import combined_rate, stage_resources, throughput_bound
@@ -180,6 +182,41 @@ def test_the_gpu_decode_stage_runs_the_workers_split_loading(tmp_path):
     assert result["img_s"] > 0
     assert 0 < result["device_share"] < 1  # the split starts even and keeps both sides busy
     assert set(result["split_rates"]) == {"device", "cpu"}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
+def test_the_model_stage_runs_its_batches_as_the_worker_does(tmp_path, device):
+    """Two batches at once, as a CUDA worker runs them: every batch counted once, the forwards taking turns
+    (never two in the model at once), the embeddings the model gives one batch at a time."""
+    from shared.bench.stages import model_stage
+    from shared.embedder import Embedder
+    from shared.modelinit import init_model
+    path = tmp_path / "m.pt"
+    init_model(path, backbone="tiny", dim=32, size=32, version="bench_v1", calibrate=None)
+    embedder = Embedder(path, device)
+    inside, most_inside, embedded = 0, 0, []
+    forward = embedder.embed
+
+    def counted(pixels):
+        nonlocal inside, most_inside
+        inside += 1
+        most_inside = max(most_inside, inside)
+        time.sleep(0.01)  # long enough for the other thread to try to come in
+        try:
+            embedded.append(forward(pixels))
+            return embedded[-1]
+        finally:
+            inside -= 1
+
+    embedder.embed = counted
+    result = model_stage(embedder, 8, 8 * 12, in_flight=2)
+    assert result["batches"] == 12 and result["in_flight"] == 2 and result["img_s"] > 0
+    assert len(embedded) == 12 + 2  # and the two warm-up batches
+    assert most_inside == 1
+    one_at_a_time = forward(np.stack(list(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8))))
+    for embeddings in embedded:  # L2-normalised: cosines of 1
+        assert (embeddings * one_at_a_time).sum(axis=1).min() > 0.9999
 
 
 @pytest.mark.parametrize("spill_to", ["arena", "files", "off"])
