@@ -28,13 +28,14 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
 import numpy as np
-from pymilvus import DataType, MilvusClient
+from pymilvus import CollectionSchema, DataType, MilvusClient
 from pymilvus.exceptions import MilvusException, ParamError
 
 from shared.errors import InfrastructureError
@@ -45,6 +46,8 @@ CENTROID_PREFIX = "lm_centroids_"
 REFERENCE_PREFIX = "lm_references_"
 ID_STRIDE = 1000  # id = landmark_id * 1000 + centroid_no / ref_no
 INSERT_CHUNK = 5000
+# The client packs one chunk while the server stores another (about a fifth more rows a second on milvus-lite).
+INSERTS_IN_FLIGHT = 2
 MAX_TOPK = 16384  # Milvus's limit on search limit (milvus-lite does not enforce it; we do)
 QUERY_ID_CHUNK = 500  # landmark ids per reference query (keeps results far below 16384 rows)
 _SEARCH_PARAMS = {"metric_type": "IP", "params": {}}
@@ -163,6 +166,66 @@ def _as_embeddings(x: np.ndarray, n: int, what: str) -> np.ndarray:
     return e
 
 
+def _centroid_columns(centroids: CentroidRows) -> dict[str, np.ndarray]:
+    """The centroid collection's columns, checked."""
+    n = len(centroids)
+    lm = np.asarray(centroids.landmark_ids, dtype=np.int64).reshape(-1)
+    cn = np.asarray(centroids.centroid_nos, dtype=np.int64).reshape(-1)
+    lats = np.asarray(centroids.lats, dtype=np.float64).reshape(-1)
+    lons = np.asarray(centroids.lons, dtype=np.float64).reshape(-1)
+    if not (lm.size == cn.size == lats.size == lons.size == n) or n == 0:
+        raise ValueError("centroid arrays must be non-empty and of equal length")
+    if not (np.isfinite(lats).all() and np.isfinite(lons).all()):
+        raise ValueError("centroid lat/lon must be finite")
+    embeddings = _as_embeddings(centroids.embeddings, n, "centroid")
+    ids = _ids(lm, cn, "centroid_no")
+    tiles = np.fromiter((tile_of(a, o) for a, o in zip(lats, lons)), dtype=np.int64, count=n)
+    return {"id": ids, "landmark_id": lm, "centroid_no": cn, "geo_tile": tiles, "lat": lats, "lon": lons,
+            "embedding": embeddings}
+
+
+def _reference_columns(references: ReferenceRows, dim: int) -> dict[str, np.ndarray]:
+    """The reference collection's columns, checked; ``dim`` is the centroids'."""
+    m = len(references)
+    lm = np.asarray(references.landmark_ids, dtype=np.int64).reshape(-1)
+    rn = np.asarray(references.ref_nos, dtype=np.int64).reshape(-1)
+    if not (lm.size == rn.size == m):
+        raise ValueError("reference arrays must be of equal length")
+    embeddings = _as_embeddings(references.embeddings, m, "reference") if m else np.zeros((0, dim), np.float32)
+    if embeddings.shape[1] != dim:
+        raise ValueError(f"dims differ: centroids {dim}, references {embeddings.shape[1]}")
+    return {"id": _ids(lm, rn, "ref_no"), "landmark_id": lm, "ref_no": rn, "embedding": embeddings}
+
+
+def _centroid_schema(dim: int) -> CollectionSchema:
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("landmark_id", DataType.INT64)
+    schema.add_field("centroid_no", DataType.INT32)
+    schema.add_field("geo_tile", DataType.INT64)
+    schema.add_field("lat", DataType.DOUBLE)
+    schema.add_field("lon", DataType.DOUBLE)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+    return schema
+
+
+def _reference_schema(dim: int) -> CollectionSchema:
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("landmark_id", DataType.INT64)
+    schema.add_field("ref_no", DataType.INT32)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+    return schema
+
+
+def _rows(columns: dict[str, np.ndarray], start: int, end: int) -> list[dict]:
+    """Rows ``start``..``end`` as pymilvus takes them: Python numbers, each embedding a float32 array."""
+    scalars = {key: values[start:end].tolist() for key, values in columns.items() if key != "embedding"}
+    embeddings = columns["embedding"][start:end]
+    return [{**{key: values[k] for key, values in scalars.items()}, "embedding": embeddings[k]}
+            for k in range(end - start)]
+
+
 class LandmarkIndex:
     """Versioned centroid/reference collections in Milvus, reached through ``uri``.
 
@@ -242,36 +305,12 @@ class LandmarkIndex:
     # ---------------------------------------------------------------- publish
     def publish(self, version: str, centroids: CentroidRows, references: ReferenceRows) -> None:
         """Create, fill, index and load the two collections of ``version`` (never overwrites)."""
-        cname, rname = centroid_collection(version), reference_collection(version)
-        n = len(centroids)
-        lm = np.asarray(centroids.landmark_ids, dtype=np.int64).reshape(-1)
-        cn = np.asarray(centroids.centroid_nos, dtype=np.int64).reshape(-1)
-        lats = np.asarray(centroids.lats, dtype=np.float64).reshape(-1)
-        lons = np.asarray(centroids.lons, dtype=np.float64).reshape(-1)
-        if not (lm.size == cn.size == lats.size == lons.size == n) or n == 0:
-            raise ValueError("centroid arrays must be non-empty and of equal length")
-        if not (np.isfinite(lats).all() and np.isfinite(lons).all()):
-            raise ValueError("centroid lat/lon must be finite")
-        cemb = _as_embeddings(centroids.embeddings, n, "centroid")
-        cids = _ids(lm, cn, "centroid_no")
-        tiles = np.fromiter((tile_of(a, o) for a, o in zip(lats, lons)), dtype=np.int64, count=n)
-
-        m = len(references)
-        rlm = np.asarray(references.landmark_ids, dtype=np.int64).reshape(-1)
-        rn = np.asarray(references.ref_nos, dtype=np.int64).reshape(-1)
-        if not (rlm.size == rn.size == m):
-            raise ValueError("reference arrays must be of equal length")
-        remb = (
-            _as_embeddings(references.embeddings, m, "reference")
-            if m
-            else np.zeros((0, cemb.shape[1]), np.float32)
-        )
-        if remb.shape[1] != cemb.shape[1]:
-            raise ValueError(f"dims differ: centroids {cemb.shape[1]}, references {remb.shape[1]}")
-        rids = _ids(rlm, rn, "ref_no")
-        dim = int(cemb.shape[1])
-
-        for name in (cname, rname):
+        ccols = _centroid_columns(centroids)
+        rcols = _reference_columns(references, dim=ccols["embedding"].shape[1])
+        dim = int(ccols["embedding"].shape[1])
+        collections = ((centroid_collection(version), _centroid_schema(dim), ccols),
+                       (reference_collection(version), _reference_schema(dim), rcols))
+        for name, _, _ in collections:
             if self._has(name):
                 raise IndexVersionError(
                     f"index version {version!r} already exists in {self.uri} ({name}); "
@@ -279,58 +318,14 @@ class LandmarkIndex:
                 )
         created: list[str] = []
         try:
-            c = self.client
-            cs = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            cs.add_field("id", DataType.INT64, is_primary=True)
-            cs.add_field("landmark_id", DataType.INT64)
-            cs.add_field("centroid_no", DataType.INT32)
-            cs.add_field("geo_tile", DataType.INT64)
-            cs.add_field("lat", DataType.DOUBLE)
-            cs.add_field("lon", DataType.DOUBLE)
-            cs.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
-            rs = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            rs.add_field("id", DataType.INT64, is_primary=True)
-            rs.add_field("landmark_id", DataType.INT64)
-            rs.add_field("ref_no", DataType.INT32)
-            rs.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
             with self._wrap(f"publish {version!r}"):
-                for name, schema in ((cname, cs), (rname, rs)):
-                    c.create_collection(name, schema=schema, timeout=self._timeout)
+                for name, schema, _ in collections:
+                    self.client.create_collection(name, schema=schema, timeout=self._timeout)
                     created.append(name)
-                for s in range(0, n, INSERT_CHUNK):
-                    e = min(n, s + INSERT_CHUNK)
-                    rows = [
-                        {
-                            "id": int(cids[k]),
-                            "landmark_id": int(lm[k]),
-                            "centroid_no": int(cn[k]),
-                            "geo_tile": int(tiles[k]),
-                            "lat": float(lats[k]),
-                            "lon": float(lons[k]),
-                            "embedding": cemb[k],
-                        }
-                        for k in range(s, e)
-                    ]
-                    c.insert(cname, rows, timeout=self._timeout)
-                for s in range(0, m, INSERT_CHUNK):
-                    e = min(m, s + INSERT_CHUNK)
-                    rows = [
-                        {
-                            "id": int(rids[k]),
-                            "landmark_id": int(rlm[k]),
-                            "ref_no": int(rn[k]),
-                            "embedding": remb[k],
-                        }
-                        for k in range(s, e)
-                    ]
-                    c.insert(rname, rows, timeout=self._timeout)
-                for name in (cname, rname):
-                    # Flushed, sealed segments are visible to every consistency level at once.
-                    c.flush(name, timeout=self._timeout)
-                    ip = MilvusClient.prepare_index_params()
-                    ip.add_index(field_name="embedding", index_type="FLAT", metric_type="IP")
-                    c.create_index(name, ip, timeout=self._timeout)
-                    c.load_collection(name, timeout=self._timeout)
+                for name, _, columns in collections:
+                    self._insert(name, columns)
+                for name in created:
+                    self._seal(name)
         except BaseException:
             for name in created:  # leave nothing half-published behind
                 try:
@@ -338,6 +333,23 @@ class LandmarkIndex:
                 except (MilvusException, grpc.RpcError):
                     pass
             raise
+
+    def _insert(self, name: str, columns: dict[str, np.ndarray]) -> None:
+        """All rows, INSERT_CHUNK at a time, INSERTS_IN_FLIGHT chunks at once."""
+        n = len(columns["id"])
+        chunks = [(start, min(n, start + INSERT_CHUNK)) for start in range(0, n, INSERT_CHUNK)]
+        with ThreadPoolExecutor(max_workers=INSERTS_IN_FLIGHT) as threads:
+            for _ in threads.map(lambda chunk: self.client.insert(name, _rows(columns, *chunk),
+                                                                  timeout=self._timeout), chunks):
+                pass
+
+    def _seal(self, name: str) -> None:
+        """Flushed, sealed segments are visible to every consistency level at once; then the exact index."""
+        self.client.flush(name, timeout=self._timeout)
+        params = MilvusClient.prepare_index_params()
+        params.add_index(field_name="embedding", index_type="FLAT", metric_type="IP")
+        self.client.create_index(name, params, timeout=self._timeout)
+        self.client.load_collection(name, timeout=self._timeout)
 
     # ---------------------------------------------------------------- versions
     def activate(self, version: str) -> None:
