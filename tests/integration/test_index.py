@@ -164,6 +164,34 @@ def test_publish_validates(index):
     assert "bad" not in index.versions()
 
 
+def test_a_publish_that_fails_part_way_leaves_nothing_behind(index, monkeypatch):
+    """The server fails one insert chunk while another is in flight: the publish raises an infrastructure
+    error, neither collection of the version is left, and the version can be published again."""
+    import shared.index
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+    c, r = _world(5, n_landmarks=40)
+    monkeypatch.setattr(shared.index, "INSERT_CHUNK", 16)  # 120 centroids: 8 chunks
+    real_insert, calls = MilvusClient.insert, []
+
+    def failing_on_the_fifth(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise MilvusException(message="the server dropped this chunk")
+        return real_insert(self, *args, **kwargs)
+
+    monkeypatch.setattr(MilvusClient, "insert", failing_on_the_fifth)
+    with pytest.raises(InfrastructureError, match="dropped this chunk"):
+        index.publish("partial", c, r)
+    assert "partial" not in index.versions()
+    assert not index.client.has_collection("lm_centroids_partial")
+    assert not index.client.has_collection("lm_references_partial")
+    monkeypatch.setattr(MilvusClient, "insert", real_insert)
+    index.publish("partial", c, r)
+    assert index.row_counts("partial") == (120, 160)
+    index.drop("partial")
+
+
 def test_search_global_matches_brute_force(index, published):
     c, _ = published["v1_0"]
     rng = np.random.default_rng(7)
