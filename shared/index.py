@@ -46,7 +46,7 @@ CENTROID_PREFIX = "lm_centroids_"
 REFERENCE_PREFIX = "lm_references_"
 ID_STRIDE = 1000  # id = landmark_id * 1000 + centroid_no / ref_no
 INSERT_CHUNK = 5000
-# The client packs one chunk while the server stores another (about a fifth more rows a second on milvus-lite).
+# The client packs one chunk while the server stores another (about 15 % more rows a second on milvus-lite at dim 512).
 INSERTS_IN_FLIGHT = 2
 MAX_TOPK = 16384  # Milvus's limit on search limit (milvus-lite does not enforce it; we do)
 QUERY_ID_CHUNK = 500  # landmark ids per reference query (keeps results far below 16384 rows)
@@ -339,9 +339,15 @@ class LandmarkIndex:
         n = len(columns["id"])
         chunks = [(start, min(n, start + INSERT_CHUNK)) for start in range(0, n, INSERT_CHUNK)]
         with ThreadPoolExecutor(max_workers=INSERTS_IN_FLIGHT) as threads:
-            for _ in threads.map(lambda chunk: self.client.insert(name, _rows(columns, *chunk),
-                                                                  timeout=self._timeout), chunks):
-                pass
+            sent = [threads.submit(lambda start, end: self.client.insert(name, _rows(columns, start, end),
+                                                                         timeout=self._timeout), *chunk)
+                    for chunk in chunks]
+            try:
+                for chunk in sent:
+                    chunk.result()
+            finally:  # after a failure the chunks not yet sent are not sent (each could wait out the timeout)
+                for chunk in sent:
+                    chunk.cancel()
 
     def _seal(self, name: str) -> None:
         """Flushed, sealed segments are visible to every consistency level at once; then the exact index."""

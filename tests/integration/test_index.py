@@ -165,8 +165,8 @@ def test_publish_validates(index):
 
 
 def test_a_publish_that_fails_part_way_leaves_nothing_behind(index, monkeypatch):
-    """The server fails one insert chunk while another is in flight: the publish raises an infrastructure
-    error, neither collection of the version is left, and the version can be published again."""
+    """The server fails one insert chunk while another is in flight: the publish stops sending, raises an
+    infrastructure error, leaves neither collection of the version, and the version can be published again."""
     import shared.index
     from pymilvus import MilvusClient
     from pymilvus.exceptions import MilvusException
@@ -183,6 +183,7 @@ def test_a_publish_that_fails_part_way_leaves_nothing_behind(index, monkeypatch)
     monkeypatch.setattr(MilvusClient, "insert", failing_on_the_fifth)
     with pytest.raises(InfrastructureError, match="dropped this chunk"):
         index.publish("partial", c, r)
+    assert len(calls) <= 5 + shared.index.INSERTS_IN_FLIGHT  # not the 13 chunks after the failure
     assert "partial" not in index.versions()
     assert not index.client.has_collection("lm_centroids_partial")
     assert not index.client.has_collection("lm_references_partial")
