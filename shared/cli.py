@@ -230,7 +230,11 @@ def model_gallery(model: Annotated[Path, typer.Option("--model", exists=True)],
                   references: int = 3) -> None:
     """Centroids and references from folders of landmark photos; thresholds from non-landmarks."""
     from shared.modelinit import gallery_from_folders
-    meta = gallery_from_folders(model, landmarks, csv_path, negatives, out, n_references=references)
+    try:
+        meta = gallery_from_folders(model, landmarks, csv_path, negatives, out, n_references=references)
+    except ValueError as exc:  # bad input, such as a landmarks CSV row (its file and line are named)
+        console.print(f"error: {exc}", soft_wrap=True, markup=False)  # one line, paths kept whole
+        raise typer.Exit(2) from None
     print(f"wrote {out} (version {meta.version}; t_global {meta.t_global:.4f}, t_ref {meta.t_ref:.4f})")
 
 

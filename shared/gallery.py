@@ -3,7 +3,6 @@ with thresholds calibrated on non-landmark photos. Built from folders (`DIR/<slu
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -19,28 +18,10 @@ from shared.local_index import grouped_by_id
 from shared.recognition import reference_similarity
 from shared.training.calibrate import threshold_for_accuracy
 from shared.training.centroids import landmark_centroids
+from shared.training.dataset import Landmark
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".gif", ".bmp", ".tif", ".tiff"}
-
-
-@dataclass
-class LandmarkInfo:
-    id: int
-    slug: str
-    name: str
-    city: str
-    country: str
-    region: int
-    lat: float
-    lon: float
-
-
-def read_landmarks_csv(path: Path) -> list[LandmarkInfo]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return [LandmarkInfo(id=int(row["id"]), slug=row["slug"], name=row["name"], city=row["city"],
-                             country=row["country"], region=int(row["region"]), lat=float(row["lat"]),
-                             lon=float(row["lon"])) for row in csv.DictReader(handle)]
 
 
 def image_files(root: Path) -> list[Path]:
@@ -71,7 +52,7 @@ def embed_files(embedder: Embedder, paths: Sequence[Path], batch_size: int = 32,
 
 @dataclass
 class LandmarkPhotos:
-    info: LandmarkInfo
+    info: Landmark
     references: np.ndarray  # (r, d)
     photos: np.ndarray      # (n, d), references included
 
@@ -81,7 +62,7 @@ def build_gallery(items: Iterable[LandmarkPhotos], *, min_cluster: int = 3,
     landmarks, c_ids, c_nos, c_emb, r_ids, r_emb = [], [], [], [], [], []
     for item in items:
         centroids = landmark_centroids(item.photos, min_cluster=min_cluster, max_distance=max_distance)
-        landmarks.append(asdict(item.info))
+        landmarks.append({key: value for key, value in asdict(item.info).items() if key != "extra"})
         c_ids += [item.info.id] * len(centroids)
         c_nos += list(range(len(centroids)))
         c_emb.append(centroids)

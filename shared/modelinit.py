@@ -12,10 +12,10 @@ import torch
 
 from shared.embedder import Embedder
 from shared.errors import DecodeError
-from shared.gallery import (LandmarkPhotos, build_gallery, calibrate_thresholds, embed_files, image_files,
-                            read_landmarks_csv)
+from shared.gallery import LandmarkPhotos, build_gallery, calibrate_thresholds, embed_files, image_files
 from shared.imaging import decode_image
 from shared.model import LandmarkNet, ModelMeta, load_checkpoint, save_checkpoint
+from shared.training.dataset import read_landmarks
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def gallery_from_folders(model: Path, landmarks_dir: Path, csv_path: Path, negat
     net, meta, _ = load_checkpoint(model)
     embedder = Embedder(model, "cpu")
     items = []
-    for info in read_landmarks_csv(csv_path):
+    for info in read_landmarks(csv_path):
         files = image_files(landmarks_dir / info.slug)
         embeddings, _kept = embed_files(embedder, files)
         if len(embeddings) == 0:

@@ -17,7 +17,7 @@ import torch
 
 from shared.errors import DecodeError
 from shared.events import GeoPoint
-from shared.gallery import LandmarkInfo, LandmarkPhotos, build_gallery
+from shared.gallery import LandmarkPhotos, build_gallery
 from shared.imaging import decode_image
 from shared.local_index import LocalIndex, grouped_by_id
 from shared.model import LandmarkNet, ModelMeta, save_checkpoint
@@ -243,8 +243,7 @@ class Builder:
                 photos = refs
             if len(photos) == 0:
                 continue
-            info = LandmarkInfo(lm.id, lm.slug, lm.name, lm.city, lm.country, lm.region, lm.lat, lm.lon)
-            items.append(LandmarkPhotos(info, refs, photos))
+            items.append(LandmarkPhotos(lm, refs, photos))
         gallery = build_gallery(items, min_cluster=self.cfg.min_cluster, max_distance=self.cfg.cluster_distance)
         # Kept for the report's ablation: the same landmarks with one centroid over all their photos.
         gallery["one_centroid"] = {

@@ -97,6 +97,12 @@ def _float(value: str, where: str, what: str, lo: float, hi: float) -> float:
     return number
 
 
+def read_landmarks(path: Path) -> list[Landmark]:
+    """The landmarks of a landmarks.csv (id,slug,name,city,country,region,lat,lon), in file order, checked:
+    a bad row raises ValueError naming its file and line."""
+    return list(_landmarks(Path(path)).values())
+
+
 def _landmarks(path: Path) -> dict[int, Landmark]:
     out: dict[int, Landmark] = {}
     slugs: set[str] = set()

@@ -17,7 +17,8 @@ import uuid
 from pathlib import Path
 
 from shared.embedder import Embedder
-from shared.gallery import LandmarkPhotos, build_gallery, read_landmarks_csv
+from shared.gallery import LandmarkPhotos, build_gallery
+from shared.training.dataset import read_landmarks
 from shared.imaging import decode_image
 from shared.model import load_checkpoint, save_checkpoint
 from shared.modelinit import init_model
@@ -56,7 +57,7 @@ def photo_set(root: Path, n_landmarks: int = 3, n_everyday: int = 3) -> dict:
     landmarks_dir, csv_path, everyday = write_photo_set(root, n_landmarks=n_landmarks, photos_per_landmark=2,
                                                        n_everyday=n_everyday, seed=11)
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
-    infos = read_landmarks_csv(csv_path)
+    infos = read_landmarks(csv_path)
     firsts = [sorted((landmarks_dir / i.slug).glob("*.jpg"))[0] for i in infos]
     return {"root": root, "infos": infos, "firsts": firsts, "everyday": sorted(everyday.glob("*.jpg")),
             "broken": root / "broken.jpg"}

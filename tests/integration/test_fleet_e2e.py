@@ -21,7 +21,8 @@ from shared.backlog import queue_backlog
 from shared.db.albums import attractions, photo_report
 from shared.db.session import transaction
 from shared.embedder import Embedder
-from shared.gallery import LandmarkPhotos, build_gallery, read_landmarks_csv
+from shared.gallery import LandmarkPhotos, build_gallery
+from shared.training.dataset import read_landmarks
 from shared.index import LandmarkIndex
 from shared.model import load_checkpoint, save_checkpoint
 from shared.modelinit import init_model
@@ -40,7 +41,7 @@ def photos(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("photos")
     landmarks_dir, csv_path, everyday = write_photo_set(root, n_landmarks=4, photos_per_landmark=2,
                                                        n_everyday=8, seed=7)
-    infos = read_landmarks_csv(csv_path)
+    infos = read_landmarks(csv_path)
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     return {"root": root, "landmarks_dir": landmarks_dir, "infos": infos, "everyday": sorted(everyday.glob("*.jpg"))}
 

@@ -70,3 +70,28 @@ def test_missing_required_file(tmp_path):
     (root / "references.csv").unlink()
     with pytest.raises(ValueError, match=r"references\.csv: missing file"):
         load_dataset(root)
+
+
+def test_a_gallery_from_folders_with_a_bad_landmarks_csv_names_its_line(tmp_path):
+    """`landmarks model gallery` reads its CSV with the dataset's checks: a clear message naming the file
+    and line, exit status 2, and no model written."""
+    import subprocess
+    import sys
+    from shared.modelinit import init_model
+    from shared.training.dataset import read_landmarks
+    init_model(tmp_path / "m.pt", backbone="tiny", dim=16, size=32, version="v1", calibrate=None)
+    (tmp_path / "photos" / "tower").mkdir(parents=True)
+    csv_path = tmp_path / "landmarks.csv"
+    csv_path.write_text(LANDMARKS.replace("2,arch,Arch,Paris,France,1,48.87", "2,arch,Arch,Paris,France,1,98.87"))
+    with pytest.raises(ValueError, match=r"landmarks\.csv:3: lat must be within"):
+        read_landmarks(csv_path)
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "model", "gallery", "--model", str(tmp_path / "m.pt"),
+                           "--landmarks", str(tmp_path / "photos"), "--csv", str(csv_path),
+                           "--negatives", str(tmp_path / "photos"), "--out", str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "landmarks.csv:3: lat must be within" in done.stderr
+    assert not (tmp_path / "out.pt").exists()
+    csv_path.write_text(LANDMARKS)
+    assert [(lm.id, lm.slug, lm.region, lm.lat) for lm in read_landmarks(csv_path)] == [(1, "tower", 1, 48.85),
+                                                                                       (2, "arch", 1, 48.87)]
