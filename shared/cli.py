@@ -224,7 +224,7 @@ def model_init(out: Annotated[Path, typer.Option("--out")],
 @model_app.command("gallery")
 def model_gallery(model: Annotated[Path, typer.Option("--model", exists=True)],
                   landmarks: Annotated[Path, typer.Option("--landmarks", exists=True, help="DIR/<slug>/photos")],
-                  csv_path: Annotated[Path, typer.Option("--csv", exists=True, help="id,slug,name,city,country,region,lat,lon")],
+                  csv_path: Annotated[Path, typer.Option("--csv", exists=True, help="id,slug,name,city,country,region (1–4),lat,lon")],
                   negatives: Annotated[Path, typer.Option("--negatives", exists=True, help="non-landmark photos")],
                   out: Annotated[Path, typer.Option("--out")],
                   references: int = 3) -> None:
