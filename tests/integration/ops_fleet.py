@@ -18,11 +18,11 @@ from pathlib import Path
 
 from shared.embedder import Embedder
 from shared.gallery import LandmarkPhotos, build_gallery
-from shared.training.dataset import read_landmarks
 from shared.imaging import decode_image
 from shared.model import load_checkpoint, save_checkpoint
 from shared.modelinit import init_model
 from shared.synthetic import write_photo_set
+from shared.training.dataset import read_landmarks
 
 UPLOADED, DELETED = "landmarks.photo_uploaded", "landmarks.photo_deleted"
 

@@ -22,13 +22,13 @@ from shared.db.albums import attractions, photo_report
 from shared.db.session import transaction
 from shared.embedder import Embedder
 from shared.gallery import LandmarkPhotos, build_gallery
-from shared.training.dataset import read_landmarks
 from shared.index import LandmarkIndex
 from shared.model import load_checkpoint, save_checkpoint
 from shared.modelinit import init_model
 from shared.imaging import decode_image
 from shared.publish import publish_model
 from shared.synthetic import write_photo_set
+from shared.training.dataset import read_landmarks
 
 from ops_fleet import start_worker as _start_worker, stop as _stop, wait as _wait  # noqa: E402  (tests/integration helpers)
 
