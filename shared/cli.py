@@ -117,7 +117,8 @@ def worker(device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N
     if processes > 1:
         from workers.supervisor import supervise
         raise typer.Exit(supervise(processes, loglevel))
-    from workers.supervisor import NODE_ENV, stop_with_parent
+    from shared.logs import NODE_ENV
+    from workers.supervisor import stop_with_parent
     stop_with_parent(dict(os.environ))
     from workers.app import app as celery_app
     node = os.environ.get(NODE_ENV)  # set by the supervisor: one Celery node name per process

@@ -355,7 +355,7 @@ def stack_pixels(images: Sequence[Any], device: Any) -> Any:
     arrays in their order: the arrays go over in one asynchronous copy from one pinned buffer, not one
     blocking copy from pageable memory each, which would also wait for the stream's decode before the host
     could queue anything more."""
-    on_cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+    on_cuda = _is_cuda(device)
     if not on_cuda and all(isinstance(image, np.ndarray) for image in images):
         return np.stack(images)
     import torch
@@ -377,11 +377,16 @@ def stack_pixels(images: Sequence[Any], device: Any) -> Any:
 _streams = threading.local()
 
 
+def _is_cuda(device: Any) -> bool:
+    """A torch.device or its name ("cuda", "cuda:1", "cpu")."""
+    return getattr(device, "type", str(device).split(":")[0]) == "cuda"
+
+
 @contextlib.contextmanager
 def thread_stream(device: Any) -> Iterator[None]:
     """On CUDA, this thread's own stream: a batch thread's decode then overlaps another's forward pass
     (on the shared default stream they would run one after the other). Elsewhere nothing."""
-    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+    if not _is_cuda(device):
         yield
         return
     import torch

@@ -306,8 +306,8 @@ class LandmarkIndex:
     def publish(self, version: str, centroids: CentroidRows, references: ReferenceRows) -> None:
         """Create, fill, index and load the two collections of ``version`` (never overwrites)."""
         ccols = _centroid_columns(centroids)
-        rcols = _reference_columns(references, dim=ccols["embedding"].shape[1])
         dim = int(ccols["embedding"].shape[1])
+        rcols = _reference_columns(references, dim=dim)
         collections = ((centroid_collection(version), _centroid_schema(dim), ccols),
                        (reference_collection(version), _reference_schema(dim), rcols))
         for name, _, _ in collections:
@@ -335,19 +335,23 @@ class LandmarkIndex:
             raise
 
     def _insert(self, name: str, columns: dict[str, np.ndarray]) -> None:
-        """All rows, INSERT_CHUNK at a time, INSERTS_IN_FLIGHT chunks at once."""
+        """All rows, INSERT_CHUNK at a time, INSERTS_IN_FLIGHT chunks at once. Once a chunk fails, the
+        chunks not yet sent are skipped: against a dead server each would wait out the timeout."""
         n = len(columns["id"])
-        chunks = [(start, min(n, start + INSERT_CHUNK)) for start in range(0, n, INSERT_CHUNK)]
-        with ThreadPoolExecutor(max_workers=INSERTS_IN_FLIGHT) as threads:
-            sent = [threads.submit(lambda start, end: self.client.insert(name, _rows(columns, start, end),
-                                                                         timeout=self._timeout), *chunk)
-                    for chunk in chunks]
+        failed = threading.Event()
+
+        def send(start: int, end: int) -> None:
+            if failed.is_set():
+                return
             try:
-                for chunk in sent:
-                    chunk.result()
-            finally:  # after a failure the chunks not yet sent are not sent (each could wait out the timeout)
-                for chunk in sent:
-                    chunk.cancel()
+                self.client.insert(name, _rows(columns, start, end), timeout=self._timeout)
+            except BaseException:
+                failed.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=INSERTS_IN_FLIGHT) as threads:
+            for chunk in [threads.submit(send, s, min(n, s + INSERT_CHUNK)) for s in range(0, n, INSERT_CHUNK)]:
+                chunk.result()
 
     def _seal(self, name: str) -> None:
         """Flushed, sealed segments are visible to every consistency level at once; then the exact index."""

@@ -24,8 +24,9 @@ JSON_ENV = "LANDMARKS_LOG_JSON"
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 # Keys the formatter owns: an extra field with one of these names is prefixed with "extra_".
 _RESERVED = {"ts", "level", "logger", "msg", "worker", "exc", "stack"}
-# Set by workers/supervisor.py (NODE_ENV) for each of the worker processes it runs.
-_WORKER_NODE = os.environ.get("LANDMARKS_WORKER_NODE")
+# Each worker process's Celery node name, set by workers/supervisor.py for the workers it runs.
+NODE_ENV = "LANDMARKS_WORKER_NODE"
+_WORKER_NODE = os.environ.get(NODE_ENV)
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("landmarks_log_context", default={})
 
 

@@ -31,12 +31,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from shared.logs import NODE_ENV
 from shared.stack import free_port
 
 log = logging.getLogger(__name__)
 
 PROCESSES_ENV = "LANDMARKS_WORKER_PROCESSES"
-NODE_ENV = "LANDMARKS_WORKER_NODE"  # each worker's Celery node name (shared/logs.py reads it too)
 # Exits of any worker within the window after which the parent stops them all and exits itself.
 MAX_EXITS, EXIT_WINDOW_S = 5, 300.0
 # A worker that ran this long before exiting is restarted at once; otherwise the wait doubles up to the cap.

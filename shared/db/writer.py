@@ -241,8 +241,9 @@ def _bounded_payload(payload: Any) -> Any:
     return _clean(json.loads(raw))
 
 
-# A gallery's landmarks as one array per column (not the hot path): a VALUES list of 333,000 landmarks (a million centroids) is 2.3 million
-# bind parameters, which SQLAlchemy took many minutes to compile; chunks keep each statement a few MB.
+# A gallery's landmarks as one array per column (not the hot path): a VALUES list of 333,000 landmarks (a
+# million centroids) is 2.3 million bind parameters, which SQLAlchemy took many minutes to compile; chunks
+# keep each statement a few MB.
 UPSERT_LANDMARKS = text("""
     INSERT INTO landmarks (id, name, city, country, region, lat, lon)
     SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:names AS text[]), CAST(:cities AS text[]),
