@@ -531,6 +531,21 @@ def test_backfill_retags_stored_photos_under_the_promoted_version_while_live_upl
     assert 3 not in album and album
 
 
+def _user_whose_sample_shows_landmark_3(photos, landmark_of) -> tuple[str, list[dict], set[str]]:
+    """A random user whose 50 % shadow sample of 24 uploads holds a landmark-3 photo and leaves some out.
+
+    Five of the 24 uploads show landmark 3; for one user in 32 the sample holds none of them, and then
+    nothing the shadow gains would reach the album when it is promoted."""
+    paths = photos["firsts"] + photos["everyday"]
+    while True:
+        user = f"shadow_{uuid.uuid4().hex[:6]}"
+        uploads = [fleet.event(user, paths[k % len(paths)], photo_id=f"s{k:02d}") for k in range(24)]
+        sampled = {e["photo_id"] for e in uploads if in_shadow_sample(user, e["photo_id"], 0.5)}
+        shows_3 = any(landmark_of.get(e["uri"]) == 3 for e in uploads if e["photo_id"] in sampled)
+        if shows_3 and len(sampled) < len(uploads):
+            return user, uploads, sampled
+
+
 @pytest.mark.slow
 def test_a_shadow_published_from_the_cli_tags_its_sample_of_live_uploads_until_stopped(
         versions, photos, env, engine, index, broker_url, tmp_path):
@@ -544,12 +559,8 @@ def test_a_shadow_published_from_the_cli_tags_its_sample_of_live_uploads_until_s
     assert listed["shadow"]["version"] == candidate
     assert {v["version"]: v for v in listed["versions"]}[candidate]["shadow"]["share"] == 0.5
 
-    user = f"shadow_{uuid.uuid4().hex[:6]}"
     landmark_of = {first.as_uri(): info.id for info, first in zip(photos["infos"], photos["firsts"])}
-    paths = photos["firsts"] + photos["everyday"]
-    uploads = [fleet.event(user, paths[k % len(paths)], photo_id=f"s{k:02d}") for k in range(24)]
-    sampled = {e["photo_id"] for e in uploads if in_shadow_sample(user, e["photo_id"], 0.5)}
-    assert 0 < len(sampled) < len(uploads)
+    user, uploads, sampled = _user_whose_sample_shows_landmark_3(photos, landmark_of)
     expected = {(e["photo_id"], landmark_of[e["uri"]]) for e in uploads
                 if e["photo_id"] in sampled and e["uri"] in landmark_of}
     from celery import Celery
