@@ -190,6 +190,15 @@ def tenth_rates(series: Sequence[Sequence[float]]) -> list[float]:
     return [round((b[0] - a[0]) / (b[2] - a[2]), 1) for a, b in zip(series, series[1:]) if b[2] > a[2]]
 
 
+def rss_growth_pct(series: Sequence[Sequence[float]]) -> float | None:
+    """How far RSS moved while the events were processed: (largest - smallest) / smallest, in %, over the
+    samples an [events done, RSS MB, seconds] series took during the run. Its first sample is left out: the
+    worker was idle then, after its warm-up, without the buffers of the batches in flight that every
+    later sample holds, so against it a flat run could read as growth."""
+    rss = [mb for _, mb, _ in series[1:] if mb]
+    return round(100 * (max(rss) - min(rss)) / min(rss), 1) if rss else None
+
+
 def summarise_load(cfg: BenchConfig, inputs: BenchInputs, e2e: dict, host: dict, seconds: float) -> dict:
     """`--load-only`: did the backlog drain at a steady rate in flat memory?"""
     series = e2e["rss_mb_series"]
@@ -197,7 +206,6 @@ def summarise_load(cfg: BenchConfig, inputs: BenchInputs, e2e: dict, host: dict,
     # The first tenth includes the backlog appearing at once and the first batches' warm caches.
     steady = rates[1:] or rates
     mean = statistics.mean(steady) if steady else None
-    rss = [mb for _, mb, _ in series[1:] if mb]
     return {
         "device": cfg.device, "size": cfg.size, "events": inputs.n,
         "e2e_img_s": round(e2e["e2e_img_s"], 1), "e2e_seconds": e2e["e2e_seconds"],
@@ -205,7 +213,7 @@ def summarise_load(cfg: BenchConfig, inputs: BenchInputs, e2e: dict, host: dict,
         "img_s_min_max_tenth": [min(steady), max(steady)] if steady else None,
         "img_s_cv": round(statistics.pstdev(steady) / mean, 3) if mean else None,
         "rss_mb_start": e2e["rss_mb_start"], "rss_mb_end": e2e["rss_mb_end"], "rss_mb_peak": e2e["rss_mb_peak"],
-        "rss_mb_growth_pct": round(100 * (max(rss) - min(rss)) / min(rss), 1) if rss else None,
+        "rss_mb_growth_pct": rss_growth_pct(series),
         "rss_mb_series": series, "e2e_batches": e2e["e2e_batches"], "e2e_mean_batch": e2e["e2e_mean_batch"],
         "worker_ms_per_img": e2e["worker_ms_per_img"], "worker_batches_busy": e2e["worker_batches_busy"],
         "worker_cpu_ms_per_img": e2e["worker_cpu_ms_per_img"], "e2e_workers": e2e["e2e_workers"],
@@ -235,6 +243,7 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "ratio": round(e2e["e2e_img_s"] / bound, 3) if bound else None,
         "stages": {f"{name}_img_s": round(rate, 1) for name, rate in rates.items()},
         "rss_mb_start": e2e["rss_mb_start"], "rss_mb_end": e2e["rss_mb_end"],
+        "rss_mb_growth_pct": rss_growth_pct(e2e["rss_mb_series"]),
         "delf_style_ms": comparison["delf_style_ms"], "ours_ms": comparison["ours_ms"],
         "model": f"random-init {cfg.backbone}, {cfg.input_size} px, dim {cfg.embedding_dim}, {cfg.precision}",
         "backbone": cfg.backbone, "batch_size": cfg.batch_size,

@@ -108,7 +108,7 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert all(v > 0 for v in result["stages"].values())
     assert result["e2e_img_s"] > 0 and result["bound_img_s"] > 0
     assert result["ratio"] == pytest.approx(result["e2e_img_s"] / result["bound_img_s"], rel=0.01)
-    assert result["rss_mb_start"] > 0 and result["rss_mb_end"] > 0
+    assert result["rss_mb_start"] > 0 and result["rss_mb_end"] > 0 and result["rss_mb_growth_pct"] >= 0
     # Decode alone is measured on both sides of the end-to-end part; the bound uses their mean.
     assert result["stages"]["decode_img_s"] == pytest.approx(
         (result["decode_img_s_before"] + result["decode_img_s_after"]) / 2, abs=0.1)
@@ -135,6 +135,15 @@ def test_the_load_run_can_drain_the_queue_with_two_worker_processes(pg_server_ur
     assert sum(result["e2e_batches_by_worker"]) == result["e2e_batches"] > 0
     assert result["events"] == 48 and result["e2e_img_s"] > 0
     assert result["worker_cpu_ms_per_img"]["main"] > 0
+
+
+def test_rss_growth_is_measured_over_the_samples_taken_while_batches_ran():
+    from shared.bench.run import rss_growth_pct
+    # The idle start (1,000 MB) sits below every sample with batches in flight, which stay within 5 %.
+    series = [[0, 1000.0, 0.0], [100, 1200.0, 1.0], [200, 1260.0, 2.0], [300, 1230.0, 3.0]]
+    assert rss_growth_pct(series) == 5.0
+    assert rss_growth_pct([[0, 1000.0, 0.0], [100, 1000.0, 1.0], [200, 1500.0, 2.0]]) == 50.0  # a leak shows
+    assert rss_growth_pct([[0, 1000.0, 0.0]]) is None
 
 
 def test_tenth_rates_are_images_per_second_within_each_step():
