@@ -4,13 +4,33 @@ embedded servers from wheels; milvus-lite as a gRPC server. Each session gets it
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# Every test gives the processes it starts their URLs. A process without them falls back to the embedded
+# stack in LANDMARKS_HOME (by default .landmarks in the working directory) and leaves three servers running
+# after the session. Set before any test module is imported, so that cached settings see it too.
+FALLBACK_HOME = Path(tempfile.mkdtemp(prefix="landmarks-tests-home-"))
+os.environ["LANDMARKS_HOME"] = str(FALLBACK_HOME)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_test_falls_back_to_the_embedded_stack():
+    yield
+    from shared import stack
+    started = (FALLBACK_HOME / stack.STATE_FILE).exists()
+    if started:
+        stack.down(FALLBACK_HOME)
+    shutil.rmtree(FALLBACK_HOME, ignore_errors=True)
+    assert not started, "a test started the embedded stack (a process without LANDMARKS_* URLs); it was stopped"
 
 
 def _reachable(port: int) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+from celery import Celery
+
 from shared import metrics
 from workers.pool import BatchPipelinePool, PipelinedBatches, prefetch_multiplier
 
@@ -16,8 +18,15 @@ def test_prefetch_covers_the_batches_in_flight_and_one_filling():
     assert prefetch_multiplier(256, 3) * 3 >= 256 * 4
 
 
-def test_the_pool_is_saturated_while_every_thread_works():
+def test_the_pool_is_saturated_while_every_thread_works(monkeypatch):
+    import workers.app  # noqa: F401 - connects the worker's signal handlers, as in a worker
+    import workers.context
+    started = []
+    # The pool starts the operations server in the process that consumes. The real one would bind the
+    # metrics port and resolve every URL, starting the embedded stack in this test's process.
+    monkeypatch.setattr(workers.context, "start_operations_server", lambda: started.append(True))
     pool = BatchPipelinePool(limit=2)
+    assert started == [True]
     release = threading.Event()
     try:
         assert not pool.saturated()
@@ -55,6 +64,11 @@ class _Batches(PipelinedBatches):
 
     def flush(self, requests):
         self.flushed.append(list(requests))
+
+
+# Its own app: the worker's (workers.app) would configure itself on first use, resolving every URL and so
+# starting the embedded stack in this test's process.
+_Batches.bind(Celery("worker-pool-tests", set_as_current=False))
 
 
 class _Request:
