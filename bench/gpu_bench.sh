@@ -19,7 +19,8 @@
 #        COMPILE=1 (time torch.compile; the end-to-end worker compiles its model at start),
 #        SCALE_MAX (1000000), RUN_TIMEOUT_S (150 per bench run; 480 with COMPILE=1, which takes longer
 #        than 5 minutes in all), TIME_BUDGET_S (420: the 2-worker run starts only if it can end by then),
-#        SKIP_INSTALL=1 (with no .venv-gpu: run with PYTHON's own packages).
+#        DEADLINE_S (570, 1800 with COMPILE=1: no run goes on past it, and none starts with under 30 s
+#        left), SKIP_INSTALL=1 (with no .venv-gpu: run with PYTHON's own packages).
 #
 # On a machine that reaches no package index (the lent ones here), bench/device_run.sh installs wheels
 # prepared beforehand and calls this script.
@@ -31,7 +32,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv-gpu}
 export LANDMARKS_HOME=${LANDMARKS_HOME:-$PWD/.landmarks-gpu}
-started=$(date +%s)
+# bench/device_run.sh passes when its device call started: the call's time limit counts from there.
+started=${CALL_STARTED:-$(date +%s)}
 
 "$PY" - <<'EOF'
 import sys, torch
@@ -55,7 +57,8 @@ EOF
   "$VENV/bin/python" -m pip install --quiet "${PIP_OPTS[@]}" --no-deps -e .
   CUDA_MAJOR=$("$VENV/bin/python" -c "import torch; print((torch.version.cuda or '0').split('.')[0])")
   case "$CUDA_MAJOR" in
-    13) NVIMG=(nvidia-nvimgcodec-cu13 nvidia-nvjpeg) ;;
+    13) mapfile -t NVIMG < <("$VENV/bin/python" -c 'import tomllib  # the `gpu` extra, its pins included
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"]))') ;;
     12) NVIMG=(nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12) ;;
     *) NVIMG=() ;;
   esac
@@ -71,9 +74,17 @@ BIN="$VENV/bin/python"
 
 bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or an error line
   local name=$1; shift
+  # Each run ends by DEADLINE (570 s from the start: a device call is stopped at 600 s, and what a run
+  # stopped with it had measured would be lost), and one with under 30 s left does not start.
+  local left=$(( DEADLINE - ($(date +%s) - started) ))
+  if (( left < 30 )); then
+    echo "{\"run\": \"$name\", \"error\": \"not started: ${left}s left before DEADLINE_S\"}" | tee -a "$OUT/gpu-bench.jsonl"
+    return
+  fi
+  local limit=$(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
   local json; json=$(mktemp)
-  echo "== $name: bench $*" | tee -a "$OUT/bench.log" >&2
-  if timeout "$RUN_TIMEOUT" "$BIN" -m shared.bench_cli bench --json "$@" >"$json" 2>>"$OUT/bench.log"; then
+  echo "== $name: bench $* (at most ${limit}s)" | tee -a "$OUT/bench.log" >&2
+  if timeout "$limit" "$BIN" -m shared.bench_cli bench --json "$@" >"$json" 2>>"$OUT/bench.log"; then
     tail -n 1 "$json" | tee -a "$OUT/gpu-bench.jsonl"
   else
     echo "{\"run\": \"$name\", \"error\": \"exit $?; see $OUT/bench.log\"}" | tee -a "$OUT/gpu-bench.jsonl"
@@ -86,9 +97,11 @@ bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or a
 : >"$OUT/bench.log"
 EXTRA=(--workers "${WORKERS:-1}")
 RUN_TIMEOUT=${RUN_TIMEOUT_S:-150}
+DEADLINE=${DEADLINE_S:-570}
 if [[ "${COMPILE:-0}" == 1 ]]; then  # the worker compiles at start too: minutes more per run
   EXTRA+=(--compile)
   RUN_TIMEOUT=${RUN_TIMEOUT_S:-480}
+  DEADLINE=${DEADLINE_S:-1800}
 fi
 bench cuda-12mp --device cuda --size 12mp --images "${IMAGES_12MP:-2048}" --batch-size "${BATCH:-256}" "${EXTRA[@]}"
 bench cuda-2mp --device cuda --size 2mp --images "${IMAGES_2MP:-4096}" --batch-size "${BATCH:-256}" "${EXTRA[@]}"

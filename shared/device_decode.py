@@ -114,22 +114,24 @@ class DeviceJpegDecoder:
         from shared.imaging import decode_image, probe_jpeg
         data = _probe_jpeg()
         jpeg = probe_jpeg(data, max_pixels=1 << 24, progressive=self.progressive)
-        (pixels,), refused = self.decode([jpeg], size)
+        # As bytes, and as the uint8 array over shared memory that the pool hands a live batch's JPEGs in.
+        tensors, refused = self.decode([jpeg, replace(jpeg, data=np.frombuffer(data, np.uint8))], size)
         if refused:
             raise RuntimeError(f"{self.name} refused a baseline JPEG")
         expected = decode_image(data, size=size, max_pixels=1 << 24).pixels
-        difference = float(np.abs(pixels.permute(1, 2, 0).cpu().numpy() - expected).mean())
-        if difference > tolerance:
-            raise RuntimeError(f"{self.name}'s pixels differ from the CPU decoder's by {difference:.1f} levels")
+        for pixels in tensors:
+            difference = float(np.abs(pixels.permute(1, 2, 0).cpu().numpy() - expected).mean())
+            if difference > tolerance:
+                raise RuntimeError(f"{self.name}'s pixels differ from the CPU decoder's by {difference:.1f} levels")
 
     @classmethod
     def _nvimgcodec(cls, device: str) -> DeviceJpegDecoder:
         from nvidia import nvimgcodec
         kind = nvimgcodec.BackendKind.HW_GPU_ONLY
         try:
-            decoder = nvimgcodec.Decoder(backend_kinds=[kind])
-        except TypeError:  # older nvImageCodec spelling
             decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(kind)])
+        except TypeError:  # a spelling that only some releases accept (0.9 has backends= alone)
+            decoder = nvimgcodec.Decoder(backend_kinds=[kind])
         try:  # orientation is ours to apply (from the header read on the CPU), as for every other path
             params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
             return cls("nvimgcodec_hw", device, (decoder, params), progressive=False)
@@ -155,10 +157,17 @@ class DeviceJpegDecoder:
             out = self._finish(images, [jpeg.orientation for jpeg in jpegs], size)
             if self._inputs is not None:
                 self._inputs.hold(jpegs, self._stream())
-        except RuntimeError as exc:
-            log.warning("%s failed on a batch of %d (%s); the CPU pool decodes it", self.name, len(jpegs), exc)
+        except Exception as exc:  # noqa: BLE001 - the codec's errors are not all RuntimeErrors; the pool still can
+            log.warning("%s failed on a batch of %d (%s: %s); the CPU pool decodes it", self.name, len(jpegs),
+                        type(exc).__name__, exc)
             out = [None] * len(jpegs)
         return out, [i for i, t in enumerate(out) if t is None]
+
+    def wait(self) -> None:
+        """Returns once this thread's decodes have finished on the device: the codec's call returns when the
+        work is queued on the stream, and the hardware engine and the crop and resize run after it."""
+        if self.device.startswith("cuda"):
+            self._stream().synchronize()
 
     def inputs_read(self) -> None:
         """Called once a batch's forward pass has finished: its JPEGs (and any earlier batch's) have been read
@@ -182,15 +191,13 @@ class DeviceJpegDecoder:
         decoder, params = self._impl
         # A JPEG from shared memory is a uint8 array (shared/spill.py), which nvImageCodec takes as a CodeStream.
         data = [j.data if isinstance(j.data, bytes) else nvimgcodec.CodeStream(j.data) for j in jpegs]
-        options = {"cuda_stream": torch.cuda.current_stream(self.device).cuda_stream}  # the thread's stream
+        # On the thread's stream (an argument since nvImageCodec 0.2): on the default stream, nothing would
+        # order the decode before the crop and resize that follow on this one.
+        options = {"cuda_stream": torch.cuda.current_stream(self.device).cuda_stream}
         if params is not None:
             options["params"] = params
         with self._codec_lock:
-            try:
-                images = decoder.decode(data, **options)
-            except TypeError:  # an older nvImageCodec without cuda_stream: its default stream
-                del options["cuda_stream"]
-                images = decoder.decode(data, **options)
+            images = decoder.decode(data, **options)
         # HWC uint8 on the device (None where the engine refused the image); greyscale comes as 1 channel.
         return [None if im is None else torch.as_tensor(im, device=self.device).permute(2, 0, 1) for im in images]
 
@@ -254,7 +261,9 @@ class DeviceJpegDecoder:
         h, w = nchw.shape[-2:]
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
-        crop = nchw[:, :, top:top + side, left:left + side].float()
+        # Contiguous while still uint8: the codecs' HWC pixels would otherwise stay channels-last through
+        # .float(), and the antialiased resize on CUDA makes its own contiguous copy, in float32.
+        crop = nchw[:, :, top:top + side, left:left + side].contiguous().float()
         return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
@@ -319,6 +328,7 @@ def load_split(loader: PhotoLoader, decoder: DeviceJpegDecoder, split: DecodeSpl
         for i, loaded in zip(device_at, headers.result()):
             results[i] = loaded
         on_device = _decode_on_device(loader, decoder, results, requests, device_at)
+        decoder.wait()  # the device's side is timed until its pixels are there, not until its work was queued
     except BaseException:  # the batch fails: what the pool still sends for it is freed, not kept till shutdown
         headers.discard()
         decodes.discard()

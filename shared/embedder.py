@@ -50,6 +50,10 @@ class Embedder:
             self._forward = net.embed
             if self.compile_batch:
                 self._forward = self._compiled(net, meta.input_size, self.compile_batch)
+            if self.device.type == "cuda":
+                # The layout change and the constants above are kernels queued on this thread's stream; a
+                # batch thread's own stream, which reads them next, is not ordered after it.
+                torch.cuda.synchronize(self.device)
             self._net, self._meta = net, meta
             log.info("loaded model %s (%s, dim %d) on %s%s", meta.version, meta.backbone,
                      meta.embedding_dim, self.device, ", compiled" if self.compile_batch else "")

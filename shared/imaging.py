@@ -80,12 +80,24 @@ def probe_jpeg(data: bytes, *, max_pixels: int, progressive: bool) -> EncodedJpe
         return None
     if img.info.get("progressive") and not progressive:
         return None
+    if not _scan_is_closed(data):
+        return None  # cut short: Pillow says so, where a GPU codec may fill in the rest and go on
     exif = _exif(img)
     orientation = _orientation(exif)
     width, height = img.size
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     return EncodedJpeg(data, exif_gps(exif), width, height, orientation)
+
+
+def _scan_is_closed(data: bytes) -> bool:
+    """Whether the end-of-image marker (FF D9) follows the JPEG's last start-of-scan (FF DA). A file cut
+    short in transit has none there: the one in its EXIF thumbnail comes before its scans, and coded data
+    never holds either pair. Data appended after the end (a second picture, a phone's trailer) is allowed.
+    Almost every file ends with the marker, so the search runs only for the others."""
+    if data.endswith(b"\xff\xd9"):
+        return True
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda")
 
 
 def decode_image(data: bytes, *, size: int, max_pixels: int) -> DecodedImage:

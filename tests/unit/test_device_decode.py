@@ -99,7 +99,7 @@ def test_the_probe_leaves_to_the_cpu_what_a_device_decoder_cannot_take():
 
 def test_a_corrupt_jpeg_is_refused_by_index_and_the_rest_of_the_batch_decodes(decoder):
     good = [_jpeg(_asymmetric(300 + 20 * i, 200)) for i in range(3)]
-    truncated = good[0][: len(good[0]) // 3]
+    truncated = good[0][: good[0].find(b"\xff\xda") - 100]  # cut in its tables: no decoder can go on
     grey = _jpeg(_asymmetric().convert("L"))
     tensors, refused = decoder.decode([good[0], truncated, good[1], grey, good[2]], SIZE)
     assert refused == [1] or (not _strict(decoder) and refused == [1, 3])  # the engine may leave grey to the pool
@@ -107,6 +107,57 @@ def test_a_corrupt_jpeg_is_refused_by_index_and_the_rest_of_the_batch_decodes(de
     if tensors[3] is not None:
         grey_cpu = decode_image(grey, size=SIZE, max_pixels=MAX_PIXELS).pixels
         assert np.abs(_hwc(tensors[3]) - grey_cpu).mean() < 2.0
+
+
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_a_jpeg_cut_short_in_its_scan_never_reaches_the_device_and_fails_with_a_recorded_error(kind, tmp_path):
+    """A GPU codec may fill in what a cut-short file lacks and return pixels; Pillow says the file is
+    truncated. So the probe leaves such a file to the pool, which records the error, as on a CPU worker.
+    An end marker inside the headers (an EXIF thumbnail's, here a comment's) does not count, and data
+    appended after the end (a second picture) does not stop a whole JPEG from going to the device."""
+    image = _asymmetric(600, 400)
+    whole = _jpeg(image, comment=b"thumbnail \xff\xd8 ... \xff\xd9")
+    scan = whole.rfind(b"\xff\xda")
+    cut = whole[: scan + (len(whole) - scan) // 2]
+    appended = whole + _jpeg(_asymmetric(60, 40))
+    assert probe_jpeg(cut, max_pixels=MAX_PIXELS, progressive=True) is None
+    assert isinstance(probe_jpeg(appended, max_pixels=MAX_PIXELS, progressive=False), EncodedJpeg)
+    assert isinstance(probe_jpeg(whole + b"\0" * 64, max_pixels=MAX_PIXELS, progressive=False), EncodedJpeg)
+    for name, data in (("cut.jpg", cut), ("appended.jpg", appended)):
+        (tmp_path / name).write_bytes(data)
+    loader = PhotoLoader(Settings(file_roots=str(tmp_path)), kind=kind, workers=2)
+    try:
+        failed, taken = loader.load([LoadRequest((tmp_path / n).as_uri(), SIZE, device_jpeg=True)
+                                     for n in ("cut.jpg", "appended.jpg")])
+    finally:
+        loader.close()
+    assert failed.image.stage == "decode" and "truncated" in failed.image.reason
+    assert isinstance(taken.image, EncodedJpeg)
+
+
+def test_a_codec_failing_with_any_error_leaves_the_whole_batch_to_the_pool(tmp_path):
+    """The codecs' bindings raise more than RuntimeError (a ValueError or TypeError for an input they do not
+    take): whatever it is, the batch's photos are decoded by the pool, not lost with the batch."""
+    decoder = DeviceJpegDecoder.torchvision("cpu")
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("unsupported code stream")
+
+    decoder._impl = broken
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"p{i}.jpg")
+        paths[-1].write_bytes(_jpeg(_asymmetric(300 + 20 * i, 200)))
+    loader = PhotoLoader(Settings(file_roots=str(tmp_path)), kind="threads", workers=2)
+    try:
+        results, on_device = load_split(loader, decoder, DecodeSplit(1.0),
+                                        [LoadRequest(path.as_uri(), SIZE) for path in paths], [0, 1, 2])
+    finally:
+        loader.close()
+    assert on_device == 0
+    for path, result in zip(paths, results):
+        assert np.array_equal(result.image.pixels, decode_image(path.read_bytes(), size=SIZE,
+                                                                max_pixels=MAX_PIXELS).pixels)
 
 
 def test_a_batch_of_mixed_shapes_and_orientations_gives_each_photo_its_own_pixels(decoder, monkeypatch):
@@ -238,6 +289,8 @@ def test_a_split_batch_decodes_its_share_on_the_device_and_the_rest_in_the_pool(
         load_split(loader, decoder, learning, requests, list(range(9)))
         pixels = [p if isinstance(p, torch.Tensor) else p.copy() for p in (r.image.pixels for r in results)]
         del results
+        if decoder.device.startswith("cuda"):
+            torch.cuda.synchronize()  # the pipeline's forward pass has waited for the device by this point
         decoder.inputs_read()  # as the pipeline does once the batch's forward pass has finished
         gc.collect()
         # Nothing either batch took from the shared-memory arena is kept once its results are let go: on
