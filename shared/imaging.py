@@ -94,9 +94,9 @@ def _scan_is_closed(data: bytes) -> bool:
     """Whether the end-of-image marker (FF D9) follows the JPEG's last start-of-scan (FF DA). A file cut
     short in transit has none there: the one in its EXIF thumbnail comes before its scans, and coded data
     never holds either pair. Data appended after the end (a second picture, a phone's trailer) is allowed,
-    unless it holds FF DA itself: that photo goes to the pool, as a cut one does (1 of the 169 JPEGs in
-    ../shared/realdata, a BlackBerry's). Almost every file ends with the marker (165 of them there), so the
-    search runs only for the others."""
+    unless it holds FF DA itself: that photo goes to the pool, as a cut one does (a BlackBerry's, among the
+    real photos of the tests). Almost every file ends with the marker, so the search runs only for the
+    others."""
     if data.endswith(b"\xff\xd9"):
         return True
     return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda")

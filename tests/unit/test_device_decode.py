@@ -160,6 +160,25 @@ def test_a_codec_failing_with_any_error_leaves_the_whole_batch_to_the_pool(tmp_p
                                                                 max_pixels=MAX_PIXELS).pixels)
 
 
+def test_the_end_marker_check_leaves_almost_no_whole_real_jpeg_to_the_pool(realdata):
+    """The check that keeps cut-short JPEGs off the device must not cost a GPU worker its device decodes:
+    of the real JPEGs that Pillow decodes whole, it leaves fewer than 2 % to the pool (one, a BlackBerry
+    photo whose trailer holds the start-of-scan bytes)."""
+    whole = []
+    for path in sorted(realdata.rglob("*")):
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            data = path.read_bytes()
+            try:
+                decode_image(data, size=SIZE, max_pixels=MAX_PIXELS)
+            except DecodeError:
+                continue
+            whole.append((path.name, data))
+    left = [name for name, data in whole if probe_jpeg(data, max_pixels=MAX_PIXELS, progressive=True) is None
+            and Image.open(io.BytesIO(data)).mode in ("RGB", "L")]
+    assert len(whole) > 100
+    assert len(left) < 0.02 * len(whole), left
+
+
 def test_a_batch_of_mixed_shapes_and_orientations_gives_each_photo_its_own_pixels(decoder, monkeypatch):
     """Photos of one shape and orientation are resized together, a few at a time: each still gets exactly
     the pixels it gets alone, in its place in the batch."""
