@@ -19,7 +19,7 @@
 #        COMPILE=1 (time torch.compile; the end-to-end worker compiles its model at start),
 #        SCALE_MAX (1000000), RUN_TIMEOUT_S (150 per bench run; 480 with COMPILE=1, which takes longer
 #        than 5 minutes in all), TIME_BUDGET_S (420: the 2-worker run starts only if it can end by then),
-#        DEADLINE_S (570, 1800 with COMPILE=1: no run goes on past it, and none starts with under 30 s
+#        DEADLINE_S (560, 1800 with COMPILE=1: no run goes on past it, and none starts with under 30 s
 #        left), SKIP_INSTALL=1 (with no .venv-gpu: run with PYTHON's own packages).
 #
 # On a machine that reaches no package index (the lent ones here), bench/device_run.sh installs wheels
@@ -74,7 +74,7 @@ BIN="$VENV/bin/python"
 
 bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or an error line
   local name=$1; shift
-  # Each run ends by DEADLINE (570 s from the start: a device call is stopped at 600 s, and what a run
+  # Each run ends by DEADLINE (560 s from the start: a device call is stopped at 600 s, and what a run
   # stopped with it had measured would be lost), and one with under 30 s left does not start.
   local left=$(( DEADLINE - ($(date +%s) - started) ))
   if (( left < 30 )); then
@@ -84,7 +84,8 @@ bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or a
   local limit=$(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
   local json; json=$(mktemp)
   echo "== $name: bench $* (at most ${limit}s)" | tee -a "$OUT/bench.log" >&2
-  if timeout "$limit" "$BIN" -m shared.bench_cli bench --json "$@" >"$json" 2>>"$OUT/bench.log"; then
+  # SIGTERM lets the bench stop its workers and print their last lines; SIGKILL 15 s later if it hangs.
+  if timeout -k 15 "$limit" "$BIN" -m shared.bench_cli bench --json "$@" >"$json" 2>>"$OUT/bench.log"; then
     tail -n 1 "$json" | tee -a "$OUT/gpu-bench.jsonl"
   else
     echo "{\"run\": \"$name\", \"error\": \"exit $?; see $OUT/bench.log\"}" | tee -a "$OUT/gpu-bench.jsonl"
@@ -97,7 +98,7 @@ bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or a
 : >"$OUT/bench.log"
 EXTRA=(--workers "${WORKERS:-1}")
 RUN_TIMEOUT=${RUN_TIMEOUT_S:-150}
-DEADLINE=${DEADLINE_S:-570}
+DEADLINE=${DEADLINE_S:-560}
 if [[ "${COMPILE:-0}" == 1 ]]; then  # the worker compiles at start too: minutes more per run
   EXTRA+=(--compile)
   RUN_TIMEOUT=${RUN_TIMEOUT_S:-480}

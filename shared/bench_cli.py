@@ -104,7 +104,9 @@ def register(cli: typer.Typer) -> None:
                 else:
                     result = run_bench(cfg, reporter)
             except RuntimeError as exc:
-                console.print(f"[red]bench failed:[/red] {exc}")
+                # torch's and CUDA's errors are RuntimeErrors too: their traceback says which stage failed.
+                console.print_exception(max_frames=8)
+                console.print(f"bench failed: {exc}", style="red", markup=False, highlight=False)
                 raise typer.Exit(1) from None
             reporter.start("done", 1)
             reporter.advance(1)

@@ -152,17 +152,30 @@ class BenchWorkers:
                 proc.send_signal(signal.SIGTERM)  # Celery warm shutdown
         for proc in self.procs:
             try:
-                proc.wait(60)
+                # Ample for a batch in flight to finish; a run stopped by its time limit (bench/gpu_bench.sh)
+                # must not spend much of what is left of a device call here.
+                proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def _dead_letters(engine, user: str) -> tuple[int, str | None]:
+    """How many of `user`'s events the workers dead-lettered, and one reason."""
+    import sqlalchemy as sa
+    with engine.connect() as conn:
+        count, reason = conn.execute(sa.text("SELECT count(*), min(reason) FROM failures WHERE user_id = :u"),
+                                     {"u": user}).one()
+    return count, reason
 
 
 def _wait_for(engine, user: str, n: int, workers: BenchWorkers, stall_s: float,
               on_poll: Callable[[int], None] | None = None, poll_s: float = 0.25) -> float:
     """Polls processed_events until `n` events of `user` are committed; the time the last one was seen.
     A long run polls every `poll_s`, but every 50 ms once the end may come before the next poll, so the
-    end is timed closely."""
+    end is timed closely. A poll that saw no progress also looks for dead letters: every bench event is a
+    valid photo, so one means the workers fail, and the run stops at once with their log instead of
+    waiting out `stall_s` (a GPU worker failing every batch had used up a device call that way)."""
     last, last_change, step = -1, time.monotonic(), n
     while True:
         done = _processed(engine, user)
@@ -174,6 +187,11 @@ def _wait_for(engine, user: str, n: int, workers: BenchWorkers, stall_s: float,
         if done != last:
             step = done - max(last, 0)  # the progress of one poll
             last, last_change = done, time.monotonic()
+        else:
+            failed, reason = _dead_letters(engine, user)
+            if failed:
+                raise RuntimeError(f"the workers dead-lettered {failed} bench events at {done}/{n} ({reason}):\n"
+                                   f"{workers.tail()}")
         workers.check_alive(done, n)
         if time.monotonic() - last_change > stall_s:
             raise TimeoutError(f"no progress for {stall_s:.0f}s at {done}/{n} events:\n{workers.tail()}")
@@ -193,6 +211,30 @@ def _worker_env(plan: E2EPlan) -> dict:
     if plan.torch_compile:
         env["LANDMARKS_TORCH_COMPILE"] = "1"
     return env
+
+
+WARM_UP_ROUNDS_AT_MOST = 4
+
+
+def _warm_up(plan: E2EPlan, workers: BenchWorkers, send: Callable[[dict], object], engine,
+             reporter: Reporter) -> None:
+    """Rounds of the warm-up events (model load, first forward, connections) until every worker has done a
+    batch: with several workers, the first one ready could take a whole round and leave another to pay for
+    its first forward pass inside the measured run. Each round's events are new ones (an event delivered
+    again changes nothing, and would not be counted)."""
+    user, sent = plan.warmup[0]["user_id"], 0
+    for round_ in range(WARM_UP_ROUNDS_AT_MOST):
+        for event in plan.warmup:
+            send({**event, "event_id": uuid.uuid4().hex, "photo_id": f"{event['photo_id']}_{round_}"}
+                 if round_ else event)
+        sent += len(plan.warmup)
+        _wait_for(engine, user, sent, workers, max(plan.stall_s, 600.0), on_poll=lambda d: reporter.advance(0),
+                  poll_s=0.2)
+        time.sleep(0.5)  # let the last warm-up batch finish acknowledging, and log its line
+        if all(laps.batches for laps in workers.laps_since([0] * len(workers.procs))):
+            return
+    log.warning("a bench worker did no warm-up batch in %d rounds; it warms up in the measured run",
+                WARM_UP_ROUNDS_AT_MOST)
 
 
 def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
@@ -218,12 +260,8 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
     workers = BenchWorkers(_worker_env(plan), plan.workers, plan.workdir)
     sign = event_signer(get_settings())  # a worker given a signing key refuses unsigned events
     try:
-        for event in plan.warmup:
-            producer.send_task(upload, args=[sign(event)], queue=plan.queue)
-        warm_user = plan.warmup[0]["user_id"]
-        _wait_for(engine, warm_user, len(plan.warmup), workers, max(plan.stall_s, 600.0),
-                  on_poll=lambda d: reporter.advance(0), poll_s=0.2)
-        time.sleep(0.5)  # let the warm-up batch finish acknowledging
+        _warm_up(plan, workers, lambda event: producer.send_task(upload, args=[sign(event)], queue=plan.queue),
+                 engine, reporter)
         log_offsets = workers.log_offsets()
         rss_start = workers.rss_mb()
 
@@ -256,6 +294,9 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
         time.sleep(0.3)  # the last batch's log line
         per_worker = workers.laps_since(log_offsets)
         tagged = _count_tagged(engine, user)
+    except (SystemExit, KeyboardInterrupt):  # stopped from outside (a time limit): say where the workers were
+        sys.stderr.write(f"end-to-end stopped; the workers' last lines:\n{workers.tail()}\n")
+        raise
     finally:
         workers.stop()
         producer.close()

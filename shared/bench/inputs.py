@@ -4,6 +4,7 @@ photos of ../shared/realdata read in place."""
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor
@@ -91,7 +92,8 @@ def generated_images(cache: Path, size: str, count: int, reporter: Reporter | No
         reporter = reporter or NullReporter()
         reporter.start(f"generating {len(missing)} {size} JPEGs into {folder}", len(missing))
         jobs = [(p, width, height, int(p.stem.split("_")[1])) for p in missing]
-        with ProcessPoolExecutor(max_workers=cpu_count()) as pool:
+        # forkserver: the bench process may hold CUDA by now (host_info), which a forked child must not inherit.
+        with ProcessPoolExecutor(max_workers=cpu_count(), mp_context=multiprocessing.get_context("forkserver")) as pool:
             for _ in pool.map(_write_jpeg, jobs):
                 reporter.advance()
     return paths

@@ -139,8 +139,6 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
     inputs = bench_inputs(cfg, reporter)
     if inputs is None:
         return {"device": cfg.device, "size": cfg.size, "skipped": f"no real photos at {realdata_dir()}"}
-    if cfg.cuda:
-        torch.backends.cudnn.benchmark = True  # the bound is what the card can do
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lm-bench-")))
         database_server, broker_url = service_urls(settings)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: str = "cpu",

@@ -137,6 +137,32 @@ def test_the_load_run_can_drain_the_queue_with_two_worker_processes(pg_server_ur
     assert result["worker_cpu_ms_per_img"]["main"] > 0
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_bench_whose_worker_fails_every_batch_stops_at_once_with_the_reason(pg_server_url, broker_url, tmp_path):
+    """A worker that dead-letters the bench's events (a GPU worker failing every batch, say) ends the run at
+    once, with the reason and the worker's last lines, instead of waiting out the stall limit (600 s during
+    the warm-up; this test gives the whole bench 300)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if 'worker' in sys.argv:  # the bench's worker processes, not the bench itself\n"
+        "    from shared.pipeline import RecognitionPipeline\n"
+        "    def fail(self, events):\n"
+        "        raise RuntimeError('injected: every batch fails')\n"
+        "    RecognitionPipeline.process = fail\n")
+    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
+           "LANDMARKS_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    env.pop("LANDMARKS_MILVUS_URI", None)
+    run = subprocess.run([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick", "--device", "cpu",
+                          "--size", "2mp", "--load-only", "--images", "16"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1
+    assert "dead-lettered" in run.stderr and "injected: every batch fails" in run.stderr
+
+
 def test_rss_growth_is_measured_over_the_samples_taken_while_batches_ran():
     from shared.bench.run import rss_growth_pct
     # The idle start (1,000 MB) sits below every sample with batches in flight, which stay within 5 %.
