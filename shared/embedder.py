@@ -40,15 +40,14 @@ class Embedder:
             if self._net is not None:
                 return
             self.device = pick_device(self.requested_device)
-            if self.device.type == "cuda":
-                # cuDNN times its convolution algorithms for each input shape the first time it meets it and
-                # keeps the fastest (the anchors' 9,500 img/s were measured so). A worker's batches are nearly
-                # all full under load, so it times them once; each smaller size costs one timing too.
-                torch.backends.cudnn.benchmark = True
             net, meta, self.gallery = load_checkpoint(self.checkpoint)
             net = net.to(self.device).eval()
             if self.device.type == "cuda":
                 net = net.to(memory_format=torch.channels_last)
+                # cuDNN times its convolution algorithms for each input shape the first time it meets it and
+                # keeps the fastest (the anchors' 9,500 img/s were measured so). A worker's batches are nearly
+                # all full under load, so it times them once; each smaller size costs one timing too.
+                torch.backends.cudnn.benchmark = True
             mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255
             std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255
             self._mean, self._std = mean, std
