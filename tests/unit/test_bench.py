@@ -87,11 +87,17 @@ def test_worker_laps_are_read_from_the_pipeline_log():
     assert worker_laps(as_json + "\n{not json\n") == (1, 8, {"embed": 40.5}, 0)
 
 
+def _bench_env(pg_server_url: str, broker_url: str, home, **extra: str) -> dict:
+    """A bench subprocess's environment: the test's PostgreSQL and Redis, its own home, a private Milvus."""
+    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
+           "LANDMARKS_HOME": str(home), **extra}
+    env.pop("LANDMARKS_MILVUS_URI", None)
+    return env
+
+
 def _quick_bench(pg_server_url: str, broker_url: str, home, *args: str) -> dict:
     """`bench --json --quick --device cpu --size 2mp ARGS` on the test's PostgreSQL and Redis: its JSON."""
-    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
-           "LANDMARKS_HOME": str(home)}
-    env.pop("LANDMARKS_MILVUS_URI", None)
+    env = _bench_env(pg_server_url, broker_url, home)
     run = subprocess.run([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick",
                           "--device", "cpu", "--size", "2mp", *args], env=env, capture_output=True, text=True,
                          timeout=400)
@@ -152,10 +158,8 @@ def test_a_bench_whose_worker_fails_every_batch_stops_at_once_with_the_reason(pg
         "    def fail(self, events):\n"
         "        raise RuntimeError('injected: every batch fails')\n"
         "    RecognitionPipeline.process = fail\n")
-    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
-           "LANDMARKS_HOME": str(tmp_path / "home"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
-    env.pop("LANDMARKS_MILVUS_URI", None)
+    env = _bench_env(pg_server_url, broker_url, tmp_path / "home",
+                     PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick", "--device", "cpu",
                           "--size", "2mp", "--load-only", "--images", "16"], env=env, capture_output=True, text=True,
                          timeout=300)
@@ -313,9 +317,7 @@ def test_a_terminated_bench_stops_its_milvus_and_worker_and_drops_its_database(p
     import time
     from shared.bench.host import _descendants
     before = _bench_databases(pg_server_url)
-    env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
-           "LANDMARKS_HOME": str(tmp_path / "home")}
-    env.pop("LANDMARKS_MILVUS_URI", None)
+    env = _bench_env(pg_server_url, broker_url, tmp_path / "home")
     bench = subprocess.Popen([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick", "--device",
                               "cpu", "--size", "2mp", "--load-only", "--images", "4000"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
