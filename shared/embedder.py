@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +23,49 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def batch_shapes(batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a CUDA model runs at when it serves batches of up to ``batch_size``: the powers of two
+    to 32, every 32nd size above, and ``batch_size``. A batch that closes on the clock has any size below
+    the full one, and cuDNN times its algorithms anew for each size it meets (seconds, with the GPU idle):
+    a worker meets at most these. A padded batch costs GPU time only when the GPU has time to spare (under
+    load, batches are full)."""
+    sizes = {min(1 << k, batch_size) for k in range(6)} | set(range(64, batch_size, 32)) | {batch_size}
+    return tuple(sorted(sizes))
+
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def padded(forward: Forward, shapes: tuple[int, ...], layout: torch.memory_format) -> Forward:
+    """``forward`` run at ``shapes`` only: a batch is padded with zeros to the next size of ``shapes`` (each
+    image's embedding is its own: the model is in eval mode), one larger than the last is split."""
+    largest = shapes[-1]
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        n = len(batch)
+        if n > largest:
+            return torch.cat([run(part) for part in batch.split(largest)])
+        shape = shapes[bisect.bisect_left(shapes, n)]
+        if n < shape:
+            batch = torch.cat([batch, batch.new_zeros((shape - n, *batch.shape[1:]))])
+        return forward(batch.contiguous(memory_format=layout))[:n]
+    return run
+
+
 class Embedder:
     """Loads its checkpoint on first use, so CUDA is initialised in the worker process only."""
 
-    def __init__(self, checkpoint: Path, device: str = "auto", compile_batch: int = 0) -> None:
-        """``compile_batch``: when not 0, the forward is compiled (torch.compile) for batches of that size
-        while loading, so that the compilation is done before the first batch arrives."""
+    def __init__(self, checkpoint: Path, device: str = "auto", batch_size: int = 0,
+                 compile_model: bool = False) -> None:
+        """``batch_size``: the largest batch served, when known. On CUDA, the model then runs at the few
+        sizes of ``batch_shapes``. ``compile_model``: the forward is compiled (torch.compile) for batches of
+        ``batch_size`` while loading, so that the compilation is done before the first batch arrives."""
+        if compile_model and not batch_size:
+            raise ValueError("compiling the model needs the batch size it serves")
         self.checkpoint = Path(checkpoint)
         self.requested_device = device
-        self.compile_batch = compile_batch
+        self.batch_size = batch_size
+        self.compile_model = compile_model
         self._net: LandmarkNet | None = None
         self._meta: ModelMeta | None = None
         self.gallery: dict = {}  # the checkpoint's centroids and references (the worker's search replica)
@@ -45,39 +81,36 @@ class Embedder:
             if self.device.type == "cuda":
                 net = net.to(memory_format=torch.channels_last)
                 # cuDNN times its convolution algorithms for each input shape the first time it meets it and
-                # keeps the fastest (the anchors' 9,500 img/s were measured so). A worker's batches are nearly
-                # all full under load, so it times them once; each smaller size costs one timing too.
+                # keeps the fastest (the anchors' 9,500 img/s were measured so): once per size of batch_shapes.
                 torch.backends.cudnn.benchmark = True
             mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255
             std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255
             self._mean, self._std = mean, std
-            self._forward = net.embed
-            if self.compile_batch:
-                self._forward = self._compiled(net, meta.input_size, self.compile_batch)
+            self._forward = self._served(net, meta.input_size)
             if self.device.type == "cuda":
                 # The layout change and the constants above are kernels queued on this thread's stream; a
                 # batch thread's own stream, which reads them next, is not ordered after it.
                 torch.cuda.synchronize(self.device)
             self._net, self._meta = net, meta
             log.info("loaded model %s (%s, dim %d) on %s%s", meta.version, meta.backbone,
-                     meta.embedding_dim, self.device, ", compiled" if self.compile_batch else "")
+                     meta.embedding_dim, self.device, ", compiled" if self.compile_model else "")
 
-    def _compiled(self, net: LandmarkNet, input_size: int, batch_size: int):
-        """net.embed compiled for one batch shape: a smaller batch is padded to it (its padding costs less
-        than a recompile per size), a larger one split. Compiled and warmed up here, at load."""
-        compiled = torch.compile(net.embed, dynamic=False)
+    def _served(self, net: LandmarkNet, input_size: int) -> Forward:
+        """The forward as batches meet it: net.embed as it is on the CPU (oneDNN times nothing per size); on
+        CUDA, at the sizes of batch_shapes; compiled, at the one size compiled (a padded batch costs less than
+        a recompile per size), compiled and warmed up here, at load."""
         # One layout for every call (embed uses channels_last on CUDA): another would be compiled again.
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        if self.compile_model:
+            compiled = torch.compile(net.embed, dynamic=False)
+            return self._warmed_up(padded(compiled, (self.batch_size,), layout), input_size)
+        if self.device.type == "cuda" and self.batch_size:
+            return padded(net.embed, batch_shapes(self.batch_size), layout)
+        return net.embed
 
-        def forward(batch: torch.Tensor) -> torch.Tensor:
-            n = len(batch)
-            if n > batch_size:
-                return torch.cat([forward(part) for part in batch.split(batch_size)])
-            if n < batch_size:
-                batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
-            return compiled(batch.contiguous(memory_format=layout))[:n]
-
-        start = time.perf_counter()
+    def _warmed_up(self, forward: Forward, input_size: int) -> Forward:
+        """``forward`` once at the served batch size: a compiled one compiles on its first call."""
+        start, batch_size = time.perf_counter(), self.batch_size
         warm_up = torch.zeros(batch_size, 3, input_size, input_size, device=self.device)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):

@@ -95,8 +95,8 @@ class RecognitionPipeline:
     def _load_runtime(self, version: str) -> ModelRuntime:
         gc.unfreeze()  # the runtime being replaced, if any, becomes collectable again
         runtime = load_model_runtime(self.engine, version, self.settings.device, self.settings.model_path,
-                                     role="active",
-                                     compile_batch=self.settings.batch_size if self.settings.torch_compile else 0)
+                                     role="active", batch_size=self.settings.batch_size,
+                                     compile_model=self.settings.torch_compile)
         # Milvus answers whether the alias moved (once per batch); the searching is done in process.
         runtime.replica = local_replica(version, runtime.embedder.gallery, self.index,
                                         self.settings.search_replica_max_centroids, str(runtime.embedder.device))

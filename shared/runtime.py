@@ -85,16 +85,16 @@ def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroi
 
 
 def load_model_runtime(engine: Engine, version: str, device: str, path_override: Path | None = None,
-                       role: str = "active", compile_batch: int = 0) -> ModelRuntime:
-    """The model of ``version`` (its registered checkpoint unless ``path_override``), loaded; compiled for
-    batches of ``compile_batch`` when that is not 0 (shared/embedder.py)."""
+                       role: str = "active", batch_size: int = 0, compile_model: bool = False) -> ModelRuntime:
+    """The model of ``version`` (its registered checkpoint unless ``path_override``), loaded for batches of
+    up to ``batch_size``, compiled if asked (shared/embedder.py)."""
     with transaction(engine) as session:
         row = session.get(ModelVersion, version)
         if row is None:
             raise InfrastructureError(f"model version {version!r} ({role}) is not registered in PostgreSQL")
         checkpoint, thresholds = row.checkpoint, Thresholds(row.t_geo, row.t_global, row.t_ref)
     path = path_override or Path(checkpoint)
-    embedder = Embedder(path, device, compile_batch=compile_batch)
+    embedder = Embedder(path, device, batch_size, compile_model)
     try:
         embedder.load()
     except (OSError, ValueError, RuntimeError) as exc:

@@ -175,7 +175,8 @@ class ShadowRunner:
 
     def _load(self, version: str) -> bool:
         try:
-            self._runtime = load_model_runtime(self.engine, version, self.settings.device, role="shadow")
+            self._runtime = load_model_runtime(self.engine, version, self.settings.device, role="shadow",
+                                               batch_size=self.settings.batch_size)
         except Exception as exc:  # noqa: BLE001 - e.g. a corrupt checkpoint: the candidate's problem, not the batch's
             self._backoff = (version, time.monotonic() + self.retry_s)
             log.warning("cannot load the shadow model %s (next try in %.0fs): %s", version, self.retry_s, exc,

@@ -65,7 +65,7 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     out: dict = {"decode": decode_alone(cfg, inputs, n, gpu_decoder, reporter)}
     out["handover"] = handover_stage(inputs.unique, inputs.file_root, cfg.input_size, batch=cfg.batch_size,
                                      photos=min(n, 512), reporter=reporter)
-    embedder = Embedder(model.path, cfg.device)
+    embedder = Embedder(model.path, cfg.device, batch_size=cfg.batch_size)  # as the worker loads it
     embedder.load()
     # On CUDA, as many batches at once as the worker runs: their copies to the device overlap the forwards.
     in_flight = get_settings().batches_in_flight if cfg.cuda else 1

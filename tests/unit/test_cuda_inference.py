@@ -3,7 +3,8 @@ skipped without CUDA; bench/device_run.sh runs them (`pytest -m gpu`) on a lent 
 
 bf16 autocast with channels_last keeps the embeddings the CPU's fp32 model gives; pixels decoded on the
 device embed as pixels from the pool do; batch threads on their own streams (device_decode.thread_stream)
-each get their own batch's embeddings; the compiled model (LANDMARKS_TORCH_COMPILE) gives the eager one's."""
+each get their own batch's embeddings; batches padded to the served sizes, and the compiled model
+(LANDMARKS_TORCH_COMPILE), give the eager one's."""
 
 from __future__ import annotations
 
@@ -105,10 +106,18 @@ def test_batch_threads_on_their_own_streams_each_get_their_own_embeddings(checkp
             assert _cosines(expected[which], embeddings).min() > 0.9999
 
 
+def test_batches_padded_to_the_served_sizes_give_the_unpadded_embeddings(checkpoint, pick_photos):
+    as_they_come = Embedder(checkpoint, "cuda")
+    served = Embedder(checkpoint, "cuda", batch_size=8)  # runs at 1, 2, 4 and 8
+    pixels = pick_photos(11, seed=5)
+    for n in (3, 8, 11):  # padded to 4, as it is, split into 8 + 3 (padded to 4)
+        assert _cosines(as_they_come.embed(pixels[:n]), served.embed(pixels[:n])).min() > 0.999
+
+
 @pytest.mark.slow
 def test_the_compiled_model_on_cuda_gives_the_eager_embeddings(checkpoint, pick_photos):
     eager = Embedder(checkpoint, "cuda")
-    compiled = Embedder(checkpoint, "cuda", compile_batch=8)
+    compiled = Embedder(checkpoint, "cuda", batch_size=8, compile_model=True)
     pixels = pick_photos(11, seed=4)
     for n in (3, 8, 11):  # padded, as compiled, split
         assert _cosines(eager.embed(pixels[:n]), compiled.embed(pixels[:n])).min() > 0.999

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow,
 def test_a_compiled_model_embeds_as_the_eager_one_for_every_batch_size(tmp_path, caplog):
     init_model(tmp_path / "m.pt", backbone="tiny", dim=32, size=64, version="compiled_v1", calibrate=None)
     eager = Embedder(tmp_path / "m.pt", "cpu")
-    compiled = Embedder(tmp_path / "m.pt", "cpu", compile_batch=4)
+    compiled = Embedder(tmp_path / "m.pt", "cpu", batch_size=4, compile_model=True)
     with caplog.at_level(logging.INFO, logger="shared.embedder"):
         compiled.load()
     assert any("compiled the model for batches of 4" in r.getMessage() for r in caplog.records)
