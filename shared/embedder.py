@@ -81,7 +81,8 @@ class Embedder:
             if self.device.type == "cuda":
                 net = net.to(memory_format=torch.channels_last)
                 # cuDNN times its convolution algorithms for each input shape the first time it meets it and
-                # keeps the fastest (the anchors' 9,500 img/s were measured so): once per size of batch_shapes.
+                # keeps the fastest (the anchors' 9,500 img/s were measured so): once per size of batch_shapes,
+                # the full one at load (_served).
                 torch.backends.cudnn.benchmark = True
             mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255
             std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255
@@ -98,24 +99,27 @@ class Embedder:
     def _served(self, net: LandmarkNet, input_size: int) -> Forward:
         """The forward as batches meet it: net.embed as it is on the CPU (oneDNN times nothing per size); on
         CUDA, at the sizes of batch_shapes; compiled, at the one size compiled (a padded batch costs less than
-        a recompile per size), compiled and warmed up here, at load."""
+        a recompile per size). Compiling, and cuDNN's timing of the full batch, are done here, at load: the
+        first full batch under load would otherwise wait for them."""
         # One layout for every call (embed uses channels_last on CUDA): another would be compiled again.
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         if self.compile_model:
             compiled = torch.compile(net.embed, dynamic=False)
-            return self._warmed_up(padded(compiled, (self.batch_size,), layout), input_size)
+            return self._warmed_up(padded(compiled, (self.batch_size,), layout), input_size, "compiled the model")
         if self.device.type == "cuda" and self.batch_size:
-            return padded(net.embed, batch_shapes(self.batch_size), layout)
+            # The smaller sizes are timed when first met: they come when the GPU has time to spare.
+            return self._warmed_up(padded(net.embed, batch_shapes(self.batch_size), layout), input_size,
+                                   "timed cuDNN's algorithms")
         return net.embed
 
-    def _warmed_up(self, forward: Forward, input_size: int) -> Forward:
-        """``forward`` once at the served batch size: a compiled one compiles on its first call."""
+    def _warmed_up(self, forward: Forward, input_size: int, what: str) -> Forward:
+        """``forward`` run once at the served batch size."""
         start, batch_size = time.perf_counter(), self.batch_size
         warm_up = torch.zeros(batch_size, 3, input_size, input_size, device=self.device)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
             forward(warm_up)
-        log.info("compiled the model for batches of %d in %.1f s", batch_size, time.perf_counter() - start)
+        log.info("%s for batches of %d in %.1f s", what, batch_size, time.perf_counter() - start)
         return forward
 
     @property
