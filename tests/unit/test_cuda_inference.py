@@ -8,6 +8,7 @@ each get their own batch's embeddings; batches padded to the served sizes, and t
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -106,9 +107,12 @@ def test_batch_threads_on_their_own_streams_each_get_their_own_embeddings(checkp
             assert _cosines(expected[which], embeddings).min() > 0.9999
 
 
-def test_batches_padded_to_the_served_sizes_give_the_unpadded_embeddings(checkpoint, pick_photos):
+def test_batches_padded_to_the_served_sizes_give_the_unpadded_embeddings(checkpoint, pick_photos, caplog):
     as_they_come = Embedder(checkpoint, "cuda")
     served = Embedder(checkpoint, "cuda", batch_size=8)  # runs at 1, 2, 4 and 8
+    with caplog.at_level(logging.INFO, logger="shared.embedder"):
+        served.load()
+    assert any("timed cuDNN's algorithms for batches of 8" in r.getMessage() for r in caplog.records)
     pixels = pick_photos(11, seed=5)
     for n in (3, 8, 11):  # padded to 4, as it is, split into 8 + 3 (padded to 4)
         assert _cosines(as_they_come.embed(pixels[:n]), served.embed(pixels[:n])).min() > 0.999
