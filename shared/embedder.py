@@ -81,13 +81,16 @@ class Embedder:
             if self.device.type == "cuda":
                 net = net.to(memory_format=torch.channels_last)
                 # cuDNN times its convolution algorithms for each input shape the first time it meets it and
-                # keeps the fastest (the anchors' 9,500 img/s were measured so): once per size of batch_shapes,
-                # the full one at load (_served).
+                # keeps the fastest (the anchors' 9,500 img/s were measured so): once per size of batch_shapes
+                # and thread (warm_up).
                 torch.backends.cudnn.benchmark = True
             mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255
             std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255
             self._mean, self._std = mean, std
-            self._forward = self._served(net, meta.input_size)
+            self._forward = self._served(net)
+            if self.compile_model:
+                log.info("compiled the model for batches of %d in %.1f s", self.batch_size,
+                         self._run_full_batch(meta.input_size))
             if self.device.type == "cuda":
                 # The layout change and the constants above are kernels queued on this thread's stream; a
                 # batch thread's own stream, which reads them next, is not ordered after it.
@@ -96,31 +99,40 @@ class Embedder:
             log.info("loaded model %s (%s, dim %d) on %s%s", meta.version, meta.backbone,
                      meta.embedding_dim, self.device, ", compiled" if self.compile_model else "")
 
-    def _served(self, net: LandmarkNet, input_size: int) -> Forward:
+    def _served(self, net: LandmarkNet) -> Forward:
         """The forward as batches meet it: net.embed as it is on the CPU (oneDNN times nothing per size); on
         CUDA, at the sizes of batch_shapes; compiled, at the one size compiled (a padded batch costs less than
-        a recompile per size). Compiling, and cuDNN's timing of the full batch, are done here, at load: the
-        first full batch under load would otherwise wait for them."""
+        a recompile per size)."""
         # One layout for every call (embed uses channels_last on CUDA): another would be compiled again.
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         if self.compile_model:
-            compiled = torch.compile(net.embed, dynamic=False)
-            return self._warmed_up(padded(compiled, (self.batch_size,), layout), input_size, "compiled the model")
+            return padded(torch.compile(net.embed, dynamic=False), (self.batch_size,), layout)
         if self.device.type == "cuda" and self.batch_size:
-            # The smaller sizes are timed when first met: they come when the GPU has time to spare.
-            return self._warmed_up(padded(net.embed, batch_shapes(self.batch_size), layout), input_size,
-                                   "timed cuDNN's algorithms")
+            return padded(net.embed, batch_shapes(self.batch_size), layout)
         return net.embed
 
-    def _warmed_up(self, forward: Forward, input_size: int, what: str) -> Forward:
-        """``forward`` run once at the served batch size."""
-        start, batch_size = time.perf_counter(), self.batch_size
-        warm_up = torch.zeros(batch_size, 3, input_size, input_size, device=self.device)
+    def _run_full_batch(self, input_size: int) -> float:
+        """Seconds to run the forward once on a blank batch of the served size, on the calling thread."""
+        start = time.perf_counter()
+        blank = torch.zeros(self.batch_size, 3, input_size, input_size, device=self.device)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
-            forward(warm_up)
-        log.info("%s for batches of %d in %.1f s", what, batch_size, time.perf_counter() - start)
-        return forward
+            self._forward(blank)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return time.perf_counter() - start
+
+    def warm_up(self) -> None:
+        """On CUDA, the forward once at the served batch size, on the calling thread, before batches come:
+        cuDNN times its algorithms the first time it meets a shape, and keeps what it found per thread
+        (torch's cuDNN benchmark cache is thread-local). So each batch thread calls this (workers/pool.py);
+        the smaller sizes are timed when first met, when the GPU has time to spare."""
+        self.load()
+        if self.device.type != "cuda" or not self.batch_size:
+            return
+        seconds = self._run_full_batch(self.meta.input_size)
+        log.info("timed cuDNN's algorithms for batches of %d on thread %s in %.1f s", self.batch_size,
+                 threading.current_thread().name, seconds)
 
     @property
     def meta(self) -> ModelMeta:

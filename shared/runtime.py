@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,22 @@ def configure_threads(torch_threads: int, blas_threads: int) -> dict[str, int]:
     if blas_threads:
         threadpool_limits(limits=blas_threads, user_api="blas")
     return {"torch_intra_op": intra, "torch_inter_op": torch.get_num_interop_threads(), "blas": blas_threads}
+
+
+def on_every_thread(executor: ThreadPoolExecutor, threads: int, fn: Callable[[], object],
+                    timeout_s: float = 60.0) -> None:
+    """``fn`` once on each of ``threads`` threads of ``executor``, one call at a time, and wait for them all.
+    Each call first waits until all have started, so no thread takes two (an idle thread would otherwise
+    take the next). ``threads`` must not exceed the executor's idle threads: past ``timeout_s`` the
+    waiting calls raise threading.BrokenBarrierError."""
+    started, one_at_a_time = threading.Barrier(threads, timeout=timeout_s), threading.Lock()
+
+    def call() -> None:
+        started.wait()
+        with one_at_a_time:
+            fn()
+    for future in [executor.submit(call) for _ in range(threads)]:
+        future.result()
 
 
 @dataclass

@@ -85,7 +85,9 @@ def _close(**_: object) -> None:
 
 
 @signals.worker_ready.connect
-def _warm_up(**_: object) -> None:
-    """Load the active model before the first event arrives, so readiness reflects it."""
+def _warm_up(sender=None, **_: object) -> None:
+    """Load the active model before the first event arrives, so readiness reflects it. The sender is the
+    consumer; its pool runs the batches (workers/pool.py)."""
     from workers.context import warm_up
-    warm_up()
+    pool = getattr(sender, "pool", None)
+    warm_up(pool if hasattr(pool, "run_on_every_thread") else None)

@@ -102,11 +102,22 @@ def start_operations_server() -> None:
         log.exception("cannot start the metrics server")
 
 
-def warm_up() -> None:
+def warm_up(pool=None) -> None:
+    """The active model loaded, and run once on each of ``pool``'s batch threads (Embedder.warm_up: on CUDA,
+    cuDNN's timing of the full batch, which it keeps per thread), before the first event arrives."""
     from shared import metrics
     try:
         runtime = worker_context().pipeline.runtime()
-        metrics.set_model(runtime.version)
-        log.info("model %s loaded", runtime.version, extra={"model_version": runtime.version})
     except Exception as exc:  # noqa: BLE001 - the first batch retries; readiness says why meanwhile
         log.warning("no model loaded at start-up: %s", exc)
+        return
+    metrics.set_model(runtime.version)
+    threads = 0
+    if pool is not None:
+        try:
+            pool.run_on_every_thread(runtime.embedder.warm_up)
+            threads = pool.limit
+        except Exception as exc:  # noqa: BLE001 - a thread not warmed up times its first full batch itself
+            log.warning("cannot warm up the batch threads: %s", exc)
+    log.info("model %s loaded, warmed up on %d batch threads", runtime.version, threads,
+             extra={"model_version": runtime.version})

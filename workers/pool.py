@@ -12,13 +12,14 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals
 from celery.concurrency.thread import TaskPool
 from celery_batches import Batches
 
-from shared.runtime import configure_threads
+from shared.runtime import configure_threads, on_every_thread
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ class BatchPipelinePool(TaskPool):
     def _done(self, _future: Any) -> None:
         with self._busy_lock:
             self._busy -= 1
+
+    def run_on_every_thread(self, fn: Callable[[], object]) -> None:
+        """``fn`` once on each batch thread, one at a time (workers/context.warm_up: before the first
+        batch, the model's first full batch on each thread)."""
+        on_every_thread(self.executor, self.limit, fn)
 
     def saturated(self) -> bool:
         with self._busy_lock:

@@ -20,6 +20,7 @@ from shared.bench.host import cpu_count
 from shared.bench.timing import median_time
 from shared.device_decode import DeviceJpegDecoder, stack_pixels, thread_stream
 from shared.errors import DecodeError
+from shared.runtime import on_every_thread
 
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
@@ -162,11 +163,11 @@ def model_stage(embedder, batch_size: int, n_images: int, *, reporter: Reporter 
             one_batch()
             reporter.advance(batch_size)
 
-    for _ in range(2):
-        one_batch()  # warm-up: oneDNN/cuDNN algorithm choice, allocators
-    reporter.start(f"model-only: batch {batch_size} at {size} px, {in_flight} at once", batches * batch_size)
-    start, cpu_start = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=in_flight) as threads:
+        for _ in range(2):  # warm-up: oneDNN/cuDNN algorithm choice (cuDNN's is kept per thread), allocators
+            on_every_thread(threads, in_flight, one_batch)
+        reporter.start(f"model-only: batch {batch_size} at {size} px, {in_flight} at once", batches * batch_size)
+        start, cpu_start = time.perf_counter(), time.process_time()
         for future in [threads.submit(worker) for _ in range(in_flight)]:
             future.result()
     images = done * batch_size

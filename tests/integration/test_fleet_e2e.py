@@ -236,6 +236,8 @@ def test_a_version_published_while_the_worker_runs_takes_over_at_the_next_batch(
         before = _event(user, first)
         producer(UPLOADED, before)
         _wait(lambda: _processed(engine, user) == 1, "the first event", worker=worker)
+        # Before its first batch, the worker ran the model once on each of its two batch threads.
+        assert f"model {model_version} loaded, warmed up on 2 batch threads" in (tmp_path / "worker.log").read_text()
 
         with engine.connect() as conn:
             checkpoint = conn.execute(sa.text("SELECT checkpoint FROM model_versions WHERE version = :v"),

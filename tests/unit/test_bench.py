@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -227,14 +228,15 @@ def test_the_gpu_decode_stage_runs_the_workers_split_loading(tmp_path):
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
 def test_the_model_stage_runs_its_batches_as_the_worker_does(tmp_path, device):
     """Two batches at once, as a CUDA worker runs them: every batch counted once, the forwards taking turns
-    (never two in the model at once), the embeddings the model gives one batch at a time."""
+    (never two in the model at once), the embeddings the model gives one batch at a time, and every thread
+    that runs a measured batch warmed up first (cuDNN keeps its algorithm timings per thread)."""
     from shared.bench.stages import model_stage
     from shared.embedder import Embedder
     from shared.modelinit import init_model
     path = tmp_path / "m.pt"
     init_model(path, backbone="tiny", dim=32, size=32, version="bench_v1", calibrate=None)
     embedder = Embedder(path, device)
-    inside, most_inside, embedded = 0, 0, []
+    inside, most_inside, embedded, threads = 0, 0, [], []
     forward = embedder.embed
 
     def counted(pixels):
@@ -242,6 +244,7 @@ def test_the_model_stage_runs_its_batches_as_the_worker_does(tmp_path, device):
         inside += 1
         most_inside = max(most_inside, inside)
         time.sleep(0.01)  # long enough for the other thread to try to come in
+        threads.append(threading.get_ident())
         try:
             embedded.append(forward(pixels))
             return embedded[-1]
@@ -251,7 +254,8 @@ def test_the_model_stage_runs_its_batches_as_the_worker_does(tmp_path, device):
     embedder.embed = counted
     result = model_stage(embedder, 8, 8 * 12, in_flight=2)
     assert result["batches"] == 12 and result["in_flight"] == 2 and result["img_s"] > 0
-    assert len(embedded) == 12 + 2  # and the two warm-up batches
+    assert len(embedded) == 2 * 2 + 12  # two warm-up rounds, a batch on each thread, then the measured ones
+    assert len(set(threads[:2])) == 2 and set(threads[4:]) <= set(threads[:2])
     assert most_inside == 1
     one_at_a_time = forward(np.stack(list(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8))))
     for embeddings in embedded:  # L2-normalised: cosines of 1

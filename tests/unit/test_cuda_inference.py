@@ -111,7 +111,7 @@ def test_batches_padded_to_the_served_sizes_give_the_unpadded_embeddings(checkpo
     as_they_come = Embedder(checkpoint, "cuda")
     served = Embedder(checkpoint, "cuda", batch_size=8)  # runs at 1, 2, 4 and 8
     with caplog.at_level(logging.INFO, logger="shared.embedder"):
-        served.load()
+        served.warm_up()  # as each batch thread does at worker start
     assert any("timed cuDNN's algorithms for batches of 8" in r.getMessage() for r in caplog.records)
     pixels = pick_photos(11, seed=5)
     for n in (3, 8, 11):  # padded to 4, as it is, split into 8 + 3 (padded to 4)

@@ -1,5 +1,6 @@
 """How a worker overlaps its batches: the pool knows when every thread is busy, the batch timer then
-keeps a partial batch filling instead of queueing it, and liveness watches the oldest running batch."""
+keeps a partial batch filling instead of queueing it, liveness watches the oldest running batch, and the
+model is warmed up on every batch thread before the first batch."""
 
 from __future__ import annotations
 
@@ -44,6 +45,49 @@ def test_the_pool_is_saturated_while_every_thread_works(monkeypatch):
     finally:
         release.set()
         pool.on_stop()
+
+
+def test_the_warm_up_runs_once_on_each_batch_thread_one_at_a_time_and_batches_run_on_those_threads(monkeypatch):
+    """cuDNN keeps its algorithm timings per thread (shared/embedder.Embedder.warm_up): a thread that
+    missed the warm-up would time the full batch inside the first batch it runs."""
+    import workers.context
+    monkeypatch.setattr(workers.context, "start_operations_server", lambda: None)
+    pool = BatchPipelinePool(limit=3)
+    warmed, running, overlapped = [], [0], []
+    lock = threading.Lock()
+
+    def warm_up() -> None:
+        with lock:
+            running[0] += 1
+            overlapped.append(running[0] > 1)
+        time.sleep(0.05)
+        with lock:
+            warmed.append(threading.get_ident())
+            running[0] -= 1
+    try:
+        pool.run_on_every_thread(warm_up)
+        assert len(warmed) == 3 and len(set(warmed)) == 3
+        assert not any(overlapped)
+        ran_on: list[int] = []
+        for batch in [pool.on_apply(threading.get_ident, args=(), kwargs={}, callback=ran_on.append)
+                      for _ in range(12)]:
+            batch.wait(5)
+        assert len(ran_on) == 12 and set(ran_on) <= set(warmed)
+    finally:
+        pool.on_stop()
+
+
+def test_a_warm_up_asked_of_more_threads_than_the_pool_has_fails_instead_of_hanging():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.runtime import on_every_thread
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        try:
+            on_every_thread(executor, 3, lambda: None, timeout_s=0.5)
+        except threading.BrokenBarrierError:
+            pass
+        else:
+            raise AssertionError("three calls cannot each have a thread of two")
 
 
 class _Pool:
