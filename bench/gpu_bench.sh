@@ -17,7 +17,7 @@
 # Knobs: IMAGES_12MP (2048), IMAGES_2MP (4096), BATCH (256), WORKERS (1: worker processes end to end on
 #        the one GPU; 2 when one process's Python is the limit, see worker_cpu_ms_per_img.main),
 #        COMPILE=1 (time torch.compile; the end-to-end worker compiles its model at start),
-#        SCALE_MAX (1000000), RUN_TIMEOUT_S (150 per bench run; 480 with COMPILE=1, which takes longer
+#        SCALE_MAX (1000000), RUN_TIMEOUT_S (180 per bench run; 480 with COMPILE=1, which takes longer
 #        than 5 minutes in all), TIME_BUDGET_S (420: the 2-worker run starts only if it can end by then),
 #        DEADLINE_S (560, 1800 with COMPILE=1: no run goes on past it, and none starts with under 30 s
 #        left), SKIP_INSTALL=1 (with no .venv-gpu: run with PYTHON's own packages).
@@ -97,7 +97,7 @@ bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or a
 : >"$OUT/gpu-bench.jsonl"
 : >"$OUT/bench.log"
 EXTRA=(--workers "${WORKERS:-1}")
-RUN_TIMEOUT=${RUN_TIMEOUT_S:-150}
+RUN_TIMEOUT=${RUN_TIMEOUT_S:-180}
 DEADLINE=${DEADLINE_S:-560}
 if [[ "${COMPILE:-0}" == 1 ]]; then  # the worker compiles at start too: minutes more per run
   EXTRA+=(--compile)
