@@ -115,9 +115,15 @@ def warm_up(pool=None) -> None:
     threads = 0
     if pool is not None:
         try:
-            pool.run_on_every_thread(runtime.embedder.warm_up)
+            pool.run_on_every_thread(lambda: _warm_up_thread(runtime.embedder))
             threads = pool.limit
         except Exception as exc:  # noqa: BLE001 - a thread not warmed up times its first full batch itself
             log.warning("cannot warm up the batch threads: %s", exc)
     log.info("model %s loaded, warmed up on %d batch threads", runtime.version, threads,
              extra={"model_version": runtime.version})
+
+
+def _warm_up_thread(embedder) -> None:
+    from shared.device_decode import thread_stream
+    with thread_stream(embedder.device):  # the stream this thread's batches run on (and its memory pool)
+        embedder.warm_up()
