@@ -250,6 +250,8 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "model_stage_threads": stages["model"].get("torch_threads"),
         "model_in_flight": stages["model"].get("in_flight"),
         "model_cpu_ms_per_img": stages["model"].get("cpu_ms_per_img"),
+        # Two rounds of one batch per thread: on CUDA the first holds cuDNN's timing of the full batch.
+        "model_warm_up_s": stages["model"].get("warm_up_s"),
         **({"model_served": stages["model_served"]} if "model_served" in stages else {}),
         "decoder": decode["decoder"], "resources": resources, "limiting_resource": limiting,
         "bound_serial_img_s": round(serial, 1),

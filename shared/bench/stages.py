@@ -164,15 +164,18 @@ def model_stage(embedder, batch_size: int, n_images: int, *, reporter: Reporter 
             reporter.advance(batch_size)
 
     with ThreadPoolExecutor(max_workers=in_flight) as threads:
+        warm_up_s = []
         for _ in range(2):  # warm-up: oneDNN/cuDNN algorithm choice (cuDNN's is kept per thread), allocators
+            round_start = time.perf_counter()
             on_every_thread(threads, in_flight, one_batch)
+            warm_up_s.append(round(time.perf_counter() - round_start, 3))
         reporter.start(f"model-only: batch {batch_size} at {size} px, {in_flight} at once", batches * batch_size)
         start, cpu_start = time.perf_counter(), time.process_time()
         for future in [threads.submit(worker) for _ in range(in_flight)]:
             future.result()
     images = done * batch_size
     return {"img_s": images / (time.perf_counter() - start), "batches": done, "in_flight": in_flight,
-            "cpu_ms_per_img": round((time.process_time() - cpu_start) * 1000 / images, 3)}
+            "cpu_ms_per_img": round((time.process_time() - cpu_start) * 1000 / images, 3), "warm_up_s": warm_up_s}
 
 
 def device_model_figures(checkpoint: Path, device: str, batch_size: int, *, compile_model: bool,

@@ -256,6 +256,7 @@ def test_the_model_stage_runs_its_batches_as_the_worker_does(tmp_path, device):
     assert result["batches"] == 12 and result["in_flight"] == 2 and result["img_s"] > 0
     assert len(embedded) == 2 * 2 + 12  # two warm-up rounds, a batch on each thread, then the measured ones
     assert len(set(threads[:2])) == 2 and set(threads[4:]) <= set(threads[:2])
+    assert len(result["warm_up_s"]) == 2 and min(result["warm_up_s"]) > 0.02  # two batches of 10 ms each
     assert most_inside == 1
     one_at_a_time = forward(np.stack(list(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8))))
     for embeddings in embedded:  # L2-normalised: cosines of 1
