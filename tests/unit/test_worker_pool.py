@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from celery import Celery
 
 from shared import metrics
@@ -81,13 +82,8 @@ def test_a_warm_up_asked_of_more_threads_than_the_pool_has_fails_instead_of_hang
     from concurrent.futures import ThreadPoolExecutor
 
     from shared.runtime import on_every_thread
-    with ThreadPoolExecutor(max_workers=2) as executor:
-        try:
-            on_every_thread(executor, 3, lambda: None, timeout_s=0.5)
-        except threading.BrokenBarrierError:
-            pass
-        else:
-            raise AssertionError("three calls cannot each have a thread of two")
+    with ThreadPoolExecutor(max_workers=2) as executor, pytest.raises(threading.BrokenBarrierError):
+        on_every_thread(executor, 3, lambda: None, timeout_s=0.5)  # three calls cannot each have a thread of two
 
 
 class _Pool:
