@@ -88,9 +88,9 @@ class Embedder:
             std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255
             self._mean, self._std = mean, std
             self._forward = self._served(net)
-            if self.compile_model:
-                log.info("compiled the model for batches of %d in %.1f s", self.batch_size,
-                         self._run_full_batch(meta.input_size))
+            if self.compile_model:  # torch.compile compiles on the first call: done here, before any batch
+                seconds = self._run_full_batch(meta.input_size)
+                log.info("compiled the model for batches of %d in %.1f s", self.batch_size, seconds)
             if self.device.type == "cuda":
                 # The layout change and the constants above are kernels queued on this thread's stream; a
                 # batch thread's own stream, which reads them next, is not ordered after it.
