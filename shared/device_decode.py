@@ -126,12 +126,16 @@ class DeviceJpegDecoder:
 
     @classmethod
     def _nvimgcodec(cls, device: str) -> DeviceJpegDecoder:
+        import torch
         from nvidia import nvimgcodec
         kind = nvimgcodec.BackendKind.HW_GPU_ONLY
+        # Its default (-1) is the current device, which is cuda:0 where the worker is set to cuda:N.
+        index = torch.device(device).index
+        device_id = -1 if index is None else index
         try:
-            decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(kind)])
+            decoder = nvimgcodec.Decoder(device_id=device_id, backends=[nvimgcodec.Backend(kind)])
         except TypeError:  # a spelling that only some releases accept (0.9 has backends= alone)
-            decoder = nvimgcodec.Decoder(backend_kinds=[kind])
+            decoder = nvimgcodec.Decoder(device_id=device_id, backend_kinds=[kind])
         try:  # orientation is ours to apply (from the header read on the CPU), as for every other path
             params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
             return cls("nvimgcodec_hw", device, (decoder, params), progressive=False)
@@ -154,6 +158,8 @@ class DeviceJpegDecoder:
         out: list[Any] = [None] * len(jpegs)
         try:
             images = self._decode_nvimgcodec(jpegs) if self.name == "nvimgcodec_hw" else self._decode_torchvision(jpegs)
+            if len(images) != len(jpegs):  # positions would no longer say whose pixels are whose
+                raise RuntimeError(f"{len(images)} images back for {len(jpegs)} JPEGs")
             out = self._finish(images, [jpeg.orientation for jpeg in jpegs], size)
             if self._inputs is not None:
                 self._inputs.hold(jpegs, self._stream())

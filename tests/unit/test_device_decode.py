@@ -135,15 +135,7 @@ def test_a_jpeg_cut_short_in_its_scan_never_reaches_the_device_and_fails_with_a_
     assert isinstance(taken.image, EncodedJpeg)
 
 
-def test_a_codec_failing_with_any_error_leaves_the_whole_batch_to_the_pool(tmp_path):
-    """The codecs' bindings raise more than RuntimeError (a ValueError or TypeError for an input they do not
-    take): whatever it is, the batch's photos are decoded by the pool, not lost with the batch."""
-    decoder = DeviceJpegDecoder.torchvision("cpu")
-
-    def broken(*_args, **_kwargs):
-        raise ValueError("unsupported code stream")
-
-    decoder._impl = broken
+def _assert_the_pool_decodes_the_batch(tmp_path, decoder: DeviceJpegDecoder) -> None:
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"p{i}.jpg")
@@ -158,6 +150,27 @@ def test_a_codec_failing_with_any_error_leaves_the_whole_batch_to_the_pool(tmp_p
     for path, result in zip(paths, results):
         assert np.array_equal(result.image.pixels, decode_image(path.read_bytes(), size=SIZE,
                                                                 max_pixels=MAX_PIXELS).pixels)
+
+
+def test_a_codec_failing_with_any_error_leaves_the_whole_batch_to_the_pool(tmp_path):
+    """The codecs' bindings raise more than RuntimeError (a ValueError or TypeError for an input they do not
+    take): whatever it is, the batch's photos are decoded by the pool, not lost with the batch."""
+    decoder = DeviceJpegDecoder.torchvision("cpu")
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("unsupported code stream")
+
+    decoder._impl = broken
+    _assert_the_pool_decodes_the_batch(tmp_path, decoder)
+
+
+def test_a_codec_that_drops_an_image_from_its_answer_leaves_the_whole_batch_to_the_pool(tmp_path):
+    """nvImageCodec skips an image over NVIMGCODEC_MAX_IMAGE_SIZE without a None in its place (older releases
+    skip every failed one): the images after it would be taken for their neighbours' and tagged wrongly."""
+    decoder = DeviceJpegDecoder.torchvision("cpu")
+    decode_jpeg = decoder._impl
+    decoder._impl = lambda datas, **kwargs: decode_jpeg(datas, **kwargs)[1:]
+    _assert_the_pool_decodes_the_batch(tmp_path, decoder)
 
 
 def test_the_end_marker_check_leaves_almost_no_whole_real_jpeg_to_the_pool(realdata):
