@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 yaml = pytest.importorskip("yaml")
+import torch  # noqa: E402
 
 from shared import metrics  # noqa: E402
 from shared.logs import JSON_ENV  # noqa: E402
@@ -200,12 +201,25 @@ def test_every_reference_between_objects_resolves_and_settings_are_known():
 def test_dockerfile_is_a_non_root_cuda_image_with_a_healthcheck():
     text = (DEPLOY / "docker" / "Dockerfile").read_text()
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\w.\-]+-runtime-", text, re.M)
+    assert re.search(r"pip install '\.\[gpu\]'", text), "the image's workers would not have the hardware decoder"
+    packages = set(re.search(r"apt-get install([^&]*)", text).group(1).replace("\\", " ").split())
+    assert {"gcc", "python3-dev"} <= packages, "torch.compile needs a C compiler and the Python headers"
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and not user[-1].startswith(("root", "0"))
     assert re.search(r'^HEALTHCHECK .*\n?.*CMD \["landmarks", "health"', text, re.M)
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for item in source.split():
             assert (REPO / item).exists(), f"COPY {item}: not in the repository"
+
+
+def test_the_images_cuda_is_the_major_release_of_torch_and_the_gpu_extra():
+    """The image's CUDA, torch's wheel (+cu13x) and nvImageCodec's (-cu13) must need one driver."""
+    image = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.", (DEPLOY / "docker" / "Dockerfile").read_text(), re.M)
+    extra = re.search(r"nvidia-nvimgcodec-cu(\d+)", (REPO / "pyproject.toml").read_text())
+    assert image and extra and image.group(1) == extra.group(1)
+    cuda = torch.version.cuda
+    if cuda is not None:  # a CPU build of torch says nothing about the wheel the image installs
+        assert cuda.split(".")[0] == image.group(1)
 
 
 def test_compose_services_reference_existing_images_files_and_services():
