@@ -10,10 +10,11 @@ import numpy as np
 
 from shared import geo
 from shared.events import GeoPoint
-from shared.index import Hit, LandmarkIndex
+from shared.index import MAX_TOPK, Hit, LandmarkIndex
 from shared.outcomes import Method, Tag
 
 SQUARE_HALF_SIZE_M = 500.0  # the article's 1x1 km square around the photo
+GEO_LIMIT_GROWTH = 8  # how much further a tile search goes when its answer was cut off (geo_winners)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,19 @@ def geo_winners(index: LandmarkIndex, version: str, embeddings: np.ndarray, poin
         return whole_batch(version, embeddings, [p.lat for p in points], [p.lon for p in points],
                            SQUARE_HALF_SIZE_M)
     tiles = [geo.tiles_covering_square(p.lat, p.lon, SQUARE_HALF_SIZE_M) for p in points]
-    return [best_inside(hits, p) for hits, p in zip(index.search_geo(version, embeddings, tiles, limit), points)]
+    winners: list[Hit | None] = [None] * len(points)
+    pending = list(range(len(points)))
+    while pending:
+        answers = index.search_geo(version, embeddings[pending], [tiles[i] for i in pending], limit)
+        for i, hits in zip(pending, answers):
+            winners[i] = best_inside(hits, points[i])
+        # A full answer with nothing inside the square may have cut off the square's best centroid (the tiles
+        # cover up to 9 times the square, all of it better matches in a dense city): ask those again for more.
+        # Where something inside was found, whatever was cut off scores no higher.
+        pending = [i for i, hits in zip(pending, answers)
+                   if winners[i] is None and len(hits) >= limit and limit < MAX_TOPK]
+        limit = min(limit * GEO_LIMIT_GROWTH, MAX_TOPK)
+    return winners
 
 
 def reference_similarity(embedding: np.ndarray, references: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from shared import geo
 from shared.events import GeoPoint
 from shared.index import CentroidRows, ReferenceRows
 from shared.local_index import LocalIndex
-from shared.recognition import SQUARE_HALF_SIZE_M, Thresholds, geo_winners, recognise_batch
+from shared.recognition import SQUARE_HALF_SIZE_M, Thresholds, best_inside, geo_winners, recognise_batch
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -154,6 +154,18 @@ def test_the_replica_finds_each_squares_best_centroid_as_a_tile_search_does(plac
                 (expected.landmark_id, expected.centroid_no, expected.lat, expected.lon)
             assert hit.score == pytest.approx(expected.score, abs=1e-6)
     assert geo_winners(index, "v", queries[:0], []) == []
+
+
+def test_a_tile_search_cut_off_by_its_limit_asks_again_until_it_reaches_the_square(places):
+    """In a crowded city the tiles around a square hold more than ``limit`` better matches outside the square
+    than the best one inside it: a search that stopped at ``limit`` would call the photo a non-landmark."""
+    centroids, references, queries, points = places
+    index = TileSearchOnly(LocalIndex("v", centroids, references))
+    whole = geo_winners(index, "v", queries, points, limit=len(centroids))
+    cut_off = [best_inside(hits, p) for hits, p in zip(index.search_geo(
+        "v", queries, [geo.tiles_covering_square(p.lat, p.lon, SQUARE_HALF_SIZE_M) for p in points], 2), points)]
+    assert sum(a is None and b is not None for a, b in zip(cut_off, whole)) > 20  # the case arises here
+    assert geo_winners(index, "v", queries, points, limit=2) == whole
 
 
 def test_a_batch_gets_the_same_tags_from_the_replica_as_through_milvus_searches(places):
