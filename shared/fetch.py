@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.client
+import io
 import ipaddress
 import os
 import socket
@@ -207,36 +208,69 @@ def _connect_checked(address: tuple[str, int], timeout: float | None, source_add
     raise error or OSError(f"no address for {host!r}")
 
 
+class _ReadsBeforeDeadline(io.RawIOBase):
+    """The response's socket reads, each given only the time left before the fetch's deadline."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._raw, self._sock, self._deadline = raw, sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:  # noqa: ANN001
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self._sock.settimeout(left)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()  # the socket's own file, whose close lets the connection's socket close
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    # The socket timeout bounds each read, and http.client reads the status line and headers a line at a
+    # time: a server dripping them a byte at a time would hold the fetch, and a decode process, for days.
+    def __init__(self, sock: socket.socket, *args, deadline: float, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(sock, *args, **kwargs)
+        self.fp = io.BufferedReader(_ReadsBeforeDeadline(self.fp.detach(), sock, deadline))
+
+
 # http.client connects through self._create_connection: swapping it keeps the Host header, TLS SNI
 # and certificate check on the host name while the socket goes to the checked address.
 class _CheckedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args, settings: Settings, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, settings: Settings, deadline: float, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
         self._create_connection = functools.partial(_connect_checked, settings=settings)
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
 
 
 class _CheckedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, settings: Settings, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, settings: Settings, deadline: float, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
         self._create_connection = functools.partial(_connect_checked, settings=settings)
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
 
 
 class _CheckedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, deadline: float) -> None:
         super().__init__()
-        self._settings = settings
+        self._settings, self._deadline = settings, deadline
 
     def http_open(self, req):  # noqa: ANN001, ANN201, D102
-        return self.do_open(_CheckedHTTPConnection, req, settings=self._settings)
+        return self.do_open(_CheckedHTTPConnection, req, settings=self._settings, deadline=self._deadline)
 
 
 class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, deadline: float) -> None:
         super().__init__()
-        self._settings = settings
+        self._settings, self._deadline = settings, deadline
 
     def https_open(self, req):  # noqa: ANN001, ANN201, D102
-        return self.do_open(_CheckedHTTPSConnection, req, context=self._context, settings=self._settings)
+        return self.do_open(_CheckedHTTPSConnection, req, context=self._context, settings=self._settings,
+                            deadline=self._deadline)
 
 
 class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
@@ -254,13 +288,13 @@ class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
 
 def fetch_http(uri: str, settings: Settings) -> bytes:
     # No proxy: a proxy resolves the name itself, which would undo the address check.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _CheckedHTTPHandler(settings),
-                                         _CheckedHTTPSHandler(settings), _SameSchemeRedirects)
+    deadline = time.monotonic() + settings.fetch_timeout_s  # for the whole fetch, redirects included
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _CheckedHTTPHandler(settings, deadline),
+                                         _CheckedHTTPSHandler(settings, deadline), _SameSchemeRedirects)
     request = urllib.request.Request(uri, headers={"User-Agent": "landmarks-fleet/0.1"})
-    deadline = time.monotonic() + settings.fetch_timeout_s
     try:
         with opener.open(request, timeout=settings.fetch_timeout_s) as response:
-            return _read_body(response, uri, settings.fetch_max_bytes, deadline)
+            return _read_body(response, uri, settings.fetch_max_bytes)
     except urllib.error.HTTPError as exc:
         exc.close()
         raise FetchError(f"HTTP {exc.code} {exc.reason} for {short_uri(uri)}") from None
@@ -280,7 +314,7 @@ def _describe_url_error(exc: urllib.error.URLError) -> str:
     return _describe(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason)
 
 
-def _read_body(response, uri: str, limit: int, deadline: float) -> bytes:  # noqa: ANN001
+def _read_body(response, uri: str, limit: int) -> bytes:  # noqa: ANN001
     status = getattr(response, "status", 200)
     if not 200 <= status < 300:
         raise FetchError(f"HTTP {status} for {short_uri(uri)}")
@@ -288,16 +322,13 @@ def _read_body(response, uri: str, limit: int, deadline: float) -> bytes:  # noq
     if length.strip().isdigit() and int(length) > limit:
         raise FetchError(f"response too large: {int(length)} bytes exceeds limit {limit}: {short_uri(uri)}")
     chunks, total = [], 0
-    # read1 returns what has arrived, so the deadline is checked between packets.
+    # read1 returns what has arrived: a body larger than the limit is refused before it is all read.
     read = getattr(response, "read1", response.read)
     while chunk := read(min(_CHUNK, limit + 1 - total) or 1):
         chunks.append(chunk)
         total += len(chunk)
         if total > limit:
             raise FetchError(f"response too large: exceeds limit {limit} bytes: {short_uri(uri)}")
-        # The socket timeout is per read; a server dripping bytes must not hold us forever.
-        if time.monotonic() > deadline:
-            raise TimeoutError
     return b"".join(chunks)
 
 

@@ -201,6 +201,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"d")
                 self.wfile.flush()
                 time.sleep(0.1)
+        elif self.path == "/drip-headers":
+            self._drip_headers()
         elif self.path == "/to-file":
             self._redirect("ftp://127.0.0.1/x")
         elif self.path == "/redirect":
@@ -211,6 +213,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._redirect(f"/loop/{int(self.path.rsplit('/', 1)[1]) + 1}")
         else:
             self._send(404, b"nope")
+
+    def _drip_headers(self) -> None:
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for i in range(40):
+                self.wfile.write(f"X-Drip-{i}: d\r\n".encode())
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.wfile.write(b"Content-Length: 0\r\n\r\n")
+        except OSError:  # the client gave up, as it should
+            self.close_connection = True
 
     def _redirect(self, location: str) -> None:
         self.send_response(302)
@@ -304,6 +317,14 @@ def test_http_dripping_body_hits_total_deadline(server: str) -> None:
     start = time.monotonic()
     with pytest.raises(FetchError, match="timed out"):
         fetch_bytes(f"{server}/drip", local_settings(fetch_timeout_s=0.5))
+    assert time.monotonic() - start < 1.5
+
+
+def test_http_dripping_headers_hit_total_deadline(server: str) -> None:
+    """Each header line comes well within the socket timeout; all of them would take 4 s."""
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="timed out"):
+        fetch_bytes(f"{server}/drip-headers", local_settings(fetch_timeout_s=0.5))
     assert time.monotonic() - start < 1.5
 
 
@@ -477,6 +498,17 @@ def test_https_to_a_checked_address_verifies_the_host_name(tls_server, monkeypat
     assert fetch_bytes(f"https://photos.test:{port}/ok", settings) == b"hello"  # SNI and check on the name
     with pytest.raises(FetchError, match="(?i)certificate|hostname|IP address mismatch"):
         fetch_bytes(f"https://127.0.0.1:{port}/ok", settings)  # the certificate does not name the address
+
+
+def test_https_dripping_headers_hit_total_deadline(tls_server, monkeypatch) -> None:
+    port, cert = tls_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    _resolve_as(monkeypatch, {"photos.test": ["127.0.0.1"]})
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="timed out"):
+        fetch_bytes(f"https://photos.test:{port}/drip-headers",
+                    make_settings(fetch_allowed_networks="127.0.0.1/32", fetch_timeout_s=0.5))
+    assert time.monotonic() - start < 1.5
 
 
 @pytest.mark.parametrize("size, outcome", [(900, "read whole"), (1500, "too large")])
