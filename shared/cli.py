@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
@@ -254,25 +256,35 @@ def publish(model: Annotated[Path, typer.Argument(exists=True)],
         return
     from shared.publish import publish_model
     activate = True if activate is None else activate
-    meta = publish_model(model, _engine(), _index(), activate=activate)
+    with _publish_refusals(as_json):
+        meta = publish_model(model, _engine(), _index(), activate=activate)
     _emit({"version": meta.version, "active": activate}, as_json)
 
 
 def _publish_shadow(model: Path, share: float, activate: bool | None, as_json: bool) -> None:
-    from shared.errors import InfrastructureError
     from shared.publish import publish_shadow
-    from shared.rollout import RolloutError
     if activate:
         raise typer.BadParameter("--shadow publishes without activating: drop --activate")
-    try:
+    with _publish_refusals(as_json):
         meta, shadow = publish_shadow(model, share, _engine(), _index())
-    except (RolloutError, InfrastructureError) as exc:
+    _emit({"ok": True, "version": meta.version, "active": False,
+           "shadow": {**shadow, "running": share > 0} if shadow else None}, as_json)
+
+
+@contextmanager
+def _publish_refusals(as_json: bool) -> Iterator[None]:
+    """A refused publish (another gallery under a published version, an outage, a rollout rule) is one line
+    and exit status 1, not a traceback."""
+    from shared.errors import InfrastructureError
+    from shared.index import IndexVersionError
+    from shared.rollout import RolloutError
+    try:
+        yield
+    except (IndexVersionError, RolloutError, InfrastructureError) as exc:
         console.print(str(exc))
         if as_json:
             print(json.dumps({"ok": False, "error": str(exc)}))
         raise typer.Exit(1) from None
-    _emit({"ok": True, "version": meta.version, "active": False,
-           "shadow": {**shadow, "running": share > 0} if shadow else None}, as_json)
 
 
 # --- offline pipeline -----------------------------------------------------------------------
@@ -347,8 +359,7 @@ def evaluate_model(world_dir: Annotated[Path, typer.Option("--world", exists=Tru
         index = LocalIndex(meta.version, *gallery_rows(gallery))
     else:
         index = _index()
-        if meta.version not in index.versions():
-            index.publish(meta.version, *gallery_rows(gallery))  # published, not activated
+        index.publish(meta.version, *gallery_rows(gallery))  # published (if not yet), not activated
     with _progress() as progress:
         task = progress.add_task("embedding the test split", total=None)
         metrics = evaluate(world_dir, model, index, progress=lambda n: progress.advance(task, n))

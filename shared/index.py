@@ -14,6 +14,12 @@ Both carry an exact FLAT index with metric IP (embeddings are L2-normalised floa
 the cosine similarity).  HNSW/IVF are never used: with a selective ``geo_tile`` filter they can return
 fewer hits than exist (milvus-lite even none), and the geo step must be exact.
 
+A version is complete only once ``publish``'s last step has marked both collections sealed, with the
+sha256 fingerprint of the gallery they hold (collection properties ``landmarks.publish`` and
+``landmarks.gallery_sha256``). They are created marked as filling, so a publish killed at any point (SIGKILL,
+OOM) leaves a version that is not listed, cannot be activated, and is dropped by the next publish of it.
+Collections published before these marks existed carry none and count as complete.
+
 The alias ``lm_active`` points at the active version's centroid collection; ``activate`` moves it
 with a single ``create_alias``/``alter_alias`` call, so readers see either the old or the new version.
 The reference collection of a version is derived from the centroid collection's name.
@@ -24,6 +30,7 @@ exist"), so readers resolve the alias with ``active_version()`` and address coll
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -53,6 +60,12 @@ QUERY_ID_CHUNK = 500  # landmark ids per reference query (keeps results far belo
 _SEARCH_PARAMS = {"metric_type": "IP", "params": {}}
 _CENTROID_OUT = ["landmark_id", "centroid_no", "lat", "lon"]
 _NOT_LOADED_CODE = 101  # Milvus's "collection not loaded"
+_ALIAS_NOT_FOUND_CODE = 1600  # Milvus's ErrAliasNotFound
+# Collection properties that publish writes: the state from creation, the fingerprint with the last step.
+STATE_KEY = "landmarks.publish"
+FINGERPRINT_KEY = "landmarks.gallery_sha256"
+FILLING, SEALED = "filling", "sealed"
+_VERSION = re.compile(r"[A-Za-z0-9_]{1,200}")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -62,8 +75,26 @@ def _is_not_loaded(e: MilvusException) -> bool:
     return e.code == _NOT_LOADED_CODE or "not loaded" in text or "'released'" in text
 
 
+def _is_missing_alias(e: Exception) -> bool:
+    """Current Milvus servers stamp "alias not found" an input error, which _wrap passes on as the
+    MilvusException itself; older ones reach us as an InfrastructureError caused by it; milvus-lite says
+    "alias ... does not exist"."""
+    cause = e.__cause__ if isinstance(e, InfrastructureError) else e
+    if not isinstance(cause, MilvusException):
+        return False
+    text = str(cause).lower()
+    return cause.code == _ALIAS_NOT_FOUND_CODE or "not exist" in text or "not found" in text
+
+
 class IndexVersionError(ValueError):
     """A version that must exist does not, or one that must not exist does (or is active)."""
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What Milvus holds of a version whose collections exist."""
+    complete: bool
+    fingerprint: str | None = None  # a complete version's gallery; None if published before fingerprints
 
 
 @dataclass
@@ -133,7 +164,7 @@ def _quiet_pymilvus() -> Iterator[None]:
 def sanitize_version(version: str) -> str:
     """Model versions name collections, PostgreSQL rows and tags alike, so they must already be
     collection-safe: 1-200 letters, digits or underscores (no silent renaming)."""
-    if not re.fullmatch(r"[A-Za-z0-9_]{1,200}", str(version)):
+    if not _VERSION.fullmatch(str(version)):
         raise ValueError(f"model version {version!r} must be 1-200 letters, digits or underscores")
     return str(version)
 
@@ -167,7 +198,7 @@ def _as_embeddings(x: np.ndarray, n: int, what: str) -> np.ndarray:
 
 
 def _centroid_columns(centroids: CentroidRows) -> dict[str, np.ndarray]:
-    """The centroid collection's columns, checked."""
+    """The centroid collection's columns, checked, but for geo_tile (``_with_tiles``)."""
     n = len(centroids)
     lm = np.asarray(centroids.landmark_ids, dtype=np.int64).reshape(-1)
     cn = np.asarray(centroids.centroid_nos, dtype=np.int64).reshape(-1)
@@ -179,9 +210,15 @@ def _centroid_columns(centroids: CentroidRows) -> dict[str, np.ndarray]:
         raise ValueError("centroid lat/lon must be finite")
     embeddings = _as_embeddings(centroids.embeddings, n, "centroid")
     ids = _ids(lm, cn, "centroid_no")
-    tiles = np.fromiter((tile_of(a, o) for a, o in zip(lats, lons)), dtype=np.int64, count=n)
-    return {"id": ids, "landmark_id": lm, "centroid_no": cn, "geo_tile": tiles, "lat": lats, "lon": lons,
-            "embedding": embeddings}
+    return {"id": ids, "landmark_id": lm, "centroid_no": cn, "lat": lats, "lon": lons, "embedding": embeddings}
+
+
+def _with_tiles(ccols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The centroid columns with geo_tile, computed only for an insert: a Python call per row, and a function
+    of lat/lon, which the fingerprint holds already."""
+    n = len(ccols["id"])
+    tiles = np.fromiter((tile_of(a, o) for a, o in zip(ccols["lat"], ccols["lon"])), dtype=np.int64, count=n)
+    return {**ccols, "geo_tile": tiles}
 
 
 def _reference_columns(references: ReferenceRows, dim: int) -> dict[str, np.ndarray]:
@@ -195,6 +232,19 @@ def _reference_columns(references: ReferenceRows, dim: int) -> dict[str, np.ndar
     if embeddings.shape[1] != dim:
         raise ValueError(f"dims differ: centroids {dim}, references {embeddings.shape[1]}")
     return {"id": _ids(lm, rn, "ref_no"), "landmark_id": lm, "ref_no": rn, "embedding": embeddings}
+
+
+def _fingerprint(ccols: dict[str, np.ndarray], rcols: dict[str, np.ndarray]) -> str:
+    """sha256 over the gallery's checked columns, as sent. Each column goes in with its name, dtype and shape,
+    so no two galleries give the same bytes; the contiguous arrays are hashed in place, without copies
+    (about 2 GB/s, a second or two at the replica's 2M centroids of dim 512)."""
+    digest = hashlib.sha256()
+    for table, columns in (("centroids", ccols), ("references", rcols)):
+        for name, values in columns.items():
+            values = np.ascontiguousarray(values)
+            digest.update(f"{table}.{name}:{values.dtype.str}:{values.shape};".encode())
+            digest.update(values)
+    return digest.hexdigest()
 
 
 def _centroid_schema(dim: int) -> CollectionSchema:
@@ -292,42 +342,108 @@ class LandmarkIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _has(self, name: str) -> bool:
-        with self._wrap(f"has_collection({name})"):
-            return bool(self.client.has_collection(name, timeout=self._timeout))
+    def _collections(self) -> set[str]:
+        with self._wrap("list collections"):
+            return set(self.client.list_collections(timeout=self._timeout))
 
-    def _require(self, version: str) -> tuple[str, str]:
-        cname, rname = centroid_collection(version), reference_collection(version)
-        if not (self._has(cname) and self._has(rname)):
+    def _marks(self, name: str) -> dict[str, str]:
+        """The publish marks on collection ``name`` (none on one published before there were marks)."""
+        with self._wrap(f"describe {name}"):
+            properties = self.client.describe_collection(name, timeout=self._timeout).get("properties") or {}
+        return {key: value for key, value in properties.items() if key in (STATE_KEY, FINGERPRINT_KEY)}
+
+    def _stored(self, version: str, collections: set[str] | None = None) -> _Stored | None:
+        """What publish left of ``version`` (None: none of its collections); ``collections``: the names, if
+        listed already."""
+        names = self._collections() if collections is None else collections
+        pair = [n for n in (centroid_collection(version), reference_collection(version)) if n in names]
+        if len(pair) < 2:
+            return _Stored(complete=False) if pair else None
+        marks = [self._marks(name) for name in pair]
+        if not any(marks):  # published before the marks: complete, or an upgrading fleet would lose its version
+            return _Stored(complete=True)
+        fingerprints = {m.get(FINGERPRINT_KEY) for m in marks}
+        sealed = all(m.get(STATE_KEY) == SEALED for m in marks) and len(fingerprints) == 1 and None not in fingerprints
+        return _Stored(complete=sealed, fingerprint=fingerprints.pop() if sealed else None)
+
+    def _require(self, version: str) -> _Stored:
+        stored = self._stored(version)
+        if stored is None:
             raise IndexVersionError(f"index version {version!r} is not published in {self.uri}")
-        return cname, rname
+        if not stored.complete:
+            raise IndexVersionError(f"index version {version!r} in {self.uri} is incomplete (its publish was "
+                                    "interrupted): publish it again")
+        return stored
+
+    def is_published(self, version: str) -> bool:
+        """Whether ``version`` is completely published (an interrupted publish's leftovers are not)."""
+        if not _VERSION.fullmatch(str(version)):
+            return False
+        stored = self._stored(version)
+        return stored is not None and stored.complete
+
+    def holds(self, version: str, centroids: CentroidRows, references: ReferenceRows) -> bool:
+        """Whether the published ``version`` holds exactly this gallery (IndexVersionError if not published)."""
+        ccols = _centroid_columns(centroids)
+        rcols = _reference_columns(references, dim=int(ccols["embedding"].shape[1]))
+        return self._holds(version, self._require(version), ccols, rcols)
+
+    def _holds(self, version: str, stored: _Stored, ccols: dict, rcols: dict) -> bool:
+        if stored.fingerprint is None:  # published before fingerprints: its row counts are all we can compare
+            return self._counts(version) == (len(ccols["id"]), len(rcols["id"]))
+        return stored.fingerprint == _fingerprint(ccols, rcols)
 
     # ---------------------------------------------------------------- publish
-    def publish(self, version: str, centroids: CentroidRows, references: ReferenceRows) -> None:
-        """Create, fill, index and load the two collections of ``version`` (never overwrites)."""
+    def publish(self, version: str, centroids: CentroidRows, references: ReferenceRows) -> bool:
+        """Create, fill, index and load the two collections of ``version``, then mark them sealed with the
+        gallery's fingerprint. Re-running it is safe: False (nothing done) if ``version`` already holds this
+        gallery; IndexVersionError if it holds another (a version is never overwritten); the leftovers of an
+        interrupted publish are dropped and the version published again."""
         ccols = _centroid_columns(centroids)
+        rcols = _reference_columns(references, dim=int(ccols["embedding"].shape[1]))
+        if not self._needs_publish(version, ccols, rcols):
+            return False
+        self._create(version, ccols, rcols, _fingerprint(ccols, rcols))
+        return True
+
+    def _needs_publish(self, version: str, ccols: dict, rcols: dict) -> bool:
+        stored = self._stored(version)
+        if stored is None:
+            return True
+        if not stored.complete:
+            log.warning("index version %s in %s is incomplete (a publish was interrupted): dropping it to publish "
+                        "it again", version, self.uri)
+            self.drop(version)
+            return True
+        if not self._holds(version, stored, ccols, rcols):
+            raise IndexVersionError(
+                f"index version {version!r} already exists in {self.uri} with another gallery; a version is never "
+                "overwritten: build the model under a new version (`landmarks build --version NEW`) and publish that"
+            )
+        log.info("index version %s is already published with this gallery: nothing to do", version)
+        return False
+
+    def _create(self, version: str, ccols: dict, rcols: dict, fingerprint: str) -> None:
         dim = int(ccols["embedding"].shape[1])
-        rcols = _reference_columns(references, dim=dim)
-        collections = ((centroid_collection(version), _centroid_schema(dim), ccols),
+        collections = ((centroid_collection(version), _centroid_schema(dim), _with_tiles(ccols)),
                        (reference_collection(version), _reference_schema(dim), rcols))
-        for name, _, _ in collections:
-            if self._has(name):
-                raise IndexVersionError(
-                    f"index version {version!r} already exists in {self.uri} ({name}); "
-                    "publish a new version instead of overwriting"
-                )
         created: list[str] = []
         try:
             with self._wrap(f"publish {version!r}"):
                 for name, schema, _ in collections:
-                    self.client.create_collection(name, schema=schema, timeout=self._timeout)
+                    # Marked from its creation on: whatever kills the publish, the version stays incomplete.
+                    self.client.create_collection(name, schema=schema, properties={STATE_KEY: FILLING},
+                                                  timeout=self._timeout)
                     created.append(name)
                 for name, _, columns in collections:
                     self._insert(name, columns)
                 for name in created:
                     self._seal(name)
+                for name in created:  # the very last step: complete once both are sealed
+                    self.client.alter_collection_properties(
+                        name, {STATE_KEY: SEALED, FINGERPRINT_KEY: fingerprint}, timeout=self._timeout)
         except BaseException:
-            for name in created:  # leave nothing half-published behind
+            for name in created:  # leave nothing half-published behind (where the process lives to do it)
                 try:
                     self.client.drop_collection(name, timeout=self._timeout)
                 except (MilvusException, grpc.RpcError):
@@ -363,8 +479,9 @@ class LandmarkIndex:
 
     # ---------------------------------------------------------------- versions
     def activate(self, version: str) -> None:
-        """Point ``lm_active`` at ``version`` in one alias call (atomic for readers)."""
-        cname, _ = self._require(version)
+        """Point ``lm_active`` at the complete ``version`` in one alias call (atomic for readers)."""
+        self._require(version)
+        cname = centroid_collection(version)
         current = self._alias_target()
         c = self.client
         with self._wrap(f"activate {version!r}"):
@@ -378,10 +495,8 @@ class LandmarkIndex:
         try:
             with self._wrap("describe alias"), _quiet_pymilvus():
                 res = self.client.describe_alias(ALIAS, timeout=self._timeout)
-        except InfrastructureError as e:
-            # Milvus says "alias ... not found", milvus-lite "alias ... does not exist".
-            msg = str(e.__cause__).lower()
-            if "not exist" in msg or "not found" in msg:
+        except (InfrastructureError, MilvusException) as e:
+            if _is_missing_alias(e):
                 return None
             raise
         return (res or {}).get("collection_name") or None
@@ -394,25 +509,24 @@ class LandmarkIndex:
         return target[len(CENTROID_PREFIX) :]
 
     def row_counts(self, version: str) -> tuple[int, int]:
-        """(centroids, references) stored for ``version``."""
-        cname, rname = self._require(version)
+        """(centroids, references) stored for the published ``version``."""
+        self._require(version)
+        return self._counts(version)
+
+    def _counts(self, version: str) -> tuple[int, int]:
         counts = []
-        for name in (cname, rname):
+        for name in (centroid_collection(version), reference_collection(version)):
             rows = self._loaded_call(name, "count", lambda name=name: self.client.query(
                 name, filter="", output_fields=["count(*)"], timeout=self._timeout))
             counts.append(int(rows[0]["count(*)"]))
         return counts[0], counts[1]
 
     def versions(self) -> list[str]:
-        """Published versions (sanitised), sorted."""
-        with self._wrap("list collections"):
-            names = set(self.client.list_collections(timeout=self._timeout))
-        return sorted(
-            n[len(CENTROID_PREFIX) :]
-            for n in names
-            if n.startswith(CENTROID_PREFIX)
-            and REFERENCE_PREFIX + n[len(CENTROID_PREFIX) :] in names
-        )
+        """Completely published versions (sanitised), sorted."""
+        names = self._collections()
+        candidates = (n[len(CENTROID_PREFIX) :] for n in names if n.startswith(CENTROID_PREFIX))
+        return sorted(v for v in candidates
+                      if _VERSION.fullmatch(v) and (stored := self._stored(v, names)) is not None and stored.complete)
 
     def drop(self, version: str) -> None:
         """Drop a version's collections; the active version cannot be dropped."""

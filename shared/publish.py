@@ -1,5 +1,5 @@
-"""Publish a model version: landmarks and the version row into PostgreSQL, centroids and references
-into new Milvus collections, then one alias swap. Workers pick it up at their next batch. Published as a
+"""Publish a model version: centroids and references into new Milvus collections, landmarks and the version
+row into PostgreSQL, then one alias swap. Workers pick it up at their next batch. Published as a
 shadow, the version runs beside the active one on a sample of photos instead (shared/rollout.py)."""
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
     _, meta, gallery = load_checkpoint(model_path)
     if not gallery.get("landmarks"):
         raise ValueError(f"{model_path} has no gallery (centroids and references): build it first")
+    # Milvus first: it refuses another gallery under a published version (IndexVersionError) before PostgreSQL
+    # is pointed at this checkpoint, and re-running after a failure finds the version there and moves on.
+    index.publish(meta.version, *gallery_rows(gallery))
     with transaction(engine) as session:
         upsert_landmarks(session, [{k: row[k] for k in ("id", "name", "city", "country", "region", "lat", "lon")}
                                    for row in gallery["landmarks"]])
@@ -57,8 +60,6 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
                                t_geo=meta.t_geo, t_global=meta.t_global, t_ref=meta.t_ref,
                                checkpoint=str(model_path.resolve()), metrics=meta.extra.get("metrics", {}),
                                activate=False)
-    if meta.version not in index.versions():
-        index.publish(meta.version, *gallery_rows(gallery))
     if activate:
         activate_version(meta.version, engine, index)
     log.info("published model %s (%d landmarks)", meta.version, len(gallery["landmarks"]))

@@ -69,14 +69,20 @@ def _active(engine: Engine) -> str | None:
         return row.version if row else None
 
 
+def _require_published(version: str, index: LandmarkIndex) -> None:
+    # Complete only: the leftovers of an interrupted publish must never be served.
+    if not index.is_published(version):
+        raise RolloutError(f"model version {version!r} has no collections in Milvus, or only those of an "
+                           "interrupted publish: `landmarks publish MODEL` again")
+
+
 def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str = "promote",
              who: str | None = None) -> Activation:
     """Make an already published version active (Milvus alias, then PostgreSQL), recording ``action``."""
     with transaction(engine) as session:
         if session.get(ModelVersion, version) is None:
             raise RolloutError(f"model version {version!r} is not registered: `landmarks publish MODEL` first")
-    if version not in index.versions():
-        raise RolloutError(f"model version {version!r} has no collections in Milvus: publish it again")
+    _require_published(version, index)
     previous = _active(engine)
     alias = index.active_version()
     if previous == version and alias == version:
@@ -289,8 +295,7 @@ def start_shadow(version: str, share: float, engine: Engine, index: LandmarkInde
                  who: str | None = None) -> dict[str, Any]:
     """Run the published ``version`` beside the active one on ``share`` of the photos (replacing any
     running shadow). Workers see it within ``shared.shadow.SHADOW_REFRESH_S`` and load its model."""
-    if version not in index.versions():
-        raise RolloutError(f"model version {version!r} has no collections in Milvus: publish it again")
+    _require_published(version, index)
     try:
         with transaction(engine) as session:
             row = start_shadow_rollout(session, version, share, who or actor())

@@ -83,9 +83,10 @@ class ModelRuntime:
 def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroids: int,
                   device: str = "cpu") -> LocalIndex | None:
     """An exact in-process copy of ``version``'s centroids and references, built from the checkpoint
-    that was published (so it costs no transfer), used only if it matches Milvus, the system of record,
-    row for row. Search then costs a matrix product instead of a Milvus round trip per tile group; on a
-    CUDA ``device`` the global search's product runs there (shared/local_index.py)."""
+    that was published (so it costs no transfer), used only if it holds the gallery Milvus, the system of
+    record, holds: the same fingerprint (the same row counts for a version published before fingerprints).
+    Search then costs a matrix product instead of a Milvus round trip per tile group; on a CUDA ``device``
+    the global search's product runs there (shared/local_index.py)."""
     if max_centroids <= 0 or not gallery.get("landmarks"):
         return None
     from shared.publish import gallery_rows
@@ -93,10 +94,11 @@ def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroi
     if len(centroids) > max_centroids:
         log.info("version %s has %d centroids (> %d): searching Milvus", version, len(centroids), max_centroids)
         return None
-    published = index.row_counts(version)
-    if published != (len(centroids), len(references)):
-        log.warning("the checkpoint of %s holds %d centroids and %d references, Milvus %s: searching Milvus",
-                    version, len(centroids), len(references), published)
+    if not index.holds(version, centroids, references):
+        # Equal counts are not enough: `build --version V` run twice gives another gallery under the same name.
+        log.error("the checkpoint of %s holds another gallery (%d centroids, %d references) than Milvus publishes "
+                  "under that version: searching Milvus; publish the checkpoint under a new version",
+                  version, len(centroids), len(references))
         return None
     on_gpu = str(device).startswith("cuda")
     log.info("searching %d centroids of %s in process%s", len(centroids), version, f" (on {device})" if on_gpu else "")

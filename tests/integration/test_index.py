@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +15,8 @@ import pytest
 from shared.errors import InfrastructureError
 from shared.geo import tile_of
 from shared.index import (
+    FINGERPRINT_KEY,
+    STATE_KEY,
     CentroidRows,
     Hit,
     IndexVersionError,
@@ -134,12 +143,127 @@ def test_publish_activate_and_swap(index, published):
     ]
 
 
-def test_publish_twice_fails(index, published):
+def test_publishing_a_version_again_is_a_no_op_and_another_gallery_under_it_is_refused(index, published):
     c, r = published["v2"]
-    with pytest.raises(IndexVersionError, match="already exists"):
-        index.publish("v2", c, r)
-    # The failed publish left the existing version intact.
+    assert index.publish("v2", c, r) is False  # the same gallery: nothing to do
+    assert index.holds("v2", c, r)
+    # Same row counts, another gallery (what `build --version v2` run again gives): refused, never overwritten.
+    other = CentroidRows(c.landmark_ids, c.centroid_nos, c.lats, c.lons, -c.embeddings)
+    with pytest.raises(IndexVersionError, match="already exists .* another gallery.*new version"):
+        index.publish("v2", other, r)
+    assert not index.holds("v2", other, r)
+    moved = CentroidRows(c.landmark_ids, c.centroid_nos, c.lats + 0.001, c.lons, c.embeddings)
+    assert not index.holds("v2", moved, r)  # the places count too
+    # The refused publish left the existing version intact.
+    assert index.row_counts("v2") == (len(c), len(r))
     assert index.search_global("v2", c.embeddings[:1], 1)[0][0].score == pytest.approx(1.0, abs=1e-4)
+
+
+# A publish killed outright (SIGKILL, the OOM killer): its process runs no cleanup. The child stores two
+# chunks of centroids, says so, then waits in its third insert until it is killed.
+_KILLED_PUBLISH = """
+import sys, time
+import numpy as np
+import shared.index as si
+from pymilvus import MilvusClient
+
+si.INSERT_CHUNK, si.INSERTS_IN_FLIGHT = 16, 1
+real_insert, sent = MilvusClient.insert, []
+
+def insert(self, *args, **kwargs):
+    if len(sent) == 2:
+        print("inserting", flush=True)
+        time.sleep(600)
+    sent.append(1)
+    return real_insert(self, *args, **kwargs)
+
+MilvusClient.insert = insert
+g = np.load(sys.argv[3])
+c = si.CentroidRows(g["c_lm"], g["c_no"], g["c_lat"], g["c_lon"], g["c_emb"])
+r = si.ReferenceRows(g["r_lm"], g["r_no"], g["r_emb"])
+si.LandmarkIndex(sys.argv[1]).publish(sys.argv[2], c, r)
+"""
+
+
+def _publish_killed_while_inserting(milvus_uri: str, version: str, c, r, tmp_path) -> None:
+    gallery = tmp_path / "gallery.npz"
+    np.savez(gallery, c_lm=c.landmark_ids, c_no=c.centroid_nos, c_lat=c.lats, c_lon=c.lons, c_emb=c.embeddings,
+             r_lm=r.landmark_ids, r_no=r.ref_nos, r_emb=r.embeddings)
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISH, milvus_uri, version, str(gallery)],
+                             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 120)
+        assert ready and child.stdout.readline() == b"inserting\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+
+
+def test_a_publish_killed_while_inserting_is_not_published_and_publishing_again_repairs_it(
+        index, milvus_uri, published, tmp_path, caplog):
+    c, r = _world(6, n_landmarks=40)
+    _publish_killed_while_inserting(milvus_uri, "killed", c, r, tmp_path)
+    # It left both collections behind, part-filled: no cleanup ran.
+    assert index.client.has_collection("lm_centroids_killed") and index.client.has_collection("lm_references_killed")
+    assert "killed" not in index.versions()
+    assert not index.is_published("killed")
+    with pytest.raises(IndexVersionError, match="incomplete"):
+        index.activate("killed")
+    with pytest.raises(IndexVersionError, match="incomplete"):
+        index.row_counts("killed")
+    assert index.active_version() != "killed"
+    # Publishing it again drops the leftovers and publishes the whole gallery.
+    with caplog.at_level(logging.WARNING, logger="shared.index"):
+        assert index.publish("killed", c, r) is True
+    assert any("incomplete" in rec.getMessage() for rec in caplog.records)
+    assert index.is_published("killed") and "killed" in index.versions()
+    assert index.row_counts("killed") == (len(c), len(r)) and index.holds("killed", c, r)
+    index.drop("killed")
+
+
+def test_a_version_is_complete_only_once_both_collections_are_sealed_with_one_fingerprint(index):
+    """What a publish killed at each later step leaves: still incomplete, until its very last step is done."""
+    c, r = _world(7, n_landmarks=20)
+    index.publish("steps", c, r)
+    seal = index._stored("steps")
+    assert seal.complete and len(seal.fingerprint) == 64
+    for cname_marks, rname_marks in [
+        ({"state": "filling"}, {"state": "filling"}),  # killed before sealing either
+        ({"state": "filling"}, {"state": "sealed"}),  # killed between the two
+        ({"state": "sealed"}, {"state": "sealed", "fp": "0" * 64}),  # two different galleries
+    ]:
+        for name, marks in (("lm_centroids_steps", cname_marks), ("lm_references_steps", rname_marks)):
+            index.client.alter_collection_properties(
+                name, {STATE_KEY: marks["state"], FINGERPRINT_KEY: marks.get("fp", seal.fingerprint)})
+        assert "steps" not in index.versions() and not index.is_published("steps")
+    index.client.drop_collection("lm_references_steps")  # killed between creating the two
+    assert "steps" not in index.versions() and not index.is_published("steps")
+    assert index.publish("steps", c, r) is True
+    assert index._stored("steps") == seal
+    index.drop("steps")
+
+
+def test_a_version_published_before_the_marks_is_listed_activatable_and_compared_by_its_counts(index, published):
+    """An upgrading fleet keeps its active version: collections without marks (as older code left them)
+    count as complete; with no fingerprint to compare, a publish over them compares row counts."""
+    c, r = _world(8, n_landmarks=20)
+    index.publish("legacy", c, r)
+    for name in ("lm_centroids_legacy", "lm_references_legacy"):
+        index.client.drop_collection_properties(name, [STATE_KEY, FINGERPRINT_KEY])
+        assert not index.client.describe_collection(name).get("properties")
+    assert "legacy" in index.versions() and index.is_published("legacy")
+    index.activate("legacy")
+    assert index.active_version() == "legacy"
+    index.activate("v1_0")  # as test_publish_activate_and_swap left it
+    assert index.publish("legacy", c, r) is False  # same counts: taken for the same gallery
+    fewer = CentroidRows(c.landmark_ids[:-1], c.centroid_nos[:-1], c.lats[:-1], c.lons[:-1], c.embeddings[:-1])
+    with pytest.raises(IndexVersionError, match="another gallery"):
+        index.publish("legacy", fewer, r)
+    assert index.row_counts("legacy") == (len(c), len(r))
+    index.drop("legacy")
 
 
 def test_publish_drop_roundtrip(index):

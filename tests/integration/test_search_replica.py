@@ -14,12 +14,12 @@ from PIL import Image
 
 from shared.device_decode import DeviceJpegDecoder
 from shared.events import PhotoUploaded
-from shared.index import LandmarkIndex
+from shared.index import FINGERPRINT_KEY, STATE_KEY, LandmarkIndex, centroid_collection, reference_collection
 from shared.local_index import LocalIndex
 from shared.model import load_checkpoint
 from shared.outcomes import PhotoStatus
 from shared.pipeline import RecognitionPipeline
-from shared.publish import publish_model
+from shared.publish import gallery_rows, publish_model
 from shared.runtime import local_replica
 from shared.settings import Settings
 
@@ -109,6 +109,28 @@ def test_no_replica_when_the_checkpoint_disagrees_with_milvus_or_is_too_large(pu
     assert local_replica(version, fewer, index, max_centroids=1000) is None  # Milvus is the record
     assert local_replica(version, {}, index, max_centroids=1000) is None
     assert np.asarray(gallery["centroids"]["embeddings"]).shape[0] == index.row_counts(version)[0]
+    # As many rows, another gallery (`build --version` run twice): Milvus's fingerprint tells them apart.
+    assert local_replica(version, _flipped(gallery), index, max_centroids=1000) is None
+
+
+def _flipped(gallery: dict) -> dict:
+    return {**gallery, "centroids": {**gallery["centroids"], "embeddings": -gallery["centroids"]["embeddings"]}}
+
+
+def test_a_version_published_before_fingerprints_is_replicated_when_its_row_counts_match(published):
+    """Collections without publish marks (as older code left them): the counts are all there is to compare."""
+    _, _, gallery = load_checkpoint(published["model"])
+    index, version = published["index"], f"replica_legacy_{uuid.uuid4().hex[:6]}"
+    index.publish(version, *gallery_rows(gallery))
+    for name in (centroid_collection(version), reference_collection(version)):
+        index.client.drop_collection_properties(name, [STATE_KEY, FINGERPRINT_KEY])
+    try:
+        assert local_replica(version, gallery, index, max_centroids=1000) is not None
+        assert local_replica(version, _flipped(gallery), index, max_centroids=1000) is not None  # counts only
+        fewer = {**gallery, "centroids": {k: v[:-1] for k, v in gallery["centroids"].items()}}
+        assert local_replica(version, fewer, index, max_centroids=1000) is None
+    finally:
+        index.drop(version)
 
 
 def test_a_loaded_version_is_kept_out_of_the_collector_and_freed_once_replaced(published, engine):
