@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import reprlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -95,6 +96,8 @@ def parse_event(kind: type[E], payload: Any, *, keys: Sequence[bytes] = ()) -> E
             payload = json.loads(payload)
         except ValueError as exc:
             raise InvalidEvent(f"malformed event: not JSON ({exc})") from None
+        except RecursionError:  # a string may nest deeper than json.loads walks
+            raise InvalidEvent("malformed event: JSON nested too deeply") from None
     if not isinstance(payload, dict):
         raise InvalidEvent(f"malformed event: expected a JSON object, got {type(payload).__name__}")
     if keys:
@@ -111,8 +114,22 @@ def event_key(payload: Any) -> str:
         event_id = payload.get("event_id")
         if isinstance(event_id, str) and 0 < len(event_id) <= MAX_ID_LENGTH:
             return event_id
-    raw = json.dumps(payload, sort_keys=True, default=str).encode()
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    try:
+        raw = json.dumps(payload, sort_keys=True, default=str)
+    except (TypeError, ValueError, RecursionError):  # e.g. nested deeper than json.dumps walks
+        raw = payload_summary(payload)
+    return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+
+
+# repr() recurses as deep as the payload nests (RecursionError); this stops at a fixed depth and length.
+_SUMMARY = reprlib.Repr()
+_SUMMARY.maxlevel, _SUMMARY.maxdict, _SUMMARY.maxlist, _SUMMARY.maxtuple = 8, 32, 32, 32
+_SUMMARY.maxstring, _SUMMARY.maxlong, _SUMMARY.maxother = 256, 64, 64
+
+
+def payload_summary(payload: Any) -> str:
+    """A bounded, deterministic text for a payload JSON cannot carry (dict keys sorted, deep levels elided)."""
+    return _SUMMARY.repr(payload)
 
 
 def safe_field(payload: Any, name: str) -> str | None:

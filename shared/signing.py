@@ -52,6 +52,8 @@ def verify_event(payload: Any, key: bytes, *previous_keys: bytes) -> None:
         expected = [signature(payload, k) for k in (key, *previous_keys)]
     except (TypeError, ValueError):  # e.g. a lone surrogate that has no UTF-8 form
         raise InvalidEvent("malformed event: cannot be encoded canonically for its signature") from None
+    except RecursionError:  # orjson reads 1024 levels of nesting, json.dumps gives up sooner
+        raise InvalidEvent("malformed event: nested too deeply to be encoded canonically for its signature") from None
     # Every key is compared, so the time taken does not tell which one nearly matched.
     matches = [hmac.compare_digest(claimed.encode(), e.encode()) for e in expected]
     if not any(matches):

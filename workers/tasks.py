@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 
 from shared import metrics
 from shared.db.session import transaction
 from shared.db.writer import delete_photo, record_failure
 from shared.errors import InfrastructureError, InvalidEvent, Stage
-from shared.events import PhotoDeleted, PhotoUploaded, parse_event, safe_field
+from shared.events import E, PhotoDeleted, PhotoUploaded, parse_event, safe_field
 from shared.settings import get_settings
 from shared.signing import event_signer, verification_keys
 from workers.app import app
@@ -31,14 +33,30 @@ UPLOADED = "landmarks.photo_uploaded"
 DELETED = "landmarks.photo_deleted"
 # How long a batch keeps retrying a broken database/Milvus before handing its events back.
 INFRA_RETRY_S = 60.0
+T = TypeVar("T")
 
 
 def _payload(request: Any) -> Any:
-    if len(request.args) == 1 and not request.kwargs:
-        return request.args[0]
-    if not request.args and set(request.kwargs) == {"event"}:
-        return request.kwargs["event"]
-    return {"_args": list(request.args), "_kwargs": dict(request.kwargs)}  # recorded as malformed
+    args, kwargs = request.args, request.kwargs
+    if isinstance(args, (list, tuple)) and isinstance(kwargs, dict):
+        if len(args) == 1 and not kwargs:
+            return args[0]
+        if not args and set(kwargs) == {"event"}:
+            return kwargs["event"]
+    # Anything else, a hand-crafted message's args that are not a list included, is recorded as malformed.
+    return {"_args": args, "_kwargs": kwargs}
+
+
+def _read(kind: type[E], payload: Any) -> E:
+    """parse_event, where any error is the event's InvalidEvent: an error escaping a task would have Celery
+    acknowledge the message (for uploads, the whole batch) with no record."""
+    try:
+        return parse_event(kind, payload, keys=_signing_keys)
+    except InvalidEvent:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        log.exception("reading an event failed unexpectedly", extra={"event_id": safe_field(payload, "event_id")})
+        raise InvalidEvent(f"malformed event: reading it failed unexpectedly: {type(exc).__name__}: {exc}") from exc
 
 
 def _split(requests: list[Any]) -> tuple[list[PhotoUploaded], list[tuple[Any, str]]]:
@@ -46,7 +64,7 @@ def _split(requests: list[Any]) -> tuple[list[PhotoUploaded], list[tuple[Any, st
     for request in requests:
         payload = _payload(request)
         try:
-            event = parse_event(PhotoUploaded, payload, keys=_signing_keys)
+            event = _read(PhotoUploaded, payload)
         except InvalidEvent as exc:
             bad.append((payload, exc.reason))
             continue
@@ -79,6 +97,12 @@ class Unexpected(Exception):
     """An action failed with an error that is not an outage (a bug, CUDA out of memory, a poisonous input)."""
 
 
+def _outage(exc: Exception) -> bool:
+    """A dependency is down: worth retrying. Not a DataError (SQLSTATE class 22): that is a value PostgreSQL
+    refuses, which no retry mends; taken for an outage, it would hand the same batch back forever."""
+    return isinstance(exc, (InfrastructureError, DBAPIError)) and not isinstance(exc, DataError)
+
+
 def _with_retries(action, what: str) -> bool:
     """True once ``action`` succeeds; False when infrastructure stayed down for INFRA_RETRY_S; raises
     Unexpected for any other error (celery-batches would acknowledge the batch and lose it)."""
@@ -87,7 +111,10 @@ def _with_retries(action, what: str) -> bool:
         try:
             action()
             return True
-        except (InfrastructureError, DBAPIError) as exc:
+        except Exception as exc:  # noqa: BLE001
+            if not _outage(exc):
+                log.exception("%s failed unexpectedly", what)
+                raise Unexpected(f"{type(exc).__name__}: {exc}") from exc
             _observe(metrics.observe_infrastructure_error, what)
             if time.monotonic() + delay > deadline:
                 log.error("%s still failing after %.0fs: %s", what, INFRA_RETRY_S, exc)
@@ -95,21 +122,26 @@ def _with_retries(action, what: str) -> bool:
             log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("%s failed unexpectedly", what)
-            raise Unexpected(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _republish_or_exit(publish: Callable[[], T], what: str) -> T:
+    """Re-publishes what this worker took (``publish``'s result is returned); if even the broker refuses, dies
+    so that Redis redelivers the unacknowledged originals, which an acknowledgement would lose."""
+    try:
+        return publish()
+    except Exception:  # noqa: BLE001 - any failure to re-publish must end in redelivery, not loss
+        log.critical("cannot re-publish %s; exiting so the broker redelivers the unacknowledged originals", what)
+        os._exit(75)
 
 
 def _hand_back(events: list[PhotoUploaded]) -> None:
-    """Re-publish, then let the originals be acknowledged: at-least-once, and the writer is idempotent.
-    If even the broker refuses, die so Redis redelivers the unacknowledged originals."""
+    """Re-publish, then let the originals be acknowledged: at-least-once, and the writer is idempotent."""
     _observe(metrics.observe_handed_back, len(events))
-    try:
+
+    def publish() -> None:
         for event in events:
             app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=30)
-    except Exception:  # noqa: BLE001 - any failure to re-publish must end in redelivery, not loss
-        log.critical("cannot re-publish %d events; exiting so the broker redelivers them", len(events))
-        os._exit(75)
+    _republish_or_exit(publish, f"{len(events)} events")
 
 
 @app.task(name=UPLOADED, base=PipelinedBatches, flush_every=_settings.batch_size,
@@ -169,17 +201,19 @@ def _process(events: list[PhotoUploaded]) -> None:
 @app.task(name=DELETED, bind=True, acks_late=True, max_retries=None)
 def photo_deleted(self, event: Any) -> None:
     try:
-        parsed = parse_event(PhotoDeleted, event, keys=_signing_keys)
+        parsed = _read(PhotoDeleted, event)
     except InvalidEvent as exc:
         _record_malformed([(event, exc.reason)], DELETED)
         return
     try:
         with transaction(worker_context().engine) as session:
             delete_photo(session, parsed)
-    except (InfrastructureError, DBAPIError) as exc:
-        _observe(metrics.observe_infrastructure_error, "delete")
-        raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 300))
     except Exception as exc:  # noqa: BLE001 - Celery would acknowledge it with no trace in the tables
+        if _outage(exc):
+            _observe(metrics.observe_infrastructure_error, "delete")
+            # Task.retry turns a failed re-publish into Reject(requeue=False), which acknowledges the deletion.
+            retry = partial(self.retry, exc=exc, countdown=min(2 ** self.request.retries, 300), throw=False)
+            raise _republish_or_exit(retry, "1 deletion")
         log.exception("deletion failed unexpectedly; recording it", extra={"event_id": parsed.event_id})
         _record_failure(event, DELETED, f"deletion failed unexpectedly: {type(exc).__name__}: {exc}")
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +21,7 @@ from shared.db.models import (
     ShadowPhoto,
     ShadowRollout,
 )
-from shared.events import PhotoDeleted, event_key, safe_field
+from shared.events import PhotoDeleted, event_key, payload_summary, safe_field
 from shared.outcomes import PhotoOutcome, PhotoStatus
 
 MAX_PAYLOAD_CHARS = 8 * 1024
@@ -215,10 +216,14 @@ def _failure_row(
     }
 
 
+# PostgreSQL text and jsonb hold neither NUL nor a lone surrogate (which psycopg2 cannot even encode, and jsonb
+# refuses as an escape); hostile payloads carry both, and the broker's json.loads keeps an escaped "\ud800".
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def _clean(value: Any) -> Any:
-    # PostgreSQL text and jsonb cannot hold NUL characters; hostile payloads carry them.
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        return _UNSTORABLE.sub("\ufffd", value)
     if isinstance(value, dict):
         return {_clean(str(k)): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -233,12 +238,11 @@ def _bounded_payload(payload: Any) -> Any:
         payload = payload.decode("utf-8", errors="replace")
     try:
         raw = json.dumps(payload, default=str, allow_nan=False)
-    except (ValueError, TypeError, RecursionError):
-        raw = repr(payload)[: MAX_PAYLOAD_CHARS + 1]
-        return _clean({"truncated": raw[:MAX_PAYLOAD_CHARS]} if len(raw) > MAX_PAYLOAD_CHARS else {"unserialisable": raw})
-    if len(raw) > MAX_PAYLOAD_CHARS:
-        return _clean({"truncated": raw[:MAX_PAYLOAD_CHARS]})
-    return _clean(json.loads(raw))
+        if len(raw) > MAX_PAYLOAD_CHARS:
+            return _clean({"truncated": raw[:MAX_PAYLOAD_CHARS]})
+        return _clean(json.loads(raw))
+    except (ValueError, TypeError, RecursionError):  # NaN, or nested deeper than json or _clean walks
+        return _clean({"unserialisable": payload_summary(payload)[:MAX_PAYLOAD_CHARS]})
 
 
 # A gallery's landmarks as one array per column (not the hot path): a VALUES list of 333,000 landmarks (a

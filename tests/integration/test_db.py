@@ -314,6 +314,38 @@ def test_record_failure_is_idempotent(world):
     assert world.scalar(text("SELECT count(*) FROM failures WHERE payload ? 'truncated'")) == 1
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_a_failure_with_lone_surrogates_is_recorded_readably(world):
+    # The broker's json.loads keeps an escaped lone surrogate; psycopg2 cannot encode it, jsonb refuses it.
+    payload = {"event_id": "sur\ud800", "user_id": "al\udfffice", "photo_id": "p\ud83d", "note\udce9": ["caf\udce9"]}
+    writer.record_failure(world, payload=payload, task="landmarks.photo_uploaded", stage="validate",
+                          reason="malformed event: event_id: unable to parse raw data as a unicode string")
+    row = world.execute(text("SELECT event_key, event_id, user_id, photo_id, payload FROM failures")).one()
+    assert tuple(row) == ("sur\ufffd", "sur\ufffd", "al\ufffdice", "p\ufffd",
+                          {"event_id": "sur\ufffd", "user_id": "al\ufffdice", "photo_id": "p\ufffd",
+                           "note\ufffd": ["caf\ufffd"]})
+
+
+def test_a_failure_nested_deeper_than_json_walks_is_recorded(world):
+    # orjson, the broker's decoder, reads 1,024 levels; json.dumps and repr() give up sooner.
+    deep = {"event_id": "deep-1", "user_id": "alice", "x": _nested(1015)}
+    orphans = [{"user_id": "alice", "x": _nested(1015)}, {"user_id": "bob", "x": _nested(1015)}]
+    nan = {"event_id": "nan-1", "gps": {"lat": float("nan"), "lon": 2.0}}
+    for payload in (deep, *orphans, orphans[0], nan):
+        writer.record_failure(world, payload=payload, task="landmarks.photo_uploaded", stage="validate", reason="r")
+    rows = dict(world.execute(text("SELECT event_key, payload FROM failures")).all())
+    assert rows["deep-1"]["unserialisable"].startswith("{'event_id': 'deep-1', 'user_id': 'alice', 'x': [[[[")
+    assert len(rows["deep-1"]["unserialisable"]) < 1024
+    assert rows["nan-1"] == {"unserialisable": "{'event_id': 'nan-1', 'gps': {'lat': nan, 'lon': 2.0}}"}
+    assert sum(key.startswith("sha256:") for key in rows) == 2  # each orphan once, under a key of its own
+
+
 def test_only_the_active_version_is_visible(world):
     writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
     assert writer.active_model_version(world).version == "v1"

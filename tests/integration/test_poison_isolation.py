@@ -1,13 +1,21 @@
 """A batch that fails with an unexpected error (not an outage) is retried event by event: the poisonous
-event is recorded as a failure with its reason, its batch-mates are processed, nothing loops forever."""
+event is recorded as a failure with its reason, its batch-mates are processed, nothing loops forever. A
+message that cannot be read is refused alone, and a deletion the broker cannot take back is redelivered."""
 
 from __future__ import annotations
 
+import os
 import uuid
+from types import SimpleNamespace
 
 import pytest
+import redis
 import sqlalchemy as sa
+from celery.exceptions import Retry
+from sqlalchemy.exc import OperationalError
 
+from shared.db.session import transaction
+from shared.errors import InfrastructureError
 from shared.events import PhotoUploaded
 from shared.settings import get_settings
 
@@ -52,12 +60,98 @@ def test_one_poisonous_event_is_recorded_and_its_batch_mates_processed(tasks, en
     assert reason.startswith("processing failed unexpectedly: ValueError: A string literal cannot contain NUL")
 
 
-def test_an_outage_still_hands_the_whole_batch_back(tasks, monkeypatch):
-    from shared.errors import InfrastructureError
+@pytest.mark.parametrize("outage", [InfrastructureError("Milvus down"),
+                                    OperationalError("SELECT 1", {}, Exception("server closed the connection"))])
+def test_an_outage_still_hands_the_whole_batch_back(tasks, monkeypatch, outage):
     handed_back = []
     monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)
-    monkeypatch.setattr(tasks, "_process", lambda events: (_ for _ in ()).throw(InfrastructureError("Milvus down")))
+    monkeypatch.setattr(tasks, "_process", lambda events: (_ for _ in ()).throw(outage))
     monkeypatch.setattr(tasks, "_hand_back", handed_back.extend)
     batch = [_event("x"), _event("y")]
     tasks._process_or_isolate(batch)
     assert handed_back == batch
+
+
+def test_a_value_postgresql_refuses_is_the_events_failure_not_an_outage(tasks, engine, monkeypatch):
+    processed, handed_back = [], []
+
+    def process(events: list[PhotoUploaded]) -> None:
+        if any(e.photo_id == "refused" for e in events):
+            with transaction(engine) as session:  # a DataError, as PostgreSQL raises it
+                session.execute(sa.text("SELECT CAST(:v AS integer)"), {"v": "not a number"})
+        processed.extend(e.photo_id for e in events)
+
+    monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)  # taken for an outage, the batch would be handed back
+    monkeypatch.setattr(tasks, "_process", process)
+    monkeypatch.setattr(tasks, "_hand_back", handed_back.extend)
+    batch = [_event("a"), _event("refused"), _event("b")]
+    tasks._process_or_isolate(batch)
+    assert processed == ["a", "b"] and handed_back == []
+    with engine.connect() as conn:
+        reason = conn.scalar(sa.text("SELECT reason FROM failures WHERE event_key = :k"), {"k": batch[1].event_id})
+    assert reason.startswith("processing failed unexpectedly: DataError: (psycopg2.errors.InvalidTextRepresentation)")
+
+
+def _request(args, kwargs) -> SimpleNamespace:
+    return SimpleNamespace(args=args, kwargs=kwargs)
+
+
+def test_a_message_that_cannot_be_read_is_refused_alone(tasks, monkeypatch):
+    good, odd = _event("good").model_dump(mode="json"), _event("odd").model_dump(mode="json")
+    parse_event = tasks.parse_event
+
+    def parse_with_a_bug(kind, payload, **kwargs):
+        if payload is odd:
+            raise RuntimeError("a bug in reading one event")
+        return parse_event(kind, payload, **kwargs)
+
+    monkeypatch.setattr(tasks, "parse_event", parse_with_a_bug)
+    requests = [_request([good], {}), _request(5, {}), _request({"a": 1}, {}), _request([good], ["event"]),
+                _request([odd], {})]
+    events, bad = tasks._split(requests)
+    assert [e.photo_id for e in events] == ["good"]
+    assert [payload for payload, _ in bad[:3]] == [{"_args": 5, "_kwargs": {}}, {"_args": {"a": 1}, "_kwargs": {}},
+                                                   {"_args": [good], "_kwargs": ["event"]}]
+    assert all(reason.startswith("malformed event: event_id: Field required") for _, reason in bad[:3])
+    assert bad[3] == (odd, "malformed event: reading it failed unexpectedly: RuntimeError: a bug in reading one event")
+
+
+class Exited(BaseException):
+    """os._exit, made catchable."""
+
+
+def _deletion_during_an_outage(tasks, monkeypatch, send_task) -> tuple[dict, BaseException]:
+    """Runs the deletion task as a worker does, with the database down and the broker answering ``send_task``."""
+    def exit_(code: int) -> None:
+        raise Exited(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    monkeypatch.setattr(tasks, "delete_photo", lambda session, event: (_ for _ in ()).throw(
+        InfrastructureError("database unavailable")))
+    monkeypatch.setattr(tasks.app, "send_task", send_task)
+    event = {"event_id": uuid.uuid4().hex, "user_id": "poison_user", "photo_id": "p"}
+    task = tasks.photo_deleted
+    task.push_request(id=uuid.uuid4().hex, args=[event], kwargs={}, retries=3, called_directly=False,
+                      delivery_info={"exchange": "", "routing_key": "landmarks"})
+    try:
+        with pytest.raises((Exited, Retry)) as info:
+            task.run(event)
+    finally:
+        task.pop_request()
+    return event, info.value
+
+
+def test_a_deletion_the_broker_cannot_take_back_is_redelivered_not_lost(tasks, monkeypatch):
+    def broker_out_of_memory(*args, **kwargs):
+        raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'")
+
+    _, outcome = _deletion_during_an_outage(tasks, monkeypatch, broker_out_of_memory)
+    # Celery's retry would have raised Reject(requeue=False): the deletion acknowledged, and lost.
+    assert isinstance(outcome, Exited) and outcome.args == (75,)  # unacknowledged: Redis redelivers it
+
+
+def test_a_deletion_during_an_outage_is_retried_later(tasks, monkeypatch):
+    sent = []
+    event, outcome = _deletion_during_an_outage(
+        tasks, monkeypatch, lambda name, args, kwargs, **options: sent.append((name, list(args), options["countdown"])))
+    assert isinstance(outcome, Retry) and sent == [(tasks.DELETED, [event], 8)]

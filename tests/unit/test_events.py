@@ -41,3 +41,23 @@ def test_event_key_is_the_event_id_or_a_stable_hash():
     odd = {"user_id": "u", "x": [1, 2]}
     assert event_key(odd) == event_key(dict(reversed(list(odd.items())))) != event_key({"user_id": "v"})
     assert event_key({"event_id": "x" * 10_000}).startswith("sha256:")
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_json_nested_deeper_than_python_reads_is_malformed():
+    with pytest.raises(InvalidEvent, match="^malformed event: JSON nested too deeply$"):
+        parse_event(PhotoUploaded, "[" * 100_000 + "]" * 100_000)
+
+
+def test_event_key_of_a_payload_nested_deeper_than_json_dumps_walks():
+    # orjson, the broker's decoder, reads 1,024 levels: json.dumps gives up before that.
+    deep = {"user_id": "u", "x": nested(1020)}
+    key = event_key(deep)
+    assert key.startswith("sha256:") and key == event_key({"x": nested(1020), "user_id": "u"})
+    assert key != event_key({"user_id": "v", "x": nested(1020)})

@@ -187,3 +187,12 @@ def test_our_producers_sign_only_when_a_key_is_configured() -> None:
     signed = event_signer(settings(event_signing_key=KEY.decode()))(EVENT)
     verify_event(signed, KEY)
     assert "signature" not in EVENT
+
+
+def test_a_payload_nested_too_deep_to_encode_is_malformed() -> None:
+    # orjson, the broker's decoder, reads 1,024 levels: json.dumps gives up before that.
+    deep: list = []
+    for _ in range(1020):
+        deep = [deep]
+    with pytest.raises(InvalidEvent, match="^malformed event: nested too deeply to be encoded canonically"):
+        verify_event({**EVENT, "x": deep, "signature": "v1=" + "0" * 64}, KEY)
