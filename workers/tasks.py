@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -170,12 +171,32 @@ def _process_or_isolate(events: list[PhotoUploaded]) -> None:
             _hand_back(events)
         return
     except Unexpected as exc:
+        if _device_fault(exc.__cause__):
+            _give_up_the_device(events, exc)
         if len(events) == 1:
             _record_unexpected(events[0], f"processing failed unexpectedly: {exc}")
             return
     log.warning("processing the %d events of the failed batch one by one", len(events))
     for event in events:
         _process_or_isolate([event])
+
+
+def _device_fault(exc: BaseException | None) -> bool:
+    """A CUDA error other than running out of memory (an illegal address, a GPU fallen off the bus) leaves
+    the process's CUDA context broken: every later batch would fail the same way, whatever its photos."""
+    torch = sys.modules.get("torch")  # never imported here for this: a worker without it has no device
+    if torch is None or isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)
+
+
+def _give_up_the_device(events: list[PhotoUploaded], exc: Unexpected) -> None:
+    """Hands the batch back and exits, so that a fresh process (or, if the device stays broken, the
+    supervisor's restart limit and the pod's readiness) deals with it: recorded one by one as failures, the
+    whole stream would be dead-lettered while the device is broken."""
+    log.critical("the device failed (%s); handing the batch back and exiting for a fresh CUDA context", exc)
+    _hand_back(events)
+    os._exit(75)
 
 
 def _record_unexpected(event: PhotoUploaded, reason: str) -> None:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import redis
 import sqlalchemy as sa
+import torch
 from celery.exceptions import Retry
 from sqlalchemy.exc import OperationalError
 
@@ -90,6 +91,43 @@ def test_a_value_postgresql_refuses_is_the_events_failure_not_an_outage(tasks, e
     with engine.connect() as conn:
         reason = conn.scalar(sa.text("SELECT reason FROM failures WHERE event_key = :k"), {"k": batch[1].event_id})
     assert reason.startswith("processing failed unexpectedly: DataError: (psycopg2.errors.InvalidTextRepresentation)")
+
+
+def test_a_broken_device_hands_the_batch_back_and_ends_the_process_instead_of_failing_every_photo(
+        tasks, engine, monkeypatch):
+    """A sticky CUDA error fails every batch after it: recording each photo as a failure would dead-letter the
+    whole stream while the device is broken. The batch goes back to the broker and a fresh process starts."""
+    handed_back = []
+
+    def exit_(code: int) -> None:
+        raise Exited(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    monkeypatch.setattr(tasks, "_process", lambda events: (_ for _ in ()).throw(
+        torch.AcceleratorError("CUDA error: an illegal memory access was encountered")))
+    monkeypatch.setattr(tasks, "_hand_back", handed_back.extend)
+    batch = [_event("a"), _event("b"), _event("c")]
+    with pytest.raises(Exited) as info:
+        tasks._process_or_isolate(batch)
+    assert info.value.args == (75,) and handed_back == batch
+    with engine.connect() as conn:
+        recorded = conn.scalar(sa.text("SELECT count(*) FROM failures WHERE event_key = ANY(:keys)"),
+                               {"keys": [e.event_id for e in batch]})
+    assert recorded == 0
+
+
+def test_running_out_of_device_memory_is_not_a_broken_device(tasks, monkeypatch):
+    """Out of memory is the batch's size, not the device: one by one, the photos go through."""
+    processed = []
+
+    def process(events: list[PhotoUploaded]) -> None:
+        if len(events) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        processed.extend(e.photo_id for e in events)
+
+    monkeypatch.setattr(tasks, "_process", process)
+    tasks._process_or_isolate([_event("a"), _event("b")])
+    assert processed == ["a", "b"]
 
 
 def _request(args, kwargs) -> SimpleNamespace:
