@@ -49,7 +49,8 @@ CLAIM_EVENTS = text("""
     RETURNING event_id""")
 # WITH ORDINALITY ... ORDER BY keeps the rows in the caller's (sorted) order: a fixed lock order, so that
 # concurrent batches cannot deadlock. A tombstone stays: an upload redelivered after its deletion must not
-# bring the photo back.
+# bring the photo back. An older upload of the photo changes nothing either: a backfill event carries the
+# upload it was queued for, and a handed-back event comes back 30 s late, both possibly after a re-upload.
 UPSERT_PHOTOS = text("""
     INSERT INTO photos (user_id, photo_id, uri, uploaded_at, status, model_version, gps_lat, gps_lon,
                         gps_source, processed_at)
@@ -61,7 +62,7 @@ UPSERT_PHOTOS = text("""
         uri = EXCLUDED.uri, uploaded_at = EXCLUDED.uploaded_at, status = EXCLUDED.status,
         model_version = EXCLUDED.model_version, gps_lat = EXCLUDED.gps_lat, gps_lon = EXCLUDED.gps_lon,
         gps_source = EXCLUDED.gps_source, processed_at = EXCLUDED.processed_at
-    WHERE photos.status <> 'deleted'
+    WHERE photos.status <> 'deleted' AND (photos.uploaded_at IS NULL OR EXCLUDED.uploaded_at >= photos.uploaded_at)
     RETURNING user_id, photo_id""")
 CLEAR_TAGS = text("""
     DELETE FROM photo_tags
@@ -89,11 +90,13 @@ def write_outcomes(
     # Claiming the event ids first makes a concurrent redelivery wait here, then skip.
     claimed = set(session.scalars(CLAIM_EVENTS, {"rows": _json_rows(
         [(o.event.event_id, o.event.user_id, o.event.photo_id) for o in by_event.values()])}))
-    # Two events for one photo in a batch: the later one wins (one row may be upserted once per statement).
+    # Two events for one photo in a batch: the later upload wins, the later in the batch between equals (one
+    # row may be upserted once per statement).
     by_photo: dict[tuple[str, str], PhotoOutcome] = {}
     for event_id, outcome in by_event.items():
-        if event_id in claimed:
-            by_photo[(outcome.event.user_id, outcome.event.photo_id)] = outcome
+        key = (outcome.event.user_id, outcome.event.photo_id)
+        if event_id in claimed and (key not in by_photo or outcome.event.uploaded_at >= by_photo[key].event.uploaded_at):
+            by_photo[key] = outcome
     if not by_photo:
         return 0
 

@@ -258,6 +258,21 @@ def test_duplicates_inside_one_batch(world):
     assert world.scalar(text("SELECT count(*) FROM processed_events WHERE event_id IN ('e-a', 'e-b')")) == 2
 
 
+def test_an_older_upload_of_a_photo_never_replaces_a_newer_one(world):
+    """The user re-uploaded (edited) the photo; the first upload's event comes last: a backfill event queued
+    before the re-upload, or one handed back during an outage."""
+    writer.write_outcomes(world, "v1", [tagged("p1", (3, 0.8), minutes=5, event="re-upload")])
+    newer = dump(world)["photos"]
+    assert writer.write_outcomes(world, "v1", [tagged("p1", (1, 0.9), minutes=1, event="first-upload")]) == 0
+    assert dump(world)["photos"] == newer
+    assert world.execute(text("SELECT landmark_id FROM photo_tags WHERE photo_id = 'p1'")).scalars().all() == [3]
+    assert world.scalar(text("SELECT count(*) FROM processed_events WHERE event_id = 'first-upload'")) == 1
+    # Both in one batch, the older last: the newer upload still wins.
+    both = [tagged("p2", (3, 0.8), minutes=5, event="p2-new"), tagged("p2", (1, 0.9), minutes=1, event="p2-old")]
+    assert writer.write_outcomes(world, "v1", both) == 1
+    assert world.execute(text("SELECT landmark_id FROM photo_tags WHERE photo_id = 'p2'")).scalars().all() == [3]
+
+
 def test_reprocessing_replaces_tags_of_that_version(world):
     writer.write_outcomes(world, "v1", [tagged("p1", (1, 0.9), (2, 0.6), event="first")])
     writer.write_outcomes(world, "v1", [tagged("p1", (3, 0.7), event="second")])
@@ -551,7 +566,9 @@ def test_album_summaries_follow_sql_by_hand(world):
 def test_album_summaries_survive_activation_changes(world):
     writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
     writer.write_outcomes(world, "v1", BATCH)
-    writer.write_outcomes(world, "v2", [tagged("p1", (3, 0.9), event="b1"), tagged("p2", (1, 0.4), (4, 0.8), event="b2")])
+    # v2 re-tags the same uploads (a backfill's events carry the upload times they were queued for).
+    writer.write_outcomes(world, "v2", [tagged("p1", (3, 0.9), minutes=1, event="b1"),
+                                        tagged("p2", (1, 0.4), (4, 0.8), minutes=2, event="b2")])
     before = summary(world)
     writer.activate_model_version(world, "v2")
     assert summary(world) == [("Paris", 1, 1, [("Eiffel Tower", 1, "p2")]),
