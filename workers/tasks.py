@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DataError, DBAPIError
 
 from shared import metrics
+from shared.backfill import backfill_queue
 from shared.db.session import transaction
 from shared.db.writer import delete_photo, record_failure
 from shared.errors import InfrastructureError, InvalidEvent, Stage
@@ -29,6 +30,7 @@ _settings = get_settings()
 _signing_keys = verification_keys(_settings)
 # A handed-back event must pass this fleet's own signature check when it comes round again.
 _sign = event_signer(_settings)
+_backfill_queue = backfill_queue(_settings)
 
 UPLOADED = "landmarks.photo_uploaded"
 DELETED = "landmarks.photo_deleted"
@@ -141,8 +143,15 @@ def _hand_back(events: list[PhotoUploaded]) -> None:
 
     def publish() -> None:
         for event in events:
-            app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=30)
+            app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=30,
+                          queue=_queue_of(event))
     _republish_or_exit(publish, f"{len(events)} events")
+
+
+def _queue_of(event: PhotoUploaded) -> str | None:
+    """A backfill's events go back to the backfill queue (None: the live one), where they wait behind live
+    uploads as they did before the outage."""
+    return _backfill_queue if _backfill_queue and metrics.source_of(event.event_id) == "backfill" else None
 
 
 @app.task(name=UPLOADED, base=PipelinedBatches, flush_every=_settings.batch_size,

@@ -73,6 +73,17 @@ def test_an_outage_still_hands_the_whole_batch_back(tasks, monkeypatch, outage):
     assert handed_back == batch
 
 
+def test_events_handed_back_return_to_the_queue_they_came_from(tasks, monkeypatch):
+    """A backfill's events wait behind live uploads; handed back onto the live queue after an outage they would
+    jump ahead of them."""
+    sent = []
+    monkeypatch.setattr(tasks.app, "send_task", lambda name, **kwargs: sent.append((kwargs["args"][0]["photo_id"],
+                                                                                   kwargs.get("queue"))))
+    backfill = _event("old").model_copy(update={"event_id": "backfill-" + uuid.uuid4().hex})
+    tasks._hand_back([_event("live"), backfill])
+    assert sent == [("live", None), ("old", f"{tasks._settings.queue}_backfill")]
+
+
 def test_a_value_postgresql_refuses_is_the_events_failure_not_an_outage(tasks, engine, monkeypatch):
     processed, handed_back = [], []
 
