@@ -42,9 +42,11 @@ shadow_photos = ShadowPhoto.__table__
 # most of the write's cost, in the worker's Python (BENCHMARKS.md, fourth session). One JSON text (orjson,
 # about 0.4 ms for 256 photos) replaced a Python list per column, which psycopg2 adapted element by element
 # into array literals (about 2 ms for the same photos, with the worker's GIL held; twelfth session).
+# In the caller's (sorted) order too: two batches holding the same redelivered events wait, not deadlock.
 CLAIM_EVENTS = text("""
     INSERT INTO processed_events (event_id, kind, user_id, photo_id)
-    SELECT r->>0, 'uploaded', r->>1, r->>2 FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS t(r)
+    SELECT r->>0, 'uploaded', r->>1, r->>2 FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS t(r, n)
+    ORDER BY n
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id""")
 # WITH ORDINALITY ... ORDER BY keeps the rows in the caller's (sorted) order: a fixed lock order, so that
@@ -89,7 +91,7 @@ def write_outcomes(
 
     # Claiming the event ids first makes a concurrent redelivery wait here, then skip.
     claimed = set(session.scalars(CLAIM_EVENTS, {"rows": _json_rows(
-        [(o.event.event_id, o.event.user_id, o.event.photo_id) for o in by_event.values()])}))
+        sorted((o.event.event_id, o.event.user_id, o.event.photo_id) for o in by_event.values()))}))
     # Two events for one photo in a batch: the later upload wins, the later in the batch between equals (one
     # row may be upserted once per statement).
     by_photo: dict[tuple[str, str], PhotoOutcome] = {}
