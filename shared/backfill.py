@@ -59,6 +59,10 @@ class Scope:
     user: str | None = None
     since: datetime | None = None
     all: bool = False
+    # Only photos whose last attempt failed, those the active version failed included: the retry after a
+    # storage outage, which a plain backfill would skip (already processed) and --include-current would
+    # widen to every photo.
+    failed: bool = False
 
     def __post_init__(self) -> None:
         if sum([self.user is not None, self.since is not None, self.all]) != 1:
@@ -68,18 +72,21 @@ class Scope:
 
     def as_json(self) -> dict[str, Any]:
         if self.user is not None:
-            return {"user": self.user}
-        if self.since is not None:
-            return {"since": self.since.isoformat()}
-        return {"all": True}
+            scope: dict[str, Any] = {"user": self.user}
+        elif self.since is not None:
+            scope = {"since": self.since.isoformat()}
+        else:
+            scope = {"all": True}
+        return {**scope, "failed": True} if self.failed else scope
 
     def job_name(self, version: str) -> str:
         key = next(iter(self.as_json().items()))
-        return f"{version}:all" if self.all else f"{version}:{key[0]}={key[1]}"
+        name = f"{version}:all" if self.all else f"{version}:{key[0]}={key[1]}"
+        return f"{name}:failed" if self.failed else name
 
     def where(self) -> list:
         p = Photo.__table__.c
-        clauses = [p.status.in_(REPROCESSABLE), p.uri.is_not(None)]
+        clauses = [p.status == "failed" if self.failed else p.status.in_(REPROCESSABLE), p.uri.is_not(None)]
         if self.user is not None:
             clauses.append(p.user_id == self.user)
         if self.since is not None:
@@ -170,7 +177,7 @@ def run_backfill(engine: Engine, send: Sender, scope: Scope, *, queue: str | Non
                  .where(*scope.where()).order_by(p.user_id, p.photo_id).limit(chunk))
         if cursor is not None:
             query = query.where(tuple_(p.user_id, p.photo_id) > tuple_(*cursor))
-        if not include_current:
+        if not (include_current or scope.failed):
             query = query.where(p.model_version.is_distinct_from(version))
         with transaction(engine) as session:
             rows = session.execute(query).all()

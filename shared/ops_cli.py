@@ -124,6 +124,8 @@ def register(cli: typer.Typer) -> None:
         restart: Annotated[bool, typer.Option("--restart", help="start the job over from the first photo")] = False,
         include_current: Annotated[bool, typer.Option(
             "--include-current", help="also photos the active version has already processed")] = False,
+        failed: Annotated[bool, typer.Option(
+            "--failed", help="only photos whose last attempt failed, the active version's too (after an outage)")] = False,
         limit: Annotated[Optional[int], typer.Option(help="stop after this many events (resume later)")] = None,
         max_live_backlog: Annotated[int, typer.Option(
             help="pause while the live queue's backlog is above this")] = 1000,
@@ -136,7 +138,7 @@ def register(cli: typer.Typer) -> None:
         from shared.backlog import queue_backlog
         settings = _settings()
         try:
-            scope = Scope(user=user, since=_parse_date(since) if since else None, all=all_photos)
+            scope = Scope(user=user, since=_parse_date(since) if since else None, all=all_photos, failed=failed)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         queue = backfill_queue(settings)

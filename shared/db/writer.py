@@ -53,6 +53,8 @@ CLAIM_EVENTS = text("""
 # concurrent batches cannot deadlock. A tombstone stays: an upload redelivered after its deletion must not
 # bring the photo back. An older upload of the photo changes nothing either: a backfill event carries the
 # upload it was queued for, and a handed-back event comes back 30 s late, both possibly after a re-upload.
+# And a failure never replaces a verdict on the same upload: a backfill that meets a storage outage leaves
+# the photo's tags as they were (its failure is recorded all the same).
 UPSERT_PHOTOS = text("""
     INSERT INTO photos (user_id, photo_id, uri, uploaded_at, status, model_version, gps_lat, gps_lon,
                         gps_source, processed_at)
@@ -65,6 +67,8 @@ UPSERT_PHOTOS = text("""
         model_version = EXCLUDED.model_version, gps_lat = EXCLUDED.gps_lat, gps_lon = EXCLUDED.gps_lon,
         gps_source = EXCLUDED.gps_source, processed_at = EXCLUDED.processed_at
     WHERE photos.status <> 'deleted' AND (photos.uploaded_at IS NULL OR EXCLUDED.uploaded_at >= photos.uploaded_at)
+      AND NOT (EXCLUDED.status = 'failed' AND photos.status IN ('tagged', 'no_landmark')
+               AND photos.uri = EXCLUDED.uri AND photos.uploaded_at = EXCLUDED.uploaded_at)
     RETURNING user_id, photo_id""")
 CLEAR_TAGS = text("""
     DELETE FROM photo_tags
@@ -102,6 +106,7 @@ def write_outcomes(
     if not by_photo:
         return 0
 
+    _record_failed(session, task, [o for o in by_photo.values() if o.status == PhotoStatus.FAILED])
     applied = _upsert_photos(session, model_version, by_photo)
     if not applied:
         return 0
@@ -111,7 +116,13 @@ def write_outcomes(
             for user_id, photo_id in keys for rank, tag in enumerate(by_photo[(user_id, photo_id)].tags)]
     if tags:
         session.execute(INSERT_TAGS, {"model_version": model_version, "rows": _json_rows(tags)})
-    failure_rows = [
+    # Events superseded, aimed at a tombstone, or failing where a verdict stands count as seen but not applied.
+    return len(applied)
+
+
+def _record_failed(session: Session, task: str, failed: list[PhotoOutcome]) -> None:
+    """Every claimed event that failed, whether or not its photo's row took the failure."""
+    rows = [
         _failure_row(
             key=o.event.event_id,
             event_id=o.event.event_id,
@@ -122,13 +133,10 @@ def write_outcomes(
             reason=o.failure.reason if o.failure else "failed without a recorded reason",
             payload=o.event.model_dump(mode="json"),
         )
-        for o in (by_photo[k] for k in keys)
-        if o.status == PhotoStatus.FAILED
+        for o in failed
     ]
-    if failure_rows:
-        session.execute(insert(failures).values(failure_rows).on_conflict_do_nothing(index_elements=["event_key"]))
-    # Events superseded in the batch, or aimed at a tombstone, count as seen but not applied.
-    return len(applied)
+    if rows:
+        session.execute(insert(failures).values(rows).on_conflict_do_nothing(index_elements=["event_key"]))
 
 
 def _upsert_photos(

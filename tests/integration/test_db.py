@@ -118,10 +118,10 @@ def nothing(photo: str, *, user: str = "alice") -> PhotoOutcome:
     return PhotoOutcome(event=uploaded(photo, user=user), status=PhotoStatus.NO_LANDMARK)
 
 
-def failed(photo: str, *, user: str = "alice") -> PhotoOutcome:
-    return PhotoOutcome(
-        event=uploaded(photo, user=user), status=PhotoStatus.FAILED, failure=Failure(Stage.DECODE, "not an image")
-    )
+def failed(photo: str, *, user: str = "alice", minutes: int = 0, event: str | None = None,
+           failure: Failure = Failure(Stage.DECODE, "not an image")) -> PhotoOutcome:
+    return PhotoOutcome(event=uploaded(photo, user=user, minutes=minutes, event=event), status=PhotoStatus.FAILED,
+                        failure=failure)
 
 
 def dump(session: Session) -> dict[str, list[tuple]]:
@@ -271,6 +271,22 @@ def test_an_older_upload_of_a_photo_never_replaces_a_newer_one(world):
     both = [tagged("p2", (3, 0.8), minutes=5, event="p2-new"), tagged("p2", (1, 0.9), minutes=1, event="p2-old")]
     assert writer.write_outcomes(world, "v1", both) == 1
     assert world.execute(text("SELECT landmark_id FROM photo_tags WHERE photo_id = 'p2'")).scalars().all() == [3]
+
+
+def test_a_failed_retry_of_the_same_upload_keeps_its_verdict_and_is_recorded(world):
+    """A backfill (or a re-run) during a storage outage: the photo must not leave the album for a fetch that
+    failed, while a new upload of the photo that fails does replace the old verdict."""
+    writer.write_outcomes(world, "v1", [tagged("p1", (3, 0.8), minutes=1, event="first")])
+    before = dump(world)
+    outage = Failure(Stage.FETCH, "HTTP 503 Service Unavailable")
+    assert writer.write_outcomes(world, "v1", [failed("p1", minutes=1, event="retry", failure=outage)]) == 0
+    after = dump(world)
+    assert after["photos"] == before["photos"] and after["photo_tags"] == before["photo_tags"]
+    assert world.execute(text("SELECT stage, reason FROM failures WHERE event_key = 'retry'")).all() == \
+        [("fetch", "HTTP 503 Service Unavailable")]
+    assert writer.write_outcomes(world, "v1", [failed("p1", minutes=2, event="re-upload")]) == 1
+    assert world.scalar(text("SELECT status FROM photos WHERE photo_id = 'p1'")) == "failed"
+    assert world.scalar(text("SELECT count(*) FROM photo_tags WHERE photo_id = 'p1'")) == 0
 
 
 def test_reprocessing_replaces_tags_of_that_version(world):

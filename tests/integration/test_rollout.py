@@ -444,6 +444,23 @@ def test_backfill_is_resumable_skips_deleted_and_current_and_uses_fresh_ids(vers
         rollout.rollback(engine, index)
 
 
+def test_a_backfill_of_failed_photos_retries_those_the_active_version_failed(versions, engine, index):
+    """After a storage outage: the photos the active version could not fetch, and only those."""
+    a = versions["A"]
+    user = f"bff_{uuid.uuid4().hex[:6]}"
+    _write(engine, a, [_outcome(user, f"p{k}", 1) for k in range(4)])
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE photos SET status = 'failed' WHERE user_id = :u AND photo_id IN ('p1', 'p3')"),
+                     {"u": user})
+    assert _active(engine, index) == (a, a)
+    sent: list[dict] = []
+    scope = Scope(user=user, failed=True)
+    result = run_backfill(engine, sent.append, scope, queue="q_bf")
+    assert [e["photo_id"] for e in sent] == ["p1", "p3"]
+    assert result.name == f"{a}:user={user}:failed" and result.status == "done"
+    assert run_backfill(engine, sent.append, Scope(user=user), queue="q_bf").enqueued == 0  # all processed by A
+
+
 def test_backfill_rate_and_backlog_guard(versions, engine):
     user = f"bfr_{uuid.uuid4().hex[:6]}"
     _write(engine, versions["A"], [_outcome(user, f"p{k}", 1) for k in range(20)])
