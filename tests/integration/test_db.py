@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import sys
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -364,9 +365,11 @@ def test_a_failure_with_lone_surrogates_is_recorded_readably(world):
 
 
 def test_a_failure_nested_deeper_than_json_walks_is_recorded(world):
-    # orjson, the broker's decoder, reads 1,024 levels; json.dumps and repr() give up sooner.
-    deep = {"event_id": "deep-1", "user_id": "alice", "x": _nested(1015)}
-    orphans = [{"user_id": "alice", "x": _nested(1015)}, {"user_id": "bob", "x": _nested(1015)}]
+    # orjson, the broker's decoder, reads 1,024 levels; json.dumps and repr() give up at the recursion limit
+    # (1,000, unless something loaded earlier in the run raised it: torch.compile does).
+    depth = sys.getrecursionlimit() + 50
+    deep = {"event_id": "deep-1", "user_id": "alice", "x": _nested(depth)}
+    orphans = [{"user_id": "alice", "x": _nested(depth)}, {"user_id": "bob", "x": _nested(depth)}]
     nan = {"event_id": "nan-1", "gps": {"lat": float("nan"), "lon": 2.0}}
     for payload in (deep, *orphans, orphans[0], nan):
         writer.record_failure(world, payload=payload, task="landmarks.photo_uploaded", stage="validate", reason="r")

@@ -192,7 +192,7 @@ def test_our_producers_sign_only_when_a_key_is_configured() -> None:
 
 def test_a_payload_nested_too_deep_to_encode_is_malformed() -> None:
     # orjson, the broker's decoder, reads 1,024 levels: json.dumps gives up at Python's recursion limit, 1,000
-    # by default, but a library loaded earlier (networkx's graph matcher, in a full test run) may raise it.
+    # by default, but torch.compile raises it to 2,000 for the rest of the process (a full test run compiles).
     deep: list = []
     for _ in range(sys.getrecursionlimit() + 50):
         deep = [deep]
