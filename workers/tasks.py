@@ -231,6 +231,20 @@ def _process(events: list[PhotoUploaded]) -> None:
 @app.task(name=DELETED, bind=True, acks_late=True, max_retries=None)
 def photo_deleted(self, event: Any) -> None:
     try:
+        _delete_or_record(event)
+    except Exception as exc:  # noqa: BLE001 - Celery would acknowledge it with no trace in the tables
+        if not _outage(exc):
+            raise
+        _observe(metrics.observe_infrastructure_error, "delete")
+        # An outage while deleting or while recording why it cannot be done: the whole task again later (both
+        # are idempotent). Task.retry turns a failed re-publish into Reject(requeue=False), an acknowledgement.
+        retry = partial(self.retry, exc=exc, countdown=min(2 ** self.request.retries, 300), throw=False)
+        raise _republish_or_exit(retry, "1 deletion")
+
+
+def _delete_or_record(event: Any) -> None:
+    """The deletion, or a failures row saying why it cannot be done; an outage propagates."""
+    try:
         parsed = _read(PhotoDeleted, event)
     except InvalidEvent as exc:
         _record_malformed([(event, exc.reason)], DELETED)
@@ -238,12 +252,9 @@ def photo_deleted(self, event: Any) -> None:
     try:
         with transaction(worker_context().engine) as session:
             delete_photo(session, parsed)
-    except Exception as exc:  # noqa: BLE001 - Celery would acknowledge it with no trace in the tables
+    except Exception as exc:  # noqa: BLE001
         if _outage(exc):
-            _observe(metrics.observe_infrastructure_error, "delete")
-            # Task.retry turns a failed re-publish into Reject(requeue=False), which acknowledges the deletion.
-            retry = partial(self.retry, exc=exc, countdown=min(2 ** self.request.retries, 300), throw=False)
-            raise _republish_or_exit(retry, "1 deletion")
+            raise
         log.exception("deletion failed unexpectedly; recording it", extra={"event_id": parsed.event_id})
         _record_failure(event, DELETED, f"deletion failed unexpectedly: {type(exc).__name__}: {exc}")
         return

@@ -169,16 +169,19 @@ class Exited(BaseException):
     """os._exit, made catchable."""
 
 
-def _deletion_during_an_outage(tasks, monkeypatch, send_task) -> tuple[dict, BaseException]:
+def _deletion_during_an_outage(tasks, monkeypatch, send_task, event: dict | None = None) -> tuple[dict, BaseException]:
     """Runs the deletion task as a worker does, with the database down and the broker answering ``send_task``."""
     def exit_(code: int) -> None:
         raise Exited(code)
 
+    def database_unavailable(*args, **kwargs) -> None:
+        raise InfrastructureError("database unavailable")
+
     monkeypatch.setattr(os, "_exit", exit_)
-    monkeypatch.setattr(tasks, "delete_photo", lambda session, event: (_ for _ in ()).throw(
-        InfrastructureError("database unavailable")))
+    monkeypatch.setattr(tasks, "delete_photo", database_unavailable)
+    monkeypatch.setattr(tasks, "record_failure", database_unavailable)
     monkeypatch.setattr(tasks.app, "send_task", send_task)
-    event = {"event_id": uuid.uuid4().hex, "user_id": "poison_user", "photo_id": "p"}
+    event = event or {"event_id": uuid.uuid4().hex, "user_id": "poison_user", "photo_id": "p"}
     task = tasks.photo_deleted
     task.push_request(id=uuid.uuid4().hex, args=[event], kwargs={}, retries=3, called_directly=False,
                       delivery_info={"exchange": "", "routing_key": "landmarks"})
@@ -199,8 +202,12 @@ def test_a_deletion_the_broker_cannot_take_back_is_redelivered_not_lost(tasks, m
     assert isinstance(outcome, Exited) and outcome.args == (75,)  # unacknowledged: Redis redelivers it
 
 
-def test_a_deletion_during_an_outage_is_retried_later(tasks, monkeypatch):
+@pytest.mark.parametrize("event", [None, {"user_id": "poison_user", "photo_id": "no event id"}],
+                         ids=["deletion", "malformed deletion"])
+def test_a_deletion_during_an_outage_is_retried_later(tasks, monkeypatch, event):
+    """Deleting, or recording why a deletion cannot be done: either way, not acknowledged without a trace."""
     sent = []
     event, outcome = _deletion_during_an_outage(
-        tasks, monkeypatch, lambda name, args, kwargs, **options: sent.append((name, list(args), options["countdown"])))
+        tasks, monkeypatch, lambda name, args, kwargs, **options: sent.append((name, list(args), options["countdown"])),
+        event)
     assert isinstance(outcome, Retry) and sent == [(tasks.DELETED, [event], 8)]
