@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def threshold_for_accuracy(negative_scores: np.ndarray, target: float = 0.99) -> float:
@@ -88,6 +92,9 @@ def calibrate_geo(best: list[tuple[int, float] | None], truth: list[int | None],
     landmark and the geo filter alone rejects them; that is why GPS allows a lower threshold (the
     article), and why the validation split must place everyday photos as realistically as the test."""
     negatives = np.array([-np.inf if b is None else b[1] for b, t in zip(best, truth) if t is None])
+    if not len(negatives):
+        log.warning("the validation split has no non-landmark photos with GPS: t_geo is 1.0, so photos with GPS "
+                    "will hardly ever be tagged; add everyday photos with GPS to the split")
     t_geo = threshold_for_accuracy(negatives, target) if len(negatives) else 1.0
     t_geo = max(t_geo, -1.0)  # with no landmark near any negative, every in-square best is accepted
     curve = []

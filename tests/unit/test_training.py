@@ -1,5 +1,7 @@
 """Training pieces on toy data: center loss, cleaning, calibration of the decision thresholds."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +109,14 @@ def test_geo_threshold_counts_every_gps_negative_including_those_far_from_landma
     assert accepted <= 1  # 99 % of all GPS negatives rejected
     assert 0.5 < t_geo <= 0.87
     assert curve[0][1] == 1.0 and curve[-1][1] == 0.0  # lowest threshold takes every landmark photo
+
+
+def test_a_split_without_gps_negatives_says_that_gps_tagging_is_off(caplog):
+    """Nothing to calibrate t_geo on: the safe 1.0, but an ML engineer must hear why GPS photos go untagged."""
+    with caplog.at_level(logging.WARNING, logger="shared.training.calibrate"):
+        t_geo, _ = cal.calibrate_geo([(1, 0.9)] * 20, [1] * 20, 0.99)
+    assert t_geo == 1.0
+    assert any("no non-landmark photos with GPS" in r.getMessage() for r in caplog.records)
 
 
 def test_augmentation_is_batched_deterministic_and_keeps_pixels_in_range():
