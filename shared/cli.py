@@ -275,16 +275,12 @@ def _publish_shadow(model: Path, share: float, activate: bool | None, as_json: b
 def _publish_refusals(as_json: bool) -> Iterator[None]:
     """A refused publish (another gallery under a published version, an outage, a rollout rule) is one line
     and exit status 1, not a traceback."""
-    from shared.errors import InfrastructureError
     from shared.index import IndexVersionError
-    from shared.rollout import RolloutError
+    from shared.ops_cli import _fail, _refusals
     try:
         yield
-    except (IndexVersionError, RolloutError, InfrastructureError) as exc:
-        console.print(str(exc))
-        if as_json:
-            print(json.dumps({"ok": False, "error": str(exc)}))
-        raise typer.Exit(1) from None
+    except (IndexVersionError, *_refusals()) as exc:
+        _fail(str(exc), as_json)
 
 
 # --- offline pipeline -----------------------------------------------------------------------
