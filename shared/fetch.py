@@ -240,18 +240,21 @@ class _DeadlineResponse(http.client.HTTPResponse):
 
 # http.client connects through self._create_connection: swapping it keeps the Host header, TLS SNI
 # and certificate check on the host name while the socket goes to the checked address.
-class _CheckedHTTPConnection(http.client.HTTPConnection):
+class _Checked:
+    """Mixed into http.client's connection classes, before them."""
+
     def __init__(self, *args, settings: Settings, deadline: float, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
         self._create_connection = functools.partial(_connect_checked, settings=settings)
         self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
 
 
-class _CheckedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, settings: Settings, deadline: float, **kwargs) -> None:  # noqa: ANN002, ANN003
-        super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(_connect_checked, settings=settings)
-        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+class _CheckedHTTPConnection(_Checked, http.client.HTTPConnection):
+    pass
+
+
+class _CheckedHTTPSConnection(_Checked, http.client.HTTPSConnection):
+    pass
 
 
 class _CheckedHTTPHandler(urllib.request.HTTPHandler):
