@@ -29,7 +29,14 @@ class InvalidEvent(PhotoError):
 
 
 class FetchError(PhotoError):
+    """``transient``: the storage may answer later (refused or reset connection, timeout, HTTP 429/5xx); the
+    worker tries the photo again before recording it failed. Otherwise the URI itself is at fault."""
+
     stage = Stage.FETCH
+
+    def __init__(self, reason: str, *, transient: bool = False):
+        super().__init__(reason)
+        self.transient = transient
 
 
 class DecodeError(PhotoError):

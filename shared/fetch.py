@@ -42,12 +42,24 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
     except FetchError:
         raise
     except (OSError, ValueError) as exc:  # a plug-in that forgot to wrap its errors
-        raise FetchError(f"cannot fetch {short_uri(uri)}: {_describe(exc)}") from None
+        raise FetchError(f"cannot fetch {short_uri(uri)}: {_describe(exc)}", transient=_transient(exc)) from None
 
 
 def short_uri(uri: str) -> str:
     text = repr(uri) if any(c in uri for c in "\r\n\t") else uri  # keep reasons on one line
     return text if len(text) <= _URI_CHARS else text[: _URI_CHARS - 1] + "…"
+
+
+# Answers that say "not now" rather than "not this URI".
+_TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def _transient(exc: BaseException) -> bool:
+    """The storage may answer later: a refused, reset or timed-out connection, a name server that did not
+    answer. Not a name that does not exist, nor a refused address."""
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_AGAIN
+    return isinstance(exc, (ConnectionError, TimeoutError, http.client.IncompleteRead))
 
 
 def _describe(exc: BaseException) -> str:
@@ -300,15 +312,17 @@ def fetch_http(uri: str, settings: Settings) -> bytes:
             return _read_body(response, uri, settings.fetch_max_bytes)
     except urllib.error.HTTPError as exc:
         exc.close()
-        raise FetchError(f"HTTP {exc.code} {exc.reason} for {short_uri(uri)}") from None
+        raise FetchError(f"HTTP {exc.code} {exc.reason} for {short_uri(uri)}",
+                         transient=exc.code in _TRANSIENT_HTTP) from None
     except urllib.error.URLError as exc:
-        raise FetchError(f"cannot fetch {short_uri(uri)}: {_describe_url_error(exc)}") from None
+        raise FetchError(f"cannot fetch {short_uri(uri)}: {_describe_url_error(exc)}",
+                         transient=isinstance(exc.reason, BaseException) and _transient(exc.reason)) from None
     except TimeoutError:
-        raise FetchError(
-            f"timed out after {settings.fetch_timeout_s:g} s fetching {short_uri(uri)}"
-        ) from None
+        raise FetchError(f"timed out after {settings.fetch_timeout_s:g} s fetching {short_uri(uri)}",
+                         transient=True) from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise FetchError(f"cannot fetch {short_uri(uri)}: {_describe(exc)}") from None
+        # RemoteDisconnected is a ConnectionResetError: a server that went away mid-answer.
+        raise FetchError(f"cannot fetch {short_uri(uri)}: {_describe(exc)}", transient=_transient(exc)) from None
 
 
 def _describe_url_error(exc: urllib.error.URLError) -> str:
@@ -320,10 +334,11 @@ def _describe_url_error(exc: urllib.error.URLError) -> str:
 def _read_body(response, uri: str, limit: int) -> bytes:  # noqa: ANN001
     status = getattr(response, "status", 200)
     if not 200 <= status < 300:
-        raise FetchError(f"HTTP {status} for {short_uri(uri)}")
-    length = response.headers.get("Content-Length", "")
-    if length.strip().isdigit() and int(length) > limit:
-        raise FetchError(f"response too large: {int(length)} bytes exceeds limit {limit}: {short_uri(uri)}")
+        raise FetchError(f"HTTP {status} for {short_uri(uri)}", transient=status in _TRANSIENT_HTTP)
+    length = response.headers.get("Content-Length", "").strip()
+    announced = int(length) if length.isdigit() else None
+    if announced is not None and announced > limit:
+        raise FetchError(f"response too large: {announced} bytes exceeds limit {limit}: {short_uri(uri)}")
     chunks, total = [], 0
     # read1 returns what has arrived: a body larger than the limit is refused before it is all read.
     read = getattr(response, "read1", response.read)
@@ -332,6 +347,9 @@ def _read_body(response, uri: str, limit: int) -> bytes:  # noqa: ANN001
         total += len(chunk)
         if total > limit:
             raise FetchError(f"response too large: exceeds limit {limit} bytes: {short_uri(uri)}")
+    if announced is not None and total < announced:  # read1 ends quietly where the server hung up
+        raise FetchError(f"cannot fetch {short_uri(uri)}: the connection closed after {total} of {announced} bytes",
+                         transient=True)
     return b"".join(chunks)
 
 

@@ -168,8 +168,30 @@ def test_plugin_os_errors_become_fetch_errors(settings: Settings, monkeypatch) -
         raise ConnectionResetError("peer went away")
 
     register_fetcher("broken", broken)
-    with pytest.raises(FetchError, match="peer went away"):
+    with pytest.raises(FetchError, match="peer went away") as info:
         fetch_bytes("broken://x", settings)
+    assert info.value.transient  # a reset connection: the store may answer later
+
+
+@pytest.mark.parametrize(("error", "transient"), [
+    (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), True),
+    (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
+    (TimeoutError("timed out"), True),
+    (ConnectionRefusedError(111, "Connection refused"), True),
+    (PermissionError(13, "Permission denied"), False),
+    (ValueError("bad bucket name"), False),
+])
+def test_a_plugins_errors_are_transient_only_when_the_store_may_answer_later(settings: Settings, monkeypatch,
+                                                                               error, transient) -> None:
+    monkeypatch.setattr(fetch, "FETCHERS", dict(fetch.FETCHERS))
+
+    def failing(uri: str, s: Settings) -> bytes:
+        raise error
+
+    register_fetcher("store", failing)
+    with pytest.raises(FetchError) as info:
+        fetch_bytes("store://bucket/photo.jpg", settings)
+    assert info.value.transient is transient
 
 
 # ---- http:// ----------------------------------------------------------------------------------
@@ -209,6 +231,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._redirect("/ok")
         elif self.path.startswith("/to?u="):
             self._redirect(unquote(self.path[len("/to?u="):]))
+        elif self.path.startswith("/status/"):
+            self._send(int(self.path.rsplit("/", 1)[1]), b"answer")
+        elif self.path == "/cut":  # promises 100 bytes, sends 10 and hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"c" * 10)
+            self.close_connection = True
         elif self.path.startswith("/loop/"):
             self._redirect(f"/loop/{int(self.path.rsplit('/', 1)[1]) + 1}")
         else:
@@ -296,8 +326,23 @@ def test_http_redirects_are_capped(server: str) -> None:
 
 
 def test_http_404(server: str) -> None:
-    with pytest.raises(FetchError, match="HTTP 404"):
+    with pytest.raises(FetchError, match="HTTP 404") as info:
         fetch_bytes(f"{server}/missing", local_settings())
+    assert not info.value.transient
+
+
+@pytest.mark.parametrize(("status", "transient"), [(503, True), (500, True), (429, True), (504, True),
+                                                   (403, False), (410, False), (400, False)])
+def test_http_errors_are_transient_when_the_store_says_not_now(server: str, status: int, transient: bool) -> None:
+    with pytest.raises(FetchError, match=f"HTTP {status}") as info:
+        fetch_bytes(f"{server}/status/{status}", local_settings())
+    assert info.value.transient is transient
+
+
+def test_a_server_hanging_up_mid_body_is_transient(server: str) -> None:
+    with pytest.raises(FetchError, match="cannot fetch") as info:
+        fetch_bytes(f"{server}/cut", local_settings())
+    assert info.value.transient
 
 
 @pytest.mark.parametrize("path", ["/big", "/big-unannounced"])
@@ -308,9 +353,10 @@ def test_http_oversize_body(server: str, path: str) -> None:
 
 def test_http_slow_response_times_out(server: str) -> None:
     start = time.monotonic()
-    with pytest.raises(FetchError, match="timed out"):
+    with pytest.raises(FetchError, match="timed out") as info:
         fetch_bytes(f"{server}/slow", local_settings(fetch_timeout_s=0.5))
     assert time.monotonic() - start < 1.5
+    assert info.value.transient
 
 
 def test_http_dripping_body_hits_total_deadline(server: str) -> None:
@@ -332,8 +378,9 @@ def test_connection_refused_is_fetch_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(FetchError, match="cannot fetch"):
+    with pytest.raises(FetchError, match="cannot fetch") as info:
         fetch_bytes(f"http://127.0.0.1:{port}/x", local_settings())
+    assert info.value.transient  # the store may be restarting
 
 
 # ---- http(s): server-side request forgery -----------------------------------------------------
@@ -341,8 +388,9 @@ def test_connection_refused_is_fetch_error() -> None:
 
 def test_loopback_is_refused_by_default_without_connecting(server: str) -> None:
     refusal = r"refused: 127\.0\.0\.1 is a loopback address .*LANDMARKS_FETCH_ALLOW_PRIVATE"
-    with pytest.raises(FetchError, match=refusal):
+    with pytest.raises(FetchError, match=refusal) as info:
         fetch_bytes(f"{server}/ok-never-asked", make_settings())
+    assert not info.value.transient  # a refusal stands however often it is asked
     assert not [path for path, _ in _Handler.seen if path == "/ok-never-asked"]
 
 
