@@ -77,7 +77,7 @@ def load_photo(request: LoadRequest, settings: Settings) -> Loaded:
                 return Loaded(jpeg)
         image = decode_image(data, size=request.size, max_pixels=settings.max_image_pixels)
     except PhotoError as exc:
-        return Loaded(Failure(exc.stage, exc.reason))
+        return Loaded(Failure(exc.stage, exc.reason, transient=getattr(exc, "transient", False)))
     extra = None
     if request.extra_size:
         try:

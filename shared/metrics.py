@@ -54,6 +54,8 @@ INFRA_ERRORS = Counter("landmarks_infrastructure_errors", "Batch attempts that f
                        "Milvus or the model, by what was being done (the batch is retried)", ["what"])
 HANDED_BACK = Counter("landmarks_events_handed_back", "Events re-published after a minute of infrastructure "
                       "errors")
+FETCH_RETRIES = Counter("landmarks_fetch_retries", "Upload events sent round again because the storage did not "
+                        "serve their photo (refused, reset or timed-out connection, HTTP 429/5xx)")
 BATCHES = Counter("landmarks_batches", "Batches processed by the pipeline")
 DECODED = Counter("landmarks_photos_decoded", "Photos decoded, by where: device (a GPU JPEG decoder, "
                   "shared/device_decode.py) or cpu (the decode pool)", ["where"])
@@ -78,7 +80,7 @@ MODEL_LOADED = Gauge("landmarks_model_loaded", "1 once a model version is loaded
 # backing off after an error, or the shadow stopped meanwhile), error (model, Milvus or database failed).
 SHADOW_PHOTOS = Counter("landmarks_shadow_photos", "Photos sampled for the shadow version, by version and outcome",
                         ["version", "outcome"])
-ALL_METRICS = (EVENTS, SKIPPED, FAILURES, INFRA_ERRORS, HANDED_BACK, BATCHES, BATCH_SIZE, STAGE_SECONDS,
+ALL_METRICS = (EVENTS, SKIPPED, FAILURES, INFRA_ERRORS, HANDED_BACK, FETCH_RETRIES, BATCHES, BATCH_SIZE, STAGE_SECONDS,
                BATCH_SECONDS, EVENT_AGE, LAST_BATCH, BATCH_RUNNING_SINCE, MODEL_INFO, MODEL_LOADED, SHADOW_PHOTOS,
                DECODED, HANDOVERS)
 
@@ -229,6 +231,10 @@ def observe_handovers(paths: Iterable[str]) -> None:
 
 def observe_handed_back(n: int) -> None:
     HANDED_BACK.inc(n)
+
+
+def observe_fetch_retries(n: int) -> None:
+    FETCH_RETRIES.inc(n)
 
 
 # --- collectors read at scrape time --------------------------------------------------------------

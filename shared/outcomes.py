@@ -38,6 +38,7 @@ class Tag:
 class Failure:
     stage: Stage
     reason: str
+    transient: bool = False  # the storage may answer later (shared.errors.FetchError)
 
 
 @dataclass

@@ -44,6 +44,8 @@ class BatchReport:
     timings_ms: dict[str, float] = field(default_factory=dict)  # the live path's stages only
     shadow: ShadowReport | None = None
     decoded_on_device: int = 0  # photos decoded by the device JPEG decoder
+    # Events whose fetch failed transiently and may be tried again: nothing was written for them.
+    try_later: list[PhotoUploaded] = field(default_factory=list)
 
     @property
     def decoded(self) -> int:
@@ -126,12 +128,14 @@ class RecognitionPipeline:
         extra = {i: r.extra_pixels for i, r in enumerate(results) if r.extra_pixels is not None}
         return [r.image for r in results], extra, on_device
 
-    def process(self, events: list[PhotoUploaded]) -> BatchReport:
+    def process(self, events: list[PhotoUploaded], may_retry: frozenset[str] = frozenset()) -> BatchReport:
+        """Tags, writes and reports the batch. An event in ``may_retry`` (event ids) whose fetch failed
+        transiently is left out, unwritten, in the report's try_later; any other failure is recorded."""
         runtime = self.runtime()
         with thread_stream(runtime.embedder.device):  # on CUDA, this batch's decode overlaps another's forward
-            return self._process(events, runtime)
+            return self._process(events, runtime, may_retry)
 
-    def _process(self, events: list[PhotoUploaded], runtime: ModelRuntime) -> BatchReport:
+    def _process(self, events: list[PhotoUploaded], runtime: ModelRuntime, may_retry: frozenset[str]) -> BatchReport:
         clock = StageClock()
         shadow = self.shadow.for_batch(runtime)
         sampled = shadow.sample(events) if shadow is not None else frozenset()
@@ -139,9 +143,10 @@ class RecognitionPipeline:
                                                           shadow.decode_size if shadow is not None else None,
                                                           sampled)
         clock.lap("fetch_decode")
+        later = _to_try_later(events, loaded, may_retry)
         ok = [i for i, item in enumerate(loaded) if isinstance(item, DecodedImage)]
-        outcomes = [_failed(event, item) if isinstance(item, Failure) else None
-                    for event, item in zip(events, loaded)]
+        outcomes = [_failed(event, item) if isinstance(item, Failure) and i not in later else None
+                    for i, (event, item) in enumerate(zip(events, loaded))]
         if ok:
             pixels = stack_pixels([loaded[i].pixels for i in ok], runtime.embedder.device)
             with self.device_lock:
@@ -158,20 +163,22 @@ class RecognitionPipeline:
             for i, photo_tags, (point, source) in zip(ok, tags, gps):
                 status = PhotoStatus.TAGGED if photo_tags else PhotoStatus.NO_LANDMARK
                 outcomes[i] = PhotoOutcome(events[i], status, photo_tags, gps=point, gps_source=source)
+        settled = [o for o in outcomes if o is not None]  # outcomes stays by position for the shadow pass
         with transaction(self.engine) as session:
-            applied = write_outcomes(session, runtime.version, outcomes)
+            applied = write_outcomes(session, runtime.version, settled)
         clock.lap("write")
-        report = BatchReport(outcomes, runtime.version, applied, clock.laps, decoded_on_device=on_device)
-        tagged = sum(o.status == PhotoStatus.TAGGED for o in outcomes)
-        failed = sum(o.status == PhotoStatus.FAILED for o in outcomes)
+        report = BatchReport(settled, runtime.version, applied, clock.laps, decoded_on_device=on_device,
+                             try_later=[events[i] for i in sorted(later)])
+        tagged = sum(o.status == PhotoStatus.TAGGED for o in settled)
+        failed = sum(o.status == PhotoStatus.FAILED for o in settled)
         timings = {k: round(v, 1) for k, v in clock.laps.items()}
         on_device_note = f", {on_device} decoded on the device" if self.device_decoder is not None else ""
-        log.info("batch of %d: %d tagged, %d failed, %d applied%s, model %s, ms %s", len(events), tagged, failed,
-                 applied, on_device_note, runtime.version, timings,
+        log.info("batch of %d: %d tagged, %d failed, %d to try later, %d applied%s, model %s, ms %s", len(events),
+                 tagged, failed, len(later), applied, on_device_note, runtime.version, timings,
                  extra={"model_version": runtime.version, "batch_size": len(events), "tagged": tagged,
-                        "failed": failed, "applied": applied, "decoded_on_device": on_device,
-                        "timings_ms": timings})
-        _log_photos(outcomes, runtime.version)
+                        "failed": failed, "try_later": len(later), "applied": applied,
+                        "decoded_on_device": on_device, "timings_ms": timings})
+        _log_photos(settled, runtime.version)
         if shadow is not None:
             report.shadow = self._shadow_pass(shadow, sampled, outcomes, loaded, shadow_pixels)
         return report
@@ -197,6 +204,18 @@ def _log_photos(outcomes: list[PhotoOutcome], version: str) -> None:
         elif o.status == PhotoStatus.TAGGED and log.isEnabledFor(logging.DEBUG):
             log.debug("photo tagged: %s", [t.landmark_id for t in o.tags],
                       extra={**ids, "landmarks": [t.landmark_id for t in o.tags]})
+
+
+def _to_try_later(events: list[PhotoUploaded], loaded: list[DecodedImage | Failure],
+                  may_retry: frozenset[str]) -> set[int]:
+    """The positions of transient fetch failures of events that may be tried again: recorded as failed, a
+    photo would wait for an operator's backfill after every storage hiccup."""
+    later = {i for i, (event, item) in enumerate(zip(events, loaded))
+             if isinstance(item, Failure) and item.transient and event.event_id in may_retry}
+    for i in sorted(later):
+        log.info("fetch failed, will try again: %s", loaded[i].reason,
+                 extra={"event_id": events[i].event_id, "photo_id": events[i].photo_id})
+    return later
 
 
 def _failed(event: PhotoUploaded, failure: Failure) -> PhotoOutcome:

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     # addresses are refused (SSRF); allow them all, or only these comma-separated networks (CIDRs).
     fetch_allow_private: bool = False
     fetch_allowed_networks: str = ""
+    # A fetch the storage may answer later (refused or reset connection, timeout, HTTP 429/5xx) is tried
+    # again this many times, the first after fetch_retry_delay_s and each later one after twice as long
+    # (30 s: 15.5 min in all), before the photo is recorded as failed.
+    fetch_retries: int = Field(5, ge=0, le=20)
+    fetch_retry_delay_s: float = Field(30.0, ge=0, le=3600)
     # Decoding: in a pool of processes (default; see shared/loading.py) or threads, of this many workers
     # (0 = one per core). Images with more pixels than max_image_pixels are refused as decompression bombs.
     decode_pool: Literal["processes", "threads"] = "processes"

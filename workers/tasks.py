@@ -36,6 +36,11 @@ UPLOADED = "landmarks.photo_uploaded"
 DELETED = "landmarks.photo_deleted"
 # How long a batch keeps retrying a broken database/Milvus before handing its events back.
 INFRA_RETRY_S = 60.0
+# Message header counting the fetches of a photo that the storage did not answer (shared.errors.FetchError).
+FETCH_ATTEMPTS_HEADER = "landmarks_fetch_attempts"
+# A message waiting for its countdown is held, unacknowledged, by a worker: keep the wait well inside the
+# broker's visibility timeout, past which Redis would hand it to a second worker.
+MAX_FETCH_RETRY_WAIT_S = 900.0
 T = TypeVar("T")
 
 
@@ -62,8 +67,9 @@ def _read(kind: type[E], payload: Any) -> E:
         raise InvalidEvent(f"malformed event: reading it failed unexpectedly: {type(exc).__name__}: {exc}") from exc
 
 
-def _split(requests: list[Any]) -> tuple[list[PhotoUploaded], list[tuple[Any, str]]]:
-    events, bad, seen = [], [], set()
+def _split(requests: list[Any]) -> tuple[list[PhotoUploaded], list[tuple[Any, str]], dict[str, int]]:
+    """(events, malformed payloads with their reasons, {event_id: fetch attempts made before this one})."""
+    events, bad, attempts = [], [], {}
     for request in requests:
         payload = _payload(request)
         try:
@@ -71,10 +77,18 @@ def _split(requests: list[Any]) -> tuple[list[PhotoUploaded], list[tuple[Any, st
         except InvalidEvent as exc:
             bad.append((payload, exc.reason))
             continue
-        if event.event_id not in seen:  # the same event twice in one batch is one event
-            seen.add(event.event_id)
+        if event.event_id not in attempts:  # the same event twice in one batch is one event
+            attempts[event.event_id] = _fetch_attempts(request)
             events.append(event)
-    return events, bad
+    return events, bad, attempts
+
+
+def _fetch_attempts(request: Any) -> int:
+    """How often this event's photo could not be fetched yet: the message header this worker set when it
+    sent the event round again (0 on an upload pipeline's message)."""
+    headers = getattr(request, "request_dict", None) or {}
+    value = headers.get(FETCH_ATTEMPTS_HEADER, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _record_malformed(bad: list[tuple[Any, str]], task: str) -> None:
@@ -137,14 +151,26 @@ def _republish_or_exit(publish: Callable[[], T], what: str) -> T:
         os._exit(75)
 
 
-def _hand_back(events: list[PhotoUploaded]) -> None:
+def _hand_back(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
     """Re-publish, then let the originals be acknowledged: at-least-once, and the writer is idempotent."""
     _observe(metrics.observe_handed_back, len(events))
+    _send_again(events, lambda event: 30, lambda event: attempts.get(event.event_id, 0))
 
+
+def _try_fetching_later(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
+    """Send again the events whose photo the storage did not serve, each after twice its last wait."""
+    _observe(metrics.observe_fetch_retries, len(events))
+    first, attempt = _settings.fetch_retry_delay_s, lambda event: attempts.get(event.event_id, 0)
+    _send_again(events, lambda event: min(first * 2 ** attempt(event), MAX_FETCH_RETRY_WAIT_S),
+                lambda event: attempt(event) + 1)
+
+
+def _send_again(events: list[PhotoUploaded], wait_s: Callable[[PhotoUploaded], float],
+                fetch_attempts: Callable[[PhotoUploaded], int]) -> None:
     def publish() -> None:
         for event in events:
-            app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=30,
-                          queue=_queue_of(event))
+            app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=wait_s(event),
+                          queue=_queue_of(event), headers={FETCH_ATTEMPTS_HEADER: fetch_attempts(event)})
     _republish_or_exit(publish, f"{len(events)} events")
 
 
@@ -157,7 +183,7 @@ def _queue_of(event: PhotoUploaded) -> str | None:
 @app.task(name=UPLOADED, base=PipelinedBatches, flush_every=_settings.batch_size,
           flush_interval=_settings.max_wait_ms / 1000, acks_late=True, typing=False)
 def photo_uploaded(requests: list[Any]) -> None:
-    events, bad = _split(requests)
+    events, bad, attempts = _split(requests)
     try:
         recorded = not bad or _with_retries(lambda: _record_malformed(bad, UPLOADED), "recording failures")
     except Unexpected:
@@ -167,27 +193,27 @@ def photo_uploaded(requests: list[Any]) -> None:
     if events:
         _observe(metrics.batch_started)
         try:
-            _process_or_isolate(events)
+            _process_or_isolate(events, attempts)
         finally:
             _observe(metrics.batch_finished)
 
 
-def _process_or_isolate(events: list[PhotoUploaded]) -> None:
+def _process_or_isolate(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
     """The batch; if it fails unexpectedly, each event alone, so that one poisonous event is recorded as a
     failure instead of sinking its batch-mates (and coming back forever)."""
     try:
-        if not _with_retries(lambda: _process(events), "batch"):
-            _hand_back(events)
+        if not _with_retries(lambda: _process(events, attempts), "batch"):
+            _hand_back(events, attempts)
         return
     except Unexpected as exc:
         if _device_fault(exc.__cause__):
-            _give_up_the_device(events, exc)
+            _give_up_the_device(events, exc, attempts)
         if len(events) == 1:
             _record_unexpected(events[0], f"processing failed unexpectedly: {exc}")
             return
     log.warning("processing the %d events of the failed batch one by one", len(events))
     for event in events:
-        _process_or_isolate([event])
+        _process_or_isolate([event], attempts)
 
 
 def _device_fault(exc: BaseException | None) -> bool:
@@ -199,12 +225,12 @@ def _device_fault(exc: BaseException | None) -> bool:
     return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)
 
 
-def _give_up_the_device(events: list[PhotoUploaded], exc: Unexpected) -> None:
+def _give_up_the_device(events: list[PhotoUploaded], exc: Unexpected, attempts: dict[str, int]) -> None:
     """Hands the batch back and exits, so that a fresh process (or, if the device stays broken, the
     supervisor's restart limit and the pod's readiness) deals with it: recorded one by one as failures, the
     whole stream would be dead-lettered while the device is broken."""
     log.critical("the device failed (%s); handing the batch back and exiting for a fresh CUDA context", exc)
-    _hand_back(events)
+    _hand_back(events, attempts)
     os._exit(75)
 
 
@@ -215,7 +241,7 @@ def _record_unexpected(event: PhotoUploaded, reason: str) -> None:
     except Unexpected:
         done = False
     if not done:
-        _hand_back([event])
+        _hand_back([event], {})
 
 
 def _record_failure(payload: Any, task: str, reason: str) -> None:
@@ -223,9 +249,12 @@ def _record_failure(payload: Any, task: str, reason: str) -> None:
         record_failure(session, payload=payload, task=task, stage=Stage.WRITE, reason=reason)
 
 
-def _process(events: list[PhotoUploaded]) -> None:
-    report = worker_context().pipeline.process(events)
+def _process(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
+    may_retry = frozenset(e.event_id for e in events if attempts.get(e.event_id, 0) < _settings.fetch_retries)
+    report = worker_context().pipeline.process(events, may_retry)
     _observe(metrics.observe_batch, report, len(events))
+    if report.try_later:
+        _try_fetching_later(report.try_later, attempts)
 
 
 @app.task(name=DELETED, bind=True, acks_late=True, max_retries=None)

@@ -26,6 +26,10 @@ UPLOADED, DELETED = "landmarks.photo_uploaded", "landmarks.photo_deleted"
 # The worker of the test runs with these limits (LANDMARKS_FETCH_MAX_BYTES, LANDMARKS_FETCH_TIMEOUT_S).
 FETCH_MAX_BYTES = 5 * 1024 * 1024
 FETCH_TIMEOUT_S = 2
+# A fetch the storage may answer later is tried again this often, after this long (LANDMARKS_FETCH_RETRIES,
+# LANDMARKS_FETCH_RETRY_DELAY_S), before the photo is recorded as failed.
+FETCH_RETRIES = 1
+FETCH_RETRY_DELAY_S = 0.5
 # An HTTP handler that stalls or drips holds its socket this long at most, so the test ends promptly.
 SERVER_HOLD_S = 8.0
 
@@ -364,6 +368,8 @@ HTTP_CASES = [
     uri_case("http oversize body (Content-Length)", lambda ctx: f"{ctx.http}/big", failure("fetch", "too large")),
     uri_case("http oversize body (streamed)", lambda ctx: f"{ctx.http}/big-stream", failure("fetch", "too large")),
     uri_case("http 404", lambda ctx: f"{ctx.http}/missing.jpg", failure("fetch", "http 404")),
+    uri_case("http 503 once, then served", lambda ctx: f"{ctx.http}/flaky.jpg", processed(landmark=True)),
+    uri_case("http 503 every time", lambda ctx: f"{ctx.http}/unavailable.jpg", failure("fetch", "http 503")),
     uri_case("http HTML served as image/jpeg", lambda ctx: f"{ctx.http}/page", failure("decode", "not an image")),
     uri_case("http redirect to file://", lambda ctx: f"{ctx.http}/to-file",
              failure("fetch", "redirect", "file:///etc/passwd")),

@@ -4,6 +4,7 @@ the problem, or as a processed photo; its batch-mates are tagged with their land
 
 from __future__ import annotations
 
+import collections
 import http.server
 import itertools
 import re
@@ -70,17 +71,24 @@ class Run:
 # ---- a local HTTP server ----------------------------------------------------------------------------
 
 
+# Requests the test's HTTP server answered, by path.
+REQUESTS: collections.Counter[str] = collections.Counter()
+
+
 def _handler(good: bytes, release: threading.Event) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
+            REQUESTS[self.path] += 1
             try:
                 self._route()
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the worker gave up on us, as it should
 
         def _route(self) -> None:
-            if self.path == "/good.jpg":
+            if self.path == "/good.jpg" or (self.path == "/flaky.jpg" and REQUESTS[self.path] > 1):
                 self._send(200, good, "image/jpeg")
+            elif self.path in ("/flaky.jpg", "/unavailable.jpg"):
+                self._send(503, b"try later", "text/plain")
             elif self.path == "/stall":
                 release.wait(bad.SERVER_HOLD_S)
             elif self.path == "/drip":
@@ -172,6 +180,8 @@ def env(photos, exif_dir, database_url, broker_url, milvus_uri, tmp_path_factory
                            LANDMARKS_FILE_ROOTS=":".join(roots), LANDMARKS_BATCH_SIZE=BATCH_SIZE,
                            LANDMARKS_FETCH_TIMEOUT_S=bad.FETCH_TIMEOUT_S,
                            LANDMARKS_FETCH_MAX_BYTES=bad.FETCH_MAX_BYTES,
+                           LANDMARKS_FETCH_RETRIES=bad.FETCH_RETRIES,
+                           LANDMARKS_FETCH_RETRY_DELAY_S=bad.FETCH_RETRY_DELAY_S,
                            LANDMARKS_FETCH_ALLOW_PRIVATE="false", LANDMARKS_FETCH_ALLOWED_NETWORKS="127.0.0.0/8",
                            LANDMARKS_VISIBILITY_TIMEOUT_S=120)
 
@@ -317,6 +327,14 @@ def _check(item: bad.Item, result: Result, good_landmark: int) -> None:
 def test_each_bad_input_is_recorded_with_its_reason_or_processed(case: bad.Case, run: Run) -> None:
     item = next(i for i in run.items if i.name == case.name)
     _check(item, run.results[item.name], run.good_landmark)
+
+
+def test_a_photo_the_storage_did_not_serve_is_asked_for_again_before_it_fails(run: Run) -> None:
+    """503 is "not now": the flaky photo was tagged at its second fetch, the unavailable one recorded as failed
+    only once its retry was spent; a 404 is asked for once."""
+    assert REQUESTS["/flaky.jpg"] == 2
+    assert REQUESTS["/unavailable.jpg"] == 1 + bad.FETCH_RETRIES
+    assert REQUESTS["/missing.jpg"] == 1
 
 
 def test_landmark_photos_beside_bad_inputs_are_tagged(run: Run) -> None:

@@ -45,15 +45,15 @@ def _event(photo_id: str) -> PhotoUploaded:
 def test_one_poisonous_event_is_recorded_and_its_batch_mates_processed(tasks, engine, monkeypatch):
     processed, handed_back = [], []
 
-    def process(events: list[PhotoUploaded]) -> None:
+    def process(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
         if any(e.photo_id == "poison" for e in events):
             raise ValueError("A string literal cannot contain NUL (0x00) characters.")
         processed.extend(e.photo_id for e in events)
 
     monkeypatch.setattr(tasks, "_process", process)
-    monkeypatch.setattr(tasks, "_hand_back", handed_back.extend)
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
     batch = [_event("a"), _event("poison"), _event("b"), _event("c")]
-    tasks._process_or_isolate(batch)
+    tasks._process_or_isolate(batch, {})
     assert processed == ["a", "b", "c"] and handed_back == []
     with engine.connect() as conn:
         reason = conn.scalar(sa.text("SELECT reason FROM failures WHERE event_key = :k"),
@@ -66,10 +66,10 @@ def test_one_poisonous_event_is_recorded_and_its_batch_mates_processed(tasks, en
 def test_an_outage_still_hands_the_whole_batch_back(tasks, monkeypatch, outage):
     handed_back = []
     monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)
-    monkeypatch.setattr(tasks, "_process", lambda events: (_ for _ in ()).throw(outage))
-    monkeypatch.setattr(tasks, "_hand_back", handed_back.extend)
+    monkeypatch.setattr(tasks, "_process", lambda events, attempts: (_ for _ in ()).throw(outage))
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
     batch = [_event("x"), _event("y")]
-    tasks._process_or_isolate(batch)
+    tasks._process_or_isolate(batch, {})
     assert handed_back == batch
 
 
@@ -80,14 +80,14 @@ def test_events_handed_back_return_to_the_queue_they_came_from(tasks, monkeypatc
     monkeypatch.setattr(tasks.app, "send_task", lambda name, **kwargs: sent.append((kwargs["args"][0]["photo_id"],
                                                                                    kwargs.get("queue"))))
     backfill = _event("old").model_copy(update={"event_id": "backfill-" + uuid.uuid4().hex})
-    tasks._hand_back([_event("live"), backfill])
+    tasks._hand_back([_event("live"), backfill], {})
     assert sent == [("live", None), ("old", f"{tasks._settings.queue}_backfill")]
 
 
 def test_a_value_postgresql_refuses_is_the_events_failure_not_an_outage(tasks, engine, monkeypatch):
     processed, handed_back = [], []
 
-    def process(events: list[PhotoUploaded]) -> None:
+    def process(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
         if any(e.photo_id == "refused" for e in events):
             with transaction(engine) as session:  # a DataError, as PostgreSQL raises it
                 session.execute(sa.text("SELECT CAST(:v AS integer)"), {"v": "not a number"})
@@ -95,9 +95,9 @@ def test_a_value_postgresql_refuses_is_the_events_failure_not_an_outage(tasks, e
 
     monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)  # taken for an outage, the batch would be handed back
     monkeypatch.setattr(tasks, "_process", process)
-    monkeypatch.setattr(tasks, "_hand_back", handed_back.extend)
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
     batch = [_event("a"), _event("refused"), _event("b")]
-    tasks._process_or_isolate(batch)
+    tasks._process_or_isolate(batch, {})
     assert processed == ["a", "b"] and handed_back == []
     with engine.connect() as conn:
         reason = conn.scalar(sa.text("SELECT reason FROM failures WHERE event_key = :k"), {"k": batch[1].event_id})
@@ -114,12 +114,12 @@ def test_a_broken_device_hands_the_batch_back_and_ends_the_process_instead_of_fa
         raise Exited(code)
 
     monkeypatch.setattr(os, "_exit", exit_)
-    monkeypatch.setattr(tasks, "_process", lambda events: (_ for _ in ()).throw(
+    monkeypatch.setattr(tasks, "_process", lambda events, attempts: (_ for _ in ()).throw(
         torch.AcceleratorError("CUDA error: an illegal memory access was encountered")))
-    monkeypatch.setattr(tasks, "_hand_back", handed_back.extend)
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
     batch = [_event("a"), _event("b"), _event("c")]
     with pytest.raises(Exited) as info:
-        tasks._process_or_isolate(batch)
+        tasks._process_or_isolate(batch, {})
     assert info.value.args == (75,) and handed_back == batch
     with engine.connect() as conn:
         recorded = conn.scalar(sa.text("SELECT count(*) FROM failures WHERE event_key = ANY(:keys)"),
@@ -131,13 +131,13 @@ def test_running_out_of_device_memory_is_not_a_broken_device(tasks, monkeypatch)
     """Out of memory is the batch's size, not the device: one by one, the photos go through."""
     processed = []
 
-    def process(events: list[PhotoUploaded]) -> None:
+    def process(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
         if len(events) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         processed.extend(e.photo_id for e in events)
 
     monkeypatch.setattr(tasks, "_process", process)
-    tasks._process_or_isolate([_event("a"), _event("b")])
+    tasks._process_or_isolate([_event("a"), _event("b")], {})
     assert processed == ["a", "b"]
 
 
@@ -157,7 +157,7 @@ def test_a_message_that_cannot_be_read_is_refused_alone(tasks, monkeypatch):
     monkeypatch.setattr(tasks, "parse_event", parse_with_a_bug)
     requests = [_request([good], {}), _request(5, {}), _request({"a": 1}, {}), _request([good], ["event"]),
                 _request([odd], {})]
-    events, bad = tasks._split(requests)
+    events, bad, _ = tasks._split(requests)
     assert [e.photo_id for e in events] == ["good"]
     assert [payload for payload, _ in bad[:3]] == [{"_args": 5, "_kwargs": {}}, {"_args": {"a": 1}, "_kwargs": {}},
                                                    {"_args": [good], "_kwargs": ["event"]}]

@@ -156,7 +156,7 @@ def test_a_bench_whose_worker_fails_every_batch_stops_at_once_with_the_reason(pg
         "import sys\n"
         "if 'worker' in sys.argv:  # the bench's worker processes, not the bench itself\n"
         "    from shared.pipeline import RecognitionPipeline\n"
-        "    def fail(self, events):\n"
+        "    def fail(self, events, *args):\n"
         "        raise RuntimeError('injected: every batch fails')\n"
         "    RecognitionPipeline.process = fail\n")
     env = _bench_env(pg_server_url, broker_url, tmp_path / "home",
