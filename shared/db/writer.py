@@ -21,7 +21,7 @@ from shared.db.models import (
     ShadowPhoto,
     ShadowRollout,
 )
-from shared.events import PhotoDeleted, event_key, payload_summary, safe_field
+from shared.events import PhotoDeleted, PhotoUploaded, event_key, payload_summary, safe_field
 from shared.outcomes import PhotoOutcome, PhotoStatus
 
 MAX_PAYLOAD_CHARS = 8 * 1024
@@ -55,6 +55,8 @@ CLAIM_EVENTS = text("""
 # upload it was queued for, and a handed-back event comes back 30 s late, both possibly after a re-upload.
 # And a failure never replaces a verdict on the same upload: a backfill that meets a storage outage leaves
 # the photo's tags as they were (its failure is recorded all the same).
+# `replaced` says the row held another upload before: the subquery reads the table as it was before this
+# statement, which never sees its own changes.
 UPSERT_PHOTOS = text("""
     INSERT INTO photos (user_id, photo_id, uri, uploaded_at, status, model_version, gps_lat, gps_lon,
                         gps_source, processed_at)
@@ -69,11 +71,21 @@ UPSERT_PHOTOS = text("""
     WHERE photos.status <> 'deleted' AND (photos.uploaded_at IS NULL OR EXCLUDED.uploaded_at >= photos.uploaded_at)
       AND NOT (EXCLUDED.status = 'failed' AND photos.status IN ('tagged', 'no_landmark')
                AND photos.uri = EXCLUDED.uri AND photos.uploaded_at = EXCLUDED.uploaded_at)
-    RETURNING user_id, photo_id""")
+    RETURNING user_id, photo_id, coalesce(
+        (SELECT (before.uri, before.uploaded_at) IS DISTINCT FROM (photos.uri, photos.uploaded_at)
+         FROM photos AS before WHERE before.user_id = photos.user_id AND before.photo_id = photos.photo_id),
+        false) AS replaced""")
+# This version's tags of the applied photos; every version's where the photo now holds another upload: a
+# rollback, or promoting a shadow, would otherwise show the old picture's landmarks on the new one.
 CLEAR_TAGS = text("""
-    DELETE FROM photo_tags
-    WHERE model_version = :model_version
-      AND (user_id, photo_id) IN (SELECT r->>0, r->>1 FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS t(r))""")
+    DELETE FROM photo_tags AS t
+    USING jsonb_array_elements(CAST(:rows AS jsonb)) AS r
+    WHERE t.user_id = r->>0 AND t.photo_id = r->>1
+      AND (t.model_version = :model_version OR CAST(r->>2 AS boolean))""")
+# A shadow's verdict on the old upload is no verdict on the new one (`landmarks compare` counts it as seen).
+FORGET_SHADOW_VERDICTS = text("""
+    DELETE FROM shadow_photos
+    WHERE (user_id, photo_id) IN (SELECT r->>0, r->>1 FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS t(r))""")
 # A landmark listed twice keeps its first (best) rank.
 INSERT_TAGS = text("""
     INSERT INTO photo_tags (user_id, photo_id, model_version, landmark_id, rank, score, method)
@@ -111,7 +123,11 @@ def write_outcomes(
     if not applied:
         return 0
     keys = sorted(applied)
-    session.execute(CLEAR_TAGS, {"model_version": model_version, "rows": _json_rows(keys)})
+    session.execute(CLEAR_TAGS, {"model_version": model_version,
+                                 "rows": _json_rows([(*key, applied[key]) for key in keys])})
+    replaced = [key for key in keys if applied[key]]
+    if replaced:
+        session.execute(FORGET_SHADOW_VERDICTS, {"rows": _json_rows(replaced)})
     tags = [(user_id, photo_id, int(tag.landmark_id), rank, float(tag.score), str(tag.method))
             for user_id, photo_id in keys for rank, tag in enumerate(by_photo[(user_id, photo_id)].tags)]
     if tags:
@@ -141,7 +157,8 @@ def _record_failed(session: Session, task: str, failed: list[PhotoOutcome]) -> N
 
 def _upsert_photos(
     session: Session, model_version: str, by_photo: dict[tuple[str, str], PhotoOutcome]
-) -> set[tuple[str, str]]:
+) -> dict[tuple[str, str], bool]:
+    """{(user_id, photo_id): whether it replaced another upload} of the rows written."""
     rows = []
     for (user_id, photo_id), o in sorted(by_photo.items()):  # a fixed lock order: no deadlock between batches
         gps = o.gps
@@ -149,7 +166,7 @@ def _upsert_photos(
                      gps.lat if gps else None, gps.lon if gps else None,
                      str(o.gps_source) if gps and o.gps_source else None))
     result = session.execute(UPSERT_PHOTOS, {"model_version": model_version, "rows": _json_rows(rows)})
-    return {(r.user_id, r.photo_id) for r in result}
+    return {(r.user_id, r.photo_id): r.replaced for r in result}
 
 
 def _json_rows(rows: list[tuple]) -> str:
@@ -378,8 +395,10 @@ def write_shadow_outcomes(session: Session, version: str, outcomes: list[PhotoOu
     """Replaces ``version``'s tags on these photos and records them as processed by it, idempotently.
 
     Leaves photos.status, photos.model_version and processed_events alone: they belong to the active
-    version. Writes nothing once ``version`` is no longer the running shadow, nor on deleted photos or
-    photos the active path has not written. Returns the (user_id, photo_id) written."""
+    version. Writes nothing once ``version`` is no longer the running shadow, nor on deleted photos, photos
+    the active path has not written, or photos that hold another upload than the event's (the live write
+    refused an older event: its tags would describe a picture the photo no longer shows). Returns the
+    (user_id, photo_id) written."""
     by_photo = {(o.event.user_id, o.event.photo_id): o for o in outcomes}  # a later event for a photo wins
     if not by_photo or not _shadow_runs(session, version):
         return set()
@@ -390,13 +409,13 @@ def write_shadow_outcomes(session: Session, version: str, outcomes: list[PhotoOu
     # Shared row locks, in a fixed order: a concurrent deletion waits for this transaction, then drops
     # these tags with all the others.
     live = session.execute(
-        select(photos.c.user_id, photos.c.photo_id)
+        select(photos.c.user_id, photos.c.photo_id, photos.c.uri, photos.c.uploaded_at)
         .where(tuple_(photos.c.user_id, photos.c.photo_id).in_(sorted(by_photo)),
                photos.c.status != PhotoStatus.DELETED.value)
         .order_by(photos.c.user_id, photos.c.photo_id)
         .with_for_update(read=True)
     ).all()
-    keys = [(r.user_id, r.photo_id) for r in live]
+    keys = [(r.user_id, r.photo_id) for r in live if _same_upload(r, by_photo[(r.user_id, r.photo_id)].event)]
     if not keys:
         return set()
     session.execute(
@@ -419,6 +438,10 @@ def write_shadow_outcomes(session: Session, version: str, outcomes: list[PhotoOu
     session.execute(seen.on_conflict_do_update(index_elements=["user_id", "photo_id", "model_version"],
                                                set_={"processed_at": func.now()}))
     return set(keys)
+
+
+def _same_upload(row: Any, event: PhotoUploaded) -> bool:
+    return row.uri == event.uri and row.uploaded_at == event.uploaded_at
 
 
 def _shadow_runs(session: Session, version: str) -> bool:

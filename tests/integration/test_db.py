@@ -290,6 +290,42 @@ def test_a_failed_retry_of_the_same_upload_keeps_its_verdict_and_is_recorded(wor
     assert world.scalar(text("SELECT count(*) FROM photo_tags WHERE photo_id = 'p1'")) == 0
 
 
+def test_a_re_upload_drops_every_versions_tags_of_the_old_picture(world):
+    """v1 saw the Eiffel Tower in p1; the user replaced the picture while v2 was active, and v2 saw no landmark
+    in the new one. A rollback to v1 must not put the new picture in the Eiffel Tower album."""
+    writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
+    writer.write_outcomes(world, "v1", [tagged("p1", (1, 0.9), minutes=1, event="first"),
+                                        tagged("p2", (1, 0.8), minutes=1, event="other")])
+    writer.start_shadow_rollout(world, "v2", 1.0, "test")
+    writer.write_shadow_outcomes(world, "v2", [tagged("p1", (1, 0.9), minutes=1, event="first")])
+    writer.stop_shadow_rollout(world)
+    writer.activate_model_version(world, "v2")
+    replaced = PhotoOutcome(event=uploaded("p1", minutes=5, event="re-upload"), status=PhotoStatus.NO_LANDMARK)
+    assert writer.write_outcomes(world, "v2", [replaced]) == 1
+    assert world.scalar(text("SELECT count(*) FROM photo_tags WHERE photo_id = 'p1'")) == 0
+    assert world.scalar(text("SELECT count(*) FROM shadow_photos WHERE photo_id = 'p1'")) == 0
+    writer.activate_model_version(world, "v1")  # the rollback
+    assert summary(world) == [("Paris", 1, 1, [("Eiffel Tower", 1, "p2")])]
+    # The same upload seen again by another version keeps the first version's tags.
+    writer.write_outcomes(world, "v2", [tagged("p2", (3, 0.7), minutes=1, event="other-v2")])
+    assert world.execute(text("SELECT model_version FROM photo_tags WHERE photo_id = 'p2' ORDER BY 1")).scalars().all() \
+        == ["v1", "v2"]
+
+
+def test_a_shadow_verdict_on_an_upload_the_photo_no_longer_holds_is_not_written(world):
+    """A backfill or handed-back event of the old picture arrives after the re-upload: the live write refuses
+    it, and the shadow must not tag the photo with what the old picture showed."""
+    writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
+    writer.write_outcomes(world, "v1", [tagged("s1", (3, 0.8), minutes=5, event="new")])
+    writer.start_shadow_rollout(world, "v2", 1.0, "test")
+    late = tagged("s1", (1, 0.9), minutes=1, event="old")
+    assert writer.write_outcomes(world, "v1", [late]) == 0
+    assert writer.write_shadow_outcomes(world, "v2", [late]) == set()
+    assert writer.write_shadow_outcomes(world, "v2", [tagged("s1", (3, 0.8), minutes=5, event="new")]) == {("alice", "s1")}
+    assert world.execute(text("SELECT model_version, landmark_id FROM photo_tags ORDER BY 1")).all() == \
+        [("v1", 3), ("v2", 3)]
+
+
 def test_reprocessing_replaces_tags_of_that_version(world):
     writer.write_outcomes(world, "v1", [tagged("p1", (1, 0.9), (2, 0.6), event="first")])
     writer.write_outcomes(world, "v1", [tagged("p1", (3, 0.7), event="second")])
