@@ -6,8 +6,13 @@
   reserved) is above ``max_live_backlog``, and while its own queue holds more than
   ``max_backfill_backlog`` events (so a slow fleet is not buried under a million queued events).
 * Resumable: a keyset cursor over (user_id, photo_id) is saved in ``backfill_jobs`` about once a second;
-  running the same command again resumes the job (its name derives from the scope and the version).
+  running the same command again resumes the job (its name derives from the scope, ``failed`` and
+  ``include_current`` included, and the version). A job named by hand keeps the scope and version it was
+  started with: a run asking for others is refused rather than resuming (or finding done) the wrong job.
   A crash re-sends at most the events sent since the last save: they are reprocessed, which is harmless.
+* One run per job at a time: a run holds a session-level advisory lock on the job's name for its whole
+  length; a second run (a retried Kubernetes Job, a second shell) is refused instead of resuming from the
+  same cursor and sending everything twice.
 * Fresh event ids (``backfill-<uuid>``): the writer skips event ids it has already applied, so replaying
   the original upload events would change nothing. Photos already processed by the active version are
   skipped unless ``include_current``. Deleted photos are never re-enqueued (and the writer would ignore
@@ -20,18 +25,20 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import and_, exists, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine
 
-from shared.db.models import BackfillJob, Photo
-from shared.db.session import transaction
+from shared.db.models import BackfillJob, FailureRecord, Photo
+from shared.db.session import TRANSIENT_ERRORS, transaction
 from shared.db.writer import active_model_version
+from shared.errors import InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +47,16 @@ QUEUE_ENV = "LANDMARKS_BACKFILL_QUEUE"
 REPROCESSABLE = ("tagged", "no_landmark", "failed")
 BACKLOG_CHECK_S = 2.0
 SAVE_EVERY_S = 1.0
+# The first key of the two-key advisory locks that hold backfill jobs (the second is the job name's hash):
+# its own key space, apart from the one-key locks of shared/db/writer.py.
+JOB_LOCK_CLASS = "landmarks.backfill_jobs"
 
 Sender = Callable[[dict], None]
 BacklogReader = Callable[[str], int]
+
+
+class BackfillRefused(Exception):
+    """A run that must not go on: its job is running elsewhere, or was started for another scope or version."""
 
 
 def backfill_queue(settings: Any) -> str | None:
@@ -63,6 +77,8 @@ class Scope:
     # storage outage, which a plain backfill would skip (already processed) and --include-current would
     # widen to every photo.
     failed: bool = False
+    # Photos the active version has already processed too: a different set of photos, hence a different job.
+    include_current: bool = False
 
     def __post_init__(self) -> None:
         if sum([self.user is not None, self.since is not None, self.all]) != 1:
@@ -77,21 +93,40 @@ class Scope:
             scope = {"since": self.since.isoformat()}
         else:
             scope = {"all": True}
-        return {**scope, "failed": True} if self.failed else scope
+        flags = {flag: True for flag in ("failed", "include_current") if getattr(self, flag)}
+        return {**scope, **flags}
 
     def job_name(self, version: str) -> str:
         key = next(iter(self.as_json().items()))
         name = f"{version}:all" if self.all else f"{version}:{key[0]}={key[1]}"
-        return f"{name}:failed" if self.failed else name
+        if self.failed:
+            name += ":failed"
+        return f"{name}:include-current" if self.include_current else name
 
-    def where(self) -> list:
+    def where(self, version: str) -> list:
+        """The photos to send while ``version`` is the active one."""
         p = Photo.__table__.c
-        clauses = [p.status == "failed" if self.failed else p.status.in_(REPROCESSABLE), p.uri.is_not(None)]
+        clauses = [p.status.in_(REPROCESSABLE), p.uri.is_not(None)]
+        if self.failed:
+            clauses.append(or_(p.status == "failed", _failed_behind_old_verdict(version)))
+        elif not self.include_current:
+            clauses.append(p.model_version.is_distinct_from(version))
         if self.user is not None:
             clauses.append(p.user_id == self.user)
         if self.since is not None:
             clauses.append(p.uploaded_at >= self.since)
         return clauses
+
+
+def _failed_behind_old_verdict(version: str):
+    """A photo whose latest attempt failed although its status does not say so.
+
+    The writer never lets a failure replace a verdict on the same upload (a failed retry keeps the tags), so a
+    backfill that met a storage outage leaves the photo 'tagged' under the old version, its failure recorded
+    in ``failures`` after the verdict it kept (``photos.processed_at``)."""
+    p, f = Photo.__table__.c, FailureRecord.__table__.c
+    newer_failure = exists().where(f.user_id == p.user_id, f.photo_id == p.photo_id, f.created_at > p.processed_at)
+    return and_(p.model_version.is_distinct_from(version), newer_failure)
 
 
 def upload_event(row: Any) -> dict[str, Any]:
@@ -140,6 +175,8 @@ class BackfillResult:
     total: int | None
     seconds: float
     paused_s: float
+    already_done: bool = False  # the job was done before this run: it sent nothing (--restart to redo it)
+    finished_at: datetime | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -152,44 +189,66 @@ def run_backfill(engine: Engine, send: Sender, scope: Scope, *, queue: str | Non
                  max_live_backlog: int | None = None, max_backfill_backlog: int | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  progress: Callable[[int, int | None], None] | None = None) -> BackfillResult:
-    """Send one fresh upload event per stored photo in ``scope``; returns what this run did."""
+    """Send one fresh upload event per stored photo in ``scope``; returns what this run did.
+
+    Raises BackfillRefused when another run holds the job, or when the job ``name`` was started for
+    another scope or version (unless ``restart``)."""
     started = clock()
+    if include_current:
+        scope = replace(scope, include_current=True)
+    version = _active_version(engine)
+    name = name or scope.job_name(version)
+    with job_lock(engine, name):
+        job = _open_job(engine, name, scope, version, rate, restart)
+        result = BackfillResult(name, version, queue, job["status"], 0, job["enqueued"], job["total"], 0.0, 0.0)
+        if job["status"] == "done":
+            result.already_done, result.finished_at = True, job["finished_at"]
+            log.info("backfill %s was already done", name, extra={"model_version": version})
+            return result
+        limiter = RateLimiter(rate, clock, sleep)
+        guard = _BacklogGuard(backlog, live_queue, max_live_backlog, queue, max_backfill_backlog, clock, sleep)
+        _enqueue(engine, send, scope, version, job, result, limiter, guard, limit=limit, chunk=chunk,
+                 clock=clock, progress=progress)
+    result.enqueued_total = job["enqueued"] + result.enqueued
+    result.seconds = round(clock() - started, 3)
+    result.paused_s = round(result.paused_s, 3)
+    log.info("backfill %s: %d events this run, %d in all, %s", name, result.enqueued, result.enqueued_total,
+             result.status, extra={"model_version": version})
+    return result
+
+
+def _active_version(engine: Engine) -> str:
     with transaction(engine) as session:
         active = active_model_version(session)
         if active is None:
             raise LookupError("no active model version: publish or promote one before a backfill")
-        version = active.version
-    name = name or scope.job_name(version)
-    job = _open_job(engine, name, scope, version, rate, restart)
-    result = BackfillResult(name, version, queue, job["status"], 0, job["enqueued"], job["total"], 0.0, 0.0)
-    if job["status"] == "done":
-        log.info("backfill %s is already done (use --restart to run it again)", name)
-        return result
+        return active.version
 
-    limiter = RateLimiter(rate, clock, sleep)
-    guard = _BacklogGuard(backlog, live_queue, max_live_backlog, queue, max_backfill_backlog, clock, sleep)
+
+def _enqueue(engine: Engine, send: Sender, scope: Scope, version: str, job: dict[str, Any],
+             result: BackfillResult, limiter: RateLimiter, guard: _BacklogGuard, *, limit: int | None,
+             chunk: int, clock: Callable[[], float], progress: Callable[[int, int | None], None] | None) -> None:
+    """Sends the job's photos from its cursor on, saving the cursor about once a second."""
+    name = job["name"]
     cursor = (job["cursor_user_id"], job["cursor_photo_id"]) if job["cursor_user_id"] is not None else None
     p = Photo.__table__.c
     last_save, unsaved = clock(), 0
     while True:
         query = (select(p.user_id, p.photo_id, p.uri, p.uploaded_at, p.processed_at, p.gps_lat, p.gps_lon,
                         p.gps_source)
-                 .where(*scope.where()).order_by(p.user_id, p.photo_id).limit(chunk))
+                 .where(*scope.where(version)).order_by(p.user_id, p.photo_id).limit(chunk))
         if cursor is not None:
             query = query.where(tuple_(p.user_id, p.photo_id) > tuple_(*cursor))
-        if not (include_current or scope.failed):
-            query = query.where(p.model_version.is_distinct_from(version))
         with transaction(engine) as session:
             rows = session.execute(query).all()
         if not rows:
             _save(engine, name, cursor, unsaved, done=True)
             result.status = "done"
-            break
-        stop = False
+            return
         for row in rows:
             if limit is not None and result.enqueued >= limit:
-                stop = True
-                break
+                _save(engine, name, cursor, unsaved)
+                return
             result.paused_s += guard.wait()
             limiter.wait()
             send(upload_event(row))
@@ -201,22 +260,60 @@ def run_backfill(engine: Engine, send: Sender, scope: Scope, *, queue: str | Non
                 last_save, unsaved = clock(), 0
                 if progress:
                     progress(result.enqueued, job["total"])
-        if stop:
-            _save(engine, name, cursor, unsaved)
-            break
-    result.enqueued_total = job["enqueued"] + result.enqueued
-    result.seconds = round(clock() - started, 3)
-    result.paused_s = round(result.paused_s, 3)
-    log.info("backfill %s: %d events this run, %d in all, %s", name, result.enqueued, result.enqueued_total,
-             result.status, extra={"model_version": version})
-    return result
+
+
+@contextmanager
+def job_lock(engine: Engine, name: str) -> Iterator[None]:
+    """Holds backfill job ``name`` for the block; raises BackfillRefused if another run holds it.
+
+    A session-level advisory lock on a connection of its own: the job row's FOR UPDATE would end with its
+    transaction, long before the run. The server frees the lock if the process dies (its connection
+    closes), so a crashed run never blocks the next one."""
+    key = (func.hashtext(JOB_LOCK_CLASS), func.hashtext(name))
+    conn = _connect(engine, name)
+    try:
+        held = conn.scalar(select(func.pg_try_advisory_lock(*key)))
+        conn.commit()  # the lock outlives the transaction; an idle connection holds no snapshot
+    except TRANSIENT_ERRORS as exc:
+        conn.invalidate()
+        conn.close()
+        raise InfrastructureError(f"database unavailable while taking backfill job {name!r}: {exc}") from exc
+    if not held:
+        conn.close()
+        raise BackfillRefused(f"backfill job {name!r} is already running (another `landmarks backfill` holds "
+                              "it): let it finish, or stop it, before running it again")
+    try:
+        yield
+    finally:
+        _release(conn, key)
+
+
+def _connect(engine: Engine, name: str):
+    try:
+        return engine.connect()
+    except TRANSIENT_ERRORS as exc:
+        raise InfrastructureError(f"database unavailable while taking backfill job {name!r}: {exc}") from exc
+
+
+def _release(conn, key) -> None:
+    try:
+        conn.scalar(select(func.pg_advisory_unlock(*key)))
+        conn.commit()
+    except TRANSIENT_ERRORS:
+        conn.invalidate()  # a lost connection has released the lock; never pool one that may still hold it
+    finally:
+        conn.close()
 
 
 def _open_job(engine: Engine, name: str, scope: Scope, version: str, rate: float | None,
               restart: bool) -> dict[str, Any]:
+    """The job's row, created if new, started over if ``restart``; the caller holds ``job_lock``."""
     table = BackfillJob.__table__
     with transaction(engine) as session:
-        total = session.scalar(select(func.count()).select_from(Photo.__table__).where(*scope.where()))
+        stored = session.execute(select(table).where(table.c.name == name)).mappings().one_or_none()
+        if stored is not None and not restart:
+            _check_same_job(stored, scope, version)
+        total = session.scalar(select(func.count()).select_from(Photo.__table__).where(*scope.where(version)))
         fresh = {"scope": scope.as_json(), "model_version": version, "cursor_user_id": None, "cursor_photo_id": None,
                  "enqueued": 0, "total": total, "rate": rate, "status": "running", "finished_at": None,
                  "updated_at": func.now()}
@@ -226,8 +323,18 @@ def _open_job(engine: Engine, name: str, scope: Scope, version: str, rate: float
         else:
             stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"rate": rate, "updated_at": func.now()})
         session.execute(stmt)
-        row = session.execute(select(table).where(table.c.name == name).with_for_update()).mappings().one()
-        return dict(row)
+        return dict(session.execute(select(table).where(table.c.name == name)).mappings().one())
+
+
+def _check_same_job(stored: Any, scope: Scope, version: str) -> None:
+    """A job resumes only the photos it was started for: resuming (or finding done) a job of another scope or
+    version would leave the photos the command asks for untouched while it reports success."""
+    asked = {"scope": scope.as_json(), "model_version": version}
+    if {"scope": stored["scope"], "model_version": stored["model_version"]} != asked:
+        raise BackfillRefused(
+            f"backfill job {stored['name']!r} was started for scope {stored['scope']} under version "
+            f"{stored['model_version']}; this command asks for scope {asked['scope']} under version {version}: "
+            "use another --name, or --restart to start that job over with this scope and version")
 
 
 def _save(engine: Engine, name: str, cursor: tuple[str, str] | None, sent: int, done: bool = False) -> None:

@@ -120,7 +120,8 @@ def register(cli: typer.Typer) -> None:
         since: Annotated[Optional[str], typer.Option("--since", help="photos uploaded on or after DATE")] = None,
         all_photos: Annotated[bool, typer.Option("--all", help="every stored photo")] = False,
         rate: Annotated[Optional[float], typer.Option("--rate", help="events per second (default: unlimited)")] = None,
-        name: Annotated[Optional[str], typer.Option(help="job name (default: from the scope and version)")] = None,
+        name: Annotated[Optional[str], typer.Option(
+            help="job name (default: from the scope, --failed, --include-current and the version)")] = None,
         restart: Annotated[bool, typer.Option("--restart", help="start the job over from the first photo")] = False,
         include_current: Annotated[bool, typer.Option(
             "--include-current", help="also photos the active version has already processed")] = False,
@@ -134,7 +135,7 @@ def register(cli: typer.Typer) -> None:
         as_json: JsonFlag = False,
     ) -> None:
         """Re-enqueue stored photos for the active version on the low-priority backfill queue (resumable)."""
-        from shared.backfill import Scope, backfill_queue, run_backfill
+        from shared.backfill import BackfillRefused, Scope, backfill_queue, run_backfill
         from shared.backlog import queue_backlog
         settings = _settings()
         try:
@@ -166,8 +167,12 @@ def register(cli: typer.Typer) -> None:
                                   include_current=include_current, limit=limit, backlog=backlog,
                                   live_queue=settings.queue, max_live_backlog=max_live_backlog,
                                   max_backfill_backlog=max_backfill_backlog, progress=progress)
-        except (LookupError, *_refusals()) as exc:
+        except (LookupError, BackfillRefused, *_refusals()) as exc:
             _fail(str(exc), as_json)
+        if result.already_done:  # on stderr, which the operator reads with or without --json
+            at = result.finished_at.isoformat(timespec="seconds") if result.finished_at else "an unknown time"
+            typer.echo(f"job {result.name} already done: {result.enqueued_total} photos enqueued at {at}; "
+                       "--restart to run it again", err=True)
         _emit(result.as_dict(), as_json)
 
     @cli.command()

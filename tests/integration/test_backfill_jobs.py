@@ -1,0 +1,226 @@
+"""Backfill jobs against real PostgreSQL (and Redis for the CLI): a re-run never silently does nothing, a
+job runs once at a time, and `--failed` finds the photos a storage outage left behind an old verdict."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from shared.backfill import BackfillRefused, Scope, job_status, run_backfill
+from shared.db.session import make_engine, transaction
+from shared.db.writer import activate_model_version, register_model_version, write_outcomes
+from shared.errors import Stage
+from shared.events import PhotoUploaded
+from shared.outcomes import Failure, PhotoOutcome, PhotoStatus
+
+import ops_fleet as fleet
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def versions(engine) -> dict:
+    """Two registered versions, V1 active for each test; the version active before is restored at the end."""
+    tag = uuid.uuid4().hex[:6]
+    names = {"V1": f"bj_v1_{tag}", "V2": f"bj_v2_{tag}"}
+    with transaction(engine) as session:
+        before = session.scalar(sa.text("SELECT version FROM model_versions WHERE is_active"))
+        for version in names.values():
+            register_model_version(session, version, backbone="tiny", embedding_dim=8, t_geo=0.5, t_global=0.5,
+                                   t_ref=0.5, checkpoint=f"/nowhere/{version}.pt", metrics={})
+    yield names
+    with transaction(engine) as session:
+        if before is not None:
+            activate_model_version(session, before)
+        else:
+            session.execute(sa.text("UPDATE model_versions SET is_active = false WHERE version IN (:a, :b)"),
+                            {"a": names["V1"], "b": names["V2"]})
+
+
+@pytest.fixture(autouse=True)
+def v1_active(versions, engine):
+    _activate(engine, versions["V1"])
+
+
+def _activate(engine, version: str) -> None:
+    with transaction(engine) as session:
+        activate_model_version(session, version)
+
+
+def _upload(user: str, photo: str) -> PhotoUploaded:
+    return PhotoUploaded(event_id=uuid.uuid4().hex, user_id=user, photo_id=photo, uri=f"file:///x/{photo}.jpg",
+                         uploaded_at=datetime(2024, 6, 1, tzinfo=UTC))
+
+
+def _write(engine, version: str, outcomes: list[PhotoOutcome]) -> None:
+    with transaction(engine) as session:
+        write_outcomes(session, version, outcomes)
+
+
+def _library(engine, version: str, user: str, n: int) -> None:
+    _write(engine, version, [PhotoOutcome(_upload(user, f"p{k}"), PhotoStatus.NO_LANDMARK) for k in range(n)])
+
+
+def _user(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:6]}"
+
+
+# --- 1. a re-run that would do nothing says so, or is refused -------------------------------------------
+
+def test_include_current_is_a_job_of_its_own_that_redoes_every_photo(versions, engine):
+    v1, v2 = versions["V1"], versions["V2"]
+    user = _user("bji")
+    _library(engine, v1, user, 4)
+    plain = run_backfill(engine, lambda e: None, Scope(user=user))
+    assert (plain.status, plain.enqueued) == ("done", 0)  # V1 processed them all
+    sent: list[dict] = []
+    redo = run_backfill(engine, sent.append, Scope(user=user), include_current=True)
+    assert (redo.status, redo.enqueued, sorted(e["photo_id"] for e in sent)) == ("done", 4, ["p0", "p1", "p2", "p3"])
+    assert redo.name == f"{v1}:user={user}:include-current"
+
+    # An interrupted plain job under V2, resumed with --include-current: every photo, not the rest only.
+    _activate(engine, v2)
+    assert run_backfill(engine, lambda e: None, Scope(user=user), limit=2).status == "running"
+    sent.clear()
+    resumed = run_backfill(engine, sent.append, Scope(user=user), include_current=True)
+    assert resumed.enqueued == 4 and [e["photo_id"] for e in sent] == ["p0", "p1", "p2", "p3"]
+
+
+def test_a_named_job_refuses_another_scope_or_version(versions, engine):
+    v1, v2 = versions["V1"], versions["V2"]
+    user, bob, name = _user("bjn"), _user("bjn_bob"), f"retag_{uuid.uuid4().hex[:6]}"
+    _library(engine, v1, user, 3)
+    _library(engine, v1, bob, 2)
+    _activate(engine, v2)
+    assert run_backfill(engine, lambda e: None, Scope(user=user), name=name).enqueued == 3
+    with pytest.raises(BackfillRefused, match=f"started for scope .*'{user}'.*asks for scope .*'{bob}'"):
+        run_backfill(engine, lambda e: None, Scope(user=bob), name=name)
+    with pytest.raises(BackfillRefused, match="include_current"):
+        run_backfill(engine, lambda e: None, Scope(user=user), name=name, include_current=True)
+
+    _activate(engine, v1)  # a rollback: the job was V2's
+    with pytest.raises(BackfillRefused, match=f"under version {v2}.*under version {v1}.*--restart"):
+        run_backfill(engine, lambda e: None, Scope(user=user), name=name, include_current=True)
+    redone = run_backfill(engine, lambda e: None, Scope(user=bob), name=name, restart=True, include_current=True)
+    assert (redone.model_version, redone.enqueued, redone.status) == (v1, 2, "done")
+    assert job_status(engine, name)[0]["scope"] == {"user": bob, "include_current": True}
+
+
+def test_cli_says_a_done_job_is_done_and_refuses_a_mismatched_name(versions, engine, database_url, broker_url,
+                                                                   tmp_path):
+    v1, v2 = versions["V1"], versions["V2"]
+    user, name = _user("bjc"), f"cli_{uuid.uuid4().hex[:6]}"
+    _library(engine, v1, user, 3)
+    _activate(engine, v2)
+    env = _cli_env(database_url, broker_url, tmp_path)
+    try:
+        code, first, _ = _cli(env, "backfill", "--user", user, "--name", name)
+        assert code == 0 and (first["enqueued"], first["status"]) == (3, "done")
+        code, again, err = _cli(env, "backfill", "--user", user, "--name", name)
+        assert code == 0 and again["enqueued"] == 0 and again["already_done"]
+        assert f"job {name} already done: 3 photos enqueued at " in err and "--restart to run it again" in err
+        code, refused, err = _cli(env, "backfill", "--user", user, "--name", name, "--include-current")
+        assert code == 1 and not refused["ok"] and "--restart" in refused["error"] and "include_current" in err
+    finally:
+        _drop_queue(broker_url, env)
+
+
+# --- 2. one run per job -----------------------------------------------------------------------------------
+
+def test_a_second_run_of_a_running_job_is_refused_and_nothing_is_sent_twice(versions, engine, database_url,
+                                                                             broker_url, tmp_path):
+    v1 = versions["V1"]
+    user = _user("bjl")
+    _library(engine, v1, user, 5)
+    _activate(engine, versions["V2"])
+    holding, release = threading.Event(), threading.Event()
+    sent: list[dict] = []
+
+    def send_then_hold(event: dict) -> None:  # the first run stalls after its first event, holding the job
+        sent.append(event)
+        holding.set()
+        release.wait(120)
+
+    results: list = []
+    first = threading.Thread(target=lambda: results.append(run_backfill(engine, send_then_hold, Scope(user=user))))
+    first.start()
+    other = make_engine(database_url)  # a second process's connections
+    env = _cli_env(database_url, broker_url, tmp_path)
+    try:
+        assert holding.wait(30), "the first run sent nothing"
+        with pytest.raises(BackfillRefused, match="already running"):
+            run_backfill(other, sent.append, Scope(user=user))
+        code, refused, _ = _cli(env, "backfill", "--user", user)
+        assert code == 1 and "already running" in refused["error"]
+    finally:
+        release.set()
+        first.join(60)
+    assert results and (results[0].enqueued, results[0].status) == (5, "done")
+    assert sorted(e["photo_id"] for e in sent) == ["p0", "p1", "p2", "p3", "p4"]  # each photo once
+    assert job_status(engine, results[0].name)[0]["enqueued"] == 5
+    try:  # the ended run let go of the job: another process takes it (and finds it done)
+        assert run_backfill(other, sent.append, Scope(user=user)).already_done
+    finally:
+        other.dispose()
+        _drop_queue(broker_url, env)
+
+
+# --- 3. --failed after a storage outage -------------------------------------------------------------------
+
+def test_failed_scope_finds_photos_whose_retry_failed_behind_an_old_verdict(versions, engine):
+    v1, v2 = versions["V1"], versions["V2"]
+    user = _user("bjf")
+    _library(engine, v1, user, 4)
+    _activate(engine, v2)
+    sent: list[dict] = []
+    assert run_backfill(engine, sent.append, Scope(user=user)).enqueued == 4
+    # The storage is down while the workers process p0 and p1; p2 goes through; p3's event is still queued.
+    events = {e["photo_id"]: PhotoUploaded(**e) for e in sent}
+    outage = Failure(Stage.FETCH, "HTTP 503 from storage")
+    _write(engine, v2, [PhotoOutcome(events[p], PhotoStatus.FAILED, failure=outage) for p in ("p0", "p1")])
+    _write(engine, v2, [PhotoOutcome(events["p2"], PhotoStatus.NO_LANDMARK)])
+    # What the SRE sees: the failed photos still carry V1's verdict, not status 'failed'.
+    assert _photos(engine, user) == [("p0", "no_landmark", v1), ("p1", "no_landmark", v1),
+                                     ("p2", "no_landmark", v2), ("p3", "no_landmark", v1)]
+
+    sent.clear()
+    retry = run_backfill(engine, sent.append, Scope(user=user, failed=True))
+    assert [e["photo_id"] for e in sent] == ["p0", "p1"]  # not p2 (done by V2), not p3 (never failed)
+    assert (retry.enqueued, retry.total, retry.name) == (2, 2, f"{v2}:user={user}:failed")
+    _write(engine, v2, [PhotoOutcome(PhotoUploaded(**e), PhotoStatus.NO_LANDMARK) for e in sent])
+    assert run_backfill(engine, sent.append, Scope(user=user, failed=True), restart=True).enqueued == 0
+
+
+def _photos(engine, user: str) -> list[tuple]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(
+            "SELECT photo_id, status, model_version FROM photos WHERE user_id = :u ORDER BY photo_id"), {"u": user})]
+
+
+# --- the CLI as an operator runs it -----------------------------------------------------------------------
+
+def _cli_env(database_url: str, broker_url: str, tmp_path) -> dict:
+    # The backfill command never reaches Milvus: any URI keeps it off the embedded stack.
+    return fleet.fleet_env(database_url, broker_url, "http://127.0.0.1:1", tmp_path, tmp_path / "home")
+
+
+def _cli(env: dict, *args: str) -> tuple[int, dict, str]:
+    """`python -m shared.ops_cli ARGS --json`: exit code, the last stdout line as JSON, stderr."""
+    import json
+    done = subprocess.run([sys.executable, "-m", "shared.ops_cli", *args, "--json"], env=env, capture_output=True,
+                          text=True, timeout=180)
+    lines = done.stdout.strip().splitlines()
+    return done.returncode, (json.loads(lines[-1]) if lines else {}), done.stderr
+
+
+def _drop_queue(broker_url: str, env: dict) -> None:
+    import redis
+    client = redis.Redis.from_url(broker_url)
+    client.delete(f"{env['LANDMARKS_QUEUE']}_backfill")
+    client.close()
