@@ -9,13 +9,13 @@ synchronous SQLAlchemy engine. Errors are JSON: {"error": "<code>", "detail": <m
 from __future__ import annotations
 
 import base64
-import binascii
+import hashlib
 import io
 import json
 import logging
 import threading
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -118,16 +118,56 @@ def encode_cursor(uploaded_at: datetime, photo_id: str) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
+def storable(text: str) -> bool:
+    """Whether PostgreSQL can hold `text` (no NUL, no lone surrogate), as it holds every id it stores.
+
+    Anything else makes the driver raise, so callers treat it as an id that names nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (uploaded_at, photo_id) of a next_cursor; 400 bad_cursor unless it is well-formed."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        stamp, photo_id = json.loads(raw)
-        when = datetime.fromisoformat(stamp)
-        if not isinstance(photo_id, str) or when.tzinfo is None:
+        stamp, photo_id = json.loads(raw)  # RecursionError on deeply nested arrays
+        if not isinstance(stamp, str) or not isinstance(photo_id, str) or not storable(photo_id):
             raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        when = datetime.fromisoformat(stamp)
+        if when.tzinfo is None:
+            raise ValueError
+        # In UTC: Python accepts offsets up to ±24 h, PostgreSQL only up to ±16 h.
+        when = when.astimezone(UTC)
+    except (ValueError, TypeError, OverflowError, RecursionError):  # binascii.Error is a ValueError
         raise ApiError(400, "bad_cursor", "cursor is not one this API returned; start again without it") from None
     return when, photo_id
+
+
+# Image and heatmap URLs stay the same when a photo is re-uploaded or another model version becomes
+# active: browsers keep the bytes but revalidate every time (no-cache), and a matching ETag is a 304
+# that skips the fetch, the decode and the CAM.
+def entity_tag(*parts: object) -> str:
+    """A weak ETag of what a response's bytes are made from (its bytes may differ by Pillow version)."""
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode("ascii")).hexdigest()[:32]
+    return f'W/"{digest}"'
+
+
+def cache_headers(etag: str) -> dict[str, str]:
+    return {"Cache-Control": "private, no-cache", "ETag": etag}
+
+
+def not_modified(request: Request, etag: str) -> Response | None:
+    """A 304 when the request's If-None-Match names `etag` (weak comparison), else None."""
+    header = request.headers.get("if-none-match")
+    if header is None:
+        return None
+    sent = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    if "*" in sent or etag.removeprefix("W/") in sent:
+        return Response(status_code=304, headers=cache_headers(etag))
+    return None
 
 
 def _landmark_out(lm: albums.LandmarkAlbum) -> LandmarkAlbumOut:
@@ -184,10 +224,7 @@ def current_user(request: Request) -> str:
     """The one user this request is authorised for: the trusted gateway header, else the bearer token."""
     header, token_key = request.app.state.user_header, request.app.state.token_key
     if header and (value := request.headers.get(header)) is not None:
-        try:
-            return check_user_id(value.strip())
-        except ValueError as exc:
-            raise ApiError(401, "unauthorized", f"gateway header {header}: {exc}") from None
+        return header_user(header, value)
     try:
         token = bearer(request.headers.get("authorization"))
         if token is None:
@@ -197,6 +234,17 @@ def current_user(request: Request) -> str:
         return verify_token(token_key, token)
     except AuthError as exc:
         raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": 'Bearer realm="landmarks"'}) from None
+
+
+def header_user(header: str, value: str) -> str:
+    """The user id in the gateway header. It carries UTF-8, as bearer tokens do; Starlette decodes header
+    values as latin-1, so the bytes are recovered and decoded again ("josé" would read "josÃ©")."""
+    try:
+        return check_user_id(value.encode("latin-1").decode("utf-8").strip())
+    except UnicodeDecodeError:
+        raise ApiError(401, "unauthorized", f"gateway header {header}: not UTF-8") from None
+    except ValueError as exc:
+        raise ApiError(401, "unauthorized", f"gateway header {header}: {exc}") from None
 
 
 User = Annotated[str, Depends(current_user)]
@@ -264,10 +312,13 @@ def create_app(
             raise ApiError(403, "forbidden", "this token is for another user: you can read only your own albums")
 
     def owned_photo(authed: str, photo_id: str) -> Photo:
-        with transaction(engine) as session:
-            photo = session.execute(
-                select(Photo.__table__).where(Photo.user_id == authed, Photo.photo_id == photo_id)
-            ).one_or_none()
+        """Every photo route's lookup: the user's photo, else 404 (also for ids no photo can have)."""
+        photo = None
+        if storable(photo_id):
+            with transaction(engine) as session:
+                photo = session.execute(
+                    select(Photo.__table__).where(Photo.user_id == authed, Photo.photo_id == photo_id)
+                ).one_or_none()
         if photo is None or photo.status == "deleted" or not photo.uri:
             raise ApiError(404, "photo_not_found", f"no photo {photo_id!r} in your library")
         return photo
@@ -283,6 +334,22 @@ def create_app(
         except DecodeError as exc:
             raise ApiError(502, "photo_undecodable", str(exc)) from None
 
+    def active_model(authed: str, photo_id: str) -> tuple[Any, int | None]:
+        """The active model version (version, checkpoint) and the photo's best landmark in it, if tagged."""
+        with transaction(engine) as session:
+            active = session.execute(
+                select(ModelVersion.version, ModelVersion.checkpoint).where(ModelVersion.is_active)
+            ).one_or_none()
+            if active is None:
+                raise ApiError(503, "no_active_model", "no model version is active: publish one first")
+            top = session.scalar(
+                select(PhotoTag.landmark_id)
+                .where(PhotoTag.user_id == authed, PhotoTag.photo_id == photo_id,
+                       PhotoTag.model_version == active.version)
+                .order_by(PhotoTag.rank).limit(1)
+            )
+        return active, top
+
     # ---- routes
     @app.get("/healthz", tags=["ops"], responses={503: {"model": ErrorOut}})
     def healthz() -> dict[str, str]:
@@ -296,11 +363,14 @@ def create_app(
         """The user this request is authorised for."""
         return {"user": authed}
 
-    @app.get("/v1/users/{user}/attractions", response_model=AttractionsOut, tags=["albums"], responses=ERRORS)
+    # {user:path}: user ids may contain "/" (events allow it) and %2F is decoded before routing, so the
+    # user is everything before the fixed suffix, as photo ids are in the photo routes.
+    @app.get("/v1/users/{user:path}/attractions", response_model=AttractionsOut, tags=["albums"], responses=ERRORS)
     def attractions(user: Annotated[str, PathParam(max_length=256)], authed: User) -> AttractionsOut:
         """The Attractions album: cities (by country, city), each with its landmark albums, biggest first."""
         same_user(user, authed)
         with transaction(engine) as session:
+            albums.begin_snapshot(session)  # its landmark albums and cities from one snapshot
             cities = albums.attractions(session, user)
         return AttractionsOut(user=user, cities=[
             CityOut(country=c.country, city=c.city, landmark_count=c.landmark_count, photo_count=c.photo_count,
@@ -308,7 +378,7 @@ def create_app(
             for c in cities
         ])
 
-    @app.get("/v1/users/{user}/landmarks/{landmark_id}/photos", response_model=PhotoPageOut, tags=["albums"],
+    @app.get("/v1/users/{user:path}/landmarks/{landmark_id}/photos", response_model=PhotoPageOut, tags=["albums"],
              responses=ERRORS)
     def landmark_photos(
         user: Annotated[str, PathParam(max_length=256)],
@@ -322,6 +392,7 @@ def create_app(
         after = decode_cursor(cursor) if cursor else None
         lm = albums.album_landmarks.c
         with transaction(engine) as session:
+            albums.begin_snapshot(session)  # the album's photo_count and its page from one snapshot
             row = session.execute(
                 select(albums.album_landmarks).where(lm.user_id == user, lm.landmark_id == landmark_id)
             ).one_or_none()
@@ -346,15 +417,21 @@ def create_app(
     @app.get("/v1/photos/{photo_id:path}/image", tags=["photos"], response_class=Response, responses=image_responses)
     def photo_image(
         photo_id: str,
+        request: Request,
         authed: User,
         max_side: Annotated[int, Query(ge=32, le=MAX_SIDE, description="longest side in pixels")] = MAX_SIDE,
     ) -> Response:
-        """One of your photos as JPEG, EXIF-oriented, longest side at most `max_side` (≤ 1024) pixels."""
-        img = load_image(owned_photo(authed, photo_id), max_side)
+        """One of your photos as JPEG, EXIF-oriented, longest side at most `max_side` (≤ 1024) pixels.
+
+        Revalidate with If-None-Match: the ETag changes when the photo is re-uploaded."""
+        photo = owned_photo(authed, photo_id)
+        etag = entity_tag("image", photo.uri, photo.uploaded_at, max_side, JPEG_QUALITY)
+        if (cached := not_modified(request, etag)) is not None:
+            return cached
+        img = load_image(photo, max_side)
         buffer = io.BytesIO()
         img.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True, progressive=True)
-        return Response(buffer.getvalue(), media_type="image/jpeg",
-                        headers={"Cache-Control": "private, max-age=3600"})
+        return Response(buffer.getvalue(), media_type="image/jpeg", headers=cache_headers(etag))
 
     heatmap_responses = {**ERRORS, 200: {"content": {"image/png": {}}, "description": "PNG"}}
 
@@ -362,29 +439,22 @@ def create_app(
              responses=heatmap_responses)
     def photo_heatmap(
         photo_id: str,
+        request: Request,
         authed: User,
         max_side: Annotated[int, Query(ge=32, le=MAX_SIDE, description="longest side in pixels")] = MAX_SIDE,
     ) -> Response:
         """The active model's class activation map over your photo, PNG (same size as /image).
 
-        The model sees the photo's centred square; that region carries the map, the rest is dimmed."""
+        The model sees the photo's centred square; that region carries the map, the rest is dimmed.
+        Revalidate with If-None-Match: the ETag changes with the photo and with the active model version."""
         photo = owned_photo(authed, photo_id)
-        with transaction(engine) as session:
-            active = session.execute(
-                select(ModelVersion.version, ModelVersion.checkpoint).where(ModelVersion.is_active)
-            ).one_or_none()
-            if active is None:
-                raise ApiError(503, "no_active_model", "no model version is active: publish one first")
-            top = session.scalar(  # the photo's best landmark, if the active version tagged it
-                select(PhotoTag.landmark_id)
-                .where(PhotoTag.user_id == authed, PhotoTag.photo_id == photo_id,
-                       PhotoTag.model_version == active.version)
-                .order_by(PhotoTag.rank).limit(1)
-            )
+        active, top = active_model(authed, photo_id)
+        etag = entity_tag("heatmap", photo.uri, photo.uploaded_at, max_side, active.version, top)
+        if (cached := not_modified(request, etag)) is not None:
+            return cached
         net, meta = models.get(active.version, active.checkpoint)
-        img = load_image(photo, max_side)
-        png = heatmap_png(net, meta, img, landmark_id=top)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        png = heatmap_png(net, meta, load_image(photo, max_side), landmark_id=top)
+        return Response(png, media_type="image/png", headers=cache_headers(etag))
 
     # ---- the page
     @app.get("/", include_in_schema=False)

@@ -64,8 +64,23 @@ class AlbumPhoto:
         return (self.uploaded_at, self.photo_id)
 
 
+# Reads that take several statements see one snapshot: under READ COMMITTED a commit between them would
+# show, say, a new city without its landmark albums. READ ONLY: such a read never writes by mistake.
+SNAPSHOT = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+
+
+def begin_snapshot(session: Session) -> None:
+    """Begin the session's transaction as REPEATABLE READ, READ ONLY (SNAPSHOT).
+
+    An isolation level is set before a transaction's first statement, so a transaction the caller has
+    already begun (after writes of its own, say) keeps its level: call this first in a transaction."""
+    if not session.in_transaction():
+        session.connection(execution_options=SNAPSHOT)  # reset when the connection goes back to the pool
+
+
 def attractions(session: Session, user_id: str) -> list[City]:
-    """Cities (by country, city), each with its landmark albums, biggest first."""
+    """Cities (by country, city), each with its landmark albums, biggest first. Two reads: begin the
+    session with begin_snapshot for a consistent answer (the caller's transaction is its own to choose)."""
     landmarks: dict[tuple[str, str], list[LandmarkAlbum]] = {}
     rows = session.execute(
         select(album_landmarks)

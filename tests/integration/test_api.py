@@ -8,14 +8,17 @@ import io
 import math
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import text
 
-from shared.api.app import create_app, decode_cursor, encode_cursor
+from starlette.requests import Request
+
+from shared.api.app import ApiError, create_app, current_user, decode_cursor, encode_cursor
 from shared.api.auth import make_token, verify_token, AuthError
 from shared.db import writer
 from shared.db.session import transaction
@@ -466,3 +469,184 @@ def test_photo_ids_with_slashes_and_spaces(client, engine, library):
     response = client.get(odd[0]["image_url"], headers=auth(library.alice))
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     assert math.isfinite(page["photos"][0]["score"])
+
+
+# ---- malformed input is a 4xx, never a 500 ------------------------------------------------------------
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _upload(engine, lib: Library, user: str, photo_id: str, landmark_ids: list[int], when: datetime,
+            picture: Image.Image | None = None) -> None:
+    """One photo of `user`, tagged by the active version (a re-upload when the photo exists)."""
+    path = lib.root / "extra" / uuid.uuid4().hex / f"{photo_id.replace('/', '_')}.jpg"
+    _jpeg(path, picture or _paint(landmark_ids[0] if landmark_ids else TREVI, 1))
+    event = PhotoUploaded(event_id=uuid.uuid4().hex, user_id=user, photo_id=photo_id, uri=path.as_uri(),
+                          uploaded_at=when)
+    tags = [Tag(lm, 0.8, Method.GEO) for lm in landmark_ids]
+    status = PhotoStatus.TAGGED if tags else PhotoStatus.NO_LANDMARK
+    with transaction(engine) as session:
+        writer.write_outcomes(session, VERSION, [PhotoOutcome(event, status, tags)])
+
+
+MALFORMED_CURSORS = {
+    "nested": b"[" * 1100,  # json.loads: RecursionError
+    "offset_out_of_years": b'["0001-01-01T00:00:00+05:00","x"]',  # before year 1 in UTC
+    "nul_in_photo_id": b'["2024-01-01T00:00:00+00:00","x\\u0000"]',
+    "lone_surrogate": b'["2024-01-01T00:00:00+00:00","\\ud800"]',
+    "not_a_pair": b'{"a":1}',
+    "number_stamp": b'[1,"x"]',
+}
+
+
+@pytest.mark.parametrize("raw", MALFORMED_CURSORS.values(), ids=MALFORMED_CURSORS.keys())
+def test_malformed_cursors_are_400_bad_cursor(client, library, raw):
+    response = client.get(f"/v1/users/{library.alice}/landmarks/{EIFFEL}/photos", params={"cursor": _b64(raw)},
+                          headers=auth(library.alice))
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": "bad_cursor",
+                               "detail": "cursor is not one this API returned; start again without it"}
+
+
+def test_a_cursor_in_another_time_zone_pages_like_the_one_issued(client, library):
+    """Even at an offset PostgreSQL refuses (beyond ±16 h; Python allows ±24 h): the API compares in UTC."""
+    url = f"/v1/users/{library.alice}/landmarks/{EIFFEL}/photos"
+    first = client.get(url, params={"limit": 2}, headers=auth(library.alice)).json()
+    when, photo_id = decode_cursor(first["next_cursor"])
+    shifted = when.astimezone(timezone(timedelta(hours=20, minutes=30)))
+    pages = [client.get(url, params={"limit": 2, "cursor": cursor}, headers=auth(library.alice)).json()["photos"]
+             for cursor in (first["next_cursor"], encode_cursor(shifted, photo_id))]
+    assert pages[0] and pages[0] == pages[1]
+
+
+@pytest.mark.parametrize("kind", ["image", "heatmap"])
+def test_a_photo_id_postgresql_cannot_hold_is_404(client, library, kind):
+    response = client.get(f"/v1/photos/eiffel-0%00x/{kind}", headers=auth(library.alice))
+    assert response.status_code == 404, response.text
+    assert response.json()["error"] == "photo_not_found"
+
+
+# ---- who is asking: UTF-8 user ids, user ids with "/" ------------------------------------------------------
+
+
+def test_trusted_gateway_header_carries_utf8(engine, library):
+    from fastapi.testclient import TestClient
+
+    user = f"josé-{library.alice}"
+    _upload(engine, library, user, "p-0", [BIG_BEN], T0)
+    app = create_app(library.settings, engine, trusted_user_header="X-Landmarks-User")
+    with TestClient(app) as c:
+        utf8 = {"X-Landmarks-User": user.encode("utf-8")}
+        assert c.get("/v1/me", headers=utf8).json() == {"user": user}
+        album = c.get(f"/v1/users/{quote(user, safe='')}/attractions", headers=utf8)
+        assert album.status_code == 200, album.text
+        assert [city["city"] for city in album.json()["cities"]] == ["London"]
+    # Bytes that are not UTF-8 (httpx would re-encode them, so the request is built by hand).
+    latin1 = Request({"type": "http", "app": app, "headers": [(b"x-landmarks-user", user.encode("latin-1"))]})
+    with pytest.raises(ApiError) as refused:
+        current_user(latin1)
+    assert (refused.value.status, refused.value.detail) == (401, "gateway header x-landmarks-user: not UTF-8")
+
+
+def test_a_user_id_with_a_slash_reaches_their_albums(client, engine, library):
+    user = f"team/{library.bob}"
+    _upload(engine, library, user, "p/0", [EIFFEL], T0)
+    path = f"/v1/users/{quote(user, safe='')}"
+    album = client.get(f"{path}/attractions", headers=auth(user))
+    assert album.status_code == 200, album.text
+    assert album.json()["user"] == user
+    assert [lm["name"] for c in album.json()["cities"] for lm in c["landmarks"]] == ["Eiffel Tower"]
+    page = client.get(f"{path}/landmarks/{EIFFEL}/photos", headers=auth(user))
+    assert page.status_code == 200, page.text
+    assert [p["photo_id"] for p in page.json()["photos"]] == ["p/0"]
+    assert client.get(page.json()["photos"][0]["image_url"], headers=auth(user)).status_code == 200
+    # Still one user per request: bob is not "team/bob", nor the reverse.
+    assert client.get(f"{path}/attractions", headers=auth(library.bob)).status_code == 403
+    assert client.get(f"/v1/users/{library.bob}/attractions", headers=auth(user)).status_code == 403
+
+
+# ---- one snapshot per Attractions page ------------------------------------------------------------------------
+
+
+def test_attractions_do_not_show_a_city_committed_between_their_two_reads(client, engine, library):
+    """The page reads landmark albums, then cities: a photo committed in between must not show a city
+    without its landmarks (READ COMMITTED would), nor a landmark without its city."""
+    from sqlalchemy import event
+
+    user = f"erin-{library.alice}"
+    _upload(engine, library, user, "paris-0", [EIFFEL], T0)
+    armed = [True]
+
+    def commit_a_rome_photo_before_the_cities(conn, cursor, statement, *args) -> None:
+        if armed[0] and "album_cities" in statement:
+            armed[0] = False
+            _upload(engine, library, user, "rome-0", [COLOSSEUM], T0 + timedelta(days=1))
+
+    event.listen(engine, "before_cursor_execute", commit_a_rome_photo_before_the_cities)
+    try:
+        during = client.get(f"/v1/users/{user}/attractions", headers=auth(user)).json()
+    finally:
+        event.remove(engine, "before_cursor_execute", commit_a_rome_photo_before_the_cities)
+    assert not armed[0], "the Rome photo was not committed during the request"
+    cards = lambda body: [(c["city"], [lm["name"] for lm in c["landmarks"]]) for c in body["cities"]]  # noqa: E731
+    assert cards(during) == [("Paris", ["Eiffel Tower"])]
+    after = client.get(f"/v1/users/{user}/attractions", headers=auth(user)).json()
+    assert cards(after) == [("Paris", ["Eiffel Tower"]), ("Rome", ["Colosseum"])]
+
+
+def test_the_snapshot_does_not_outlive_the_read(engine, database_url):
+    """The pool's connection is read-write, READ COMMITTED again after a read in a snapshot."""
+    from shared.db import albums
+    from shared.db.session import make_engine
+
+    one = make_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        with transaction(one) as session:
+            albums.begin_snapshot(session)
+            albums.attractions(session, "nobody")
+            assert session.execute(text("SHOW transaction_isolation")).scalar() == "repeatable read"
+        with transaction(one) as session:
+            assert session.execute(text("SHOW transaction_isolation")).scalar() == "read committed"
+            assert session.execute(text("SHOW transaction_read_only")).scalar() == "off"
+    finally:
+        one.dispose()
+
+
+# ---- caching: the same URL, new bytes --------------------------------------------------------------------------
+
+
+def test_a_reuploaded_photo_is_not_served_from_the_browser_cache(client, engine, library):
+    user = f"fay-{library.alice}"
+    _upload(engine, library, user, "p-0", [TREVI], T0, _paint(TREVI, 1, size=(640, 480)))
+    first = client.get("/v1/photos/p-0/image", headers=auth(user))
+    assert first.status_code == 200
+    assert first.headers["cache-control"] == "private, no-cache" and first.headers["etag"].startswith('W/"')
+    revalidate = auth(user) | {"If-None-Match": first.headers["etag"]}
+    unchanged = client.get("/v1/photos/p-0/image", headers=revalidate)
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    assert unchanged.headers["etag"] == first.headers["etag"]
+
+    _upload(engine, library, user, "p-0", [TREVI], T0 + timedelta(hours=1), _paint(TREVI, 1, size=(300, 400)))
+    fresh = client.get("/v1/photos/p-0/image", headers=revalidate)
+    assert fresh.status_code == 200 and Image.open(io.BytesIO(fresh.content)).size == (300, 400)
+    assert fresh.headers["etag"] != first.headers["etag"]
+
+
+def test_a_heatmap_is_not_served_from_the_browser_cache_after_a_model_switch(client, engine, library):
+    first = client.get("/v1/photos/eiffel-2/heatmap", headers=auth(library.alice))
+    assert first.status_code == 200 and first.headers["cache-control"] == "private, no-cache"
+    revalidate = auth(library.alice) | {"If-None-Match": first.headers["etag"]}
+    assert client.get("/v1/photos/eiffel-2/heatmap", headers=revalidate).status_code == 304
+    with transaction(engine) as session:
+        writer.register_model_version(session, f"{VERSION}_next", backbone="tiny", embedding_dim=32, t_geo=0.5,
+                                      t_global=0.8, t_ref=0.7, checkpoint=str(library.checkpoint), metrics={},
+                                      activate=True)
+    try:
+        switched = client.get("/v1/photos/eiffel-2/heatmap", headers=revalidate)
+        assert switched.status_code == 200 and switched.headers["content-type"] == "image/png"
+        assert switched.headers["etag"] != first.headers["etag"]
+    finally:
+        with transaction(engine) as session:
+            writer.activate_model_version(session, VERSION)
