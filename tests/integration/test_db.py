@@ -704,6 +704,43 @@ def test_concurrent_writers_of_one_album_lose_no_count(engine):
         _truncate(engine)
 
 
+def test_moving_a_landmark_to_another_city_waits_for_a_writer_instead_of_deadlocking(engine):
+    """A catalogue fix while a batch is between its photo upsert and its tag statements: the fix locks the
+    tables in the writer's order (photos, then photo_tags), so it waits for the batch; in the other order
+    PostgreSQL aborted one of them."""
+    import threading
+
+    with transaction(engine) as s:
+        writer.upsert_landmarks(s, LANDMARKS)
+        writer.register_model_version(s, "vc", activate=True, **_model_args())
+        writer.write_outcomes(s, "vc", [tagged("c1", (1, 0.9), minutes=1, event="c-c1")])
+    errors: list[BaseException] = []
+    batch = Session(bind=engine)
+    try:
+        batch.execute(text("UPDATE photos SET processed_at = now() WHERE photo_id = 'c1'"))  # the photo upsert
+
+        def move_the_eiffel_tower() -> None:
+            try:
+                with transaction(engine) as s:
+                    s.execute(text("UPDATE landmarks SET city = 'Paris 7e' WHERE id = 1"))
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        fix = threading.Thread(target=move_the_eiffel_tower)
+        fix.start()
+        fix.join(0.5)
+        assert fix.is_alive(), "the catalogue fix did not wait for the batch"
+        batch.execute(text("DELETE FROM photo_tags WHERE model_version = 'vc' AND photo_id = 'none'"))  # its tags
+        batch.commit()
+        fix.join(10)
+        assert not fix.is_alive() and errors == []
+        with transaction(engine) as s:
+            assert summary(s) == [("Paris 7e", 1, 1, [("Eiffel Tower", 1, "c1")])]
+    finally:
+        batch.close()
+        _truncate(engine)
+
+
 def test_many_concurrent_writers_keep_summaries_exact(engine):
     import random
     import threading
