@@ -66,11 +66,13 @@ def register(cli: typer.Typer) -> None:
     """Adds promote, rollback, compare, versions, backfill and health to the `landmarks` command."""
 
     @cli.command()
-    def promote(version: str, as_json: JsonFlag = False) -> None:
+    def promote(version: str, force: Annotated[bool, typer.Option(
+                    "--force", help="promote although photos in the albums have not been through VERSION yet")] = False,
+                as_json: JsonFlag = False) -> None:
         """Make an already published VERSION active: Milvus alias swap, then the albums' version."""
         from shared.rollout import promote as do_promote
         try:
-            activation = do_promote(version, _engine(), _index())
+            activation = do_promote(version, _engine(), _index(), force=force)
         except _refusals() as exc:
             _fail(str(exc), as_json)
         _emit({"ok": True, **activation.as_dict()}, as_json)

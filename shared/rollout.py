@@ -36,7 +36,7 @@ from shared.db.writer import (
     start_shadow_rollout,
     stop_shadow_rollout,
 )
-from shared.index import LandmarkIndex
+from shared.index import LandmarkIndex, sanitize_version
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,15 @@ def _require_published(version: str, index: LandmarkIndex) -> None:
 
 
 def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str = "promote",
-             who: str | None = None) -> Activation:
-    """Make an already published version active (Milvus alias, then PostgreSQL), recording ``action``."""
+             who: str | None = None, require_coverage: bool = False) -> Activation:
+    """Make an already published version active (Milvus alias, then PostgreSQL), recording ``action``;
+    with ``require_coverage``, only once every photo in the albums has been through it."""
     with transaction(engine) as session:
         if session.get(ModelVersion, version) is None:
             raise RolloutError(f"model version {version!r} is not registered: `landmarks publish MODEL` first")
     _require_published(version, index)
+    if require_coverage:
+        _require_albums_covered(version, engine)
     previous = _active(engine)
     alias = index.active_version()
     if previous == version and alias == version:
@@ -99,8 +102,41 @@ def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str 
     return Activation(version, previous, action, changed=True)
 
 
-def promote(version: str, engine: Engine, index: LandmarkIndex, who: str | None = None) -> Activation:
-    return activate(version, engine, index, action="promote", who=who)
+def promote(version: str, engine: Engine, index: LandmarkIndex, who: str | None = None, *,
+            force: bool = False) -> Activation:
+    """Activate ``version``; refused (unless ``force``) while photos in the albums have not been through it."""
+    return activate(version, engine, index, action="promote", who=who, require_coverage=not force)
+
+
+# Photos in the active version's albums that ``candidate`` has not processed (live or as a shadow): the album
+# views show only the active version's tags, so promoting takes them out of the albums until it tags them.
+UNCOVERED_SQL = """
+SELECT count(DISTINCT (t.user_id, t.photo_id))
+FROM photo_tags t
+JOIN model_versions mv ON mv.version = t.model_version AND mv.is_active AND mv.version <> :candidate
+JOIN photos p ON p.user_id = t.user_id AND p.photo_id = t.photo_id AND p.status <> 'deleted'
+WHERE p.model_version IS DISTINCT FROM :candidate
+  AND NOT EXISTS (SELECT 1 FROM shadow_photos s
+                  WHERE s.user_id = t.user_id AND s.photo_id = t.photo_id AND s.model_version = :candidate)
+  AND NOT EXISTS (SELECT 1 FROM photo_tags c
+                  WHERE c.user_id = t.user_id AND c.photo_id = t.photo_id AND c.model_version = :candidate)
+"""
+
+
+def uncovered_photos(candidate: str, engine: Engine) -> int:
+    """Photos in the active version's albums that ``candidate`` has not processed."""
+    with transaction(engine) as session:
+        return session.scalar(text(UNCOVERED_SQL), {"candidate": candidate})
+
+
+def _require_albums_covered(candidate: str, engine: Engine) -> None:
+    uncovered = uncovered_photos(candidate, engine)
+    if uncovered:
+        raise RolloutError(
+            f"{uncovered} photos in users' albums have not been through {candidate}: promoting it now takes them "
+            f"out of the albums until it tags them. Tag them first (`landmarks shadow start {candidate} --share 1`, "
+            f"then `landmarks backfill --all --include-current`), or `landmarks promote {candidate} --force` and "
+            "backfill after")
 
 
 def history(engine: Engine, limit: int | None = None) -> list[dict[str, Any]]:
@@ -138,8 +174,19 @@ def rollback_target(engine: Engine) -> tuple[str | None, str]:
 
 
 def rollback(engine: Engine, index: LandmarkIndex, who: str | None = None) -> Activation:
+    _require_whole_swap(engine, index)
     target, _ = rollback_target(engine)
     return activate(target, engine, index, action="rollback", who=who)
+
+
+def _require_whole_swap(engine: Engine, index: LandmarkIndex) -> None:
+    """A promote that moved the alias but not the albums' version leaves workers on the new version while
+    the history ends at the old one: a rollback from there would go back two versions."""
+    albums, serving = _active(engine), index.active_version()  # the alias names the version sanitised
+    if serving is not None and albums is not None and serving != sanitize_version(albums):
+        raise RolloutError(f"a half-done swap: workers follow {serving} (Milvus) while the albums show {albums} "
+                           f"(PostgreSQL). `landmarks promote {albums} --force` puts the workers back on {albums}; "
+                           f"`landmarks promote {serving} --force` finishes the swap")
 
 
 def versions(engine: Engine, index: LandmarkIndex | None = None) -> list[dict[str, Any]]:
@@ -167,27 +214,40 @@ def versions(engine: Engine, index: LandmarkIndex | None = None) -> list[dict[st
 
 # --- compare -------------------------------------------------------------------------------------
 
-COMPARE_SQL = """
-WITH seen_b AS (  -- photos version b has processed: it tagged them, its verdict is the latest, or it shadowed them
-    SELECT user_id, photo_id FROM photo_tags WHERE model_version = :b AND (:user IS NULL OR user_id = :user)
+# Photos a version has processed: it tagged them, its verdict is the latest, or it shadowed them.
+SEEN_BY = """
+    SELECT user_id, photo_id FROM photo_tags WHERE model_version = :{v} AND (:user IS NULL OR user_id = :user)
     UNION
-    SELECT user_id, photo_id FROM photos WHERE model_version = :b AND (:user IS NULL OR user_id = :user)
+    SELECT user_id, photo_id FROM photos WHERE model_version = :{v} AND (:user IS NULL OR user_id = :user)
     UNION  -- as a shadow, including the photos it found no landmark on
-    SELECT user_id, photo_id FROM shadow_photos WHERE model_version = :b AND (:user IS NULL OR user_id = :user)
-),
+    SELECT user_id, photo_id FROM shadow_photos WHERE model_version = :{v} AND (:user IS NULL OR user_id = :user)
+"""
+# The baseline has also seen every photo uploaded before it was last replaced as the active version (its
+# "no landmark" verdict leaves no trace once another version re-tags the photo); NULL while it is active.
+A_REPLACED_AT = """
+    SELECT min(later.activated_at) FROM model_activations later
+    WHERE later.id > (SELECT max(id) FROM model_activations WHERE version = :a)
+"""
+COMPARE_SQL = f"""
+WITH seen_a AS ({SEEN_BY.format(v="a")}),
+seen_b AS ({SEEN_BY.format(v="b")}),
 pairs AS (
-    SELECT t.user_id, t.photo_id, t.landmark_id,
+    SELECT t.user_id, t.photo_id, t.landmark_id, p.uploaded_at,
            bool_or(t.model_version = :a) AS in_a, bool_or(t.model_version = :b) AS in_b,
            min(t.rank) FILTER (WHERE t.model_version = :a) AS rank_a,
            min(t.rank) FILTER (WHERE t.model_version = :b) AS rank_b
     FROM photo_tags t
     JOIN photos p ON p.user_id = t.user_id AND p.photo_id = t.photo_id AND p.status <> 'deleted'
     WHERE t.model_version IN (:a, :b) AND (:user IS NULL OR t.user_id = :user)
-    GROUP BY t.user_id, t.photo_id, t.landmark_id
+    GROUP BY t.user_id, t.photo_id, t.landmark_id, p.uploaded_at
 ),
 judged AS (
-    SELECT pairs.*, (s.photo_id IS NOT NULL) AS b_saw
-    FROM pairs LEFT JOIN seen_b s ON s.user_id = pairs.user_id AND s.photo_id = pairs.photo_id
+    SELECT pairs.*, (s.photo_id IS NOT NULL) AS b_saw,
+           (sa.photo_id IS NOT NULL OR replaced.at IS NULL OR pairs.uploaded_at < replaced.at) AS a_saw
+    FROM pairs
+    CROSS JOIN ({A_REPLACED_AT}) AS replaced(at)
+    LEFT JOIN seen_b s ON s.user_id = pairs.user_id AND s.photo_id = pairs.photo_id
+    LEFT JOIN seen_a sa ON sa.user_id = pairs.user_id AND sa.photo_id = pairs.photo_id
 )
 SELECT * FROM judged
 """
@@ -197,11 +257,13 @@ def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None
     """How version ``b`` (the candidate) tags the photos that version ``a`` (the baseline) tagged
     (one user's photos only, given ``user``).
 
-    Unit: (photo, landmark) tags of photos that are not deleted. ``a`` is taken to have seen every
-    photo (it was active when they arrived); ``b`` has seen a photo if it tagged it or its verdict is
-    the photo's latest (``photos.model_version``) or it processed the photo as a shadow (``shadow_photos``,
-    tagged or not). Tags of photos ``b`` has not seen yet are left out
-    and counted in ``pending`` (run a backfill under ``b`` to cover them).
+    Unit: (photo, landmark) tags of photos that are not deleted, and that both versions have seen. A
+    version has seen a photo if it tagged it, its verdict is the photo's latest (``photos.model_version``)
+    or it processed the photo as a shadow (``shadow_photos``, tagged or not); ``a``, the baseline, has also
+    seen every photo uploaded before another version replaced it as the active one. Photos with tags of
+    ``a`` that ``b`` has not seen are left out and counted in ``pending`` (run a backfill under ``b`` to
+    cover them); photos with tags of ``b`` that ``a`` never saw (uploaded after a promote to ``b``) in
+    ``unseen_by_a``.
 
     * ``agreement``: tags both versions gave / tags either gave (Jaccard), over the photos compared;
     * ``top1_agreement``: among photos both tagged, the share whose best landmark (rank 0) is the same;
@@ -216,8 +278,9 @@ def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None
                                {"a": a, "b": b, "user": user}).mappings().all()
         seen_b = session.scalar(_processed_by(b, user))
         shadowed_b = session.scalar(_shadowed_by(b, user))
-    compared = [r for r in rows if r["b_saw"]]
+    compared = [r for r in rows if r["a_saw"] and r["b_saw"]]
     pending_photos = {(r["user_id"], r["photo_id"]) for r in rows if not r["b_saw"]}
+    unseen_by_a = {(r["user_id"], r["photo_id"]) for r in rows if r["b_saw"] and not r["a_saw"]}
     both = [r for r in compared if r["in_a"] and r["in_b"]]
     gained = [r for r in compared if r["in_b"] and not r["in_a"]]
     lost = [r for r in compared if r["in_a"] and not r["in_b"]]
@@ -258,7 +321,7 @@ def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None
                            if tagged_by_both else None),
         "gained": len(gained), "lost": len(lost),
         "gained_photos": len(photos_b - photos_a), "lost_photos": len(photos_a - photos_b),
-        "pending": len(pending_photos),
+        "pending": len(pending_photos), "unseen_by_a": len(unseen_by_a),
         "gained_by_landmark": by_landmark(gained), "lost_by_landmark": by_landmark(lost),
         "gained_examples": sample(gained), "lost_examples": sample(lost),
     }

@@ -5,6 +5,7 @@ version tagging a sample of live uploads beside the active one."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -85,11 +86,11 @@ def test_promote_and_rollback_walk_the_history(versions, engine, index):
     assert _active(engine, index) == (a, a)
     before_a = rollout.rollout_stack(rollout.history(engine), a)[:-1]  # what other test modules left
 
-    first = rollout.promote(b, engine, index, who="tester")
+    first = rollout.promote(b, engine, index, who="tester", force=True)
     assert first.as_dict() == {"version": b, "previous": a, "action": "promote", "changed": True}
     assert _active(engine, index) == (b, b)
     assert not rollout.promote(b, engine, index).changed  # idempotent
-    rollout.promote(c, engine, index)
+    rollout.promote(c, engine, index, force=True)
     last = rollout.history(engine)[-1]
     assert (last["version"], last["previous_version"], last["action"]) == (c, b, "promote")
     assert last["actor"] and last["activated_at"]
@@ -105,6 +106,47 @@ def test_promote_and_rollback_walk_the_history(versions, engine, index):
         rollout.promote("no_such_version", engine, index)
 
 
+def _uncovered(refusal: pytest.ExceptionInfo) -> int:
+    return int(re.match(r"(\d+) photos in users' albums have not been through", str(refusal.value)).group(1))
+
+
+def test_promote_refuses_while_photos_in_the_albums_have_not_been_through_the_candidate(versions, engine, index):
+    """The albums show only the active version's tags: promoting B before B has seen a photo in them would
+    take the photo out of its user's albums. A shadow pass (a backfill under a share-1 shadow) covers it."""
+    a, b = versions["A"], versions["B"]
+    rollout.promote(a, engine, index, force=True)
+    user = f"cov_{uuid.uuid4().hex[:6]}"
+    _write(engine, a, [_outcome(user, "p1", 1), _outcome(user, "p2")])  # p2: no landmark, in no album
+    with pytest.raises(rollout.RolloutError, match="shadow start .* --share 1") as before:
+        rollout.promote(b, engine, index)
+    assert _active(engine, index) == (a, a)
+    rollout.start_shadow(b, 1.0, engine, index)
+    try:
+        with transaction(engine) as session:
+            write_shadow_outcomes(session, b, [_outcome(user, "p1")])
+    finally:
+        rollout.stop_shadow(engine)
+    assert rollout.uncovered_photos(b, engine) == _uncovered(before) - 1  # p1 (other tests' photos may not be)
+    assert rollout.promote(b, engine, index, force=True).changed
+    rollout.promote(a, engine, index, force=True)
+
+
+def test_a_rollback_after_a_half_done_swap_refuses_instead_of_going_back_two_versions(versions, engine, index):
+    """Milvus moved to C, PostgreSQL stayed on B (the promote died between them): the history still ends at
+    B, so a rollback would go to A while the operator wants B back."""
+    a, b, c = versions["A"], versions["B"], versions["C"]
+    rollout.promote(b, engine, index, force=True)
+    index.activate(c)  # the first half of `promote C`
+    try:
+        with pytest.raises(rollout.RolloutError, match=f"half-done swap: workers follow {c}"):
+            rollout.rollback(engine, index)
+        assert _active(engine, index) == (b, c)
+    finally:
+        rollout.promote(b, engine, index, force=True)  # the repair the refusal names
+    assert _active(engine, index) == (b, b)
+    rollout.promote(a, engine, index, force=True)
+
+
 def test_publish_is_recorded_too(versions, engine, index, photos, tmp_path):
     """The history comes from a trigger, so `landmarks publish` (which knows nothing of it) is recorded."""
     a = versions["A"]
@@ -118,7 +160,7 @@ def test_publish_is_recorded_too(versions, engine, index, photos, tmp_path):
 
 def test_cli_promote_rollback_versions(versions, env, engine, index):
     a, b = versions["A"], versions["B"]
-    code, out = fleet.ops_cli(env, "promote", b)
+    code, out = fleet.ops_cli(env, "promote", b, "--force")
     assert code == 0 and out == {"ok": True, "version": b, "previous": a, "action": "promote", "changed": True}
     code, out = fleet.ops_cli(env, "versions")
     assert out["active_in_milvus"] == b and out["rollback_target"] == a
@@ -150,7 +192,7 @@ def test_a_rollback_brings_back_the_albums_of_the_restored_version(versions, eng
     a, b = versions["A"], versions["B"]
     user = f"rita_{uuid.uuid4().hex[:6]}"
     _write(engine, a, [_outcome(user, "p1", 1)])
-    rollout.promote(b, engine, index)
+    rollout.promote(b, engine, index, force=True)
     _write(engine, b, [_outcome(user, "p1")])  # B's verdict: no landmark
     with transaction(engine) as session:
         assert attractions(session, user) == []
@@ -165,9 +207,22 @@ def test_compare_counts_agreement_gains_and_losses(versions, engine, index):
     user = f"cmp_{uuid.uuid4().hex[:6]}"
     _write(engine, a, [_outcome(user, "same", 1), _outcome(user, "lost", 2), _outcome(user, "top", 1, 2),
                        _outcome(user, "gain", ), _outcome(user, "unseen", 3)])
-    _write(engine, b, [_outcome(user, "same", 1), _outcome(user, "lost"), _outcome(user, "top", 2, 1),
-                       _outcome(user, "gain", 3)])
-    report = rollout.compare(engine, a, b, user=user)
+    rollout.start_shadow(b, 1.0, engine, index)  # B judges them beside A, as before a promote
+    try:
+        with transaction(engine) as session:
+            write_shadow_outcomes(session, b, [_outcome(user, "same", 1), _outcome(user, "lost"),
+                                               _outcome(user, "top", 2, 1), _outcome(user, "gain", 3)])
+    finally:
+        rollout.stop_shadow(engine)
+    rollout.promote(b, engine, index, force=True)
+    try:
+        new = _outcome(user, "new", 3)
+        new.event = new.event.model_copy(update={"uploaded_at": datetime.now(UTC)})
+        _write(engine, b, [new])  # uploaded after the promote to B: A never saw it
+        report = rollout.compare(engine, a, b, user=user)
+    finally:
+        rollout.promote(a, engine, index, force=True)
+    assert report["unseen_by_a"] == 1  # "new" is no gain: A never judged it
     assert report["tags_both"] == 3 and report["gained"] == 1 and report["lost"] == 1
     assert report["agreement"] == pytest.approx(3 / 5)
     assert report["photos_tagged_both"] == 2 and report["top1_agreement"] == pytest.approx(1 / 2)
@@ -209,7 +264,7 @@ def test_shadow_start_refusals_replacement_and_promotion(versions, engine, index
         assert _shadow_runs(engine)[-2:] == [(b, "replaced"), (c, None)]
         listed = {v["version"]: v for v in rollout.versions(engine, index)}
         assert listed[c]["shadow"]["share"] == pytest.approx(0.2) and listed[b]["shadow"] is None
-        rollout.promote(c, engine, index)  # a shadow ends once it is live
+        rollout.promote(c, engine, index, force=True)  # a shadow ends once it is live
         assert rollout.shadow_status(engine) is None and _shadow_runs(engine)[-1] == (c, "promoted")
     finally:
         _back_to(a, engine, index)
@@ -319,7 +374,7 @@ def test_the_pipeline_tags_the_sample_under_the_shadow_and_albums_stay_on_the_ac
         assert later.shadow is None and pipeline.shadow.loaded_version is None  # the model is unloaded
         assert not {p for p, _ in _tags(engine, user, b)} & {"q0", "q1", "q2"}
 
-        rollout.promote(b, engine, index)  # promoting the shadow switches the albums to its tags
+        rollout.promote(b, engine, index, force=True)  # promoting the shadow switches the albums to its tags
         with transaction(engine) as session:
             assert {lm.landmark_id for city in attractions(session, user) for lm in city.landmarks} == {1, 2, 3}
     finally:
@@ -423,7 +478,7 @@ def test_backfill_is_resumable_skips_deleted_and_current_and_uses_fresh_ids(vers
     _write(engine, a, [_outcome(user, f"p{k}", 1) for k in range(7)])
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE photos SET status = 'deleted' WHERE user_id = :u AND photo_id = 'p6'"), {"u": user})
-    rollout.promote(b, engine, index)
+    rollout.promote(b, engine, index, force=True)
     _write(engine, b, [_outcome(user, "p5", 1)])  # already processed by the active version
     try:
         sent: list[dict] = []
@@ -509,7 +564,7 @@ def test_backfill_retags_stored_photos_under_the_promoted_version_while_live_upl
         third = {e["photo_id"] for e in library if e["uri"] == photos["firsts"][2].as_uri()}
         assert third and not (_tagged(engine, user, b) & third)
 
-        code, out = fleet.ops_cli(env, "promote", b)
+        code, out = fleet.ops_cli(env, "promote", b, "--force")
         assert out["version"] == b
         # Backfill at 15 events/s (two seconds) while live uploads keep arriving.
         backfill = _popen_ops(env, "backfill", "--user", user, "--rate", "15")
@@ -618,7 +673,7 @@ def test_a_shadow_published_from_the_cli_tags_its_sample_of_live_uploads_until_s
         producer.close()
 
     fleet.ops_cli(env, "shadow", "start", candidate, "--share", "0.5")
-    assert fleet.ops_cli(env, "promote", candidate)[1]["version"] == candidate
+    assert fleet.ops_cli(env, "promote", candidate, "--force")[1]["version"] == candidate
     try:
         assert fleet.ops_cli(env, "versions")[1]["shadow"] is None  # promoting the shadow ends it
         with transaction(engine) as session:  # and the albums show its tags at once
