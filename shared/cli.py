@@ -329,7 +329,12 @@ def build(world_dir: Annotated[Path, typer.Option("--world", exists=True, file_o
         raise typer.BadParameter(f"unknown ablation {ablation!r}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     with _progress() as progress:
-        meta = Builder(world_dir, out, cfg, init=init, progress=progress, version=version).run()
+        try:  # the dataset's and the build's preconditions, checked before any training
+            builder = Builder(world_dir, out, cfg, init=init, progress=progress, version=version)
+        except ValueError as exc:
+            typer.echo(f"build: {exc}", err=True)
+            raise typer.Exit(2) from None
+        meta = builder.run()
     report = meta.extra["build"]
     _emit({"model": str(out), "version": meta.version, "t_geo": meta.t_geo, "t_global": meta.t_global,
            "t_ref": meta.t_ref, "seconds": report["seconds"],

@@ -46,6 +46,27 @@ def occurrence_numbers(ids: np.ndarray) -> np.ndarray:
     return numbers
 
 
+def model_metrics(meta: ModelMeta) -> dict:
+    """The figures recorded with the version: the build's (validation split at the calibrated thresholds);
+    for a model built before it stored them, the calibration in its build report. Non-finite numbers
+    become None: PostgreSQL's JSON has no infinities or NaN."""
+    metrics = meta.extra.get("metrics")
+    if metrics is None:
+        calibration = meta.extra.get("build", {}).get("calibration")
+        metrics = {"calibration": calibration} if calibration else {}
+    return _finite(metrics)
+
+
+def _finite(value):
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, activate: bool = True) -> ModelMeta:
     _, meta, gallery = load_checkpoint(model_path)
     if not gallery.get("landmarks"):
@@ -58,7 +79,7 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
                                    for row in gallery["landmarks"]])
         register_model_version(session, meta.version, backbone=meta.backbone, embedding_dim=meta.embedding_dim,
                                t_geo=meta.t_geo, t_global=meta.t_global, t_ref=meta.t_ref,
-                               checkpoint=str(model_path.resolve()), metrics=meta.extra.get("metrics", {}),
+                               checkpoint=str(model_path.resolve()), metrics=model_metrics(meta),
                                activate=False)
     if activate:
         activate_version(meta.version, engine, index)

@@ -1,13 +1,17 @@
 """`landmarks build`: dataset → cleaning with reference photos → curriculum training over the 4 regions
 (softmax + center loss) → centroids (complete-link clustering) → thresholds calibrated on the
 validation split → a model file carrying its gallery, thresholds and metrics. Each stage leaves a
-checkpoint in `<MODEL>.work/`, so an interrupted build resumes where it stopped."""
+checkpoint in `<MODEL>.work/`, so an interrupted build resumes where it stopped; a checkpoint made from
+another dataset, config or init weights is trained afresh instead."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,14 +26,15 @@ from shared.imaging import decode_image
 from shared.local_index import LocalIndex, grouped_by_id
 from shared.model import LandmarkNet, ModelMeta, save_checkpoint
 from shared.publish import gallery_rows
+from shared.recognition import Thresholds
 from shared.training import calibrate as cal
 from shared.training.cleaning import clean, mean_reference_similarity, reference_threshold
-from shared.training.dataset import Dataset, load_dataset
+from shared.training.dataset import Dataset, frequent_landmarks, is_frequent, load_dataset
 from shared.training.losses import CenterLoss
 from shared.training.train import TrainConfig, cosine_schedule, embed_images, make_optimizer, train_one_epoch
 
 log = logging.getLogger(__name__)
-STORE_SIZE = 112  # training photos are kept decoded at this size; random crops are resized to the input
+STORE_SIZE = 112  # training photos are kept decoded at least at this size; random crops are resized to the input
 
 
 @dataclass
@@ -55,6 +60,52 @@ PRESETS = {
     "medium": BuildConfig(train=TrainConfig(backbone="wide_resnet50_2", embedding_dim=512, input_size=224,
                                             batch_size=128, epochs_per_stage=(3, 3, 3, 3)), min_cluster=30),
 }
+
+
+# Used only after the stages (gallery, calibration), which every run redoes: changing them keeps the
+# stage checkpoints.
+POST_TRAINING_FIELDS = ("min_cluster", "cluster_distance", "target_accuracy", "global_k")
+# The files the stages read; val.csv and test.csv only reach calibration and evaluation.
+TRAINING_FILES = ("landmarks.csv", "train.csv", "references.csv")
+
+
+def store_size(cfg: BuildConfig) -> int:
+    """Never below the network's input: photos stored smaller would be upsampled for training and the
+    gallery, while validation, test and live photos are decoded at the input size."""
+    return max(STORE_SIZE, cfg.train.input_size)
+
+
+def check_buildable(ds: Dataset, cfg: BuildConfig) -> None:
+    """What a build needs beyond a valid dataset, checked before any training: ValueError naming it."""
+    problems = []
+    if not any(p.landmark_id is not None for p in ds.train):
+        problems.append("train.csv has no landmark photos (rows with a landmark_id)")
+    if not any(p.landmark_id is None for p in ds.val):
+        found = "has none" if (ds.root / "val.csv").exists() else "is missing"
+        problems.append(f"val.csv with non-landmark photos (empty landmark_id) is needed to calibrate the "
+                        f"thresholds for {cfg.target_accuracy:.1%} non-landmark accuracy; it {found}")
+    if cfg.clean:
+        per_landmark = Counter(p.landmark_id for p in ds.references)
+        if sum(n >= 2 for n in per_landmark.values()) < 2:
+            problems.append("cleaning needs two or more landmarks with at least two reference photos each "
+                            "(references.csv); add references or build without cleaning (--ablation no_cleaning)")
+    if problems:
+        raise ValueError(f"{ds.root}: cannot build: " + "; ".join(problems))
+
+
+def fingerprint(ds: Dataset, cfg: BuildConfig, init: Path | None) -> dict[str, str]:
+    """What the stages are trained from, one digest per part so a mismatch can say which changed."""
+    files = hashlib.sha256()
+    for name in TRAINING_FILES:
+        files.update(name.encode() + b"\0" + (ds.root / name).read_bytes())
+    training = {k: v for k, v in asdict(cfg).items() if k not in POST_TRAINING_FIELDS}
+    training["store_size"] = store_size(cfg)
+    config = hashlib.sha256(json.dumps(_jsonable(training), sort_keys=True).encode())
+    weights = "none"
+    if init is not None:
+        with init.open("rb") as handle:
+            weights = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"dataset": files.hexdigest(), "config": config.hexdigest(), "init": weights}
 
 
 @dataclass
@@ -88,9 +139,11 @@ class Builder:
     def __init__(self, world: Path, out: Path, cfg: BuildConfig, *, init: Path | None = None,
                  progress=None, version: str | None = None) -> None:
         self.world, self.out, self.cfg, self.progress = world, out, cfg, progress
+        self.ds: Dataset = load_dataset(world)
+        check_buildable(self.ds, cfg)  # before the work folder and hours of training
+        self.fingerprint = fingerprint(self.ds, cfg, init)
         self.work = out.with_name(out.name + ".work")
         self.work.mkdir(parents=True, exist_ok=True)
-        self.ds: Dataset = load_dataset(world)
         self.landmarks = sorted(self.ds.landmarks.values(), key=lambda lm: lm.id)
         self.class_of = {lm.id: k for k, lm in enumerate(self.landmarks)}
         self.n = len(self.landmarks)
@@ -104,6 +157,9 @@ class Builder:
                               embedding_dim=cfg.train.embedding_dim, n_landmarks=self.n,
                               input_size=cfg.train.input_size)
         self.report: dict = {"stages": [], "config": _jsonable(asdict(cfg))}
+        self.trained = False   # whether a stage has trained the network yet (cleaning needs one)
+        self.unclean: list[int] = []  # regions that joined and wait for a trained network to clean them
+        self.retrained = False  # a stage ran in this build, so later checkpoints start from other weights
 
     def _load_init(self, path: Path) -> None:
         """Local pretrained weights (torchvision ImageNet or a Places365 WRN-50-2 state dict)."""
@@ -134,7 +190,7 @@ class Builder:
     def load_training_data(self) -> None:
         train = self.ds.train
         paths = [p.path for p in train]
-        images = load_images(paths, STORE_SIZE, self._track("decoding training photos", len(paths)))
+        images = load_images(paths, store_size(self.cfg), self._track("decoding training photos", len(paths)))
         kept = [p for p, ok in zip(train, images.ok) if ok]
         self.train_pixels = images.pixels
         self.train_labels = np.array([self.class_of[p.landmark_id] if p.landmark_id is not None else self.n
@@ -145,7 +201,7 @@ class Builder:
         self.train_dirty = np.array([p.landmark_id is not None and str(t or "") != str(p.landmark_id)
                                      for p, t in zip(kept, truth)]) if any("true_landmark_id" in p.extra for p in kept) else None
         refs = self.ds.references
-        ref_images = load_images([r.path for r in refs], STORE_SIZE)
+        ref_images = load_images([r.path for r in refs], store_size(self.cfg))
         self.ref_pixels = ref_images.pixels
         self.ref_ids = np.array([r.landmark_id for r, ok in zip(refs, ref_images.ok) if ok])
         self.keep = np.ones(len(kept), dtype=bool)
@@ -171,35 +227,84 @@ class Builder:
                  len(rows), report.precision, report.recall)
         return {"regions": regions, **asdict(report)}
 
+    def _stage_regions(self, stage: int) -> list[int]:
+        return list(range(1, stage + 1)) if self.cfg.curriculum else [1, 2, 3, 4]
+
+    def _landmark_rows(self, stage: int) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.train_regions, self._stage_regions(stage)) & self.keep)
+
     def stage_rows(self, stage: int, generator: np.random.Generator) -> np.ndarray:
-        regions = list(range(1, stage + 1)) if self.cfg.curriculum else [1, 2, 3, 4]
-        landmark_rows = np.flatnonzero(np.isin(self.train_regions, regions) & self.keep)
+        landmark_rows = self._landmark_rows(stage)
         others = np.flatnonzero(self.train_labels == self.n)
         take = min(len(others), int(len(landmark_rows) * self.cfg.non_landmark_ratio))
         return np.concatenate([landmark_rows, generator.choice(others, take, replace=False)])
 
-    def _regions_to_clean(self, stage: int) -> list[int]:
-        """Each region is cleaned when it joins, with the preceding stage's network; region 1, which
-        has no preceding network, is cleaned with stage 1's."""
-        if not self.cfg.clean or stage == 1:
-            return []
+    def _joining(self, stage: int) -> list[int]:
+        """The regions whose photos a stage adds."""
         if not self.cfg.curriculum:
-            return [1, 2, 3, 4] if stage == 2 else []
-        return [1, 2] if stage == 2 else [stage]
+            return [1, 2, 3, 4] if stage == 1 else []
+        return [stage]
+
+    def _clean_waiting(self) -> list[dict]:
+        """Each region is cleaned with the network of the stage before the one it is trained in; regions
+        that joined before any stage trained (region 1, or empty stages first) wait for the first trained
+        network: an untrained one would drop photos at random."""
+        if not (self.cfg.clean and self.trained and self.unclean):
+            return []
+        waiting, self.unclean = self._with_photos(self.unclean), []
+        return [self.clean_regions(waiting)] if waiting else []
+
+    def _with_photos(self, regions: list[int]) -> list[int]:
+        return [r for r in regions if (self.train_regions == r).any()]
+
+    def _resume(self, stage: int) -> bool:
+        ckpt = self.work / f"stage{stage}.pt"
+        if not ckpt.exists():
+            return False
+        if self.retrained:
+            log.warning("stage %d: not resuming from %s: an earlier stage was trained afresh", stage, ckpt)
+            return False
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        why = self._why_not_resume(state.get("fingerprint"))
+        if why:
+            log.warning("stage %d: not resuming from %s: %s; training it afresh", stage, ckpt, why)
+            return False
+        self.net.load_state_dict(state["net"])
+        self.centers.load_state_dict(state["centers"])
+        self.keep = state["keep"].numpy().astype(bool)
+        self.trained, self.unclean = bool(state["trained"]), [int(r) for r in state["unclean"]]
+        self.report["stages"].append(state["report"])
+        log.info("stage %d: resumed from %s", stage, ckpt)
+        return True
+
+    def _why_not_resume(self, recorded: dict | None) -> str:
+        if recorded is None:
+            return "it does not record what it was trained from (an older build)"
+        changed = [part for part, digest in self.fingerprint.items() if recorded.get(part) != digest]
+        names = {"dataset": "dataset (landmarks, train or references csv)", "config": "training config",
+                 "init": "init weights"}
+        return f"what it was trained from has changed: {', '.join(names[c] for c in changed)}" if changed else ""
 
     def run_stage(self, stage: int) -> None:
-        ckpt = self.work / f"stage{stage}.pt"
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            self.net.load_state_dict(state["net"])
-            self.centers.load_state_dict(state["centers"])
-            self.keep = state["keep"].numpy().astype(bool)
-            self.report["stages"].append(state["report"])
-            log.info("stage %d: resumed from %s", stage, ckpt)
+        self.unclean += self._joining(stage)
+        if self._resume(stage):
             return
+        self.retrained = True
+        cleaning = self._clean_waiting()
+        if len(self._landmark_rows(stage)) == 0:
+            log.warning("stage %d: skipped: no landmark photos in regions %s", stage, self._stage_regions(stage))
+            report = {"stage": stage, "regions": [], "photos": 0, "epochs": [], "cleaning": cleaning,
+                      "skipped": "no landmark photos"}
+        else:
+            report = self._train_stage(stage, cleaning)
+            self.trained = True
+        self.report["stages"].append(report)
+        torch.save({"net": self.net.state_dict(), "centers": self.centers.state_dict(),
+                    "keep": torch.from_numpy(self.keep), "report": _jsonable(report), "trained": self.trained,
+                    "unclean": list(self.unclean), "fingerprint": self.fingerprint}, self.work / f"stage{stage}.pt")
+
+    def _train_stage(self, stage: int, cleaning: list[dict]) -> dict:
         cfg = self.cfg.train
-        new_regions = self._regions_to_clean(stage)
-        cleaning = [self.clean_regions(new_regions)] if new_regions else []
         rng = np.random.default_rng(cfg.seed + stage)
         rows = self.stage_rows(stage, rng)
         optimizer = make_optimizer(self.net, self.centers, cfg)
@@ -216,10 +321,17 @@ class Builder:
                 lr_schedule=lambda p, o=progress_offset: schedule(o + p / epochs), on_step=tick)))
             log.info("stage %d epoch %d: %s", stage, epoch + 1, stats[-1])
         regions = sorted(int(r) for r in np.unique(self.train_regions[rows]) if r > 0)
-        report = {"stage": stage, "regions": regions, "photos": int(len(rows)), "epochs": stats, "cleaning": cleaning}
-        self.report["stages"].append(report)
-        torch.save({"net": self.net.state_dict(), "centers": self.centers.state_dict(),
-                    "keep": torch.from_numpy(self.keep), "report": _jsonable(report)}, ckpt)
+        return {"stage": stage, "regions": regions, "photos": int(len(rows)), "epochs": stats, "cleaning": cleaning}
+
+    def run_stages(self) -> None:
+        for stage in (1, 2, 3, 4):
+            self.run_stage(stage)
+        if not self.trained:
+            raise ValueError(f"{self.ds.root}: no stage had landmark photos to train on (all unreadable?)")
+        uncleaned = self._with_photos(self.unclean)
+        if self.cfg.clean and uncleaned:
+            log.warning("regions %s were not cleaned: no trained stage came after them", uncleaned)
+            self.report["uncleaned_regions"] = uncleaned
 
     # --- gallery and calibration --------------------------------------------------------------
 
@@ -258,32 +370,48 @@ class Builder:
     def calibrate(self, gallery: dict) -> cal.Calibration:
         val = self.ds.val
         emb, gps, ok = self.embed_paths([p.path for p in val], "calibrating on the validation split")
-        truth = [p.landmark_id for p, k in zip(val, ok) if k]
+        records = [p for p, k in zip(val, ok) if k]
+        truth = [p.landmark_id for p in records]
         index = LocalIndex(self.version, *gallery_rows(gallery))
         candidates = cal.global_candidates(index, self.version, emb, self.cfg.global_k)
         t_global, t_ref, curve = cal.calibrate_no_gps(candidates, truth, self.cfg.target_accuracy)
         with_gps = [i for i, g in enumerate(gps) if g is not None]
         best = cal.geo_scores(index, self.version, emb[with_gps], [gps[i] for i in with_gps]) if with_gps else []
         t_geo, geo_curve = cal.calibrate_geo(best, [truth[i] for i in with_gps], self.cfg.target_accuracy)
+        metrics = self._validation_metrics(index, emb, gps, records, Thresholds(t_geo, t_global, t_ref))
         return cal.Calibration(t_geo, t_global, t_ref, {"no_gps": curve, "geo": geo_curve},
-                               {"photos": len(truth), "with_gps": len(with_gps)})
+                               {"photos": len(truth), "with_gps": len(with_gps)}, metrics)
+
+    def _validation_metrics(self, index, emb: np.ndarray, gps: list, records: list, thresholds: Thresholds) -> dict:
+        """`landmarks eval`'s figures on the validation split at the chosen thresholds, through the workers'
+        decision rule (optimistic: the thresholds were chosen on these photos)."""
+        from shared.training.evaluate import TestPhotos, accuracy_metrics, decide  # evaluate imports this module
+        frequent = frequent_landmarks(self.ds)
+        photos = TestPhotos(emb, gps, [r.landmark_id for r in records], [is_frequent(r, frequent) for r in records])
+        return accuracy_metrics(photos, decide(photos, index, self.version, thresholds, self.cfg.global_k))
 
     def run(self) -> ModelMeta:
         started = time.monotonic()
         self.load_training_data()
-        for stage in (1, 2, 3, 4):
-            self.run_stage(stage)
+        self.run_stages()
         gallery = self.gallery()
         calibration = self.calibrate(gallery)
         self.meta = replace(self.meta, t_geo=calibration.t_geo, t_global=calibration.t_global, t_ref=calibration.t_ref)
         self.report["calibration"] = {"t_geo": calibration.t_geo, "t_global": calibration.t_global,
                                       "t_ref": calibration.t_ref, **calibration.val}
+        self.report["validation"] = calibration.metrics
         self.report["curves"] = calibration.curves
         self.report["seconds"] = round(time.monotonic() - started, 1)
         self.meta.extra = {"build": _jsonable(self.report), "world": str(self.world),
-                           "class_landmark_ids": [lm.id for lm in self.landmarks]}
+                           "class_landmark_ids": [lm.id for lm in self.landmarks],
+                           "metrics": self._published_metrics()}
         save_checkpoint(self.out, self.net, self.meta, gallery)
         return self.meta
+
+    def _published_metrics(self) -> dict:
+        """What `landmarks publish` records with the version (model_versions.metrics)."""
+        return _jsonable({"validation": self.report["validation"], "calibration": self.report["calibration"],
+                          "target_accuracy": self.cfg.target_accuracy, "centroids": self.report["centroids"]})
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

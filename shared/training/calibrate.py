@@ -40,6 +40,7 @@ class Calibration:
     t_ref: float
     curves: dict = field(default_factory=dict)
     val: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # the evaluation's figures on the split, at these thresholds
 
 
 def global_candidates(index, version: str, embeddings: np.ndarray, k: int) -> Candidates:
@@ -51,7 +52,13 @@ def global_candidates(index, version: str, embeddings: np.ndarray, k: int) -> Ca
     return Candidates(scores, sims)
 
 
+def tags_no_gps(c: Candidates, i: int, t_global: float, t_ref: float) -> set[int]:
+    """Every landmark that passes, as the workers tag them all (shared.recognition.decide_global)."""
+    return {lid for lid, s in c.scores[i].items() if s >= t_global and c.ref_sims[i][lid] >= t_ref}
+
+
 def decide_no_gps(c: Candidates, i: int, t_global: float, t_ref: float) -> int | None:
+    """The best-scoring tag (top-1); None for a non-landmark."""
     passed = [(s, lid) for lid, s in c.scores[i].items() if s >= t_global and c.ref_sims[i][lid] >= t_ref]
     return max(passed)[1] if passed else None
 
@@ -64,16 +71,22 @@ def _ref_threshold(c: Candidates, negatives: list[int], t_global: float, target:
 
 def calibrate_no_gps(c: Candidates, truth: list[int | None], target: float) -> tuple[float, float, list]:
     """The (t_global, t_ref) pair with the best landmark accuracy among those that keep `target` of
-    the non-landmarks out."""
+    the non-landmarks out. A landmark photo counts as recognised only when its tags are exactly its
+    landmark: a second tag puts it in another landmark's album too, which users see as a mistake."""
     negatives = [i for i, t in enumerate(truth) if t is None]
     positives = [i for i, t in enumerate(truth) if t is not None]
+    if not negatives:
+        raise ValueError("calibration needs non-landmark photos (empty landmark_id) in the validation split")
+    if not positives:
+        log.warning("the validation split has no landmark photos: thresholds are set by the non-landmark "
+                    "target alone")
     best_neg = np.array([max(c.scores[i].values(), default=-1.0) for i in negatives])
     grid = np.unique(np.quantile(best_neg, np.linspace(0.0, 0.999, 60)))
     curve, best = [], (-1.0, 1.0, 1.0)
     for t_global in grid:
         t_ref = _ref_threshold(c, negatives, float(t_global), target)
-        hits = sum(decide_no_gps(c, i, t_global, t_ref) == truth[i] for i in positives)
-        rejected = sum(decide_no_gps(c, i, t_global, t_ref) is None for i in negatives)
+        hits = sum(tags_no_gps(c, i, t_global, t_ref) == {truth[i]} for i in positives)
+        rejected = sum(not tags_no_gps(c, i, t_global, t_ref) for i in negatives)
         point = (float(t_global), float(t_ref), hits / max(1, len(positives)), rejected / max(1, len(negatives)))
         curve.append(point)
         if point[2] > best[0] and point[3] >= target:

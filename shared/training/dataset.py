@@ -6,11 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 OPTIONAL = ("val.csv", "test.csv", "archives.csv")
+# The article's notion: a landmark is frequent with more than 100 training photos. world.json's
+# `frequent_threshold` (the generator's scaled-down value) takes precedence where there is one.
+FREQUENT_THRESHOLD = 100
 _LANDMARK_COLUMNS = ("id", "slug", "name", "city", "country", "region", "lat", "lon")
 
 
@@ -32,6 +36,7 @@ class Photo:
     path: Path  # absolute
     landmark_id: int | None  # None: a non-landmark photo
     extra: dict[str, str] = field(default_factory=dict)  # generator columns (truth, kind, aspect, ...)
+    source: str = field(default="", compare=False, repr=False)  # "train.csv:12", for messages
 
 
 @dataclass(frozen=True)
@@ -156,14 +161,16 @@ def _photos(path: Path, root: Path, landmarks, *, labelled: bool, check_files: b
         where = f"{path}:{line}"
         photos.append(Photo(path=_photo_path(root, row["path"], where, check_files),
                             landmark_id=_label(row["landmark_id"], where, landmarks, required=labelled),
-                            extra={k: v for k, v in row.items() if k not in ("path", "landmark_id")}))
+                            extra={k: v for k, v in row.items() if k not in ("path", "landmark_id")},
+                            source=f"{path.name}:{line}"))
     return photos
 
 
 def load_dataset(root: Path, *, check_files: bool = True) -> Dataset:
     """Reads and validates a dataset folder. landmarks.csv, train.csv and references.csv are required;
     val.csv, test.csv, archives.csv and world.json are read when present. Raises ValueError naming the
-    file and line of the first bad row."""
+    file and line of the first bad row, a landmark without reference photos, or a photo shared between
+    training (train, references), validation and test."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory")
@@ -191,4 +198,50 @@ def load_dataset(root: Path, *, check_files: bool = True) -> Dataset:
             data.meta = json.loads((root / "world.json").read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{root / 'world.json'}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    _check_references(data)
+    _check_disjoint_splits(data)
     return data
+
+
+def _check_references(data: Dataset) -> None:
+    """Without GPS a landmark is only tagged after verification against its references
+    (shared.recognition.decide_global): one without any could never be tagged there."""
+    have = {p.landmark_id for p in data.references}
+    missing = [lm for lid, lm in data.landmarks.items() if lid not in have]
+    if missing:
+        names = ", ".join(f"{lm.id} ({lm.slug})" for lm in missing[:20])
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise ValueError(f"{data.root / 'references.csv'}: no reference photos for landmark(s) {names}{more}: "
+                         "every landmark needs at least one (3–5 recommended), or photos without GPS can "
+                         "never be tagged with it")
+
+
+def _check_disjoint_splits(data: Dataset) -> None:
+    """A photo the network trained on (train, references) or that chose the thresholds (val) makes the
+    figures measured on it in a later split optimistic. train and references may share photos."""
+    owner: dict[Path, tuple[str, str]] = {}  # resolved path → (split group, where it was first seen)
+    groups = (("training", data.train + data.references), ("val", data.val), ("test", data.test))
+    for group, photos in groups:
+        for photo in photos:
+            key = photo.path.resolve()
+            first_group, first_where = owner.setdefault(key, (group, photo.source))
+            if first_group != group:
+                raise ValueError(f"{data.root / photo.source}: photo {photo.path} is also in {first_where}; "
+                                 "a photo belongs to one of training (train, references), val and test, or "
+                                 f"the figures measured on {group} are optimistic")
+
+
+def frequent_landmarks(data: Dataset) -> set[int]:
+    """The landmarks with more labelled training photos than the frequent threshold (world.json's, else
+    the article's), as the generator decides its `frequent` column."""
+    threshold = int(data.meta.get("frequent_threshold", FREQUENT_THRESHOLD))
+    counts = Counter(p.landmark_id for p in data.train if p.landmark_id is not None)
+    return {lid for lid, n in counts.items() if n > threshold}
+
+
+def is_frequent(photo: Photo, frequent: set[int]) -> bool:
+    """The photo's `frequent` column where it says 1 or 0, else derived from the training counts."""
+    value = photo.extra.get("frequent", "")
+    if value in ("0", "1"):
+        return value == "1"
+    return photo.landmark_id in frequent

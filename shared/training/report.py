@@ -43,7 +43,7 @@ def _curves(build: dict) -> str:
     geo = curves.get("geo", [])
     cal = build.get("calibration", {})
     parts = ["<h2>Threshold curves (validation split)</h2><div style='display:flex;gap:24px;flex-wrap:wrap'>"]
-    # Each point: (t_global, t_ref, landmark accuracy, non-landmark accuracy)
+    # Each point: (t_global, t_ref, landmark accuracy (tags exactly the landmark), non-landmark accuracy)
     parts.append("<div><h3>Without GPS: landmark vs non-landmark accuracy</h3>"
                  + _svg_curve(sorted((p[3], p[2]) for p in no_gps), "non-landmark accuracy", "landmark accuracy", None)
                  + f"<p>chosen t_global {cal.get('t_global', float('nan')):.4f}, t_ref {cal.get('t_ref', float('nan')):.4f}</p></div>")
@@ -82,7 +82,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def _table(rows: dict[str, dict]) -> str:
-    keys = ["landmark_accuracy", "non_landmark_accuracy", "gps_landmark_accuracy", "no_gps_landmark_accuracy",
+    keys = ["landmark_accuracy", "landmark_top1_accuracy", "non_landmark_accuracy", "gps_landmark_accuracy", "no_gps_landmark_accuracy",
             "frequent_accuracy", "rare_accuracy", "closed_set_accuracy"]
     head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys)
     body = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(

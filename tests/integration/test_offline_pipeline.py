@@ -19,7 +19,7 @@ from shared.training.evaluate import evaluate
 from shared.training.world import generate_world
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-METRIC_KEYS = {"landmark_accuracy", "non_landmark_accuracy", "frequent_accuracy", "rare_accuracy",
+METRIC_KEYS = {"landmark_accuracy", "landmark_top1_accuracy", "landmark_several_tags_rate", "non_landmark_accuracy", "frequent_accuracy", "rare_accuracy",
                "gps_landmark_accuracy", "no_gps_landmark_accuracy", "gps_non_landmark_accuracy",
                "no_gps_non_landmark_accuracy", "closed_set_accuracy", "pixel_baseline_closed_set_accuracy",
                "n_landmark_photos", "n_non_landmark_photos"}
@@ -53,6 +53,10 @@ def test_build_writes_a_model_with_gallery_thresholds_and_report(tiny_model, tin
     assert all(c["precision"] is not None and c["recall"] is not None for c in cleaning)
     assert 0.0 <= report["centroids"]["share_with_several"] <= 1.0
     assert report["calibration"]["photos"] > 0
+    validation = meta.extra["metrics"]["validation"]  # what `landmarks publish` records
+    assert METRIC_KEYS - {"closed_set_accuracy", "pixel_baseline_closed_set_accuracy"} <= set(validation)
+    assert validation["n_non_landmark_photos"] == 400 and validation["rare_accuracy"] is not None
+    assert validation["landmark_accuracy"] <= validation["landmark_top1_accuracy"]
 
 
 def test_an_interrupted_build_resumes_from_its_stage_checkpoints(tiny_world, tiny_model, tmp_path):
@@ -81,32 +85,38 @@ def test_eval_through_milvus_equals_exact_local_search(tiny_world, tiny_model, m
         assert through_milvus[key] is None or 0.0 <= through_milvus[key] <= 1.0
 
 
-def _arrange_realdata(realdata: Path, out: Path) -> None:
-    """The real photos in the dataset format, read in place: references are each landmark's first two
-    photos, everything is training, validation and test data (a plumbing test, whatever the accuracy)."""
+def _arrange_realdata(realdata: Path, out: Path) -> int:
+    """The real photos in the dataset format, read in place (a plumbing test, whatever the accuracy):
+    references are each landmark's first two photos, also trained on; a landmark's further photos go in
+    turn to validation, test and training, the non-landmarks likewise, so no photo is in two of them.
+    Returns the number of validation photos."""
     repo = Path(__file__).resolve().parents[2]
     landmarks = list(csv.DictReader((repo / "deploy/demo/realdata_landmarks.csv").open()))
     with (out / "landmarks.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(landmarks[0]))
         writer.writeheader()
         writer.writerows(landmarks)
-    rows, refs = [], []
+    splits = {"train.csv": [], "references.csv": [], "val.csv": [], "test.csv": []}
     for lm in landmarks:
         photos = sorted((realdata / "landmarks" / lm["slug"]).iterdir())
-        refs += [(p, lm["id"]) for p in photos[:2]]
-        rows += [(p, lm["id"]) for p in photos]
-    rows += [(p, "") for p in sorted((realdata / "nonlandmarks").iterdir())]
-    for name, items in {"train.csv": rows, "references.csv": refs, "val.csv": rows, "test.csv": rows}.items():
+        splits["references.csv"] += [(p, lm["id"]) for p in photos[:2]]
+        splits["train.csv"] += [(p, lm["id"]) for p in photos[:2]]
+        for k, p in enumerate(photos[2:]):
+            splits[("val.csv", "test.csv", "train.csv")[k % 3]].append((p, lm["id"]))
+    for k, p in enumerate(sorted((realdata / "nonlandmarks").iterdir())):
+        splits[("val.csv", "test.csv", "train.csv")[k % 3]].append((p, ""))
+    for name, items in splits.items():
         with (out / name).open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "landmark_id"])
             writer.writerows([(str(p), lid) for p, lid in items])
+    return len(splits["val.csv"])
 
 
 def test_build_runs_on_real_photos_arranged_in_the_dataset_format(realdata, tmp_path):
-    _arrange_realdata(realdata, tmp_path)
+    n_val = _arrange_realdata(realdata, tmp_path)
     cfg = replace(PRESETS["tiny"], min_cluster=3)
     meta = Builder(tmp_path, tmp_path / "real.pt", cfg, version="realdata_tiny").run()
     _, _, gallery = load_checkpoint(tmp_path / "real.pt")
     assert len(gallery["landmarks"]) == 15
-    assert meta.extra["build"]["calibration"]["photos"] == 97
+    assert meta.extra["build"]["calibration"]["photos"] == n_val

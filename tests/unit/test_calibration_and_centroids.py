@@ -32,3 +32,47 @@ def test_stray_photos_do_not_pull_the_centroid():
     strays = rng.normal(0, 1, (4, 8))
     (centroid,) = landmark_centroids(np.vstack([main, strays]), min_cluster=10, max_distance=0.5)
     assert centroid[0] > 0.99
+
+
+def _two_landmark_index():
+    from shared.index import CentroidRows, ReferenceRows
+    from shared.local_index import LocalIndex
+    e1, e2 = np.eye(3, dtype=np.float32)[:2]
+    return LocalIndex("v", CentroidRows(np.array([1, 2]), np.array([0, 0]), [48.85, 49.25], [2.35, 4.03], np.stack([e1, e2])),
+                      ReferenceRows(np.array([1, 2]), np.array([0, 0]), np.stack([e1, e2])))
+
+
+def test_a_landmark_photo_also_tagged_with_another_landmark_counts_as_wrong():
+    """Online every passing landmark tags the photo, so a photo of 1 tagged [1, 2] is in album 2 too."""
+    from shared.recognition import Thresholds
+    from shared.training.evaluate import TestPhotos, accuracy_metrics, decide
+    between = np.array([0.75, 0.66, 0.0], np.float32)
+    photos = np.stack([between / np.linalg.norm(between), np.eye(3, dtype=np.float32)[0]])
+    test = TestPhotos(photos, [None, None], [1, 1], [True, True])
+    answers = decide(test, _two_landmark_index(), "v", Thresholds(0.6, 0.6, 0.6))
+    assert answers == [[1, 2], [1]]
+    metrics = accuracy_metrics(test, answers)
+    assert metrics["landmark_accuracy"] == 0.5 and metrics["no_gps_landmark_accuracy"] == 0.5
+    assert metrics["frequent_accuracy"] == 0.5
+    assert metrics["landmark_top1_accuracy"] == 1.0  # the best tag alone, under its own name
+    assert metrics["landmark_several_tags_rate"] == 0.5
+
+
+def test_thresholds_are_chosen_for_photos_tagged_with_their_landmark_alone():
+    """15 photos of landmark 1 that landmark 2 also reaches at 0.7, 10 photos of landmark 3 at 0.65:
+    below 0.7 every photo of 1 is double-tagged, so the best choice keeps 2 out (and misses 3)."""
+    from shared.training import calibrate as cal
+    negatives = [({9: s}, {9: -np.inf}) for s in np.linspace(0.0, 1.0, 200)]  # never verified
+    positives = [({1: 0.9, 2: 0.7}, {1: 0.9, 2: 0.7})] * 15 + [({3: 0.65}, {3: 0.65})] * 10
+    c = cal.Candidates([s for s, _ in negatives + positives], [r for _, r in negatives + positives])
+    truth = [None] * 200 + [1] * 15 + [3] * 10
+    t_global, t_ref, _ = cal.calibrate_no_gps(c, truth, 0.99)
+    assert 0.7 < t_global <= 0.9
+    assert all(cal.tags_no_gps(c, i, t_global, t_ref) == {1} for i in range(200, 215))
+
+
+def test_calibration_without_non_landmark_photos_says_what_it_needs():
+    from shared.training import calibrate as cal
+    c = cal.Candidates([{1: 0.9}], [{1: 0.9}])
+    with pytest.raises(ValueError, match="non-landmark photos"):
+        cal.calibrate_no_gps(c, [1], 0.99)

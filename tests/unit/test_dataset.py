@@ -95,3 +95,46 @@ def test_a_gallery_from_folders_with_a_bad_landmarks_csv_names_its_line(tmp_path
     csv_path.write_text(LANDMARKS)
     assert [(lm.id, lm.slug, lm.region, lm.lat) for lm in read_landmarks(csv_path)] == [(1, "tower", 1, 48.85),
                                                                                        (2, "arch", 1, 48.87)]
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"val_csv": "path,landmark_id\nc.jpg,\n", "test_csv": "path,landmark_id\nd.jpg,1\n./c.jpg,\n"},
+     r"test\.csv:3: photo .*c\.jpg is also in val\.csv:2"),
+    ({"test_csv": "path,landmark_id\nb.jpg,\n"}, r"test\.csv:2: photo .*b\.jpg is also in train\.csv:3"),
+    ({"train_csv": "path,landmark_id\nb.jpg,\n", "val_csv": "path,landmark_id\nsub/../a.jpg,1\n"},
+     r"val\.csv:2: photo .*a\.jpg is also in references\.csv:2"),
+])
+def test_a_photo_in_two_of_training_val_and_test_is_refused(tmp_path, files, message):
+    """Thresholds chosen on training photos, or test figures on photos that chose them, are optimistic;
+    paths are compared resolved, so ./b.jpg and b.jpg are one photo."""
+    (tmp_path / "sub").mkdir()
+    for name in ("c.jpg", "d.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    with pytest.raises(ValueError, match=message):
+        load_dataset(_folder(tmp_path, **files))
+
+
+def test_train_and_references_may_share_photos_and_splits_may_be_disjoint(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.jpg")
+    data = load_dataset(_folder(tmp_path, val_csv="path,landmark_id\nc.jpg,\n"))
+    assert data.train[0].path == data.references[0].path and len(data.val) == 1
+
+
+def test_a_landmark_without_references_is_refused_naming_it(tmp_path):
+    """Recognition without GPS verifies a candidate against its references: with none it is never tagged."""
+    with pytest.raises(ValueError, match=r"references\.csv: no reference photos for landmark\(s\) 2 \(arch\)"):
+        load_dataset(_folder(tmp_path, references_csv="path,landmark_id\na.jpg,1\nb.jpg,1\n"))
+
+
+def test_frequent_comes_from_the_column_or_else_from_the_training_counts(tmp_path):
+    from shared.training.dataset import FREQUENT_THRESHOLD, Photo, frequent_landmarks, is_frequent
+    train = "path,landmark_id\n" + "a.jpg,1\n" * 3 + "b.jpg,2\n"
+    data = load_dataset(_folder(tmp_path, train_csv=train))
+    assert frequent_landmarks(data) == set() and FREQUENT_THRESHOLD == 100  # the article's: > 100 photos
+    (tmp_path / "world.json").write_text('{"frequent_threshold": 2}')
+    data = load_dataset(tmp_path)
+    assert frequent_landmarks(data) == {1}  # 3 photos > 2; landmark 2 has 1
+    photo = lambda lid, **extra: Photo(tmp_path / "a.jpg", lid, extra)  # noqa: E731
+    assert is_frequent(photo(1), {1}) and not is_frequent(photo(2), {1})
+    assert not is_frequent(photo(1, frequent="0"), {1}) and is_frequent(photo(2, frequent="1"), {1})
+    assert is_frequent(photo(1, frequent=""), {1})  # an empty value is derived too

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shared.publish import gallery_rows, occurrence_numbers
+from shared.model import ModelMeta
+from shared.publish import gallery_rows, model_metrics, occurrence_numbers
 
 
 def test_references_are_numbered_per_landmark_in_gallery_order_wherever_they_lie():
@@ -29,3 +30,14 @@ def test_occurrence_numbers_match_counting_the_earlier_equal_ids():
     for n in (0, 1, 2, 37, 400):
         ids = rng.integers(0, 9, n)
         assert occurrence_numbers(ids).tolist() == [int((ids[:k] == i).sum()) for k, i in enumerate(ids)]
+
+
+def test_the_version_is_recorded_with_the_builds_figures_in_json_postgres_can_store():
+    """model_versions.metrics was always {}: nothing set what publish read."""
+    built = ModelMeta("v1", extra={"metrics": {"validation": {"landmark_accuracy": 0.8, "rare_accuracy": None},
+                                               "calibration": {"t_ref": float("-inf")}}})
+    assert model_metrics(built) == {"validation": {"landmark_accuracy": 0.8, "rare_accuracy": None},
+                                    "calibration": {"t_ref": None}}
+    older = ModelMeta("v0", extra={"build": {"calibration": {"t_global": 0.9, "photos": 460}}})
+    assert model_metrics(older) == {"calibration": {"t_global": 0.9, "photos": 460}}
+    assert model_metrics(ModelMeta("v2")) == {}
