@@ -14,13 +14,38 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from typer.core import TyperGroup
 
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Landmark recognition fleet.")
+
+class _Commands(TyperGroup):
+    """Every command: a LANDMARKS_* variable that fails validation is one line per variable and exit status
+    2, not a traceback ending in a ValidationError that names the field rather than the variable."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ValidationError as exc:
+            if exc.title != Settings.__name__:
+                raise
+            for line in _settings_errors(exc):
+                console.print(line, soft_wrap=True, markup=False)
+            raise typer.Exit(2) from None
+
+
+def _settings_errors(exc: ValidationError) -> list[str]:
+    """`LANDMARKS_WORKER_PROCESSES: Input should be a valid integer, ...` for each error of ``exc``."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    return [f"{prefix}{'_'.join(str(part) for part in error['loc']).upper() or 'settings'}: {error['msg']}"
+            for error in exc.errors()]
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, help="Landmark recognition fleet.")
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded PostgreSQL + Redis + Milvus stack.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations.")
 model_app = typer.Typer(no_args_is_help=True, help="Model files.")
@@ -115,6 +140,7 @@ def worker(device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N
         os.environ["LANDMARKS_DEVICE"] = device
         get_settings.cache_clear()
     settings = get_settings()
+    _check_worker_environment(settings)
     processes = processes or settings.worker_processes
     if processes > 1:
         from workers.supervisor import supervise
@@ -126,6 +152,19 @@ def worker(device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N
     node = os.environ.get(NODE_ENV)  # set by the supervisor: one Celery node name per process
     celery_app.worker_main(["worker", f"--queues={settings.queue}", f"--loglevel={loglevel}", "--without-gossip",
                             "--without-mingle", "--without-heartbeat", *([f"--hostname={node}"] if node else [])])
+
+
+def _check_worker_environment(settings) -> None:
+    """The worker's variables read outside shared/settings.py, checked before anything starts: a bad one
+    would otherwise only switch off /healthz, /readyz and /metrics while the worker consumes, until the
+    orchestrator's probes restart it, again and again."""
+    from shared import health, metrics
+    try:
+        metrics.configured_port()
+        health.max_batch_seconds(float(settings.visibility_timeout_s))
+    except ValueError as exc:  # the message names the variable and what it accepts
+        console.print(str(exc), soft_wrap=True, markup=False)
+        raise typer.Exit(2) from None
 
 
 def _photo_id(user: str, path: Path) -> str:

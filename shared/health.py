@@ -11,10 +11,11 @@ so that frequent probes do not become load on the dependencies.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -128,9 +129,19 @@ def published_model_check(engine, index) -> CheckFn:
 
 # --- liveness ------------------------------------------------------------------------------------
 
-def max_batch_seconds(default: float) -> float:
-    raw = os.environ.get(MAX_BATCH_ENV, "").strip()
-    return float(raw) if raw else default
+def max_batch_seconds(default: float, environ: Mapping[str, str] | None = None) -> float:
+    """LANDMARKS_LIVENESS_MAX_BATCH_S, seconds > 0 (unset: ``default``). A value that is not is a ValueError
+    naming the variable: `landmarks worker` refuses to start with it (shared/cli.py)."""
+    raw = (environ if environ is not None else os.environ).get(MAX_BATCH_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{MAX_BATCH_ENV}={raw!r}: expected a number of seconds greater than 0, such as 900")
+    return seconds
 
 
 def liveness(batch_running_since: Callable[[], float | None], max_batch_s: float) -> dict[str, Any]:

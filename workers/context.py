@@ -4,7 +4,10 @@ after any fork, so CUDA and connections are never shared with Celery's parent.""
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -88,10 +91,15 @@ def start_operations_server() -> None:
     """Prometheus /metrics, /healthz, /readyz and /backlog on LANDMARKS_METRICS_PORT (default 9808)."""
     from shared import health, metrics
     from shared.backfill import backfill_queue
+    settings = get_settings()
     try:
-        settings = get_settings()
-        urls = resolve(settings)
         max_batch_s = health.max_batch_seconds(float(settings.visibility_timeout_s))
+        metrics.configured_port()
+    except ValueError as exc:  # names the variable; `landmarks worker` refuses to start with it
+        log.error("no metrics server: %s", exc)
+        return
+    try:
+        urls = resolve(settings)
         metrics.start_worker_server(
             broker_url=urls.broker_url,
             queues=[settings.queue, backfill_queue(settings)],
@@ -121,6 +129,32 @@ def warm_up(pool=None) -> None:
             log.warning("cannot warm up the batch threads: %s", exc)
     log.info("model %s loaded, warmed up on %d batch threads", runtime.version, threads,
              extra={"model_version": runtime.version})
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def exit_on_stop_signal() -> Iterator[None]:
+    """While it lasts (the warm-up: a model load, or minutes of torch.compile), SIGTERM or SIGINT ends the
+    worker at once. Celery's handlers only set a flag that its event loop reads, and the warm-up runs on that
+    loop, so the stop would wait for it, past the pod's grace period, to SIGKILL. Stopping is safe: the loop
+    has not taken a message yet. Afterwards Celery's handlers are back: a stop signal is its warm shutdown
+    again, which lets running batches commit."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    previous = {signum: signal.signal(signum, _exit_now) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _exit_now(signum: int, _frame) -> None:
+    log.warning("%s during the warm-up: stopping now (no event taken yet)", signal.Signals(signum).name)
+    raise SystemExit(0)  # Celery's worker stops on it as on its own warm shutdown: connections closed
 
 
 def _warm_up_thread(embedder) -> None:

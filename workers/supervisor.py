@@ -12,7 +12,8 @@ The parent imports neither torch nor Celery (CUDA is initialised in the workers 
   name, its own metrics port on 127.0.0.1, and a share of the cores and of the decode arena unless
   LANDMARKS_DECODE_WORKERS and LANDMARKS_DECODE_ARENA_MB say otherwise;
 - forwards SIGTERM, SIGINT and SIGQUIT to every worker (SIGTERM is Celery's warm shutdown: running batches
-  commit, prefetched events go back to Redis) and exits once all have;
+  commit, prefetched events go back to Redis) and exits once all have; each worker runs in its own process
+  group, so that a terminal's Ctrl-C reaches it once, through the parent, not twice (a cold shutdown);
 - restarts a worker that exits on its own after a back-off (a worker exits 75 on purpose so that Redis
   redelivers its batch), and gives up when workers exit MAX_EXITS times within EXIT_WINDOW_S, stopping the
   others, so that the orchestrator sees a crash loop instead of a pod that never recovers;
@@ -135,7 +136,11 @@ class Supervisor:
             child.env.update({"LANDMARKS_METRICS_PORT": str(child.port), "LANDMARKS_METRICS_ADDR": "127.0.0.1"})
         else:
             child.env["LANDMARKS_METRICS_PORT"] = "off"
-        child.process = subprocess.Popen(self.command, env=child.env)
+        # A process group of its own: a terminal's Ctrl-C (SIGINT to the foreground group) reaches the worker
+        # once, forwarded from here; a second SIGINT would be Celery's cold shutdown, abandoning its batches.
+        # SIGTERM from an orchestrator goes to this process and is forwarded too; should this process die
+        # without forwarding anything, PR_SET_PDEATHSIG (stop_with_parent) still stops the worker.
+        child.process = subprocess.Popen(self.command, env=child.env, process_group=0)
         child.started_at = time.monotonic()
         log.info("started worker process %d (pid %d)", child.index, child.process.pid)
 

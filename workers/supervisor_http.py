@@ -22,7 +22,8 @@ from workers.supervisor import Child, Supervisor
 
 log = logging.getLogger(__name__)
 
-ASK_TIMEOUT_S = 4.0  # under the probes' own timeouts (5 s liveness, 10 s readiness)
+# Under the probes' own timeouts (5 s liveness, 10 s readiness and startup: deploy/k8s/base/worker-deployment.yaml).
+ASK_TIMEOUT_S = 4.0
 # A worker loading its model does not answer yet; the startupProbe allows a pod ten minutes for that.
 STARTING_GRACE_S = 600.0
 

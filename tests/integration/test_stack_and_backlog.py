@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -55,6 +57,82 @@ def test_an_external_url_replaces_only_that_part(tmp_path, monkeypatch):
     assert not (tmp_path / "stack.json").exists()  # nothing embedded was started
 
 
+
+def _kill_hard(home) -> None:
+    """What a crash (OOM killer, a node losing power) leaves: servers gone, their pid files and socket not."""
+    state = json.loads((home / stack.STATE_FILE).read_text())
+    for pid in (int((home / "postgres" / "postmaster.pid").read_text().split()[0]),
+                int((home / "redis" / "redis.pid").read_text()), state["milvus_pid"]):
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+    assert (home / "redis" / "redis.sock").exists()
+
+
+def _wait_gone(pid: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and stack._pid_alive(pid) and not _zombie(pid):
+        time.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _point_pid_files_at(home, pid: int) -> None:
+    """The pids of crashed servers, reused by an unrelated process."""
+    (home / "postgres" / "postmaster.pid").write_text(f"{pid}\n{home / 'postgres'}\n")
+    (home / "redis" / "redis.pid").write_text(f"{pid}\n")
+    state = json.loads((home / stack.STATE_FILE).read_text())
+    (home / stack.STATE_FILE).write_text(json.dumps({**state, "milvus_pid": pid}))
+
+
+def test_after_a_crash_stale_pid_files_are_neither_trusted_nor_signalled(tmp_path):
+    home = tmp_path / "home"
+    first = stack.up(home)
+    _kill_hard(home)
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        _point_pid_files_at(home, bystander.pid)
+        assert stack.status(home)["running"] == {"postgres": False, "redis": False, "milvus": False}
+        stack.down(home)
+        assert bystander.poll() is None  # not mistaken for a server and stopped
+
+        urls = stack.up(home)
+        assert stack.status(home)["running"] == {"postgres": True, "redis": True, "milvus": True}
+        # At once: the old socket did not pass for a started Redis.
+        assert redis.Redis.from_url(redis_client_url(urls.broker_url)).ping()
+        # Milvus is back on its port: running workers keep the URL they were given.
+        assert urls.milvus_uri == first.milvus_uri
+        assert LandmarkIndex(urls.milvus_uri).versions() == []
+
+        stack.down(home)
+        assert stack.status(home)["running"] == {"postgres": False, "redis": False, "milvus": False}
+        _point_pid_files_at(home, bystander.pid)
+        stack.down(home)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+        stack.down(home)
+
+
+def test_concurrent_stack_ups_start_one_stack(tmp_path):
+    env = {**os.environ, "LANDMARKS_HOME": str(tmp_path / "home")}
+    for key in ("LANDMARKS_DATABASE_URL", "LANDMARKS_BROKER_URL", "LANDMARKS_MILVUS_URI"):
+        env.pop(key, None)
+    ups = [subprocess.Popen([sys.executable, "-m", "shared.cli", "stack", "up", "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        results = [(p.wait(120), *p.communicate()) for p in ups]
+        assert [code for code, _, _ in results] == [0, 0, 0], [err[-2000:] for _, _, err in results]
+        assert len({out.strip().splitlines()[-1] for _, out, _ in results}) == 1  # the same URLs for all
+        assert stack.status(tmp_path / "home")["running"] == {"postgres": True, "redis": True, "milvus": True}
+    finally:
+        stack.down(tmp_path / "home")
+
 def test_backlog_counts_waiting_and_reserved(broker_url):
     queue = f"lm_backlog_{uuid.uuid4().hex[:8]}"
     app = Celery(broker=broker_url)
@@ -64,6 +142,9 @@ def test_backlog_counts_waiting_and_reserved(broker_url):
     # Reserve two the way a prefetching worker does (kombu's Redis QoS keeps them in 'unacked').
     with app.connection_for_read() as conn:
         simple = conn.SimpleQueue(queue, no_ack=False)
+        # A prefetch limit as a worker's: workers/broker.py's transport (installed by any test importing
+        # workers.app before this one) takes all the limit allows in one go.
+        simple.consumer.qos(prefetch_count=2)
         held = [simple.get(timeout=5) for _ in range(2)]
         counts = queue_backlog(broker_url, queue)
         assert (counts["waiting"], counts["reserved"], counts["backlog"]) == (3, 2, 5)

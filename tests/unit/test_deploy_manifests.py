@@ -132,6 +132,8 @@ def _config(objects: list[dict]) -> dict:
 
 
 def test_worker_deployment_has_a_gpu_probes_and_a_grace_longer_than_a_batch():
+    from shared.health import CHECK_TIMEOUT_S
+    from workers.supervisor_http import ASK_TIMEOUT_S
     from workers.tasks import INFRA_RETRY_S
     objects = _k8s_objects()
     worker = _worker(objects)
@@ -146,6 +148,9 @@ def test_worker_deployment_has_a_gpu_probes_and_a_grace_longer_than_a_batch():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert container[probe]["httpGet"]["port"] in ("metrics", port)
+        # Longer than an answer may take: a worker's checks, or the supervisor asking each of its workers.
+        timeout = container[probe].get("timeoutSeconds", 1)  # Kubernetes' default
+        assert timeout > max(CHECK_TIMEOUT_S, ASK_TIMEOUT_S), f"{probe}: timeoutSeconds {timeout}"
     # The longest batch: every fetch timing out, then a minute of infrastructure retries.
     longest_batch = INFRA_RETRY_S + 2 * float(config["LANDMARKS_FETCH_TIMEOUT_S"])
     grace = pod["terminationGracePeriodSeconds"]

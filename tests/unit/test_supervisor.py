@@ -172,3 +172,39 @@ def test_a_pod_port_in_use_is_logged_and_the_workers_run_on(tmp_path, caplog):
         assert _serve_pod_view(view, taken.getsockname()[1]) is None
     assert "cannot serve the pod's health and metrics" in caplog.text
     assert _serve_pod_view(view, None) is None
+
+
+def test_ctrl_c_reaches_each_worker_once_through_the_supervisor(tmp_path):
+    """A terminal's Ctrl-C is SIGINT to its whole foreground process group. Workers in the supervisor's group
+    would get it from the terminal and again from the supervisor: Celery's second SIGINT is a cold shutdown."""
+    counting_worker = textwrap.dedent(f"""
+        import os, signal, sys, time
+        out, got = {str(tmp_path)!r}, []
+        signal.signal(signal.SIGINT, lambda *_: got.append(1))
+        open(os.path.join(out, f"started-{{os.getpid()}}"), "w").close()
+        while not got:
+            time.sleep(0.05)
+        time.sleep(1.0)  # a batch committing: a second SIGINT would come now
+        open(os.path.join(out, f"sigints-{{os.getpid()}}-{{len(got)}}"), "w").close()
+    """)
+    parent = textwrap.dedent(f"""
+        import os, signal, sys
+        from workers.supervisor import FORWARDED, Supervisor
+        supervisor = Supervisor(2, [sys.executable, "-c", {counting_worker!r}], dict(os.environ), metrics=False)
+        for signum in FORWARDED:
+            signal.signal(signum, lambda received, _frame: supervisor.forward(received))
+        sys.exit(supervisor.run())
+    """)
+    # A session of its own stands for the terminal's foreground process group.
+    supervisor = subprocess.Popen([sys.executable, "-c", parent], cwd=Path(__file__).parents[2],
+                                  start_new_session=True)
+    try:
+        _wait(lambda: len(_files(tmp_path, "started-")) == 2, "both workers")
+        workers = [int(f.name.split("-")[1]) for f in _files(tmp_path, "started-")]
+        assert all(os.getpgid(pid) == pid for pid in workers)  # each leads a group of its own
+        os.killpg(supervisor.pid, signal.SIGINT)
+        assert supervisor.wait(20) == 0
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+    assert sorted(f.name.rsplit("-", 1)[1] for f in _files(tmp_path, "sigints-")) == ["1", "1"]
