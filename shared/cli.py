@@ -288,15 +288,18 @@ def publish(model: Annotated[Path, typer.Argument(exists=True)],
                 "--shadow", help="run it beside the active version on --share of the photos instead")] = False,
             share: Annotated[float, typer.Option(
                 min=0.0, max=1.0, help="with --shadow: share of photos sampled (0 ends its shadow)")] = 0.1,
+            force: Annotated[bool, typer.Option(
+                "--force", help="activate although photos in the albums have not been through MODEL yet")] = False,
             as_json: JsonFlag = False) -> None:
-    """Publish MODEL: landmarks + version row in PostgreSQL, new Milvus collections, alias swap (or shadow)."""
+    """Publish MODEL: landmarks + version row in PostgreSQL, new Milvus collections, alias swap (or shadow).
+    Activating is refused, as `landmarks promote` is, while photos in the albums have not been through MODEL."""
     if shadow:
         _publish_shadow(model, share, activate, as_json)
         return
     from shared.publish import publish_model
     activate = True if activate is None else activate
     with _publish_refusals(as_json):
-        meta = publish_model(model, _engine(), _index(), activate=activate)
+        meta = publish_model(model, _engine(), _index(), activate=activate, require_coverage=not force)
     _emit({"version": meta.version, "active": activate}, as_json)
 
 

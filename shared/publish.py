@@ -14,7 +14,7 @@ from shared.db.session import transaction
 from shared.db.writer import activate_model_version, register_model_version, stop_shadow_rollout, upsert_landmarks
 from shared.index import CentroidRows, LandmarkIndex, ReferenceRows
 from shared.model import ModelMeta, load_checkpoint
-from shared.rollout import start_shadow, stop_shadow
+from shared.rollout import require_albums_covered, start_shadow, stop_shadow
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,11 @@ def _finite(value):
     return value
 
 
-def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, activate: bool = True) -> ModelMeta:
+def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, activate: bool = True,
+                  require_coverage: bool = False) -> ModelMeta:
+    """Collections and version row; then, with ``activate``, the alias swap and the albums' version. With
+    ``require_coverage`` the activation is refused (RolloutError, the version stays published) while photos
+    in the albums have not been through it, as `landmarks promote` refuses it."""
     _, meta, gallery = load_checkpoint(model_path)
     if not gallery.get("landmarks"):
         raise ValueError(f"{model_path} has no gallery (centroids and references): build it first")
@@ -82,6 +86,8 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
                                checkpoint=str(model_path.resolve()), metrics=model_metrics(meta),
                                activate=False)
     if activate:
+        if require_coverage:
+            require_albums_covered(meta.version, engine)
         activate_version(meta.version, engine, index)
     log.info("published model %s (%d landmarks)", meta.version, len(gallery["landmarks"]))
     return meta

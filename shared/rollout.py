@@ -85,7 +85,7 @@ def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str 
             raise RolloutError(f"model version {version!r} is not registered: `landmarks publish MODEL` first")
     _require_published(version, index)
     if require_coverage:
-        _require_albums_covered(version, engine)
+        require_albums_covered(version, engine)
     previous = _active(engine)
     alias = index.active_version()
     if previous == version and alias == version:
@@ -129,7 +129,8 @@ def uncovered_photos(candidate: str, engine: Engine) -> int:
         return session.scalar(text(UNCOVERED_SQL), {"candidate": candidate})
 
 
-def _require_albums_covered(candidate: str, engine: Engine) -> None:
+def require_albums_covered(candidate: str, engine: Engine) -> None:
+    """RolloutError while photos in the active version's albums have not been through ``candidate``."""
     uncovered = uncovered_photos(candidate, engine)
     if uncovered:
         raise RolloutError(

@@ -158,6 +158,29 @@ def test_publish_is_recorded_too(versions, engine, index, photos, tmp_path):
     assert _active(engine, index) == (a, a)
 
 
+def test_cli_publish_activates_a_new_version_only_once_the_albums_are_covered(versions, env, engine, index, photos,
+                                                                             tmp_path):
+    """`landmarks publish` activates by default: like promote, it must not empty the albums of the photos the
+    new version has not seen. Refused, the version stays published for a shadow run."""
+    import json
+    import subprocess
+    import sys
+    a = versions["A"]
+    rollout.promote(a, engine, index, force=True)
+    _write(engine, a, [_outcome(f"pub_{uuid.uuid4().hex[:6]}", "p1", 1)])
+    d = f"ro_d_{uuid.uuid4().hex[:6]}"
+    model = str(fleet.build_model(photos, tmp_path, d))
+    refused = subprocess.run([sys.executable, "-m", "shared.cli", "publish", model, "--json"], env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    answer = json.loads(refused.stdout.strip().splitlines()[-1])
+    assert "have not been through" in answer["error"] and f"shadow start {d}" in answer["error"]
+    assert _active(engine, index) == (a, a) and d in {v["version"] for v in rollout.versions(engine, index)}
+    assert _landmarks(env, "publish", model, "--force")["active"]
+    assert _active(engine, index) == (d, d)
+    rollout.promote(a, engine, index, force=True)
+
+
 def test_cli_promote_rollback_versions(versions, env, engine, index):
     a, b = versions["A"], versions["B"]
     code, out = fleet.ops_cli(env, "promote", b, "--force")
