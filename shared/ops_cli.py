@@ -234,7 +234,10 @@ def _worker_readiness(url: str | None, timeout: float) -> dict:
     import urllib.request
 
     from shared.metrics import DEFAULT_PORT, configured_port
-    base = url or f"http://127.0.0.1:{configured_port() or DEFAULT_PORT}"
+    try:
+        base = url or f"http://127.0.0.1:{configured_port() or DEFAULT_PORT}"
+    except ValueError as exc:  # names LANDMARKS_METRICS_PORT and what it accepts
+        return {"ok": False, "error": str(exc)}
     try:
         with urllib.request.urlopen(base.rstrip("/") + "/readyz", timeout=timeout * 2) as response:
             return json.loads(response.read())
