@@ -209,7 +209,7 @@ def _process_or_isolate(events: list[PhotoUploaded], attempts: dict[str, int]) -
         if _device_fault(exc.__cause__):
             _give_up_the_device(events, exc, attempts)
         if len(events) == 1:
-            _record_unexpected(events[0], f"processing failed unexpectedly: {exc}")
+            _record_unexpected(events[0], f"processing failed unexpectedly: {exc}", attempts)
             return
     log.warning("processing the %d events of the failed batch one by one", len(events))
     for event in events:
@@ -234,14 +234,14 @@ def _give_up_the_device(events: list[PhotoUploaded], exc: Unexpected, attempts: 
     os._exit(75)
 
 
-def _record_unexpected(event: PhotoUploaded, reason: str) -> None:
+def _record_unexpected(event: PhotoUploaded, reason: str, attempts: dict[str, int]) -> None:
     try:
         done = _with_retries(lambda: _record_failure(event.model_dump(mode="json"), UPLOADED, reason),
                              "recording a failure")
     except Unexpected:
         done = False
     if not done:
-        _hand_back([event], {})
+        _hand_back([event], attempts)
 
 
 def _record_failure(payload: Any, task: str, reason: str) -> None:

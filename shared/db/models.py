@@ -102,6 +102,9 @@ class Photo(Base):
     gps_source: Mapped[str | None] = mapped_column(Text, comment="exif | event")
     processed_at: Mapped[datetime | None] = mapped_column(comment="When the last event for this photo was applied")
     deleted_at: Mapped[datetime | None] = mapped_column(comment="When the photo was deleted")
+    upload_replaced: Mapped[bool] = mapped_column(
+        server_default=text("false"),
+        comment="Whether the last upload written replaced another one (every version's tags of it were dropped)")
 
 
 class PhotoTag(Base):

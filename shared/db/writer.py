@@ -21,7 +21,7 @@ from shared.db.models import (
     ShadowPhoto,
     ShadowRollout,
 )
-from shared.events import PhotoDeleted, PhotoUploaded, event_key, payload_summary, safe_field
+from shared.events import PhotoDeleted, event_key, payload_summary, safe_field
 from shared.outcomes import PhotoOutcome, PhotoStatus
 
 MAX_PAYLOAD_CHARS = 8 * 1024
@@ -55,8 +55,8 @@ CLAIM_EVENTS = text("""
 # upload it was queued for, and a handed-back event comes back 30 s late, both possibly after a re-upload.
 # And a failure never replaces a verdict on the same upload: a backfill that meets a storage outage leaves
 # the photo's tags as they were (its failure is recorded all the same).
-# `replaced` says the row held another upload before: the subquery reads the table as it was before this
-# statement, which never sees its own changes.
+# upload_replaced says the row held another upload before; DO UPDATE SET reads the row it locked, the latest
+# committed one (a subquery would read this statement's snapshot, blind to an upload committed meanwhile).
 UPSERT_PHOTOS = text("""
     INSERT INTO photos (user_id, photo_id, uri, uploaded_at, status, model_version, gps_lat, gps_lon,
                         gps_source, processed_at)
@@ -67,14 +67,12 @@ UPSERT_PHOTOS = text("""
     ON CONFLICT (user_id, photo_id) DO UPDATE SET
         uri = EXCLUDED.uri, uploaded_at = EXCLUDED.uploaded_at, status = EXCLUDED.status,
         model_version = EXCLUDED.model_version, gps_lat = EXCLUDED.gps_lat, gps_lon = EXCLUDED.gps_lon,
-        gps_source = EXCLUDED.gps_source, processed_at = EXCLUDED.processed_at
+        gps_source = EXCLUDED.gps_source, processed_at = EXCLUDED.processed_at,
+        upload_replaced = (photos.uri, photos.uploaded_at) IS DISTINCT FROM (EXCLUDED.uri, EXCLUDED.uploaded_at)
     WHERE photos.status <> 'deleted' AND (photos.uploaded_at IS NULL OR EXCLUDED.uploaded_at >= photos.uploaded_at)
       AND NOT (EXCLUDED.status = 'failed' AND photos.status IN ('tagged', 'no_landmark')
                AND photos.uri = EXCLUDED.uri AND photos.uploaded_at = EXCLUDED.uploaded_at)
-    RETURNING user_id, photo_id, coalesce(
-        (SELECT (before.uri, before.uploaded_at) IS DISTINCT FROM (photos.uri, photos.uploaded_at)
-         FROM photos AS before WHERE before.user_id = photos.user_id AND before.photo_id = photos.photo_id),
-        false) AS replaced""")
+    RETURNING user_id, photo_id, upload_replaced AS replaced""")
 # This version's tags of the applied photos; every version's where the photo now holds another upload: a
 # rollback, or promoting a shadow, would otherwise show the old picture's landmarks on the new one.
 CLEAR_TAGS = text("""
@@ -83,6 +81,15 @@ CLEAR_TAGS = text("""
     WHERE t.user_id = r->>0 AND t.photo_id = r->>1
       AND (t.model_version = :model_version OR CAST(r->>2 AS boolean))""")
 # A shadow's verdict on the old upload is no verdict on the new one (`landmarks compare` counts it as seen).
+# The shadow's photos that hold the upload its events carry (uploaded_at cast as the upsert casts it), share-
+# locked in a fixed order: a concurrent deletion waits for the shadow's transaction, then drops its tags too.
+LOCK_SAME_UPLOADS = text("""
+    SELECT p.user_id, p.photo_id
+    FROM photos p
+    JOIN jsonb_array_elements(CAST(:rows AS jsonb)) AS r ON p.user_id = r->>0 AND p.photo_id = r->>1
+    WHERE p.status <> 'deleted' AND p.uri = r->>2 AND p.uploaded_at = CAST(r->>3 AS timestamptz)
+    ORDER BY p.user_id, p.photo_id
+    FOR SHARE OF p""")
 FORGET_SHADOW_VERDICTS = text("""
     DELETE FROM shadow_photos
     WHERE (user_id, photo_id) IN (SELECT r->>0, r->>1 FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS t(r))""")
@@ -406,16 +413,8 @@ def write_shadow_outcomes(session: Session, version: str, outcomes: list[PhotoOu
     # that a live batch and this one never wait on each other crosswise.
     session.execute(text("SELECT album_stats_lock_users(:users)"),
                     {"users": sorted({user_id for user_id, _ in by_photo})})
-    # Shared row locks, in a fixed order: a concurrent deletion waits for this transaction, then drops
-    # these tags with all the others.
-    live = session.execute(
-        select(photos.c.user_id, photos.c.photo_id, photos.c.uri, photos.c.uploaded_at)
-        .where(tuple_(photos.c.user_id, photos.c.photo_id).in_(sorted(by_photo)),
-               photos.c.status != PhotoStatus.DELETED.value)
-        .order_by(photos.c.user_id, photos.c.photo_id)
-        .with_for_update(read=True)
-    ).all()
-    keys = [(r.user_id, r.photo_id) for r in live if _same_upload(r, by_photo[(r.user_id, r.photo_id)].event)]
+    rows = [(user_id, photo_id, o.event.uri, o.event.uploaded_at) for (user_id, photo_id), o in sorted(by_photo.items())]
+    keys = [(r.user_id, r.photo_id) for r in session.execute(LOCK_SAME_UPLOADS, {"rows": _json_rows(rows)})]
     if not keys:
         return set()
     session.execute(
@@ -438,10 +437,6 @@ def write_shadow_outcomes(session: Session, version: str, outcomes: list[PhotoOu
     session.execute(seen.on_conflict_do_update(index_elements=["user_id", "photo_id", "model_version"],
                                                set_={"processed_at": func.now()}))
     return set(keys)
-
-
-def _same_upload(row: Any, event: PhotoUploaded) -> bool:
-    return row.uri == event.uri and row.uploaded_at == event.uploaded_at
 
 
 def _shadow_runs(session: Session, version: str) -> bool:

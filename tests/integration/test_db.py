@@ -326,6 +326,56 @@ def test_a_shadow_verdict_on_an_upload_the_photo_no_longer_holds_is_not_written(
         [("v1", 3), ("v2", 3)]
 
 
+def test_a_shadow_verdict_on_an_event_without_a_utc_offset_is_written(world):
+    """The upload pipeline may send uploaded_at without an offset: stored as PostgreSQL reads it, the same
+    upload must still be recognised as the same for the shadow."""
+    writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
+    naive = tagged("n1", (3, 0.8), minutes=5, event="naive")
+    naive.event = naive.event.model_copy(update={"uploaded_at": naive.event.uploaded_at.replace(tzinfo=None)})
+    writer.write_outcomes(world, "v1", [naive])
+    writer.start_shadow_rollout(world, "v2", 1.0, "test")
+    assert writer.write_shadow_outcomes(world, "v2", [naive]) == {("alice", "n1")}
+
+
+def test_an_upload_committed_while_a_batch_waits_for_the_row_is_still_seen_as_replaced(engine):
+    """Batch A's statement starts, then waits for alice, whom another transaction holds; meanwhile batch B
+    writes the first upload of bob's photo in A's batch, with a tag. A replaces B's upload: B's tags of the
+    old picture must go, although A's statement began before B's upload existed."""
+    import threading
+
+    with transaction(engine) as s:
+        writer.upsert_landmarks(s, LANDMARKS)
+        writer.register_model_version(s, "vr", activate=True, **_model_args())
+        writer.register_model_version(s, "vs", **_model_args(checkpoint="/m/vs.pt"))
+        writer.write_outcomes(s, "vr", [tagged("a", (1, 0.9), minutes=1, event="r-a1")])
+    holder = Session(bind=engine)
+    done: list[int] = []
+    try:
+        holder.execute(text("UPDATE photos SET processed_at = now() WHERE photo_id = 'a'"))  # holds row a
+
+        def batch_a() -> None:
+            with transaction(engine) as s:
+                done.append(writer.write_outcomes(s, "vr", [tagged("a", (1, 0.9), minutes=4, event="r-a4"),
+                                                            tagged("b", user="bob", minutes=4, event="r-b4")]))
+
+        waiting = threading.Thread(target=batch_a)
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive(), "batch A did not wait for alice"
+        with transaction(engine) as s:  # batch B, under another version: the old picture, tagged
+            writer.write_outcomes(s, "vs", [tagged("b", (3, 0.8), user="bob", minutes=1, event="s-b1")])
+        holder.commit()
+        waiting.join(10)
+        assert done == [2]
+        with transaction(engine) as s:
+            assert s.execute(text("SELECT uploaded_at, upload_replaced FROM photos WHERE photo_id = 'b'")).one() == \
+                (T0 + timedelta(minutes=4), True)
+            assert s.scalar(text("SELECT count(*) FROM photo_tags WHERE photo_id = 'b'")) == 0
+    finally:
+        holder.close()
+        _truncate(engine)
+
+
 def test_reprocessing_replaces_tags_of_that_version(world):
     writer.write_outcomes(world, "v1", [tagged("p1", (1, 0.9), (2, 0.6), event="first")])
     writer.write_outcomes(world, "v1", [tagged("p1", (3, 0.7), event="second")])
@@ -640,6 +690,9 @@ def test_album_summaries_survive_activation_changes(world):
     assert albums.attractions(world, "alice") == []
 
 
+UPLOAD_REPLACED_0006 = "ALTER TABLE photos ADD COLUMN upload_replaced boolean NOT NULL DEFAULT false"
+
+
 def test_album_summaries_are_rebuilt_by_the_migration(database_url, engine):
     with transaction(engine) as s:
         writer.upsert_landmarks(s, LANDMARKS)
@@ -649,8 +702,10 @@ def test_album_summaries_are_rebuilt_by_the_migration(database_url, engine):
     try:
         migrate.downgrade(database_url, "0002")
         with transaction(engine) as s:  # written while no trigger kept the summaries
+            s.execute(text(UPLOAD_REPLACED_0006))  # today's writer writes today's photos columns
             writer.write_outcomes(s, "vm", [tagged("p8", (3, 0.95), minutes=8)])
             writer.delete_photo(s, PhotoDeleted(event_id="d-p4", user_id="alice", photo_id="p4"))
+            s.execute(text("ALTER TABLE photos DROP COLUMN upload_replaced"))  # 0006 adds it back
         migrate.upgrade(database_url, "head")
         with transaction(engine) as s:
             assert summary(s) == [("Paris", 2, 2, [("Eiffel Tower", 2, "p1"), ("Louvre", 1, "p1")]),
