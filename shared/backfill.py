@@ -177,6 +177,9 @@ class BackfillResult:
     paused_s: float
     already_done: bool = False  # the job was done before this run: it sent nothing (--restart to redo it)
     finished_at: datetime | None = None
+    # Set when another version became active during the run (status "version_changed"): the job stopped,
+    # since its photos were chosen for model_version; it resumes if that version is active again.
+    active_version: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -241,6 +244,12 @@ def _enqueue(engine: Engine, send: Sender, scope: Scope, version: str, job: dict
             query = query.where(tuple_(p.user_id, p.photo_id) > tuple_(*cursor))
         with transaction(engine) as session:
             rows = session.execute(query).all()
+            active = active_model_version(session)
+        if active is None or active.version != version:  # a promote or rollback while it ran
+            _save(engine, name, cursor, unsaved)
+            result.status, result.active_version = "version_changed", active.version if active else None
+            log.warning("backfill %s stopped: the active version is now %s", name, result.active_version)
+            return
         if not rows:
             _save(engine, name, cursor, unsaved, done=True)
             result.status = "done"

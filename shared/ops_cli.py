@@ -171,6 +171,10 @@ def register(cli: typer.Typer) -> None:
                                   max_backfill_backlog=max_backfill_backlog, progress=progress)
         except (LookupError, BackfillRefused, *_refusals()) as exc:
             _fail(str(exc), as_json)
+        if result.status == "version_changed":
+            _fail(f"backfill {result.name} stopped after {result.enqueued} events this run: the active version is "
+                  f"now {result.active_version}, not {result.model_version}; run the backfill again for it",
+                  as_json, **result.as_dict())
         if result.already_done:  # on stderr, which the operator reads with or without --json
             at = result.finished_at.isoformat(timespec="seconds") if result.finished_at else "an unknown time"
             typer.echo(f"job {result.name} already done: {result.enqueued_total} photos enqueued at {at}; "

@@ -171,6 +171,31 @@ def test_a_second_run_of_a_running_job_is_refused_and_nothing_is_sent_twice(vers
         _drop_queue(broker_url, env)
 
 
+def test_a_run_stops_when_another_version_becomes_active_and_resumes_when_it_is_back(versions, engine):
+    """Its photos were chosen for the version active when it began (those that version had not processed):
+    after a rollback mid-run it would go on sending them for a version the workers no longer run."""
+    v1, v2 = versions["V1"], versions["V2"]
+    user = _user("bjv")
+    _library(engine, v1, user, 5)
+    _activate(engine, v2)
+    sent: list[dict] = []
+
+    def send_and_roll_back(event: dict) -> None:
+        sent.append(event)
+        if len(sent) == 1:
+            _activate(engine, v1)
+
+    try:
+        stopped = run_backfill(engine, send_and_roll_back, Scope(user=user), chunk=2)
+        assert (stopped.status, stopped.active_version, stopped.enqueued) == ("version_changed", v1, 2)
+        _activate(engine, v2)
+        resumed = run_backfill(engine, sent.append, Scope(user=user), chunk=2)
+        assert (resumed.name, resumed.status, resumed.enqueued_total) == (stopped.name, "done", 5)
+        assert sorted(e["photo_id"] for e in sent) == ["p0", "p1", "p2", "p3", "p4"]
+    finally:
+        _activate(engine, v2)
+
+
 # --- 3. --failed after a storage outage -------------------------------------------------------------------
 
 def test_failed_scope_finds_photos_whose_retry_failed_behind_an_old_verdict(versions, engine):
