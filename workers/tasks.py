@@ -154,24 +154,26 @@ def _republish_or_exit(publish: Callable[[], T], what: str) -> T:
 def _hand_back(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
     """Re-publish, then let the originals be acknowledged: at-least-once, and the writer is idempotent."""
     _observe(metrics.observe_handed_back, len(events))
-    _send_again(events, lambda event: 30, lambda event: attempts.get(event.event_id, 0))
+    _send_again([(event, 30.0, attempts.get(event.event_id, 0)) for event in events])
 
 
 def _try_fetching_later(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
     """Send again the events whose photo the storage did not serve, each after twice its last wait."""
     _observe(metrics.observe_fetch_retries, len(events))
-    first, attempt = _settings.fetch_retry_delay_s, lambda event: attempts.get(event.event_id, 0)
-    _send_again(events, lambda event: min(first * 2 ** attempt(event), MAX_FETCH_RETRY_WAIT_S),
-                lambda event: attempt(event) + 1)
+    sends = []
+    for event in events:
+        made = attempts.get(event.event_id, 0)
+        sends.append((event, min(_settings.fetch_retry_delay_s * 2 ** made, MAX_FETCH_RETRY_WAIT_S), made + 1))
+    _send_again(sends)
 
 
-def _send_again(events: list[PhotoUploaded], wait_s: Callable[[PhotoUploaded], float],
-                fetch_attempts: Callable[[PhotoUploaded], int]) -> None:
+def _send_again(sends: list[tuple[PhotoUploaded, float, int]]) -> None:
+    """(event, countdown in seconds, fetch attempts made) for each event to publish again."""
     def publish() -> None:
-        for event in events:
-            app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=wait_s(event),
-                          queue=_queue_of(event), headers={FETCH_ATTEMPTS_HEADER: fetch_attempts(event)})
-    _republish_or_exit(publish, f"{len(events)} events")
+        for event, wait_s, fetch_attempts in sends:
+            app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=wait_s,
+                          queue=_queue_of(event), headers={FETCH_ATTEMPTS_HEADER: fetch_attempts})
+    _republish_or_exit(publish, f"{len(sends)} events")
 
 
 def _queue_of(event: PhotoUploaded) -> str | None:
