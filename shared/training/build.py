@@ -98,6 +98,10 @@ def fingerprint(ds: Dataset, cfg: BuildConfig, init: Path | None) -> dict[str, s
     files = hashlib.sha256()
     for name in TRAINING_FILES:
         files.update(name.encode() + b"\0" + (ds.root / name).read_bytes())
+    # A photo replaced under the same name changes no csv, so each photo's size and mtime count too:
+    # a stat per file where hashing every photo's bytes would read the whole dataset at each start.
+    for photo in ds.train + ds.references:
+        files.update(_file_identity(photo.path))
     training = {k: v for k, v in asdict(cfg).items() if k not in POST_TRAINING_FIELDS}
     training["store_size"] = store_size(cfg)
     config = hashlib.sha256(json.dumps(_jsonable(training), sort_keys=True).encode())
@@ -106,6 +110,14 @@ def fingerprint(ds: Dataset, cfg: BuildConfig, init: Path | None) -> dict[str, s
         with init.open("rb") as handle:
             weights = hashlib.file_digest(handle, "sha256").hexdigest()
     return {"dataset": files.hexdigest(), "config": config.hexdigest(), "init": weights}
+
+
+def _file_identity(path: Path) -> bytes:
+    try:
+        stat = path.stat()
+    except OSError:
+        return b"missing\0"  # the csv rows (hashed above) say which photo this is, in order
+    return f"{stat.st_size}\0{stat.st_mtime_ns}\0".encode()
 
 
 @dataclass
@@ -281,8 +293,8 @@ class Builder:
         if recorded is None:
             return "it does not record what it was trained from (an older build)"
         changed = [part for part, digest in self.fingerprint.items() if recorded.get(part) != digest]
-        names = {"dataset": "dataset (landmarks, train or references csv)", "config": "training config",
-                 "init": "init weights"}
+        names = {"dataset": "dataset (landmarks, train or references csv, or their photo files)",
+                 "config": "training config", "init": "init weights"}
         return f"what it was trained from has changed: {', '.join(names[c] for c in changed)}" if changed else ""
 
     def run_stage(self, stage: int) -> None:

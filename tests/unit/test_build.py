@@ -165,6 +165,15 @@ def test_the_fingerprint_tells_the_dataset_the_config_and_the_init_weights_apart
     assert changed(fingerprint(load_dataset(world), TINY, a)) == {"dataset"}
 
 
+def test_a_photo_replaced_under_the_same_name_changes_the_dataset_fingerprint(world):
+    data = load_dataset(world)
+    before = fingerprint(data, TINY, None)
+    photo = data.train[0].path
+    other = next(p.path for p in data.train if p.path.read_bytes() != photo.read_bytes())
+    photo.write_bytes(other.read_bytes())  # no csv changes: only the pixels behind the name
+    assert fingerprint(load_dataset(world), TINY, None)["dataset"] != before["dataset"]
+
+
 # --- stored size (4) ---------------------------------------------------------------------------------
 
 def test_training_and_reference_photos_are_stored_at_least_at_the_input_size(world, tmp_path):
