@@ -17,12 +17,16 @@ from shared.errors import DecodeError
 from shared.events import GeoPoint
 
 pillow_heif.register_heif_opener()
+# _open checks every photo against the worker's own limit (LANDMARKS_MAX_IMAGE_PIXELS); Pillow's fixed one
+# would refuse photos above 179 MP whatever the setting says, and warn on stderr above 89 MP.
+Image.MAX_IMAGE_PIXELS = None
 
 # Only formats photos arrive in: Image.open would otherwise also try EPS (runs Ghostscript) and friends.
 # MPO (multi-picture JPEG) has no opener of its own; the JPEG opener returns it.
 Image.init()
 FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "HEIF", "AVIF", "BMP", "TIFF") if f in Image.OPEN)
 _JPEG_FORMATS = ("JPEG", "MPO")
+_BOX_FORMATS = ("HEIF", "AVIF")  # ISO base media files: a sequence of sized boxes
 
 # What Pillow and pillow_heif raise on corrupt or truncated data.
 _DECODE_ERRORS = (
@@ -106,8 +110,11 @@ def decode_image(data: bytes, *, size: int, max_pixels: int) -> DecodedImage:
     img = _open(data, max_pixels)
     fmt = img.format or "unknown"
     width, height = img.size
+    if fmt in _BOX_FORMATS and not _boxes_are_whole(data):
+        raise DecodeError("corrupt image: truncated HEIF (its last box ends past the end of the file)")
     exif = _exif(img)
-    orientation = _orientation(exif)
+    # Pillow turns a TIFF itself (its size at open is already turned); pillow_heif clears the tag.
+    orientation = 1 if fmt == "TIFF" else _orientation(exif)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     try:
@@ -117,7 +124,7 @@ def decode_image(data: bytes, *, size: int, max_pixels: int) -> DecodedImage:
         img.load()
         if orientation in _TRANSPOSE:
             img = img.transpose(_TRANSPOSE[orientation])
-        pixels = _square(_to_rgb(img), size)
+        pixels = _square_rgb(img, size)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -149,6 +156,22 @@ def _open(data: bytes, max_pixels: int) -> Image.ImageFile.ImageFile:
     return img
 
 
+def _boxes_are_whole(data: bytes) -> bool:
+    """Whether every top-level box of an ISO base media file (HEIF, AVIF) ends within the data. A HEIC cut
+    short in transit decodes without an error, its missing tiles made up, so the cut is found here."""
+    offset, end = 0, len(data)
+    while end - offset >= 8:
+        size = int.from_bytes(data[offset:offset + 4], "big")
+        if size == 1 and end - offset >= 16:  # a 64-bit size follows the type
+            size = int.from_bytes(data[offset + 8:offset + 16], "big")
+        elif size == 0:  # the box runs to the end of the file
+            return True
+        if size < 8 or offset + size > end:
+            return False
+        offset += size
+    return True
+
+
 def _exif(img: Image.Image) -> Image.Exif | None:
     try:
         return img.getexif()
@@ -164,18 +187,19 @@ def _orientation(exif: Image.Exif | None) -> int:
         return 1
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _square_rgb(img: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 RGB of the image's centre square."""
     mode = img.mode
-    if mode == "RGB":
-        return img
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(img)), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        # Transparent pixels would otherwise show whatever colour they happen to store.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+        img = Image.fromarray(_to_uint8(np.asarray(img)), "L")
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        # Transparent pixels would otherwise show whatever colour they happen to store. Composited over
+        # white after the resize (Pillow resizes RGBA premultiplied), so a 100 MP PNG costs one full-size
+        # copy, not four.
+        small = _square(img if mode == "RGBA" else img.convert("RGBA"), size)
+        background = Image.new("RGBA", small.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(background, small).convert("RGB"), dtype=np.uint8)
+    return np.array(_square(img if img.mode == "RGB" else img.convert("RGB"), size), dtype=np.uint8)
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -186,14 +210,13 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def _square(img: Image.Image, size: int) -> np.ndarray:
+def _square(img: Image.Image, size: int) -> Image.Image:
     """Shorter side to `size`, centre crop, in one resample."""
     width, height = img.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     box = (left, top, left + side, top + side)
-    resized = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
-    return np.array(resized, dtype=np.uint8)
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
 
 
 def _message(exc: BaseException) -> str:
@@ -207,6 +230,8 @@ def exif_gps(exif: Mapping[int, Any] | Image.Exif | None) -> GeoPoint | None:
         gps = _gps_ifd(exif)
         if not gps:
             return None
+        if _text(gps.get(9)) == "V":
+            return None  # GPSStatus "void": the receiver had no fix, the position is a stale one
         lat = _coordinate(gps.get(2), gps.get(1), positive="N", negative="S")
         lon = _coordinate(gps.get(4), gps.get(3), positive="E", negative="W")
         if lat is None or lon is None or (lat == 0.0 and lon == 0.0):
@@ -229,16 +254,21 @@ def _coordinate(value: Any, ref: Any, *, positive: str, negative: str) -> float 
     degrees = _dms(value)
     if degrees is None:
         return None
-    if isinstance(ref, bytes):
-        ref = ref.decode("ascii", "replace")
-    if ref is None:
-        ref = ""  # A missing reference is read as N or E.
-    ref = ref.strip("\x00 ").upper() if isinstance(ref, str) else None
+    ref = _text(ref)  # A missing reference ("") is read as N or E.
     if ref in ("", positive):
         return degrees
     if ref == negative:
         return -degrees
     return None  # A reference that is neither N/S (or E/W) leaves the sign unknown.
+
+
+def _text(value: Any) -> str | None:
+    """An EXIF ASCII tag, stripped and upper-cased: "" when absent, None when it is not text."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return value.strip("\x00 ").upper() if isinstance(value, str) else None
 
 
 def _dms(value: Any) -> float | None:

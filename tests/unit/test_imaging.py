@@ -142,6 +142,22 @@ def test_exif_orientation(orientation: int, red_corner: str, swapped: bool) -> N
     assert (wide.width, wide.height) == ((120, 160) if swapped else (160, 120))
 
 
+@pytest.mark.parametrize(
+    ("orientation", "red_corner", "swapped"),
+    [(1, "tl", False), (3, "br", False), (6, "tr", True), (8, "bl", True)],
+)
+def test_tiff_orientation_is_applied_once(orientation: int, red_corner: str, swapped: bool) -> None:
+    # Pillow turns a TIFF itself as it loads it: turned again, a 6 came out upside down and unswapped.
+    def tiff(img: Image.Image) -> bytes:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        return encode(img, "TIFF", exif=exif)
+    colours = corner_colours(decode(tiff(quadrant())).pixels)
+    assert [name for name, colour in colours.items() if is_red(colour)] == [red_corner]
+    wide = decode(tiff(gradient(160, 120)))
+    assert (wide.width, wide.height) == ((120, 160) if swapped else (160, 120))
+
+
 @pytest.mark.parametrize("orientation", [0, 9, 65535])
 def test_invalid_orientation_is_ignored(orientation: int) -> None:
     out = decode(with_exif(gradient(160, 120), orientation=orientation))
@@ -194,6 +210,16 @@ def test_alpha_is_composited_on_white(mode: str) -> None:
     assert tuple(out.pixels[SIZE // 2, -1]) == (0, 0, 0)
 
 
+def test_transparent_pixels_lend_no_colour_to_their_neighbours() -> None:
+    # Transparent pixels that store red beside opaque blue: resized without premultiplied alpha, the
+    # border would come out pink. Over white it must blend white and blue only (red == green).
+    array = np.zeros((300, 300, 4), dtype=np.uint8)
+    array[:, :, 0], array[:, 150:] = 255, (0, 0, 255, 255)
+    out = decode(encode(Image.fromarray(array, "RGBA"), "PNG"), size=48)
+    assert np.abs(out.pixels[..., 0].astype(int) - out.pixels[..., 1]).max() <= 2
+    assert tuple(out.pixels[24, 0]) == (255, 255, 255) and tuple(out.pixels[24, -1]) == BLUE
+
+
 def test_bilevel() -> None:
     out = decode(encode(Image.new("1", (30, 30), 1), "PNG"))
     assert np.all(out.pixels == 255)
@@ -231,13 +257,21 @@ def test_huge_bomb_refused() -> None:
         decode_image(png_claiming(60000, 60000), size=SIZE, max_pixels=100_000_000)
 
 
-def test_bomb_warning_as_error_is_a_decode_error() -> None:
-    # Someone running with -W error: Pillow's own warning must not escape as a non-DecodeError.
-    data = png_claiming(10000, 10000)  # above Pillow's default warning threshold, below ours
+def test_no_pillow_bomb_warning_below_our_limit() -> None:
+    # Someone running with -W error: Pillow's own warning (above 89 MP) must not refuse a photo that our
+    # limit allows; this one is refused for what it is, a header claiming more than its data.
+    data = png_claiming(10000, 10000)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with pytest.raises(DecodeError, match="decompression bomb"):
+        with pytest.raises(DecodeError, match="corrupt image"):
             decode_image(data, size=SIZE, max_pixels=200_000_000)
+
+
+def test_our_limit_not_pillows_decides_what_is_a_bomb() -> None:
+    # 225 MP is above Pillow's own bomb limit (179 MP): with ours raised to 300 MP the photo is judged
+    # by its data (this one claims more than it holds), not refused as a bomb.
+    with pytest.raises(DecodeError, match="corrupt image"):
+        decode_image(png_claiming(15000, 15000), size=SIZE, max_pixels=300_000_000)
 
 
 def test_header_claiming_more_than_data_is_corrupt() -> None:
@@ -247,6 +281,14 @@ def test_header_claiming_more_than_data_is_corrupt() -> None:
 
 def _jpeg() -> bytes:
     return encode(gradient(160, 120), "JPEG", quality=90)
+
+
+def _noise() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8), "RGB")
+
+
+def _cut(data: bytes, share: float) -> bytes:
+    return data[: int(len(data) * share)]
 
 
 def _corrupt_scan(data: bytes) -> bytes:
@@ -268,9 +310,11 @@ def _corrupt_scan(data: bytes) -> bytes:
         (encode(gradient(), "PNG")[:-40], "corrupt image"),
         (encode(gradient(), "WEBP")[:200], "corrupt image|not an image"),
         (encode(gradient(), "HEIF")[:300], "corrupt image|not an image"),
+        (_cut(encode(_noise(), "HEIF"), 0.5), "corrupt image: truncated HEIF"),  # else decoded, half made up
+        (_cut(encode(_noise(), "HEIF"), 0.99), "corrupt image: truncated HEIF"),
     ],
     ids=["empty", "text", "svg", "eps", "soi-only", "truncated-jpeg", "no-eoi", "corrupt-scan",
-         "truncated-png", "truncated-webp", "truncated-heif"],
+         "truncated-png", "truncated-webp", "truncated-heif-header", "heif-half", "heif-99pc"],
 )
 def test_bad_data_is_decode_error(data: bytes, reason: str) -> None:
     with pytest.raises(DecodeError, match=reason) as info:
@@ -341,6 +385,14 @@ def test_gps_refs_give_signs(lat_ref, lon_ref, sign) -> None:
     assert point is not None
     assert point.lat == pytest.approx(sign[0] * 48.8583, abs=1e-6)
     assert point.lon == pytest.approx(sign[1] * 2.2945, abs=1e-6)
+
+
+@pytest.mark.parametrize(("status", "kept"), [("V", False), (b"V\x00", False), ("A", True), (None, True)])
+def test_a_void_gps_fix_is_no_gps(status, kept: bool) -> None:
+    gps = {1: "N", 2: (48.0, 51.0, 29.88), 3: "E", 4: (2.0, 17.0, 40.2)}
+    if status is not None:
+        gps[9] = status  # GPSStatus: A = measurement active, V = void (a stale, last known position)
+    assert (exif_gps(gps) is not None) == kept
 
 
 def test_gps_from_pillow_exif_object() -> None:

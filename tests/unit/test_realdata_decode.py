@@ -110,3 +110,17 @@ def test_gps_rows_are_covered() -> None:
     no_fix = [r for r in rows if _LAT_LON.search(r["exif_gps"]) and expected_gps(r) is None]
     assert len(with_coordinates) >= 20
     assert len(no_fix) >= 3
+
+
+HEIF_FILES = [p for p in FILES if Path(p).suffix.lower() in (".heic", ".heif", ".avif")]
+
+
+@pytest.mark.parametrize("relative_path", HEIF_FILES)
+def test_a_real_heic_cut_short_is_refused_not_made_up(relative_path: str) -> None:
+    # A phone's HEIC cut in transit decodes without an error, its missing tiles invented; the worker
+    # must record it as corrupt, not tag made-up pixels and mark the event done.
+    data = (REALDATA / relative_path).read_bytes()
+    for share in (0.3, 0.5, 0.9):
+        # "not an image" where the file's index (meta) follows its data and was cut off with it
+        with pytest.raises(DecodeError, match="truncated|not an image"):
+            decode_image(data[: int(len(data) * share)], size=SIZE, max_pixels=MAX_PIXELS)
