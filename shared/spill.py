@@ -28,6 +28,7 @@ import logging
 import mmap
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ PREFIX = "landmarks-decode-"
 # A chunk whose out-of-band buffers total less than this goes down the pipe: a file costs a few system calls.
 MIN_BYTES = 64 * 1024
 _counter = itertools.count()
+# Files named with this process's pid but made before it started are a dead predecessor's: a container
+# restarted in its own pid namespace gives the new worker the old one's pid, while /dev/shm (an emptyDir)
+# outlives the restart. Without this their arena would never be swept nor made again (O_EXCL).
+_STARTED_NS = time.time_ns()
 
 
 class SpillLost(Exception):
@@ -158,7 +163,7 @@ def sweep_stale(directory: str | None) -> int:
     removed = 0
     for path in Path(directory).glob(f"{PREFIX}*"):
         owner = path.name[len(PREFIX):].split("-", 1)[0]
-        if owner.isdigit() and not _running(int(owner)):
+        if owner.isdigit() and _left_behind(path, int(owner)):
             _remove(str(path))
             removed += 1
     if removed:
@@ -171,6 +176,15 @@ def sweep_own(directory: str | None, owner_pid: int) -> None:
     if directory is not None:
         for path in Path(directory).glob(f"{PREFIX}{owner_pid}-*"):
             _remove(str(path))
+
+
+def _left_behind(path: Path, owner: int) -> bool:
+    if owner != os.getpid():
+        return not _running(owner)
+    try:
+        return path.stat().st_mtime_ns < _STARTED_NS
+    except OSError:
+        return False  # gone already
 
 
 def _running(pid: int) -> bool:

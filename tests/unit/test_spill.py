@@ -107,6 +107,20 @@ def test_files_of_stopped_workers_are_swept_and_a_running_one_keeps_its_own(spil
     assert not live.exists() and other.exists()
 
 
+def test_files_of_a_predecessor_with_this_workers_pid_are_swept(spill_dir):
+    # A container restarted in a fresh pid namespace: the new worker has the old one's pid, and /dev/shm
+    # (an emptyDir) kept the old one's arena and spill files.
+    old_arena = spill_dir / f"{spill.PREFIX}{os.getpid()}-arena-0"
+    old_spill = spill_dir / f"{spill.PREFIX}{os.getpid()}-123-0"
+    for path in (old_arena, old_spill):
+        path.write_bytes(b"x")
+        os.utime(path, ns=(spill._STARTED_NS - 10**9, spill._STARTED_NS - 10**9))
+    mine = spill_dir / f"{spill.PREFIX}{os.getpid()}-124-0"  # made since this process started: kept
+    mine.write_bytes(b"x")
+    assert spill.sweep_stale(str(spill_dir)) == 2
+    assert not old_arena.exists() and not old_spill.exists() and mine.exists()
+
+
 def test_ship_keeps_small_results_on_the_pipe_and_round_trips_large_ones(spill_dir):
     small = [np.arange(10, dtype=np.uint8)]
     assert spill.ship(small, str(spill_dir), os.getpid()) is small
