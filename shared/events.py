@@ -7,7 +7,7 @@ import json
 import math
 import reprlib
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -71,7 +71,9 @@ class PhotoUploaded(_Event):
         # Year 1 or 9999 with an offset lands outside what Python can read back from PostgreSQL.
         if not UPLOADED_YEARS[0] <= value.year <= UPLOADED_YEARS[1]:
             raise ValueError(f"year {value.year} is outside {UPLOADED_YEARS[0]}-{UPLOADED_YEARS[1]}")
-        return value
+        # Without an offset it is read as UTC (docs/events.md): left naive, PostgreSQL would read it in its
+        # session's time zone, and comparing it with an aware time of the same photo fails the batch.
+        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 class PhotoDeleted(_Event):

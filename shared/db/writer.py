@@ -125,7 +125,8 @@ def write_outcomes(
     if not by_photo:
         return 0
 
-    _record_failed(session, task, [o for o in by_photo.values() if o.status == PhotoStatus.FAILED])
+    _record_failed(session, task, [o for event_id, o in by_event.items()
+                                   if event_id in claimed and o.status == PhotoStatus.FAILED])
     applied = _upsert_photos(session, model_version, by_photo)
     if not applied:
         return 0
@@ -220,7 +221,16 @@ def delete_photo(session: Session, event: PhotoDeleted) -> bool:
     session.execute(
         delete(photo_tags).where(photo_tags.c.user_id == event.user_id, photo_tags.c.photo_id == event.photo_id)
     )
+    session.execute(FORGET_FAILURE_GPS, {"user_id": event.user_id, "photo_id": event.photo_id})
     return True
+
+
+# Nor do its failures' copies of its events: their gps, or the cut-off text of one too long to keep whole,
+# which may hold it.
+FORGET_FAILURE_GPS = text("""
+    UPDATE failures
+    SET payload = CASE WHEN jsonb_typeof(payload) = 'object' THEN payload - 'gps' - 'truncated' - 'unserialisable' END
+    WHERE user_id = :user_id AND photo_id = :photo_id AND payload IS NOT NULL""")
 
 
 def record_failure(session: Session, *, payload: Any, task: str, stage: str, reason: str) -> None:

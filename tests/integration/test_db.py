@@ -290,6 +290,15 @@ def test_a_failed_retry_of_the_same_upload_keeps_its_verdict_and_is_recorded(wor
     assert world.scalar(text("SELECT count(*) FROM photo_tags WHERE photo_id = 'p1'")) == 0
 
 
+def test_a_failed_upload_superseded_in_its_own_batch_is_still_recorded(world):
+    """Whether the later upload came in the same batch or the next must not decide whether the failure of
+    the earlier one is on record."""
+    batch = [failed("p1", minutes=1, event="broken-first"), tagged("p1", (1, 0.9), minutes=2, event="fixed")]
+    assert writer.write_outcomes(world, "v1", batch) == 1
+    assert world.execute(text("SELECT event_key, stage FROM failures")).all() == [("broken-first", "decode")]
+    assert world.scalar(text("SELECT status FROM photos WHERE photo_id = 'p1'")) == "tagged"
+
+
 def test_a_re_upload_drops_every_versions_tags_of_the_old_picture(world):
     """v1 saw the Eiffel Tower in p1; the user replaced the picture while v2 was active, and v2 saw no landmark
     in the new one. A rollback to v1 must not put the new picture in the Eiffel Tower album."""
@@ -403,6 +412,26 @@ def test_delete_removes_tags_and_resists_resurrection(world):
     assert [r for r in after["processed_events"] if r[0] == "late-upload"]
     after["processed_events"] = [r for r in after["processed_events"] if r[0] != "late-upload"]
     assert after == before
+
+
+def test_a_deleted_photo_keeps_no_location_in_its_failures(world):
+    where = GeoPoint(lat=48.8584, lon=2.2945)
+    fail = PhotoOutcome(event=uploaded("p7", event="gps-fail", gps=where), status=PhotoStatus.FAILED,
+                        failure=Failure(Stage.DECODE, "not an image"))
+    writer.write_outcomes(world, "v1", [fail])
+    long_one = {"event_id": "too-long", "user_id": "alice", "photo_id": "p7", "gps": {"lat": 48.8584, "lon": 2.2945},
+                "pad": "x" * 20_000}
+    writer.record_failure(world, payload=long_one, task="landmarks.photo_uploaded", stage=Stage.VALIDATE, reason="r")
+    other = uploaded("p8", event="other-photo", gps=where)
+    writer.write_outcomes(world, "v1", [PhotoOutcome(event=other, status=PhotoStatus.FAILED,
+                                                     failure=Failure(Stage.DECODE, "not an image"))])
+    assert "48.8584" in str(world.scalar(text("SELECT payload FROM failures WHERE event_key = 'too-long'")))
+
+    writer.delete_photo(world, PhotoDeleted(event_id="del-p7", user_id="alice", photo_id="p7"))
+    payloads = dict(world.execute(text("SELECT event_key, payload FROM failures")).all())
+    assert "48.8584" not in str(payloads["gps-fail"]) and payloads["gps-fail"]["photo_id"] == "p7"
+    assert "48.8584" not in str(payloads["too-long"])
+    assert payloads["other-photo"]["gps"] == {"lat": 48.8584, "lon": 2.2945}  # another photo's: kept
 
 
 def test_delete_before_upload_leaves_a_tombstone(world):

@@ -1,6 +1,7 @@
 """The v1 event contract: required fields, ignored extras, clear reasons for malformed events."""
 
 import sys
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -32,6 +33,17 @@ def test_malformed_events_get_a_clear_reason(payload, words):
     assert info.value.reason.startswith("malformed event")
     for word in words:
         assert word in info.value.reason
+
+
+@pytest.mark.parametrize("stamp", ["2026-11-26T10:00:00", "2026-11-26"])
+def test_an_upload_time_without_an_offset_is_utc(stamp):
+    # Left naive, PostgreSQL would read it in its session's zone, and a naive and an aware time of the
+    # same photo in one batch could not even be compared.
+    event = parse_event(PhotoUploaded, {**GOOD, "uploaded_at": stamp})
+    assert event.uploaded_at.utcoffset() == timedelta(0)
+    assert event.uploaded_at == datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc)
+    aware = parse_event(PhotoUploaded, {**GOOD, "uploaded_at": "2026-11-26T12:00:00+02:00"})
+    assert aware.uploaded_at.utcoffset() == timedelta(hours=2)
 
 
 def test_deleted_event_needs_only_ids():
