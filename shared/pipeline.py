@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -125,8 +125,23 @@ class RecognitionPipeline:
         else:
             eligible = [i for i in range(len(requests)) if i not in sampled]  # the shadow decodes on the CPU
             results, on_device = load_split(self.loader, decoder, self.decode_split, requests, eligible)
+        self._original_where_the_preview_failed(events, requests, results)
         extra = {i: r.extra_pixels for i, r in enumerate(results) if r.extra_pixels is not None}
         return [r.image for r in results], extra, on_device
+
+    def _original_where_the_preview_failed(self, events: list[PhotoUploaded], requests: list[LoadRequest],
+                                           results: list) -> None:
+        """A preview that is missing or unreadable for good (not made yet, say) is no reason to fail the
+        photo: its original is loaded in its place. A transient failure stays, to be tried later."""
+        again = [i for i, (event, result) in enumerate(zip(events, results))
+                 if event.preview_uri and isinstance(result.image, Failure) and not result.image.transient]
+        if not again:
+            return
+        log.info("%d previews could not be used (%s, ...): loading the originals", len(again),
+                 results[again[0]].image.reason)
+        originals = self.loader.load([replace(requests[i], uri=events[i].uri) for i in again])
+        for i, result in zip(again, originals):
+            results[i] = result
 
     def process(self, events: list[PhotoUploaded], may_retry: frozenset[str] = frozenset()) -> BatchReport:
         """Tags, writes and reports the batch. An event in ``may_retry`` (event ids) whose fetch failed

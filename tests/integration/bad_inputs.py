@@ -355,9 +355,20 @@ URI_CASES = [
     uri_case("malformed IPv6 host", lambda ctx: "http://[::1/photo.jpg", failure("fetch", "malformed uri")),
     uri_case("URI of 4096 characters", lambda ctx: _padded((ctx.root / "deep").as_uri(), 4096),
              failure("fetch", "file not found")),
-    Case("preview_uri with an unsupported scheme",
+    # A preview is fetched instead of the original; one that cannot be used for good is no reason to fail the
+    # photo, whose original is fetched in its place.
+    Case("preview_uri used instead of the original",
+         lambda ctx: Send([upload(ctx, (ctx.root / "original_gone.jpg").as_uri(), preview_uri=ctx.good.as_uri())], {}),
+         processed(landmark=True)),
+    Case("preview_uri with an unsupported scheme: the original is used",
          lambda ctx: Send([upload(ctx, ctx.good.as_uri(), preview_uri="ftp://127.0.0.1/p.jpg")], {}),
-         failure("fetch", "unsupported uri scheme", "ftp")),
+         processed(landmark=True)),
+    Case("preview_uri not made yet: the original is used",
+         lambda ctx: Send([upload(ctx, ctx.good.as_uri(), preview_uri=(ctx.root / "no_preview.jpg").as_uri())], {}),
+         processed(landmark=True)),
+    Case("preview_uri and uri both missing",
+         lambda ctx: Send([upload(ctx, (ctx.root / "gone.jpg").as_uri(), preview_uri=(ctx.root / "no.jpg").as_uri())], {}),
+         failure("fetch", "file not found", "gone.jpg")),
     uri_case("NUL inside the file URI", lambda ctx: ctx.good.as_uri() + "\x00.jpg", failure("validate", "uri")),
 ]
 
