@@ -20,6 +20,7 @@ class PhotoError(Exception):
     stage: Stage = Stage.VALIDATE
 
     def __init__(self, reason: str):
+        reason = " ".join(str(reason).split())  # one line, whatever a library's message held
         super().__init__(reason)
         self.reason = reason
 

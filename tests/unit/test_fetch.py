@@ -239,6 +239,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"c" * 10)
             self.close_connection = True
+        elif self.path == "/self":
+            self._redirect("/self")
         elif self.path.startswith("/loop/"):
             self._redirect(f"/loop/{int(self.path.rsplit('/', 1)[1]) + 1}")
         else:
@@ -323,6 +325,13 @@ def test_http_redirects_are_capped(server: str) -> None:
     with pytest.raises(FetchError, match=f"too many redirects \\(more than {fetch.MAX_REDIRECTS}\\)") as info:
         fetch_bytes(f"{server}/loop/0", local_settings())
     assert "\n" not in info.value.reason
+
+
+def test_a_redirect_to_itself_is_a_one_line_reason(server: str) -> None:
+    # urllib's own message spans three lines; a failure reason is one (logs, the failures table).
+    with pytest.raises(FetchError, match="infinite loop") as info:
+        fetch_bytes(f"{server}/self", local_settings())
+    assert "\n" not in info.value.reason and "\n" not in str(info.value)
 
 
 def test_http_404(server: str) -> None:
