@@ -81,13 +81,28 @@ class PipelinedBatches(Batches):
       buffer holds at each tick of a repeating timer, so a tick landing while the consumer is still
       receiving a backlog cut batches short (a mean of 51 of 64);
     - never while every pool thread is busy: it would only queue behind them, while it could still fill.
-    A lone event therefore waits between one and two timer periods."""
+    A lone event therefore waits between one and two timer periods.
+
+    It also raises the prefetch limit by one for each event it holds for its countdown (a photo to fetch
+    again later, a batch handed back in an outage: workers/tasks.py), as Celery's own task strategy does and
+    celery-batches does not. The held events stay unacknowledged, so more of them than the limit (the
+    batches in flight and one filling) had stopped the worker taking live uploads until they were due."""
 
     abstract = True
     _first_buffered_at: float | None = None
+    _consumer: Any = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        # id(request) -> (request, the QoS it raised, by how much): what to lower, and where, once it goes.
+        self._held: dict[int, tuple[Any, Any, int]] = {}
+        self._held_lock = threading.Lock()
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:
+        """Called at each start of the consumer, so after each reconnection to the broker too."""
+        self._restart_flush_timer(consumer)
         handler = super().Strategy(task, app, consumer)
+        self._consumer = consumer  # its `qos` is replaced at each reconnection: read it when needed
 
         def on_message(*args: Any, **kwargs: Any) -> Any:
             if self._buffer.qsize() == 0:
@@ -95,11 +110,39 @@ class PipelinedBatches(Batches):
             return handler(*args, **kwargs)
         return on_message
 
+    def _restart_flush_timer(self, consumer: Any) -> None:
+        """A reconnection clears the event loop's timers, the repeating flush among them, while celery-batches
+        still holds its handle and starts another only when it has none: without this, events buffered or
+        held at the reconnection waited for later messages to flush them, and a lone one for ever."""
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        if self._buffer.qsize() or self._pending.qsize():
+            self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
+
     def _do_flush(self) -> None:
         buffered = self._buffer.qsize()
         if 0 < buffered < self.flush_every and not self._partial_batch_due():
             return  # the timer ticks again
-        super()._do_flush()
+        try:
+            super()._do_flush()
+        finally:
+            self._count_held()  # only celery-batches' _do_flush moves requests into and out of _pending
+
+    def _count_held(self) -> None:
+        """Raises the prefetch limit once for each request that has come to be held, and lowers it by as much
+        for each that has gone (into a batch). State against state rather than event by event, so that no
+        path in or out of _pending can leave the limit raised or lowered for good."""
+        with self._held_lock:
+            with self._pending.mutex:
+                held = {id(request): request for request in self._pending.queue}
+            for gone in self._held.keys() - held.keys():
+                _, qos, raised = self._held.pop(gone)
+                if raised:
+                    qos.decrement_eventually(raised)  # the QoS it raised, even if a reconnection replaced it
+            qos = getattr(self._consumer, "qos", None)
+            for new in held.keys() - self._held.keys():
+                self._held[new] = (held[new], qos, _raise_prefetch(qos))
 
     def _partial_batch_due(self) -> bool:
         saturated = getattr(self._pool, "saturated", None)
@@ -107,3 +150,14 @@ class PipelinedBatches(Batches):
             return False
         first = self._first_buffered_at
         return first is None or time.monotonic() - first >= self.flush_interval
+
+
+def _raise_prefetch(qos: Any) -> int:
+    """Raises a consumer's prefetch limit by one; returns by how much it rose, which is what to lower it by:
+    nothing where it is unlimited (0) or capped (worker_eta_task_limit), where Celery's own strategy would
+    still lower it by one later, and so below where it started."""
+    if qos is None:
+        return 0
+    with qos._mutex:  # re-entrant: increment_eventually takes it too
+        before = qos.value
+        return qos.increment_eventually() - before

@@ -1,14 +1,18 @@
 """How a worker overlaps its batches: the pool knows when every thread is busy, the batch timer then
-keeps a partial batch filling instead of queueing it, liveness watches the oldest running batch, and the
-model is warmed up on every batch thread before the first batch."""
+keeps a partial batch filling instead of queueing it, events held for their countdown raise the prefetch
+limit while held, liveness watches the oldest running batch, and the model is warmed up on every batch
+thread before the first batch."""
 
 from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 from celery import Celery
+from kombu.common import QoS
 
 from shared import metrics
 from workers.pool import BatchPipelinePool, PipelinedBatches, prefetch_multiplier
@@ -112,10 +116,11 @@ _Batches.bind(Celery("worker-pool-tests", set_as_current=False))
 
 
 class _Request:
-    eta = None
+    utc = True
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, due_in_s: float | None = None) -> None:
         self.name = name
+        self.eta = None if due_in_s is None else datetime.now(timezone.utc) + timedelta(seconds=due_in_s)
 
 
 def test_a_partial_batch_waits_for_a_free_thread_and_for_max_wait():
@@ -140,6 +145,105 @@ def test_a_partial_batch_waits_for_a_free_thread_and_for_max_wait():
     batches._pool.busy = False
     batches._do_flush()  # a free thread and max wait passed: the partial batch goes
     assert [r.name for r in batches.flushed[-1]] == ["e"]
+
+
+def _holding(qos: QoS) -> _Batches:
+    batches = _Batches()
+    batches._pool = _Pool(saturated=False)
+    batches._consumer = SimpleNamespace(qos=qos)
+    return batches
+
+
+def _hold(batches: _Batches, requests: list[_Request]) -> None:
+    for request in requests:
+        batches._buffer.put(request)
+    batches._do_flush()
+
+
+def _fall_due(batches: _Batches, requests: list[_Request]) -> None:
+    for request in requests:
+        request.eta = datetime.now(timezone.utc) - timedelta(seconds=1)
+    batches._do_flush()
+
+
+def test_events_held_for_their_countdown_raise_the_prefetch_limit_until_they_go_into_a_batch():
+    """Fetches tried again later and batches handed back in an outage are held, unacknowledged, until due:
+    held beyond the prefetch limit (24 here), they had stopped the worker taking live uploads."""
+    qos = QoS(lambda prefetch_count: None, 24)
+    batches = _holding(qos)
+    retries = [_Request(f"retry{i}", due_in_s=600) for i in range(30)]
+    _hold(batches, retries)
+    assert batches.flushed == [] and qos.value == 24 + 30  # room for live uploads past the 30 held
+
+    _hold(batches, [_Request("live")])
+    assert [[r.name for r in b] for b in batches.flushed] == [["live"]]
+    assert qos.value == 24 + 30
+
+    _fall_due(batches, retries[:10])
+    assert qos.value == 24 + 20  # ten went into a batch
+    _fall_due(batches, retries[10:])
+    assert sorted(r.name for b in batches.flushed[1:] for r in b) == sorted(r.name for r in retries)
+    assert qos.value == 24  # back where it started: no drift either way
+
+
+def test_the_prefetch_limit_comes_back_to_where_it_was_when_capped_or_after_a_reconnection():
+    # worker_eta_task_limit caps the raise: lowering by one per event anyway would end below 24.
+    capped = QoS(lambda prefetch_count: None, 24, max_prefetch=30)
+    batches = _holding(capped)
+    retries = [_Request(f"retry{i}", due_in_s=600) for i in range(10)]
+    _hold(batches, retries)
+    assert capped.value == 30
+    _fall_due(batches, retries)
+    assert capped.value == 24
+
+    # A reconnection gives the consumer a new QoS: each event is lowered where it was raised.
+    before = QoS(lambda prefetch_count: None, 24)
+    batches = _holding(before)
+    old = [_Request(f"old{i}", due_in_s=600) for i in range(5)]
+    new = [_Request(f"new{i}", due_in_s=600) for i in range(3)]
+    _hold(batches, old)
+    after = batches._consumer.qos = QoS(lambda prefetch_count: None, 24)
+    _hold(batches, new)
+    assert (before.value, after.value) == (29, 27)
+    _fall_due(batches, old + new)
+    assert (before.value, after.value) == (24, 24)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.repeating: list = []
+
+    def call_repeatedly(self, seconds, fn):
+        entry = SimpleNamespace(fn=fn, cancelled=False)
+        entry.cancel = lambda: setattr(entry, "cancelled", True)
+        self.repeating.append(entry)
+        return entry
+
+
+def _consumer(timer: _Timer) -> SimpleNamespace:
+    pool = SimpleNamespace(apply_async=None)  # what celery-batches' request class reads; flush is replaced
+    return SimpleNamespace(pool=pool, hostname="test", event_dispatcher=None, connection_errors=(), timer=timer,
+                           qos=QoS(lambda prefetch_count: None, 24))
+
+
+def test_a_reconnection_restarts_the_flush_timer_for_what_the_worker_still_holds():
+    """Celery clears its event loop's timers when the broker connection drops; the consumer's restart calls
+    Strategy again. The flush timer must run again for the events buffered or held at that moment."""
+    batches = _Batches()
+    batches._pool = _Pool(saturated=False)
+    before = _Timer()
+    batches.Strategy(batches, batches.app, _consumer(before))
+    batches._tref = before.call_repeatedly(batches.flush_interval, batches._do_flush)  # as the first message does
+    batches._buffer.put(_Request("buffered"))
+    batches._pending.put(_Request("held", due_in_s=600))
+
+    after = _Timer()  # the reconnected consumer's loop: the old timer entry is gone with the old loop
+    batches.Strategy(batches, batches.app, _consumer(after))
+    assert before.repeating[0].cancelled
+    assert len(after.repeating) == 1 and after.repeating[0].fn == batches._do_flush
+    batches._first_buffered_at = None  # as long ago as it likes
+    after.repeating[0].fn()
+    assert [[r.name for r in b] for b in batches.flushed] == [["buffered"]]
 
 
 def test_liveness_sees_the_oldest_of_the_running_batches():
