@@ -47,6 +47,7 @@ from pymilvus.exceptions import MilvusException, ParamError
 
 from shared.errors import InfrastructureError
 from shared.geo import tile_of
+from shared.settings import MILVUS_MAX_TOP_K
 
 ALIAS = "lm_active"
 CENTROID_PREFIX = "lm_centroids_"
@@ -55,7 +56,7 @@ ID_STRIDE = 1000  # id = landmark_id * 1000 + centroid_no / ref_no
 INSERT_CHUNK = 5000
 # The client packs one chunk while the server stores another (about 15 % more rows a second on milvus-lite at dim 512).
 INSERTS_IN_FLIGHT = 2
-MAX_TOPK = 16384  # Milvus's limit on search limit (milvus-lite does not enforce it; we do)
+MAX_TOPK = MILVUS_MAX_TOP_K  # Milvus's limit on search limit (milvus-lite does not enforce it; we do)
 QUERY_ID_CHUNK = 500  # landmark ids per reference query (keeps results far below 16384 rows)
 _SEARCH_PARAMS = {"metric_type": "IP", "params": {}}
 _CENTROID_OUT = ["landmark_id", "centroid_no", "lat", "lon"]

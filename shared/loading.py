@@ -34,6 +34,7 @@ import numpy as np
 
 from shared import arena as arenas
 from shared import spill
+from shared.cpus import usable_cpus
 from shared.errors import PhotoError, Stage
 from shared.fetch import FETCHERS, fetch_bytes, register_fetcher
 from shared.imaging import DecodedImage, EncodedJpeg, decode_image, probe_jpeg
@@ -249,7 +250,7 @@ class PhotoLoader:
             log.warning("a registered fetcher cannot be sent to a process (a lambda or a closure?): "
                         "decoding in threads instead")
             self.kind = "threads"
-        self.workers = workers or settings.decode_workers or max(1, os.cpu_count() or 1)
+        self.workers = workers or settings.decode_workers or usable_cpus()
         self.spill_dir = spill.resolve_dir(settings.decode_spill_dir) if self.kind == "processes" else None
         spill.sweep_stale(self.spill_dir)
         self.arena_bytes = arenas.arena_bytes(settings.decode_arena_mb, self.spill_dir) if self.spill_dir else 0

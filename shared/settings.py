@@ -10,6 +10,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Milvus refuses a search limit above this (shared/index.py checks it): a larger top-k would fail every
+# photo's search instead of the worker's start. Here, not in shared/index.py, which imports pymilvus.
+MILVUS_MAX_TOP_K = 16384
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LANDMARKS_", extra="ignore")
@@ -32,11 +36,12 @@ class Settings(BaseSettings):
     torch_compile: bool = False
 
     # Batching: a batch closes at `batch_size` events, or once its first event has waited `max_wait_ms`
-    # (checked every `max_wait_ms`).
+    # (checked every `max_wait_ms`: at 0, kombu would never run that check, and partial batches never close).
     batch_size: int = Field(64, ge=1, le=4096)
-    max_wait_ms: int = Field(50, ge=0)
+    max_wait_ms: int = Field(50, ge=1)
     queue: str = "landmarks"
-    # Longer than the worst batch, or Redis redelivers a batch that is still running.
+    # Longer than the worst batch, or Redis redelivers a batch that is still running. The worker sends
+    # every event it holds back (a fetch tried again later, a batch handed back) due within half of it.
     visibility_timeout_s: int = Field(3600, ge=10)
     # Batches one worker works on at once (a thread each): with 2, the next batch is fetched and decoded
     # while this one is in the model, searched and written (the model runs one batch at a time). Safe
@@ -52,8 +57,8 @@ class Settings(BaseSettings):
 
     # Fetching: file:// only below these roots (colon-separated), size and time limits.
     file_roots: str = ""
-    fetch_max_bytes: int = 50 * 1024 * 1024
-    fetch_timeout_s: float = 15.0
+    fetch_max_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    fetch_timeout_s: float = Field(15.0, gt=0, allow_inf_nan=False)
     # http(s) hosts that resolve to loopback, link-local (cloud metadata), private, multicast or reserved
     # addresses are refused (SSRF); allow them all, or only these comma-separated networks (CIDRs).
     fetch_allow_private: bool = False
@@ -64,10 +69,11 @@ class Settings(BaseSettings):
     fetch_retries: int = Field(5, ge=0, le=20)
     fetch_retry_delay_s: float = Field(30.0, ge=0, le=3600)
     # Decoding: in a pool of processes (default; see shared/loading.py) or threads, of this many workers
-    # (0 = one per core). Images with more pixels than max_image_pixels are refused as decompression bombs.
+    # (0 = one per CPU this process may use: its affinity, at most its cgroup's CPU limit, shared/cpus.py).
+    # Images with more pixels than max_image_pixels are refused as decompression bombs.
     decode_pool: Literal["processes", "threads"] = "processes"
     decode_workers: int = Field(0, ge=0, le=256)
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: int = Field(100_000_000, ge=1)
     # Where decode processes leave their large results for the worker (shared/spill.py): "auto" is /dev/shm
     # when writable; "off" sends everything through the pool's pipe (1.3–2.2 µs of the worker's CPU per KB).
     decode_spill_dir: str = "auto"
@@ -84,8 +90,8 @@ class Settings(BaseSettings):
 
     # Search: how many centroids to take without GPS, and the tile-filter limit with GPS when Milvus is
     # searched (the in-process replica finds each photo's best centroid in its square exactly).
-    global_top_k: int = Field(10, ge=1)
-    geo_top_k: int = Field(256, ge=1)
+    global_top_k: int = Field(10, ge=1, le=MILVUS_MAX_TOP_K)
+    geo_top_k: int = Field(256, ge=1, le=MILVUS_MAX_TOP_K)
     # Workers search an in-process exact copy of the active version when it has at most this many
     # centroids (~0.5 KB each at dim 128, 2 KB at 512); 0 = always search Milvus.
     search_replica_max_centroids: int = Field(2_000_000, ge=0)

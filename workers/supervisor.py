@@ -32,6 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from shared.cpus import usable_cpus
 from shared.logs import NODE_ENV
 from shared.stack import free_port
 
@@ -51,7 +52,7 @@ def resource_shares(processes: int, environ: dict[str, str]) -> dict[str, str]:
     its decode pool, and its part of the shared-memory arena the decode processes write into."""
     shares: dict[str, str] = {}
     if processes > 1 and not environ.get("LANDMARKS_DECODE_WORKERS"):
-        shares["LANDMARKS_DECODE_WORKERS"] = str(max(1, (os.cpu_count() or 1) // processes))
+        shares["LANDMARKS_DECODE_WORKERS"] = str(max(1, usable_cpus() // processes))
     if processes > 1 and not environ.get("LANDMARKS_DECODE_ARENA_MB"):
         from shared import arena, spill
         directory = spill.resolve_dir(environ.get("LANDMARKS_DECODE_SPILL_DIR", "auto"))

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from shared.cpus import usable_cpus
+
 
 def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """The CPUs the bench may use, counted as the worker counts them for its decode pool."""
+    return usable_cpus()
 
 
 def host_info() -> dict:
@@ -80,7 +80,8 @@ class CpuAccount:
             return None
         wall = time.monotonic() - self._wall
         other = (busy - self._busy) - (_own_cpu_s() - self._own)
-        return round(max(0.0, other) / (wall * cpu_count()), 3) if wall > 0 else None
+        # /proc/stat sums every core of the machine, not only those this process may use.
+        return round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else None
 
 
 def rss_mb(pid: int) -> float | None:

@@ -191,3 +191,53 @@ def test_a_batch_is_shared_out_one_task_per_process():
     assert photos_per_task(headers, 16) == 13  # 16 tasks of header reads, each a fetch and a parse
     assert photos_per_task(headers[:40], 16) == HEADERS_PER_TASK  # a header read is too little work alone
     assert photos_per_task(headers[:40] + decodes[:1], 16) == 3  # mixed: shared out as decodes
+
+
+# --- how many decode workers: the CPUs the pod may use, not the node's ----------------------------
+
+def _node_with_192_threads(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(192)), raising=False)
+
+
+def _cgroup(tmp_path: Path, monkeypatch, files: dict[str, str]) -> Path:
+    """A fake /sys/fs/cgroup holding ``files`` (relative path: content), used by default from now on."""
+    from shared import cpus
+    root = tmp_path / "cgroup"
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content + "\n")
+    root.mkdir(exist_ok=True)
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
+    return root
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "400000 100000"}, 4),  # cgroup v2, a limit of 4 CPUs
+    ({"cpu.max": "150000 100000"}, 2),  # 1.5 CPUs: rounded up
+    ({"cpu.max": "50000 100000"}, 1),
+    ({"cpu.max": "max 100000"}, 192),  # no limit: the CPUs of its affinity
+    ({"cpu/cpu.cfs_quota_us": "600000", "cpu/cpu.cfs_period_us": "100000"}, 6),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, 192),
+    ({}, 192),  # no cgroup files readable
+])
+def test_usable_cpus_is_the_affinity_capped_by_the_cgroup_limit(tmp_path, monkeypatch, files, expected):
+    from shared.cpus import usable_cpus
+    _node_with_192_threads(monkeypatch)
+    assert usable_cpus(_cgroup(tmp_path, monkeypatch, files)) == expected
+
+
+def test_usable_cpus_follows_the_affinity(tmp_path, monkeypatch):
+    from shared.cpus import usable_cpus
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5, 7}, raising=False)
+    assert usable_cpus(_cgroup(tmp_path, monkeypatch, {"cpu.max": "800000 100000"})) == 3
+
+
+def test_a_pod_limited_to_4_cpus_on_a_192_thread_node_decodes_in_4_processes(tmp_path, monkeypatch):
+    _node_with_192_threads(monkeypatch)
+    _cgroup(tmp_path, monkeypatch, {"cpu.max": "400000 100000"})
+    for decode_workers, expected in ((0, 4), (7, 7)):  # a setting still wins
+        loader = PhotoLoader(Settings(file_roots=str(tmp_path), decode_workers=decode_workers), kind="threads")
+        try:
+            assert loader.workers == expected
+        finally:
+            loader.close()

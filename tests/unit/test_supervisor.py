@@ -103,9 +103,14 @@ def test_workers_that_keep_exiting_stop_the_parent_with_a_failure(tmp_path):
     assert all(c.last_exit == 75 for c in supervisor.children)
 
 
-def test_each_worker_gets_a_share_of_the_cores_and_of_the_arena_unless_told():
+def test_each_worker_gets_a_share_of_the_cores_and_of_the_arena_unless_told(tmp_path, monkeypatch):
+    from shared import cpus
+    # A pod limited to 8 CPUs on a 192-thread node: the two workers share the 8, not the node's 192.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(192)), raising=False)
+    (tmp_path / "cpu.max").write_text("800000 100000\n")
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", tmp_path)
     shares = resource_shares(2, {})
-    assert shares["LANDMARKS_DECODE_WORKERS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert shares["LANDMARKS_DECODE_WORKERS"] == "4"
     set_here = resource_shares(2, {"LANDMARKS_DECODE_WORKERS": "3", "LANDMARKS_DECODE_ARENA_MB": "64"})
     assert set_here == {}
     assert resource_shares(1, {}) == {}

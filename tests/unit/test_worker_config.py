@@ -71,3 +71,61 @@ def test_every_command_names_the_variable_of_a_bad_setting(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[0] == "LANDMARKS_BATCH_SIZE: Input should be greater than or equal to 1"
     assert lines[1].startswith("LANDMARKS_FETCH_ALLOWED_NETWORKS: Value error, 'nonsense'")
+
+
+# --- settings that would fail every photo, or never close a batch, are refused at start-up -----------
+
+def _settings_error_lines(monkeypatch, **env: str) -> list[str]:
+    """What `landmarks` prints for these variables (shared/cli.py): one line per refused variable."""
+    from pydantic import ValidationError
+
+    from shared.cli import _settings_errors
+    from shared.settings import Settings
+    for name in [n for n in os.environ if n.startswith("LANDMARKS_") and n != "LANDMARKS_HOME"]:
+        monkeypatch.delenv(name)  # only what the test sets
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        Settings()
+    except ValidationError as exc:
+        return _settings_errors(exc)
+    return []
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("LANDMARKS_MAX_WAIT_MS", "0", "greater than or equal to 1"),  # kombu never runs a 0 s timer
+    ("LANDMARKS_FETCH_MAX_BYTES", "0", "greater than or equal to 1"),
+    ("LANDMARKS_FETCH_MAX_BYTES", "-5", "greater than or equal to 1"),
+    ("LANDMARKS_FETCH_TIMEOUT_S", "0", "greater than 0"),
+    ("LANDMARKS_FETCH_TIMEOUT_S", "-1.5", "greater than 0"),
+    ("LANDMARKS_FETCH_TIMEOUT_S", "nan", "finite number"),
+    ("LANDMARKS_MAX_IMAGE_PIXELS", "0", "greater than or equal to 1"),
+    ("LANDMARKS_GLOBAL_TOP_K", "16385", "less than or equal to 16384"),  # Milvus refuses a larger limit
+    ("LANDMARKS_GEO_TOP_K", "100000", "less than or equal to 16384"),
+])
+def test_a_value_that_would_fail_every_photo_is_refused_naming_its_variable(monkeypatch, name, value, says):
+    lines = _settings_error_lines(monkeypatch, **{name: value})
+    assert len(lines) == 1 and lines[0].startswith(f"{name}: ") and says in lines[0], lines
+
+
+def test_the_largest_top_k_milvus_accepts_is_allowed(monkeypatch):
+    from shared.index import MAX_TOPK
+    assert _settings_error_lines(monkeypatch, LANDMARKS_GLOBAL_TOP_K=str(MAX_TOPK),
+                                 LANDMARKS_GEO_TOP_K=str(MAX_TOPK)) == []
+
+
+def test_the_cli_prints_each_refused_variable_and_exits_2(tmp_path):
+    result = _cli(tmp_path, "stack", "status", "--json", LANDMARKS_MAX_WAIT_MS="0", LANDMARKS_GEO_TOP_K="20000",
+                  LANDMARKS_FETCH_TIMEOUT_S="0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    names = {line.split(":", 1)[0] for line in result.stderr.strip().splitlines()}
+    assert names == {"LANDMARKS_MAX_WAIT_MS", "LANDMARKS_GEO_TOP_K", "LANDMARKS_FETCH_TIMEOUT_S"}
+
+
+def test_torch_threads_default_to_a_quarter_of_the_cpus_the_pod_may_use(tmp_path, monkeypatch):
+    from shared import cpus
+    from shared.runtime import default_torch_threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(192)), raising=False)
+    (tmp_path / "cpu.max").write_text("800000 100000\n")
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", tmp_path)
+    assert default_torch_threads() == 2  # 8 CPUs, not the node's 192 (48 threads)
