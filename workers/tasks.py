@@ -38,9 +38,11 @@ DELETED = "landmarks.photo_deleted"
 INFRA_RETRY_S = 60.0
 # Message header counting the fetches of a photo that the storage did not answer (shared.errors.FetchError).
 FETCH_ATTEMPTS_HEADER = "landmarks_fetch_attempts"
-# A message waiting for its countdown is held, unacknowledged, by a worker: keep the wait well inside the
-# broker's visibility timeout, past which Redis would hand it to a second worker.
+# The longest wait before a photo the storage did not serve is fetched again (each countdown is bounded by
+# the visibility timeout too: see _countdown).
 MAX_FETCH_RETRY_WAIT_S = 900.0
+# How long events handed back after an outage, or malformed ones that could not be recorded, wait.
+HAND_BACK_WAIT_S = 30.0
 T = TypeVar("T")
 
 
@@ -102,6 +104,14 @@ def _record_malformed(bad: list[tuple[Any, str]], task: str) -> None:
     _observe(metrics.observe_malformed, [payload for payload, _ in bad])
 
 
+def _count_dead_lettered(event: PhotoUploaded) -> None:
+    """A photo recorded as failed after an unexpected error, counted as the pipeline counts a failed photo
+    (landmarks_events_total{outcome="failed"}, which LandmarksFailureRateHigh reads), under the stage its
+    failures row names (write): uncounted, a bug that dead-letters every photo would raise no alert."""
+    metrics.EVENTS.labels("failed", metrics.source_of(event.event_id)).inc()
+    metrics.FAILURES.labels(str(Stage.WRITE)).inc()
+
+
 def _observe(hook, *args) -> None:
     """Metrics are never a reason for a batch to fail."""
     try:
@@ -151,10 +161,21 @@ def _republish_or_exit(publish: Callable[[], T], what: str) -> T:
         os._exit(75)
 
 
+def _bounded_countdown(wait_s: float, visibility_timeout_s: float) -> float:
+    """A message waiting for its countdown is held, unacknowledged, by the worker that took it; past the
+    broker's visibility timeout Redis hands a second copy to another worker, and the event runs (and is retried)
+    twice. Half the timeout leaves room for the time the message waited in the queue first."""
+    return min(wait_s, visibility_timeout_s / 2)
+
+
+def _countdown(wait_s: float) -> float:
+    return _bounded_countdown(wait_s, _settings.visibility_timeout_s)
+
+
 def _hand_back(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
     """Re-publish, then let the originals be acknowledged: at-least-once, and the writer is idempotent."""
     _observe(metrics.observe_handed_back, len(events))
-    _send_again([(event, 30.0, attempts.get(event.event_id, 0)) for event in events])
+    _send_again([(event, HAND_BACK_WAIT_S, attempts.get(event.event_id, 0)) for event in events])
 
 
 def _try_fetching_later(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
@@ -171,9 +192,18 @@ def _send_again(sends: list[tuple[PhotoUploaded, float, int]]) -> None:
     """(event, countdown in seconds, fetch attempts made) for each event to publish again."""
     def publish() -> None:
         for event, wait_s, fetch_attempts in sends:
-            app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=wait_s,
+            app.send_task(UPLOADED, args=[_sign(event.model_dump(mode="json"))], countdown=_countdown(wait_s),
                           queue=_queue_of(event), headers={FETCH_ATTEMPTS_HEADER: fetch_attempts})
     _republish_or_exit(publish, f"{len(sends)} events")
+
+
+def _send_malformed_again(bad: list[tuple[Any, str]]) -> None:
+    """Malformed events whose failures rows could not be written go round again as they came (unsigned: a
+    signature is this fleet's word that an event is well-formed), to be recorded once the database is back."""
+    def publish() -> None:
+        for payload, _ in bad:  # to the live queue: a malformed event has no trustworthy source
+            app.send_task(UPLOADED, args=[payload], countdown=_countdown(HAND_BACK_WAIT_S))
+    _republish_or_exit(publish, f"{len(bad)} malformed events")
 
 
 def _queue_of(event: PhotoUploaded) -> str | None:
@@ -186,18 +216,32 @@ def _queue_of(event: PhotoUploaded) -> str | None:
           flush_interval=_settings.max_wait_ms / 1000, acks_late=True, typing=False)
 def photo_uploaded(requests: list[Any]) -> None:
     events, bad, attempts = _split(requests)
-    try:
-        recorded = not bad or _with_retries(lambda: _record_malformed(bad, UPLOADED), "recording failures")
-    except Unexpected:
-        recorded = False
-    if not recorded:
-        os._exit(75)  # unacknowledged: the broker redelivers the batch to a fresh worker
+    if bad and not _record_or_send_again(bad, events, attempts):
+        return
     if events:
         _observe(metrics.batch_started)
         try:
             _process_or_isolate(events, attempts)
         finally:
             _observe(metrics.batch_finished)
+
+
+def _record_or_send_again(bad: list[tuple[Any, str]], events: list[PhotoUploaded], attempts: dict[str, int]) -> bool:
+    """Records the malformed events, or sends them round again: acknowledged unrecorded they would be lost, and
+    an exit for redelivery would hold their batch-mates back for the visibility timeout. False when the database
+    stayed down: the batch-mates, which would only wait as long again, are then handed back with them (first,
+    since a payload this process cannot encode, JSON nested a thousand levels deep, still ends it)."""
+    try:
+        if _with_retries(lambda: _record_malformed(bad, UPLOADED), "recording failures"):
+            return True
+    except Unexpected:  # a bug, not the batch-mates' problem: they go on
+        _send_malformed_again(bad)
+        return True
+    if events:
+        _hand_back(events, attempts)
+    _observe(metrics.observe_handed_back, len(bad))
+    _send_malformed_again(bad)
+    return False
 
 
 def _process_or_isolate(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
@@ -242,7 +286,9 @@ def _record_unexpected(event: PhotoUploaded, reason: str, attempts: dict[str, in
                              "recording a failure")
     except Unexpected:
         done = False
-    if not done:
+    if done:
+        _observe(_count_dead_lettered, event)
+    else:
         _hand_back([event], attempts)
 
 
@@ -260,16 +306,18 @@ def _process(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
 
 
 @app.task(name=DELETED, bind=True, acks_late=True, max_retries=None)
-def photo_deleted(self, event: Any) -> None:
+def photo_deleted(self, *args: Any, **kwargs: Any) -> None:
+    # Any arguments, read like an upload's: with a signature of its own, a message with the wrong ones would fail
+    # before this body ran, and Celery would acknowledge it with no failures row (the photo staying tagged).
     try:
-        _delete_or_record(event)
+        _delete_or_record(_payload(self.request))
     except Exception as exc:  # noqa: BLE001 - Celery would acknowledge it with no trace in the tables
         if not _outage(exc):
             raise
         _observe(metrics.observe_infrastructure_error, "delete")
         # An outage while deleting or while recording why it cannot be done: the whole task again later (both
         # are idempotent). Task.retry turns a failed re-publish into Reject(requeue=False), an acknowledgement.
-        retry = partial(self.retry, exc=exc, countdown=min(2 ** self.request.retries, 300), throw=False)
+        retry = partial(self.retry, exc=exc, countdown=_countdown(min(2 ** self.request.retries, 300)), throw=False)
         raise _republish_or_exit(retry, "1 deletion")
 
 

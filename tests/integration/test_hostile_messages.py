@@ -68,12 +68,12 @@ class Producer:
         with _deep_recursion():
             self.app.send_task(fleet.UPLOADED, args=[event], queue=self.queue)
 
-    def send_raw(self, args: Any, kwargs: Any) -> None:
+    def send_raw(self, args: Any, kwargs: Any, task: str = fleet.UPLOADED) -> None:
         """A message as a hand-written producer may send it: Celery's send_task insists on a list and a dict."""
-        message = self.app.amqp.create_task_message(uuid.uuid4().hex, fleet.UPLOADED, [], {})
+        message = self.app.amqp.create_task_message(uuid.uuid4().hex, task, [], {})
         message = message._replace(body=(args, kwargs, message.body[2]))
         with self.app.producer_or_acquire() as publisher:
-            self.app.amqp.send_task_message(publisher, fleet.UPLOADED, message, queue=self.queue)
+            self.app.amqp.send_task_message(publisher, task, message, queue=self.queue)
 
     def close(self) -> None:
         self.app.close()
@@ -183,4 +183,34 @@ def test_hostile_messages_are_refused_when_events_are_signed(photos, model_versi
         "malformed event: cannot be encoded canonically for its signature"
     assert failures[surrogate["event_id"]].payload["caption"] == "\ufffd"
     assert failures[raw_key].reason == "unsigned event refused: signing is required"
+    _assert_no_task_error(log)
+
+
+def test_deletions_with_the_wrong_arguments_are_recorded(photos, model_version, database_url, broker_url,
+                                                         milvus_uri, engine, tmp_path):
+    """A deletion's arguments are read like an upload's: with a signature of its own, the task failed on a message
+    with none, two, or a keyword other than ``event`` before its body ran, and Celery acknowledged it with no
+    failures row: the deletion silently lost, the photo still tagged."""
+    env = fleet.fleet_env(database_url, broker_url, milvus_uri, photos["root"], tmp_path / "home")
+    user = f"hostile_del_{uuid.uuid4().hex[:6]}"
+    goods = [fleet.event(user, path) for path in photos["firsts"]]
+    deletion = lambda: {"event_id": uuid.uuid4().hex, "user_id": user, "photo_id": goods[0]["photo_id"]}  # noqa: E731
+    wrong = [([], {}), ([deletion(), "extra"], {}), ([], {"payload": deletion()}), ([], deletion())]
+    keys = [event_key({"_args": args, "_kwargs": kwargs}) for args, kwargs in wrong]
+    with engine.begin() as conn:  # no arguments at all: the same key every run (and the upload test's)
+        conn.execute(sa.text("DELETE FROM failures WHERE event_key = :k"), {"k": keys[0]})
+
+    def send_bad(producer: Producer) -> None:
+        for args, kwargs in wrong:
+            producer.send_raw(args, kwargs, task=fleet.DELETED)
+
+    failures, log = _run(env, engine, tmp_path, goods, send_bad, keys)
+
+    for key in keys:
+        assert failures[key].stage == "validate"
+        assert failures[key].reason.startswith("malformed event: event_id: Field required")
+    with engine.connect() as conn:
+        tasks = conn.scalars(sa.text("SELECT task FROM failures WHERE event_key = ANY(:k)"), {"k": keys}).all()
+    assert tasks == [fleet.DELETED] * len(keys)
+    assert failures[keys[2]].payload == {"_args": [], "_kwargs": {"payload": wrong[2][1]["payload"]}}
     _assert_no_task_error(log)

@@ -13,6 +13,7 @@ import redis
 import sqlalchemy as sa
 import torch
 from celery.exceptions import Retry
+from prometheus_client import REGISTRY
 from sqlalchemy.exc import OperationalError
 
 from shared.db.session import transaction
@@ -42,8 +43,16 @@ def _event(photo_id: str) -> PhotoUploaded:
                          uri="file:///nowhere.jpg", uploaded_at="2026-11-27T10:00:00Z")
 
 
+def _failed_photos_counted() -> tuple[float, float]:
+    """(landmarks_events_total{outcome="failed"} of live events, landmarks_failures_total{stage="write"})."""
+    value = lambda name, labels: REGISTRY.get_sample_value(name, labels) or 0.0  # noqa: E731
+    return (value("landmarks_events_total", {"outcome": "failed", "source": "live"}),
+            value("landmarks_failures_total", {"stage": "write"}))
+
+
 def test_one_poisonous_event_is_recorded_and_its_batch_mates_processed(tasks, engine, monkeypatch):
     processed, handed_back = [], []
+    counted_before = _failed_photos_counted()
 
     def process(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
         if any(e.photo_id == "poison" for e in events):
@@ -59,6 +68,9 @@ def test_one_poisonous_event_is_recorded_and_its_batch_mates_processed(tasks, en
         reason = conn.scalar(sa.text("SELECT reason FROM failures WHERE event_key = :k"),
                              {"k": batch[1].event_id})
     assert reason.startswith("processing failed unexpectedly: ValueError: A string literal cannot contain NUL")
+    # Counted as a failed photo, or a bug dead-lettering every photo would raise no LandmarksFailureRateHigh.
+    events_failed, write_failures = _failed_photos_counted()
+    assert (events_failed - counted_before[0], write_failures - counted_before[1]) == (1, 1)
 
 
 @pytest.mark.parametrize("outage", [InfrastructureError("Milvus down"),
@@ -71,6 +83,40 @@ def test_an_outage_still_hands_the_whole_batch_back(tasks, monkeypatch, outage):
     batch = [_event("x"), _event("y")]
     tasks._process_or_isolate(batch, {})
     assert handed_back == batch
+
+
+def test_a_malformed_event_the_database_cannot_record_goes_round_again_with_its_batch_mates(
+        tasks, engine, monkeypatch):
+    """The database down for longer than the retries: the worker used to exit so the broker would redeliver the
+    batch, which held the valid events back for the visibility timeout. Now all go back to the broker, and the
+    malformed event is recorded when it comes round with the database up."""
+    sent = []
+
+    def exit_(code: int) -> None:
+        raise Exited(code)
+
+    def database_unavailable(*args, **kwargs) -> None:
+        raise InfrastructureError("database unavailable")
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)
+    monkeypatch.setattr(tasks, "_process", lambda events, attempts: pytest.fail("processed with the database down"))
+    monkeypatch.setattr(tasks.app, "send_task", lambda name, **options: sent.append(options))
+    record_failure = tasks.record_failure
+    monkeypatch.setattr(tasks, "record_failure", database_unavailable)
+    good = _event("good").model_dump(mode="json")
+    malformed = {"event_id": uuid.uuid4().hex, "user_id": "poison_user", "photo_id": "no uri"}
+    tasks.photo_uploaded.run([_request([good], {}), _request([malformed], {})])
+
+    assert sorted(message["args"][0]["event_id"] for message in sent) == sorted([good["event_id"],
+                                                                               malformed["event_id"]])
+    assert all(message["countdown"] > 0 for message in sent)
+    monkeypatch.setattr(tasks, "record_failure", record_failure)  # the database is back
+    again = next(message for message in sent if message["args"][0] == malformed)
+    tasks.photo_uploaded.run([_request(again["args"], {})])
+    with engine.connect() as conn:
+        reason = conn.scalar(sa.text("SELECT reason FROM failures WHERE event_key = :k"), {"k": malformed["event_id"]})
+    assert reason == "malformed event: uri: Field required; uploaded_at: Field required"
 
 
 def test_events_handed_back_return_to_the_queue_they_came_from(tasks, monkeypatch):
@@ -169,7 +215,8 @@ class Exited(BaseException):
     """os._exit, made catchable."""
 
 
-def _deletion_during_an_outage(tasks, monkeypatch, send_task, event: dict | None = None) -> tuple[dict, BaseException]:
+def _deletion_during_an_outage(tasks, monkeypatch, send_task, event: dict | None = None,
+                               retries: int = 3) -> tuple[dict, BaseException]:
     """Runs the deletion task as a worker does, with the database down and the broker answering ``send_task``."""
     def exit_(code: int) -> None:
         raise Exited(code)
@@ -183,7 +230,7 @@ def _deletion_during_an_outage(tasks, monkeypatch, send_task, event: dict | None
     monkeypatch.setattr(tasks.app, "send_task", send_task)
     event = event or {"event_id": uuid.uuid4().hex, "user_id": "poison_user", "photo_id": "p"}
     task = tasks.photo_deleted
-    task.push_request(id=uuid.uuid4().hex, args=[event], kwargs={}, retries=3, called_directly=False,
+    task.push_request(id=uuid.uuid4().hex, args=[event], kwargs={}, retries=retries, called_directly=False,
                       delivery_info={"exchange": "", "routing_key": "landmarks"})
     try:
         with pytest.raises((Exited, Retry)) as info:
@@ -211,3 +258,13 @@ def test_a_deletion_during_an_outage_is_retried_later(tasks, monkeypatch, event)
         tasks, monkeypatch, lambda name, args, kwargs, **options: sent.append((name, list(args), options["countdown"])),
         event)
     assert isinstance(outcome, Retry) and sent == [(tasks.DELETED, [event], 8)]
+
+
+def test_a_deletion_retried_after_an_outage_comes_back_before_the_visibility_timeout(tasks, monkeypatch):
+    """Waiting for its countdown, the retry is held unacknowledged: past the visibility timeout Redis would hand a
+    copy to a second worker, and the deletion would be retried twice over."""
+    sent = []
+    monkeypatch.setattr(tasks, "_settings", tasks._settings.model_copy(update={"visibility_timeout_s": 10}))
+    _, outcome = _deletion_during_an_outage(
+        tasks, monkeypatch, lambda name, args, kwargs, **options: sent.append(options["countdown"]), retries=8)
+    assert isinstance(outcome, Retry) and sent == [5.0]  # not 2**8 s
