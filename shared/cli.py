@@ -315,13 +315,14 @@ def _publish_shadow(model: Path, share: float, activate: bool | None, as_json: b
 
 @contextmanager
 def _publish_refusals(as_json: bool) -> Iterator[None]:
-    """A refused publish (another gallery under a published version, an outage, a rollout rule) is one line
-    and exit status 1, not a traceback."""
+    """A refused publish (another gallery or other thresholds under a published version, a file that is not a
+    model or cannot be read, an outage, a rollout rule) is one line and exit status 1, not a traceback."""
     from shared.index import IndexVersionError
+    from shared.model import CheckpointError
     from shared.ops_cli import _fail, _refusals
     try:
         yield
-    except (IndexVersionError, *_refusals()) as exc:
+    except (IndexVersionError, CheckpointError, OSError, *_refusals()) as exc:
         _fail(str(exc), as_json)
 
 

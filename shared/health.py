@@ -96,8 +96,14 @@ def milvus_check(index) -> CheckFn:
     return check
 
 
-def worker_model_check(loaded_version: Callable[[], str | None]) -> CheckFn:
+def worker_model_check(loaded_version: Callable[[], str | None],
+                       load_error: Callable[[], str | None] = lambda: None) -> CheckFn:
+    """Ready with the active version loaded. Not ready while it cannot be (a missing, corrupt or mismatched
+    model file): the worker hands its batches back meanwhile, even with an older version still loaded."""
     def check() -> str:
+        error = load_error()
+        if error:
+            raise RuntimeError(error)
         version = loaded_version()
         if version is None:
             raise RuntimeError("no model loaded yet")

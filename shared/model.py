@@ -120,14 +120,34 @@ def save_checkpoint(path: Path, net: LandmarkNet, meta: ModelMeta, gallery: dict
     tmp.replace(path)  # never leave a half-written model behind
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable landmarks model checkpoint: empty, truncated, random bytes, a Git LFS
+    pointer, another program's pickle, or one written by a builder whose metadata this code does not know."""
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[LandmarkNet, ModelMeta, dict]:
-    # weights_only: a model file is data, never code to execute.
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    """The network, its metadata and its gallery. CheckpointError for a file that is not one; OSError for a
+    file that cannot be opened."""
+    try:
+        # weights_only: a model file is data, never code to execute.
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - EOFError, UnpicklingError, RuntimeError…: what bad bytes raise
+        raise CheckpointError(f"{path} is not a readable landmarks model checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a landmarks model checkpoint ({CHECKPOINT_FORMAT})")
-    raw = dict(payload["meta"])
-    raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
-    meta = ModelMeta(**raw)
-    net = LandmarkNet(meta.backbone, meta.embedding_dim, meta.n_landmarks)
-    net.load_state_dict(payload["state_dict"])
+        raise CheckpointError(f"{path} is not a landmarks model checkpoint ({CHECKPOINT_FORMAT})")
+    try:
+        meta = _meta(payload["meta"])
+        net = LandmarkNet(meta.backbone, meta.embedding_dim, meta.n_landmarks)
+        net.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a missing key, an unknown field, other shapes
+        raise CheckpointError(f"{path} is not a readable landmarks model checkpoint: "
+                              f"{type(exc).__name__}: {exc}") from exc
     return net.eval(), meta, payload.get("gallery") or {}
+
+
+def _meta(stored: dict) -> ModelMeta:
+    raw = dict(stored)
+    raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+    return ModelMeta(**raw)

@@ -68,6 +68,7 @@ class RecognitionPipeline:
         self.engine = engine
         self.index = index
         self._runtime: ModelRuntime | None = None
+        self.load_error: str | None = None  # why the active version could not be loaded, until it is
         self._runtime_lock = threading.Lock()
         # One forward pass at a time: two would split the cores (or the GPU) and gain nothing.
         self.device_lock = threading.Lock()
@@ -91,7 +92,12 @@ class RecognitionPipeline:
             raise InfrastructureError("no active model version: run `landmarks publish MODEL` first")
         with self._runtime_lock:  # the first batch after the alias moved loads it; the others wait for it
             if self._runtime is None or self._runtime.version != version:
-                self._runtime = self._load_runtime(version)
+                try:
+                    self._runtime = self._load_runtime(version)
+                except InfrastructureError as exc:  # readiness says why, not only "no model loaded"
+                    self.load_error = f"cannot load the active model {version}: {exc}"
+                    raise
+            self.load_error = None
             return self._runtime
 
     def _load_runtime(self, version: str) -> ModelRuntime:
@@ -101,7 +107,8 @@ class RecognitionPipeline:
                                      compile_model=self.settings.torch_compile)
         # Milvus answers whether the alias moved (once per batch); the searching is done in process.
         runtime.replica = local_replica(version, runtime.embedder.gallery, self.index,
-                                        self.settings.search_replica_max_centroids, str(runtime.embedder.device))
+                                        self.settings.search_replica_max_centroids, str(runtime.embedder.device),
+                                        path=runtime.embedder.checkpoint)
         runtime.embedder.gallery = {}  # the replica holds what is needed of it
         if self.device_decoder is None and self.settings.device_decode == "auto":
             self.device_decoder = DeviceJpegDecoder.detect(str(runtime.embedder.device))

@@ -10,13 +10,16 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.engine import Engine
 
+from shared.db.models import ModelVersion
 from shared.db.session import transaction
 from shared.db.writer import activate_model_version, register_model_version, stop_shadow_rollout, upsert_landmarks
-from shared.index import CentroidRows, LandmarkIndex, ReferenceRows
-from shared.model import ModelMeta, load_checkpoint
-from shared.rollout import require_albums_covered, start_shadow, stop_shadow
+from shared.index import CentroidRows, IndexVersionError, LandmarkIndex, ReferenceRows
+from shared.model import CheckpointError, ModelMeta, load_checkpoint
+from shared.rollout import alias_restored_on_failure, require_albums_covered, start_shadow, stop_shadow
 
 log = logging.getLogger(__name__)
+
+THRESHOLDS = ("t_geo", "t_global", "t_ref")
 
 
 def gallery_rows(gallery: dict) -> tuple[CentroidRows, ReferenceRows]:
@@ -74,7 +77,8 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
     in the albums have not been through it, as `landmarks promote` refuses it."""
     _, meta, gallery = load_checkpoint(model_path)
     if not gallery.get("landmarks"):
-        raise ValueError(f"{model_path} has no gallery (centroids and references): build it first")
+        raise CheckpointError(f"{model_path} has no gallery (centroids and references): build it first")
+    require_same_registration(meta, engine)
     # Milvus first: it refuses another gallery under a published version (IndexVersionError) before PostgreSQL
     # is pointed at this checkpoint, and re-running after a failure finds the version there and moves on.
     index.publish(meta.version, *gallery_rows(gallery))
@@ -93,12 +97,33 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
     return meta
 
 
+def require_same_registration(meta: ModelMeta, engine: Engine) -> None:
+    """IndexVersionError if ``meta.version`` is registered with other thresholds, backbone or embedding
+    dimension: workers read them once, when they load the version, so changing them under the same name would
+    split the fleet between the old and the new ones (and the tags written under that version with them)."""
+    with transaction(engine) as session:
+        row = session.get(ModelVersion, meta.version)
+        if row is None:
+            return
+        registered = {"backbone": row.backbone, "embedding_dim": row.embedding_dim,
+                      **{t: np.float32(getattr(row, t)) for t in THRESHOLDS}}
+    # Thresholds compared as the REAL (float4) PostgreSQL keeps them.
+    built = {"backbone": meta.backbone, "embedding_dim": meta.embedding_dim,
+             **{t: np.float32(getattr(meta, t)) for t in THRESHOLDS}}
+    changed = [f"{key} {registered[key]!s} -> {built[key]!s}" for key in registered if registered[key] != built[key]]
+    if changed:
+        raise IndexVersionError(
+            f"model version {meta.version!r} is already registered with other settings ({', '.join(changed)}); "
+            "a version is never changed: build the model under a new version (`landmarks build --version NEW`) "
+            "and publish that")
+
+
 def activate_version(version: str, engine: Engine, index: LandmarkIndex) -> None:
     # Workers follow the Milvus alias (one atomic swap); the album views follow PostgreSQL.
-    index.activate(version)
-    with transaction(engine) as session:
-        activate_model_version(session, version)
-        stop_shadow_rollout(session, reason="promoted", version=version)  # a shadow ends once it is live
+    with alias_restored_on_failure(version, index):
+        with transaction(engine) as session:
+            activate_model_version(session, version)
+            stop_shadow_rollout(session, reason="promoted", version=version)  # a shadow ends once it is live
 
 
 def publish_shadow(model_path: Path, share: float, engine: Engine,

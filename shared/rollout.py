@@ -20,6 +20,8 @@ from __future__ import annotations
 import getpass
 import logging
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,16 +92,43 @@ def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str 
     alias = index.active_version()
     if previous == version and alias == version:
         return Activation(version, previous, action, changed=False)
-    index.activate(version)
-    with transaction(engine) as session:
-        session.execute(select(func.set_config("landmarks.activation_action", action, True)))
-        session.execute(select(func.set_config("landmarks.activation_actor", who or actor(), True)))
-        activate_model_version(session, version)
-        ended = stop_shadow_rollout(session, reason="promoted", version=version)
+    with alias_restored_on_failure(version, index):
+        with transaction(engine) as session:
+            session.execute(select(func.set_config("landmarks.activation_action", action, True)))
+            session.execute(select(func.set_config("landmarks.activation_actor", who or actor(), True)))
+            activate_model_version(session, version)
+            ended = stop_shadow_rollout(session, reason="promoted", version=version)
     if ended is not None:
         log.info("%s: the shadow of %s ends with its activation", action, version, extra={"model_version": version})
     log.info("%s: model %s is active (was %s)", action, version, previous, extra={"model_version": version})
     return Activation(version, previous, action, changed=True)
+
+
+@contextmanager
+def alias_restored_on_failure(version: str, index: LandmarkIndex) -> Iterator[None]:
+    """The Milvus alias moved to ``version`` for the PostgreSQL step run inside; if that step fails, the alias is
+    pointed back where it was before raising, so that workers and albums stay on the same version (a
+    first activation has no alias to go back to: `landmarks health` then reports the disagreement)."""
+    previous = index.active_version()
+    index.activate(version)
+    try:
+        yield
+    except Exception:
+        if previous is not None and previous != sanitize_version(version):
+            _point_alias_back(previous, version, index)
+        raise
+
+
+def _point_alias_back(previous: str, version: str, index: LandmarkIndex) -> None:
+    try:
+        index.activate(previous)
+    except Exception:  # noqa: BLE001 - the PostgreSQL error is the one to raise; this one is logged
+        log.exception("activating %s failed in PostgreSQL, and the Milvus alias could not be moved back to %s: "
+                      "workers follow %s, albums show %s; `landmarks promote %s --force` puts them together",
+                      version, previous, version, previous, previous, extra={"model_version": version})
+        return
+    log.warning("activating %s failed in PostgreSQL: the Milvus alias is back on %s", version, previous,
+                extra={"model_version": version})
 
 
 def promote(version: str, engine: Engine, index: LandmarkIndex, who: str | None = None, *,

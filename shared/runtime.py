@@ -4,7 +4,6 @@ CPU thread settings: what the live pipeline and the shadow pass share."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -12,13 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy.engine import Engine
 
+from shared.cpus import usable_cpus
 from shared.db.models import ModelVersion
 from shared.db.session import transaction
 from shared.embedder import Embedder
 from shared.errors import InfrastructureError
-from shared.index import LandmarkIndex
+from shared.index import CentroidRows, LandmarkIndex, ReferenceRows
 from shared.local_index import LocalIndex
 from shared.recognition import Thresholds
 
@@ -31,7 +32,7 @@ def default_torch_threads(cores: int | None = None) -> int:
     needs no more than a quarter of the cores. Fewer threads also cost less: on 2 cores one thread spends
     about 0.8 ms of CPU per image where two spend about 0.95 (the bench's `model_served` and
     `model_cpu_ms_per_img`), the two waiting for each other at every layer."""
-    return max(1, (cores or os.cpu_count() or 1) // 4)
+    return max(1, (cores or usable_cpus()) // 4)
 
 
 def configure_threads(torch_threads: int, blas_threads: int) -> dict[str, int]:
@@ -80,25 +81,45 @@ class ModelRuntime:
     replica: LocalIndex | None = None  # exact in-process search of this version, when it is kept
 
 
-def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroids: int,
-                  device: str = "cpu") -> LocalIndex | None:
-    """An exact in-process copy of ``version``'s centroids and references, built from the checkpoint
-    that was published (so it costs no transfer), used only if it holds the gallery Milvus, the system of
-    record, holds: the same fingerprint (the same row counts for a version published before fingerprints).
-    Search then costs a matrix product instead of a Milvus round trip per tile group; on a CUDA ``device``
-    the global search's product runs there (shared/local_index.py)."""
-    if max_centroids <= 0 or not gallery.get("landmarks"):
-        return None
+def published_gallery(version: str, gallery: dict, index: LandmarkIndex,
+                      path: Path | None = None) -> tuple[CentroidRows, ReferenceRows]:
+    """The rows of ``gallery``, the gallery of the model file loaded for ``version``, once Milvus (the system of
+    record) confirms that it publishes this very gallery under ``version``: the same fingerprint (the same row
+    counts for a version published before fingerprints). Another gallery means another build under the same
+    name (`landmarks build --version V --out SAME.pt` run again, LANDMARKS_MODEL_PATH at another file), whose
+    weights and thresholds would tag photos wrongly, with Milvus's centroids or its own: InfrastructureError, so
+    the worker hands its batches back and tags nothing until the published file is back."""
+    source = f"model file {path}" if path is not None else f"the model file loaded for {version}"
+    if not gallery.get("landmarks"):
+        raise InfrastructureError(f"{source} holds no gallery, so it cannot be the model published as {version}: "
+                                  f"put the published file back, or build and publish this one under a new version")
     from shared.publish import gallery_rows
-    centroids, references = gallery_rows(gallery)
+    try:
+        centroids, references = gallery_rows(gallery)
+        same = index.holds(version, centroids, references)
+    except (KeyError, ValueError) as exc:  # a malformed gallery, or a version Milvus does not publish
+        raise InfrastructureError(f"{source} cannot be checked against the gallery published as {version}: "
+                                  f"{exc}") from exc
+    if not same:
+        raise InfrastructureError(
+            f"{source} does not hold the gallery published as {version} (it holds {len(centroids)} centroids, "
+            f"{len(references)} references): it is another build under that name. Put the published file back "
+            "(or unset LANDMARKS_MODEL_PATH), or build this one under a new version and publish that")
+    return centroids, references
+
+
+def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroids: int,
+                  device: str = "cpu", path: Path | None = None) -> LocalIndex | None:
+    """First the check that the model file loaded holds the gallery published as ``version``, whatever the size
+    of the gallery (published_gallery: InfrastructureError if not); then an exact in-process copy of its
+    centroids and references, built from that file (so it costs no transfer), unless it has more than
+    ``max_centroids`` (0: none kept). Search then costs a matrix product instead of a Milvus round trip per tile
+    group; on a CUDA ``device`` the global search's product runs there (shared/local_index.py)."""
+    centroids, references = published_gallery(version, gallery, index, path)
+    if max_centroids <= 0:
+        return None
     if len(centroids) > max_centroids:
         log.info("version %s has %d centroids (> %d): searching Milvus", version, len(centroids), max_centroids)
-        return None
-    if not index.holds(version, centroids, references):
-        # Equal counts are not enough: `build --version V` run twice gives another gallery under the same name.
-        log.error("the checkpoint of %s holds another gallery (%d centroids, %d references) than Milvus publishes "
-                  "under that version: searching Milvus; publish the checkpoint under a new version",
-                  version, len(centroids), len(references))
         return None
     on_gpu = str(device).startswith("cuda")
     log.info("searching %d centroids of %s in process%s", len(centroids), version, f" (on {device})" if on_gpu else "")
@@ -108,23 +129,33 @@ def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroi
 def load_model_runtime(engine: Engine, version: str, device: str, path_override: Path | None = None,
                        role: str = "active", batch_size: int = 0, compile_model: bool = False) -> ModelRuntime:
     """The model of ``version`` (its registered checkpoint unless ``path_override``), loaded for batches of
-    up to ``batch_size``, compiled if asked (shared/embedder.py)."""
+    up to ``batch_size``, compiled if asked (shared/embedder.py). Its gallery is checked against Milvus by
+    published_gallery (local_replica), which needs Milvus."""
     with transaction(engine) as session:
         row = session.get(ModelVersion, version)
         if row is None:
             raise InfrastructureError(f"model version {version!r} ({role}) is not registered in PostgreSQL")
-        checkpoint, thresholds = row.checkpoint, Thresholds(row.t_geo, row.t_global, row.t_ref)
+        checkpoint, registered = row.checkpoint, (row.backbone, row.embedding_dim)
+        # PostgreSQL keeps them as REAL (float4) and returns their shortest decimal form: back to the exact float32
+        # values calibration chose (shared/training/calibrate.py), so a score at a threshold is decided as there.
+        thresholds = Thresholds(*(float(np.float32(t)) for t in (row.t_geo, row.t_global, row.t_ref)))
     path = path_override or Path(checkpoint)
     embedder = Embedder(path, device, batch_size, compile_model)
     try:
         embedder.load()
     except (OSError, ValueError, RuntimeError) as exc:
-        # A missing or unreadable model file is an outage of this worker, not of the batch's photos:
-        # retried, then handed back, never acknowledged as done.
+        # A missing or unreadable model file (CheckpointError, a ValueError) is an outage of this worker, not of
+        # the batch's photos: retried, then handed back, never recorded as failed.
         raise InfrastructureError(f"cannot load model {version} from {path}: {exc}") from exc
-    if embedder.meta.version != version:
-        raise InfrastructureError(f"model file {path} holds version {embedder.meta.version!r}, "
+    meta = embedder.meta
+    if meta.version != version:
+        raise InfrastructureError(f"model file {path} holds version {meta.version!r}, "
                                   f"but {version!r} is {role}")
+    if (meta.backbone, meta.embedding_dim) != registered:
+        # Found here, not as a search that Milvus refuses for its dimension (which reads as a Milvus outage).
+        raise InfrastructureError(f"model file {path} holds a {meta.backbone} of dimension {meta.embedding_dim}, "
+                                  f"but {version} was published as a {registered[0]} of dimension {registered[1]}: "
+                                  "it is another build under that name; put the published file back")
     return ModelRuntime(version, embedder, thresholds)
 
 

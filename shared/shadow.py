@@ -25,7 +25,7 @@ from shared.events import GeoPoint, PhotoUploaded
 from shared.index import LandmarkIndex
 from shared.outcomes import PhotoOutcome, PhotoStatus
 from shared.recognition import recognise_batch
-from shared.runtime import ModelRuntime, StageClock, load_model_runtime
+from shared.runtime import ModelRuntime, StageClock, load_model_runtime, published_gallery
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,11 @@ class ShadowRunner:
 
     def _load(self, version: str) -> bool:
         try:
-            self._runtime = load_model_runtime(self.engine, version, self.settings.device, role="shadow",
-                                               batch_size=self.settings.batch_size)
+            runtime = load_model_runtime(self.engine, version, self.settings.device, role="shadow",
+                                         batch_size=self.settings.batch_size)
+            # Another build under the candidate's name would judge the sample with weights nobody published.
+            published_gallery(version, runtime.embedder.gallery, self.index, runtime.embedder.checkpoint)
+            self._runtime = runtime
         except Exception as exc:  # noqa: BLE001 - e.g. a corrupt checkpoint: the candidate's problem, not the batch's
             self._backoff = (version, time.monotonic() + self.retry_s)
             log.warning("cannot load the shadow model %s (next try in %.0fs): %s", version, self.retry_s, exc,

@@ -10,13 +10,33 @@ log = logging.getLogger(__name__)
 
 
 def threshold_for_accuracy(negative_scores: np.ndarray, target: float = 0.99) -> float:
-    """The lowest threshold that keeps at least `target` of the negatives below it (score < t)."""
+    """The lowest threshold that keeps at least `target` of the negatives below it (score < t), as a float32
+    value (float32_above)."""
     scores = np.sort(np.asarray(negative_scores, dtype=np.float64))
     if len(scores) == 0:
         raise ValueError("calibration needs non-landmark photos")
     allowed_above = int(np.floor(len(scores) * (1 - target)))  # negatives allowed to pass
     rank = len(scores) - allowed_above - 1
-    return float(np.nextafter(scores[rank], np.inf))
+    return float32_above(scores[rank])
+
+
+# Thresholds are float32 values. PostgreSQL keeps them as REAL (float4), and scores are float32 (the embeddings'
+# products): a float64 threshold a step above a score rounds back to that score when stored, and the negative it
+# was to keep out passes on every worker. A float32 threshold is stored exactly, and decides a float32 score as
+# calibration did, compared in float32 (numpy) or float64 (Python floats) alike.
+
+def float32_above(score: float) -> float:
+    """The smallest float32 value above ``score``."""
+    score = np.float64(score)  # compared as such: numpy would compare a Python float at float32
+    nearest = np.float32(score)
+    return float(nearest if nearest > score else np.nextafter(nearest, np.float32(np.inf)))
+
+
+def float32_at_least(value: float) -> float:
+    """The smallest float32 value not below ``value``: a float32 score reaches it exactly when it reaches ``value``."""
+    value = np.float64(value)
+    nearest = np.float32(value)
+    return float(nearest if nearest >= value else np.nextafter(nearest, np.float32(np.inf)))
 
 
 # --- thresholds of the decision rule, from a validation split -------------------------------------
@@ -81,7 +101,7 @@ def calibrate_no_gps(c: Candidates, truth: list[int | None], target: float) -> t
         log.warning("the validation split has no landmark photos: thresholds are set by the non-landmark "
                     "target alone")
     best_neg = np.array([max(c.scores[i].values(), default=-1.0) for i in negatives])
-    grid = np.unique(np.quantile(best_neg, np.linspace(0.0, 0.999, 60)))
+    grid = np.unique([float32_at_least(q) for q in np.quantile(best_neg, np.linspace(0.0, 0.999, 60))])
     curve, best = [], (-1.0, 1.0, 1.0)
     for t_global in grid:
         t_ref = _ref_threshold(c, negatives, float(t_global), target)

@@ -1,22 +1,36 @@
 """`landmarks publish MODEL` against real PostgreSQL and Milvus, run again: the same gallery changes nothing,
 another gallery under a published version is refused before PostgreSQL is touched, and the leftovers of an
-interrupted publish are never served, but repaired by publishing again."""
+interrupted publish are never served, but repaired by publishing again. Other thresholds under a published
+version are refused too, and a file that is not a model is one line from the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from shared import rollout
-from shared.index import FILLING, STATE_KEY, IndexVersionError, LandmarkIndex, centroid_collection, reference_collection
-from shared.model import load_checkpoint
+from shared.index import (
+    FILLING,
+    STATE_KEY,
+    Hit,
+    IndexVersionError,
+    LandmarkIndex,
+    centroid_collection,
+    reference_collection,
+)
+from shared.model import load_checkpoint, save_checkpoint
 from shared.publish import activate_version, gallery_rows, publish_model
+from shared.recognition import geo_tag
+from shared.runtime import load_model_runtime
+from shared.training.calibrate import float32_above
 
 import ops_fleet as fleet
 
@@ -112,3 +126,58 @@ def test_an_interrupted_publish_is_never_served_and_publishing_again_repairs_it(
     finally:
         if previous is not None and _registered(engine, previous):
             activate_version(previous, engine, index)  # leave the active version as it was
+
+
+def _thresholds(engine, version: str) -> tuple[float, float, float]:
+    with engine.connect() as conn:
+        return tuple(conn.execute(sa.text("SELECT t_geo, t_global, t_ref FROM model_versions WHERE version = :v"),
+                                  {"v": version}).one())
+
+
+def _recalibrated(model: Path, out: Path, **thresholds) -> Path:
+    """The same network and gallery with other thresholds (the build re-run on another validation split)."""
+    net, meta, gallery = load_checkpoint(model)
+    save_checkpoint(out, net, dataclasses.replace(meta, **thresholds), gallery)
+    return out
+
+
+def test_other_thresholds_under_a_published_version_are_refused(photos, engine, index, tmp_path):
+    """Running workers keep the thresholds they loaded, restarted ones would read the new ones: under one
+    version name, the fleet would tag with two sets."""
+    version = _version("pv_thresholds")
+    model = fleet.build_model(photos, tmp_path, version)
+    publish_model(model, engine, index, activate=False)
+    before = _thresholds(engine, version)
+    recalibrated = _recalibrated(model, tmp_path / "recalibrated.pt", t_global=0.3, t_ref=0.3)
+    with pytest.raises(IndexVersionError, match=r"other settings \(t_global 0\.999 -> 0\.3, t_ref 0\.999 -> 0\.3\).*"
+                                                "new version"):
+        publish_model(recalibrated, engine, index, activate=False)
+    assert _thresholds(engine, version) == before
+    assert _registered(engine, version)["checkpoint"] == str(model.resolve())
+    publish_model(_recalibrated(model, tmp_path / "copy.pt"), engine, index, activate=False)  # same: accepted
+
+
+def test_a_worker_decides_at_the_thresholds_calibration_chose(photos, engine, index, tmp_path):
+    """PostgreSQL keeps them as REAL and returns their shortest decimal form; the worker gets back the exact
+    float32 values calibration chose (shared/training/calibrate.py), so a score equal to one is decided as there."""
+    version = _version("pv_real")
+    chosen = {"t_geo": float32_above(0.1), "t_global": float32_above(0.7), "t_ref": float32_above(0.3)}
+    model = _recalibrated(fleet.build_model(photos, tmp_path, version), tmp_path / "calibrated.pt", **chosen)
+    publish_model(model, engine, index, activate=False)
+    runtime = load_model_runtime(engine, version, "cpu")
+    assert dataclasses.asdict(runtime.thresholds) == chosen
+    assert geo_tag(Hit(1, 0, chosen["t_geo"]), runtime.thresholds.t_geo)  # a score at the threshold reaches it
+
+
+@pytest.mark.parametrize("content", [b"", b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"],
+                         ids=["empty", "lfs_pointer"])
+def test_the_cli_refuses_a_file_that_is_not_a_model_in_one_line(photos, database_url, broker_url, milvus_uri,
+                                                                 tmp_path, content):
+    model = tmp_path / "model.pt"
+    model.write_bytes(content)
+    env = fleet.fleet_env(database_url, broker_url, milvus_uri, photos["root"], tmp_path / "home")
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "publish", str(model), "--json"], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not answer["ok"] and answer["error"].startswith(f"{model} is not a readable landmarks model checkpoint")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from shared import publish as publish_module
 from shared import rollout
 from shared.backfill import EVENT_PREFIX, RateLimiter, Scope, run_backfill
 from shared.db.albums import attractions
@@ -145,6 +146,31 @@ def test_a_rollback_after_a_half_done_swap_refuses_instead_of_going_back_two_ver
         rollout.promote(b, engine, index, force=True)  # the repair the refusal names
     assert _active(engine, index) == (b, b)
     rollout.promote(a, engine, index, force=True)
+
+
+class _PostgresDown(Exception):
+    pass
+
+
+def _failing_activation(session, version):
+    raise _PostgresDown(f"the database went away while activating {version}")
+
+
+@pytest.mark.parametrize("activate", ["promote", "publish"])
+def test_a_failed_activation_puts_the_workers_back_on_the_albums_version(versions, engine, index, monkeypatch,
+                                                                        activate):
+    """The alias moves first, then PostgreSQL: when PostgreSQL fails, the alias goes back, so that workers do
+    not tag under B while the albums show A (and a rollback would not go back two versions)."""
+    a, b = versions["A"], versions["B"]
+    rollout.promote(a, engine, index, force=True)
+    monkeypatch.setattr(rollout, "activate_model_version", _failing_activation)
+    monkeypatch.setattr(publish_module, "activate_model_version", _failing_activation)
+    with pytest.raises(_PostgresDown, match=f"activating {b}"):
+        if activate == "promote":
+            rollout.promote(b, engine, index, force=True)
+        else:
+            publish_module.activate_version(b, engine, index)
+    assert _active(engine, index) == (a, a)
 
 
 def test_publish_is_recorded_too(versions, engine, index, photos, tmp_path):
@@ -421,11 +447,13 @@ def test_a_broken_shadow_costs_the_live_batch_nothing(versions, photos, engine, 
         assert second.applied == 3 and second.shadow.photos == {"skipped": 3}  # backing off: no retry per batch
 
         rollout.start_shadow(missing_collections, 1.0, engine, index)
-        index.drop(missing_collections)
         third = pipeline.process(_uploads(user, photos["firsts"], prefix="h"))
-        assert third.applied == 3 and third.shadow.photos == {"error": 3}
+        assert third.applied == 3 and "error" not in third.shadow.photos  # loaded, checked against Milvus
+        index.drop(missing_collections)
+        fourth = pipeline.process(_uploads(user, photos["firsts"], prefix="i"))
+        assert fourth.applied == 3 and fourth.shadow.photos == {"error": 3}
         assert pipeline.shadow.loaded_version == missing_collections  # its model loaded, its search failed
-        assert _processed(engine, user) == 9 and _versions_of(engine, user) == {a}
+        assert _processed(engine, user) == 12 and _versions_of(engine, user) == {a}
     finally:
         rollout.stop_shadow(engine)
 

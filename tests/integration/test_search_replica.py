@@ -1,5 +1,5 @@
-"""The worker's in-process search replica: built from the published checkpoint, used only when it
-matches Milvus row for row, and giving the same tags as searching Milvus."""
+"""The worker's in-process search replica: built from the published checkpoint, and giving the same tags as
+searching Milvus. A checkpoint whose gallery is not the one Milvus publishes is refused, replica or not."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shared import health
 from shared.device_decode import DeviceJpegDecoder
+from shared.errors import InfrastructureError
 from shared.events import PhotoUploaded
 from shared.index import FINGERPRINT_KEY, STATE_KEY, LandmarkIndex, centroid_collection, reference_collection
 from shared.local_index import LocalIndex
@@ -100,21 +102,60 @@ def _as_user(batches: list[list[PhotoUploaded]], user: str) -> list[list[PhotoUp
     return [[e.model_copy(update={"user_id": user, "event_id": uuid.uuid4().hex}) for e in b] for b in batches]
 
 
-def test_no_replica_when_the_checkpoint_disagrees_with_milvus_or_is_too_large(published):
+def test_no_replica_when_the_gallery_is_too_large_to_keep(published):
     _, _, gallery = load_checkpoint(published["model"])
     version, index = published["version"], published["index"]
     assert local_replica(version, gallery, index, max_centroids=1000) is not None
     assert local_replica(version, gallery, index, max_centroids=1) is None  # too large to keep
-    fewer = {**gallery, "centroids": {k: v[:-1] for k, v in gallery["centroids"].items()}}
-    assert local_replica(version, fewer, index, max_centroids=1000) is None  # Milvus is the record
-    assert local_replica(version, {}, index, max_centroids=1000) is None
+    assert local_replica(version, gallery, index, max_centroids=0) is None  # none kept
     assert np.asarray(gallery["centroids"]["embeddings"]).shape[0] == index.row_counts(version)[0]
+
+
+@pytest.mark.parametrize("max_centroids", [1000, 1, 0])
+def test_a_checkpoint_that_disagrees_with_milvus_is_refused_whether_replicated_or_not(published, max_centroids):
+    """Its weights and thresholds are not the published version's: searching Milvus with them tags wrongly too."""
+    _, _, gallery = load_checkpoint(published["model"])
+    version, index = published["version"], published["index"]
+    fewer = {**gallery, "centroids": {k: v[:-1] for k, v in gallery["centroids"].items()}}
     # As many rows, another gallery (`build --version` run twice): Milvus's fingerprint tells them apart.
-    assert local_replica(version, _flipped(gallery), index, max_centroids=1000) is None
+    for other in (fewer, _flipped(gallery)):
+        with pytest.raises(InfrastructureError, match=f"does not hold the gallery published as {version}"):
+            local_replica(version, other, index, max_centroids=max_centroids)
+    with pytest.raises(InfrastructureError, match="holds no gallery"):
+        local_replica(version, {}, index, max_centroids=max_centroids)
 
 
 def _flipped(gallery: dict) -> dict:
     return {**gallery, "centroids": {**gallery["centroids"], "embeddings": -gallery["centroids"]["embeddings"]}}
+
+
+@pytest.mark.parametrize("max_centroids", [1000, 0])
+def test_a_worker_whose_model_file_was_replaced_under_the_same_version_tags_nothing(published, engine, tmp_path,
+                                                                                  max_centroids):
+    """`landmarks build --version V --out SAME.pt` run again: publishing it is refused, but the file at the
+    registered path is the new build. The worker refuses it (its batches go back to the queue, and it is not
+    ready) instead of tagging with its weights and thresholds."""
+    photos, index = published["photos"], published["index"]
+    version = f"replica_rebuilt_{uuid.uuid4().hex[:6]}"
+    model = build_model(photos, tmp_path / "first", version, slice(0, 2))
+    publish_model(model, engine, index, activate=False)
+    model.write_bytes(build_model(photos, tmp_path / "again", version).read_bytes())
+    pipeline = _pipeline(engine, index, photos, max_centroids)
+    try:
+        with pytest.raises(InfrastructureError, match=f"does not hold the gallery published as {version}"):
+            pipeline._load_runtime(version)  # as when the alias moves to it
+        assert pipeline.loaded_version is None
+        # Readiness says why, where it had said only "no model loaded yet".
+        ready = health.worker_model_check(lambda: pipeline.loaded_version, lambda: pipeline.load_error)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(index, "active_version", lambda: version)
+            with pytest.raises(InfrastructureError):
+                pipeline.runtime()
+        with pytest.raises(RuntimeError, match=f"cannot load the active model {version}: .*does not hold the gallery"):
+            ready()
+    finally:
+        pipeline.close()
+        index.drop(version)
 
 
 def test_a_version_published_before_fingerprints_is_replicated_when_its_row_counts_match(published):
@@ -128,7 +169,8 @@ def test_a_version_published_before_fingerprints_is_replicated_when_its_row_coun
         assert local_replica(version, gallery, index, max_centroids=1000) is not None
         assert local_replica(version, _flipped(gallery), index, max_centroids=1000) is not None  # counts only
         fewer = {**gallery, "centroids": {k: v[:-1] for k, v in gallery["centroids"].items()}}
-        assert local_replica(version, fewer, index, max_centroids=1000) is None
+        with pytest.raises(InfrastructureError, match="does not hold the gallery"):
+            local_replica(version, fewer, index, max_centroids=1000)
     finally:
         index.drop(version)
 

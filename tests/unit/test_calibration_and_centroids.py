@@ -12,7 +12,33 @@ def test_threshold_rejects_the_target_share_of_negatives(n):
     scores = np.random.default_rng(n).random(n)
     t = threshold_for_accuracy(scores, 0.99)
     assert (scores < t).mean() >= 0.99
-    assert (scores < np.nextafter(t, -np.inf) - 1e-9).mean() < 0.99 or n < 100
+    below = np.nextafter(np.float32(t), np.float32(-np.inf))  # the float32 value before it: one more passes
+    assert (scores < below).mean() < 0.99 or n < 100
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_threshold_stored_as_real_still_keeps_out_the_negative_it_was_computed_from(seed):
+    """model_versions keeps thresholds as REAL (float4) and scores are float32: a threshold a float64 step above
+    the last negative kept out rounded back to it when stored, and that negative passed on every worker."""
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(-1, 1, 200).astype(np.float32)  # what the embeddings' products give
+    t = threshold_for_accuracy(scores, 0.99)
+    stored = np.float32(t)  # a REAL column
+    assert float(stored) == t  # stored exactly
+    assert (scores >= stored).sum() == (scores >= t).sum() == 2  # 1% passes, on the workers as in calibration
+    assert float(np.sort(scores)[-3]) < float(stored)  # the negative it was computed from stays out
+
+
+def test_the_no_gps_thresholds_are_float32_values_and_decide_as_in_calibration():
+    from shared.training import calibrate as cal
+    scores = np.random.default_rng(7).uniform(0, 1, 300).astype(np.float32)
+    negatives = [({9: float(s)}, {9: float(s)}) for s in scores]
+    c = cal.Candidates([s for s, _ in negatives], [r for _, r in negatives])
+    _, _, curve = cal.calibrate_no_gps(c, [None] * len(scores), 0.99)
+    for t_global, t_ref, _, rejected in curve:
+        assert float(np.float32(t_global)) == t_global and float(np.float32(t_ref)) == t_ref
+        stored = [float(np.float32(t)) for t in (t_global, t_ref)]
+        assert sum(not cal.tags_no_gps(c, i, *stored) for i in range(len(scores))) == rejected * len(scores)
 
 
 def test_two_aspects_give_two_centroids_and_a_small_landmark_one():
