@@ -5,11 +5,14 @@ workers/pool.py sends in the consuming process itself), never in a forking paren
 
 * ``/metrics``: the metrics below plus prometheus_client's process and Python collectors;
 * ``/healthz``: liveness (the process answers and no running batch is older than the visibility timeout);
-* ``/readyz``: readiness (model loaded, broker, database and Milvus reachable; see shared/health.py);
-* ``/backlog``: ``{"queue", "waiting", "reserved", "backlog"}`` as JSON, for KEDA's metrics-api scaler.
+* ``/readyz``: readiness (model loaded, broker, database and Milvus reachable; see shared/health.py).
 
 ``python -m shared.metrics`` runs the same server with only the backlog collector: the exporter that
-KEDA and Prometheus read while no worker runs (scaling from zero needs a metric no worker provides).
+KEDA and Prometheus read whether or not a worker runs (scaling from zero needs a metric no worker
+provides). It alone serves the ``landmarks_queue_*`` metrics and ``/backlog`` (``{"queue", "waiting",
+"reserved", "backlog"}`` as JSON, for KEDA's metrics-api scaler): the backlog is one number for the
+fleet, counted over Redis' whole ``unacked`` hash (shared/backlog.py), which no worker process should
+repeat at each scrape; and the alerts tell a dead exporter by ``landmarks_queue_backlog_up`` being absent.
 
 Metric names are a contract with deploy/grafana, deploy/prometheus and deploy/k8s (a unit test checks
 that every ``landmarks_*`` name those files use is defined here): rename both sides together.
@@ -74,17 +77,23 @@ EVENT_AGE = Histogram("landmarks_event_age_seconds", "Live uploads: from uploade
 LAST_BATCH = Gauge("landmarks_last_batch_timestamp_seconds", "Unix time the last batch committed")
 BATCH_RUNNING_SINCE = Gauge("landmarks_batch_running_since_seconds",
                             "Unix time the oldest running batch started, 0 when idle")
-MODEL_INFO = Gauge("landmarks_model_info", "1 for the model version this worker has loaded", ["version"])
 MODEL_LOADED = Gauge("landmarks_model_loaded", "1 once a model version is loaded in this worker")
 # outcome: tagged | no_landmark (written under the shadow version), skipped (its model was not loaded yet,
 # backing off after an error, or the shadow stopped meanwhile), error (model, Milvus or database failed).
 SHADOW_PHOTOS = Counter("landmarks_shadow_photos", "Photos sampled for the shadow version, by version and outcome",
                         ["version", "outcome"])
 ALL_METRICS = (EVENTS, SKIPPED, FAILURES, INFRA_ERRORS, HANDED_BACK, FETCH_RETRIES, BATCHES, BATCH_SIZE, STAGE_SECONDS,
-               BATCH_SECONDS, EVENT_AGE, LAST_BATCH, BATCH_RUNNING_SINCE, MODEL_INFO, MODEL_LOADED, SHADOW_PHOTOS,
+               BATCH_SECONDS, EVENT_AGE, LAST_BATCH, BATCH_RUNNING_SINCE, MODEL_LOADED, SHADOW_PHOTOS,
                DECODED, HANDOVERS)
 
 # Collected at scrape time (see the collectors below).
+MODEL_INFO = "landmarks_model_info"
+# A worker that has started no batch (nor loaded a model) for this long leaves landmarks_model_info out:
+# after a promote it has had no batch to switch at, and its previous version would hold
+# LandmarksModelVersionSkew (for: 15m) on. A worker that cannot load the new version keeps starting batches
+# (each retried, handed back and redelivered), so it stays in, and the alert still finds it.
+MODEL_INFO_IDLE_S = 300.0
+# Served only by the backlog exporter (never by a worker): the alerts' absent() relies on it.
 BACKLOG_METRICS = ("landmarks_queue_backlog", "landmarks_queue_waiting", "landmarks_queue_reserved",
                    "landmarks_queue_backlog_up")
 GPU_METRICS = ("landmarks_gpu_memory_allocated_bytes", "landmarks_gpu_memory_reserved_bytes",
@@ -94,12 +103,14 @@ PROCESS_UP = "landmarks_worker_process_up"
 PROCESS_RESTARTS = "landmarks_worker_process_restarts_total"
 
 _model_version: str | None = None
+_clock = time.monotonic
+_model_in_use_at = float("-inf")  # _clock() at the last batch started or model loaded
 _state_lock = threading.Lock()
 
 
 def metric_names() -> set[str]:
     """Every sample name this module can expose (counters with _total, histograms with _bucket/_sum/_count)."""
-    names: set[str] = set(BACKLOG_METRICS) | set(GPU_METRICS) | {PROCESS_UP, PROCESS_RESTARTS}
+    names: set[str] = set(BACKLOG_METRICS) | set(GPU_METRICS) | {MODEL_INFO, PROCESS_UP, PROCESS_RESTARTS}
     for metric in ALL_METRICS:
         for family in metric.describe():
             base = family.name
@@ -120,24 +131,22 @@ def source_of(event_id: str) -> str:
 
 
 def set_model(version: str | None) -> None:
-    """The version the worker's pipeline has loaded (one series at 1; the previous one is removed)."""
+    """The version the worker's pipeline has loaded (at warm-up, then after each batch)."""
     global _model_version
     with _state_lock:
-        if version == _model_version:
-            return
-        if _model_version is not None:
-            try:
-                MODEL_INFO.remove(_model_version)
-            except KeyError:
-                pass
         _model_version = version
-        if version is not None:
-            MODEL_INFO.labels(version).set(1)
         MODEL_LOADED.set(1 if version is not None else 0)
+    _model_in_use()
 
 
 def loaded_model() -> str | None:
     return _model_version
+
+
+def _model_in_use() -> None:
+    global _model_in_use_at
+    with _state_lock:
+        _model_in_use_at = _clock()
 
 
 # Start times of the batches running now, by thread: a worker runs up to LANDMARKS_BATCHES_IN_FLIGHT at once.
@@ -149,6 +158,7 @@ def batch_started() -> None:
     with _batches_lock:
         _batches_running[threading.get_ident()] = time.time()
         BATCH_RUNNING_SINCE.set(min(_batches_running.values()))
+    _model_in_use()  # also a batch that will fail to load the active version: see MODEL_INFO_IDLE_S
 
 
 def batch_finished() -> None:
@@ -239,11 +249,35 @@ def observe_fetch_retries(n: int) -> None:
 
 # --- collectors read at scrape time --------------------------------------------------------------
 
+class ModelInfoCollector(Collector):
+    """landmarks_model_info{version} = 1 for the loaded version, while the model is in use (MODEL_INFO_IDLE_S)."""
+
+    def describe(self):
+        return [self._family(None)]
+
+    def collect(self):
+        with _state_lock:
+            version, idle_s = _model_version, _clock() - _model_in_use_at
+        yield self._family(version if idle_s < MODEL_INFO_IDLE_S else None)
+
+    @staticmethod
+    def _family(version: str | None) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(MODEL_INFO, "1 for the model version this worker has loaded, while it has "
+                                   f"started a batch in the last {MODEL_INFO_IDLE_S:.0f} s", labels=["version"])
+        if version is not None:
+            family.add_metric([version], 1)
+        return family
+
+
+REGISTRY.register(ModelInfoCollector())
+
+
 class BacklogCollector(Collector):
-    """waiting + reserved of each queue (shared.backlog), asked of Redis at most every ``ttl_s``."""
+    """waiting + reserved of each queue (shared.backlog), asked of Redis at most every ``ttl_s``, one read
+    for all the queues."""
 
     def __init__(self, broker_url: str, queues: list[str], ttl_s: float = BACKLOG_TTL_S,
-                 reader: Callable[[str, str], dict] | None = None) -> None:
+                 reader: Callable[[str, list[str]], dict[str, dict]] | None = None) -> None:
         self.broker_url = broker_url
         self.queues = [q for q in queues if q]
         self.ttl_s = ttl_s
@@ -258,9 +292,9 @@ class BacklogCollector(Collector):
             if time.monotonic() - self._at >= self.ttl_s:
                 reader = self._reader
                 if reader is None:
-                    from shared.backlog import queue_backlog as reader
+                    from shared.backlog import queue_backlogs as reader
                 try:
-                    self._values = {q: reader(self.broker_url, q) for q in self.queues}
+                    self._values = reader(self.broker_url, self.queues)
                     self._up = 1
                 except Exception as exc:  # noqa: BLE001 - a scrape must not fail because Redis is down
                     log.warning("cannot read the queue backlog: %s", exc)
@@ -409,27 +443,24 @@ def serve(port: int, addr: str | None = None, app=None) -> MetricsServer:
 
 _server: MetricsServer | None = None
 _gpu_registered = False
-_backlog_registered: BacklogCollector | None = None
 
 
-def start_worker_server(*, broker_url: str, queues: list[str], live: Callable[[], dict],
-                        ready: Callable[[], dict]) -> MetricsServer | None:
-    """Start this process's metrics server once; a port already in use is logged, never fatal."""
-    global _server, _gpu_registered, _backlog_registered
+def start_worker_server(*, live: Callable[[], dict], ready: Callable[[], dict]) -> MetricsServer | None:
+    """Start this process's metrics server once; a port already in use is logged, never fatal.
+
+    No backlog here: the exporter alone reads it (module doc)."""
+    global _server, _gpu_registered
     if _server is not None:
         return _server
     port = configured_port()
     if port is None:
         log.info("metrics server disabled (%s)", PORT_ENV)
         return None
-    if _backlog_registered is None:
-        _backlog_registered = BacklogCollector(broker_url, queues)
-        REGISTRY.register(_backlog_registered)
     if not _gpu_registered:
         REGISTRY.register(GpuMemoryCollector())
         _gpu_registered = True
     try:
-        _server = serve(port, app=make_app(REGISTRY, live=live, ready=ready, backlog=_backlog_registered))
+        _server = serve(port, app=make_app(REGISTRY, live=live, ready=ready))
     except OSError as exc:
         log.error("cannot serve metrics on port %s: %s (set %s)", port, exc, PORT_ENV)
         return None
@@ -448,23 +479,28 @@ def _exporter_main() -> None:  # pragma: no cover - exercised in deploy/ (the ba
     settings = get_settings()
     # Only the broker is needed: do not start embedded servers for an unset database or Milvus URL.
     broker_url = settings.broker_url.get_secret_value() if settings.broker_url else resolve(settings).broker_url
+    queues = [settings.queue, backfill_queue(settings)]
+    server = serve(configured_port() or DEFAULT_PORT, app=exporter_app(broker_url, queues))
+    log.info("backlog exporter on port %d for queues %s", server.port, queues)
+    try:
+        server.thread.join()
+    except KeyboardInterrupt:
+        server.close()
+
+
+def exporter_app(broker_url: str, queues: list[str], reader: Callable[[str, list[str]], dict] | None = None):
+    """The exporter's WSGI app. Ready while Redis answers a PING: a probe never waits for a backlog read."""
+    from shared import health
+
     registry = CollectorRegistry()
-    backlog = BacklogCollector(broker_url, [settings.queue, backfill_queue(settings)])
+    backlog = BacklogCollector(broker_url, queues, reader=reader)
     registry.register(backlog)
 
     def live() -> dict:
         return {"ok": True, "at": datetime.now(timezone.utc).isoformat()}
 
-    def ready() -> dict:
-        ok = bool(backlog.refresh())
-        return {"ok": ok, "checks": {"broker": {"ok": ok}}}
-
-    server = serve(configured_port() or DEFAULT_PORT, app=make_app(registry, live=live, ready=ready, backlog=backlog))
-    log.info("backlog exporter on port %d for queues %s", server.port, backlog.queues)
-    try:
-        server.thread.join()
-    except KeyboardInterrupt:
-        server.close()
+    ready = health.CachedReadiness(lambda: {"broker": health.broker_check(broker_url)})
+    return make_app(registry, live=live, ready=ready, backlog=backlog)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -80,7 +80,8 @@ def _readiness_checks() -> dict:
         _probe = urls.broker_url, engine, index
     broker_url, engine, index = _probe
     return {
-        "model": health.worker_model_check(lambda: context.pipeline.loaded_version),
+        "model": health.worker_model_check(lambda: context.pipeline.loaded_version,
+                                           lambda: context.pipeline.load_error),
         "broker": health.broker_check(broker_url),
         "database": health.database_check(engine),
         "milvus": health.milvus_check(index),
@@ -88,9 +89,8 @@ def _readiness_checks() -> dict:
 
 
 def start_operations_server() -> None:
-    """Prometheus /metrics, /healthz, /readyz and /backlog on LANDMARKS_METRICS_PORT (default 9808)."""
+    """Prometheus /metrics, /healthz and /readyz on LANDMARKS_METRICS_PORT (default 9808)."""
     from shared import health, metrics
-    from shared.backfill import backfill_queue
     settings = get_settings()
     try:
         max_batch_s = health.max_batch_seconds(float(settings.visibility_timeout_s))
@@ -99,10 +99,7 @@ def start_operations_server() -> None:
         log.error("no metrics server: %s", exc)
         return
     try:
-        urls = resolve(settings)
         metrics.start_worker_server(
-            broker_url=urls.broker_url,
-            queues=[settings.queue, backfill_queue(settings)],
             live=lambda: health.liveness(metrics.batch_running_since, max_batch_s),
             ready=health.CachedReadiness(_readiness_checks),
         )

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from celery import Celery
 
 from shared import stack
-from shared.backlog import queue_backlog
+from shared import backlog
+from shared.backlog import queue_backlog, queue_backlogs
 from shared.db.session import make_engine
 from shared.index import LandmarkIndex
 from shared.stack import redis_client_url
@@ -152,6 +153,43 @@ def test_backlog_counts_waiting_and_reserved(broker_url):
             message.ack()
         simple.close()
     redis.Redis.from_url(redis_client_url(broker_url)).delete(queue)
+
+
+def test_one_read_counts_every_queue_inside_redis(broker_url, monkeypatch):
+    """The exporter's refresh of N queues: one pass over the keyspace and over kombu's 'unacked' hash (where
+    every reserved message of every queue lies, body included), whose entries never leave Redis."""
+    queues = [f"lm_pass_{uuid.uuid4().hex[:8]}_{k}" for k in range(3)]
+    client = redis.Redis.from_url(redis_client_url(broker_url))
+    body = {"body": "x" * 1500, "properties": {"delivery_tag": "t"}}
+    tags = {f"{queues[0]}-{k}": queues[k % 2] for k in range(5)}  # as kombu's QoS.append writes them
+    client.hset(backlog.UNACKED_KEY, mapping={tag: json.dumps([body, "", q]) for tag, q in tags.items()})
+    client.rpush(queues[2], "waiting")
+    client.rpush(f"{queues[2]}{backlog.PRIORITY_SEPARATOR}3", "waiting at priority 3")
+    sent = []
+    send = redis.Redis.execute_command
+
+    def recording(self, *args, **options):
+        reply = send(self, *args, **options)
+        sent.append(args)  # answered (redis-py sends EVALSHA again, once loaded, to a server without the script)
+        return reply
+
+    monkeypatch.setattr(redis.Redis, "execute_command", recording)
+    monkeypatch.setattr(backlog, "UNACKED_PAGE", 2)  # several pages, as a large hash takes
+    try:
+        counts = queue_backlogs(broker_url, queues)
+    finally:
+        client.hdel(backlog.UNACKED_KEY, *tags)
+        client.delete(queues[2], f"{queues[2]}{backlog.PRIORITY_SEPARATOR}3")
+    assert [(c["waiting"], c["reserved"], c["backlog"]) for c in counts.values()] == [(0, 3, 3), (0, 2, 2), (2, 0, 2)]
+    names = [str(args[0]).upper() for args in sent]
+    assert not {"HSCAN", "HGETALL", "HVALS", "HGET", "HMGET"} & set(names)  # no message body came back
+    passes = [args for args in sent if str(args[0]).upper() in ("SCAN", "EVALSHA", "EVAL") and _cursor(args) == 0]
+    assert sorted(str(args[0]).upper() for args in passes) in (["EVALSHA", "SCAN"], ["EVAL", "SCAN"])
+
+
+def _cursor(args: tuple) -> int:
+    """SCAN's cursor, or the counting script's (its first argument after the key)."""
+    return int(args[1] if str(args[0]).upper() == "SCAN" else args[4])
 
 
 def _head_revision() -> str:

@@ -16,8 +16,9 @@ yaml = pytest.importorskip("yaml")
 import torch  # noqa: E402
 
 from shared import metrics  # noqa: E402
-from shared.logs import JSON_ENV  # noqa: E402
+from shared.logs import JSON_ENV, NODE_ENV  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from workers.supervisor import PARENT_ENV  # noqa: E402
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
@@ -29,6 +30,9 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 EXTRA_ENV = {metrics.PORT_ENV, metrics.ADDR_ENV, JSON_ENV, "LANDMARKS_LIVENESS_MAX_BATCH_S", "LANDMARKS_BACKFILL_QUEUE",
              "LANDMARKS_API_TOKEN_KEY", "LANDMARKS_API_USER_HEADER"}
 KNOWN_ENV = {f"LANDMARKS_{name.upper()}" for name in Settings.model_fields} | EXTRA_ENV
+# Set by the supervisor for the workers it starts, or read by the bench only: nothing an operator sets.
+INTERNAL_ENV = {NODE_ENV, PARENT_ENV, "LANDMARKS_REALDATA"}
+README = REPO / "README.md"
 
 
 def _yaml_files() -> list[Path]:
@@ -127,6 +131,18 @@ def test_keda_scales_the_worker_deployment_on_waiting_plus_reserved():
     assert _container(exporter)["command"] == ["python", "-m", "shared.metrics"]
 
 
+def test_the_exporters_probes_wait_longer_than_its_check():
+    """/readyz pings Redis for up to CHECK_TIMEOUT_S; at Kubernetes' default 1 s timeout a slow broker (or a
+    scrape reading the backlog meanwhile) would take the exporter out of its Service, and KEDA to fallback."""
+    from shared.health import CHECK_TIMEOUT_S
+    container = _container(_one(_k8s_objects(), "Deployment", "landmarks-backlog-exporter"))
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("livenessProbe", "readinessProbe"):
+        timeout = container[probe].get("timeoutSeconds", 1)  # Kubernetes' default
+        assert timeout > CHECK_TIMEOUT_S, f"{probe}: timeoutSeconds {timeout}"
+
+
 def _config(objects: list[dict]) -> dict:
     return _one(objects, "ConfigMap", "landmarks-config")["data"]
 
@@ -164,6 +180,24 @@ def test_worker_deployment_has_a_gpu_probes_and_a_grace_longer_than_a_batch():
         worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
 
 
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def test_the_decode_pool_fits_the_workers_cpus():
+    """Without a CPU limit the pod may run on every core of its node, and LANDMARKS_DECODE_WORKERS=0 would start
+    a decode process per core (192 on a large GPU node): the pool is then sized to the CPU request."""
+    objects = _k8s_objects()
+    resources = _container(_worker(objects))["resources"]
+    config = _config(objects)
+    cpus = _cpus(str(resources.get("limits", {}).get("cpu") or resources["requests"]["cpu"]))
+    decode = int(config.get("LANDMARKS_DECODE_WORKERS", "0"))
+    if "cpu" in resources.get("limits", {}) and decode == 0:
+        return  # the worker counts its cgroup's limit
+    processes = int(config.get("LANDMARKS_WORKER_PROCESSES", "1"))
+    assert 1 <= decode * processes <= max(1, int(cpus)), (decode, processes, cpus)
+
+
 def test_pdb_covers_the_workers_and_the_migration_job_upgrades_the_schema():
     objects = _k8s_objects()
     pdb = _one(objects, "PodDisruptionBudget")
@@ -199,6 +233,30 @@ def test_every_reference_between_objects_resolves_and_settings_are_known():
         for volume in spec.get("volumes", []):
             if "persistentVolumeClaim" in volume:
                 assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+
+
+def _variables_named_in_the_code() -> set[str]:
+    """Every "LANDMARKS_..." string literal of the package: the names os.environ is read (or set) with."""
+    sources = [*(REPO / "shared").rglob("*.py"), *(REPO / "workers").rglob("*.py")]
+    return {name for path in sources for name in re.findall(r"""["'](LANDMARKS_[A-Z0-9_]+)["']""", path.read_text())}
+
+
+def _variables_in_the_readme_table() -> set[str]:
+    section = README.read_text().split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return set(re.findall(r"LANDMARKS_[A-Z0-9_]+", "\n".join(rows)))
+
+
+def test_every_variable_the_code_reads_is_a_known_setting():
+    """EXTRA_ENV lists what is read outside shared/settings.py: a new os.environ read must join it (and so the
+    README's table, below)."""
+    unknown = _variables_named_in_the_code() - KNOWN_ENV - INTERNAL_ENV
+    assert not unknown, f"add them to EXTRA_ENV (or INTERNAL_ENV): {sorted(unknown)}"
+
+
+def test_the_readme_documents_every_setting():
+    missing = KNOWN_ENV - _variables_in_the_readme_table()
+    assert not missing, f"README.md, Settings: no row for {sorted(missing)}"
 
 
 # --- docker --------------------------------------------------------------------------------------
@@ -318,6 +376,28 @@ def test_alerts_use_defined_metrics_and_the_prometheus_rule_matches():
         assert used and used <= metrics.metric_names(), (rule["alert"], used - metrics.metric_names())
     operator_rule = _docs(K8S / "monitoring" / "prometheusrule.yaml")[0]
     assert operator_rule["kind"] == "PrometheusRule" and operator_rule["spec"] == alerts
+
+
+def test_absent_in_an_alert_names_a_metric_only_the_exporter_serves():
+    """absent(m) fires only when nothing exports m: were m also a worker's metric (as the backlog's once
+    was), a dead exporter would go unnoticed while any worker runs. Workers do not serve
+    metrics.BACKLOG_METRICS (test_metrics_and_health.py scrapes a worker's /metrics for them)."""
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    absent = {m for r in rules for arg in re.findall(r"\babsent\(([^()]*)\)", r["expr"]) for m in _metric_names(arg)}
+    assert absent, "no alert notices a dead exporter"
+    assert absent <= set(metrics.BACKLOG_METRICS), absent - set(metrics.BACKLOG_METRICS)
+    (unreadable,) = [r for r in rules if "absent(" in r["expr"]]
+    assert unreadable["labels"]["severity"] == "critical"
+
+
+def test_the_version_skew_alert_outlasts_an_idle_workers_version():
+    """An idle worker keeps its previous version after a promote until its next batch; it stops exporting it
+    after metrics.MODEL_INFO_IDLE_S, which must come before the alert's `for:`, or idleness alone fires it."""
+    rules = {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    skew = rules["LandmarksModelVersionSkew"]
+    assert _metric_names(skew["expr"]) == {metrics.MODEL_INFO}
+    value, unit = re.fullmatch(r"(\d+)([smh])", skew["for"]).groups()
+    assert metrics.MODEL_INFO_IDLE_S < int(value) * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
 def test_prometheus_scrapes_workers_and_the_exporter_and_loads_the_alerts():
