@@ -22,9 +22,9 @@ UNACKED_KEY = "unacked"
 # (about 5 ms for 1,000 entries of 1.5 KB), so a large hash is counted a page at a time.
 UNACKED_PAGE = 1000
 
-# One HSCAN page of the hash in KEYS[1] from cursor ARGV[1], ARGV[2] entries; ARGV[3..] are the queues'
-# routing keys as kombu's JSON ends with them (json.dumps(queue) + "]"). Returns the next cursor and, per
-# queue, the entries of the page that end so: their tail compared, the message never parsed or sent.
+# One HSCAN page of the hash in KEYS[1] from cursor ARGV[1], ARGV[2] entries; ARGV[3..] are the tails the
+# entries of the queues end with (_tails). Returns the next cursor and, per tail, the entries of the page that
+# end so: their tail compared, the message never parsed or sent.
 _COUNT_RESERVED = """
 local page = redis.call("HSCAN", KEYS[1], ARGV[1], "COUNT", ARGV[2])
 local counts = {}
@@ -83,11 +83,18 @@ def _reserved(client: redis.Redis, queues: list[str]) -> dict[str, int]:
     if not queues:
         return {}
     count_page = client.register_script(_COUNT_RESERVED)
-    tails = [json.dumps(q) + "]" for q in queues]  # how kombu's json.dumps([message, exchange, queue]) ends
-    counts = [0] * len(queues)
+    tails = [(queue, tail) for queue in queues for tail in _tails(queue)]
+    counts = dict.fromkeys(queues, 0)
     cursor = 0
     while True:
-        cursor, page = count_page(keys=[UNACKED_KEY], args=[cursor, UNACKED_PAGE, *tails])
-        counts = [total + n for total, n in zip(counts, page)]
+        cursor, page = count_page(keys=[UNACKED_KEY], args=[cursor, UNACKED_PAGE, *(tail for _, tail in tails)])
+        for (queue, _), n in zip(tails, page):
+            counts[queue] += n
         if int(cursor) == 0:
-            return dict(zip(queues, counts))
+            return counts
+
+
+def _tails(queue: str) -> set[str]:
+    """How an unacked entry of ``queue`` ends: its routing key, the last item of a JSON array, written by
+    kombu (Python's json: "\u00e9" for é) or by workers/broker.py's script (Redis' cjson: "\/" for /, é raw)."""
+    return {json.dumps(queue) + "]", json.dumps(queue, ensure_ascii=False).replace("/", "\\/") + "]"}

@@ -19,6 +19,7 @@ from shared.backlog import queue_backlog, queue_backlogs
 from shared.db.session import make_engine
 from shared.index import LandmarkIndex
 from shared.stack import redis_client_url
+from workers.broker import install as install_worker_transport
 
 pytestmark = pytest.mark.integration
 
@@ -134,8 +135,10 @@ def test_concurrent_stack_ups_start_one_stack(tmp_path):
     finally:
         stack.down(tmp_path / "home")
 
-def test_backlog_counts_waiting_and_reserved(broker_url):
-    queue = f"lm_backlog_{uuid.uuid4().hex[:8]}"
+@pytest.mark.parametrize("name", ["lm_backlog", "lm/backlog", "lm_backlogé"])  # JSON-escaped two ways
+def test_backlog_counts_waiting_and_reserved(broker_url, name):
+    install_worker_transport()  # as a worker reserves them (its script writes 'unacked' with Redis' cjson)
+    queue = f"{name}_{uuid.uuid4().hex[:8]}"
     app = Celery(broker=broker_url)
     for _ in range(5):
         app.send_task("landmarks.photo_uploaded", args=[{}], queue=queue)
@@ -143,8 +146,7 @@ def test_backlog_counts_waiting_and_reserved(broker_url):
     # Reserve two the way a prefetching worker does (kombu's Redis QoS keeps them in 'unacked').
     with app.connection_for_read() as conn:
         simple = conn.SimpleQueue(queue, no_ack=False)
-        # A prefetch limit as a worker's: workers/broker.py's transport (installed by any test importing
-        # workers.app before this one) takes all the limit allows in one go.
+        # A prefetch limit as a worker's: workers/broker.py's transport takes all the limit allows in one go.
         simple.consumer.qos(prefetch_count=2)
         held = [simple.get(timeout=5) for _ in range(2)]
         counts = queue_backlog(broker_url, queue)
