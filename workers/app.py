@@ -7,7 +7,7 @@ from celery import Celery, signals
 from shared.settings import get_settings
 from shared.stack import resolve
 from workers.broker import install as install_atomic_consume
-from workers.pool import prefetch_multiplier
+from workers.pool import prefetch_limit, prefetch_multiplier
 
 # Before any broker connection: messages are taken off Redis and recorded as unacknowledged in one step.
 install_atomic_consume()
@@ -42,6 +42,7 @@ def _configure(sender: Celery, **_: object) -> None:
         # celery-batches buffers prefetched messages: prefetch (this times the concurrency) must cover
         # a whole batch for each batch in flight.
         worker_prefetch_multiplier=prefetch_multiplier(settings.batch_size, settings.batches_in_flight),
+        worker_eta_task_limit=prefetch_limit(settings.batch_size, settings.batches_in_flight),
         # Threads in this one process (workers/pool.py): up to batches_in_flight batches overlap.
         worker_pool="workers.pool:BatchPipelinePool",
         worker_concurrency=settings.batches_in_flight,

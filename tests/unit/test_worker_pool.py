@@ -15,7 +15,7 @@ from celery import Celery
 from kombu.common import QoS
 
 from shared import metrics
-from workers.pool import BatchPipelinePool, PipelinedBatches, prefetch_multiplier
+from workers.pool import HELD_WINDOWS, BatchPipelinePool, PipelinedBatches, prefetch_limit, prefetch_multiplier
 
 
 def test_prefetch_covers_the_batches_in_flight_and_one_filling():
@@ -184,6 +184,14 @@ def test_events_held_for_their_countdown_raise_the_prefetch_limit_until_they_go_
     _fall_due(batches, retries[10:])
     assert sorted(r.name for b in batches.flushed[1:] for r in b) == sorted(r.name for r in retries)
     assert qos.value == 24  # back where it started: no drift either way
+
+
+def test_the_worker_holds_at_most_a_few_prefetch_windows_of_countdown_events():
+    window = prefetch_multiplier(8, 2) * 2  # what Celery prefetches for batch 8, 2 in flight
+    qos = QoS(lambda prefetch_count: None, window, max_prefetch=prefetch_limit(8, 2))
+    batches = _holding(qos)
+    _hold(batches, [_Request(f"retry{i}", due_in_s=600) for i in range(10 * window)])
+    assert qos.value == (1 + HELD_WINDOWS) * window  # past that, they wait in Redis, not in this worker
 
 
 def test_the_prefetch_limit_comes_back_to_where_it_was_when_capped_or_after_a_reconnection():
