@@ -125,9 +125,11 @@ def write_outcomes(
     if not by_photo:
         return 0
 
-    _record_failed(session, task, [o for event_id, o in by_event.items()
-                                   if event_id in claimed and o.status == PhotoStatus.FAILED])
+    failed = _record_failed(session, task, [o for event_id, o in by_event.items()
+                                            if event_id in claimed and o.status == PhotoStatus.FAILED])
     applied = _upsert_photos(session, model_version, by_photo)
+    if failed:  # after the upsert, which waits for a delete of these photos running meanwhile
+        session.execute(FORGET_GPS_OF_DELETED, {"keys": failed})
     if not applied:
         return 0
     keys = sorted(applied)
@@ -144,8 +146,8 @@ def write_outcomes(
     return len(applied)
 
 
-def _record_failed(session: Session, task: str, failed: list[PhotoOutcome]) -> None:
-    """Every claimed event that failed, whether or not its photo's row took the failure."""
+def _record_failed(session: Session, task: str, failed: list[PhotoOutcome]) -> list[str]:
+    """Every claimed event that failed, whether or not its photo's row took the failure; their keys."""
     rows = [
         _failure_row(
             key=o.event.event_id,
@@ -161,6 +163,7 @@ def _record_failed(session: Session, task: str, failed: list[PhotoOutcome]) -> N
     ]
     if rows:
         session.execute(insert(failures).values(rows).on_conflict_do_nothing(index_elements=["event_key"]))
+    return [row["event_key"] for row in rows]
 
 
 def _upsert_photos(
@@ -226,11 +229,17 @@ def delete_photo(session: Session, event: PhotoDeleted) -> bool:
 
 
 # Nor do its failures' copies of its events: their gps, or the cut-off text of one too long to keep whole,
-# which may hold it.
-FORGET_FAILURE_GPS = text("""
-    UPDATE failures
-    SET payload = CASE WHEN jsonb_typeof(payload) = 'object' THEN payload - 'gps' - 'truncated' - 'unserialisable' END
-    WHERE user_id = :user_id AND photo_id = :photo_id AND payload IS NOT NULL""")
+# which may hold it; those recorded later too (an upload that failed after the photo was deleted).
+_WITHOUT_GPS = ("CASE WHEN jsonb_typeof(f.payload) = 'object' "
+                "THEN f.payload - 'gps' - 'truncated' - 'unserialisable' END")
+FORGET_FAILURE_GPS = text(f"""
+    UPDATE failures f SET payload = {_WITHOUT_GPS}
+    WHERE f.user_id = :user_id AND f.photo_id = :photo_id AND f.payload IS NOT NULL""")
+FORGET_GPS_OF_DELETED = text(f"""
+    UPDATE failures f SET payload = {_WITHOUT_GPS}
+    FROM photos p
+    WHERE f.event_key = ANY(:keys) AND f.payload IS NOT NULL
+      AND p.user_id = f.user_id AND p.photo_id = f.photo_id AND p.status = 'deleted'""")
 
 
 def record_failure(session: Session, *, payload: Any, task: str, stage: str, reason: str) -> None:
@@ -246,6 +255,8 @@ def record_failure(session: Session, *, payload: Any, task: str, stage: str, rea
         payload=payload,
     )
     session.execute(insert(failures).values(row).on_conflict_do_nothing(index_elements=["event_key"]))
+    if row["user_id"] is not None and row["photo_id"] is not None:
+        session.execute(FORGET_GPS_OF_DELETED, {"keys": [row["event_key"]]})
 
 
 def _failure_row(

@@ -433,6 +433,16 @@ def test_a_deleted_photo_keeps_no_location_in_its_failures(world):
     assert "48.8584" not in str(payloads["too-long"])
     assert payloads["other-photo"]["gps"] == {"lat": 48.8584, "lon": 2.2945}  # another photo's: kept
 
+    # An upload of the deleted photo that fails afterwards (its file is gone): recorded, without its location.
+    late = PhotoOutcome(event=uploaded("p7", minutes=5, event="after-delete", gps=where), status=PhotoStatus.FAILED,
+                        failure=Failure(Stage.FETCH, "file not found"))
+    writer.write_outcomes(world, "v1", [late])
+    writer.record_failure(world, payload={**long_one, "event_id": "bad-after-delete"},
+                          task="landmarks.photo_uploaded", stage=Stage.VALIDATE, reason="r")
+    payloads = dict(world.execute(text("SELECT event_key, payload FROM failures")).all())
+    assert payloads["after-delete"]["photo_id"] == "p7" and "48.8584" not in str(payloads["after-delete"])
+    assert "48.8584" not in str(payloads["bad-after-delete"])
+
 
 def test_delete_before_upload_leaves_a_tombstone(world):
     assert writer.delete_photo(world, PhotoDeleted(event_id="del-early", user_id="alice", photo_id="px")) is True
