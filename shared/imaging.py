@@ -167,9 +167,14 @@ def _boxes_are_whole(data: bytes) -> bool:
         elif size == 0:  # the box runs to the end of the file
             return True
         if size < 8 or offset + size > end:
-            return False
+            return not _box_type(data[offset + 4:offset + 8])  # bytes after the last box are no box cut short
         offset += size
     return True
+
+
+def _box_type(raw: bytes) -> bool:
+    """Whether four bytes read as a box type (ftyp, meta, mdat...): printable ASCII."""
+    return all(32 <= b < 127 for b in raw)
 
 
 def _exif(img: Image.Image) -> Image.Exif | None:

@@ -291,6 +291,12 @@ def _cut(data: bytes, share: float) -> bytes:
     return data[: int(len(data) * share)]
 
 
+def test_a_heif_with_bytes_after_its_last_box_still_decodes() -> None:
+    # A trailer that is no box (some writers pad or append) is not a box cut short.
+    data = encode(_noise(), "HEIF") + b"\xff\xff\xff\xff\x00\x01\x02\x03\x04"
+    assert decode(data).format == "HEIF"
+
+
 def _corrupt_scan(data: bytes) -> bytes:
     start = data.index(b"\xff\xda") + 20
     return data[:start] + bytes(range(256)) * 3 + data[start + 768 :]
