@@ -370,7 +370,8 @@ def build(world_dir: Annotated[Path, typer.Option("--world", exists=True, file_o
         cfg = dc_replace(cfg, train=dc_replace(cfg.train, center_weight=0.0))
     elif ablation:
         raise typer.BadParameter(f"unknown ablation {ablation!r}")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from shared.cpus import usable_cpus
+    torch.set_num_threads(usable_cpus())  # the CPUs this process may use, not the node's
     with _progress() as progress:
         try:  # the dataset's and the build's preconditions, checked before any training
             builder = Builder(world_dir, out, cfg, init=init, progress=progress, version=version)

@@ -140,6 +140,14 @@ class PipelinedBatches(Batches):
         finally:
             self._count_held()  # only celery-batches' _do_flush moves requests into and out of _pending
 
+    def flush(self, requests: Any) -> None:
+        """celery-batches flushes every request that is ready at once: held events falling due together
+        (a batch handed back, retries of one outage) with a full buffer would make one batch of hundreds.
+        LANDMARKS_BATCH_SIZE is what GPU memory and the decode arena are sized for, so at most that many."""
+        requests = list(requests)
+        for start in range(0, len(requests), self.flush_every):
+            super().flush(requests[start:start + self.flush_every])
+
     def _count_held(self) -> None:
         """Raises the prefetch limit once for each request that has come to be held, and lowers it by as much
         for each that has gone (into a batch). State against state rather than event by event, so that no

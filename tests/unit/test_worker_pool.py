@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from celery import Celery
+from celery_batches import Batches
 from kombu.common import QoS
 
 from shared import metrics
@@ -252,6 +253,23 @@ def test_a_reconnection_restarts_the_flush_timer_for_what_the_worker_still_holds
     batches._first_buffered_at = None  # as long ago as it likes
     after.repeating[0].fn()
     assert [[r.name for r in b] for b in batches.flushed] == [["buffered"]]
+
+
+def test_events_falling_due_together_go_in_batches_of_at_most_the_batch_size(monkeypatch):
+    flushed = []
+    monkeypatch.setattr(Batches, "flush", lambda self, requests: flushed.append([r.name for r in requests]))
+
+    class Pipelined(PipelinedBatches):
+        name = "test.pipelined"
+        flush_every = 4
+    Pipelined.bind(Celery("worker-pool-split", set_as_current=False))
+    batches = Pipelined()
+    batches._pool = _Pool(saturated=False)
+    held = [_Request(f"retry{i}", due_in_s=600) for i in range(10)]
+    _hold(batches, held)
+    _fall_due(batches, held)
+    assert [len(b) for b in flushed] == [4, 4, 2]
+    assert sorted(name for b in flushed for name in b) == sorted(r.name for r in held)
 
 
 def test_liveness_sees_the_oldest_of_the_running_batches():
