@@ -13,14 +13,9 @@ from pathlib import Path
 from shared.cpus import usable_cpus
 
 
-def cpu_count() -> int:
-    """The CPUs the bench may use, counted as the worker counts them for its decode pool."""
-    return usable_cpus()
-
-
 def host_info() -> dict:
     import torch
-    info = {"cpus": cpu_count(), "cpu_model": platform.processor() or platform.machine(),
+    info = {"cpus": usable_cpus(), "cpu_model": platform.processor() or platform.machine(),
             "ram_gb": None, "loadavg": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "gpu": None}
@@ -151,7 +146,7 @@ def whole_machine_threads() -> Iterator[int]:
     machine can do, though the worker itself runs its forward pass on fewer (shared/runtime)."""
     import torch
     served = torch.get_num_threads()
-    torch.set_num_threads(cpu_count())
+    torch.set_num_threads(usable_cpus())
     try:
         yield torch.get_num_threads()
     finally:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from shared.bench.config import BenchConfig, NullReporter, REPO, Reporter
-from shared.bench.host import cpu_count
+from shared.cpus import usable_cpus
 
 GENERATOR_VERSION = "v1"  # bump when camera_jpeg changes, so cached inputs are regenerated
 SIZES: dict[str, tuple[int, int]] = {"12mp": (4000, 3000), "2mp": (1600, 1200)}
@@ -93,7 +93,7 @@ def generated_images(cache: Path, size: str, count: int, reporter: Reporter | No
         reporter.start(f"generating {len(missing)} {size} JPEGs into {folder}", len(missing))
         jobs = [(p, width, height, int(p.stem.split("_")[1])) for p in missing]
         # forkserver: the bench process may hold CUDA by now (host_info), which a forked child must not inherit.
-        with ProcessPoolExecutor(max_workers=cpu_count(), mp_context=multiprocessing.get_context("forkserver")) as pool:
+        with ProcessPoolExecutor(max_workers=usable_cpus(), mp_context=multiprocessing.get_context("forkserver")) as pool:
             for _ in pool.map(_write_jpeg, jobs):
                 reporter.advance()
     return paths

@@ -16,7 +16,7 @@ import numpy as np
 
 from shared.bench.config import NullReporter, Reporter
 from shared.bench.gallery import LANDMARK_IMAGE_EVERY
-from shared.bench.host import cpu_count
+from shared.cpus import usable_cpus
 from shared.bench.timing import median_time
 from shared.device_decode import DeviceJpegDecoder, stack_pixels, thread_stream
 from shared.errors import DecodeError
@@ -37,7 +37,7 @@ def decode_stage(blobs: Sequence[bytes], size: int, *, workers: int | None = Non
         except DecodeError:
             return False
 
-    workers = workers or cpu_count()
+    workers = workers or usable_cpus()
     reporter = reporter or NullReporter()
     reporter.start(f"decode-only: Pillow draft, {workers} threads", len(blobs))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-decode") as pool:

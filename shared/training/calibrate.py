@@ -26,10 +26,9 @@ def threshold_for_accuracy(negative_scores: np.ndarray, target: float = 0.99) ->
 # calibration did, compared in float32 (numpy) or float64 (Python floats) alike.
 
 def float32_above(score: float) -> float:
-    """The smallest float32 value above ``score``."""
-    score = np.float64(score)  # compared as such: numpy would compare a Python float at float32
-    nearest = np.float32(score)
-    return float(nearest if nearest > score else np.nextafter(nearest, np.float32(np.inf)))
+    """The smallest float32 value above ``score``: every float32 is a float64, so the smallest one not below
+    the next float64."""
+    return float32_at_least(np.nextafter(np.float64(score), np.inf))
 
 
 def float32_at_least(value: float) -> float:
