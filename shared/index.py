@@ -491,6 +491,12 @@ class LandmarkIndex:
             elif current != cname:
                 c.alter_alias(cname, ALIAS, timeout=self._timeout)
 
+    def deactivate(self) -> None:
+        """Remove ``lm_active``: workers then find no active model and hand their batches back."""
+        if self._alias_target() is not None:
+            with self._wrap("deactivate"):
+                self.client.drop_alias(ALIAS, timeout=self._timeout)
+
     def _alias_target(self) -> str | None:
         """The collection ``lm_active`` points at, or None if the alias does not exist."""
         try:

@@ -107,27 +107,28 @@ def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str 
 @contextmanager
 def alias_restored_on_failure(version: str, index: LandmarkIndex) -> Iterator[None]:
     """The Milvus alias moved to ``version`` for the PostgreSQL step run inside; if that step fails, the alias is
-    pointed back where it was before raising, so that workers and albums stay on the same version (a
-    first activation has no alias to go back to: `landmarks health` then reports the disagreement)."""
+    pointed back where it was before raising, so that workers and albums stay on the same version (on a first
+    activation it is removed: workers would otherwise tag under a version that PostgreSQL never activated)."""
     previous = index.active_version()
     index.activate(version)
     try:
         yield
     except Exception:
-        if previous is not None and previous != sanitize_version(version):
+        if previous != sanitize_version(version):
             _point_alias_back(previous, version, index)
         raise
 
 
-def _point_alias_back(previous: str, version: str, index: LandmarkIndex) -> None:
+def _point_alias_back(previous: str | None, version: str, index: LandmarkIndex) -> None:
+    undo = f"put back on {previous}" if previous else "removed (this was the first activation)"
     try:
-        index.activate(previous)
+        index.activate(previous) if previous is not None else index.deactivate()
     except Exception:  # noqa: BLE001 - the PostgreSQL error is the one to raise; this one is logged
-        log.exception("activating %s failed in PostgreSQL, and the Milvus alias could not be moved back to %s: "
-                      "workers follow %s, albums show %s; `landmarks promote %s --force` puts them together",
-                      version, previous, version, previous, previous, extra={"model_version": version})
+        log.exception("activating %s failed in PostgreSQL, and the Milvus alias could not be %s: "
+                      "workers follow %s, albums do not; `landmarks promote %s --force` puts them together",
+                      version, undo, version, previous or version, extra={"model_version": version})
         return
-    log.warning("activating %s failed in PostgreSQL: the Milvus alias is back on %s", version, previous,
+    log.warning("activating %s failed in PostgreSQL: the Milvus alias was %s", version, undo,
                 extra={"model_version": version})
 
 

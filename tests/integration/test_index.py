@@ -143,6 +143,30 @@ def test_publish_activate_and_swap(index, published):
     ]
 
 
+def test_a_first_activation_that_fails_in_postgresql_leaves_no_alias(tmp_path):
+    """With no version to go back to, the alias is removed: workers must not tag under a version that the
+    albums never activated (they find no active model and hand their batches back instead)."""
+    from milvus_lite.adapter.grpc.server import start_server_in_thread
+
+    from shared.rollout import alias_restored_on_failure
+
+    server, db, port = start_server_in_thread(data_dir=str(tmp_path), host="127.0.0.1", port=0)
+    idx = LandmarkIndex(f"http://127.0.0.1:{port}", timeout=30.0, connect_timeout=5.0)
+    try:
+        idx.publish("first", *_world(5, n_landmarks=20))
+        with pytest.raises(RuntimeError, match="database went away"):
+            with alias_restored_on_failure("first", idx):
+                assert idx.active_version() == "first"
+                raise RuntimeError("the database went away")
+        assert idx.active_version() is None
+        idx.deactivate()  # nothing to remove: no error
+        assert "first" in idx.versions()
+    finally:
+        idx.close()
+        server.stop(0)
+        db.close()
+
+
 def test_publishing_a_version_again_is_a_no_op_and_another_gallery_under_it_is_refused(index, published):
     c, r = published["v2"]
     assert index.publish("v2", c, r) is False  # the same gallery: nothing to do
