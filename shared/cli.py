@@ -210,9 +210,10 @@ def queue(as_json: JsonFlag = False) -> None:
 @app.command()
 def albums(user: Annotated[str, typer.Option("--user")], as_json: JsonFlag = False) -> None:
     """A user's Attractions album: cities → landmarks → photo counts (reads the album views only)."""
-    from shared.db.albums import attractions
+    from shared.db.albums import attractions, begin_snapshot
     from shared.db.session import transaction
     with transaction(_engine()) as session:
+        begin_snapshot(session)  # its two reads see one state of the tags, as the API's do
         cities = attractions(session, user)
     data = [_plain(city) for city in cities]
     if as_json:
@@ -239,9 +240,10 @@ def print_albums(user: str, cities: list[dict]) -> None:
 @app.command()
 def photo(photo_id: str, user: Annotated[str, typer.Option("--user")], as_json: JsonFlag = False) -> None:
     """What happened to one photo: status, tags, failure reason."""
-    from shared.db.albums import photo_report
+    from shared.db.albums import begin_snapshot, photo_report
     from shared.db.session import transaction
     with transaction(_engine()) as session:
+        begin_snapshot(session)
         report = photo_report(session, user, photo_id)
     if report is None:
         # No processed event yet: the upload is still queued (or was never sent).

@@ -46,6 +46,22 @@ def _no_nul(value: str | None) -> str | None:
     return value
 
 
+def id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a user or photo id, None if it can. Both are path segments of the album API's
+    URLs: a control character makes the photo's links unroutable, and browsers drop a "." or ".." segment."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "must not contain control characters"
+    if value in (".", ".."):
+        return f"cannot be {value!r} (browsers drop such a path segment)"
+    return None
+
+
+def _addressable(value: str) -> str:
+    if (problem := id_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
@@ -53,7 +69,8 @@ class _Event(BaseModel):
     user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     photo_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
 
-    _ids_without_nul = field_validator("event_id", "user_id", "photo_id")(_no_nul)
+    _event_id_without_nul = field_validator("event_id")(_no_nul)
+    _ids_in_album_urls = field_validator("user_id", "photo_id")(_addressable)
 
 
 class PhotoUploaded(_Event):

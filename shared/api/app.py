@@ -103,7 +103,8 @@ class ErrorOut(BaseModel):
     detail: Any = None
 
 
-ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 502, 503)}
+# 422 listed too: FastAPI would document its own validation body, which the handler below replaces.
+ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 422, 502, 503)}
 
 
 # ---- helpers -------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import binascii
 import hashlib
 import hmac
 
-MAX_USER_ID_LENGTH = 256  # as in shared.events
+from shared.events import MAX_ID_LENGTH, id_problem
+
 MIN_KEY_BYTES = 16
 
 
@@ -64,8 +65,8 @@ def verify_token(key: bytes, token: str) -> str:
 
 
 def check_user_id(user_id: str, error: type[Exception] = ValueError) -> str:
-    if not user_id or len(user_id) > MAX_USER_ID_LENGTH or any(ord(c) < 32 for c in user_id):
-        raise error(f"invalid user id: 1 to {MAX_USER_ID_LENGTH} printable characters")
+    if not user_id or len(user_id) > MAX_ID_LENGTH or id_problem(user_id) is not None:
+        raise error(f"invalid user id: 1 to {MAX_ID_LENGTH} printable characters, not '.' or '..'")
     return user_id
 
 

@@ -71,7 +71,12 @@ def register(cli: typer.Typer) -> None:
             if key is None:
                 typer.echo(f"--token-for needs {TOKEN_KEY_ENV}", err=True)
                 raise typer.Exit(2)
-            typer.echo(page_url(host, port, make_token(key, token_for)))
+            try:
+                token = make_token(key, token_for)
+            except ValueError as exc:  # an id no album URL can carry
+                typer.echo(f"--token-for: {exc}", err=True)
+                raise typer.Exit(2) from None
+            typer.echo(page_url(host, port, token))
         else:
             typer.echo(page_url(host, port))
         uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)

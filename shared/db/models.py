@@ -192,6 +192,7 @@ class AlbumUser(Base):
 class AlbumLandmarkStats(Base):
     __tablename__ = "album_landmark_stats"
     __table_args__ = (
+        Index("ix_album_landmark_stats_landmark", "landmark_id"),  # a landmark moved to another city: its albums
         {"comment": "Summary of each (user, model version, landmark) album, kept by triggers; read by album_landmarks.",
          "postgresql_with": {"fillfactor": "80"}},
     )

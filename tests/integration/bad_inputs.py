@@ -471,6 +471,9 @@ EVENT_CASES = [
                failure("validate", "photo_id")),
     event_case("NUL inside event_id", lambda e: {**e, "event_id": e["event_id"] + "\x00"},
                failure("validate", "event_id")),
+    # The album's links would not route (a newline) or a browser would drop the segment ("..").
+    event_case("newline inside photo_id", lambda e: {**e, "photo_id": "line\nbreak"}, failure("validate", "photo_id")),
+    event_case("user_id '..'", with_fields(user_id=".."), failure("validate", "user_id")),
     Case("deletion with NUL inside user_id",
          lambda ctx: Send([{"event_id": uuid.uuid4().hex, "user_id": ctx.user + "\x00", "photo_id": "p"}], {}, DELETED),
          failure("validate", "user_id")),

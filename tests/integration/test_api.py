@@ -221,6 +221,13 @@ def test_openapi_schema_lists_the_api(client):
     assert {"/v1/users/{user}/attractions", "/v1/users/{user}/landmarks/{landmark_id}/photos",
             "/v1/photos/{photo_id}/image", "/v1/photos/{photo_id}/heatmap", "/healthz"} <= paths
     assert "AttractionsOut" in schema["components"]["schemas"]
+    # Clients generated from the schema must parse a validation error as the API sends it.
+    for path in paths - {"/healthz"}:
+        for operation in schema["paths"][path].values():
+            if "422" in operation["responses"]:
+                assert operation["responses"]["422"]["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/ErrorOut"}, path
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
 
 
 def test_page_and_static_files_are_served_without_a_token(client):
@@ -340,6 +347,9 @@ def test_token_round_trip_and_tampering():
             verify_token(KEY, bad)
     with pytest.raises(ValueError):
         make_token(b"short", "alice")
+    for unaddressable in ("..", "tab\there", "x" * 257):  # an album no browser could open
+        with pytest.raises(ValueError, match="invalid user id"):
+            make_token(KEY, unaddressable)
 
 
 def test_missing_token_is_401(client, library):

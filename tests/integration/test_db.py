@@ -798,6 +798,15 @@ def test_concurrent_writers_of_one_album_lose_no_count(engine):
         _truncate(engine)
 
 
+def test_a_moved_landmark_finds_its_albums_by_index(world):
+    """The catalogue fix holds every tag writer back while it looks up the moved landmark's albums: that
+    lookup must not scan every album summary of every user."""
+    world.execute(text("SET LOCAL enable_seqscan = off"))  # the few test rows would make a scan cheapest
+    plan = "\n".join(world.scalars(text(
+        "EXPLAIN SELECT s.user_id, s.model_version FROM album_landmark_stats s WHERE s.landmark_id = 1")))
+    assert "ix_album_landmark_stats_landmark" in plan, plan
+
+
 def test_moving_a_landmark_to_another_city_waits_for_a_writer_instead_of_deadlocking(engine):
     """A catalogue fix while a batch is between its photo upsert and its tag statements: the fix locks the
     tables in the writer's order (photos, then photo_tags), so it waits for the batch; in the other order

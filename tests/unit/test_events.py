@@ -24,6 +24,9 @@ def test_a_valid_event_parses_and_unknown_fields_are_ignored():
     ({**GOOD, "uploaded_at": "yesterday"}, ["uploaded_at"]),
     ({**GOOD, "gps": {"lat": 91, "lon": 0}}, ["gps.lat"]),
     ({**GOOD, "gps": {"lat": float("nan"), "lon": 0}}, ["gps.lat"]),
+    ({**GOOD, "photo_id": "line\nbreak"}, ["photo_id", "control characters"]),
+    ({**GOOD, "user_id": ".."}, ["user_id", "browsers drop"]),
+    ({**GOOD, "photo_id": "."}, ["photo_id", "browsers drop"]),
     ([GOOD], ["JSON object"]),
     ("{not json", ["not JSON"]),
 ])
