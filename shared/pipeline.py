@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from shared.db.session import transaction
-from shared.db.writer import write_outcomes
+from shared.db.writer import write_live_outcomes
 from shared.errors import InfrastructureError
 from shared.events import GeoPoint, PhotoUploaded
 from shared.device_decode import DecodeSplit, DeviceJpegDecoder, load_split, stack_pixels, thread_stream
@@ -187,7 +187,7 @@ class RecognitionPipeline:
                 outcomes[i] = PhotoOutcome(events[i], status, photo_tags, gps=point, gps_source=source)
         settled = [o for o in outcomes if o is not None]  # outcomes stays by position for the shadow pass
         with transaction(self.engine) as session:
-            applied = write_outcomes(session, runtime.version, settled)
+            applied = write_live_outcomes(session, runtime.version, settled)
         clock.lap("write")
         report = BatchReport(settled, runtime.version, applied, clock.laps, decoded_on_device=on_device,
                              try_later=[events[i] for i in sorted(later)])

@@ -343,10 +343,10 @@ def search_stage(index, version: str, queries: np.ndarray, gps: Sequence[tuple[f
 
 def write_stage(engine, version: str, n: int, batch_size: int, landmark_ids: Sequence[int],
                 reporter: Reporter | None = None) -> dict:
-    """shared.db.writer.write_outcomes, one transaction per batch of the served size, on fresh events:
+    """shared.db.writer.write_live_outcomes, one transaction per batch of the served size, on fresh events:
     a landmark tag for one photo in 32, half the photos with GPS."""
     from shared.db.session import transaction
-    from shared.db.writer import write_outcomes
+    from shared.db.writer import write_live_outcomes
     from shared.events import GeoPoint, PhotoUploaded
     from shared.outcomes import GpsSource, Method, PhotoOutcome, PhotoStatus, Tag
     user = f"bench_write_{uuid.uuid4().hex[:6]}"
@@ -366,7 +366,7 @@ def write_stage(engine, version: str, n: int, batch_size: int, landmark_ids: Seq
     start, cpu_start = time.perf_counter(), time.thread_time()
     for s in range(0, n, batch_size):
         with transaction(engine) as session:
-            write_outcomes(session, version, outcomes[s:s + batch_size])
+            write_live_outcomes(session, version, outcomes[s:s + batch_size])
         reporter.advance(min(batch_size, n - s))
     elapsed = time.perf_counter() - start
     # The worker's own CPU for building and sending the statements (PostgreSQL's is on its server).

@@ -21,6 +21,7 @@ from shared.db.models import (
     ShadowPhoto,
     ShadowRollout,
 )
+from shared.errors import InfrastructureError
 from shared.events import PhotoDeleted, event_key, payload_summary, safe_field
 from shared.outcomes import PhotoOutcome, PhotoStatus
 
@@ -146,6 +147,28 @@ def write_outcomes(
     return len(applied)
 
 
+def write_live_outcomes(session: Session, model_version: str, outcomes: list[PhotoOutcome]) -> int:
+    """write_outcomes for a worker's batch: refused (InfrastructureError, so the batch is retried under the
+    version now active) when ``model_version`` is no longer the active one. A batch in flight during a
+    promote would otherwise tag its photos under the old version only, out of every album."""
+    require_active(session, model_version)
+    return write_outcomes(session, model_version, outcomes)
+
+
+def require_active(session: Session, version: str) -> None:
+    if not _holds_active(session, version):
+        raise InfrastructureError(f"model version {version!r} is no longer the active one (the alias moved "
+                                  "and PostgreSQL followed, or is about to): the batch is retried")
+
+
+def _holds_active(session: Session, version: str) -> bool:
+    # FOR SHARE: an activation's update of this row waits for this transaction, or this read for the
+    # activation's commit, after which it sees the row as the activation left it.
+    table = ModelVersion.__table__
+    return bool(session.scalar(select(table.c.is_active).where(table.c.version == version)
+                               .with_for_update(read=True)))
+
+
 def _record_failed(session: Session, task: str, failed: list[PhotoOutcome]) -> list[str]:
     """Every claimed event that failed, whether or not its photo's row took the failure; their keys."""
     rows = [
@@ -221,9 +244,8 @@ def delete_photo(session: Session, event: PhotoDeleted) -> bool:
             },
         )
     )
-    session.execute(
-        delete(photo_tags).where(photo_tags.c.user_id == event.user_id, photo_tags.c.photo_id == event.photo_id)
-    )
+    for table in (photo_tags, shadow_photos):  # no version's verdict on it is left to count
+        session.execute(delete(table).where(table.c.user_id == event.user_id, table.c.photo_id == event.photo_id))
     session.execute(FORGET_FAILURE_GPS, {"user_id": event.user_id, "photo_id": event.photo_id})
     return True
 
@@ -462,8 +484,12 @@ def write_shadow_outcomes(session: Session, version: str, outcomes: list[PhotoOu
 
 def _shadow_runs(session: Session, version: str) -> bool:
     # FOR SHARE: `landmarks shadow stop` waits for the shadow writes in flight, and none commits after it.
-    return session.scalar(
+    if session.scalar(
         select(shadow_rollouts.c.id)
         .where(shadow_rollouts.c.version == version, shadow_rollouts.c.stopped_at.is_(None))
         .with_for_update(read=True)
-    ) is not None
+    ) is not None:
+        return True
+    # Promoted while its batch ran: the live write went to the version active before, so these verdicts
+    # are the only ones the now active version has of the batch's photos (and its albums need them).
+    return _holds_active(session, version)

@@ -335,6 +335,40 @@ def test_a_shadow_verdict_on_an_upload_the_photo_no_longer_holds_is_not_written(
         [("v1", 3), ("v2", 3)]
 
 
+def test_a_batch_whose_version_was_promoted_away_before_it_wrote_is_retried(world):
+    """A worker read v1 as active, then v2 was promoted before its batch wrote: under v1 its photo would be in
+    no album. The live write is refused, and the batch goes round again under v2."""
+    writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
+    writer.activate_model_version(world, "v2")
+    batch = [tagged("r1", (1, 0.9), minutes=1, event="in-flight")]
+    with pytest.raises(InfrastructureError, match="no longer the active one"):
+        writer.write_live_outcomes(world, "v1", batch)
+    assert writer.write_live_outcomes(world, "v2", batch) == 1  # the retry, under the active version
+    assert summary(world) == [("Paris", 1, 1, [("Eiffel Tower", 1, "r1")])]
+
+
+def test_a_shadow_verdict_written_after_its_version_was_promoted_counts_as_the_active_ones(world):
+    """The batch's live write (v1) committed, then v2, its shadow on every photo, was promoted, which ends the
+    shadow: its verdict on the batch is the only one v2 has of the photo, and v2's albums need it."""
+    writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
+    writer.start_shadow_rollout(world, "v2", 1.0, "test")
+    batch = [tagged("r2", (1, 0.9), minutes=1, event="live-then-promoted")]
+    assert writer.write_live_outcomes(world, "v1", batch) == 1
+    writer.activate_model_version(world, "v2")
+    writer.stop_shadow_rollout(world, reason="promoted", version="v2")
+    assert writer.write_shadow_outcomes(world, "v2", batch) == {("alice", "r2")}
+    assert summary(world) == [("Paris", 1, 1, [("Eiffel Tower", 1, "r2")])]
+
+
+def test_a_deleted_photo_leaves_no_shadow_verdict_to_count(world):
+    writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
+    writer.write_outcomes(world, "v1", [tagged("d1", (1, 0.9), minutes=1, event="up-d1")])
+    writer.start_shadow_rollout(world, "v2", 1.0, "test")
+    writer.write_shadow_outcomes(world, "v2", [tagged("d1", (1, 0.9), minutes=1, event="up-d1")])
+    writer.delete_photo(world, PhotoDeleted(event_id="del-d1", user_id="alice", photo_id="d1"))
+    assert world.scalar(text("SELECT count(*) FROM shadow_photos WHERE photo_id = 'd1'")) == 0
+
+
 def test_a_shadow_verdict_on_an_event_without_a_utc_offset_is_written(world):
     """The upload pipeline may send uploaded_at without an offset: stored as PostgreSQL reads it, the same
     upload must still be recognised as the same for the shadow."""
@@ -730,6 +764,7 @@ def test_album_summaries_survive_activation_changes(world):
 
 
 UPLOAD_REPLACED_0006 = "ALTER TABLE photos ADD COLUMN upload_replaced boolean NOT NULL DEFAULT false"
+SHADOW_PHOTOS_0004 = "CREATE TABLE shadow_photos (user_id text, photo_id text)"
 
 
 def test_album_summaries_are_rebuilt_by_the_migration(database_url, engine):
@@ -742,9 +777,11 @@ def test_album_summaries_are_rebuilt_by_the_migration(database_url, engine):
         migrate.downgrade(database_url, "0002")
         with transaction(engine) as s:  # written while no trigger kept the summaries
             s.execute(text(UPLOAD_REPLACED_0006))  # today's writer writes today's photos columns
+            s.execute(text(SHADOW_PHOTOS_0004))  # and deletes a deleted photo's shadow verdicts
             writer.write_outcomes(s, "vm", [tagged("p8", (3, 0.95), minutes=8)])
             writer.delete_photo(s, PhotoDeleted(event_id="d-p4", user_id="alice", photo_id="p4"))
             s.execute(text("ALTER TABLE photos DROP COLUMN upload_replaced"))  # 0006 adds it back
+            s.execute(text("DROP TABLE shadow_photos"))  # 0004 makes it
         migrate.upgrade(database_url, "head")
         with transaction(engine) as s:
             assert summary(s) == [("Paris", 2, 2, [("Eiffel Tower", 2, "p1"), ("Louvre", 1, "p1")]),
