@@ -50,6 +50,10 @@ def embed_files(embedder: Embedder, paths: Sequence[Path], batch_size: int = 32,
     return (np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)), kept
 
 
+class EmptyGalleryError(ValueError):
+    """No landmark had photos to build a gallery from."""
+
+
 @dataclass
 class LandmarkPhotos:
     info: Landmark
@@ -68,6 +72,8 @@ def build_gallery(items: Iterable[LandmarkPhotos], *, min_cluster: int = 3,
         c_emb.append(centroids)
         r_ids += [item.info.id] * len(item.references)
         r_emb.append(item.references)
+    if not landmarks:
+        raise EmptyGalleryError("no landmark with photos: the gallery would be empty")
     return {
         "landmarks": landmarks,
         "centroids": {"landmark_ids": torch.tensor(c_ids, dtype=torch.int64),

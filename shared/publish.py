@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from shared.db.models import ModelVersion
 from shared.db.session import transaction
@@ -20,6 +22,8 @@ from shared.rollout import alias_restored_on_failure, require_albums_covered, st
 log = logging.getLogger(__name__)
 
 THRESHOLDS = ("t_geo", "t_global", "t_ref")
+LANDMARK_COLUMNS = ("id", "name", "city", "country", "region", "lat", "lon")
+SHOWN_CHANGES = 10  # catalogue changes listed in the log line and the result; the count says how many in all
 
 
 def gallery_rows(gallery: dict) -> tuple[CentroidRows, ReferenceRows]:
@@ -74,7 +78,9 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
                   require_coverage: bool = False) -> ModelMeta:
     """Collections and version row; then, with ``activate``, the alias swap and the albums' version. With
     ``require_coverage`` the activation is refused (RolloutError, the version stays published) while photos
-    in the albums have not been through it, as `landmarks promote` refuses it."""
+    in the albums have not been through it, as `landmarks promote` refuses it. The landmarks this changes for
+    every user (name, city or country of an id already in the catalogue) are logged as a warning and returned
+    in the meta's ``extra["catalogue_changes"]``: ``{"count": n, "changes": ["id: old → new", ...]}``."""
     _, meta, gallery = load_checkpoint(model_path)
     if not gallery.get("landmarks"):
         raise CheckpointError(f"{model_path} has no gallery (centroids and references): build it first")
@@ -82,19 +88,42 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
     # Milvus first: it refuses another gallery under a published version (IndexVersionError) before PostgreSQL
     # is pointed at this checkpoint, and re-running after a failure finds the version there and moves on.
     index.publish(meta.version, *gallery_rows(gallery))
+    landmarks = [{k: row[k] for k in LANDMARK_COLUMNS} for row in gallery["landmarks"]]
     with transaction(engine) as session:
-        upsert_landmarks(session, [{k: row[k] for k in ("id", "name", "city", "country", "region", "lat", "lon")}
-                                   for row in gallery["landmarks"]])
+        changes = catalogue_changes(session, landmarks)
+        upsert_landmarks(session, landmarks)
         register_model_version(session, meta.version, backbone=meta.backbone, embedding_dim=meta.embedding_dim,
                                t_geo=meta.t_geo, t_global=meta.t_global, t_ref=meta.t_ref,
                                checkpoint=str(model_path.resolve()), metrics=model_metrics(meta),
                                activate=False)
+    if changes:
+        log.warning("publishing %s renamed or moved %d landmark(s) in every user's albums (all versions): %s",
+                    meta.version, len(changes), "; ".join(changes[:SHOWN_CHANGES]))
+    meta.extra["catalogue_changes"] = {"count": len(changes), "changes": changes[:SHOWN_CHANGES]}
     if activate:
         if require_coverage:
             require_albums_covered(meta.version, engine)
         activate_version(meta.version, engine, index)
     log.info("published model %s (%d landmarks)", meta.version, len(gallery["landmarks"]))
     return meta
+
+
+def catalogue_changes(session: Session, landmarks: list[dict]) -> list[str]:
+    """`id: old → new` for each landmark id already in the catalogue whose name, city or country ``landmarks``
+    change. Ids are shared by all versions, so the change shows in every user's albums at once."""
+    new = {row["id"]: row for row in landmarks}
+    stored = session.execute(text("SELECT id, name, city, country FROM landmarks "
+                                  "WHERE id = ANY(CAST(:ids AS bigint[])) ORDER BY id"), {"ids": list(new)}).all()
+    changes = []
+    for lid, *old in stored:
+        now = [new[lid][key] for key in ("name", "city", "country")]
+        if old != now:
+            changes.append(f"{lid}: {_place(*old)} → {_place(*now)}")
+    return changes
+
+
+def _place(name: str, city: str, country: str) -> str:
+    return f"{name} ({city}, {country})"
 
 
 def require_same_registration(meta: ModelMeta, engine: Engine) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import re
 import time
 from collections import Counter
@@ -35,6 +36,8 @@ from shared.training.train import TrainConfig, cosine_schedule, embed_images, ma
 
 log = logging.getLogger(__name__)
 STORE_SIZE = 112  # training photos are kept decoded at least at this size; random crops are resized to the input
+# --init weights that fill less of the backbone than this are for another network, not a partial fit.
+MIN_INIT_SHARE = 0.1
 
 
 @dataclass
@@ -127,13 +130,13 @@ class Images:
     ok: np.ndarray  # which paths decoded
 
 
-def load_images(paths: list[Path], size: int, progress=None) -> Images:
+def load_images(paths: list[Path], size: int, progress=None, *, split: str = "dataset") -> Images:
     def one(path: Path):
         try:
             decoded = decode_image(path.read_bytes(), size=size, max_pixels=50_000_000)
             return decoded.pixels, decoded.gps
         except (DecodeError, OSError) as exc:
-            log.warning("unreadable training photo %s: %s", path, exc)
+            log.warning("unreadable %s photo %s: %s", split, path, exc)
             return None
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = []
@@ -188,8 +191,16 @@ class Builder:
                 if new in trunk_keys and trunk_keys[new].shape == value.shape:
                     mapped[new] = value
         missing = set(trunk_keys) - set(mapped)
+        if len(mapped) < MIN_INIT_SHARE * len(trunk_keys):
+            raise ValueError(f"{path}: only {len(mapped)} of the {len(trunk_keys)} tensors of backbone "
+                             f"{self.cfg.train.backbone!r} match these weights (names and shapes): not weights "
+                             "for this backbone (a torchvision ResNet or Places365 WRN-50-2 state dict)")
         self.net.trunk.load_state_dict({**trunk_keys, **mapped})
-        log.info("initialised backbone from %s (%d tensors, %d left as initialised)", path, len(mapped), len(missing))
+        if missing:
+            log.warning("initialised backbone from %s: %d of %d tensors left as initialised (no weight of that "
+                        "name and shape)", path, len(missing), len(trunk_keys))
+        else:
+            log.info("initialised backbone from %s (%d tensors)", path, len(mapped))
 
     # --- data ---------------------------------------------------------------------------------
 
@@ -200,9 +211,11 @@ class Builder:
         return lambda n: self.progress.advance(task, n)
 
     def load_training_data(self) -> None:
+        self.load_references()  # first: a landmark without a readable one fails before the long decoding
         train = self.ds.train
         paths = [p.path for p in train]
-        images = load_images(paths, store_size(self.cfg), self._track("decoding training photos", len(paths)))
+        images = load_images(paths, store_size(self.cfg), self._track("decoding training photos", len(paths)),
+                             split="training")
         kept = [p for p, ok in zip(train, images.ok) if ok]
         self.train_pixels = images.pixels
         self.train_labels = np.array([self.class_of[p.landmark_id] if p.landmark_id is not None else self.n
@@ -212,11 +225,21 @@ class Builder:
         truth = [p.extra.get("true_landmark_id") for p in kept]
         self.train_dirty = np.array([p.landmark_id is not None and str(t or "") != str(p.landmark_id)
                                      for p, t in zip(kept, truth)]) if any("true_landmark_id" in p.extra for p in kept) else None
+        self.keep = np.ones(len(kept), dtype=bool)
+
+    def load_references(self) -> None:
+        """Decoded reference photos; ValueError naming the landmarks left without a readable one: published
+        without one, a landmark could never be tagged on a photo without GPS."""
         refs = self.ds.references
-        ref_images = load_images([r.path for r in refs], store_size(self.cfg))
+        ref_images = load_images([r.path for r in refs], store_size(self.cfg), split="reference")
         self.ref_pixels = ref_images.pixels
         self.ref_ids = np.array([r.landmark_id for r, ok in zip(refs, ref_images.ok) if ok])
-        self.keep = np.ones(len(kept), dtype=bool)
+        readable = set(self.ref_ids.tolist())
+        unreadable = [lm for lm in self.landmarks if lm.id not in readable]
+        if unreadable:
+            raise ValueError(f"{self.ds.root / 'references.csv'}: {len(unreadable)} landmark(s) have no readable "
+                             f"reference photo: {_some(unreadable)}; every landmark needs one, or photos without "
+                             "GPS can never be tagged with it (see the warnings above for each photo)")
 
     # --- cleaning and curriculum ----------------------------------------------------------------
 
@@ -276,7 +299,11 @@ class Builder:
         if self.retrained:
             log.warning("stage %d: not resuming from %s: an earlier stage was trained afresh", stage, ckpt)
             return False
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as exc:  # what truncated or bad bytes raise
+            log.warning("stage %d: not resuming from %s: it cannot be read (%s); training it afresh", stage, ckpt, exc)
+            return False
         why = self._why_not_resume(state.get("fingerprint"))
         if why:
             log.warning("stage %d: not resuming from %s: %s; training it afresh", stage, ckpt, why)
@@ -311,9 +338,12 @@ class Builder:
             report = self._train_stage(stage, cleaning)
             self.trained = True
         self.report["stages"].append(report)
+        ckpt = self.work / f"stage{stage}.pt"
+        tmp = ckpt.with_suffix(".pt.tmp")
         torch.save({"net": self.net.state_dict(), "centers": self.centers.state_dict(),
                     "keep": torch.from_numpy(self.keep), "report": _jsonable(report), "trained": self.trained,
-                    "unclean": list(self.unclean), "fingerprint": self.fingerprint}, self.work / f"stage{stage}.pt")
+                    "unclean": list(self.unclean), "fingerprint": self.fingerprint}, tmp)
+        tmp.replace(ckpt)  # a build killed while saving leaves the previous file or none, never half of one
 
     def _train_stage(self, stage: int, cleaning: list[dict]) -> dict:
         cfg = self.cfg.train
@@ -347,9 +377,10 @@ class Builder:
 
     # --- gallery and calibration --------------------------------------------------------------
 
-    def embed_paths(self, paths: list[Path], description: str) -> tuple[np.ndarray, list[GeoPoint | None], np.ndarray]:
+    def embed_paths(self, paths: list[Path], description: str,
+                    split: str) -> tuple[np.ndarray, list[GeoPoint | None], np.ndarray]:
         """Photos decoded exactly as the workers decode them, then embedded."""
-        images = load_images(paths, self.cfg.train.input_size, self._track(description, len(paths)))
+        images = load_images(paths, self.cfg.train.input_size, self._track(description, len(paths)), split=split)
         emb = embed_images(self.net, images.pixels, self.cfg.train.input_size, self.meta.mean, self.meta.std)
         return emb, images.gps, images.ok
 
@@ -359,15 +390,18 @@ class Builder:
         kept = np.flatnonzero(self.keep)
         kept_rows = grouped_by_id(self.train_labels[kept], kept)  # one sort, not a mask per landmark
         no_photos = np.zeros(0, np.int64)
-        items = []
+        items, reference_only = [], []
         for k, lm in enumerate(self.landmarks):
             photos = emb[kept_rows.get(k, no_photos)]
-            refs = references.get(lm.id, np.zeros((0, emb.shape[1]), np.float32))
+            refs = references[lm.id]  # every landmark has one (load_references)
             if len(photos) == 0:
                 photos = refs
-            if len(photos) == 0:
-                continue
+                reference_only.append(lm)
             items.append(LandmarkPhotos(lm, refs, photos))
+        if reference_only:
+            log.warning("%d landmark(s) have no training photo left (none readable, or all dropped by cleaning): "
+                        "their centroids are their reference photos only: %s", len(reference_only),
+                        _some(reference_only))
         gallery = build_gallery(items, min_cluster=self.cfg.min_cluster, max_distance=self.cfg.cluster_distance)
         # Kept for the report's ablation: the same landmarks with one centroid over all their photos.
         gallery["one_centroid"] = {
@@ -381,7 +415,7 @@ class Builder:
 
     def calibrate(self, gallery: dict) -> cal.Calibration:
         val = self.ds.val
-        emb, gps, ok = self.embed_paths([p.path for p in val], "calibrating on the validation split")
+        emb, gps, ok = self.embed_paths([p.path for p in val], "calibrating on the validation split", "validation")
         records = [p for p, k in zip(val, ok) if k]
         truth = [p.landmark_id for p in records]
         index = LocalIndex(self.version, *gallery_rows(gallery))
@@ -424,6 +458,12 @@ class Builder:
         """What `landmarks publish` records with the version (model_versions.metrics)."""
         return _jsonable({"validation": self.report["validation"], "calibration": self.report["calibration"],
                           "target_accuracy": self.cfg.target_accuracy, "centroids": self.report["centroids"]})
+
+
+def _some(landmarks: list, shown: int = 10) -> str:
+    """`3 (lm3), 7 (lm7) and 12 more`: the first landmarks of a list, for one line of a message."""
+    names = ", ".join(f"{lm.id} ({lm.slug})" for lm in landmarks[:shown])
+    return names + (f" and {len(landmarks) - shown} more" if len(landmarks) > shown else "")
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

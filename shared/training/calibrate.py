@@ -28,6 +28,8 @@ def threshold_for_accuracy(negative_scores: np.ndarray, target: float = 0.99) ->
 def float32_above(score: float) -> float:
     """The smallest float32 value above ``score``: every float32 is a float64, so the smallest one not below
     the next float64."""
+    if score == -np.inf:  # a negative with no candidate to score: the next float64 is beyond float32's range
+        return float(np.finfo(np.float32).min)
     return float32_at_least(np.nextafter(np.float64(score), np.inf))
 
 

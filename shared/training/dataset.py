@@ -66,19 +66,25 @@ def _read(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, st
     """(line number, row) pairs; the header is line 1."""
     if not path.exists():
         raise ValueError(f"{path}: missing file")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)} (found {', '.join(header) or 'none'})")
-        rows = []
-        for row in reader:
-            if None in row or any(v is None for v in row.values()):
-                raise ValueError(f"{path}:{reader.line_num}: wrong number of fields")
-            if not any((v or "").strip() for v in row.values()):
-                continue  # blank line
-            rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items()}))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return _rows(path, csv.DictReader(handle), required)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason}): CSV files must be saved as UTF-8") from None
+
+
+def _rows(path: Path, reader: csv.DictReader, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    header = reader.fieldnames or []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)} (found {', '.join(header) or 'none'})")
+    rows = []
+    for row in reader:
+        if None in row or any(v is None for v in row.values()):
+            raise ValueError(f"{path}:{reader.line_num}: wrong number of fields")
+        if not any((v or "").strip() for v in row.values()):
+            continue  # blank line
+        rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items()}))
     return rows
 
 

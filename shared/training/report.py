@@ -55,14 +55,20 @@ def _curves(build: dict) -> str:
 
 def _cams(world: Path, model: Path, n: int = 8) -> str:
     from shared.cam import class_activation_map, overlay_png
+    from shared.errors import DecodeError
     from shared.imaging import decode_image
     from shared.training.dataset import load_dataset
 
     net, meta, _ = load_checkpoint(model)
-    tests = [r for r in load_dataset(world).test if r.landmark_id is not None][:n]
+    tests = [r for r in load_dataset(world).test if r.landmark_id is not None]
     cells = []
     for record in tests:
-        pixels = decode_image(record.path.read_bytes(), size=meta.input_size, max_pixels=50_000_000).pixels
+        if len(cells) == n:
+            break
+        try:
+            pixels = decode_image(record.path.read_bytes(), size=meta.input_size, max_pixels=50_000_000).pixels
+        except (DecodeError, OSError):
+            continue  # the evaluation skipped it too (and logged it); the next readable photo takes its place
         cam = class_activation_map(net, pixels, meta.mean, meta.std)
         png = base64.b64encode(overlay_png(pixels, cam)).decode()
         raw = base64.b64encode(_png(pixels)).decode()

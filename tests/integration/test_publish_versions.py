@@ -181,3 +181,26 @@ def test_the_cli_refuses_a_file_that_is_not_a_model_in_one_line(photos, database
     assert done.returncode == 1 and "Traceback" not in done.stderr
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert not answer["ok"] and answer["error"].startswith(f"{model} is not a readable landmarks model checkpoint")
+
+
+def test_publishing_another_name_under_a_landmark_id_says_so(photos, engine, index, tmp_path, caplog):
+    """Landmark ids are one catalogue for all versions: a second version that reuses an id for another name
+    renames it in every user's albums. Allowed (catalogue fixes), but never silently."""
+    first = fleet.build_model(photos, tmp_path / "first", _version("pv_names"))
+    publish_model(first, engine, index, activate=False)
+    renamed = [dataclasses.replace(photos["infos"][0], name="Another Landmark", city="Elsewhere"),
+               *photos["infos"][1:]]
+    second = fleet.build_model({**photos, "infos": renamed}, tmp_path / "second", _version("pv_names"))
+    old, lid = photos["infos"][0], photos["infos"][0].id
+    expected = f"{lid}: {old.name} ({old.city}, {old.country}) → Another Landmark (Elsewhere, {old.country})"
+    try:
+        with caplog.at_level(logging.WARNING, logger="shared.publish"):
+            meta = publish_model(second, engine, index, activate=False)
+        assert meta.extra["catalogue_changes"] == {"count": 1, "changes": [expected]}
+        assert any("renamed or moved 1 landmark(s)" in r.getMessage() and expected in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.WARNING)
+    finally:
+        restored = publish_model(first, engine, index, activate=False)  # the catalogue the other tests expect
+    assert restored.extra["catalogue_changes"]["count"] == 1
+    assert publish_model(first, engine, index, activate=False).extra["catalogue_changes"] == {"count": 0,
+                                                                                              "changes": []}

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -236,3 +238,124 @@ def test_evaluation_without_a_frequent_column_derives_rare_landmarks_from_traini
         assert metrics["frequent_accuracy"] is not None and metrics["rare_accuracy"] is None
     finally:
         (world / "world.json").unlink()
+
+
+# --- unreadable inputs: checkpoints, photos, init weights, test photos in the report -------------------
+
+def test_a_truncated_stage_checkpoint_is_trained_afresh_with_a_warning(world, tmp_path, caplog):
+    """A stage file cut short (a full disk, an interrupted copy) broke the build folder for good."""
+    _stages(world, tmp_path / "m.pt")
+    work = tmp_path / "m.pt.work"
+    with (work / "stage2.pt").open("r+b") as handle:
+        handle.truncate(1000)
+    with caplog.at_level(logging.INFO, logger="shared.training.build"):
+        again = _stages(world, tmp_path / "m.pt")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stage 1: resumed" in m for m in messages)
+    assert any("stage 2: not resuming" in m and "cannot be read" in m and "training it afresh" in m for m in messages)
+    assert len(again.report["stages"]) == 4
+    torch.load(work / "stage2.pt", weights_only=True)  # written again, whole
+    assert not list(work.glob("*.tmp"))  # written aside and renamed
+
+
+def _unreadable(*paths: Path) -> None:
+    for path in paths:
+        path.write_bytes(b"not a photo")
+
+
+def test_a_landmark_without_a_readable_reference_photo_is_refused_naming_it(world, tmp_path):
+    """Published with no references, it could never be tagged on a photo without GPS."""
+    _unreadable(*(world / "references").glob("lm2_*.jpg"))
+    with pytest.raises(ValueError, match=r"references\.csv: 1 landmark\(s\) have no readable reference photo: "
+                                         r"2 \(lm2\);"):
+        Builder(world, tmp_path / "m.pt", TINY).run()
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_landmarks_left_without_training_photos_are_named_in_one_warning(world, tmp_path, caplog):
+    _unreadable(*(world / "train").glob("lm3_*.jpg"), world / "references" / "lm1_0.jpg", world / "val" / "lm1_0.jpg")
+    with caplog.at_level(logging.WARNING, logger="shared.training.build"):
+        meta = Builder(world, tmp_path / "m.pt", TINY, version="unit_reference_only").run()
+    messages = [r.getMessage() for r in caplog.records]
+    reference_only = [m for m in messages if "their reference photos only" in m]
+    assert len(reference_only) == 1 and reference_only[0].startswith("1 landmark(s)") and "3 (lm3)" in reference_only[0]
+    assert sum("unreadable training photo" in m for m in messages) == PER_LANDMARK["train"]
+    assert any("unreadable reference photo" in m and "lm1_0.jpg" in m for m in messages)
+    assert any("unreadable validation photo" in m and "lm1_0.jpg" in m for m in messages)
+    assert 3 in load_checkpoint(tmp_path / "m.pt")[2]["centroids"]["landmark_ids"].tolist()
+    assert meta.extra["build"]["centroids"]["landmarks"] == 4
+
+
+def test_init_weights_for_another_backbone_are_refused_and_a_partial_fit_is_a_warning(world, tmp_path, caplog):
+    tiny_stem = {"conv1.weight": torch.ones(32, 3, 3, 3),  # the tiny trunk's first conv and BatchNorm
+                 **{f"bn1.{name}": torch.ones(32) for name in ("weight", "bias", "running_mean", "running_var")}}
+    torch.save(tiny_stem, tmp_path / "stem.pth")
+    with caplog.at_level(logging.WARNING, logger="shared.training.build"):
+        builder = Builder(world, tmp_path / "m.pt", TINY, init=tmp_path / "stem.pth")
+    assert any("19 of 24 tensors left as initialised" in r.getMessage() for r in caplog.records)
+    assert torch.equal(builder.net.trunk[0].weight, tiny_stem["conv1.weight"])
+    torch.save({"conv1.weight": torch.ones(64, 3, 7, 7), "fc.weight": torch.ones(10, 512)}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match=r"resnet\.pth: only 0 of the 24 tensors of backbone 'tiny' match"):
+        Builder(world, tmp_path / "m.pt", TINY, init=tmp_path / "resnet.pth")
+
+
+def test_the_report_skips_an_unreadable_test_photo(built, tmp_path):
+    from shared.training.report import write_report
+    world, model = built
+    photo = world / "test" / "lm1_0.jpg"
+    original = photo.read_bytes()
+    photo.write_bytes(b"not a photo")
+    try:
+        write_report(tmp_path / "report.html", world, model, {})
+    finally:
+        photo.write_bytes(original)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<figure>") == 4 * PER_LANDMARK["test"] - 1  # every readable landmark test photo
+
+
+# --- the CLI: one line and exit status 2, never a traceback -------------------------------------------
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("command", ["build", "world"])
+def test_an_unknown_preset_lists_the_presets(command, tmp_path):
+    world = ["--world", tmp_path] if command == "build" else []
+    done = _cli(command, *world, "--out", tmp_path / "out", "--preset", "huge")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    said = " ".join(done.stderr.replace("│", " ").split())  # click's error box wraps at the terminal width
+    assert "Invalid value for '--preset': unknown preset 'huge': choose one of tiny, small, medium" in said
+
+
+def test_a_build_that_fails_after_its_checks_is_one_line(world, tmp_path):
+    """The checks before training pass (train.csv has landmark rows), but none of those photos decodes."""
+    _unreadable(*(world / "train").glob("lm*.jpg"))
+    done = _cli("build", "--world", world, "--out", tmp_path / "m.pt", "--preset", "tiny")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("build: ") and "no stage had landmark photos" in last
+
+
+@pytest.mark.parametrize("case, message", [
+    ("ablation_format", "--ablation-model 'foo': expected NAME=MODEL"),
+    ("ablation_missing", "no model file"),
+    ("not_a_model", "is not a readable landmarks model checkpoint"),
+    ("bad_dataset", "landmarks.csv: missing file"),
+])
+def test_eval_errors_are_one_line(built, tmp_path, case, message):
+    world, model = built
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    report = ["--report", tmp_path / "r.html"]
+    args = {"ablation_format": ["--world", world, "--model", model, *report, "--ablation-model", "foo"],
+            "ablation_missing": ["--world", world, "--model", model, *report, "--ablation-model",
+                                 f"no={tmp_path / 'missing.pt'}"],
+            "not_a_model": ["--world", world, "--model", tmp_path / "bad.pt"],
+            "bad_dataset": ["--world", tmp_path / "empty", "--model", model]}[case]
+    done = _cli("eval", "--local", *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    said = done.stderr[done.stderr.index("eval: "):]  # after what the progress bar left
+    assert message in said.splitlines()[0]
+    assert not (tmp_path / "r.html").exists()

@@ -102,3 +102,13 @@ def test_calibration_without_non_landmark_photos_says_what_it_needs():
     c = cal.Candidates([{1: 0.9}], [{1: 0.9}])
     with pytest.raises(ValueError, match="non-landmark photos"):
         cal.calibrate_no_gps(c, [1], 0.99)
+
+
+def test_negatives_with_no_candidate_give_the_lowest_float32_threshold_without_an_overflow():
+    """A non-landmark photo with no candidate scores -inf: every build printed `overflow encountered in cast`."""
+    import warnings
+    scores = np.array([-np.inf] * 5 + [0.1, 0.2, 0.3, 0.4, 0.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's RuntimeWarning fails the test
+        t = threshold_for_accuracy(scores, 0.5)
+    assert t == float(np.finfo(np.float32).min) and (scores < t).mean() == 0.5

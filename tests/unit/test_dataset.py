@@ -138,3 +138,27 @@ def test_frequent_comes_from_the_column_or_else_from_the_training_counts(tmp_pat
     assert is_frequent(photo(1), {1}) and not is_frequent(photo(2), {1})
     assert not is_frequent(photo(1, frequent="0"), {1}) and is_frequent(photo(2, frequent="1"), {1})
     assert is_frequent(photo(1, frequent=""), {1})  # an empty value is derived too
+
+
+def test_a_csv_that_is_not_utf8_is_named(tmp_path):
+    root = _folder(tmp_path)
+    (root / "landmarks.csv").write_bytes(LANDMARKS.replace("Tower", "Tour é").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"landmarks\.csv: not UTF-8 text \(.*\): CSV files must be saved as UTF-8"):
+        load_dataset(root)
+
+
+def test_a_gallery_from_folders_that_match_no_landmark_names_the_folder(tmp_path):
+    import subprocess
+    import sys
+    from shared.modelinit import init_model
+    init_model(tmp_path / "m.pt", backbone="tiny", dim=16, size=32, version="v1", calibrate=None)
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "not_a_slug.jpg")  # photos, but in no landmark's folder
+    (tmp_path / "landmarks.csv").write_text(LANDMARKS)
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "model", "gallery", "--model", str(tmp_path / "m.pt"),
+                           "--landmarks", str(tmp_path / "photos"), "--csv", str(tmp_path / "landmarks.csv"),
+                           "--negatives", str(tmp_path / "photos"), "--out", str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{tmp_path / 'photos'}: no landmark folder with readable photos" in done.stderr
+    assert not (tmp_path / "out.pt").exists()
