@@ -6,10 +6,16 @@
   reserved) is above ``max_live_backlog``, and while its own queue holds more than
   ``max_backfill_backlog`` events (so a slow fleet is not buried under a million queued events).
 * Resumable: a keyset cursor over (user_id, photo_id) is saved in ``backfill_jobs`` about once a second;
-  running the same command again resumes the job (its name derives from the scope, ``failed`` and
-  ``include_current`` included, and the version). A job named by hand keeps the scope and version it was
-  started with: a run asking for others is refused rather than resuming (or finding done) the wrong job.
-  A crash re-sends at most the events sent since the last save: they are reprocessed, which is harmless.
+  running the same command again resumes the job. A job belongs to one activation of the active version:
+  its name derives from the scope, ``failed`` and ``include_current`` included, the version and its
+  activation (``model_activations.id``), and with ``include_current`` the running shadow, so the same
+  command after another activation (a rollback, or a promote back to an earlier version) or, with
+  ``include_current``, under another shadow starts a new job instead of finding the old one done. A job
+  named by hand keeps the scope and version it was started with: a run asking for others is refused rather
+  than resuming (or finding done) the wrong job. A crash re-sends at most the events sent since the last
+  save: they are reprocessed, which is harmless.
+* A run stops (status ``version_changed``) when another activation happens while it runs: its photos were
+  chosen for the version that was active. It checks every ``ACTIVATION_CHECK_EVERY`` events.
 * One run per job at a time: a run holds a session-level advisory lock on the job's name for its whole
   length; a second run (a retried Kubernetes Job, a second shell) is refused instead of resuming from the
   same cursor and sending everything twice.
@@ -35,9 +41,9 @@ from sqlalchemy import and_, exists, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine
 
-from shared.db.models import BackfillJob, FailureRecord, Photo
+from shared.db.models import BackfillJob, FailureRecord, ModelActivation, ModelVersion, Photo
 from shared.db.session import TRANSIENT_ERRORS, transaction
-from shared.db.writer import active_model_version
+from shared.db.writer import running_shadow
 from shared.errors import InfrastructureError
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,9 @@ QUEUE_ENV = "LANDMARKS_BACKFILL_QUEUE"
 REPROCESSABLE = ("tagged", "no_landmark", "failed")
 BACKLOG_CHECK_S = 2.0
 SAVE_EVERY_S = 1.0
+# Events sent between two checks that the job's activation is still the current one: after a promote or
+# rollback, at most this many go out for a version the workers no longer run (one query per this many).
+ACTIVATION_CHECK_EVERY = 50
 # The first key of the two-key advisory locks that hold backfill jobs (the second is the job name's hash):
 # its own key space, apart from the one-key locks of shared/db/writer.py.
 JOB_LOCK_CLASS = "landmarks.backfill_jobs"
@@ -66,6 +75,15 @@ def backfill_queue(settings: Any) -> str | None:
         return f"{settings.queue}_backfill"
     raw = raw.strip()
     return None if raw.lower() in ("", "off", "none", "-") else raw
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a backfill sends photos to: the active version, which activation of it this is (the id of its latest
+    ``model_activations`` row; None if it became active before the history began) and the running shadow."""
+    version: str
+    activation: int | None
+    shadow: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,12 +114,17 @@ class Scope:
         flags = {flag: True for flag in ("failed", "include_current") if getattr(self, flag)}
         return {**scope, **flags}
 
-    def job_name(self, version: str) -> str:
+    def job_name(self, serving: Serving) -> str:
+        """``<version>@<activation>:<scope>[:failed][:include-current[:shadow=<version>]]``: a new activation,
+        or with ``include_current`` another shadow (a new candidate to cover every photo), is a new job."""
         key = next(iter(self.as_json().items()))
-        name = f"{version}:all" if self.all else f"{version}:{key[0]}={key[1]}"
+        served = serving.version if serving.activation is None else f"{serving.version}@{serving.activation}"
+        name = f"{served}:all" if self.all else f"{served}:{key[0]}={key[1]}"
         if self.failed:
             name += ":failed"
-        return f"{name}:include-current" if self.include_current else name
+        if not self.include_current:
+            return name
+        return f"{name}:include-current" + (f":shadow={serving.shadow}" if serving.shadow else "")
 
     def where(self, version: str) -> list:
         """The photos to send while ``version`` is the active one."""
@@ -197,10 +220,12 @@ def run_backfill(engine: Engine, send: Sender, scope: Scope, *, queue: str | Non
     Raises BackfillRefused when another run holds the job, or when the job ``name`` was started for
     another scope or version (unless ``restart``)."""
     started = clock()
+    limiter = RateLimiter(rate, clock, sleep)  # a bad rate is refused before the job is opened
     if include_current:
         scope = replace(scope, include_current=True)
-    version = _active_version(engine)
-    name = name or scope.job_name(version)
+    serving = _serving(engine)
+    version = serving.version
+    name = name or scope.job_name(serving)
     with job_lock(engine, name):
         job = _open_job(engine, name, scope, version, rate, restart)
         result = BackfillResult(name, version, queue, job["status"], 0, job["enqueued"], job["total"], 0.0, 0.0)
@@ -208,9 +233,8 @@ def run_backfill(engine: Engine, send: Sender, scope: Scope, *, queue: str | Non
             result.already_done, result.finished_at = True, job["finished_at"]
             log.info("backfill %s was already done", name, extra={"model_version": version})
             return result
-        limiter = RateLimiter(rate, clock, sleep)
         guard = _BacklogGuard(backlog, live_queue, max_live_backlog, queue, max_backfill_backlog, clock, sleep)
-        _enqueue(engine, send, scope, version, job, result, limiter, guard, limit=limit, chunk=chunk,
+        _enqueue(engine, send, scope, serving, job, result, limiter, guard, limit=limit, chunk=chunk,
                  clock=clock, progress=progress)
     result.enqueued_total = job["enqueued"] + result.enqueued
     result.seconds = round(clock() - started, 3)
@@ -220,42 +244,40 @@ def run_backfill(engine: Engine, send: Sender, scope: Scope, *, queue: str | Non
     return result
 
 
-def _active_version(engine: Engine) -> str:
+def _serving(engine: Engine) -> Serving:
     with transaction(engine) as session:
-        active = active_model_version(session)
-        if active is None:
+        current = _current_activation(session)
+        if current is None:
             raise LookupError("no active model version: publish or promote one before a backfill")
-        return active.version
+        shadow = running_shadow(session)
+        return Serving(*current, shadow.version if shadow is not None else None)
 
 
-def _enqueue(engine: Engine, send: Sender, scope: Scope, version: str, job: dict[str, Any],
+def _current_activation(session) -> tuple[str, int | None] | None:
+    """The active version and the id of its latest activation; None if no version is active."""
+    mv, activations = ModelVersion.__table__.c, ModelActivation.__table__.c
+    latest = select(func.max(activations.id)).where(activations.version == mv.version).scalar_subquery()
+    row = session.execute(select(mv.version, latest).where(mv.is_active)).one_or_none()
+    return tuple(row) if row is not None else None
+
+
+def _enqueue(engine: Engine, send: Sender, scope: Scope, serving: Serving, job: dict[str, Any],
              result: BackfillResult, limiter: RateLimiter, guard: _BacklogGuard, *, limit: int | None,
              chunk: int, clock: Callable[[], float], progress: Callable[[int, int | None], None] | None) -> None:
-    """Sends the job's photos from its cursor on, saving the cursor about once a second."""
+    """Sends the job's photos from its cursor on, saving the cursor about once a second, until they are all
+    sent, ``limit`` is reached, or another activation has happened."""
     name = job["name"]
     cursor = (job["cursor_user_id"], job["cursor_photo_id"]) if job["cursor_user_id"] is not None else None
-    p = Photo.__table__.c
     last_save, unsaved = clock(), 0
     while True:
-        query = (select(p.user_id, p.photo_id, p.uri, p.uploaded_at, p.processed_at, p.gps_lat, p.gps_lon,
-                        p.gps_source)
-                 .where(*scope.where(version)).order_by(p.user_id, p.photo_id).limit(chunk))
-        if cursor is not None:
-            query = query.where(tuple_(p.user_id, p.photo_id) > tuple_(*cursor))
-        with transaction(engine) as session:
-            rows = session.execute(query).all()
-            active = active_model_version(session)
-        if active is None or active.version != version:  # a promote or rollback while it ran
-            _save(engine, name, cursor, unsaved)
-            result.status, result.active_version = "version_changed", active.version if active else None
-            log.warning("backfill %s stopped: the active version is now %s", name, result.active_version)
-            return
+        rows = _next_photos(engine, scope, serving.version, cursor, chunk)
         if not rows:
-            _save(engine, name, cursor, unsaved, done=True)
+            result.finished_at = _save(engine, name, cursor, unsaved, done=True)
             result.status = "done"
             return
-        for row in rows:
-            if limit is not None and result.enqueued >= limit:
+        for k, row in enumerate(rows):
+            if (limit is not None and result.enqueued >= limit) or (
+                    k % ACTIVATION_CHECK_EVERY == 0 and _activation_changed(engine, serving, result)):
                 _save(engine, name, cursor, unsaved)
                 return
             result.paused_s += guard.wait()
@@ -268,7 +290,29 @@ def _enqueue(engine: Engine, send: Sender, scope: Scope, version: str, job: dict
                 _save(engine, name, cursor, unsaved)
                 last_save, unsaved = clock(), 0
                 if progress:
-                    progress(result.enqueued, job["total"])
+                    progress(job["enqueued"] + result.enqueued, job["total"])
+
+
+def _next_photos(engine: Engine, scope: Scope, version: str, cursor: tuple[str, str] | None, chunk: int) -> list:
+    p = Photo.__table__.c
+    query = (select(p.user_id, p.photo_id, p.uri, p.uploaded_at, p.processed_at, p.gps_lat, p.gps_lon, p.gps_source)
+             .where(*scope.where(version)).order_by(p.user_id, p.photo_id).limit(chunk))
+    if cursor is not None:
+        query = query.where(tuple_(p.user_id, p.photo_id) > tuple_(*cursor))
+    with transaction(engine) as session:
+        return session.execute(query).all()
+
+
+def _activation_changed(engine: Engine, serving: Serving, result: BackfillResult) -> bool:
+    """Whether a promote or rollback happened since the run began (recorded in ``result``)."""
+    with transaction(engine) as session:
+        current = _current_activation(session)
+    if current == (serving.version, serving.activation):
+        return False
+    result.status, result.active_version = "version_changed", current[0] if current else None
+    log.warning("backfill %s stopped: %s was activated while it ran", result.name, result.active_version,
+                extra={"model_version": serving.version})
+    return True
 
 
 @contextmanager
@@ -346,7 +390,9 @@ def _check_same_job(stored: Any, scope: Scope, version: str) -> None:
             "use another --name, or --restart to start that job over with this scope and version")
 
 
-def _save(engine: Engine, name: str, cursor: tuple[str, str] | None, sent: int, done: bool = False) -> None:
+def _save(engine: Engine, name: str, cursor: tuple[str, str] | None, sent: int,
+          done: bool = False) -> datetime | None:
+    """Records the progress; returns the job's ``finished_at`` (set when ``done``)."""
     table = BackfillJob.__table__
     values: dict[str, Any] = {"enqueued": table.c.enqueued + sent, "updated_at": func.now()}
     if cursor is not None:
@@ -354,7 +400,8 @@ def _save(engine: Engine, name: str, cursor: tuple[str, str] | None, sent: int, 
     if done:
         values.update(status="done", finished_at=func.now())
     with transaction(engine) as session:
-        session.execute(update(table).where(table.c.name == name).values(**values))
+        return session.scalar(update(table).where(table.c.name == name).values(**values)
+                              .returning(table.c.finished_at))
 
 
 class _BacklogGuard:

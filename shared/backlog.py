@@ -95,6 +95,6 @@ def _reserved(client: redis.Redis, queues: list[str]) -> dict[str, int]:
 
 
 def _tails(queue: str) -> set[str]:
-    """How an unacked entry of ``queue`` ends: its routing key, the last item of a JSON array, written by
+    r"""How an unacked entry of ``queue`` ends: its routing key, the last item of a JSON array, written by
     kombu (Python's json: "\u00e9" for é) or by workers/broker.py's script (Redis' cjson: "\/" for /, é raw)."""
     return {json.dumps(queue) + "]", json.dumps(queue, ensure_ascii=False).replace("/", "\\/") + "]"}

@@ -25,9 +25,12 @@ from shared.settings import Settings, get_settings
 
 class _Commands(TyperGroup):
     """Every command: a LANDMARKS_* variable that fails validation is one line per variable and exit status
-    2, not a traceback ending in a ValidationError that names the field rather than the variable."""
+    2, not a traceback ending in a ValidationError that names the field rather than the variable. A server
+    that cannot be reached, a URL that cannot be parsed or a database without the schema is one line naming
+    what to fix and exit status 1 (with ``--json``, then the JSON error line), not a traceback."""
 
     def invoke(self, ctx):
+        as_json = "--json" in ctx.args  # the command's own arguments, parsed only inside super().invoke
         try:
             return super().invoke(ctx)
         except ValidationError as exc:
@@ -36,6 +39,70 @@ class _Commands(TyperGroup):
             for line in _settings_errors(exc):
                 console.print(line, soft_wrap=True, markup=False)
             raise typer.Exit(2) from None
+        except _server_errors() as exc:
+            message = _server_failure(exc)
+            if message is None:
+                raise
+            from shared.ops_cli import _fail
+            _fail(message, as_json)
+
+
+def _server_errors() -> tuple[type[Exception], ...]:
+    """What the clients raise for a server they cannot reach, a URL they cannot parse (ArgumentError, and a
+    ValueError from redis) or a missing table; imported only once something was raised."""
+    import kombu.exceptions
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    from shared.errors import InfrastructureError
+    return (InfrastructureError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.ArgumentError, sqlalchemy.exc.ProgrammingError, redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError, kombu.exceptions.OperationalError, ValueError)
+
+
+NOT_MIGRATED = "the database schema is not migrated: run `landmarks db upgrade`"
+# The part of the stack whose client library raised an error (shared.stack.PARTS names its variable).
+_PART_OF_PACKAGE = {"sqlalchemy": "database_url", "psycopg2": "database_url", "redis": "broker_url",
+                    "kombu": "broker_url", "pymilvus": "milvus_uri", "grpc": "milvus_uri"}
+
+
+def _server_failure(exc: Exception) -> str | None:
+    """`Redis: Error 111 connecting to 127.0.0.1:1. Connection refused. (check LANDMARKS_BROKER_URL)`; None
+    for an error of those types that is no such failure (another ProgrammingError or ValueError)."""
+    from psycopg2.errors import UndefinedTable
+    from sqlalchemy.exc import ProgrammingError
+
+    from shared.errors import InfrastructureError
+    from shared.stack import PARTS
+    if isinstance(exc, ProgrammingError):
+        return NOT_MIGRATED if isinstance(exc.orig, UndefinedTable) else None
+    if isinstance(exc, ValueError) and not _raised_in(exc, "redis.connection", "parse_url"):
+        return None  # a bad input or a bug, whose traceback is the useful report
+    part = "broker_url" if isinstance(exc, ValueError) else _part_of(exc)
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    if part is None:
+        return reason
+    variable, server = PARTS[part]
+    what = "" if isinstance(exc, InfrastructureError) else f"{server}: "  # its message names the server
+    return f"{what}{reason} (check {variable})"
+
+
+def _part_of(exc: BaseException | None) -> str | None:
+    """The stack part whose client raised ``exc``, or the error ``exc`` wraps."""
+    while exc is not None:
+        part = _PART_OF_PACKAGE.get(type(exc).__module__.partition(".")[0])
+        if part:
+            return part
+        exc = exc.__cause__
+    return None
+
+
+def _raised_in(exc: BaseException, module: str, function: str) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is ``module.function``."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and (tb.tb_frame.f_globals.get("__name__"), tb.tb_frame.f_code.co_name) == (module, function)
 
 
 def _settings_errors(exc: ValidationError) -> list[str]:
@@ -85,10 +152,14 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 
 @stack_app.command("up")
 def stack_up(as_json: JsonFlag = False) -> None:
-    """Start the embedded servers under $LANDMARKS_HOME (idempotent)."""
+    """Start the embedded servers under $LANDMARKS_HOME (idempotent) and migrate their database."""
     from dataclasses import asdict
     from shared import stack
-    _emit(asdict(stack.up(get_settings().home_path)), as_json)
+    from shared.db import migrate
+    urls = stack.up(get_settings().home_path)
+    console.print(f"development stack: its database is migrated to revision {migrate.current(urls.database_url)} "
+                  "(a PostgreSQL of your own: `landmarks db upgrade`)", soft_wrap=True, markup=False)
+    _emit(asdict(urls), as_json)
 
 
 @stack_app.command("down")
@@ -112,7 +183,8 @@ def stack_status(as_json: JsonFlag = False) -> None:
 
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
-    """Migrate the database schema (default: to head)."""
+    """Migrate the database schema (default: to head): before a new PostgreSQL of your own is first used, and
+    after each upgrade of this code (`stack up` migrates the embedded one)."""
     from shared.db import migrate
     url = _urls().database_url
     migrate.upgrade(url, revision)
@@ -259,7 +331,8 @@ def model_init(out: Annotated[Path, typer.Option("--out")],
                version: Annotated[Optional[str], typer.Option()] = None,
                calibrate: Annotated[Optional[Path], typer.Option(help="images to set BatchNorm statistics")] = None,
                seed: int = 0) -> None:
-    """A randomly initialised model (no training): enough to run the fleet end to end."""
+    """A randomly initialised model (no training) without a gallery: give it one with `landmarks model gallery`
+    before `landmarks publish` takes it."""
     from shared.modelinit import init_model
     meta = init_model(out, backbone=backbone, dim=dim, size=size, version=version, calibrate=calibrate, seed=seed)
     print(f"wrote {out} (version {meta.version}, {meta.backbone}, dim {meta.embedding_dim})")
@@ -273,9 +346,14 @@ def model_gallery(model: Annotated[Path, typer.Option("--model", exists=True)],
                   out: Annotated[Path, typer.Option("--out")],
                   references: int = 3) -> None:
     """Centroids and references from folders of landmark photos; thresholds from non-landmarks."""
+    from shared.gallery import EmptyGalleryError
     from shared.modelinit import gallery_from_folders
     try:
         meta = gallery_from_folders(model, landmarks, csv_path, negatives, out, n_references=references)
+    except EmptyGalleryError:
+        console.print(f"error: {landmarks}: no landmark folder with readable photos (expected {landmarks}/<slug>/ "
+                      f"for the slugs in {csv_path})", soft_wrap=True, markup=False)
+        raise typer.Exit(2) from None
     except ValueError as exc:  # bad input, such as a landmarks CSV row (its file and line are named)
         console.print(f"error: {exc}", soft_wrap=True, markup=False)  # one line, paths kept whole
         raise typer.Exit(2) from None
@@ -285,7 +363,8 @@ def model_gallery(model: Annotated[Path, typer.Option("--model", exists=True)],
 @app.command()
 def publish(model: Annotated[Path, typer.Argument(exists=True)],
             activate: Annotated[Optional[bool], typer.Option(
-                help="swap the alias to this version (default: yes, unless --shadow)")] = None,
+                help="swap the alias to this version (default: yes for a version published for the first "
+                     "time, unless --shadow; a version published before is left as it is)")] = None,
             shadow: Annotated[bool, typer.Option(
                 "--shadow", help="run it beside the active version on --share of the photos instead")] = False,
             share: Annotated[float, typer.Option(
@@ -299,10 +378,18 @@ def publish(model: Annotated[Path, typer.Argument(exists=True)],
         _publish_shadow(model, share, activate, as_json)
         return
     from shared.publish import publish_model
-    activate = True if activate is None else activate
+    if force and activate is None:  # after a refused publish: that version, now registered, is to go live
+        activate = True
     with _publish_refusals(as_json):
         meta = publish_model(model, _engine(), _index(), activate=activate, require_coverage=not force)
-    _emit({"version": meta.version, "active": activate}, as_json)
+    answer = {"version": meta.version, "active": meta.extra["activated"],
+              "catalogue_changes": meta.extra["catalogue_changes"]}
+    if meta.extra.get("uncovered"):  # --force: photos the new version has not been through left the albums
+        answer.update(uncovered=meta.extra["uncovered"], backfill=meta.extra["backfill"])
+    if not meta.extra["activated"] and activate is None:
+        answer["note"] = (f"{meta.version} was published before and is not the active version: "
+                          f"`landmarks promote {meta.version}` makes it the active one")
+    _emit(answer, as_json)
 
 
 def _publish_shadow(model: Path, share: float, activate: bool | None, as_json: bool) -> None:
@@ -312,7 +399,8 @@ def _publish_shadow(model: Path, share: float, activate: bool | None, as_json: b
     with _publish_refusals(as_json):
         meta, shadow = publish_shadow(model, share, _engine(), _index())
     _emit({"ok": True, "version": meta.version, "active": False,
-           "shadow": {**shadow, "running": share > 0} if shadow else None}, as_json)
+           "shadow": {**shadow, "running": share > 0} if shadow else None,
+           "catalogue_changes": meta.extra["catalogue_changes"]}, as_json)
 
 
 @contextmanager
@@ -342,7 +430,10 @@ def world(out: Annotated[Path, typer.Option("--out")], seed: int = 0,
           contact_sheet: Annotated[bool, typer.Option("--contact-sheet")] = False,
           as_json: JsonFlag = False) -> None:
     """Generate a deterministic synthetic landmark world in the dataset format (docs/dataset.md)."""
-    from shared.training.world import generate_world
+    from shared.training.world import PRESETS, generate_world
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}",
+                                 param_hint="'--preset'")
     with _progress() as progress:
         task = progress.add_task(f"world {preset} seed {seed}", total=None)
         summary = generate_world(out, seed=seed, preset=preset, contact_sheet=contact_sheet,
@@ -362,6 +453,9 @@ def build(world_dir: Annotated[Path, typer.Option("--world", exists=True, file_o
     from dataclasses import replace as dc_replace
     import torch
     from shared.training.build import PRESETS, Builder
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}",
+                                 param_hint="'--preset'")
     cfg = PRESETS[preset]
     cfg = dc_replace(cfg, train=dc_replace(cfg.train, seed=seed, backbone=backbone or cfg.train.backbone))
     if ablation == "no_cleaning":
@@ -374,13 +468,12 @@ def build(world_dir: Annotated[Path, typer.Option("--world", exists=True, file_o
         raise typer.BadParameter(f"unknown ablation {ablation!r}")
     from shared.cpus import usable_cpus
     torch.set_num_threads(usable_cpus())  # the CPUs this process may use, not the node's
-    with _progress() as progress:
-        try:  # the dataset's and the build's preconditions, checked before any training
-            builder = Builder(world_dir, out, cfg, init=init, progress=progress, version=version)
-        except ValueError as exc:
-            typer.echo(f"build: {exc}", err=True)
-            raise typer.Exit(2) from None
-        meta = builder.run()
+    try:  # the dataset's and the build's preconditions, most checked before any training
+        with _progress() as progress:
+            meta = Builder(world_dir, out, cfg, init=init, progress=progress, version=version).run()
+    except ValueError as exc:  # after the progress bars' last lines
+        typer.echo(f"build: {exc}", err=True)
+        raise typer.Exit(2) from None
     report = meta.extra["build"]
     _emit({"model": str(out), "version": meta.version, "t_geo": meta.t_geo, "t_global": meta.t_global,
            "t_ref": meta.t_ref, "seconds": report["seconds"],
@@ -397,41 +490,67 @@ def evaluate_model(world_dir: Annotated[Path, typer.Option("--world", exists=Tru
                        help="NAME=MODEL built with `build --ablation`, shown in the report")] = None,
                    as_json: JsonFlag = False) -> None:
     """The article's test through the workers' recognition code; Milvus holds the version's centroids."""
+    from typing import NoReturn
+
     from shared.local_index import LocalIndex
     from shared.model import load_checkpoint
     from shared.publish import gallery_rows
     from shared.training.evaluate import evaluate
-    _, meta, gallery = load_checkpoint(model)
-    if local:
-        index = LocalIndex(meta.version, *gallery_rows(gallery))
-    else:
-        index = _index()
-        index.publish(meta.version, *gallery_rows(gallery))  # published (if not yet), not activated
-    with _progress() as progress:
-        task = progress.add_task("embedding the test split", total=None)
-        metrics = evaluate(world_dir, model, index, progress=lambda n: progress.advance(task, n))
-    if report is not None:
-        from shared.training.evaluate import decision_ablations
-        from shared.training.report import write_report
-        ablations = decision_ablations(world_dir, model)
-        for item in ablation_model or []:
-            name, _, path = item.partition("=")
-            _, other_meta, other_gallery = load_checkpoint(Path(path))
-            ablations[name] = evaluate(world_dir, Path(path), LocalIndex(other_meta.version, *gallery_rows(other_gallery)))
-        write_report(report, world_dir, model, metrics, ablations)
-        metrics["ablations"] = ablations
-        metrics["report"] = str(report)
+
+    def fail(message: str) -> NoReturn:
+        console.print(f"eval: {message}", soft_wrap=True, markup=False)  # one line, paths kept whole
+        raise typer.Exit(2)
+
+    others = {}  # checked before the evaluation, which they would otherwise only fail after
+    for item in ablation_model or []:
+        name, equals, file = item.partition("=")
+        if not (equals and name and file):
+            fail(f"--ablation-model {item!r}: expected NAME=MODEL")
+        if not Path(file).is_file():
+            fail(f"--ablation-model {item!r}: no model file {file}")
+        others[name] = Path(file)
+    try:  # a bad dataset, or a file that is not a model (CheckpointError is a ValueError)
+        _, meta, gallery = load_checkpoint(model)
+        if not gallery.get("landmarks"):  # `landmarks model init` writes none
+            fail(f"{model} has no gallery (centroids and references): build it, or `landmarks model gallery`")
+        if local:
+            index = LocalIndex(meta.version, *gallery_rows(gallery))
+        else:
+            index = _index()
+            index.publish(meta.version, *gallery_rows(gallery))  # published (if not yet), not activated
+        with _progress() as progress:
+            task = progress.add_task("embedding the test split", total=None)
+            metrics = evaluate(world_dir, model, index, progress=lambda n: progress.advance(task, n))
+        if report is not None:
+            from shared.training.evaluate import decision_ablations
+            from shared.training.report import write_report
+            ablations = decision_ablations(world_dir, model)
+            for name, path in others.items():
+                _, other_meta, other_gallery = load_checkpoint(path)
+                ablations[name] = evaluate(world_dir, path, LocalIndex(other_meta.version, *gallery_rows(other_gallery)))
+            write_report(report, world_dir, model, metrics, ablations)
+            metrics["ablations"] = ablations
+            metrics["report"] = str(report)
+    except ValueError as exc:
+        fail(str(exc))
     _emit(metrics, as_json)
 
 
 @app.command()
-def demo(preset: Annotated[str, typer.Option(help="world preset")] = "small", seed: int = 0,
+def demo(preset: Annotated[str, typer.Option(help="world and build preset: tiny | small | medium")] = "small",
+         seed: int = 0,
          serve: Annotated[bool, typer.Option("--serve", help="then serve the Attractions page")] = False,
-         port: int = 8080, as_json: JsonFlag = True) -> None:
+         port: int = 8080,
+         as_json: Annotated[bool, typer.Option("--json/--no-json", help="print the result as one JSON object last "
+                                               "(--no-json: one `key: value` line each)")] = True) -> None:
     """The whole job on the embedded stack: world, build, publish, worker, users' archives, albums."""
-    from shared.demo import run_demo
+    from shared.demo import presets, run_demo
+    if preset not in presets():  # before the stack starts
+        raise typer.BadParameter(f"unknown preset {preset!r}: choose one of {', '.join(presets())}",
+                                 param_hint="'--preset'")
     result = run_demo(get_settings(), console, preset=preset, seed=seed)
-    print(json.dumps(result), flush=True)
+    _emit(result, as_json)
+    sys.stdout.flush()  # before --serve blocks
     if serve:
         serve_demo(result, port)
 

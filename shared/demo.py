@@ -26,6 +26,13 @@ from shared.stack import resolve
 DEMO_PRESET = "small"
 
 
+def presets() -> list[str]:
+    """The presets a demo runs: those of the world generator that the builder has too."""
+    from shared.training.build import PRESETS as BUILD_PRESETS
+    from shared.training.world import PRESETS as WORLD_PRESETS
+    return [name for name in WORLD_PRESETS if name in BUILD_PRESETS]
+
+
 def _world(settings: Settings, preset: str, seed: int, console: Console) -> Path:
     from shared.training.world import generate_world
     out = settings.home_path / "worlds" / f"{preset}-{seed}"

@@ -134,7 +134,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     except OSError:
         raise
     except Exception as exc:  # noqa: BLE001 - EOFError, UnpicklingError, RuntimeError…: what bad bytes raise
-        raise CheckpointError(f"{path} is not a readable landmarks model checkpoint: {exc}") from exc
+        raise CheckpointError(f"{path} is not a readable landmarks model checkpoint ({_load_failure(exc)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a landmarks model checkpoint ({CHECKPOINT_FORMAT})")
     try:
@@ -145,6 +145,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path} is not a readable landmarks model checkpoint: "
                               f"{type(exc).__name__}: {exc}") from exc
     return net.eval(), meta, payload.get("gallery") or {}
+
+
+def _load_failure(exc: Exception) -> str:
+    """``UnpicklingError: Unsupported operand 255``: why torch.load refused a file, in one line. Never torch's
+    advice to load it again with weights_only=False: that would run whatever code the file holds."""
+    text = str(exc)
+    _, weights_only, detail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (detail if weights_only else text).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].split('. ')[0]}" if lines else type(exc).__name__
 
 
 def _meta(stored: dict) -> ModelMeta:

@@ -75,6 +75,7 @@ def register(cli: typer.Typer) -> None:
             activation = do_promote(version, _engine(), _index(), force=force)
         except _refusals() as exc:
             _fail(str(exc), as_json)
+        _say_what_left_the_albums(activation)
         _emit({"ok": True, **activation.as_dict()}, as_json)
 
     @cli.command()
@@ -85,10 +86,12 @@ def register(cli: typer.Typer) -> None:
             activation = do_rollback(_engine(), _index())
         except _refusals() as exc:
             _fail(str(exc), as_json)
+        _say_what_left_the_albums(activation)
         _emit({"ok": True, **activation.as_dict()}, as_json)
 
     @cli.command()
-    def compare(v1: str, v2: str, examples: int = 10,
+    def compare(v1: str, v2: str,
+                examples: Annotated[int, typer.Option(min=0, help="gained and lost examples to list")] = 10,
                 user: Annotated[Optional[str], typer.Option("--user", help="one user's photos only")] = None,
                 as_json: JsonFlag = False) -> None:
         """Tags of V2 (candidate) against V1 (baseline): agreement, gained and lost tags."""
@@ -100,7 +103,7 @@ def register(cli: typer.Typer) -> None:
         _emit(report, as_json)
 
     @cli.command()
-    def versions(history: Annotated[int, typer.Option(help="recent activations to show")] = 10,
+    def versions(history: Annotated[int, typer.Option(min=0, help="recent activations to show")] = 10,
                  as_json: JsonFlag = False) -> None:
         """Published versions (active one, tagged photos, in Milvus) and the recent activations."""
         from shared.rollout import history as activations, rollback_target, versions as list_versions, RolloutError
@@ -129,16 +132,19 @@ def register(cli: typer.Typer) -> None:
             "--include-current", help="also photos the active version has already processed")] = False,
         failed: Annotated[bool, typer.Option(
             "--failed", help="only photos whose last attempt failed, the active version's too (after an outage)")] = False,
-        limit: Annotated[Optional[int], typer.Option(help="stop after this many events (resume later)")] = None,
+        limit: Annotated[Optional[int], typer.Option(
+            min=1, help="stop after this many events (resume later)")] = None,
         max_live_backlog: Annotated[int, typer.Option(
-            help="pause while the live queue's backlog is above this")] = 1000,
+            min=0, help="pause while the live queue's backlog is above this")] = 1000,
         max_backfill_backlog: Annotated[int, typer.Option(
-            help="pause while the backfill queue holds more than this")] = 10000,
+            min=0, help="pause while the backfill queue holds more than this")] = 10000,
         as_json: JsonFlag = False,
     ) -> None:
         """Re-enqueue stored photos for the active version on the low-priority backfill queue (resumable)."""
         from shared.backfill import BackfillRefused, Scope, backfill_queue, run_backfill
         from shared.backlog import queue_backlog
+        if rate is not None and rate <= 0:
+            raise typer.BadParameter(f"{rate} is not > 0 events/s", param_hint="'--rate'")
         settings = _settings()
         try:
             scope = Scope(user=user, since=_parse_date(since) if since else None, all=all_photos, failed=failed)
@@ -172,9 +178,9 @@ def register(cli: typer.Typer) -> None:
         except (LookupError, BackfillRefused, *_refusals()) as exc:
             _fail(str(exc), as_json)
         if result.status == "version_changed":
-            _fail(f"backfill {result.name} stopped after {result.enqueued} events this run: the active version is "
-                  f"now {result.active_version}, not {result.model_version}; run the backfill again for it",
-                  as_json, **result.as_dict())
+            _fail(f"backfill {result.name} stopped after {result.enqueued} events this run: {result.active_version} "
+                  f"was activated while it ran (the job was for {result.model_version}'s activation when it began); "
+                  "run the backfill again for the active version", as_json, **result.as_dict())
         if result.already_done:  # on stderr, which the operator reads with or without --json
             at = result.finished_at.isoformat(timespec="seconds") if result.finished_at else "an unknown time"
             typer.echo(f"job {result.name} already done: {result.enqueued_total} photos enqueued at {at}; "
@@ -200,6 +206,13 @@ def register(cli: typer.Typer) -> None:
         _emit(report, as_json)
         if not report.get("ok"):
             raise typer.Exit(1)
+
+
+def _say_what_left_the_albums(activation) -> None:
+    """On stderr, which the operator reads with or without --json."""
+    if activation.uncovered:
+        typer.echo(f"{activation.uncovered} photos in the albums have not been through {activation.version}: "
+                   f"they are out of the albums until `{activation.backfill}` has sent them to it", err=True)
 
 
 def _shadow_commands() -> typer.Typer:

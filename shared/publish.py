@@ -14,10 +14,11 @@ from sqlalchemy.orm import Session
 
 from shared.db.models import ModelVersion
 from shared.db.session import transaction
-from shared.db.writer import activate_model_version, register_model_version, stop_shadow_rollout, upsert_landmarks
+from shared.db.writer import register_model_version, upsert_landmarks
 from shared.index import CentroidRows, IndexVersionError, LandmarkIndex, ReferenceRows
+from shared import rollout
 from shared.model import CheckpointError, ModelMeta, load_checkpoint
-from shared.rollout import alias_restored_on_failure, require_albums_covered, start_shadow, stop_shadow
+from shared.rollout import start_shadow, stop_shadow
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,11 @@ def _finite(value):
     return value
 
 
-def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, activate: bool = True,
+def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, activate: bool | None = True,
                   require_coverage: bool = False) -> ModelMeta:
-    """Collections and version row; then, with ``activate``, the alias swap and the albums' version. With
-    ``require_coverage`` the activation is refused (RolloutError, the version stays published) while photos
+    """Collections and version row; then, with ``activate``, the alias swap and the albums' version (None:
+    only for a version published for the first time or already active; ``extra["activated"]`` says whether
+    it was activated). With ``require_coverage`` the activation is refused (RolloutError, the version stays published) while photos
     in the albums have not been through it, as `landmarks promote` refuses it. The landmarks this changes for
     every user (name, city or country of an id already in the catalogue) are logged as a warning and returned
     in the meta's ``extra["catalogue_changes"]``: ``{"count": n, "changes": ["id: old → new", ...]}``."""
@@ -90,6 +92,9 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
     index.publish(meta.version, *gallery_rows(gallery))
     landmarks = [{k: row[k] for k in LANDMARK_COLUMNS} for row in gallery["landmarks"]]
     with transaction(engine) as session:
+        registered = session.get(ModelVersion, meta.version)
+        # Not activated again by default: publishing an older model again must not roll the fleet back.
+        activate = (registered is None or registered.is_active) if activate is None else activate
         changes = catalogue_changes(session, landmarks)
         upsert_landmarks(session, landmarks)
         register_model_version(session, meta.version, backbone=meta.backbone, embedding_dim=meta.embedding_dim,
@@ -100,10 +105,11 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
         log.warning("publishing %s renamed or moved %d landmark(s) in every user's albums (all versions): %s",
                     meta.version, len(changes), "; ".join(changes[:SHOWN_CHANGES]))
     meta.extra["catalogue_changes"] = {"count": len(changes), "changes": changes[:SHOWN_CHANGES]}
-    if activate:
-        if require_coverage:
-            require_albums_covered(meta.version, engine)
-        activate_version(meta.version, engine, index)
+    meta.extra["activated"] = activate
+    if activate:  # as `landmarks promote` does it: alias then row, one activation at a time, recorded
+        activation = rollout.activate(meta.version, engine, index, action="activate",
+                                      require_coverage=require_coverage)
+        meta.extra.update(uncovered=activation.uncovered, backfill=activation.backfill)
     log.info("published model %s (%d landmarks)", meta.version, len(gallery["landmarks"]))
     return meta
 
@@ -145,14 +151,6 @@ def require_same_registration(meta: ModelMeta, engine: Engine) -> None:
             f"model version {meta.version!r} is already registered with other settings ({', '.join(changed)}); "
             "a version is never changed: build the model under a new version (`landmarks build --version NEW`) "
             "and publish that")
-
-
-def activate_version(version: str, engine: Engine, index: LandmarkIndex) -> None:
-    # Workers follow the Milvus alias (one atomic swap); the album views follow PostgreSQL.
-    with alias_restored_on_failure(version, index):
-        with transaction(engine) as session:
-            activate_model_version(session, version)
-            stop_shadow_rollout(session, reason="promoted", version=version)  # a shadow ends once it is live
 
 
 def publish_shadow(model_path: Path, share: float, engine: Engine,

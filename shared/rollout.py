@@ -2,8 +2,9 @@
 
 The active version lives in two places that move together: the Milvus alias ``lm_active`` (what workers
 follow, read once per batch) and ``model_versions.is_active`` (what the album views follow). Promote and
-rollback swap the alias first, then the row, like ``shared.publish.activate_version``; re-running the
-same command repairs a half-done swap (``landmarks health`` reports a disagreement).
+rollback (and ``landmarks publish``, through ``activate``) swap the alias first, then the row, under
+``activation_lock`` so that two operators cannot interleave them; re-running the same command repairs a
+half-done swap (``landmarks health`` reports a disagreement).
 
 Every activation lands in ``model_activations`` through a database trigger, whichever path made it
 (``landmarks publish`` included). ``rollback`` replays that history as a stack: promote pushes, rollback
@@ -23,6 +24,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Text, func, select, text
@@ -30,7 +32,7 @@ from sqlalchemy import bindparam as sa_bindparam
 from sqlalchemy.engine import Engine
 
 from shared.db.models import ModelActivation, ModelVersion, Photo, PhotoTag, ShadowPhoto, ShadowRollout
-from shared.db.session import transaction
+from shared.db.session import TRANSIENT_ERRORS, transaction
 from shared.db.writer import (
     activate_model_version,
     active_model_version,
@@ -38,9 +40,15 @@ from shared.db.writer import (
     start_shadow_rollout,
     stop_shadow_rollout,
 )
+from shared.errors import InfrastructureError
 from shared.index import LandmarkIndex, sanitize_version
 
 log = logging.getLogger(__name__)
+
+# The two keys of the session-level advisory lock that activations hold (see activation_lock). Two keys: a key
+# space apart from the one-key transaction lock (ACTIVATE_LOCK) that the PostgreSQL step of an activation takes
+# from another connection inside it, which would otherwise wait for this one forever.
+ACTIVATION_LOCK = ("landmarks.rollout", "activation")
 
 
 class RolloutError(RuntimeError):
@@ -53,9 +61,14 @@ class Activation:
     previous: str | None
     action: str
     changed: bool
+    # Photos that were in the albums before and that the new version has not been through: out of the albums
+    # until ``backfill`` (the command that sends them to it; None when there are none) has run.
+    uncovered: int = 0
+    backfill: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "previous": self.previous, "action": self.action, "changed": self.changed}
+        return {"version": self.version, "previous": self.previous, "action": self.action, "changed": self.changed,
+                "uncovered": self.uncovered, "backfill": self.backfill}
 
 
 def actor() -> str:
@@ -78,20 +91,70 @@ def _require_published(version: str, index: LandmarkIndex) -> None:
                            "interrupted publish: `landmarks publish MODEL` again")
 
 
+@contextmanager
+def activation_lock(engine: Engine) -> Iterator[None]:
+    """Holds the right to change the active version for the block: wrap everything from reading the active
+    version to the alias swap and the PostgreSQL step, so that two activations (promote, rollback, publish)
+    run one after the other instead of leaving workers on one version and albums on the other. Another
+    activation waits for the block to end.
+
+    A session-level advisory lock on a connection of its own: the PostgreSQL step commits its own transaction
+    inside the block. The server frees the lock if the process dies (its connection closes)."""
+    key = tuple(func.hashtext(part) for part in ACTIVATION_LOCK)
+    try:
+        conn = engine.connect()
+    except TRANSIENT_ERRORS as exc:
+        raise InfrastructureError(f"database unavailable while taking the activation lock: {exc}") from exc
+    try:
+        _wait_for_lock(conn, key)
+        yield
+    finally:
+        _unlock(conn, key)
+
+
+def _wait_for_lock(conn, key) -> None:
+    try:
+        if not conn.scalar(select(func.pg_try_advisory_lock(*key))):
+            log.info("another promote, rollback or publish is changing the active version: waiting for it")
+            conn.scalar(select(func.pg_advisory_lock(*key)))
+        conn.commit()  # the lock outlives the transaction; an idle connection holds no snapshot
+    except TRANSIENT_ERRORS as exc:
+        raise InfrastructureError(f"database unavailable while taking the activation lock: {exc}") from exc
+
+
+def _unlock(conn, key) -> None:
+    try:
+        conn.scalar(select(func.pg_advisory_unlock(*key)))
+        conn.commit()
+    except TRANSIENT_ERRORS:
+        conn.invalidate()  # a lost connection has released the lock; never pool one that may still hold it
+    finally:
+        conn.close()
+
+
 def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str = "promote",
              who: str | None = None, require_coverage: bool = False) -> Activation:
     """Make an already published version active (Milvus alias, then PostgreSQL), recording ``action``;
     with ``require_coverage``, only once every photo in the albums has been through it."""
+    with activation_lock(engine):
+        return _activate_holding_lock(version, engine, index, action=action, who=who,
+                                      require_coverage=require_coverage)
+
+
+def _activate_holding_lock(version: str, engine: Engine, index: LandmarkIndex, *, action: str, who: str | None,
+                           require_coverage: bool) -> Activation:
     with transaction(engine) as session:
         if session.get(ModelVersion, version) is None:
             raise RolloutError(f"model version {version!r} is not registered: `landmarks publish MODEL` first")
     _require_published(version, index)
-    if require_coverage:
-        require_albums_covered(version, engine)
     previous = _active(engine)
     alias = index.active_version()
     if previous == version and alias == version:
         return Activation(version, previous, action, changed=False)
+    uncovered = uncovered_photos(version, engine)  # before the swap, while the albums are still previous's
+    if require_coverage and uncovered:
+        raise RolloutError(_uncovered_message(uncovered, version))
+    backfill = _catch_up_command(action, previous, engine) if uncovered else None
     with alias_restored_on_failure(version, index):
         with transaction(engine) as session:
             session.execute(select(func.set_config("landmarks.activation_action", action, True)))
@@ -101,7 +164,25 @@ def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str 
     if ended is not None:
         log.info("%s: the shadow of %s ends with its activation", action, version, extra={"model_version": version})
     log.info("%s: model %s is active (was %s)", action, version, previous, extra={"model_version": version})
-    return Activation(version, previous, action, changed=True)
+    return Activation(version, previous, action, changed=True, uncovered=uncovered, backfill=backfill)
+
+
+def _catch_up_command(action: str, previous: str | None, engine: Engine) -> str:
+    """The backfill that sends the new version the photos it has not been through: after a rollback, those
+    uploaded since the rolled-back version went live (the restored version was live before then); otherwise
+    every photo it has not processed."""
+    since = _term_start(previous, engine) if action == "rollback" and previous is not None else None
+    if since is None:
+        return "landmarks backfill --all"
+    return f"landmarks backfill --since {since.isoformat(timespec='seconds')}"
+
+
+def _term_start(version: str, engine: Engine) -> datetime | None:
+    """When ``version`` last became active (None if only before the recorded history)."""
+    table = ModelActivation.__table__
+    with transaction(engine) as session:
+        return session.scalar(select(table.c.activated_at).where(table.c.version == version)
+                              .order_by(table.c.id.desc()).limit(1))
 
 
 @contextmanager
@@ -163,20 +244,23 @@ def require_albums_covered(candidate: str, engine: Engine) -> None:
     """RolloutError while photos in the active version's albums have not been through ``candidate``."""
     uncovered = uncovered_photos(candidate, engine)
     if uncovered:
-        raise RolloutError(
-            f"{uncovered} photos in users' albums have not been through {candidate}: promoting it now takes them "
+        raise RolloutError(_uncovered_message(uncovered, candidate))
+
+
+def _uncovered_message(uncovered: int, candidate: str) -> str:
+    return (f"{uncovered} photos in users' albums have not been through {candidate}: promoting it now takes them "
             f"out of the albums until it tags them. Tag them first (`landmarks shadow start {candidate} --share 1`, "
             f"then `landmarks backfill --all --include-current`), or `landmarks promote {candidate} --force` and "
-            "backfill after")
+            "run the backfill it prints")
 
 
 def history(engine: Engine, limit: int | None = None) -> list[dict[str, Any]]:
-    """Activations, oldest first."""
+    """Activations, oldest first (the last ``limit`` only, given one)."""
     table = ModelActivation.__table__
     query = select(table).order_by(table.c.id)
     with transaction(engine) as session:
         rows = [dict(r) for r in session.execute(query).mappings()]
-    return rows[-limit:] if limit else rows
+    return rows[max(len(rows) - limit, 0):] if limit is not None else rows
 
 
 def rollout_stack(rows: list[dict[str, Any]], active: str | None) -> list[str]:
@@ -205,9 +289,10 @@ def rollback_target(engine: Engine) -> tuple[str | None, str]:
 
 
 def rollback(engine: Engine, index: LandmarkIndex, who: str | None = None) -> Activation:
-    _require_whole_swap(engine, index)
-    target, _ = rollback_target(engine)
-    return activate(target, engine, index, action="rollback", who=who)
+    with activation_lock(engine):  # the target is read from the history this rollback then extends
+        _require_whole_swap(engine, index)
+        target, _ = rollback_target(engine)
+        return _activate_holding_lock(target, engine, index, action="rollback", who=who, require_coverage=False)
 
 
 def _require_whole_swap(engine: Engine, index: LandmarkIndex) -> None:
@@ -253,15 +338,20 @@ SEEN_BY = """
     UNION  -- as a shadow, including the photos it found no landmark on
     SELECT user_id, photo_id FROM shadow_photos WHERE model_version = :{v} AND (:user IS NULL OR user_id = :user)
 """
-# The baseline has also seen every photo uploaded before it was last replaced as the active version (its
-# "no landmark" verdict leaves no trace once another version re-tags the photo); NULL while it is active.
-A_REPLACED_AT = """
-    SELECT min(later.activated_at) FROM model_activations later
-    WHERE later.id > (SELECT max(id) FROM model_activations WHERE version = :a)
+# The baseline's terms as the active version, each from its activation to the next one (open while it is
+# active): it has also seen every photo uploaded in one, since its "no landmark" verdict leaves no trace once
+# another version re-tags the photo. Photos uploaded while it was not active it has not seen.
+A_TERMS = """
+    SELECT since, until FROM (
+        SELECT version, activated_at AS since, lead(activated_at, 1, 'infinity') OVER (ORDER BY id) AS until
+        FROM model_activations
+    ) AS terms
+    WHERE version = :a
 """
 COMPARE_SQL = f"""
 WITH seen_a AS ({SEEN_BY.format(v="a")}),
 seen_b AS ({SEEN_BY.format(v="b")}),
+a_terms AS ({A_TERMS}),
 pairs AS (
     SELECT t.user_id, t.photo_id, t.landmark_id, p.uploaded_at,
            bool_or(t.model_version = :a) AS in_a, bool_or(t.model_version = :b) AS in_b,
@@ -274,9 +364,10 @@ pairs AS (
 ),
 judged AS (
     SELECT pairs.*, (s.photo_id IS NOT NULL) AS b_saw,
-           (sa.photo_id IS NOT NULL OR replaced.at IS NULL OR pairs.uploaded_at < replaced.at) AS a_saw
+           (sa.photo_id IS NOT NULL OR EXISTS (SELECT 1 FROM a_terms
+                                                WHERE pairs.uploaded_at >= a_terms.since
+                                                  AND pairs.uploaded_at < a_terms.until)) AS a_saw
     FROM pairs
-    CROSS JOIN ({A_REPLACED_AT}) AS replaced(at)
     LEFT JOIN seen_b s ON s.user_id = pairs.user_id AND s.photo_id = pairs.photo_id
     LEFT JOIN seen_a sa ON sa.user_id = pairs.user_id AND sa.photo_id = pairs.photo_id
 )
@@ -291,10 +382,10 @@ def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None
     Unit: (photo, landmark) tags of photos that are not deleted, and that both versions have seen. A
     version has seen a photo if it tagged it, its verdict is the photo's latest (``photos.model_version``)
     or it processed the photo as a shadow (``shadow_photos``, tagged or not); ``a``, the baseline, has also
-    seen every photo uploaded before another version replaced it as the active one. Photos with tags of
+    seen every photo uploaded while it was the active version (``model_activations``). Photos with tags of
     ``a`` that ``b`` has not seen are left out and counted in ``pending`` (run a backfill under ``b`` to
-    cover them); photos with tags of ``b`` that ``a`` never saw (uploaded after a promote to ``b``) in
-    ``unseen_by_a``.
+    cover them); photos with tags of ``b`` that ``a`` never saw (uploaded while another version was active)
+    in ``unseen_by_a``.
 
     * ``agreement``: tags both versions gave / tags either gave (Jaccard), over the photos compared;
     * ``top1_agreement``: among photos both tagged, the share whose best landmark (rank 0) is the same;

@@ -4,6 +4,7 @@ as background servers under one data dir, for a machine with nothing but Python.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -12,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -263,12 +264,23 @@ def stop_milvus(state: dict) -> None:
 # --- the whole stack ----------------------------------------------------------------------
 
 def _load_state(home: Path) -> dict:
+    """What up() saved; {} when nothing was, or when the file cannot be read (the servers' own pid files,
+    not this, say what runs), so that `stack down` still works."""
     path = home / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s (%s); the next `landmarks stack up` rewrites it", path, exc)
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _save_state(home: Path, state: dict) -> None:
-    (home / STATE_FILE).write_text(json.dumps(state, indent=2))
+    tmp = home / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, home / STATE_FILE)  # a crash mid-write leaves the old state, never an empty file
 
 
 @contextmanager
@@ -280,16 +292,31 @@ def _locked(home: Path) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
+# The parts of the stack by their StackUrls field, the variable that replaces each, and its server.
+PARTS = {"database_url": ("LANDMARKS_DATABASE_URL", "PostgreSQL"), "broker_url": ("LANDMARKS_BROKER_URL", "Redis"),
+         "milvus_uri": ("LANDMARKS_MILVUS_URI", "Milvus")}
+
+
 def up(home: Path) -> StackUrls:
+    """Start all three servers (idempotent) and migrate the database to head: this is the development stack,
+    ready to use. (A process that starts only a part of it, see resolve(), leaves its schema alone.)"""
+    from shared.db import migrate
+    urls = StackUrls(**start_servers(home, PARTS))
+    with _locked(home):  # concurrent `stack up`s would each create the same tables
+        migrate.upgrade(urls.database_url)
+    return urls
+
+
+def start_servers(home: Path, parts: Iterable[str]) -> dict[str, str]:
+    """Start the servers of ``parts`` (StackUrls fields) only, if they do not run yet: their URLs."""
     home.mkdir(parents=True, exist_ok=True)
     with _locked(home):
         state = _load_state(home)
-        urls = StackUrls(
-            database_url=start_postgres(home / "postgres"),
-            broker_url=start_redis(home / "redis"),
-            milvus_uri=start_milvus(home / "milvus", state),
-        )
-        state["urls"] = asdict(urls)
+        starters = {"database_url": lambda: start_postgres(home / "postgres"),
+                    "broker_url": lambda: start_redis(home / "redis"),
+                    "milvus_uri": lambda: start_milvus(home / "milvus", state)}
+        urls = {part: starters[part]() for part in PARTS if part in parts}
+        state["urls"] = {**(state.get("urls") or {}), **urls}
         _save_state(home, state)
     return urls
 
@@ -313,21 +340,35 @@ def status(home: Path) -> dict:
         "redis": _redis_pid(home / "redis" / "redis.sock") is not None,
         "milvus": _milvus_running(state),
     }
-    urls = state.get("urls") or {"database_url": None, "broker_url": None, "milvus_uri": None}
+    urls = {**dict.fromkeys(PARTS), **(state.get("urls") or {})}
     return {**urls, "home": str(home), "running": running}
 
 
 def resolve(settings, start: bool = True) -> StackUrls:
-    """The URLs this process uses: LANDMARKS_* overrides, the embedded stack for whatever is unset."""
-    database = settings.database_url.get_secret_value() if settings.database_url else None
-    broker = settings.broker_url.get_secret_value() if settings.broker_url else None
-    milvus = settings.milvus_uri
-    if None in (database, broker, milvus):
-        home = settings.home_path
-        embedded = up(home) if start else StackUrls(**(_load_state(home).get("urls") or {}))
-        database, broker = database or embedded.database_url, broker or embedded.broker_url
-        milvus = milvus or embedded.milvus_uri
-    return StackUrls(database, broker, milvus)
+    """The URLs this process uses: LANDMARKS_* overrides, the embedded stack for whatever is unset (only
+    those of its servers are started). With ``start=False`` nothing starts: an unset part has the URL the
+    embedded stack last had, None if it never ran."""
+    urls = {"database_url": settings.database_url.get_secret_value() if settings.database_url else None,
+            "broker_url": settings.broker_url.get_secret_value() if settings.broker_url else None,
+            "milvus_uri": settings.milvus_uri}
+    missing = tuple(part for part, url in urls.items() if url is None)
+    if missing and start:
+        _announce_embedded(settings.home_path, missing)
+        urls.update(start_servers(settings.home_path, missing))
+    elif missing:
+        saved = _load_state(settings.home_path).get("urls") or {}
+        urls.update({part: saved.get(part) for part in missing})
+    return StackUrls(**urls)
+
+
+@functools.cache  # once per process, although each command resolves the URLs for every client it makes
+def _announce_embedded(home: Path, missing: tuple[str, ...]) -> None:
+    """One line per part an unset variable hands to the embedded stack; a warning when other parts are set,
+    since a fleet that forgot one URL would otherwise run against a private server without a word."""
+    level = logging.INFO if len(missing) == len(PARTS) else logging.WARNING
+    for part in missing:
+        variable, server = PARTS[part]
+        log.log(level, "%s unset: using the embedded %s under %s", variable, server, home)
 
 
 def redis_client_url(broker_url: str) -> str:

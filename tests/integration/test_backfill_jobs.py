@@ -3,6 +3,8 @@ job runs once at a time, and `--failed` finds the photos a storage outage left b
 
 from __future__ import annotations
 
+import itertools
+import re
 import subprocess
 import sys
 import threading
@@ -12,9 +14,15 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from shared.backfill import BackfillRefused, Scope, job_status, run_backfill
+from shared.backfill import ACTIVATION_CHECK_EVERY, BackfillRefused, Scope, job_status, run_backfill
 from shared.db.session import make_engine, transaction
-from shared.db.writer import activate_model_version, register_model_version, write_outcomes
+from shared.db.writer import (
+    activate_model_version,
+    register_model_version,
+    start_shadow_rollout,
+    stop_shadow_rollout,
+    write_outcomes,
+)
 from shared.errors import Stage
 from shared.events import PhotoUploaded
 from shared.outcomes import Failure, PhotoOutcome, PhotoStatus
@@ -26,9 +34,9 @@ pytestmark = [pytest.mark.integration]
 
 @pytest.fixture(scope="module")
 def versions(engine) -> dict:
-    """Two registered versions, V1 active for each test; the version active before is restored at the end."""
+    """Three registered versions, V1 active for each test; the version active before is restored at the end."""
     tag = uuid.uuid4().hex[:6]
-    names = {"V1": f"bj_v1_{tag}", "V2": f"bj_v2_{tag}"}
+    names = {"V1": f"bj_v1_{tag}", "V2": f"bj_v2_{tag}", "V3": f"bj_v3_{tag}"}
     with transaction(engine) as session:
         before = session.scalar(sa.text("SELECT version FROM model_versions WHERE is_active"))
         for version in names.values():
@@ -82,7 +90,7 @@ def test_include_current_is_a_job_of_its_own_that_redoes_every_photo(versions, e
     sent: list[dict] = []
     redo = run_backfill(engine, sent.append, Scope(user=user), include_current=True)
     assert (redo.status, redo.enqueued, sorted(e["photo_id"] for e in sent)) == ("done", 4, ["p0", "p1", "p2", "p3"])
-    assert redo.name == f"{v1}:user={user}:include-current"
+    assert re.fullmatch(rf"{v1}@\d+:user={user}:include-current", redo.name)
 
     # An interrupted plain job under V2, resumed with --include-current: every photo, not the rest only.
     _activate(engine, v2)
@@ -90,6 +98,41 @@ def test_include_current_is_a_job_of_its_own_that_redoes_every_photo(versions, e
     sent.clear()
     resumed = run_backfill(engine, sent.append, Scope(user=user), include_current=True)
     assert resumed.enqueued == 4 and [e["photo_id"] for e in sent] == ["p0", "p1", "p2", "p3"]
+
+
+def test_the_same_backfill_after_a_rollback_and_a_promote_back_sends_the_photos_uploaded_meanwhile(versions, engine):
+    """The documented `backfill` after `promote V --force` must not find V's job of an earlier activation done."""
+    v1, v2 = versions["V1"], versions["V2"]
+    user = _user("bja")
+    _library(engine, v1, user, 2)
+    _activate(engine, v2)
+    assert run_backfill(engine, lambda e: None, Scope(user=user)).status == "done"
+    _activate(engine, v1)  # a rollback, a user uploads, and V2 is promoted again
+    _write(engine, v1, [PhotoOutcome(_upload(user, "new"), PhotoStatus.NO_LANDMARK)])
+    _activate(engine, v2)
+    sent: list[dict] = []
+    again = run_backfill(engine, sent.append, Scope(user=user))
+    assert not again.already_done and sorted(e["photo_id"] for e in sent) == ["new", "p0", "p1"]
+    assert run_backfill(engine, sent.append, Scope(user=user)).already_done  # this activation's job is done
+
+
+def test_include_current_for_another_shadow_is_a_job_of_its_own(versions, engine):
+    """Covering every photo for candidate V2, then for candidate V3, under the same active V1."""
+    v2, v3 = versions["V2"], versions["V3"]
+    user = _user("bjs")
+    _library(engine, versions["V1"], user, 3)
+    runs = []
+    try:
+        for candidate in (v2, v3):
+            with transaction(engine) as session:
+                start_shadow_rollout(session, candidate, 1.0, "tester")
+            runs.append(run_backfill(engine, lambda e: None, Scope(user=user), include_current=True))
+    finally:
+        with transaction(engine) as session:
+            stop_shadow_rollout(session)
+    assert [r.name.rsplit(":", 2)[1:] for r in runs] == [["include-current", f"shadow={v2}"],
+                                                         ["include-current", f"shadow={v3}"]]
+    assert [(r.already_done, r.enqueued) for r in runs] == [(False, 3), (False, 3)]
 
 
 def test_a_named_job_refuses_another_scope_or_version(versions, engine):
@@ -171,9 +214,10 @@ def test_a_second_run_of_a_running_job_is_refused_and_nothing_is_sent_twice(vers
         _drop_queue(broker_url, env)
 
 
-def test_a_run_stops_when_another_version_becomes_active_and_resumes_when_it_is_back(versions, engine):
+def test_a_run_stops_when_another_version_becomes_active_and_a_new_activation_starts_a_new_job(versions, engine):
     """Its photos were chosen for the version active when it began (those that version had not processed):
-    after a rollback mid-run it would go on sending them for a version the workers no longer run."""
+    after a rollback mid-run it would go on sending them for a version the workers no longer run. Once that
+    version is promoted again, the same command sends it the photos it has not processed yet."""
     v1, v2 = versions["V1"], versions["V2"]
     user = _user("bjv")
     _library(engine, v1, user, 5)
@@ -189,11 +233,63 @@ def test_a_run_stops_when_another_version_becomes_active_and_resumes_when_it_is_
         stopped = run_backfill(engine, send_and_roll_back, Scope(user=user), chunk=2)
         assert (stopped.status, stopped.active_version, stopped.enqueued) == ("version_changed", v1, 2)
         _activate(engine, v2)
-        resumed = run_backfill(engine, sent.append, Scope(user=user), chunk=2)
-        assert (resumed.name, resumed.status, resumed.enqueued_total) == (stopped.name, "done", 5)
-        assert sorted(e["photo_id"] for e in sent) == ["p0", "p1", "p2", "p3", "p4"]
+        sent.clear()
+        again = run_backfill(engine, sent.append, Scope(user=user), chunk=2)
+        assert again.name != stopped.name and (again.status, again.enqueued) == ("done", 5)
+        assert sorted(e["photo_id"] for e in sent) == ["p0", "p1", "p2", "p3", "p4"]  # no worker has run them
     finally:
         _activate(engine, v2)
+
+
+def test_a_promote_mid_chunk_stops_the_run_within_a_few_events(versions, engine):
+    v1, v2 = versions["V1"], versions["V2"]
+    user = _user("bjm")
+    _library(engine, v1, user, 3 * ACTIVATION_CHECK_EVERY)  # one chunk of the default 500
+    _activate(engine, v2)
+    sent: list[dict] = []
+
+    def send_and_roll_back(event: dict) -> None:
+        sent.append(event)
+        if len(sent) == 1:
+            _activate(engine, v1)
+
+    stopped = run_backfill(engine, send_and_roll_back, Scope(user=user))
+    assert stopped.status == "version_changed" and stopped.enqueued == len(sent) <= ACTIVATION_CHECK_EVERY
+
+
+def test_a_resumed_run_counts_the_jobs_events_and_a_finished_run_says_when(versions, engine):
+    user = _user("bjp")
+    _library(engine, versions["V1"], user, 5)
+    _activate(engine, versions["V2"])
+    ticks = itertools.count()
+    a_second_per_reading = lambda: float(next(ticks))  # noqa: E731 - progress after every event
+    first = run_backfill(engine, lambda e: None, Scope(user=user), limit=3, clock=a_second_per_reading)
+    assert (first.status, first.finished_at) == ("running", None)
+    progress: list[tuple] = []
+    resumed = run_backfill(engine, lambda e: None, Scope(user=user), clock=a_second_per_reading,
+                           progress=lambda done, total: progress.append((done, total)))
+    assert progress == [(4, 5), (5, 5)]  # the job's events, this run's two included
+    assert resumed.status == "done" and resumed.finished_at == job_status(engine, resumed.name)[0]["finished_at"]
+    assert resumed.finished_at is not None
+
+
+def test_backfill_refuses_rates_and_counts_that_make_no_sense_before_opening_a_job(versions, engine):
+    import typer
+    from typer.testing import CliRunner
+
+    from shared.ops_cli import register
+    user = _user("bjd")
+    _library(engine, versions["V1"], user, 2)
+    _activate(engine, versions["V2"])
+    cli = typer.Typer()
+    register(cli)
+    for bad in (["--rate", "0"], ["--rate", "-1"], ["--limit", "-5"], ["--limit", "0"],
+                ["--max-live-backlog", "-1"], ["--max-backfill-backlog", "-1"]):
+        refused = CliRunner().invoke(cli, ["backfill", "--user", user, *bad])
+        assert refused.exit_code == 2 and "Invalid value" in refused.output, (bad, refused.output)
+    with pytest.raises(ValueError, match="--rate"):
+        run_backfill(engine, lambda e: None, Scope(user=user), rate=0)
+    assert not [job for job in job_status(engine) if user in job["name"]]
 
 
 # --- 3. --failed after a storage outage -------------------------------------------------------------------
@@ -217,7 +313,7 @@ def test_failed_scope_finds_photos_whose_retry_failed_behind_an_old_verdict(vers
     sent.clear()
     retry = run_backfill(engine, sent.append, Scope(user=user, failed=True))
     assert [e["photo_id"] for e in sent] == ["p0", "p1"]  # not p2 (done by V2), not p3 (never failed)
-    assert (retry.enqueued, retry.total, retry.name) == (2, 2, f"{v2}:user={user}:failed")
+    assert (retry.enqueued, retry.total) == (2, 2) and re.fullmatch(rf"{v2}@\d+:user={user}:failed", retry.name)
     _write(engine, v2, [PhotoOutcome(PhotoUploaded(**e), PhotoStatus.NO_LANDMARK) for e in sent])
     assert run_backfill(engine, sent.append, Scope(user=user, failed=True), restart=True).enqueued == 0
 

@@ -27,7 +27,7 @@ from shared.index import (
     reference_collection,
 )
 from shared.model import load_checkpoint, save_checkpoint
-from shared.publish import activate_version, gallery_rows, publish_model
+from shared.publish import gallery_rows, publish_model
 from shared.recognition import geo_tag
 from shared.runtime import load_model_runtime
 from shared.training.calibrate import float32_above
@@ -101,6 +101,33 @@ def test_the_cli_refuses_another_gallery_in_one_line(photos, engine, index, data
     assert _registered(engine, version)["checkpoint"] == str(first.resolve())
 
 
+def test_publishing_an_older_model_again_does_not_roll_the_fleet_back(photos, engine, index, database_url,
+                                                                    broker_url, milvus_uri, tmp_path):
+    """deploy/README's bootstrap step `landmarks publish /models/v1.pt`, run again once v2 is active: v1 is
+    already published, so it changes nothing and says how to switch; publishing v2 again keeps it active."""
+    older, newer = _version("pv_old"), _version("pv_new")
+    old_model = fleet.build_model(photos, tmp_path / "old", older)
+    new_model = fleet.build_model(photos, tmp_path / "new", newer)
+    env = fleet.fleet_env(database_url, broker_url, milvus_uri, photos["root"], tmp_path / "home")
+
+    def publish(model: Path, *flags: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "shared.cli", "publish", str(model), "--json", *flags],
+                              env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    before = index.active_version()
+    try:  # --force: other tests' photos in the albums have not been through these models
+        assert publish(old_model, "--force")["active"] and publish(new_model, "--force")["active"]
+        again = publish(old_model)
+        assert not again["active"] and f"landmarks promote {older}" in again["note"]
+        assert (_registered(engine, newer)["is_active"], index.active_version()) == (True, newer)
+        assert publish(new_model)["active"] and index.active_version() == newer
+    finally:
+        if before is not None:
+            rollout.promote(before, engine, index, force=True)
+
+
 def test_an_interrupted_publish_is_never_served_and_publishing_again_repairs_it(photos, engine, index, tmp_path,
                                                                                caplog):
     """Both collections left marked as filling, as a publish killed before its last step leaves them (a real
@@ -125,7 +152,7 @@ def test_an_interrupted_publish_is_never_served_and_publishing_again_repairs_it(
         assert index.holds(version, *gallery_rows(load_checkpoint(model)[2]))
     finally:
         if previous is not None and _registered(engine, previous):
-            activate_version(previous, engine, index)  # leave the active version as it was
+            rollout.activate(previous, engine, index)  # leave the active version as it was
 
 
 def _thresholds(engine, version: str) -> tuple[float, float, float]:

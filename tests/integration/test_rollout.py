@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -61,7 +62,7 @@ def versions(photos, engine, index, tmp_path_factory) -> dict:
     publish_model(paths["A"], engine, index)
     publish_model(paths["B"], engine, index, activate=False)
     publish_model(paths["C"], engine, index, activate=False)
-    return names
+    return {**names, "files": paths}
 
 
 def _active(engine, index) -> tuple[str | None, str | None]:
@@ -88,7 +89,7 @@ def test_promote_and_rollback_walk_the_history(versions, engine, index):
     before_a = rollout.rollout_stack(rollout.history(engine), a)[:-1]  # what other test modules left
 
     first = rollout.promote(b, engine, index, who="tester", force=True)
-    assert first.as_dict() == {"version": b, "previous": a, "action": "promote", "changed": True}
+    assert (first.version, first.previous, first.action, first.changed) == (b, a, "promote", True)
     assert _active(engine, index) == (b, b)
     assert not rollout.promote(b, engine, index).changed  # idempotent
     rollout.promote(c, engine, index, force=True)
@@ -148,6 +149,60 @@ def test_a_rollback_after_a_half_done_swap_refuses_instead_of_going_back_two_ver
     rollout.promote(a, engine, index, force=True)
 
 
+def test_two_promotes_at_once_leave_workers_and_albums_on_the_same_version(versions, engine, index, milvus_uri):
+    """Operator 1 promotes B and stalls between the alias swap and the PostgreSQL step; operator 2 promotes C
+    meanwhile. Interleaved, workers would follow C and the albums B while both reported success."""
+    a, b, c = versions["A"], versions["B"], versions["C"]
+    rollout.promote(a, engine, index, force=True)
+    swapped, go_on = threading.Event(), threading.Event()
+    with LandmarkIndex(milvus_uri) as stalling:  # operator 1's own client
+        swap = stalling.activate
+
+        def swap_then_stall(version: str) -> None:
+            swap(version)
+            swapped.set()
+            go_on.wait(60)
+
+        stalling.activate = swap_then_stall
+        first = threading.Thread(target=rollout.promote, args=(b, engine, stalling), kwargs={"force": True})
+        second = threading.Thread(target=rollout.promote, args=(c, engine, index), kwargs={"force": True})
+        first.start()
+        try:
+            assert swapped.wait(60), "operator 1's promote never swapped the alias"
+            second.start()
+            second.join(2)  # time enough to finish, were it not waiting for operator 1
+        finally:
+            go_on.set()
+            first.join(60)
+            second.join(60)
+    try:
+        assert _active(engine, index) == (c, c)
+        assert [(r["version"], r["previous_version"]) for r in rollout.history(engine, 2)] == [(b, a), (c, b)]
+    finally:
+        rollout.promote(a, engine, index, force=True)
+
+
+def test_a_forced_promote_and_a_rollback_say_which_photos_left_the_albums_and_the_backfill_to_run(
+        versions, engine, index):
+    a, b = versions["A"], versions["B"]
+    rollout.promote(a, engine, index, force=True)
+    user = f"left_{uuid.uuid4().hex[:6]}"
+    _write(engine, a, [_outcome(user, "old", 1)])
+    leaving = rollout.uncovered_photos(b, engine)
+    promoted = rollout.promote(b, engine, index, force=True)
+    assert leaving >= 1 and (promoted.uncovered, promoted.backfill) == (leaving, "landmarks backfill --all")
+    new = _outcome(user, "new", 3)
+    new.event = new.event.model_copy(update={"uploaded_at": datetime.now(UTC)})
+    _write(engine, b, [new])  # uploaded while B was live: A has never seen it
+    leaving = rollout.uncovered_photos(a, engine)
+    b_went_live = rollout.history(engine, 1)[0]["activated_at"]
+    rolled_back = rollout.rollback(engine, index)
+    assert rolled_back.version == a and leaving >= 1 and rolled_back.uncovered == leaving
+    assert rolled_back.backfill == f"landmarks backfill --since {b_went_live.isoformat(timespec='seconds')}"
+    assert rolled_back.as_dict()["backfill"] == rolled_back.backfill
+    assert not rollout.promote(a, engine, index).uncovered  # nothing changed, nothing left
+
+
 class _PostgresDown(Exception):
     pass
 
@@ -164,12 +219,11 @@ def test_a_failed_activation_puts_the_workers_back_on_the_albums_version(version
     a, b = versions["A"], versions["B"]
     rollout.promote(a, engine, index, force=True)
     monkeypatch.setattr(rollout, "activate_model_version", _failing_activation)
-    monkeypatch.setattr(publish_module, "activate_model_version", _failing_activation)
     with pytest.raises(_PostgresDown, match=f"activating {b}"):
         if activate == "promote":
             rollout.promote(b, engine, index, force=True)
-        else:
-            publish_module.activate_version(b, engine, index)
+        else:  # `landmarks publish --activate` of the published B
+            publish_module.publish_model(versions["files"]["B"], engine, index, activate=True)
     assert _active(engine, index) == (a, a)
 
 
@@ -210,7 +264,9 @@ def test_cli_publish_activates_a_new_version_only_once_the_albums_are_covered(ve
 def test_cli_promote_rollback_versions(versions, env, engine, index):
     a, b = versions["A"], versions["B"]
     code, out = fleet.ops_cli(env, "promote", b, "--force")
-    assert code == 0 and out == {"ok": True, "version": b, "previous": a, "action": "promote", "changed": True}
+    assert code == 0 and {k: out[k] for k in ("ok", "version", "previous", "action", "changed")} == {
+        "ok": True, "version": b, "previous": a, "action": "promote", "changed": True}
+    assert (out["uncovered"] > 0) == (out["backfill"] == "landmarks backfill --all")  # what to run next, if any
     code, out = fleet.ops_cli(env, "versions")
     assert out["active_in_milvus"] == b and out["rollback_target"] == a
     listed = {v["version"]: v for v in out["versions"]}
@@ -218,6 +274,7 @@ def test_cli_promote_rollback_versions(versions, env, engine, index):
     assert out["activations"][-1]["version"] == b
     code, out = fleet.ops_cli(env, "rollback")
     assert code == 0 and out["version"] == a and out["previous"] == b and out["action"] == "rollback"
+    assert (out["uncovered"] > 0) == (out["backfill"] or "").startswith("landmarks backfill --since ")
     code, out = fleet.ops_cli(env, "promote", "no_such_version", check=False)
     assert code == 1 and not out["ok"] and "not registered" in out["error"]
     assert _active(engine, index) == (a, a)
@@ -284,6 +341,37 @@ def test_compare_counts_agreement_gains_and_losses(versions, engine, index):
     assert everyone["tags_both"] >= 3 and everyone["gained"] >= 1 and everyone["user"] is None
     with pytest.raises(rollout.RolloutError, match="unknown"):
         rollout.compare(engine, a, "nope")
+
+
+def test_after_a_rollback_compare_counts_photos_uploaded_under_the_candidate_as_unseen_by_the_baseline(
+        versions, engine, index):
+    """A is active again, but it was not while C tagged the photos uploaded then: C's tags on them are no gains."""
+    a, c = versions["A"], versions["C"]
+    rollout.promote(a, engine, index, force=True)
+    user = f"cmr_{uuid.uuid4().hex[:6]}"
+    _write(engine, a, [_outcome(user, "old", 1)])
+    rollout.promote(c, engine, index, force=True)
+    new = _outcome(user, "new", 3)
+    new.event = new.event.model_copy(update={"uploaded_at": datetime.now(UTC)})
+    _write(engine, c, [_outcome(user, "old", 1), new])
+    while_c = rollout.compare(engine, a, c, user=user)
+    assert rollout.rollback(engine, index).version == a
+    after = rollout.compare(engine, a, c, user=user)
+    assert (while_c["unseen_by_a"], while_c["gained"], while_c["tags_both"]) == (1, 0, 1)
+    assert (after["unseen_by_a"], after["gained"], after["tags_both"]) == (1, 0, 1)
+
+
+def test_versions_history_and_compare_examples_take_only_counts_that_make_sense(versions, engine):
+    import typer
+    from typer.testing import CliRunner
+
+    from shared.ops_cli import register
+    cli = typer.Typer()
+    register(cli)
+    for args in (["versions", "--history", "-1"], ["compare", versions["A"], versions["B"], "--examples", "-1"]):
+        refused = CliRunner().invoke(cli, args)
+        assert refused.exit_code == 2 and "Invalid value" in refused.output, (args, refused.output)
+    assert rollout.history(engine, 0) == [] and len(rollout.history(engine, 1)) == 1
 
 
 # --- shadow: a candidate beside the active version ----------------------------------------------
@@ -536,7 +624,7 @@ def test_backfill_is_resumable_skips_deleted_and_current_and_uses_fresh_ids(vers
         scope = Scope(user=user)
         first = run_backfill(engine, sent.append, scope, limit=3, queue="q_bf")
         assert (first.enqueued, first.status, first.model_version) == (3, "running", b)
-        assert first.name == f"{b}:user={user}"
+        assert re.fullmatch(rf"{b}@\d+:user={user}", first.name)  # the version's current activation
         second = run_backfill(engine, sent.append, scope, queue="q_bf")  # the same command resumes
         assert (second.enqueued, second.enqueued_total, second.status) == (2, 5, "done")
         assert [e["photo_id"] for e in sent] == [f"p{k}" for k in range(5)]  # not p5 (current), not p6 (deleted)
@@ -563,7 +651,7 @@ def test_a_backfill_of_failed_photos_retries_those_the_active_version_failed(ver
     scope = Scope(user=user, failed=True)
     result = run_backfill(engine, sent.append, scope, queue="q_bf")
     assert [e["photo_id"] for e in sent] == ["p1", "p3"]
-    assert result.name == f"{a}:user={user}:failed" and result.status == "done"
+    assert re.fullmatch(rf"{a}@\d+:user={user}:failed", result.name) and result.status == "done"
     assert run_backfill(engine, sent.append, Scope(user=user), queue="q_bf").enqueued == 0  # all processed by A
 
 
@@ -603,9 +691,12 @@ def test_backfill_retags_stored_photos_under_the_promoted_version_while_live_upl
     producer.conf.update(task_serializer="json")
     send = lambda e: producer.send_task(fleet.UPLOADED, args=[e], queue=env["LANDMARKS_QUEUE"])  # noqa: E731
 
-    # A library of 30 photos, tagged by A (which does not know landmark 3).
+    # A library of 30 photos, uploaded now and tagged by A (which does not know landmark 3): compare counts A
+    # as having seen the photos uploaded while it was active, even where its verdict was "no landmark".
     paths = photos["firsts"] + photos["everyday"]
-    library = [fleet.event(user, paths[k % len(paths)], photo_id=f"lib{k:02d}") for k in range(30)]
+    uploaded_at = datetime.now(UTC).isoformat()
+    library = [fleet.event(user, paths[k % len(paths)], photo_id=f"lib{k:02d}") | {"uploaded_at": uploaded_at}
+               for k in range(30)]
     worker = fleet.start_worker(env, tmp_path / "worker.log")
     try:
         for e in library:

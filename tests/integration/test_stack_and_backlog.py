@@ -16,6 +16,7 @@ from celery import Celery
 from shared import stack
 from shared import backlog
 from shared.backlog import queue_backlog, queue_backlogs
+from shared.db import migrate
 from shared.db.session import make_engine
 from shared.index import LandmarkIndex
 from shared.stack import redis_client_url
@@ -36,6 +37,7 @@ def test_stack_up_status_down_via_the_cli(tmp_path):
 
     try:
         urls = json.loads(cli("stack", "up", "--json"))
+        assert migrate.current(urls["database_url"]) == _head_revision()  # the development stack is ready to use
         status = json.loads(cli("stack", "status", "--json"))
         assert status["running"] == {"postgres": True, "redis": True, "milvus": True}
         assert {k: status[k] for k in urls} == urls
@@ -58,6 +60,40 @@ def test_an_external_url_replaces_only_that_part(tmp_path, monkeypatch):
         "postgresql://db.example/x", "redis://broker.example/0", "http://milvus.example:19530")
     assert not (tmp_path / "stack.json").exists()  # nothing embedded was started
 
+
+def test_an_unset_url_starts_only_that_part_and_says_so(tmp_path, caplog):
+    from shared.settings import Settings
+    settings = Settings(home=tmp_path, database_url="postgresql://db.example/x", broker_url="redis://broker.example/0")
+    try:
+        with caplog.at_level("WARNING", logger="shared.stack"):
+            urls = stack.resolve(settings)
+        assert (urls.database_url, urls.broker_url) == ("postgresql://db.example/x", "redis://broker.example/0")
+        assert LandmarkIndex(urls.milvus_uri).versions() == []
+        assert stack.status(tmp_path)["running"] == {"postgres": False, "redis": False, "milvus": True}
+        assert [r.getMessage() for r in caplog.records] == [
+            f"LANDMARKS_MILVUS_URI unset: using the embedded Milvus under {tmp_path}"]
+    finally:
+        stack.down(tmp_path)
+
+
+def test_stack_status_and_down_on_a_home_that_never_ran_or_lost_its_state(tmp_path):
+    env = {**os.environ, "LANDMARKS_HOME": str(tmp_path / "home")}
+    for key in ("LANDMARKS_DATABASE_URL", "LANDMARKS_BROKER_URL", "LANDMARKS_MILVUS_URI"):
+        env.pop(key, None)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=120, check=True)
+
+    nothing = {"postgres": False, "redis": False, "milvus": False}
+    fresh = json.loads(cli("stack", "status", "--json").stdout.splitlines()[-1])
+    assert fresh["running"] == nothing and fresh["database_url"] is None
+    cli("stack", "down")
+    assert json.loads(cli("stack", "status", "--json").stdout.splitlines()[-1])["running"] == nothing
+    (tmp_path / "home").mkdir(exist_ok=True)
+    (tmp_path / "home" / stack.STATE_FILE).write_text("")  # what a full disk can leave
+    assert "ignoring unreadable" in cli("stack", "status", "--json").stderr
+    assert "stack stopped" in cli("stack", "down").stdout
 
 
 def _kill_hard(home) -> None:

@@ -343,17 +343,22 @@ def test_a_build_that_fails_after_its_checks_is_one_line(world, tmp_path):
     ("ablation_missing", "no model file"),
     ("not_a_model", "is not a readable landmarks model checkpoint"),
     ("bad_dataset", "landmarks.csv: missing file"),
+    ("no_gallery", "has no gallery"),
 ])
 def test_eval_errors_are_one_line(built, tmp_path, case, message):
+    from shared.modelinit import init_model
     world, model = built
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.pt").write_bytes(b"not a model")
+    if case == "no_gallery":  # what `landmarks model init` writes
+        init_model(tmp_path / "init.pt", backbone="resnet_small", dim=32, size=64, version=None, calibrate=None)
     report = ["--report", tmp_path / "r.html"]
     args = {"ablation_format": ["--world", world, "--model", model, *report, "--ablation-model", "foo"],
             "ablation_missing": ["--world", world, "--model", model, *report, "--ablation-model",
                                  f"no={tmp_path / 'missing.pt'}"],
             "not_a_model": ["--world", world, "--model", tmp_path / "bad.pt"],
-            "bad_dataset": ["--world", tmp_path / "empty", "--model", model]}[case]
+            "bad_dataset": ["--world", tmp_path / "empty", "--model", model],
+            "no_gallery": ["--world", world, "--model", tmp_path / "init.pt"]}[case]
     done = _cli("eval", "--local", *args)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     said = done.stderr[done.stderr.index("eval: "):]  # after what the progress bar left
