@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -101,6 +102,14 @@ class Settings(BaseSettings):
     event_signing_key: SecretStr | None = None
     event_signing_key_file: Path | None = None
     event_signing_previous_key: SecretStr | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        # A typo (gpu, cuda0) would otherwise start a worker that reports ready and never loads a model.
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a device: auto, cpu, cuda or cuda:N")
+        return value
 
     @field_validator("fetch_allowed_networks")
     @classmethod

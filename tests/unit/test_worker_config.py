@@ -102,10 +102,17 @@ def _settings_error_lines(monkeypatch, **env: str) -> list[str]:
     ("LANDMARKS_MAX_IMAGE_PIXELS", "0", "greater than or equal to 1"),
     ("LANDMARKS_GLOBAL_TOP_K", "16385", "less than or equal to 16384"),  # Milvus refuses a larger limit
     ("LANDMARKS_GEO_TOP_K", "100000", "less than or equal to 16384"),
+    ("LANDMARKS_DEVICE", "gpu", "not a device"),  # the worker would report ready and never load a model
+    ("LANDMARKS_DEVICE", "cuda0", "not a device"),
 ])
 def test_a_value_that_would_fail_every_photo_is_refused_naming_its_variable(monkeypatch, name, value, says):
     lines = _settings_error_lines(monkeypatch, **{name: value})
     assert len(lines) == 1 and lines[0].startswith(f"{name}: ") and says in lines[0], lines
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_every_device_the_worker_knows_is_allowed(monkeypatch, device):
+    assert _settings_error_lines(monkeypatch, LANDMARKS_DEVICE=device) == []
 
 
 def test_the_largest_top_k_milvus_accepts_is_allowed(monkeypatch):
