@@ -42,9 +42,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine
 
 from shared.db.models import BackfillJob, FailureRecord, ModelActivation, ModelVersion, Photo
-from shared.db.session import TRANSIENT_ERRORS, transaction
+from shared.db.session import session_lock, transaction
 from shared.db.writer import running_shadow
-from shared.errors import InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -319,43 +318,14 @@ def _activation_changed(engine: Engine, serving: Serving, result: BackfillResult
 def job_lock(engine: Engine, name: str) -> Iterator[None]:
     """Holds backfill job ``name`` for the block; raises BackfillRefused if another run holds it.
 
-    A session-level advisory lock on a connection of its own: the job row's FOR UPDATE would end with its
-    transaction, long before the run. The server frees the lock if the process dies (its connection
-    closes), so a crashed run never blocks the next one."""
+    A session-level advisory lock: the job row's FOR UPDATE would end with its transaction, long before the
+    run; a crashed run's lock goes with its connection, so it never blocks the next one."""
     key = (func.hashtext(JOB_LOCK_CLASS), func.hashtext(name))
-    conn = _connect(engine, name)
-    try:
-        held = conn.scalar(select(func.pg_try_advisory_lock(*key)))
-        conn.commit()  # the lock outlives the transaction; an idle connection holds no snapshot
-    except TRANSIENT_ERRORS as exc:
-        conn.invalidate()
-        conn.close()
-        raise InfrastructureError(f"database unavailable while taking backfill job {name!r}: {exc}") from exc
-    if not held:
-        conn.close()
-        raise BackfillRefused(f"backfill job {name!r} is already running (another `landmarks backfill` holds "
-                              "it): let it finish, or stop it, before running it again")
-    try:
+    with session_lock(engine, key, f"backfill job {name!r}") as held:
+        if not held:
+            raise BackfillRefused(f"backfill job {name!r} is already running (another `landmarks backfill` holds "
+                                  "it): let it finish, or stop it, before running it again")
         yield
-    finally:
-        _release(conn, key)
-
-
-def _connect(engine: Engine, name: str):
-    try:
-        return engine.connect()
-    except TRANSIENT_ERRORS as exc:
-        raise InfrastructureError(f"database unavailable while taking backfill job {name!r}: {exc}") from exc
-
-
-def _release(conn, key) -> None:
-    try:
-        conn.scalar(select(func.pg_advisory_unlock(*key)))
-        conn.commit()
-    except TRANSIENT_ERRORS:
-        conn.invalidate()  # a lost connection has released the lock; never pool one that may still hold it
-    finally:
-        conn.close()
 
 
 def _open_job(engine: Engine, name: str, scope: Scope, version: str, rate: float | None,

@@ -61,6 +61,7 @@ def _server_errors() -> tuple[type[Exception], ...]:
 
 
 NOT_MIGRATED = "the database schema is not migrated: run `landmarks db upgrade`"
+_URL_PARSERS = {("redis.connection", "parse_url"): "broker_url", ("sqlalchemy.engine.url", "make_url"): "database_url"}
 # The part of the stack whose client library raised an error (shared.stack.PARTS names its variable).
 _PART_OF_PACKAGE = {"sqlalchemy": "database_url", "psycopg2": "database_url", "redis": "broker_url",
                     "kombu": "broker_url", "pymilvus": "milvus_uri", "grpc": "milvus_uri"}
@@ -76,9 +77,14 @@ def _server_failure(exc: Exception) -> str | None:
     from shared.stack import PARTS
     if isinstance(exc, ProgrammingError):
         return NOT_MIGRATED if isinstance(exc.orig, UndefinedTable) else None
-    if isinstance(exc, ValueError) and not _raised_in(exc, "redis.connection", "parse_url"):
-        return None  # a bad input or a bug, whose traceback is the useful report
-    part = "broker_url" if isinstance(exc, ValueError) else _part_of(exc)
+    if getattr(getattr(exc, "orig", None), "pgcode", None):
+        return None  # the server answered (a deadlock, a timeout, a full disk): not a URL to check
+    if isinstance(exc, ValueError):
+        part = _url_parser_of(exc)
+        if part is None:
+            return None  # a bad input or a bug, whose traceback is the useful report
+    else:
+        part = _part_of(exc)
     reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     if part is None:
         return reason
@@ -97,12 +103,16 @@ def _part_of(exc: BaseException | None) -> str | None:
     return None
 
 
-def _raised_in(exc: BaseException, module: str, function: str) -> bool:
-    """Whether the innermost frame of ``exc``'s traceback is ``module.function``."""
+def _url_parser_of(exc: BaseException) -> str | None:
+    """The stack part whose URL parser raised ``exc`` (a port that is not a number, no scheme), or None."""
     tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        part = _URL_PARSERS.get((module, tb.tb_frame.f_code.co_name))
+        if part:
+            return part
         tb = tb.tb_next
-    return tb is not None and (tb.tb_frame.f_globals.get("__name__"), tb.tb_frame.f_code.co_name) == (module, function)
+    return None
 
 
 def _settings_errors(exc: ValidationError) -> list[str]:

@@ -69,11 +69,13 @@ class _Event(BaseModel):
     user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     photo_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
 
-    _event_id_without_nul = field_validator("event_id")(_no_nul)
-    _ids_in_album_urls = field_validator("user_id", "photo_id")(_addressable)
+    _ids_without_nul = field_validator("event_id", "user_id", "photo_id")(_no_nul)
 
 
 class PhotoUploaded(_Event):
+    # Not on deletions: a photo stored before this rule must still be deletable.
+    _ids_in_album_urls = field_validator("user_id", "photo_id")(_addressable)
+
     uri: str = Field(min_length=1, max_length=MAX_URI_LENGTH)
     uploaded_at: datetime
     content_type: str | None = Field(None, max_length=255)

@@ -213,6 +213,9 @@ def _say_what_left_the_albums(activation) -> None:
     if activation.uncovered:
         typer.echo(f"{activation.uncovered} photos in the albums have not been through {activation.version}: "
                    f"they are out of the albums until `{activation.backfill}` has sent them to it", err=True)
+    elif activation.backfill and activation.changed:  # a rollback: the photos uploaded meanwhile
+        typer.echo(f"photos uploaded while {activation.previous} was active are out of the albums until "
+                   f"`{activation.backfill}` has sent them to {activation.version}", err=True)
 
 
 def _shadow_commands() -> typer.Typer:

@@ -96,11 +96,13 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
         # Not activated again by default: publishing an older model again must not roll the fleet back.
         activate = (registered is None or registered.is_active) if activate is None else activate
         changes = catalogue_changes(session, landmarks)
-        upsert_landmarks(session, landmarks)
+        # The version row before the landmarks: a moved landmark's trigger locks photos and photo_tags, which a
+        # worker writing under this version holds while it waits for the row (writer.require_active).
         register_model_version(session, meta.version, backbone=meta.backbone, embedding_dim=meta.embedding_dim,
                                t_geo=meta.t_geo, t_global=meta.t_global, t_ref=meta.t_ref,
                                checkpoint=str(model_path.resolve()), metrics=model_metrics(meta),
                                activate=False)
+        upsert_landmarks(session, landmarks)
     if changes:
         log.warning("publishing %s renamed or moved %d landmark(s) in every user's albums (all versions): %s",
                     meta.version, len(changes), "; ".join(changes[:SHOWN_CHANGES]))

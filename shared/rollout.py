@@ -24,7 +24,6 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Text, func, select, text
@@ -32,7 +31,7 @@ from sqlalchemy import bindparam as sa_bindparam
 from sqlalchemy.engine import Engine
 
 from shared.db.models import ModelActivation, ModelVersion, Photo, PhotoTag, ShadowPhoto, ShadowRollout
-from shared.db.session import TRANSIENT_ERRORS, transaction
+from shared.db.session import session_lock, transaction
 from shared.db.writer import (
     activate_model_version,
     active_model_version,
@@ -40,7 +39,6 @@ from shared.db.writer import (
     start_shadow_rollout,
     stop_shadow_rollout,
 )
-from shared.errors import InfrastructureError
 from shared.index import LandmarkIndex, sanitize_version
 
 log = logging.getLogger(__name__)
@@ -49,6 +47,7 @@ log = logging.getLogger(__name__)
 # space apart from the one-key transaction lock (ACTIVATE_LOCK) that the PostgreSQL step of an activation takes
 # from another connection inside it, which would otherwise wait for this one forever.
 ACTIVATION_LOCK = ("landmarks.rollout", "activation")
+CATCH_UP = "landmarks backfill --all"
 
 
 class RolloutError(RuntimeError):
@@ -63,7 +62,7 @@ class Activation:
     changed: bool
     # Photos that were in the albums before and that the new version has not been through: out of the albums
     # until ``backfill`` (the command that sends them to it; None when there are none) has run.
-    uncovered: int = 0
+    uncovered: int | None = 0  # None: not counted (a rollback)
     backfill: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,40 +95,14 @@ def activation_lock(engine: Engine) -> Iterator[None]:
     """Holds the right to change the active version for the block: wrap everything from reading the active
     version to the alias swap and the PostgreSQL step, so that two activations (promote, rollback, publish)
     run one after the other instead of leaving workers on one version and albums on the other. Another
-    activation waits for the block to end.
-
-    A session-level advisory lock on a connection of its own: the PostgreSQL step commits its own transaction
-    inside the block. The server frees the lock if the process dies (its connection closes)."""
+    activation waits for the block to end. Session-level: the PostgreSQL step commits inside the block."""
     key = tuple(func.hashtext(part) for part in ACTIVATION_LOCK)
-    try:
-        conn = engine.connect()
-    except TRANSIENT_ERRORS as exc:
-        raise InfrastructureError(f"database unavailable while taking the activation lock: {exc}") from exc
-    try:
-        _wait_for_lock(conn, key)
+    with session_lock(engine, key, "the activation lock", on_wait=_say_waiting):
         yield
-    finally:
-        _unlock(conn, key)
 
 
-def _wait_for_lock(conn, key) -> None:
-    try:
-        if not conn.scalar(select(func.pg_try_advisory_lock(*key))):
-            log.info("another promote, rollback or publish is changing the active version: waiting for it")
-            conn.scalar(select(func.pg_advisory_lock(*key)))
-        conn.commit()  # the lock outlives the transaction; an idle connection holds no snapshot
-    except TRANSIENT_ERRORS as exc:
-        raise InfrastructureError(f"database unavailable while taking the activation lock: {exc}") from exc
-
-
-def _unlock(conn, key) -> None:
-    try:
-        conn.scalar(select(func.pg_advisory_unlock(*key)))
-        conn.commit()
-    except TRANSIENT_ERRORS:
-        conn.invalidate()  # a lost connection has released the lock; never pool one that may still hold it
-    finally:
-        conn.close()
+def _say_waiting() -> None:
+    log.info("another promote, rollback or publish is changing the active version: waiting for it")
 
 
 def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str = "promote",
@@ -151,10 +124,13 @@ def _activate_holding_lock(version: str, engine: Engine, index: LandmarkIndex, *
     alias = index.active_version()
     if previous == version and alias == version:
         return Activation(version, previous, action, changed=False)
-    uncovered = uncovered_photos(version, engine)  # before the swap, while the albums are still previous's
+    # Counted before the swap, while the albums are still previous's; not for a rollback, which must not wait
+    # for a scan of the albums (it may leave photos uploaded meanwhile out: the backfill sends them).
+    uncovered = None if action == "rollback" else uncovered_photos(version, engine)
     if require_coverage and uncovered:
         raise RolloutError(_uncovered_message(uncovered, version))
-    backfill = _catch_up_command(action, previous, engine) if uncovered else None
+    # --all sends exactly the photos the version has not been through, whatever their upload time.
+    backfill = CATCH_UP if uncovered or action == "rollback" else None
     with alias_restored_on_failure(version, index):
         with transaction(engine) as session:
             session.execute(select(func.set_config("landmarks.activation_action", action, True)))
@@ -165,24 +141,6 @@ def _activate_holding_lock(version: str, engine: Engine, index: LandmarkIndex, *
         log.info("%s: the shadow of %s ends with its activation", action, version, extra={"model_version": version})
     log.info("%s: model %s is active (was %s)", action, version, previous, extra={"model_version": version})
     return Activation(version, previous, action, changed=True, uncovered=uncovered, backfill=backfill)
-
-
-def _catch_up_command(action: str, previous: str | None, engine: Engine) -> str:
-    """The backfill that sends the new version the photos it has not been through: after a rollback, those
-    uploaded since the rolled-back version went live (the restored version was live before then); otherwise
-    every photo it has not processed."""
-    since = _term_start(previous, engine) if action == "rollback" and previous is not None else None
-    if since is None:
-        return "landmarks backfill --all"
-    return f"landmarks backfill --since {since.isoformat(timespec='seconds')}"
-
-
-def _term_start(version: str, engine: Engine) -> datetime | None:
-    """When ``version`` last became active (None if only before the recorded history)."""
-    table = ModelActivation.__table__
-    with transaction(engine) as session:
-        return session.scalar(select(table.c.activated_at).where(table.c.version == version)
-                              .order_by(table.c.id.desc()).limit(1))
 
 
 @contextmanager

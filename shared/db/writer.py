@@ -157,8 +157,9 @@ def write_live_outcomes(session: Session, model_version: str, outcomes: list[Pho
 
 def require_active(session: Session, version: str) -> None:
     if not _holds_active(session, version):
-        raise InfrastructureError(f"model version {version!r} is no longer the active one (the alias moved "
-                                  "and PostgreSQL followed, or is about to): the batch is retried")
+        raise InfrastructureError(f"model version {version!r} is not the active version in PostgreSQL: a "
+                                  "promote or rollback is under way, or was left half-done (`landmarks health`); "
+                                  "the batch is retried under the version the alias names")
 
 
 def _holds_active(session: Session, version: str) -> bool:

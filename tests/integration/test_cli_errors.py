@@ -71,7 +71,10 @@ def test_an_unreachable_server_is_one_line_naming_its_variable(tmp_path, photo, 
     (["albums", "--user", "a", "--json"], {"LANDMARKS_DATABASE_URL": "localhost:5432"}, "LANDMARKS_DATABASE_URL"),
     (["health", "--json"], {"LANDMARKS_DATABASE_URL": "localhost:5432"}, "LANDMARKS_DATABASE_URL"),
     (["queue", "--json"], {"LANDMARKS_BROKER_URL": "localhost:6379"}, "LANDMARKS_BROKER_URL"),
-], ids=["albums", "health", "queue"])
+    (["versions", "--json"], {"LANDMARKS_DATABASE_URL": "postgresql://u@127.0.0.1:54x2/db"},
+     "LANDMARKS_DATABASE_URL"),
+    (["queue", "--json"], {"LANDMARKS_BROKER_URL": "redis://127.0.0.1:63x9/0"}, "LANDMARKS_BROKER_URL"),
+], ids=["albums", "health", "queue", "database_port", "broker_port"])
 def test_a_malformed_url_is_one_line_naming_its_variable(tmp_path, args, urls, variable):
     done = _landmarks(tmp_path, *args, **{**UNREACHABLE, **urls})
     assert _json_error(done) == _one_line_failure(done, variable)
@@ -79,6 +82,13 @@ def test_a_malformed_url_is_one_line_naming_its_variable(tmp_path, args, urls, v
 
 def test_other_value_errors_keep_their_traceback():
     assert _server_failure(ValueError("a bad input, or a bug")) is None
+
+
+def test_an_error_the_database_answered_keeps_its_traceback(engine):
+    """A deadlock or a timeout is no URL to check: the traceback is the useful report."""
+    with pytest.raises(sa.exc.OperationalError) as info, engine.connect() as conn:
+        conn.execute(sa.text("SET LOCAL statement_timeout = '1ms'; SELECT pg_sleep(1)"))
+    assert _server_failure(info.value) is None
 
 
 @pytest.fixture

@@ -341,7 +341,7 @@ def test_a_batch_whose_version_was_promoted_away_before_it_wrote_is_retried(worl
     writer.register_model_version(world, "v2", **_model_args(checkpoint="/m/v2.pt"))
     writer.activate_model_version(world, "v2")
     batch = [tagged("r1", (1, 0.9), minutes=1, event="in-flight")]
-    with pytest.raises(InfrastructureError, match="no longer the active one"):
+    with pytest.raises(InfrastructureError, match="not the active version in PostgreSQL"):
         writer.write_live_outcomes(world, "v1", batch)
     assert writer.write_live_outcomes(world, "v2", batch) == 1  # the retry, under the active version
     assert summary(world) == [("Paris", 1, 1, [("Eiffel Tower", 1, "r1")])]

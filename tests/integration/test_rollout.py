@@ -194,11 +194,9 @@ def test_a_forced_promote_and_a_rollback_say_which_photos_left_the_albums_and_th
     new = _outcome(user, "new", 3)
     new.event = new.event.model_copy(update={"uploaded_at": datetime.now(UTC)})
     _write(engine, b, [new])  # uploaded while B was live: A has never seen it
-    leaving = rollout.uncovered_photos(a, engine)
-    b_went_live = rollout.history(engine, 1)[0]["activated_at"]
-    rolled_back = rollout.rollback(engine, index)
-    assert rolled_back.version == a and leaving >= 1 and rolled_back.uncovered == leaving
-    assert rolled_back.backfill == f"landmarks backfill --since {b_went_live.isoformat(timespec='seconds')}"
+    assert rollout.uncovered_photos(a, engine) >= 1
+    rolled_back = rollout.rollback(engine, index)  # quick: it counts nothing, and names the backfill
+    assert (rolled_back.version, rolled_back.uncovered, rolled_back.backfill) == (a, None, "landmarks backfill --all")
     assert rolled_back.as_dict()["backfill"] == rolled_back.backfill
     assert not rollout.promote(a, engine, index).uncovered  # nothing changed, nothing left
 
@@ -274,7 +272,7 @@ def test_cli_promote_rollback_versions(versions, env, engine, index):
     assert out["activations"][-1]["version"] == b
     code, out = fleet.ops_cli(env, "rollback")
     assert code == 0 and out["version"] == a and out["previous"] == b and out["action"] == "rollback"
-    assert (out["uncovered"] > 0) == (out["backfill"] or "").startswith("landmarks backfill --since ")
+    assert (out["uncovered"], out["backfill"]) == (None, "landmarks backfill --all")  # quick: counts nothing
     code, out = fleet.ops_cli(env, "promote", "no_such_version", check=False)
     assert code == 1 and not out["ok"] and "not registered" in out["error"]
     assert _active(engine, index) == (a, a)

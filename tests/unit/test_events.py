@@ -53,6 +53,11 @@ def test_deleted_event_needs_only_ids():
     assert parse_event(PhotoDeleted, {"event_id": "e", "user_id": "u", "photo_id": "p"}).photo_id == "p"
 
 
+def test_a_photo_stored_under_an_id_uploads_now_refuse_can_still_be_deleted():
+    for photo_id in (".", "tab\there"):
+        assert parse_event(PhotoDeleted, {"event_id": "e", "user_id": "u", "photo_id": photo_id}).photo_id == photo_id
+
+
 def test_event_key_is_the_event_id_or_a_stable_hash():
     assert event_key(GOOD) == "e1"
     odd = {"user_id": "u", "x": [1, 2]}
