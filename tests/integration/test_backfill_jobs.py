@@ -214,6 +214,15 @@ def test_a_second_run_of_a_running_job_is_refused_and_nothing_is_sent_twice(vers
         _drop_queue(broker_url, env)
 
 
+def _activating_after_the_first(engine, version: str, sent: list[dict]):
+    """A sender that keeps what it sends and activates ``version`` (a rollback mid-run) after the first event."""
+    def send(event: dict) -> None:
+        sent.append(event)
+        if len(sent) == 1:
+            _activate(engine, version)
+    return send
+
+
 def test_a_run_stops_when_another_version_becomes_active_and_a_new_activation_starts_a_new_job(versions, engine):
     """Its photos were chosen for the version active when it began (those that version had not processed):
     after a rollback mid-run it would go on sending them for a version the workers no longer run. Once that
@@ -223,14 +232,8 @@ def test_a_run_stops_when_another_version_becomes_active_and_a_new_activation_st
     _library(engine, v1, user, 5)
     _activate(engine, v2)
     sent: list[dict] = []
-
-    def send_and_roll_back(event: dict) -> None:
-        sent.append(event)
-        if len(sent) == 1:
-            _activate(engine, v1)
-
     try:
-        stopped = run_backfill(engine, send_and_roll_back, Scope(user=user), chunk=2)
+        stopped = run_backfill(engine, _activating_after_the_first(engine, v1, sent), Scope(user=user), chunk=2)
         assert (stopped.status, stopped.active_version, stopped.enqueued) == ("version_changed", v1, 2)
         _activate(engine, v2)
         sent.clear()
@@ -247,13 +250,7 @@ def test_a_promote_mid_chunk_stops_the_run_within_a_few_events(versions, engine)
     _library(engine, v1, user, 3 * ACTIVATION_CHECK_EVERY)  # one chunk of the default 500
     _activate(engine, v2)
     sent: list[dict] = []
-
-    def send_and_roll_back(event: dict) -> None:
-        sent.append(event)
-        if len(sent) == 1:
-            _activate(engine, v1)
-
-    stopped = run_backfill(engine, send_and_roll_back, Scope(user=user))
+    stopped = run_backfill(engine, _activating_after_the_first(engine, v1, sent), Scope(user=user))
     assert stopped.status == "version_changed" and stopped.enqueued == len(sent) <= ACTIVATION_CHECK_EVERY
 
 
