@@ -59,6 +59,9 @@ def photo(tmp_path):
     (["db", "upgrade"], "LANDMARKS_DATABASE_URL"),
     (["queue", "--json"], "LANDMARKS_BROKER_URL"),
     (["enqueue", "PHOTO", "--user", "a", "--json"], "LANDMARKS_BROKER_URL"),
+    (["promote", "v1", "--json"], "LANDMARKS_DATABASE_URL"),
+    (["rollback", "--json"], "LANDMARKS_DATABASE_URL"),
+    (["compare", "v1", "v2", "--json"], "LANDMARKS_DATABASE_URL"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else "")
 def test_an_unreachable_server_is_one_line_naming_its_variable(tmp_path, photo, args, variable):
     done = _landmarks(tmp_path, *[str(photo) if a == "PHOTO" else a for a in args], **UNREACHABLE)
