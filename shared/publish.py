@@ -12,13 +12,12 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from shared import rollout
 from shared.db.models import ModelVersion
 from shared.db.session import transaction
 from shared.db.writer import register_model_version, upsert_landmarks
 from shared.index import CentroidRows, IndexVersionError, LandmarkIndex, ReferenceRows
-from shared import rollout
 from shared.model import CheckpointError, ModelMeta, load_checkpoint
-from shared.rollout import start_shadow, stop_shadow
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +78,11 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
                   require_coverage: bool = False) -> ModelMeta:
     """Collections and version row; then, with ``activate``, the alias swap and the albums' version (None:
     only for a version published for the first time or already active; ``extra["activated"]`` says whether
-    it was activated). With ``require_coverage`` the activation is refused (RolloutError, the version stays published) while photos
-    in the albums have not been through it, as `landmarks promote` refuses it. The landmarks this changes for
-    every user (name, city or country of an id already in the catalogue) are logged as a warning and returned
-    in the meta's ``extra["catalogue_changes"]``: ``{"count": n, "changes": ["id: old → new", ...]}``."""
+    it was activated). With ``require_coverage`` the activation is refused (RolloutError, the version stays
+    published) while photos in the albums have not been through it, as `landmarks promote` refuses it. The
+    landmarks this changes for every user (name, city or country of an id already in the catalogue) are logged
+    as a warning and returned in the meta's ``extra["catalogue_changes"]``: ``{"count": n, "changes": ["id: old
+    → new", ...]}``."""
     _, meta, gallery = load_checkpoint(model_path)
     if not gallery.get("landmarks"):
         raise CheckpointError(f"{model_path} has no gallery (centroids and references): build it first")
@@ -97,7 +97,7 @@ def publish_model(model_path: Path, engine: Engine, index: LandmarkIndex, *, act
         activate = (registered is None or registered.is_active) if activate is None else activate
         changes = catalogue_changes(session, landmarks)
         # The version row before the landmarks: a moved landmark's trigger locks photos and photo_tags, which a
-        # worker writing under this version holds while it waits for the row (writer.require_active).
+        # worker writing under this version holds while it waits for the row (writer.write_live_outcomes).
         register_model_version(session, meta.version, backbone=meta.backbone, embedding_dim=meta.embedding_dim,
                                t_geo=meta.t_geo, t_global=meta.t_global, t_ref=meta.t_ref,
                                checkpoint=str(model_path.resolve()), metrics=model_metrics(meta),
@@ -161,5 +161,5 @@ def publish_shadow(model_path: Path, share: float, engine: Engine,
     ends its shadow instead. Returns the model's metadata and the shadow started or ended (None if none)."""
     meta = publish_model(model_path, engine, index, activate=False)
     if share == 0:
-        return meta, stop_shadow(engine, version=meta.version)
-    return meta, start_shadow(meta.version, share, engine, index)
+        return meta, rollout.stop_shadow(engine, version=meta.version)
+    return meta, rollout.start_shadow(meta.version, share, engine, index)

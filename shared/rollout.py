@@ -198,13 +198,6 @@ def uncovered_photos(candidate: str, engine: Engine) -> int:
         return session.scalar(text(UNCOVERED_SQL), {"candidate": candidate})
 
 
-def require_albums_covered(candidate: str, engine: Engine) -> None:
-    """RolloutError while photos in the active version's albums have not been through ``candidate``."""
-    uncovered = uncovered_photos(candidate, engine)
-    if uncovered:
-        raise RolloutError(_uncovered_message(uncovered, candidate))
-
-
 def _uncovered_message(uncovered: int, candidate: str) -> str:
     return (f"{uncovered} photos in users' albums have not been through {candidate}: promoting it now takes them "
             f"out of the albums until it tags them. Tag them first (`landmarks shadow start {candidate} --share 1`, "

@@ -151,15 +151,11 @@ def write_live_outcomes(session: Session, model_version: str, outcomes: list[Pho
     """write_outcomes for a worker's batch: refused (InfrastructureError, so the batch is retried under the
     version now active) when ``model_version`` is no longer the active one. A batch in flight during a
     promote would otherwise tag its photos under the old version only, out of every album."""
-    require_active(session, model_version)
-    return write_outcomes(session, model_version, outcomes)
-
-
-def require_active(session: Session, version: str) -> None:
-    if not _holds_active(session, version):
-        raise InfrastructureError(f"model version {version!r} is not the active version in PostgreSQL: a "
+    if not _holds_active(session, model_version):
+        raise InfrastructureError(f"model version {model_version!r} is not the active version in PostgreSQL: a "
                                   "promote or rollback is under way, or was left half-done (`landmarks health`); "
                                   "the batch is retried under the version the alias names")
+    return write_outcomes(session, model_version, outcomes)
 
 
 def _holds_active(session: Session, version: str) -> bool:
