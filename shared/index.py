@@ -57,7 +57,7 @@ INSERT_CHUNK = 5000
 # The client packs one chunk while the server stores another (about 15 % more rows a second on milvus-lite at dim 512).
 INSERTS_IN_FLIGHT = 2
 MAX_TOPK = MILVUS_MAX_TOP_K  # Milvus's limit on search limit (milvus-lite does not enforce it; we do)
-QUERY_ID_CHUNK = 500  # landmark ids per reference query (keeps results far below 16384 rows)
+QUERY_ID_CHUNK = 500  # landmark ids per reference query (usually far below MAX_TOPK rows; more are split)
 _SEARCH_PARAMS = {"metric_type": "IP", "params": {}}
 _CENTROID_OUT = ["landmark_id", "centroid_no", "lat", "lon"]
 _NOT_LOADED_CODE = 101  # Milvus's "collection not loaded"
@@ -655,6 +655,26 @@ class LandmarkIndex:
         return out
 
     # ---------------------------------------------------------------- references
+    def _reference_rows(self, rname: str, landmark_ids: list[int]) -> Iterator[dict]:
+        """The reference rows of ``landmark_ids``. A query answers at most MAX_TOPK rows, so an answer that
+        reaches the limit may be cut short: the two halves of the landmarks are queried again. One landmark
+        has fewer references than the limit (ref_no < ID_STRIDE), so the halving ends there. Rows are
+        yielded, not joined with ``+``: pymilvus fills a result's embeddings only as its iterator hands them out.
+        """
+        rows = self._loaded_call(rname, "query", lambda: self.client.query(
+            rname,
+            filter=f"landmark_id in [{', '.join(str(x) for x in landmark_ids)}]",
+            output_fields=["landmark_id", "ref_no", "embedding"],
+            limit=MAX_TOPK,
+            timeout=self._timeout,
+        ))
+        if len(rows) < MAX_TOPK or len(landmark_ids) == 1:
+            yield from rows
+            return
+        half = len(landmark_ids) // 2
+        yield from self._reference_rows(rname, landmark_ids[:half])
+        yield from self._reference_rows(rname, landmark_ids[half:])
+
     def references(self, version: str | None, landmark_ids: Iterable[int]) -> dict[int, np.ndarray]:
         """Reference embeddings per landmark, (r, d) float32 ordered by ref_no.
 
@@ -668,19 +688,7 @@ class LandmarkIndex:
             rname = reference_collection(v)
             found: dict[int, list[tuple[int, list[float]]]] = {}
             for s in range(0, len(missing), QUERY_ID_CHUNK):
-                chunk = missing[s : s + QUERY_ID_CHUNK]
-                rows = self._loaded_call(rname, "query", lambda chunk=chunk: self.client.query(
-                    rname,
-                    filter=f"landmark_id in [{', '.join(str(x) for x in chunk)}]",
-                    output_fields=["landmark_id", "ref_no", "embedding"],
-                    limit=MAX_TOPK,
-                    timeout=self._timeout,
-                ))
-                if len(rows) >= MAX_TOPK:
-                    raise InfrastructureError(
-                        f"Milvus at {self.uri}: too many references for {len(chunk)} landmarks"
-                    )
-                for r in rows:
+                for r in self._reference_rows(rname, missing[s : s + QUERY_ID_CHUNK]):
                     found.setdefault(int(r["landmark_id"]), []).append(
                         (int(r["ref_no"]), r["embedding"])
                     )

@@ -411,6 +411,47 @@ def test_references_roundtrip_and_cache(index, published):
         index._client, index.uri = saved, uri
 
 
+def test_references_of_landmarks_past_the_query_limit_are_all_fetched(index, monkeypatch):
+    """A query answers at most MAX_TOPK rows and the dataset puts no cap on references per landmark: chunks
+    whose references reach the limit (down to a single landmark with as many as the limit) still come back
+    whole, ordered by ref_no; chunks below the limit still take one query each."""
+    import shared.index
+    from pymilvus import MilvusClient
+    rng = np.random.default_rng(6)
+    n_landmarks, limit = 30, 16
+    counts = rng.integers(1, 8, n_landmarks)
+    counts[[4, 17]] = [limit, limit]  # landmarks alone at the limit
+    rl = np.repeat(np.arange(n_landmarks, dtype=np.int64), counts)
+    rn = np.concatenate([rng.choice(shared.index.ID_STRIDE, k, replace=False) for k in counts]).astype(np.int64)
+    shuffle = rng.permutation(rl.size)
+    r = ReferenceRows(rl[shuffle], rn[shuffle], _unit(rng, rl.size))
+    c, _ = _world(6, n_landmarks=n_landmarks)
+    index.publish("many_refs", c, r)
+    monkeypatch.setattr(shared.index, "MAX_TOPK", limit)
+    monkeypatch.setattr(shared.index, "QUERY_ID_CHUNK", 10)  # every chunk holds 16 rows or more
+    real_query, queries = MilvusClient.query, []
+
+    def counted(self, *args, **kwargs):
+        queries.append(kwargs["filter"])
+        return real_query(self, *args, **kwargs)
+
+    monkeypatch.setattr(MilvusClient, "query", counted)
+    try:
+        got = index.references("many_refs", range(n_landmarks))
+        assert sorted(got) == list(range(n_landmarks))
+        for lid in range(n_landmarks):
+            mine = r.landmark_ids == lid
+            order = np.argsort(r.ref_nos[mine])
+            np.testing.assert_allclose(got[lid], r.embeddings[mine][order], atol=1e-6)
+        few = [lid for lid in range(n_landmarks) if counts[lid] <= 2][:3]
+        index._ref_cache.clear()
+        queries.clear()
+        assert sorted(index.references("many_refs", few)) == few
+        assert len(queries) == 1
+    finally:
+        index.drop("many_refs")
+
+
 def test_unreachable_uri_raises_infrastructure_error():
     idx = LandmarkIndex("http://127.0.0.1:1", timeout=2.0, connect_timeout=2.0)
     t = time.monotonic()
