@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 from shared.errors import FetchError
 from shared.settings import Settings
@@ -306,7 +306,7 @@ def fetch_http(uri: str, settings: Settings) -> bytes:
     deadline = time.monotonic() + settings.fetch_timeout_s  # for the whole fetch, redirects included
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _CheckedHTTPHandler(settings, deadline),
                                          _CheckedHTTPSHandler(settings, deadline), _SameSchemeRedirects)
-    request = urllib.request.Request(uri, headers={"User-Agent": "landmarks-fleet/0.1"})
+    request = urllib.request.Request(_ascii_url(uri), headers={"User-Agent": "landmarks-fleet/0.1"})
     try:
         with opener.open(request, timeout=settings.fetch_timeout_s) as response:
             return _read_body(response, uri, settings.fetch_max_bytes)
@@ -323,6 +323,31 @@ def fetch_http(uri: str, settings: Settings) -> bytes:
     except (OSError, http.client.HTTPException, ValueError) as exc:
         # RemoteDisconnected is a ConnectionResetError: a server that went away mid-answer.
         raise FetchError(f"cannot fetch {short_uri(uri)}: {_describe(exc)}", transient=_transient(exc)) from None
+
+
+# What a URI's path and query keep as they are: their delimiters, and "%" so that escapes stay escapes.
+_URL_SAFE = "/%:@!$&'()*+,;=?~"
+
+
+def _ascii_url(uri: str) -> str:
+    """The URI as an HTTP request line carries it: spaces and non-ASCII characters in its path and query
+    percent-encoded (UTF-8), its host in IDNA. An upload path such as "/Tour Eiffel é.jpg" is a valid
+    address to the storage that gave it, and http.client refuses it as it stands."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc if parts.netloc.isascii() else _idna_netloc(parts, uri)
+    return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=_URL_SAFE),
+                       quote(parts.query, safe=_URL_SAFE), ""))
+
+
+def _idna_netloc(parts: SplitResult, uri: str) -> str:
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    try:
+        host = parts.hostname.encode("idna").decode("ascii")
+        host = f"[{host}]" if ":" in host else host  # an IPv6 literal (beside a non-ASCII user name)
+        port = f":{parts.port}" if parts.port is not None else ""
+    except (UnicodeError, ValueError) as exc:  # an empty or overlong label, a port that is no number
+        raise FetchError(f"malformed URI {short_uri(uri)}: {_describe(exc)}") from None
+    return f"{userinfo}{at}{host}{port}"
 
 
 def _describe_url_error(exc: urllib.error.URLError) -> str:

@@ -21,7 +21,9 @@ from shared.training.centroids import landmark_centroids
 from shared.training.dataset import Landmark
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".gif", ".bmp", ".tif", ".tiff"}
+# The file names of the formats decode_image reads (docs/events.md): a photo of any other is not picked up.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".heic", ".heif", ".avif", ".gif", ".bmp",
+                  ".tif", ".tiff"}
 
 
 def image_files(root: Path) -> list[Path]:

@@ -26,6 +26,9 @@ Image.MAX_IMAGE_PIXELS = None
 Image.init()
 FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "HEIF", "AVIF", "BMP", "TIFF") if f in Image.OPEN)
 _JPEG_FORMATS = ("JPEG", "MPO")
+# A progressive JPEG is decoded scan by scan, and real ones have about 10. A file of thousands of repeated
+# scans, a few bytes each, held a decode process for minutes (2.9 MB: 74 s); it is refused from its bytes.
+MAX_JPEG_SCANS = 100
 _BOX_FORMATS = ("HEIF", "AVIF")  # ISO base media files: a sequence of sized boxes
 
 # What Pillow and pillow_heif raise on corrupt or truncated data.
@@ -153,7 +156,20 @@ def _open(data: bytes, max_pixels: int) -> Image.ImageFile.ImageFile:
         raise DecodeError(
             f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}"
         )
+    # Baseline JPEGs, the most photos by far, are decoded in one pass: only progressive ones are counted.
+    if img.format in _JPEG_FORMATS and img.info.get("progressive"):
+        scans = _scan_count(data)
+        if scans > MAX_JPEG_SCANS:
+            raise DecodeError(
+                f"decompression bomb: {scans} scans in a progressive JPEG exceeds limit {MAX_JPEG_SCANS}"
+            )
     return img
+
+
+def _scan_count(data: bytes | np.ndarray) -> int:
+    """Start-of-scan markers (FF DA) in a JPEG. Coded data never holds the pair (an FF there is followed by
+    00), so only an embedded thumbnail's few scans are counted beside the photo's."""
+    return (data if isinstance(data, bytes) else bytes(data)).count(b"\xff\xda")
 
 
 def _boxes_are_whole(data: bytes) -> bool:
@@ -196,8 +212,10 @@ def _square_rgb(img: Image.Image, size: int) -> np.ndarray:
     """(size, size, 3) uint8 RGB of the image's centre square."""
     mode = img.mode
     if mode.startswith("I") or mode == "F":
-        img = Image.fromarray(_to_uint8(np.asarray(img)), "L")
-    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        # Resized in its own mode, then scaled: scaled first, a 100 MP 16-bit image cost 2 GB of int64.
+        small = Image.fromarray(_to_uint8(np.asarray(_square(img, size))), "L")
+        return np.array(small.convert("RGB"), dtype=np.uint8)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         # Transparent pixels would otherwise show whatever colour they happen to store. Composited over
         # white after the resize (Pillow resizes RGBA premultiplied), so a 100 MP PNG costs one full-size
         # copy, not four.
@@ -221,7 +239,9 @@ def _square(img: Image.Image, size: int) -> Image.Image:
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     box = (left, top, left + side, top + side)
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    # Pillow cannot reduce() 16-bit modes; resampled in one step they cost no more (measured: faster).
+    reducing_gap = None if img.mode.startswith("I;16") else 3.0
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=reducing_gap)
 
 
 def _message(exc: BaseException) -> str:
@@ -259,12 +279,14 @@ def _coordinate(value: Any, ref: Any, *, positive: str, negative: str) -> float 
     degrees = _dms(value)
     if degrees is None:
         return None
-    ref = _text(ref)  # A missing reference ("") is read as N or E.
-    if ref in ("", positive):
+    ref = _text(ref)
+    if ref == positive or (ref == "" and degrees == 0.0):  # the equator needs no N or S
         return degrees
     if ref == negative:
         return -degrees
-    return None  # A reference that is neither N/S (or E/W) leaves the sign unknown.
+    # A reference missing, or neither N/S (E/W), leaves the sign unknown: read as N and E, a photo of Sydney
+    # would be placed off Japan, over the event's own (right) position.
+    return None
 
 
 def _text(value: Any) -> str | None:
@@ -280,7 +302,13 @@ def _dms(value: Any) -> float | None:
     parts = value if isinstance(value, (tuple, list)) else (value,)
     if value is None or isinstance(value, (str, bytes)) or not 1 <= len(parts) <= 3:
         return None
-    numbers = [float(p) for p in parts]
+    # Some cameras write minutes or seconds they do not have as 0/0: that is 0, not an unknown position.
+    numbers = [float(parts[0])] + [0.0 if _zero_over_zero(p) else float(p) for p in parts[1:]]
     if not all(math.isfinite(n) and n >= 0 for n in numbers):
         return None
     return sum(n / 60**i for i, n in enumerate(numbers))
+
+
+def _zero_over_zero(value: Any) -> bool:
+    """An EXIF rational 0/0 (Pillow's IFDRational reads it as NaN)."""
+    return getattr(value, "numerator", None) == 0 and getattr(value, "denominator", None) == 0

@@ -138,10 +138,12 @@ class RecognitionPipeline:
 
     def _original_where_the_preview_failed(self, events: list[PhotoUploaded], requests: list[LoadRequest],
                                            results: list) -> None:
-        """A preview that is missing or unreadable for good (not made yet, say) is no reason to fail the
-        photo: its original is loaded in its place. A transient failure stays, to be tried later."""
+        """A preview that cannot be used, for whatever reason (not made yet, unreadable, its storage not
+        answering), is no reason to fail the photo: its original is loaded in its place. Only the original's
+        failure is the photo's, and one its storage may answer later is tried again like any other; a preview
+        failing for the moment would otherwise fail the photo on its last attempt, with the original there."""
         again = [i for i, (event, result) in enumerate(zip(events, results))
-                 if event.preview_uri and isinstance(result.image, Failure) and not result.image.transient]
+                 if event.preview_uri and isinstance(result.image, Failure)]
         if not again:
             return
         log.info("%d previews could not be used (%s, ...): loading the originals", len(again),

@@ -85,9 +85,11 @@ def _handler(good: bytes, release: threading.Event) -> type[http.server.BaseHTTP
                 pass  # the worker gave up on us, as it should
 
         def _route(self) -> None:
-            if self.path == "/good.jpg" or (self.path == "/flaky.jpg" and REQUESTS[self.path] > 1):
+            flaky = self.path in ("/flaky.jpg", "/flaky-original.jpg")
+            if self.path == "/good.jpg" or (flaky and REQUESTS[self.path] > 1):
                 self._send(200, good, "image/jpeg")
-            elif self.path in ("/flaky.jpg", "/unavailable.jpg"):
+            elif flaky or self.path in ("/unavailable.jpg", "/preview-unavailable.jpg",
+                                        "/preview-unavailable-too.jpg"):
                 self._send(503, b"try later", "text/plain")
             elif self.path == "/stall":
                 release.wait(bad.SERVER_HOLD_S)
@@ -331,10 +333,14 @@ def test_each_bad_input_is_recorded_with_its_reason_or_processed(case: bad.Case,
 
 def test_a_photo_the_storage_did_not_serve_is_asked_for_again_before_it_fails(run: Run) -> None:
     """503 is "not now": the flaky photo was tagged at its second fetch, the unavailable one recorded as failed
-    only once its retry was spent; a 404 is asked for once."""
+    only once its retry was spent; a 404 is asked for once. A preview's 503 is not the photo's: its original
+    is fetched at once, and asked for again if it answers 503 itself."""
     assert REQUESTS["/flaky.jpg"] == 2
     assert REQUESTS["/unavailable.jpg"] == 1 + bad.FETCH_RETRIES
     assert REQUESTS["/missing.jpg"] == 1
+    # A preview not served sends the worker to the original at once; the original's own 503 is tried again.
+    assert REQUESTS["/preview-unavailable.jpg"] == 1
+    assert REQUESTS["/flaky-original.jpg"] == 2
 
 
 def test_landmark_photos_beside_bad_inputs_are_tagged(run: Run) -> None:

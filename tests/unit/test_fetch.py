@@ -334,6 +334,34 @@ def test_a_redirect_to_itself_is_a_one_line_reason(server: str) -> None:
     assert "\n" not in info.value.reason and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(("path", "sent"), [
+    ("/ok/Tour Eiffel.jpg", "/ok/Tour%20Eiffel.jpg"),
+    ("/ok/café/Sacré-Cœur.jpg", "/ok/caf%C3%A9/Sacr%C3%A9-C%C5%93ur.jpg"),
+    ("/ok/東京タワー.jpg", "/ok/%E6%9D%B1%E4%BA%AC%E3%82%BF%E3%83%AF%E3%83%BC.jpg"),
+    ("/ok/a%20b c.jpg?name=Notre Dame&w=2", "/ok/a%20b%20c.jpg?name=Notre%20Dame&w=2"),  # escapes stay as they are
+    ("/ok/x.jpg?sig=a+b/c%3D&v=é", "/ok/x.jpg?sig=a+b/c%3D&v=%C3%A9"),
+])
+def test_an_http_path_with_spaces_or_non_ascii_characters_is_fetched(server: str, path: str, sent: str) -> None:
+    _Handler.seen.clear()
+    assert fetch_bytes(f"{server}{path}", local_settings()) == b"hello"
+    assert [p for p, _ in _Handler.seen] == [sent]
+
+
+def test_a_non_ascii_host_name_is_asked_for_in_idna(server: str, monkeypatch) -> None:
+    asked = _resolve_as(monkeypatch, {"xn--phtos-kua.test": ["127.0.0.1"]})
+    _Handler.seen.clear()
+    settings = make_settings(fetch_allowed_networks="127.0.0.1/32")
+    assert fetch_bytes(f"http://phötos.test:{_port(server)}/ok/é.jpg", settings) == b"hello"
+    assert asked == ["xn--phtos-kua.test"]
+    assert _Handler.seen == [("/ok/%C3%A9.jpg", f"xn--phtos-kua.test:{_port(server)}")]
+
+
+def test_a_host_name_that_is_no_domain_name_is_a_clear_permanent_failure() -> None:
+    with pytest.raises(FetchError, match=r"malformed URI http://phötos\.\.test/a\.jpg") as info:
+        fetch_bytes("http://phötos..test/a.jpg", local_settings())
+    assert not info.value.transient
+
+
 def test_http_404(server: str) -> None:
     with pytest.raises(FetchError, match="HTTP 404") as info:
         fetch_bytes(f"{server}/missing", local_settings())

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import math
 import struct
+import tracemalloc
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from PIL.TiffImagePlugin import IFDRational
 
 from shared.errors import DecodeError
 from shared.events import GeoPoint
-from shared.imaging import DecodedImage, decode_image, exif_gps
+from shared.imaging import MAX_JPEG_SCANS, DecodedImage, EncodedJpeg, decode_image, exif_gps, probe_jpeg
 
 SIZE = 64
 LIMIT = 10_000_000
@@ -186,6 +188,54 @@ def test_16_bit_png_is_scaled_not_clipped() -> None:
     assert int(out.pixels[SIZE // 2, 0, 0]) == 255
 
 
+def _scaled_then_resized(data: bytes) -> np.ndarray:
+    """What decode_image gave for a 16-bit or float greyscale image before it resized first: the whole
+    image scaled to 8 bits, then resized."""
+    array = np.asarray(Image.open(io.BytesIO(data)))
+    if array.dtype.kind == "f":
+        scaled = np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8)
+    else:
+        scaled = ((np.clip(array.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+    img = Image.fromarray(scaled, "L").convert("RGB")
+    side = min(img.size)
+    left, top = (img.width - side) / 2, (img.height - side) / 2
+    box = (left, top, left + side, top + side)
+    return np.array(img.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0))
+
+
+def _waves(width: int, height: int) -> np.ndarray:
+    """16-bit greyscale with detail in both directions, over the whole range."""
+    y, x = np.mgrid[0:height, 0:width]
+    return (32768 + 30000 * np.sin(x / 9.0) * np.cos(y / 13.0)).astype(np.uint16)
+
+
+@pytest.mark.parametrize(("fmt", "as_mode"), [("PNG", np.uint16), ("TIFF", np.uint16), ("TIFF", np.int32),
+                                               ("TIFF", np.float32)])
+def test_high_bit_depth_greyscale_gives_the_pixels_it_gave_before_it_was_resized_first(fmt: str, as_mode) -> None:
+    array = _waves(300, 200)
+    array = array / 257 if as_mode is np.float32 else array  # float images hold 0..255
+    data = encode(Image.fromarray(array.astype(as_mode)), fmt)
+    assert Image.open(io.BytesIO(data)).mode in ("I;16", "I", "F")
+    out = decode(data)
+    assert out.pixels.shape == (SIZE, SIZE, 3)
+    assert np.abs(out.pixels.astype(int) - _scaled_then_resized(data)).max() <= 1
+
+
+def test_a_large_16_bit_image_is_never_copied_at_full_resolution() -> None:
+    # 4000x3000: scaled before its resize, it cost a full-size int64 copy (96 MB) and more (228 MB at peak).
+    width, height = 4000, 3000
+    array = (np.arange(width, dtype=np.uint16) * 16)[None, :] + (np.arange(height, dtype=np.uint16) * 5)[:, None]
+    data = encode(Image.fromarray(array), "PNG", compress_level=1)
+    tracemalloc.start()
+    try:
+        out = decode(data, max_pixels=width * height)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.pixels.shape == (SIZE, SIZE, 3)
+    assert peak < width * height * 2, f"{peak / 1e6:.0f} MB: a full-resolution copy"  # one uint16 copy
+
+
 def test_grayscale() -> None:
     out = decode(encode(Image.new("L", (50, 70), 100), "PNG"))
     assert out.pixels.shape == (SIZE, SIZE, 3)
@@ -277,6 +327,59 @@ def test_our_limit_not_pillows_decides_what_is_a_bomb() -> None:
 def test_header_claiming_more_than_data_is_corrupt() -> None:
     with pytest.raises(DecodeError, match="corrupt image"):
         decode_image(png_claiming(500, 500), size=SIZE, max_pixels=LIMIT)
+
+
+def _scans(data: bytes) -> list[bytes]:
+    """Each scan of a JPEG: its start-of-scan segment and the coded data after it."""
+    scans, at = [], 2
+    while data[at + 1] != 0xD9:  # segment by segment to the end of the image
+        end = at + 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+        if data[at + 1] == 0xDA:  # coded data runs to the next marker that is no stuffed FF nor a restart
+            while data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end += 1
+            scans.append(data[at:end])
+        at = end
+    return scans
+
+
+def scan_bomb(repeats: int) -> bytes:
+    """A progressive JPEG with its smallest AC scan (start of spectral selection > 0) repeated: each copy is
+    a few bytes, and one more pass over the whole image for the decoder."""
+    data = encode(Image.new("RGB", (64, 64), (120, 130, 140)), "JPEG", progressive=True, quality=90)
+    scans = _scans(data)
+    ac = [scan for scan in scans if scan[5 + 2 * scan[4]] > 0]
+    last = data.index(scans[-1])
+    return data[:last] + min(ac, key=len) * repeats + data[last:]
+
+
+def test_a_progressive_jpeg_of_thousands_of_scans_is_refused_as_a_bomb() -> None:
+    bomb = scan_bomb(2000)
+    scans = len(_scans(bomb))
+    assert scans > 2000
+    with pytest.raises(DecodeError, match=rf"^decompression bomb: {scans} scans in a progressive JPEG"):
+        decode(bomb)
+    # The device decoder's path reads the header on the CPU: it refuses the bomb there too.
+    with pytest.raises(DecodeError, match=rf"^decompression bomb: {scans} scans"):
+        probe_jpeg(bomb, max_pixels=LIMIT, progressive=True)
+
+
+def test_a_real_progressive_jpeg_decodes() -> None:
+    data = encode(gradient(), "JPEG", progressive=True, quality=90)
+    assert Image.open(io.BytesIO(data)).info.get("progressive")
+    baseline = decode(encode(gradient(), "JPEG", quality=90)).pixels
+    assert np.abs(decode(data).pixels.astype(int) - baseline).mean() < 2
+    assert isinstance(probe_jpeg(data, max_pixels=LIMIT, progressive=True), EncodedJpeg)
+    at_limit = scan_bomb(MAX_JPEG_SCANS - len(_scans(scan_bomb(0))))
+    assert len(_scans(at_limit)) == MAX_JPEG_SCANS
+    assert decode(at_limit).format == "JPEG"
+
+
+def test_a_baseline_jpeg_is_not_counted_for_scans() -> None:
+    # A baseline JPEG is decoded in one pass whatever its bytes hold: what looks like scan markers in its
+    # metadata costs it nothing, and it is not searched for them (the hot path).
+    data = encode(gradient(), "JPEG", quality=90, comment=b"\xff\xda" * (2 * MAX_JPEG_SCANS))
+    assert data.count(b"\xff\xda") > MAX_JPEG_SCANS
+    assert decode(data).format == "JPEG"
 
 
 def _jpeg() -> bytes:
@@ -379,7 +482,7 @@ def test_gps_round_trip_through_jpeg_exif() -> None:
 @pytest.mark.parametrize(
     ("lat_ref", "lon_ref", "sign"),
     [("N", "E", (1, 1)), ("S", "E", (-1, 1)), ("N", "W", (1, -1)), ("S", "W", (-1, -1)),
-     (b"S\x00", b"W\x00", (-1, -1)), ("s", "w", (-1, -1)), (None, None, (1, 1)), ("", "", (1, 1))],
+     (b"S\x00", b"W\x00", (-1, -1)), ("s", "w", (-1, -1))],
 )
 def test_gps_refs_give_signs(lat_ref, lon_ref, sign) -> None:
     gps = {2: (48.0, 51.0, 29.88), 4: (2.0, 17.0, 40.2)}
@@ -391,6 +494,37 @@ def test_gps_refs_give_signs(lat_ref, lon_ref, sign) -> None:
     assert point is not None
     assert point.lat == pytest.approx(sign[0] * 48.8583, abs=1e-6)
     assert point.lon == pytest.approx(sign[1] * 2.2945, abs=1e-6)
+
+
+@pytest.mark.parametrize(("lat_ref", "lon_ref"), [(None, None), ("", ""), ("S", None), (None, "E"), (b"\x00", "E")])
+def test_a_coordinate_without_its_reference_is_no_position(lat_ref, lon_ref) -> None:
+    # Sydney, -33.8568 151.2153, its references left out: read as N and E, it would land in the Pacific
+    # off Japan and override the event's own position.
+    gps = {2: (IFDRational(33), IFDRational(51), IFDRational(2448, 100)),
+           4: (IFDRational(151), IFDRational(12), IFDRational(5508, 100))}
+    gps.update({tag: ref for tag, ref in ((1, lat_ref), (3, lon_ref)) if ref is not None})
+    assert exif_gps(gps) is None
+    assert decode(with_exif(gradient(), gps=gps)).gps is None
+
+
+def test_a_zero_coordinate_needs_no_reference() -> None:
+    # On the equator (or the prime meridian) the sign changes nothing.
+    point = exif_gps({2: (0.0, 0.0, 0.0), 3: "E", 4: (36.0, 49.0, 0.0)})
+    assert point is not None and (point.lat, point.lon) == pytest.approx((0.0, 36.81667), abs=1e-5)
+
+
+@pytest.mark.parametrize(("lat", "lon", "expected"), [
+    ((IFDRational(48), IFDRational(51), IFDRational(0, 0)), (IFDRational(2), IFDRational(17), IFDRational(0, 0)),
+     (48.85, 2.283333)),
+    ((IFDRational(48), IFDRational(0, 0), IFDRational(0)), (IFDRational(2), IFDRational(0, 0), IFDRational(0)),
+     (48.0, 2.0)),
+])
+def test_minutes_or_seconds_written_as_0_over_0_are_zero(lat, lon, expected) -> None:
+    gps = {1: "N", 2: lat, 3: "E", 4: lon}
+    point = exif_gps(gps)
+    assert point is not None and (point.lat, point.lon) == pytest.approx(expected, abs=1e-5)
+    decoded = decode(with_exif(gradient(), gps=gps)).gps  # as it comes out of a camera's file
+    assert decoded is not None and (decoded.lat, decoded.lon) == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize(("status", "kept"), [("V", False), (b"V\x00", False), ("A", True), (None, True)])
@@ -415,23 +549,25 @@ def test_gps_from_pillow_exif_object() -> None:
         {1: "N", 3: "E"},  # the block exists but holds no coordinates
         {1: "N", 2: (0.0, 0.0, 0.0), 3: "E", 4: (0.0, 0.0, 0.0)},  # cameras without a fix
         {1: "S", 2: (0.0, 0.0, 0.0), 3: "W", 4: (0.0, 0.0, 0.0)},  # -0/-0 is still 0/0
-        {2: (IFDRational(0, 0), 0.0, 0.0), 4: (1.0, 0.0, 0.0)},  # zero denominator
-        {2: (IFDRational(1, 0), 0.0, 0.0), 4: (1.0, 0.0, 0.0)},
-        {2: (float("nan"), 0.0, 0.0), 4: (1.0, 0.0, 0.0)},
-        {2: (1.0, 0.0, 0.0), 4: (float("inf"), 0.0, 0.0)},
-        {2: (91.0, 0.0, 0.0), 4: (1.0, 0.0, 0.0)},  # out of range
-        {2: (1.0, 0.0, 0.0), 4: (180.0, 30.0, 0.0)},
-        {2: (1.0, 0.0, 0.0), 4: (-1.0, 0.0, 0.0)},  # EXIF rationals are unsigned
-        {1: "X", 2: (1.0, 0.0, 0.0), 4: (1.0, 0.0, 0.0)},  # unknown reference
-        {1: 7, 2: (1.0, 0.0, 0.0), 4: (1.0, 0.0, 0.0)},
-        {2: "48.85", 4: (1.0, 0.0, 0.0)},
-        {2: b"\x00\x01", 4: (1.0, 0.0, 0.0)},
-        {2: (), 4: (1.0, 0.0, 0.0)},
-        {2: (1.0, 2.0, 3.0, 4.0), 4: (1.0, 0.0, 0.0)},
-        {2: ("a", "b", "c"), 4: (1.0, 0.0, 0.0)},
-        {2: (None, 0, 0), 4: (1.0, 0.0, 0.0)},
-        {2: (1.0, 0.0, 0.0), 4: {"nested": 1}},
-        {2: (10**400, 0, 0), 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: (IFDRational(0, 0), 0.0, 0.0), 3: "E", 4: (1.0, 0.0, 0.0)},  # degrees 0/0
+        {1: "N", 2: (IFDRational(1, 0), 0.0, 0.0), 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: (1.0, IFDRational(1, 0), 0.0), 3: "E", 4: (1.0, 0.0, 0.0)},  # 1/0 minutes: not 0/0
+        {1: "N", 2: (float("nan"), 0.0, 0.0), 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: (1.0, float("nan"), 0.0), 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: (1.0, 0.0, 0.0), 3: "E", 4: (float("inf"), 0.0, 0.0)},
+        {1: "N", 2: (91.0, 0.0, 0.0), 3: "E", 4: (1.0, 0.0, 0.0)},  # out of range
+        {1: "N", 2: (1.0, 0.0, 0.0), 3: "E", 4: (180.0, 30.0, 0.0)},
+        {1: "N", 2: (1.0, 0.0, 0.0), 3: "E", 4: (-1.0, 0.0, 0.0)},  # EXIF rationals are unsigned
+        {1: "X", 2: (1.0, 0.0, 0.0), 3: "E", 4: (1.0, 0.0, 0.0)},  # unknown reference
+        {1: 7, 2: (1.0, 0.0, 0.0), 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: "48.85", 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: b"\x00\x01", 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: (), 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: (1.0, 2.0, 3.0, 4.0), 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: ("a", "b", "c"), 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: (None, 0, 0), 3: "E", 4: (1.0, 0.0, 0.0)},
+        {1: "N", 2: (1.0, 0.0, 0.0), 3: "E", 4: {"nested": 1}},
+        {1: "N", 2: (10**400, 0, 0), 3: "E", 4: (1.0, 0.0, 0.0)},
     ],
 )
 def test_implausible_gps_is_none(gps: dict) -> None:
@@ -451,5 +587,21 @@ def test_decimal_degrees_in_one_rational() -> None:
 
 
 def test_nan_rationals_never_leak() -> None:
-    point = exif_gps({2: (IFDRational(48, 1), IFDRational(1, 0)), 4: (2.0,)})
+    point = exif_gps({1: "N", 2: (IFDRational(48, 1), IFDRational(1, 0)), 3: "E", 4: (2.0,)})
     assert point is None or all(math.isfinite(v) for v in (point.lat, point.lon))
+
+
+# ---- which files are photos ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("suffix", "fmt"), [(".avif", "AVIF"), (".jfif", "JPEG"), (".jpe", "JPEG"),
+                                             (".AVIF", "AVIF")])
+def test_every_suffix_of_a_format_decoded_is_picked_up_from_a_folder(tmp_path: Path, suffix: str, fmt: str) -> None:
+    # How `landmarks enqueue DIR` and the model's builders find photos (imported here: it loads torch).
+    from shared.gallery import image_files
+    photo = tmp_path / "album" / f"photo{suffix}"
+    photo.parent.mkdir()
+    photo.write_bytes(encode(gradient(), fmt))
+    (tmp_path / "album" / "notes.txt").write_text("not a photo")
+    assert image_files(tmp_path) == [photo]
+    assert decode(photo.read_bytes()).format == fmt

@@ -24,6 +24,9 @@ SIZE = 224
 MAX_PIXELS = 100_000_000
 SECONDS_PER_FILE = 5.0
 _LAT_LON = re.compile(r"lat=(\S+)\s+lon=(\S+)")
+# The manifest's reader took each EXIF rational 0/0 for NaN. This camera writes degrees and decimal minutes
+# and its seconds as 0/0, which are none: its position is whole (48° 53.32358' N, 21° 2.59507' E).
+_SECONDS_WRITTEN_0_OVER_0 = {"exif/mei_Nikon_D5000.jpg": (48 + 53.32358 / 60, 21 + 2.59507 / 60)}
 
 
 def _manifest() -> dict[str, dict[str, str]]:
@@ -44,6 +47,8 @@ def expected_gps(row: dict[str, str]) -> tuple[float, float] | None | str:
     """What the manifest says Pillow read, under our rules; "unknown" where it could not read the file."""
     if row["format"].startswith("unreadable"):
         return "unknown"  # the manifest's reader lacked a HEIF opener; it says nothing about GPS
+    if row["relative_path"] in _SECONDS_WRITTEN_0_OVER_0:
+        return _SECONDS_WRITTEN_0_OVER_0[row["relative_path"]]
     match = _LAT_LON.search(row["exif_gps"])
     if not match:
         return None  # empty, or "gps_ifd (no lat/lon values)"
