@@ -192,7 +192,7 @@ class PendingLoad:
                 self._loader._restart(self._pool)
             else:  # a spill file removed or cut short under us: load the photos again, through the pipe
                 log.warning("decode results lost (%s); loading the batch's photos again", exc)
-            out = [self._loader._load_alone(request) for request in self._requests]
+            out = self._loader._load_each_alone(self._requests)
             self._done.append(time.perf_counter())
         if self._done:
             self.finished_at = max(self._done)
@@ -267,8 +267,12 @@ class PhotoLoader:
             self._arena.close()
         self._arena = self._new_arena()
         arena = (self._arena.path, self._arena.blocks) if self._arena is not None else None
-        return ProcessPoolExecutor(self.workers, mp_context=_process_context(), initializer=_init_process,
-                                   initargs=(self.settings, self._fetchers, os.getpid(), self.spill_dir, arena))
+        return self._process_pool(self.workers, self.spill_dir, arena)
+
+    def _process_pool(self, workers: int, spill_dir: str | None = None,
+                      arena: tuple[str, int] | None = None) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=_init_process,
+                                   initargs=(self.settings, self._fetchers, os.getpid(), spill_dir, arena))
 
     def _new_arena(self) -> arenas.Arena | None:
         if self.spill_dir is None or self.arena_bytes < arenas.BLOCK:
@@ -303,15 +307,28 @@ class PhotoLoader:
             futures = None
         return PendingLoad(self, pool, requests, futures)
 
-    def _load_alone(self, request: LoadRequest) -> Loaded:
-        """After a pool process died: each photo alone, so the one that kills its process is found."""
-        pool = self._pool
+    def _load_each_alone(self, requests: Sequence[LoadRequest]) -> list[Loaded]:
+        """After a pool process died: the batch's photos one at a time, in a process only this call uses, so
+        that the one that kills it is found. Not in the shared pool: the other batch in flight reloads its
+        photos there too, and when its poison killed the pool again, this batch's photo in it then was taken
+        for the culprit and failed. Results come back through the pipe (no arena, no spill files)."""
+        out: list[Loaded] = []
+        pool: ProcessPoolExecutor | None = None
         try:
-            return pool.submit(_load_in_process, self._load, request).result()
-        except BrokenProcessPool:
-            self._restart(pool)
-            log.warning("the decoder process died on %s; recording the photo as failed", request.uri[:200])
-            return Loaded(Failure(Stage.DECODE, "the decoder process died on this file (a crash in the codec)"))
+            for request in requests:
+                pool = pool or self._process_pool(1)
+                try:
+                    out.append(pool.submit(_load_in_process, self._load, request).result())
+                except BrokenProcessPool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = None
+                    log.warning("the decoder process died on %s; recording the photo as failed", request.uri[:200])
+                    out.append(Loaded(Failure(Stage.DECODE,
+                                              "the decoder process died on this file (a crash in the codec)")))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)  # joined: none left behind, its CPU time accounted to this process
+        return out
 
     def _restart(self, broken: Executor) -> None:
         with self._lock:  # two batch threads may see the same broken pool: one restarts it

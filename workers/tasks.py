@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from shared import metrics
 from shared.backfill import backfill_queue
@@ -125,9 +125,10 @@ class Unexpected(Exception):
 
 
 def _outage(exc: Exception) -> bool:
-    """A dependency is down: worth retrying. Not a DataError (SQLSTATE class 22): that is a value PostgreSQL
-    refuses, which no retry mends; taken for an outage, it would hand the same batch back forever."""
-    return isinstance(exc, (InfrastructureError, DBAPIError)) and not isinstance(exc, DataError)
+    """A dependency is down: worth retrying. Not a DataError (SQLSTATE class 22) nor an IntegrityError (class
+    23, a tag naming a landmark removed by hand): that is a value PostgreSQL refuses, which no retry mends;
+    taken for an outage, it would hand the same batch back forever."""
+    return isinstance(exc, (InfrastructureError, DBAPIError)) and not isinstance(exc, (DataError, IntegrityError))
 
 
 def _with_retries(action, what: str) -> bool:

@@ -116,12 +116,12 @@ def write_outcomes(
     # Claiming the event ids first makes a concurrent redelivery wait here, then skip.
     claimed = set(session.scalars(CLAIM_EVENTS, {"rows": _json_rows(
         sorted((o.event.event_id, o.event.user_id, o.event.photo_id) for o in by_event.values()))}))
-    # Two events for one photo in a batch: the later upload wins, the later in the batch between equals (one
-    # row may be upserted once per statement).
+    # Two events for one photo in a batch: one row may be upserted once per statement, so one is chosen as
+    # UPSERT_PHOTOS would leave the row after both (_supersedes).
     by_photo: dict[tuple[str, str], PhotoOutcome] = {}
     for event_id, outcome in by_event.items():
         key = (outcome.event.user_id, outcome.event.photo_id)
-        if event_id in claimed and (key not in by_photo or outcome.event.uploaded_at >= by_photo[key].event.uploaded_at):
+        if event_id in claimed and (key not in by_photo or _supersedes(outcome, by_photo[key])):
             by_photo[key] = outcome
     if not by_photo:
         return 0
@@ -145,6 +145,16 @@ def write_outcomes(
         session.execute(INSERT_TAGS, {"model_version": model_version, "rows": _json_rows(tags)})
     # Events superseded, aimed at a tombstone, or failing where a verdict stands count as seen but not applied.
     return len(applied)
+
+
+def _supersedes(later: PhotoOutcome, earlier: PhotoOutcome) -> bool:
+    """Whether ``later`` (in the batch) takes the photo from ``earlier``, as it would in the next batch: the
+    later upload wins, the later in the batch between equals, except that a failure never replaces a verdict
+    on the same upload (its failure is recorded all the same, by _record_failed)."""
+    if later.event.uploaded_at != earlier.event.uploaded_at:
+        return later.event.uploaded_at > earlier.event.uploaded_at
+    verdict = earlier.status in (PhotoStatus.TAGGED, PhotoStatus.NO_LANDMARK)
+    return not (later.status == PhotoStatus.FAILED and verdict and later.event.uri == earlier.event.uri)
 
 
 def write_live_outcomes(session: Session, model_version: str, outcomes: list[PhotoOutcome]) -> int:

@@ -16,9 +16,11 @@ from celery.exceptions import Retry
 from prometheus_client import REGISTRY
 from sqlalchemy.exc import OperationalError
 
+from shared.db import writer
 from shared.db.session import transaction
 from shared.errors import InfrastructureError
 from shared.events import PhotoUploaded
+from shared.outcomes import Method, PhotoOutcome, PhotoStatus, Tag
 from shared.settings import get_settings
 
 pytestmark = [pytest.mark.integration]
@@ -148,6 +150,38 @@ def test_a_value_postgresql_refuses_is_the_events_failure_not_an_outage(tasks, e
     with engine.connect() as conn:
         reason = conn.scalar(sa.text("SELECT reason FROM failures WHERE event_key = :k"), {"k": batch[1].event_id})
     assert reason.startswith("processing failed unexpectedly: DataError: (psycopg2.errors.InvalidTextRepresentation)")
+
+
+def test_a_tag_postgresql_refuses_fails_its_event_and_its_batch_mates_are_written(tasks, engine, monkeypatch):
+    """A foreign-key violation (IntegrityError, SQLSTATE class 23: here a landmark removed by hand while its
+    tags were being computed) is no outage either: retried, the same batch would come back forever."""
+    kept, removed, version = 990_001, 990_002, "fk-" + uuid.uuid4().hex[:8]
+    with transaction(engine) as session:
+        writer.upsert_landmarks(session, [{"id": lm, "name": f"Landmark {lm}", "city": "Paris", "country": "France",
+                                           "region": 1, "lat": 48.8584, "lon": 2.2945} for lm in (kept, removed)])
+        writer.register_model_version(session, version, backbone="wrn50_2", embedding_dim=512, t_geo=0.5,
+                                      t_global=0.7, t_ref=0.6, checkpoint="/m/fk.pt", metrics={})
+        session.execute(sa.text("DELETE FROM landmarks WHERE id = :id"), {"id": removed})
+    handed_back = []
+
+    def process(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
+        outcomes = [PhotoOutcome(e, PhotoStatus.TAGGED, [Tag(removed if "removed" in e.photo_id else kept, 0.9,
+                                                             Method.GEO)]) for e in events]
+        with transaction(engine) as session:
+            writer.write_outcomes(session, version, outcomes)
+
+    monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)  # taken for an outage, the batch would be handed back
+    monkeypatch.setattr(tasks, "_process", process)
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
+    batch = [_event("fk-kept-1"), _event("fk-removed"), _event("fk-kept-2")]
+    tasks._process_or_isolate(batch, {})
+    assert handed_back == []
+    with engine.connect() as conn:
+        written = conn.execute(sa.text("SELECT photo_id, status FROM photos WHERE model_version = :v ORDER BY 1"),
+                               {"v": version}).all()
+        reason = conn.scalar(sa.text("SELECT reason FROM failures WHERE event_key = :k"), {"k": batch[1].event_id})
+    assert [tuple(row) for row in written] == [("fk-kept-1", "tagged"), ("fk-kept-2", "tagged")]
+    assert reason.startswith("processing failed unexpectedly: IntegrityError: (psycopg2.errors.ForeignKeyViolation)")
 
 
 def test_a_broken_device_hands_the_batch_back_and_ends_the_process_instead_of_failing_every_photo(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,35 @@ def test_a_dying_decoder_process_fails_its_photo_and_the_pool_recovers(photos, s
         # The next batch runs on a fresh pool.
         again = loader.load([LoadRequest(p.as_uri(), 64) for p in photos])
         assert not any(isinstance(r.image, Failure) for r in again)
+    finally:
+        loader.close()
+
+
+def _slowly_dies_on_poison(request: LoadRequest, settings: Settings) -> Loaded:
+    """_dies_on_poison taking its time over each photo, so that two batches' photos are in the pool together
+    when the poison kills its process."""
+    time.sleep(0.15 if POISON in request.uri else 0.1)
+    return _dies_on_poison(request, settings)
+
+
+def test_a_crash_in_one_batch_fails_no_photo_of_the_batch_beside_it(photos, settings, tmp_path):
+    """Two batches in flight share the pool: after the crash both load their photos again one by one, and
+    when the poison kills a process again, the other batch's photo in the pool then is not its culprit."""
+    poison = _jpeg(tmp_path / f"{POISON}.jpg", 99)
+    loader = PhotoLoader(settings, kind="processes", workers=2, load=_slowly_dies_on_poison)
+    with_poison = [LoadRequest(p.as_uri(), 64) for p in photos[:3]] + [LoadRequest(poison.as_uri(), 64)]
+    beside = [LoadRequest(p.as_uri(), 64) for p in photos]
+    try:
+        for _ in range(3):  # a race: each round is another chance to lose it
+            pending = loader.submit(with_poison)
+            time.sleep(0.05)
+            with ThreadPoolExecutor(1) as other_batch:
+                beside_results = other_batch.submit(loader.load, beside)
+                results = pending.result()
+                failed_beside = [i for i, r in enumerate(beside_results.result()) if isinstance(r.image, Failure)]
+            assert [i for i, r in enumerate(results) if isinstance(r.image, Failure)] == [3]
+            assert "decoder process died" in results[3].image.reason
+            assert failed_beside == []
     finally:
         loader.close()
 
