@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import column, select, table, tuple_
+from sqlalchemy import ColumnElement, Row, column, select, table, tuple_
 from sqlalchemy.orm import Session
 
 from shared.db.models import FailureRecord, Photo
@@ -122,24 +122,19 @@ def landmark_photos(
 
 
 def photo_report(session: Session, user_id: str, photo_id: str) -> dict[str, Any] | None:
-    """What the fleet knows about one photo: status, visible tags, the latest failure, GPS."""
+    """What the fleet knows about one photo: status, visible tags, the failure of its latest attempt, GPS.
+    None while nothing about it is recorded (its upload is still queued, or was never sent)."""
     photo = session.execute(
         select(Photo.__table__).where(Photo.user_id == user_id, Photo.photo_id == photo_id)
     ).one_or_none()
     if photo is None:
-        return None
+        return _failed_without_a_photo(session, user_id, photo_id)
     p, lm = album_photos.c, album_landmarks.c
     tags = session.execute(
         select(p.landmark_id, lm.name, lm.city, p.score, p.method)
         .join_from(album_photos, album_landmarks, (lm.user_id == p.user_id) & (lm.landmark_id == p.landmark_id))
         .where(p.user_id == user_id, p.photo_id == photo_id)
         .order_by(p.rank)
-    )
-    failure = session.scalar(
-        select(FailureRecord.reason)
-        .where(FailureRecord.user_id == user_id, FailureRecord.photo_id == photo_id)
-        .order_by(FailureRecord.created_at.desc(), FailureRecord.id.desc())
-        .limit(1)
     )
     gps = None
     if photo.gps_lat is not None and photo.gps_lon is not None:
@@ -153,6 +148,36 @@ def photo_report(session: Session, user_id: str, photo_id: str) -> dict[str, Any
             {"landmark_id": t.landmark_id, "name": t.name, "city": t.city, "score": t.score, "method": t.method}
             for t in tags
         ],
-        "failure": failure,
+        "failure": _latest_failure(session, user_id, photo_id, _since_verdict(photo)),
         "gps": gps,
     }
+
+
+def _failed_without_a_photo(session: Session, user_id: str, photo_id: str) -> dict[str, Any] | None:
+    """A malformed event, or one dead-lettered after an unexpected error, writes no photos row: it will never
+    be processed, so it is no 'pending' upload."""
+    failure = _latest_failure(session, user_id, photo_id)
+    if failure is None:
+        return None
+    return {"photo_id": photo_id, "user_id": user_id, "status": "failed", "model_version": None, "tags": [],
+            "failure": failure, "gps": None}
+
+
+def _since_verdict(photo: Row) -> ColumnElement[bool]:
+    """The failures that concern the photo's current verdict (``photos.processed_at``).
+
+    Any verdict replaces the failures recorded before it (an old upload's, say). A failure recorded after it, a
+    failed retry of the same upload that kept the tags, is the latest attempt's: the rule of backfill's
+    ``_failed_behind_old_verdict``. A 'failed' verdict's own reason is written in its transaction, at the same
+    now()."""
+    recorded = FailureRecord.created_at
+    return recorded >= photo.processed_at if photo.status == "failed" else recorded > photo.processed_at
+
+
+def _latest_failure(session: Session, user_id: str, photo_id: str, *conditions: ColumnElement[bool]) -> str | None:
+    return session.scalar(
+        select(FailureRecord.reason)
+        .where(FailureRecord.user_id == user_id, FailureRecord.photo_id == photo_id, *conditions)
+        .order_by(FailureRecord.created_at.desc(), FailureRecord.id.desc())
+        .limit(1)
+    )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import socket
+import subprocess
 import sys
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -290,6 +293,22 @@ def test_a_failed_retry_of_the_same_upload_keeps_its_verdict_and_is_recorded(wor
     assert world.scalar(text("SELECT count(*) FROM photo_tags WHERE photo_id = 'p1'")) == 0
 
 
+def test_a_failed_retry_in_the_same_batch_as_the_verdict_keeps_it_as_in_the_next_batch(world):
+    """A live event and a backfill's event of the same upload, one tagged, the other failing its fetch: the
+    photo must not end up failed (out of its album) only because both came in one batch."""
+    outage = Failure(Stage.FETCH, "HTTP 503 Service Unavailable")
+    writer.write_outcomes(world, "v1", [tagged("p1", (3, 0.8), event="p1-live"),
+                                        failed("p1", event="p1-backfill", failure=outage)])
+    writer.write_outcomes(world, "v1", [tagged("p2", (3, 0.8), event="p2-live")])
+    writer.write_outcomes(world, "v1", [failed("p2", event="p2-backfill", failure=outage)])
+    photo = text("SELECT status, model_version FROM photos WHERE photo_id = :p")
+    tags = text("SELECT landmark_id, rank, score FROM photo_tags WHERE photo_id = :p")
+    assert world.execute(photo, {"p": "p1"}).all() == world.execute(photo, {"p": "p2"}).all() == [("tagged", "v1")]
+    assert world.execute(tags, {"p": "p1"}).all() == world.execute(tags, {"p": "p2"}).all() != []
+    assert world.execute(text("SELECT event_key FROM failures ORDER BY 1")).scalars().all() == \
+        ["p1-backfill", "p2-backfill"]
+
+
 def test_a_failed_upload_superseded_in_its_own_batch_is_still_recorded(world):
     """Whether the later upload came in the same batch or the next must not decide whether the failure of
     the earlier one is on record."""
@@ -297,6 +316,59 @@ def test_a_failed_upload_superseded_in_its_own_batch_is_still_recorded(world):
     assert writer.write_outcomes(world, "v1", batch) == 1
     assert world.execute(text("SELECT event_key, stage FROM failures")).all() == [("broken-first", "decode")]
     assert world.scalar(text("SELECT status FROM photos WHERE photo_id = 'p1'")) == "tagged"
+
+
+def test_a_photo_report_leaves_out_the_failure_of_an_upload_the_photo_no_longer_holds(world):
+    """A corrupt upload, then a good one of the same photo (a later batch, or the same one): the tagged photo
+    must not read as if its upload had failed."""
+    writer.write_outcomes(world, "v1", [failed("p1", minutes=1, event="broken")])
+    assert albums.photo_report(world, "alice", "p1")["failure"] == "not an image"
+    writer.write_outcomes(world, "v1", [tagged("p1", (1, 0.9), minutes=2, event="fixed")])
+    report = albums.photo_report(world, "alice", "p1")
+    assert (report["status"], report["failure"], report["tags"][0]["landmark_id"]) == ("tagged", None, 1)
+
+    writer.write_outcomes(world, "v1", [failed("p2", minutes=1, event="p2-broken"),
+                                        tagged("p2", (3, 0.8), minutes=2, event="p2-fixed")])
+    same_batch = albums.photo_report(world, "alice", "p2")
+    assert (same_batch["status"], same_batch["failure"]) == ("tagged", None)
+
+
+def _photo_command(database_url: str, user: str, photo_id: str) -> dict:
+    """`landmarks photo PHOTO --user USER --json`, as support runs it (no broker or Milvus needed)."""
+    env = {**os.environ, "LANDMARKS_DATABASE_URL": database_url,
+           "LANDMARKS_BROKER_URL": "redis://127.0.0.1:1/0", "LANDMARKS_MILVUS_URI": "http://127.0.0.1:1"}
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "photo", photo_id, "--user", user, "--json"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_photo_command_reports_dead_letters_and_the_failures_of_the_upload_a_photo_holds(database_url, engine):
+    """Each write its own transaction, as the workers' are: a malformed upload reads as failed, not pending; a
+    re-upload hides the failure of the corrupt one it replaced; a failed retry of the upload it holds shows."""
+    malformed = {"event_id": "m1", "user_id": "alice", "photo_id": "pm", "uploaded_at": "yesterday"}
+    try:
+        with transaction(engine) as s:
+            writer.upsert_landmarks(s, LANDMARKS)
+            writer.register_model_version(s, "vp", activate=True, **_model_args())
+            writer.record_failure(s, payload=malformed, task="landmarks.photo_uploaded", stage=Stage.VALIDATE,
+                                  reason="malformed event: uploaded_at")
+            writer.write_outcomes(s, "vp", [failed("pb", minutes=1, event="b1",
+                                                   failure=Failure(Stage.DECODE, "corrupt image: truncated"))])
+        with transaction(engine) as s:
+            writer.write_outcomes(s, "vp", [tagged("pb", (1, 0.9), minutes=2, event="b2")])
+        dead_letter, re_uploaded = (_photo_command(database_url, "alice", p) for p in ("pm", "pb"))
+        assert (dead_letter["status"], dead_letter["failure"]) == ("failed", "malformed event: uploaded_at")
+        assert (re_uploaded["status"], re_uploaded["failure"]) == ("tagged", None)
+
+        outage = Failure(Stage.FETCH, "HTTP 503 Service Unavailable")
+        with transaction(engine) as s:  # a backfill of the upload the photo holds: it keeps its tags
+            writer.write_outcomes(s, "vp", [failed("pb", minutes=2, event="b2-retry", failure=outage)])
+        retried = _photo_command(database_url, "alice", "pb")
+        assert (retried["status"], retried["failure"]) == ("tagged", "HTTP 503 Service Unavailable")
+        assert [t["landmark_id"] for t in retried["tags"]] == [1]
+    finally:
+        _truncate(engine)
 
 
 def test_a_re_upload_drops_every_versions_tags_of_the_old_picture(world):
@@ -493,7 +565,9 @@ def test_record_failure_is_idempotent(world):
         writer.record_failure(world, payload=payload, task="landmarks.photo_uploaded", stage=Stage.VALIDATE, reason="malformed event: uploaded_at")
     rows = world.execute(text("SELECT event_key, event_id, user_id, photo_id, stage, payload FROM failures")).all()
     assert [tuple(r) for r in rows] == [("bad-1", "bad-1", "alice", "p9", "validate", payload)]
-    assert albums.photo_report(world, "alice", "p9") is None  # a failure alone does not make a photo
+    # No photos row, yet it will never be processed: failed with its reason, not a queued upload.
+    report = albums.photo_report(world, "alice", "p9")
+    assert (report["status"], report["failure"], report["tags"]) == ("failed", "malformed event: uploaded_at", [])
 
     # Payloads without an event id, hostile or huge, are keyed by hash and bounded.
     for junk in (b"\x00not json", ["a", "list"], {"event_id": 5, "x": "\x00" * 10}, {"blob": "x" * 100_000}):
