@@ -423,7 +423,8 @@ class Builder:
         t_global, t_ref, curve = cal.calibrate_no_gps(candidates, truth, self.cfg.target_accuracy)
         with_gps = [i for i, g in enumerate(gps) if g is not None]
         best = cal.geo_scores(index, self.version, emb[with_gps], [gps[i] for i in with_gps]) if with_gps else []
-        t_geo, geo_curve = cal.calibrate_geo(best, [truth[i] for i in with_gps], self.cfg.target_accuracy)
+        t_geo, geo_curve = cal.calibrate_geo(best, [truth[i] for i in with_gps], self.cfg.target_accuracy,
+                                             cal.best_global_scores(candidates, truth))
         metrics = self._validation_metrics(index, emb, gps, records, Thresholds(t_geo, t_global, t_ref))
         return cal.Calibration(t_geo, t_global, t_ref, {"no_gps": curve, "geo": geo_curve},
                                {"photos": len(truth), "with_gps": len(with_gps)}, metrics)

@@ -15,7 +15,8 @@ def threshold_for_accuracy(negative_scores: np.ndarray, target: float = 0.99) ->
     scores = np.sort(np.asarray(negative_scores, dtype=np.float64))
     if len(scores) == 0:
         raise ValueError("calibration needs non-landmark photos")
-    allowed_above = int(np.floor(len(scores) * (1 - target)))  # negatives allowed to pass
+    # negatives allowed to pass; 1e-9 absorbs 1 - target's rounding (1 - 0.9 is 0.0999...: 40 photos allowed 3)
+    allowed_above = int(np.floor(len(scores) * (1 - target) + 1e-9))
     rank = len(scores) - allowed_above - 1
     return float32_above(scores[rank])
 
@@ -121,19 +122,51 @@ def geo_scores(index, version: str, embeddings: np.ndarray, gps: list) -> list[t
             for best in geo_winners(index, version, embeddings, gps)]
 
 
-def calibrate_geo(best: list[tuple[int, float] | None], truth: list[int | None], target: float) -> tuple[float, list]:
+# At most this share of the everyday photos taken beside a landmark (one in its square) is let through by
+# t_geo, whatever the validation split's share of such photos. The target alone counts the photos far from
+# every landmark as rejected, so a split with few near ones set t_geo to -1.0: a plate of food 200 m from a
+# cathedral was tagged with it, at a similarity of 0. On the demo's world the floor sits below the target's
+# threshold (it changes nothing there); it holds when a split's everyday photos are mostly far from landmarks.
+NEAR_NEGATIVES_PASSED = 0.1
+# Fewer in-square everyday photos than this say too little about their scores: the floor is then taken from
+# every everyday photo's best score over all landmarks, which an in-square best never exceeds.
+MIN_NEAR_NEGATIVES = 20
+
+
+def best_global_scores(c: Candidates, truth: list[int | None]) -> np.ndarray:
+    """Each non-landmark photo's best score over all landmarks (-1.0 with no candidate)."""
+    return np.array([max(c.scores[i].values(), default=-1.0) for i, t in enumerate(truth) if t is None])
+
+
+def calibrate_geo(best: list[tuple[int, float] | None], truth: list[int | None], target: float,
+                  global_negatives: np.ndarray) -> tuple[float, list]:
     """t_geo keeps `target` of the GPS-tagged non-landmark photos out. Most are taken far from any
     landmark and the geo filter alone rejects them; that is why GPS allows a lower threshold (the
-    article), and why the validation split must place everyday photos as realistically as the test."""
+    article), and why the validation split must place everyday photos as realistically as the test.
+    Never lower than the floor that lets at most NEAR_NEGATIVES_PASSED of the in-square ones through
+    (``global_negatives``: every validation non-landmark's best global score, for a split with too few)."""
     negatives = np.array([-np.inf if b is None else b[1] for b, t in zip(best, truth) if t is None])
-    if not len(negatives):
-        log.warning("the validation split has no non-landmark photos with GPS: t_geo is 1.0, so photos with GPS "
-                    "will hardly ever be tagged; add everyday photos with GPS to the split")
-    t_geo = threshold_for_accuracy(negatives, target) if len(negatives) else 1.0
-    t_geo = max(t_geo, -1.0)  # with no landmark near any negative, every in-square best is accepted
+    if len(negatives):
+        near = negatives[np.isfinite(negatives)]
+        t_geo = max(threshold_for_accuracy(negatives, target), _geo_floor(near, global_negatives))
+    else:
+        t_geo = threshold_for_accuracy(global_negatives, 1 - NEAR_NEGATIVES_PASSED)
+        log.warning("the validation split has no non-landmark photos with GPS: t_geo is set from those without "
+                    "it (%.3f), so photos with GPS are tagged less often than they could be; add everyday photos "
+                    "with GPS to the split", t_geo)
     curve = []
     for t in np.linspace(-0.2, 1.0, 61):
         pos = [b is not None and b[1] >= t and b[0] == tr for b, tr in zip(best, truth) if tr is not None]
         neg = [b is None or b[1] < t for b, tr in zip(best, truth) if tr is None]
         curve.append((float(t), float(np.mean(pos)) if pos else 0.0, float(np.mean(neg)) if neg else 1.0))
     return t_geo, curve
+
+
+def _geo_floor(near: np.ndarray, global_negatives: np.ndarray) -> float:
+    if len(near) >= MIN_NEAR_NEGATIVES:
+        return threshold_for_accuracy(near, 1 - NEAR_NEGATIVES_PASSED)
+    log.warning("only %d non-landmark photos with GPS in the validation split have a landmark in their square "
+                "(%d wanted): t_geo's floor is taken from every non-landmark photo's best score over all "
+                "landmarks, which tags photos with GPS less often; add everyday photos taken near landmarks to the split",
+                len(near), MIN_NEAR_NEGATIVES)
+    return threshold_for_accuracy(global_negatives, 1 - NEAR_NEGATIVES_PASSED)

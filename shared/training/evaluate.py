@@ -130,7 +130,8 @@ def recalibrate(index, version: str, val: TestPhotos, *, verify: bool, target: f
     t_global, t_ref, _ = cal.calibrate_no_gps(candidates, val.truth, target)
     with_gps = [i for i, g in enumerate(val.gps) if g is not None]
     best = cal.geo_scores(index, version, val.embeddings[with_gps], [val.gps[i] for i in with_gps]) if with_gps else []
-    t_geo, _ = cal.calibrate_geo(best, [val.truth[i] for i in with_gps], target)
+    t_geo, _ = cal.calibrate_geo(best, [val.truth[i] for i in with_gps], target,
+                                 cal.best_global_scores(candidates, val.truth))
     return Thresholds(t_geo, t_global, t_ref if verify else -np.inf)
 
 

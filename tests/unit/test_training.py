@@ -101,21 +101,46 @@ def test_calibration_meets_the_non_landmark_target_on_its_own_split():
 
 
 def test_geo_threshold_counts_every_gps_negative_including_those_far_from_landmarks():
-    # 90 negatives far from any landmark (None), 10 near one with high scores, 50 landmark photos.
-    negatives = [None] * 90 + [(1, 0.5 + 0.04 * k) for k in range(10)]
+    # 70 negatives far from any landmark (None), 30 near one (3 of them scoring high), 50 landmark photos.
+    negatives = [None] * 70 + [(1, 0.1)] * 27 + [(1, 0.5), (1, 0.6), (1, 0.7)]
     positives = [(1, 0.6)] * 50
-    t_geo, curve = cal.calibrate_geo(negatives + positives, [None] * 100 + [1] * 50, 0.99)
+    t_geo, curve = cal.calibrate_geo(negatives + positives, [None] * 100 + [1] * 50, 0.99, np.zeros(100))
     accepted = sum(b is not None and b[1] >= t_geo for b in negatives)
-    assert accepted <= 1  # 99 % of all GPS negatives rejected
-    assert 0.5 < t_geo <= 0.87
+    assert accepted == 1  # 99 % of all 100 GPS negatives rejected (of the 30 near ones alone, none would pass)
+    assert 0.6 < t_geo <= 0.7
     assert curve[0][1] == 1.0 and curve[-1][1] == 0.0  # lowest threshold takes every landmark photo
 
 
-def test_a_split_without_gps_negatives_says_that_gps_tagging_is_off(caplog):
-    """Nothing to calibrate t_geo on: the safe 1.0, but an ML engineer must hear why GPS photos go untagged."""
+def test_everyday_photos_taken_beside_a_landmark_are_mostly_kept_out_however_few_of_the_split_they_are():
+    """The target alone lets 1 % of all GPS negatives through: with 40 in-square ones among 1,000, a quarter of
+    the photos taken beside a landmark would be tagged with it; at most a tenth are."""
+    near = [(1, k / 40) for k in range(40)]  # in-square scores 0.0 .. 0.975
+    best, truth = [None] * 960 + near, [None] * 1000
+    t_geo, _ = cal.calibrate_geo(best, truth, 0.99, np.zeros(1000))
+    passed = sum(score >= t_geo for _, score in near)
+    assert passed == 4  # a tenth of 40; the target alone allowed 10
+
+
+def test_a_split_with_hardly_any_everyday_photo_near_a_landmark_keeps_a_visual_check(caplog):
+    """5 in-square negatives among 1,000: the target alone set t_geo to -1.0, tagging a photo of anything
+    taken within 500 m of a landmark. The floor comes from every negative's best global score instead."""
+    best = [None] * 995 + [(1, s) for s in (0.2, 0.3, 0.4, 0.5, 0.6)] + [(1, 0.9)] * 40
+    truth = [None] * 1000 + [1] * 40
+    global_best = np.linspace(0.0, 0.8, 1000)
     with caplog.at_level(logging.WARNING, logger="shared.training.calibrate"):
-        t_geo, _ = cal.calibrate_geo([(1, 0.9)] * 20, [1] * 20, 0.99)
-    assert t_geo == 1.0
+        t_geo, _ = cal.calibrate_geo(best, truth, 0.995, global_best)
+    assert t_geo == cal.threshold_for_accuracy(global_best, 0.9)  # about 0.72: the food photo (score 0) stays out
+    assert 0.6 < t_geo < 0.9  # the landmark photos (0.9) are still tagged
+    assert any("only 5 non-landmark photos" in r.getMessage() for r in caplog.records)
+
+
+def test_a_split_without_gps_negatives_sets_t_geo_from_the_others_and_says_so(caplog):
+    """Nothing to calibrate t_geo on: it was 1.0, and photos with GPS went untagged while the same photo without
+    GPS was tagged; now the floor from the photos without GPS, and an ML engineer hears why."""
+    global_best = np.linspace(0.0, 0.8, 100)
+    with caplog.at_level(logging.WARNING, logger="shared.training.calibrate"):
+        t_geo, _ = cal.calibrate_geo([(1, 0.9)] * 20, [1] * 20, 0.99, global_best)
+    assert t_geo == cal.threshold_for_accuracy(global_best, 0.9)
     assert any("no non-landmark photos with GPS" in r.getMessage() for r in caplog.records)
 
 
