@@ -119,7 +119,8 @@ class RecognitionPipeline:
         return runtime
 
     def _load_all(self, events: list[PhotoUploaded], size: int, shadow_size: int | None = None,
-                  sampled: frozenset[int] = frozenset()) -> tuple[list[DecodedImage | Failure], dict[int, np.ndarray], int]:
+                  sampled: frozenset[int] = frozenset(), may_retry: frozenset[str] = frozenset()
+                  ) -> tuple[list[DecodedImage | Failure], dict[int, np.ndarray], int]:
         """Decoded images (or failures) at ``size``; for the ``sampled`` positions also the pixels at
         ``shadow_size`` (when the shadow model's input size differs), from the same fetch; and how many
         were decoded on the device. With a device decoder, a share of the others goes to the device while
@@ -132,18 +133,20 @@ class RecognitionPipeline:
         else:
             eligible = [i for i in range(len(requests)) if i not in sampled]  # the shadow decodes on the CPU
             results, on_device = load_split(self.loader, decoder, self.decode_split, requests, eligible)
-        self._original_where_the_preview_failed(events, requests, results)
+        self._original_where_the_preview_failed(events, requests, results, may_retry)
         extra = {i: r.extra_pixels for i, r in enumerate(results) if r.extra_pixels is not None}
         return [r.image for r in results], extra, on_device
 
     def _original_where_the_preview_failed(self, events: list[PhotoUploaded], requests: list[LoadRequest],
-                                           results: list) -> None:
-        """A preview that cannot be used, for whatever reason (not made yet, unreadable, its storage not
-        answering), is no reason to fail the photo: its original is loaded in its place. Only the original's
-        failure is the photo's, and one its storage may answer later is tried again like any other; a preview
-        failing for the moment would otherwise fail the photo on its last attempt, with the original there."""
+                                           results: list, may_retry: frozenset[str]) -> None:
+        """A preview that cannot be used (not made yet, unreadable) is no reason to fail the photo: its original
+        is loaded in its place, and only the original's failure is the photo's. A preview whose storage does not
+        answer for the moment is tried again later, while the event may be (``may_retry``): fetching every
+        original too would double a batch's time while the storage is down (the pod's grace period counts on
+        one fetch per photo); on the last attempt the original is fetched, rather than fail the photo."""
         again = [i for i, (event, result) in enumerate(zip(events, results))
-                 if event.preview_uri and isinstance(result.image, Failure)]
+                 if event.preview_uri and isinstance(result.image, Failure)
+                 and not (result.image.transient and event.event_id in may_retry)]
         if not again:
             return
         log.info("%d previews could not be used (%s, ...): loading the originals", len(again),
@@ -165,7 +168,7 @@ class RecognitionPipeline:
         sampled = shadow.sample(events) if shadow is not None else frozenset()
         loaded, shadow_pixels, on_device = self._load_all(events, runtime.embedder.meta.input_size,
                                                           shadow.decode_size if shadow is not None else None,
-                                                          sampled)
+                                                          sampled, may_retry)
         clock.lap("fetch_decode")
         later = _to_try_later(events, loaded, may_retry)
         ok = [i for i, item in enumerate(loaded) if isinstance(item, DecodedImage)]

@@ -381,15 +381,16 @@ HTTP_CASES = [
     uri_case("http 404", lambda ctx: f"{ctx.http}/missing.jpg", failure("fetch", "http 404")),
     uri_case("http 503 once, then served", lambda ctx: f"{ctx.http}/flaky.jpg", processed(landmark=True)),
     uri_case("http 503 every time", lambda ctx: f"{ctx.http}/unavailable.jpg", failure("fetch", "http 503")),
-    # A preview its storage does not serve now is no reason to fail the photo either, on its last attempt
-    # least of all: the original is fetched in its place, and only a failure of the original is the photo's.
-    Case("preview_uri answered 503 every time: the original is used",
+    # A preview its storage does not serve now is tried again like any photo; on its last attempt it is no
+    # reason to fail the photo: the original is fetched in its place, and only a failure of the original is
+    # the photo's.
+    Case("preview_uri answered 503 every time: the original is used on the last attempt",
          lambda ctx: Send([upload(ctx, ctx.good.as_uri(), preview_uri=f"{ctx.http}/preview-unavailable.jpg")], {}),
          processed(landmark=True)),
-    Case("preview_uri answered 503, original 503 once: the original is asked for again",
-         lambda ctx: Send([upload(ctx, f"{ctx.http}/flaky-original.jpg",
+    Case("preview_uri answered 503 every time, original 404: the original's failure is recorded",
+         lambda ctx: Send([upload(ctx, f"{ctx.http}/missing-original.jpg",
                                   preview_uri=f"{ctx.http}/preview-unavailable-too.jpg")], {}),
-         processed(landmark=True)),
+         failure("fetch", "http 404", "missing-original.jpg")),
     uri_case("http HTML served as image/jpeg", lambda ctx: f"{ctx.http}/page", failure("decode", "not an image")),
     uri_case("http redirect to file://", lambda ctx: f"{ctx.http}/to-file",
              failure("fetch", "redirect", "file:///etc/passwd")),
