@@ -2,8 +2,10 @@
 
 * Liveness (``/healthz``): the worker process answers and no batch has been running for longer than the
   visibility timeout (past it Redis hands the batch to another worker, so this one is stuck). It never
-  looks at the broker, database or Milvus: an outage of a shared dependency must not restart every pod.
-* Readiness (``/readyz``, ``landmarks health``): model loaded, broker, database and Milvus reachable.
+  looks at the broker, database or Milvus: an outage of a shared dependency must not restart every pod. It
+  answers before the model is loaded, so it is the startup probe too (deploy/k8s/base/worker-deployment.yaml).
+* Readiness (``/readyz``, ``landmarks health``): model loaded, broker, database and Milvus reachable. A worker
+  without its model tries loading it again, in the background, while its readiness is asked.
 
 Checks run in parallel, each bounded by a timeout, and a worker caches its readiness for a few seconds
 so that frequent probes do not become load on the dependencies.
@@ -97,14 +99,20 @@ def milvus_check(index) -> CheckFn:
 
 
 def worker_model_check(loaded_version: Callable[[], str | None],
-                       load_error: Callable[[], str | None] = lambda: None) -> CheckFn:
+                       load_error: Callable[[], str | None] = lambda: None,
+                       load_again: Callable[[], None] = lambda: None) -> CheckFn:
     """Ready with the active version loaded. Not ready while it cannot be (a missing, corrupt or mismatched
-    model file): the worker hands its batches back meanwhile, even with an older version still loaded."""
+    model file): the worker hands its batches back meanwhile, even with an older version still loaded.
+
+    A failing check calls ``load_again``, which must return at once (workers/context.ModelRetry loads in the
+    background): a worker loads its model at start-up and at each batch, so one started before the first
+    `landmarks publish` would otherwise stay unready until an event came."""
     def check() -> str:
-        error = load_error()
+        error, version = load_error(), loaded_version()
+        if error or version is None:
+            load_again()
         if error:
             raise RuntimeError(error)
-        version = loaded_version()
         if version is None:
             raise RuntimeError("no model loaded yet")
         return f"version {version} loaded"

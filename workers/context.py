@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ def worker_context() -> WorkerContext:
 def close_worker_context() -> None:
     """At worker shutdown: the decode processes joined, connections closed."""
     global _context
+    _model_retry.disarm()  # a load asked for by readiness now would make the context again
     with _lock:
         context, _context = _context, None
     if context is None:
@@ -62,6 +64,60 @@ def close_worker_context() -> None:
 # --- operations: the metrics/health server and the model warm-up (workers/app.py's signals) -----
 
 _probe: tuple[str, Engine, LandmarkIndex] | None = None  # what readiness checks, with short timeouts
+# How often a worker whose readiness finds no usable model tries loading the active one between batches.
+MODEL_RETRY_S = 30.0
+
+
+class ModelRetry:
+    """``load`` on a thread of its own, one at a time and at most once per ``every_s``, once the start-up warm-up
+    has armed it. The model is otherwise loaded at start-up and by each batch, so a worker started before the
+    first `landmarks publish` (or while its model file was unreadable) stayed unready until an event came.
+
+    Armed only by the warm-up, which runs in the process that consumes (never a forking parent), and loading
+    through RecognitionPipeline.runtime(), whose lock makes a batch arriving meanwhile wait for this load
+    instead of starting another."""
+
+    def __init__(self, load: Callable[[], None], every_s: float = MODEL_RETRY_S) -> None:
+        self._load = load
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._last = float("-inf")
+        self._armed = False
+
+    def arm(self) -> None:
+        """After the warm-up's own attempt, which counts as the last one."""
+        with self._lock:
+            self._armed, self._last = True, time.monotonic()
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = False
+
+    def __call__(self) -> None:
+        """Starts a load if one is due; returns at once (readiness calls it)."""
+        with self._lock:
+            running = self._thread is not None and self._thread.is_alive()
+            if not self._armed or running or time.monotonic() - self._last < self.every_s:
+                return
+            self._last = time.monotonic()
+            self._thread = threading.Thread(target=self._load, name="model-retry", daemon=True)
+            self._thread.start()
+
+
+def _load_active_model() -> None:
+    from shared import metrics
+    try:
+        runtime = worker_context().pipeline.runtime()
+    except Exception as exc:  # noqa: BLE001 - readiness says why meanwhile; tried again MODEL_RETRY_S later
+        log.debug("still no usable model: %s", exc)
+        return
+    metrics.set_model(runtime.version)
+    # Not on the batch threads: each times its first full batch itself (_warm_up_thread).
+    log.info("model %s loaded between batches", runtime.version, extra={"model_version": runtime.version})
+
+
+_model_retry = ModelRetry(_load_active_model)
 
 
 def _readiness_checks() -> dict:
@@ -81,7 +137,7 @@ def _readiness_checks() -> dict:
     broker_url, engine, index = _probe
     return {
         "model": health.worker_model_check(lambda: context.pipeline.loaded_version,
-                                           lambda: context.pipeline.load_error),
+                                           lambda: context.pipeline.load_error, _model_retry),
         "broker": health.broker_check(broker_url),
         "database": health.database_check(engine),
         "milvus": health.milvus_check(index),
@@ -109,11 +165,19 @@ def start_operations_server() -> None:
 
 def warm_up(pool=None) -> None:
     """The active model loaded, and run once on each of ``pool``'s batch threads (Embedder.warm_up: on CUDA,
-    cuDNN's timing of the full batch, which it keeps per thread), before the first event arrives."""
+    cuDNN's timing of the full batch, which it keeps per thread), before the first event arrives. Without
+    it, readiness has the model loaded again every MODEL_RETRY_S (ModelRetry) until it is there."""
+    try:
+        _warm_up(pool)
+    finally:
+        _model_retry.arm()
+
+
+def _warm_up(pool) -> None:
     from shared import metrics
     try:
         runtime = worker_context().pipeline.runtime()
-    except Exception as exc:  # noqa: BLE001 - the first batch retries; readiness says why meanwhile
+    except Exception as exc:  # noqa: BLE001 - readiness tries again (ModelRetry) and says why meanwhile
         log.warning("no model loaded at start-up: %s", exc)
         return
     metrics.set_model(runtime.version)

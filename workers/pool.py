@@ -4,7 +4,12 @@ fetched and decoded, and the consumer thread keeps receiving messages; the model
 a time (shared/pipeline.py).
 
 Threads, not processes: the model and the search replica are loaded once, and CUDA is initialised in the
-only process there is."""
+only process there is.
+
+Once the worker stops (SIGTERM: Celery's warm shutdown), the batches running finish and commit, and no other
+starts, not even one prefetched and waiting for a free thread: its messages stay unacknowledged, and Redis
+has them back when the worker closes its channel, instead of the shutdown running one more batch past the
+pod's grace period."""
 
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import signals
-from celery.concurrency.thread import TaskPool
+from celery.concurrency.base import apply_target
+from celery.concurrency.thread import ApplyResult, TaskPool
+from celery.worker import state as worker_state
 from celery_batches import Batches
 
 from shared.runtime import configure_threads, on_every_thread
@@ -49,13 +56,22 @@ def prefetch_multiplier(batch_size: int, batches_in_flight: int) -> int:
     return math.ceil(batch_size * (batches_in_flight + 1) / batches_in_flight)
 
 
+def worker_stopping() -> bool:
+    """Celery's warm or cold shutdown has begun: its signal handlers set these flags to the exit code, so 0
+    (EX_OK) means stop too (as Celery's own maybe_shutdown reads them)."""
+    return any(flag is not None and flag is not False
+               for flag in (worker_state.should_stop, worker_state.should_terminate))
+
+
 class BatchPipelinePool(TaskPool):
-    """Celery's thread pool, which also knows whether every thread is busy."""
+    """Celery's thread pool, which also knows whether every thread is busy, and starts nothing once the worker
+    stops (module doc)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self._closing = False
         settings = get_settings()
         threads = configure_threads(settings.torch_threads, settings.blas_threads)
         log.info("%d batches in flight; threads %s", self.limit, threads,
@@ -64,12 +80,29 @@ class BatchPipelinePool(TaskPool):
         # server) hangs off this signal whichever pool runs.
         signals.worker_process_init.send(sender=None)
 
-    def on_apply(self, *args: Any, **kwargs: Any) -> Any:
+    def on_apply(self, target: Callable[..., Any], args: Any = None, kwargs: Any = None,
+                 callback: Callable[..., Any] | None = None, accept_callback: Callable[..., Any] | None = None,
+                 **_: Any) -> ApplyResult:
         with self._busy_lock:
             self._busy += 1
-        result = super().on_apply(*args, **kwargs)
-        result.f.add_done_callback(self._done)
-        return result
+        future = self.executor.submit(self._start_unless_stopping, target, args, kwargs, callback, accept_callback)
+        future.add_done_callback(self._done)
+        return ApplyResult(future)
+
+    def _start_unless_stopping(self, target: Callable[..., Any], *apply_args: Any) -> None:
+        """TaskPool's apply_target, unless the worker stopped while this waited for a thread. Its callbacks
+        then never run: celery-batches acknowledges a batch's messages in them, so they stay unacknowledged
+        and the broker has them back when the worker closes its channel."""
+        if self._closing or worker_stopping():
+            log.info("the worker is stopping: a batch that was waiting for a thread is not started; its "
+                     "events go back to the queue")
+            return
+        apply_target(target, *apply_args)
+
+    def on_close(self) -> None:
+        """The first step of every stop (Celery closes the pool before stopping it), signal or not."""
+        self._closing = True
+        super().on_close()
 
     def _done(self, _future: Any) -> None:
         with self._busy_lock:
@@ -132,6 +165,8 @@ class PipelinedBatches(Batches):
             self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
 
     def _do_flush(self) -> None:
+        if worker_stopping():
+            return  # no batch starts now: what the buffer holds goes back to the queue, unacknowledged
         buffered = self._buffer.qsize()
         if 0 < buffered < self.flush_every and not self._partial_batch_due():
             return  # the timer ticks again

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 # Under the probes' own timeouts (5 s liveness, 10 s readiness and startup: deploy/k8s/base/worker-deployment.yaml).
 ASK_TIMEOUT_S = 4.0
-# A worker loading its model does not answer yet; the startupProbe allows a pod ten minutes for that.
+# A worker still importing and starting Celery does not answer yet: its liveness counts as fine for this long
+# (its own /healthz answers from then on, while the model loads; the startupProbe waits for that).
 STARTING_GRACE_S = 600.0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -199,6 +200,53 @@ def test_checks_run_in_parallel_and_a_hung_one_times_out():
     assert "ConnectionError: refused" in report["checks"]["broken"]["detail"]
 
 
+def test_a_failing_model_check_asks_for_the_model_again_and_a_passing_one_does_not():
+    asked = []
+    load_again = lambda: asked.append(True)  # noqa: E731
+    assert health.worker_model_check(lambda: "v1", lambda: None, load_again)() == "version v1 loaded"
+    assert asked == []
+    for version, error in ((None, None), ("v1", "cannot load the active model v2: file missing")):
+        with pytest.raises(RuntimeError):
+            health.worker_model_check(lambda: version, lambda: error, load_again)()
+    assert len(asked) == 2
+
+
+def test_the_model_retry_runs_one_load_at_a_time_at_most_once_per_period_and_only_once_armed():
+    from workers.context import ModelRetry
+    started, release = [], threading.Event()
+
+    def load():
+        started.append(time.monotonic())
+        release.wait(5)
+    retry = ModelRetry(load, every_s=0.2)
+    retry()
+    assert started == []  # not armed: the warm-up has not made its own attempt yet
+    retry.arm()
+    retry()
+    assert started == []  # the warm-up's attempt was the last one
+    time.sleep(0.25)
+    for _ in range(3):
+        retry()
+    time.sleep(0.25)
+    retry()  # due again, but the first load still runs
+    assert len(started) == 1
+    release.set()
+    _wait_for(lambda: not retry._thread.is_alive())
+    retry()
+    assert len(started) == 2
+    retry.disarm()
+    time.sleep(0.25)
+    retry()
+    assert len(started) == 2
+
+
+def _wait_for(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_metrics_port_setting():
     assert metrics.configured_port({}) == 9808
     assert metrics.configured_port({"LANDMARKS_METRICS_PORT": "9100"}) == 9100
@@ -326,6 +374,70 @@ def test_a_real_workers_metrics_match_what_it_processed(photos, model_version, e
     assert failed and failed[0]["photo_id"] == broken["photo_id"] and failed[0]["model_version"] == model_version
     assert failed[0]["stage"] == "decode"
     assert any(x.get("event_id") == malformed["event_id"] and x["level"] == "WARNING" for x in lines)
+
+
+@pytest.fixture
+def nothing_published(pg_server_url, tmp_path) -> tuple[str, str]:
+    """(database URL, Milvus URI) of a migrated database and a Milvus of their own, where no version is published."""
+    import sqlalchemy as sa
+    from milvus_lite.adapter.grpc.server import start_server_in_thread
+
+    from shared.db import migrate
+    from shared.db.session import make_engine
+    admin = make_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    name = f"lm_unpublished_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    database_url = admin.url.set(database=name).render_as_string(hide_password=False)
+    migrate.upgrade(database_url)
+    (tmp_path / "milvus").mkdir()
+    server, db, milvus_port = start_server_in_thread(data_dir=str(tmp_path / "milvus"), host="127.0.0.1", port=0)
+    try:
+        yield database_url, f"http://127.0.0.1:{milvus_port}"
+    finally:
+        server.stop(0)
+        db.close()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.mark.slow
+def test_a_worker_started_before_the_first_publish_turns_ready_after_it_without_an_event(
+        photos, nothing_published, broker_url, tmp_path):
+    """The model was loaded only at start-up and by a batch: such a worker stayed unready until an event came."""
+    from shared.db.session import make_engine
+    from workers.context import MODEL_RETRY_S
+    database_url, milvus_uri = nothing_published
+    port = fleet.free_port()
+    env = fleet.fleet_env(database_url, broker_url, milvus_uri, photos["root"], tmp_path / "home",
+                          LANDMARKS_METRICS_PORT=port)
+    log = tmp_path / "worker.log"
+    worker = fleet.start_worker(env, log)
+    engine = make_engine(database_url)
+    try:
+        def readiness() -> tuple[int, dict] | None:
+            if not _port_open(port):
+                return None
+            status, body = fleet.http_get(f"http://127.0.0.1:{port}/readyz", 5)
+            report = json.loads(body)
+            return (status, report) if report.get("checks") else None
+
+        fleet.wait(lambda: "no model loaded at start-up" in log.read_text(), "the warm-up", worker=worker)
+        status, report = fleet.wait(readiness, "readiness", worker=worker)
+        assert status == 503 and not report["checks"]["model"]["ok"]
+        assert all(report["checks"][name]["ok"] for name in ("broker", "database", "milvus")), report
+
+        version = fleet.publish_tiny_model(photos, engine, milvus_uri, tmp_path / "models", "late")
+        status, report = fleet.wait(lambda: (answer := readiness()) and answer[0] == 200 and answer,
+                                    "readiness after the publish", timeout_s=3 * MODEL_RETRY_S + 60, worker=worker)
+        assert version in report["checks"]["model"]["detail"]
+        samples = _samples(fleet.http_get(f"http://127.0.0.1:{port}/metrics")[1].decode())
+        assert _value(samples, "landmarks_model_loaded") == 1
+        assert _value(samples, "landmarks_batches_total") == 0  # no event: the worker loaded it by itself
+    finally:
+        fleet.stop(worker)
+        engine.dispose()
 
 
 def test_health_names_the_dependency_that_is_down(env, model_version):

@@ -1,6 +1,8 @@
 """A stop signal while a worker warms up (loads its model; minutes under torch.compile) ends it at once: it
 has taken no event yet. Celery's own handler only sets a flag its event loop reads after the warm-up, so the
-pod used to run into its grace period and SIGKILL. Once warmed up, SIGTERM is Celery's warm shutdown again."""
+pod used to run into its grace period and SIGKILL. Once warmed up, SIGTERM is Celery's warm shutdown again:
+the batches running commit, and a batch prefetched for the next free thread does not start but goes back to
+the queue (workers/pool.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
+from celery import Celery
+
+from workers.pool import prefetch_multiplier
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +88,90 @@ def test_after_the_warm_up_sigterm_is_celerys_warm_shutdown_again(tmp_path, brok
         process.wait()
     text = log.read_text()
     assert "Warm shutdown" in text and "during the warm-up" not in text
+
+
+BATCH, IN_FLIGHT = 4, 2
+
+# A worker with the fleet's transport, pool, batching and prefetch, whose batches wait while the file HOLD exists
+# (a slow storage), then record what they ran (no model, database or Milvus needed).
+BATCH_WORKER = textwrap.dedent(f"""
+    import os, time
+    from celery import Celery
+    from workers.broker import install
+    from workers.pool import PipelinedBatches, prefetch_multiplier
+    install()
+    app = Celery("warm-shutdown", broker=os.environ["BROKER_URL"], set_as_current=True)
+    app.conf.update(worker_prefetch_multiplier=prefetch_multiplier({BATCH}, {IN_FLIGHT}),
+                    worker_concurrency={IN_FLIGHT}, worker_pool="workers.pool:BatchPipelinePool",
+                    task_acks_late=True, task_serializer="json", accept_content=["json"],
+                    worker_hijack_root_logger=False)
+
+    @app.task(name="warm.record", base=PipelinedBatches, flush_every={BATCH}, flush_interval=0.05,
+              acks_late=True, typing=False)
+    def record(requests):
+        names = [r.args[0] for r in requests]
+        with open(os.environ["STARTED"], "a") as started:
+            started.write(" ".join(names) + "\\n")
+        while os.path.exists(os.environ["HOLD"]):
+            time.sleep(0.05)
+        with open(os.environ["RAN"], "a") as ran:
+            ran.writelines(f"{{name}}\\n" for name in names)
+
+    app.worker_main(["worker", "-Q", os.environ["QUEUE"], "--loglevel=INFO", "--without-gossip",
+                     "--without-mingle", "--without-heartbeat"])
+""")
+
+
+def _batch_worker(env: dict, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", BATCH_WORKER], env=env, cwd=REPO, stdout=log.open("ab"),
+                               stderr=subprocess.STDOUT)
+    _wait(lambda: " ready." in log.read_text(), "the worker", process)
+    return process
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_sigterm_lets_the_running_batches_commit_and_leaves_the_prefetched_one_to_the_queue(tmp_path, broker_url):
+    """Two batches run (their fetches hang on a slow storage) and a third, prefetched, waits for a thread. A
+    SIGTERM used to run that third batch too before the worker exited, past the pod's grace period."""
+    queue = f"lm_warm_{uuid.uuid4().hex[:8]}"
+    started, ran, hold, log = tmp_path / "started", tmp_path / "ran", tmp_path / "hold", tmp_path / "worker.log"
+    env = {**os.environ, "BROKER_URL": broker_url, "QUEUE": queue, "STARTED": str(started), "RAN": str(ran),
+           "HOLD": str(hold), "LANDMARKS_HOME": str(tmp_path / "home"), "LANDMARKS_METRICS_PORT": "off",
+           # Never reached; set so that nothing falls back to the embedded stack.
+           "LANDMARKS_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "LANDMARKS_MILVUS_URI": "http://127.0.0.1:1"}
+    client = redis.Redis.from_url(broker_url)
+    producer = Celery("warm-shutdown-producer", broker=broker_url, set_as_current=False)
+    events = [f"e{i}" for i in range((IN_FLIGHT + 1) * BATCH)]
+    assert len(events) == prefetch_multiplier(BATCH, IN_FLIGHT) * IN_FLIGHT  # the whole prefetch window
+    hold.touch()
+    process = _batch_worker(env, log)
+    try:
+        for name in events:
+            producer.send_task("warm.record", args=[name], queue=queue)
+        _wait(lambda: len(_lines(started)) == IN_FLIGHT and client.llen(queue) == 0,
+              "the batches in flight and the prefetched one", process)
+        time.sleep(0.5)  # the last messages taken are handed to the batcher, which queues the third batch
+        process.send_signal(signal.SIGTERM)
+        _wait(lambda: "Warm shutdown" in log.read_text(), "the warm shutdown", process)
+        hold.unlink()  # the storage answers: the running batches finish
+        assert process.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        process.kill()
+        process.wait()
+    in_flight = [name for line in _lines(started) for name in line.split()]
+    assert len(_lines(started)) == IN_FLIGHT, "the prefetched batch ran during the shutdown"
+    assert sorted(_lines(ran)) == sorted(in_flight)  # the running batches committed
+
+    restarted = _batch_worker(env, tmp_path / "restarted.log")
+    try:
+        _wait(lambda: len(_lines(ran)) >= len(events), "the events handed back", restarted)
+        time.sleep(0.5)  # nothing more comes
+    finally:
+        restarted.terminate()
+        restarted.wait(30)
+        producer.close()
+        client.delete(queue)
+    assert sorted(_lines(ran)) == sorted(events)  # every event exactly once

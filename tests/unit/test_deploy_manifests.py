@@ -5,6 +5,7 @@ files that exist, and dashboards and alerts use only metric names shared/metrics
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ KNOWN_ENV = {f"LANDMARKS_{name.upper()}" for name in Settings.model_fields} | EX
 # Set by the supervisor for the workers it starts, or read by the bench only: nothing an operator sets.
 INTERNAL_ENV = {NODE_ENV, PARENT_ENV, "LANDMARKS_REALDATA"}
 README = REPO / "README.md"
+RUNBOOK = DEPLOY / "README.md"
 
 
 def _yaml_files() -> list[Path]:
@@ -65,6 +67,25 @@ def _worker(objects: list[dict]) -> dict:
 
 def _container(deployment: dict) -> dict:
     return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def _image_init() -> list[str]:
+    """The init process of the image's ENTRYPOINT (`tini --`), which a container's own command must keep."""
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", (DEPLOY / "docker" / "Dockerfile").read_text(),
+                                      re.M).group(1))
+    return entrypoint[:entrypoint.index("--") + 1]
+
+
+def _runbook_commands() -> list[str]:
+    """The shell lines of deploy/README.md's code blocks, continuation lines joined."""
+    blocks = re.findall(r"^ *```sh\n(.*?)^ *```", RUNBOOK.read_text(), re.M | re.S)
+    joined = "\n".join(blocks).replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines() if line.strip()]
+
+
+def _selects(selector: str, labels: dict) -> bool:
+    """kubectl's equality-based label selector (`a=b,c=d`)."""
+    return all(labels.get(k) == v for k, v in (term.split("=", 1) for term in selector.split(",")))
 
 
 def _metric_names(expr: str) -> set[str]:
@@ -110,6 +131,8 @@ def test_keda_scales_the_worker_deployment_on_waiting_plus_reserved():
     assert target.get("kind", "Deployment") == "Deployment"
     worker = _one(objects, "Deployment", target["name"])
     assert worker is _worker(objects)
+    # KEDA owns .spec.replicas: a value here would reset the fleet at every `kubectl apply -k deploy/k8s`.
+    assert "replicas" not in worker["spec"], "the ScaledObject's target must not set replicas"
     assert scaled["metadata"]["namespace"] == worker["metadata"]["namespace"]
     low, high = scaled["spec"].get("minReplicaCount", 0), scaled["spec"]["maxReplicaCount"]
     assert 0 <= low <= high
@@ -128,7 +151,21 @@ def test_keda_scales_the_worker_deployment_on_waiting_plus_reserved():
     exporter = _one(objects, "Deployment", "landmarks-backlog-exporter")
     labels = exporter["spec"]["template"]["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
-    assert _container(exporter)["command"] == ["python", "-m", "shared.metrics"]
+    assert _container(exporter)["command"] == [*_image_init(), "python", "-m", "shared.metrics"]
+
+
+def test_a_command_replacing_the_images_entrypoint_keeps_tini_as_pid_1():
+    """Python as PID 1 ignores SIGTERM: every rollout or `docker compose stop` would wait out the grace period."""
+    init = _image_init()
+    assert init == ["tini", "--"]
+    for obj in _k8s_objects():
+        if obj["kind"] in ("Deployment", "Job"):
+            for container in obj["spec"]["template"]["spec"]["containers"]:
+                if "command" in container:
+                    assert container["command"][:len(init)] == init, (obj["metadata"]["name"], container["command"])
+    for name, service in yaml.safe_load(COMPOSE.read_text())["services"].items():
+        if service.get("build") and service.get("entrypoint") is not None:
+            assert service["entrypoint"][:len(init)] == init, (name, service["entrypoint"])
 
 
 def test_the_exporters_probes_wait_longer_than_its_check():
@@ -162,13 +199,23 @@ def test_worker_deployment_has_a_gpu_probes_and_a_grace_longer_than_a_batch():
     assert {"name": "metrics", "containerPort": port} in container["ports"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Not /readyz: a pod started during an outage, or before the first publish, would restart in a loop.
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert container[probe]["httpGet"]["port"] in ("metrics", port)
         # Longer than an answer may take: a worker's checks, or the supervisor asking each of its workers.
         timeout = container[probe].get("timeoutSeconds", 1)  # Kubernetes' default
         assert timeout > max(CHECK_TIMEOUT_S, ASK_TIMEOUT_S), f"{probe}: timeoutSeconds {timeout}"
-    # The longest batch: every fetch timing out, then a minute of infrastructure retries.
-    longest_batch = INFRA_RETRY_S + 2 * float(config["LANDMARKS_FETCH_TIMEOUT_S"])
+    # The longest the batches running at a SIGTERM take: each decode process fetches ceil(batch / processes)
+    # photos one after another, each up to the fetch timeout; the batches in flight share the processes;
+    # then a minute of infrastructure retries.
+    defaults = Settings.model_fields
+    batch = int(config.get("LANDMARKS_BATCH_SIZE", defaults["batch_size"].default))
+    in_flight = int(config.get("LANDMARKS_BATCHES_IN_FLIGHT", defaults["batches_in_flight"].default))
+    decoders = int(config["LANDMARKS_DECODE_WORKERS"])
+    assert decoders >= 1, "the grace period is sized on the decode processes the ConfigMap sets"
+    fetches_in_a_row = math.ceil(batch / decoders)
+    longest_batch = INFRA_RETRY_S + in_flight * fetches_in_a_row * float(config["LANDMARKS_FETCH_TIMEOUT_S"])
     grace = pod["terminationGracePeriodSeconds"]
     visibility = int(config["LANDMARKS_VISIBILITY_TIMEOUT_S"])
     liveness_limit = int(config["LANDMARKS_LIVENESS_MAX_BATCH_S"])
@@ -178,6 +225,52 @@ def test_worker_deployment_has_a_gpu_probes_and_a_grace_longer_than_a_batch():
     assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
     assert worker["metadata"]["labels"] and \
         worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+
+
+def test_the_release_runbook_runs_the_migration_job_alone_and_waits_for_it():
+    """One `apply -k` would roll the Job and the new workers at once, and fail on the immutable pod template of
+    the previous Job: the runbook deletes it, applies the Job alone, waits for it, then applies the rest."""
+    job = _one(_k8s_objects(), "Job")
+    name, labels = job["metadata"]["name"], job["metadata"]["labels"]
+    for text in (RUNBOOK.read_text(), (K8S / "base" / "migrate-job.yaml").read_text()):
+        lines = [line.strip(" #") for line in text.splitlines()]
+        steps = [next((i for i, line in enumerate(lines) if re.search(pattern, line)), None) for pattern in (
+            rf"kubectl -n landmarks delete job {name} ",
+            r"kubectl kustomize deploy/k8s \| kubectl apply -l \S+ -f -",
+            rf"kubectl -n landmarks wait --for=condition=complete job/{name} --timeout=",
+            r"^kubectl apply -k deploy/k8s(\s|$)")]
+        assert None not in steps and steps == sorted(steps), steps
+        selector = re.search(r"kubectl apply -l (\S+) -f -", lines[steps[1]]).group(1)
+        selected = [o for o in _k8s_objects() if _selects(selector, o["metadata"].get("labels", {}))]
+        assert [(o["kind"], o["metadata"]["name"]) for o in selected] == [("Job", name)], selector
+        assert _selects(selector, labels)
+
+
+def test_the_outage_runbook_says_how_to_pin_the_fleet_and_unpin_it():
+    scaled = _one(_k8s_objects(), "ScaledObject")["metadata"]["name"]
+    commands = _runbook_commands()
+    pause = [c for c in commands if f"annotate scaledobject {scaled} " in c
+             and re.search(r"autoscaling\.keda\.sh/paused-replicas=\S", c)]
+    resume = [c for c in commands if f"annotate scaledobject {scaled} " in c
+              and re.search(r"autoscaling\.keda\.sh/paused-replicas-(\s|$)", c)]
+    assert pause and resume
+    assert all("-n landmarks" in c for c in pause + resume)
+    assert f"get deployment {_worker(_k8s_objects())['metadata']['name']}" in pause[0]  # pinned at its size
+
+
+def test_the_local_fleet_runbook_sets_the_photo_folder_before_up():
+    """A volume's source is read when `up` creates the containers: set only on a later `docker compose run`, the
+    photos reach that one container, and every photo it enqueues fails in the workers."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    mounted = {name for service in compose["services"].values() for volume in service.get("volumes", [])
+               for name in re.findall(r"\$\{(\w+)", volume)}
+    assert "LANDMARKS_PHOTOS" in mounted
+    block = RUNBOOK.read_text().split("## Local fleet (docker compose)", 1)[1].split("```sh\n", 1)[1].split("```")[0]
+    lines = block.splitlines()
+    up = next(i for i, line in enumerate(lines) if "docker compose up" in line)
+    for variable in mounted:
+        assert not [line for line in lines if re.match(rf"\s*{variable}=\S* docker compose", line)], variable
+        assert any(re.search(rf"{variable}=.*>> \.env|export {variable}=", line) for line in lines[:up]), variable
 
 
 def _cpus(quantity: str) -> float:

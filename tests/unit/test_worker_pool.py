@@ -83,6 +83,38 @@ def test_the_warm_up_runs_once_on_each_batch_thread_one_at_a_time_and_batches_ru
         pool.on_stop()
 
 
+def test_once_the_worker_stops_a_batch_waiting_for_a_thread_neither_runs_nor_is_acknowledged(monkeypatch):
+    """celery-batches acknowledges a batch in its callback: skipped with it, the messages go back to the broker
+    when the worker closes its channel, instead of the shutdown running one more batch."""
+    import workers.context
+    monkeypatch.setattr(workers.context, "start_operations_server", lambda: None)
+    pool = BatchPipelinePool(limit=1)
+    release, ran, acknowledged = threading.Event(), [], []
+    try:
+        running = pool.on_apply(release.wait, args=(5,), kwargs={}, callback=acknowledged.append)
+        waiting = pool.on_apply(ran.append, args=("waiting",), kwargs={}, callback=acknowledged.append)
+        pool.close()  # the first step of Celery's warm shutdown
+        release.set()
+        running.wait(5)
+        waiting.wait(5)
+        assert ran == [] and acknowledged == [True]  # the running batch finished and was acknowledged
+        assert not pool.saturated()
+    finally:
+        release.set()
+        pool.on_stop()
+
+
+def test_after_a_stop_signal_the_batcher_starts_no_batch(monkeypatch):
+    from celery.worker import state
+    batches = _Batches()
+    batches._pool = _Pool(saturated=False)
+    for name in "abcd":
+        batches._buffer.put(_Request(name))
+    monkeypatch.setattr(state, "should_stop", 0)  # what Celery's SIGTERM handler sets: EX_OK
+    batches._do_flush()
+    assert batches.flushed == [] and batches._buffer.qsize() == 4  # left unacknowledged, for the broker
+
+
 def test_a_warm_up_asked_of_more_threads_than_the_pool_has_fails_instead_of_hanging():
     from concurrent.futures import ThreadPoolExecutor
 
