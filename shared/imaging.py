@@ -312,3 +312,49 @@ def _dms(value: Any) -> float | None:
 def _zero_over_zero(value: Any) -> bool:
     """An EXIF rational 0/0 (Pillow's IFDRational reads it as NaN)."""
     return getattr(value, "numerator", None) == 0 and getattr(value, "denominator", None) == 0
+
+
+# --- photos shown to people (the album API): any size, oriented, 8-bit RGB ------------------------------
+
+def decode_for_display(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
+    """Decoded, EXIF-oriented RGB image with its longer side at most ``max_side``; DecodeError otherwise.
+
+    Shrunk as it is decoded (JPEG) or right after (other formats), and only then turned and converted: each
+    of those copies the whole image, which at full size doubled a large photo's memory."""
+    try:
+        img = _open(data, max_pixels)  # size and scan limits, from the header alone
+        # Read before shrinking, from the header; Pillow turns a TIFF's pixels by its tag itself as it loads them.
+        orientation = 1 if img.format == "TIFF" else _orientation(_exif(img))
+        img = _shrunk(img, max_side)
+        if orientation in _TRANSPOSE:
+            img = img.transpose(_TRANSPOSE[orientation])
+        return _flat_rgb(img)
+    except DecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt data
+        raise DecodeError(f"corrupt image: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def _shrunk(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` with its longer side at most ``max_side``, in its own mode. The box is square, so it is the same
+    bound whether or not the EXIF orientation turns the image by 90° afterwards."""
+    if img.format in _JPEG_FORMATS:
+        img.draft("RGB", (max_side, max_side))  # DCT scaling: never below max_side
+    if img.mode in ("P", "PA", "1"):
+        # Resampled in these modes, pixels would be picked, not averaged: converted first.
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    # Pillow cannot reduce() 16-bit modes: they are resampled in one step.
+    reducing_gap = None if img.mode.startswith("I;16") else 3.0
+    img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=reducing_gap)
+    return img
+
+
+def _flat_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of a shrunk image: 16-bit and float greys scaled, as for the model, not clipped to white;
+    transparent pixels over white, not whatever colour they happen to store."""
+    if img.mode.startswith("I") or img.mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img))).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")

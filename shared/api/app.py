@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import BaseModel
 from sqlalchemy import Engine, select, text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,6 +45,12 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_SIDE = 1024
 DEFAULT_PAGE, MAX_PAGE = 50, 200
 JPEG_QUALITY = 85
+# Photos this process decodes at once. An album page asks for its tiles together, and a photo in a format
+# without scaled decoding (PNG, WebP, HEIC, AVIF, TIFF) is decoded at full size before it is shrunk: 4 bytes a
+# pixel, and Pillow's WebP decoder holds about four such buffers (48 MP: ~740 MB). Unbounded, a page of such
+# tiles took the 2 GiB API pod's memory many times over; the other requests wait for a slot.
+MAX_CONCURRENT_DECODES = 2
+_decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
 
 
 class ApiError(Exception):
@@ -177,24 +183,7 @@ def _landmark_out(lm: albums.LandmarkAlbum) -> LandmarkAlbumOut:
 
 def _open_image(data: bytes, settings: Settings, max_side: int) -> Image.Image:
     """Decoded, EXIF-oriented RGB image with its longer side at most `max_side`."""
-    try:
-        img = Image.open(io.BytesIO(data), formats=imaging.FORMATS)
-        width, height = img.size
-        if width <= 0 or height <= 0 or width * height > settings.max_image_pixels:
-            raise DecodeError(f"image of {width}x{height} pixels refused (limit {settings.max_image_pixels})")
-        if img.format in ("JPEG", "MPO"):
-            img.draft("RGB", (max_side, max_side))  # DCT scaling: never below max_side
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        img = img.convert("RGB")
-        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
-        return img
-    except DecodeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt data
-        raise DecodeError(f"corrupt image: {type(exc).__name__}: {exc}"[:300]) from None
+    return imaging.decode_for_display(data, settings.max_image_pixels, max_side)
 
 
 class ModelCache:
@@ -212,8 +201,10 @@ class ModelCache:
                 try:
                     net, meta, _ = load_checkpoint(Path(checkpoint), map_location="cpu")
                 except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+                    # The error names server paths and OS details: logged for operators, not sent to users.
+                    log.error("cannot load the checkpoint of model version %r: %s", version, exc)
                     raise ApiError(503, "model_unavailable",
-                                   f"cannot load the checkpoint of model version {version!r}: {exc}"[:500]) from None
+                                   "the active model cannot be loaded; try again later") from None
                 self._loaded = (version, net.eval(), meta)
             return self._loaded[1], self._loaded[2]
 
@@ -331,7 +322,8 @@ def create_app(
             log.warning("photo %s of %s: %s", photo.photo_id, photo.user_id, exc)
             raise ApiError(502, "photo_unavailable", "the photo's bytes cannot be fetched from storage") from None
         try:
-            return _open_image(data, settings, max_side)
+            with _decode_slots:
+                return _open_image(data, settings, max_side)
         except DecodeError as exc:
             raise ApiError(502, "photo_undecodable", str(exc)) from None
 

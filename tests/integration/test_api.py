@@ -6,18 +6,26 @@ from __future__ import annotations
 import base64
 import io
 import math
+import os
+import subprocess
+import sys
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import text
 
 from starlette.requests import Request
 
+from shared.api import app as api_app
 from shared.api.app import ApiError, create_app, current_user, decode_cursor, encode_cursor
 from shared.api.auth import make_token, verify_token, AuthError
 from shared.db import writer
@@ -352,6 +360,27 @@ def test_token_round_trip_and_tampering():
             make_token(KEY, unaddressable)
 
 
+PLACEHOLDERS = [b"CHANGE_ME_TO_32_RANDOM_BYTES", b"replace-with-a-random-secret-of-32-bytes"]  # deploy/'s samples
+
+
+@pytest.mark.parametrize("key", [*PLACEHOLDERS, b"k" * 32], ids=["secret.yaml", "fleet.env.example", "one-byte"])
+def test_a_placeholder_token_key_mints_no_token_and_starts_no_api(engine, library, key):
+    """Anyone who read the repository could mint a token for any user with deploy/'s sample key."""
+    with pytest.raises(ValueError, match="^LANDMARKS_API_TOKEN_KEY (is a placeholder|has fewer than 8 distinct)"):
+        make_token(key, "alice")
+    with pytest.raises(ValueError, match="^LANDMARKS_API_TOKEN_KEY "):
+        create_app(library.settings, engine, token_key=key)
+
+
+def test_serve_refuses_the_sample_token_key_naming_the_variable(tmp_path):
+    env = {**os.environ, "LANDMARKS_HOME": str(tmp_path / "home"), "LANDMARKS_API_TOKEN_KEY": PLACEHOLDERS[0].decode(),
+           "LANDMARKS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres"}
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "serve", "--port", "1"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "LANDMARKS_API_TOKEN_KEY is a placeholder (it contains 'change_me'), not a secret" in done.stderr
+
+
 def test_missing_token_is_401(client, library):
     response = client.get(f"/v1/users/{library.alice}/attractions")
     assert response.status_code == 401
@@ -450,7 +479,7 @@ def test_heatmap_is_a_png_the_size_of_the_image(client, library):
     assert Image.open(io.BytesIO(again.content)).size == (320, 240)
 
 
-def test_heatmap_with_an_unloadable_checkpoint_is_503(engine, library):
+def test_heatmap_with_an_unloadable_checkpoint_is_503(engine, library, caplog):
     from fastapi.testclient import TestClient
 
     with engine.begin() as conn:
@@ -460,10 +489,146 @@ def test_heatmap_with_an_unloadable_checkpoint_is_503(engine, library):
         with TestClient(create_app(library.settings, engine, token_key=KEY)) as c:
             response = c.get("/v1/photos/eiffel-1/heatmap", headers=auth(library.alice))
         assert response.status_code == 503 and response.json()["error"] == "model_unavailable"
+        # The loader's error names the server's path: it is logged, the user gets a generic detail.
+        assert "missing.pt" not in response.text and str(library.root) not in response.text
+        assert any("missing.pt" in record.getMessage() for record in caplog.records)
     finally:
         with engine.begin() as conn:
             conn.execute(text("UPDATE model_versions SET checkpoint = :c WHERE version = :v"),
                          {"c": str(library.checkpoint), "v": VERSION})
+
+
+# Quadrants of a large picture as stored, before its EXIF orientation: a colour each.
+QUADRANTS = {"top_left": (220, 30, 30), "top_right": (30, 200, 40), "bottom_left": (30, 40, 220),
+             "bottom_right": (230, 220, 30)}
+
+
+def _quadrants(size: tuple[int, int]) -> Image.Image:
+    w, h = size
+    img = Image.new("RGB", size)
+    for name, colour in QUADRANTS.items():
+        left = 0 if name.endswith("left") else w // 2
+        top = 0 if name.startswith("top") else h // 2
+        img.paste(colour, (left, top, left + w // 2, top + h // 2))
+    return img
+
+
+def _save(path: Path, img: Image.Image, fmt: str, orientation: int | None = None) -> Path:
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"compress_level": 1} if fmt == "PNG" else {"quality": 90, "method": 0}
+    img.save(path, format=fmt, exif=exif.tobytes(), **extra)
+    return path
+
+
+def _colour_at(img: Image.Image, x: float, y: float) -> tuple[int, ...]:
+    return img.getpixel((int(img.width * x), int(img.height * y)))
+
+
+def _close(colour: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    return max(abs(a - b) for a, b in zip(colour, expected)) <= 30
+
+
+# Orientation 6 is shown turned 90° clockwise, 8 counter-clockwise: where each stored corner is then seen.
+SHOWN_CORNERS = {
+    6: {"top_left": "top_right", "top_right": "bottom_right", "bottom_right": "bottom_left", "bottom_left": "top_left"},
+    8: {"top_left": "bottom_left", "top_right": "top_left", "bottom_right": "top_right", "bottom_left": "bottom_right"},
+}
+
+
+@pytest.mark.parametrize(("fmt", "orientation"), [("PNG", 6), ("WEBP", 8)])
+def test_a_large_rotated_non_jpeg_is_shrunk_and_still_turned(client, engine, library, fmt, orientation):
+    user = f"gil-{library.alice}"
+    path = _save(library.root / "extra" / uuid.uuid4().hex / f"big.{fmt.lower()}", _quadrants((6000, 4000)), fmt,
+                 orientation)
+    _upload(engine, library, user, "big-0", [TREVI], T0, path=path)
+    response = client.get("/v1/photos/big-0/image", params={"max_side": 360}, headers=auth(user))
+    assert response.status_code == 200, response.text
+    img = Image.open(io.BytesIO(response.content)).convert("RGB")
+    assert img.size == (240, 360)  # stored landscape, shown portrait
+    for stored, shown in SHOWN_CORNERS[orientation].items():
+        x = 0.25 if shown.endswith("left") else 0.75
+        y = 0.25 if shown.startswith("top") else 0.75
+        assert _close(_colour_at(img, x, y), QUADRANTS[stored]), (stored, shown, _colour_at(img, x, y))
+
+
+# The peak resident memory of this process's own address space (VmHWM): getrusage's ru_maxrss would also
+# count the forking pytest process's peak, which Linux carries across exec.
+_PEAK = """
+import io, re, sys
+from PIL import Image
+from shared.api.app import _open_image
+from shared.settings import Settings
+
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read())[1])
+
+data = open(sys.argv[2], "rb").read()
+before = peak_kib()
+if sys.argv[1] == "decode":
+    Image.open(io.BytesIO(data)).load()
+else:
+    img = _open_image(data, Settings(), 360)
+    assert img.size == (360, 240) and img.mode == "RGB", (img.size, img.mode)
+print(peak_kib() - before)
+"""
+
+
+def _peak_kib(how: str, path: Path) -> int:
+    """How much a fresh process's peak memory grows (KiB) while it decodes the file at `path`."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _PEAK, how, str(path)], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak memory from Linux's /proc")
+def test_a_large_png_costs_one_full_size_decode_not_more(tmp_path):
+    path = _save(tmp_path / "big.png", _quadrants((6000, 4000)), "PNG")
+    full_size_kib = 6000 * 4000 * 4 // 1024  # Pillow keeps RGB in 4 bytes a pixel
+    decoded, served = _peak_kib("decode", path), _peak_kib("serve", path)
+    # The decode itself is needed; turning and converting the full-size picture doubled it.
+    assert served - decoded < full_size_kib // 4, (decoded, served)
+
+
+def test_an_album_page_of_tiles_decodes_a_bounded_number_at_once(client, library, monkeypatch):
+    active, most = 0, 0
+    lock = threading.Lock()
+    decode = api_app._open_image
+
+    def slow_decode(*args, **kwargs):
+        nonlocal active, most
+        with lock:
+            active += 1
+            most = max(most, active)
+        try:
+            time.sleep(0.2)  # long enough for the page's requests to overlap
+            return decode(*args, **kwargs)
+        finally:
+            with lock:
+                active -= 1
+
+    monkeypatch.setattr(api_app, "_open_image", slow_decode)
+    tiles = [f"eiffel-{i}" for i in range(5)] + ["louvre-0", "louvre-1", "trevi-0"]
+    with ThreadPoolExecutor(len(tiles)) as pool:
+        statuses = list(pool.map(lambda p: client.get(f"/v1/photos/{p}/image", params={"max_side": 200},
+                                                      headers=auth(library.alice)).status_code, tiles))
+    assert statuses == [200] * len(tiles)
+    assert most == api_app.MAX_CONCURRENT_DECODES  # they ran together, up to the bound and no further
+
+
+def test_a_16_bit_photo_is_scaled_not_clipped_to_white(client, engine, library):
+    user = f"hal-{library.alice}"
+    path = library.root / "extra" / uuid.uuid4().hex / "grey16.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.full((300, 400), 40000, dtype=np.uint16)).save(path)  # 61% of full scale
+    _upload(engine, library, user, "grey-0", [TREVI], T0, path=path)
+    img = Image.open(io.BytesIO(client.get("/v1/photos/grey-0/image", headers=auth(user)).content)).convert("RGB")
+    assert img.size == (400, 300) and _close(_colour_at(img, 0.5, 0.5), (156, 156, 156))
 
 
 def test_photo_ids_with_slashes_and_spaces(client, engine, library):
@@ -489,10 +654,12 @@ def _b64(raw: bytes) -> str:
 
 
 def _upload(engine, lib: Library, user: str, photo_id: str, landmark_ids: list[int], when: datetime,
-            picture: Image.Image | None = None) -> None:
-    """One photo of `user`, tagged by the active version (a re-upload when the photo exists)."""
-    path = lib.root / "extra" / uuid.uuid4().hex / f"{photo_id.replace('/', '_')}.jpg"
-    _jpeg(path, picture or _paint(landmark_ids[0] if landmark_ids else TREVI, 1))
+            picture: Image.Image | None = None, path: Path | None = None) -> None:
+    """One photo of `user`, tagged by the active version (a re-upload when the photo exists): the file at
+    `path` if given, else a JPEG of `picture`."""
+    if path is None:
+        path = lib.root / "extra" / uuid.uuid4().hex / f"{photo_id.replace('/', '_')}.jpg"
+        _jpeg(path, picture or _paint(landmark_ids[0] if landmark_ids else TREVI, 1))
     event = PhotoUploaded(event_id=uuid.uuid4().hex, user_id=user, photo_id=photo_id, uri=path.as_uri(),
                           uploaded_at=when)
     tags = [Tag(lm, 0.8, Method.GEO) for lm in landmark_ids]
