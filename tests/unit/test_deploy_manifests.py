@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -273,6 +274,94 @@ def test_the_local_fleet_runbook_sets_the_photo_folder_before_up():
         assert any(re.search(rf"{variable}=.*>> \.env|export {variable}=", line) for line in lines[:up]), variable
 
 
+def _local_fleet_lines() -> list[str]:
+    """The local-fleet runbook's commands up to (not including) `docker compose up`."""
+    block = RUNBOOK.read_text().split("## Local fleet (docker compose)", 1)[1].split("```sh\n", 1)[1].split("```")[0]
+    lines = block.splitlines()
+    return lines[:next(i for i, line in enumerate(lines) if "docker compose up" in line)]
+
+
+def test_the_local_fleet_runbook_sets_every_required_variable_before_up():
+    """A `${VAR:?…}` stops every `docker compose` command until VAR is set: the runbook must set each one."""
+    required = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text()))
+    assert {"GRAFANA_ADMIN_PASSWORD", "LANDMARKS_EVENT_SIGNING_KEY"} <= required
+    before_up = _local_fleet_lines()
+    for variable in required:
+        assert any(re.search(rf"{variable}=.*>> \.env", line) for line in before_up), variable
+
+
+def test_compose_keeps_grafana_and_prometheus_on_this_host_with_a_password_of_its_own():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name in ("grafana", "prometheus"):
+        ports = services[name]["ports"]
+        assert ports and all(str(port).startswith("127.0.0.1:") for port in ports), (name, ports)
+    # Required, no default: Grafana would otherwise create its admin with a password everyone knows.
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), password
+
+
+def _k8s_variables(container: dict, objects: list[dict]) -> set[str]:
+    """The variables a container is given: its env entries and every key of the objects it takes whole."""
+    names = {e["name"] for e in container.get("env", [])}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            names |= set(_one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+        if "secretRef" in source:
+            names |= set(_one(objects, "Secret", source["secretRef"]["name"])["stringData"])
+    return names
+
+
+def _env_file_keys(path: Path) -> dict[str, str]:
+    pairs = [line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return {name: value for name, value in pairs}
+
+
+# Would let whoever takes over the internet-facing API enqueue events (signed ones) for every worker.
+KEPT_FROM_THE_API = {"LANDMARKS_BROKER_URL", "LANDMARKS_EVENT_SIGNING_KEY"}
+API_NEEDS = {"LANDMARKS_DATABASE_URL", "LANDMARKS_API_TOKEN_KEY"}
+
+
+def test_the_api_gets_neither_the_broker_url_nor_the_event_signing_key():
+    objects = _k8s_objects()
+    api = _k8s_variables(_container(_one(objects, "Deployment", "landmarks-api")), objects)
+    assert API_NEEDS <= api and not api & KEPT_FROM_THE_API, api & KEPT_FROM_THE_API
+    assert KEPT_FROM_THE_API <= _k8s_variables(_container(_worker(objects)), objects)
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    fleet_env = set(_env_file_keys(DEPLOY / "fleet.env.example"))
+
+    def compose_variables(name: str) -> set[str]:
+        files = services[name].get("env_file", [])
+        return set(services[name].get("environment", {})) | (fleet_env if files else set())
+
+    assert [f["path"] for f in services["api"]["env_file"]] == ["fleet.env"]
+    assert API_NEEDS <= compose_variables("api")
+    assert not compose_variables("api") & KEPT_FROM_THE_API, compose_variables("api") & KEPT_FROM_THE_API
+    assert KEPT_FROM_THE_API <= compose_variables("worker-0")
+
+
+def test_example_secrets_leave_every_key_empty_and_an_empty_key_stops_its_process(monkeypatch):
+    """A placeholder long enough to pass the key checks would run a fleet on a key everyone knows."""
+    secret = _one(_k8s_objects(), "Secret")["stringData"]
+    fleet_env = _env_file_keys(DEPLOY / "fleet.env.example")
+    assert {"LANDMARKS_API_TOKEN_KEY", "LANDMARKS_EVENT_SIGNING_KEY"} <= set(secret)
+    assert "LANDMARKS_API_TOKEN_KEY" in fleet_env
+    keys = {f"{where}: {name}": value for where, values in (("secret.yaml", secret), ("fleet.env.example", fleet_env))
+            for name, value in values.items() if name.endswith("_KEY")}
+    assert {k: v for k, v in keys.items() if v != ""} == {}
+    # Empty is refused, as the examples' comments say: the workers (signing key) and the API (token key).
+    from typer.testing import CliRunner
+
+    from shared.cli import app
+    from shared.signing import SigningKeyError, verification_keys
+    monkeypatch.setenv("LANDMARKS_EVENT_SIGNING_KEY", secret["LANDMARKS_EVENT_SIGNING_KEY"])
+    with pytest.raises(SigningKeyError):
+        verification_keys(Settings())
+    monkeypatch.setenv("LANDMARKS_API_TOKEN_KEY", secret["LANDMARKS_API_TOKEN_KEY"])
+    monkeypatch.delenv("LANDMARKS_API_USER_HEADER", raising=False)
+    refused = CliRunner().invoke(app, ["serve", "--port", "1"])
+    assert refused.exit_code == 2 and "LANDMARKS_API_TOKEN_KEY" in refused.output, refused.output
+
+
 def _cpus(quantity: str) -> float:
     return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
@@ -321,6 +410,9 @@ def test_every_reference_between_objects_resolves_and_settings_are_known():
                 if "secretRef" in source:
                     assert ("Secret", source["secretRef"]["name"]) in names
             assert {e["name"] for e in container.get("env", [])} <= KNOWN_ENV
+            for entry in container.get("env", []):
+                if ref := entry.get("valueFrom", {}).get("secretKeyRef"):
+                    assert ref["key"] in _one(objects, "Secret", ref["name"])["stringData"], ref
             mounts = {m["name"] for m in container.get("volumeMounts", [])}
             assert mounts <= {v["name"] for v in spec.get("volumes", [])}
         for volume in spec.get("volumes", []):
@@ -433,9 +525,14 @@ def test_docker_compose_config_validates():
     cmd = _docker_compose()
     if cmd is None:
         pytest.skip("no docker compose (v2.24+) client here")
-    out = subprocess.run([*cmd, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True,
-                         timeout=60, cwd=DEPLOY)
+    required = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text()))
+    base = [*cmd, "-f", str(COMPOSE), "--env-file", os.devnull, "config", "--quiet"]  # not a local .env
+    clean = {k: v for k, v in os.environ.items() if k not in required}
+    out = subprocess.run(base, capture_output=True, text=True, timeout=60, cwd=DEPLOY,
+                         env={**clean, **{name: "set-by-the-test" for name in required}})
     assert out.returncode == 0, out.stderr
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60, cwd=DEPLOY, env=clean)
+    assert refused.returncode != 0 and any(name in refused.stderr for name in required), refused.stderr
 
 
 # --- Prometheus and Grafana ----------------------------------------------------------------------
