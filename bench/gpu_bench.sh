@@ -20,7 +20,8 @@
 #        SCALE_MAX (1000000), RUN_TIMEOUT_S (180 per bench run; 480 with COMPILE=1, which takes longer
 #        than 5 minutes in all), TIME_BUDGET_S (420: the 2-worker run starts only if it can end by then),
 #        DEADLINE_S (560, 1800 with COMPILE=1: no run goes on past it, and none starts with under 30 s
-#        left), SKIP_INSTALL=1 (with no .venv-gpu: run with PYTHON's own packages).
+#        left; bench/device_run.sh sets it from the device call's limit), SKIP_INSTALL=1 (with no .venv-gpu:
+#        run with PYTHON's own packages).
 #
 # On a machine that reaches no package index (the lent ones here), bench/device_run.sh installs wheels
 # prepared beforehand and calls this script.
@@ -70,12 +71,13 @@ fi
 BIN="$VENV/bin/python"
 # SKIP_INSTALL=1 without the venv: the machine's own Python has everything (bench/device_run.sh put it there).
 [[ -x "$BIN" ]] || BIN=$PY
-"$BIN" -c "import shared.bench" # the project imports with the machine's torch
+"$BIN" -c "import shared.bench.run, shared.bench.search_scale" # the bench imports with the machine's torch
 
 bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or an error line
   local name=$1; shift
-  # Each run ends by DEADLINE (560 s from the start: a device call is stopped at 600 s, and what a run
-  # stopped with it had measured would be lost), and one with under 30 s left does not start.
+  # Each run ends by DEADLINE (560 s from the start: a device call is stopped at 600 s, or sooner when less
+  # device time is left, and what a run stopped with it had measured would be lost), and one with under 30 s
+  # left does not start.
   local left=$(( DEADLINE - ($(date +%s) - started) ))
   if (( left < 30 )); then
     echo "{\"run\": \"$name\", \"error\": \"not started: ${left}s left before DEADLINE_S\"}" | tee -a "$OUT/gpu-bench.jsonl"
@@ -109,7 +111,10 @@ bench cuda-2mp --device cuda --size 2mp --images "${IMAGES_2MP:-4096}" --batch-s
 bench cuda-search-scale --device cuda --search-scale --scale-max "${SCALE_MAX:-1000000}" --milvus-cap-s 45
 # With time left (TIME_BUDGET_S, 420 by default: a device call has 600), the 2 MP end-to-end again with two
 # worker processes on the GPU: the way past one process's Python if worker_cpu_ms_per_img.main shows it.
-if (( $(date +%s) - started < ${TIME_BUDGET_S:-420} - RUN_TIMEOUT )) && [[ "${WORKERS:-1}" == 1 ]]; then
+# It starts only if a whole run fits before DEADLINE too: a run cut short there measures nothing.
+END_BY=${TIME_BUDGET_S:-420}
+(( DEADLINE > END_BY )) || END_BY=$DEADLINE
+if (( $(date +%s) - started < END_BY - RUN_TIMEOUT )) && [[ "${WORKERS:-1}" == 1 ]]; then
   bench cuda-2mp-2workers --device cuda --size 2mp --images "${IMAGES_2MP:-4096}" --batch-size "${BATCH:-256}" \
     --workers 2 --skip-delf
 fi

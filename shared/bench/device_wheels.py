@@ -135,6 +135,27 @@ def unmet(extras: tuple[str, ...] = ("gpu",)) -> list[str]:
     return sorted(problems)
 
 
+def decoder_versions(path: Path = PYPROJECT) -> list[str]:
+    """torch's CUDA beside the versions of the decoder's wheels that installed: nvidia-nvjpeg is pinned to
+    CUDA 13, not to the image's minor version, so a mismatch shows in the first call's output."""
+    gpu_extra = tomllib.loads(path.read_text())["project"]["optional-dependencies"]["gpu"]
+    lines = [_torch_cuda()]
+    for name in (Requirement(text).name for text in gpu_extra):
+        try:
+            lines.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{name}: not installed")
+    return lines
+
+
+def _torch_cuda() -> str:
+    try:
+        import torch
+    except (ImportError, OSError) as exc:  # OSError: a CUDA library the build links is missing
+        return f"torch does not import: {exc}"
+    return f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
 def _requires(name: str) -> list[str]:
     try:
         return metadata.requires(name) or []
@@ -174,11 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--list", action="store_true", help="print what each part holds and download nothing")
     ap.add_argument("--check", action="store_true",
-                    help="on the machine, after installing: list the requirements this environment does not meet")
+                    help="on the machine, after installing: torch's CUDA and the decoder's versions, then the "
+                         "requirements this environment does not meet")
     args = ap.parse_args(argv)
     if args.check:
         problems = unmet()
-        print("\n".join(problems) or "every requirement is met")
+        print("\n".join(decoder_versions() + (problems or ["every requirement is met"])))
         return 1 if problems else 0
     over = []
     for part in parts():

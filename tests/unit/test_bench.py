@@ -3,6 +3,7 @@ bench (real PostgreSQL, Redis, milvus-lite and a Celery worker) that must print 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -261,6 +262,88 @@ def test_the_model_stage_runs_its_batches_as_the_worker_does(tmp_path, device):
     one_at_a_time = forward(np.stack(list(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8))))
     for embeddings in embedded:  # L2-normalised: cosines of 1
         assert (embeddings * one_at_a_time).sum(axis=1).min() > 0.9999
+
+
+def test_the_bench_package_gives_its_names_on_first_use():
+    """shared.bench's names, imported from their modules on first use (device_wheels --check must run without
+    the bench's dependencies), are the modules' own, and a name it lacks is an AttributeError."""
+    import shared.bench
+    from shared.bench import SEARCH_SCALE_SIZES, BenchConfig, run_bench, run_search_scale
+    from shared.bench import config, run, search_scale
+    assert (BenchConfig, run_bench) == (config.BenchConfig, run.run_bench)
+    assert (SEARCH_SCALE_SIZES, run_search_scale) == (search_scale.SEARCH_SCALE_SIZES, search_scale.run_search_scale)
+    assert set(shared.bench.__all__) <= set(dir(shared.bench))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        shared.bench.no_such_name  # noqa: B018
+
+
+class FakeStream:
+    """A CUDA stream without a GPU: what is queued on it is done at a given time."""
+
+    def __init__(self) -> None:
+        self.done_at = 0.0
+
+    def queue(self, seconds: float) -> None:
+        self.done_at = max(self.done_at, time.perf_counter()) + seconds
+
+    def synchronize(self) -> None:
+        time.sleep(max(0.0, self.done_at - time.perf_counter()))
+
+
+class FakeCuda:
+    """CUDA's waits: a stream's synchronize waits for its own work, torch.cuda.synchronize for every stream's."""
+
+    def __init__(self) -> None:
+        self.default = FakeStream()
+        self.streams = [self.default]
+        self.current = threading.local()
+
+    def Stream(self) -> FakeStream:  # noqa: N802 (torch's name)
+        self.streams.append(FakeStream())
+        return self.streams[-1]
+
+    @contextlib.contextmanager
+    def stream(self, stream: FakeStream):
+        before = self.current_stream()
+        self.current.stream = stream
+        try:
+            yield
+        finally:
+            self.current.stream = before
+
+    def current_stream(self) -> FakeStream:
+        return getattr(self.current, "stream", self.default)
+
+    def synchronize(self) -> None:
+        for stream in list(self.streams):
+            stream.synchronize()
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # bf16 autocast on the CPU here
+def test_the_concurrent_model_figure_does_not_wait_for_the_decode_threads_stream(tmp_path, monkeypatch):
+    """`concurrent.model_img_s` is the forward's rate while the GPU decodes in a thread on its own stream: a
+    forward that waited for every stream would count the decoder's time as the model's."""
+    from shared.bench.stages import overlap_figures
+    from shared.modelinit import init_model
+    cuda = FakeCuda()
+    for name in ("Stream", "stream", "current_stream", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    path = tmp_path / "m.pt"
+    init_model(path, backbone="tiny", dim=32, size=32, version="bench_v1", calibrate=None)
+
+    class Decoder:
+        def __init__(self, seconds_per_chunk: float) -> None:
+            self.seconds = seconds_per_chunk
+
+        def decode(self, chunk, size):
+            cuda.current_stream().queue(self.seconds)
+            return [], []
+
+    unhindered = overlap_figures(Decoder(0.0), [b"jpeg"] * 64, path, "cpu", 8, seconds=1.0)
+    busy = overlap_figures(Decoder(0.05), [b"jpeg"] * 64, path, "cpu", 8, seconds=1.0)  # 50 ms a chunk of 64
+    assert 0 < busy["decode_img_s"] <= 64 / 0.05 * 1.1
+    assert busy["model_img_s"] > 0.5 * unhindered["model_img_s"], (unhindered, busy)
 
 
 @pytest.mark.parametrize("spill_to", ["arena", "files", "off"])
