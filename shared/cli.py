@@ -79,12 +79,15 @@ def _server_failure(exc: Exception) -> str | None:
         return NOT_MIGRATED if isinstance(exc.orig, UndefinedTable) else None
     if getattr(getattr(exc, "orig", None), "pgcode", None):
         return None  # the server answered (a deadlock, a timeout, a full disk): not a URL to check
+    if (parsing := _url_parser_of(exc)) is not None:
+        # Never the parser's message: it quotes the part it choked on, often a piece of the password
+        # (`redis://:s3cr/et@redis` -> "Port could not be cast to integer value as 's3cr'").
+        variable, server = PARTS[parsing]
+        return (f"{server}: {variable} cannot be parsed as a URL (percent-encode special characters in its "
+                "password, e.g. '/' as %2F, '@' as %40, ':' as %3A)")
     if isinstance(exc, ValueError):
-        part = _url_parser_of(exc)
-        if part is None:
-            return None  # a bad input or a bug, whose traceback is the useful report
-    else:
-        part = _part_of(exc)
+        return None  # a bad input or a bug, whose traceback is the useful report
+    part = _part_of(exc)
     reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     if part is None:
         return reason

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from shared.errors import InvalidEvent
 from shared.signing import verify_event
@@ -95,8 +96,23 @@ class PhotoUploaded(_Event):
         return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
+# Fields only an upload has. A signature covers the whole body, not the task it was sent to: a deletion carrying
+# them may be a signed upload re-sent to landmarks.photo_deleted by anyone who can write to the broker.
+UPLOAD_ONLY_FIELDS = ("uri", "preview_uri", "uploaded_at")
+
+
 class PhotoDeleted(_Event):
-    pass
+    @model_validator(mode="wrap")
+    @classmethod
+    def _not_an_upload(cls, data: Any, handler: Any) -> PhotoDeleted:
+        deleted = handler(data)  # a missing or bad id is reported first, as on any deletion
+        carried = sorted(f for f in UPLOAD_ONLY_FIELDS if isinstance(data, dict) and f in data)
+        if carried:
+            raise PydanticCustomError(
+                "upload_fields_on_deletion",
+                "a deletion must not carry an upload's fields ({fields}): refused as a possible upload sent "
+                "as a deletion", {"fields": ", ".join(carried)})
+        return deleted
 
 
 E = TypeVar("E", bound=_Event)

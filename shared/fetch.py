@@ -7,6 +7,7 @@ import http.client
 import io
 import ipaddress
 import os
+import re
 import socket
 import stat
 import time
@@ -45,7 +46,13 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
         raise FetchError(f"cannot fetch {short_uri(uri)}: {_describe(exc)}", transient=_transient(exc)) from None
 
 
+# The authority's user:password@ (up to its last "@", as urlsplit reads it): failure reasons and logs show the
+# URI, and a password in a presigned or basic-auth URL must not end up in the failures table.
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.\-]*://)[^/?#]*@", re.IGNORECASE)
+
+
 def short_uri(uri: str) -> str:
+    uri = _USERINFO.sub(r"\1***@", uri, count=1)
     text = repr(uri) if any(c in uri for c in "\r\n\t") else uri  # keep reasons on one line
     return text if len(text) <= _URI_CHARS else text[: _URI_CHARS - 1] + "…"
 
@@ -154,7 +161,9 @@ def non_public_kind(address: IPAddress) -> str | None:
     address = _embedded_ipv4(address) or address
     kinds = (("unspecified", address.is_unspecified), ("loopback", address.is_loopback),
              ("link-local", address.is_link_local), ("multicast", address.is_multicast),
-             ("reserved", address.is_reserved), ("private", address.is_private))
+             ("reserved", address.is_reserved), ("private", address.is_private),
+             # fec0::/10, deprecated (RFC 3879) but still routed inside some networks; is_global says yes.
+             ("site-local", isinstance(address, ipaddress.IPv6Address) and address.is_site_local))
     for kind, matches in kinds:
         if matches:
             return kind

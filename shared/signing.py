@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 SIGNATURE_FIELD = "signature"
 VERSION = "v1="
 MIN_KEY_BYTES = 16
+# Sample values (deploy/ once shipped CHANGE_ME_TO_32_RANDOM_BYTES) pass the length check, and anyone who read
+# them could sign with them.
+PLACEHOLDER_MARKERS = ("change_me", "changeme", "replace-with", "example", "placeholder")
+# A random key of 16 bytes or more has far more; "k" * 32 or "0123456" repeated is no secret.
+MIN_DISTINCT_BYTES = 8
 
 
 class SigningKeyError(ValueError):
@@ -102,7 +107,20 @@ def _secret_bytes(secret: SecretStr | None, name: str) -> bytes | None:
     return None if secret is None else _checked(secret.get_secret_value().encode(), name)
 
 
-def _checked(key: bytes, name: str) -> bytes:
+def weak_key_problem(key: bytes) -> str | None:
+    """Why ``key`` is no secret (too short, a placeholder, too few distinct bytes), None if it may be one."""
     if len(key) < MIN_KEY_BYTES:
-        raise SigningKeyError(f"{name} is shorter than {MIN_KEY_BYTES} bytes (e.g. use `openssl rand -hex 32`)")
+        return f"is shorter than {MIN_KEY_BYTES} bytes"
+    lowered = key.lower()
+    marker = next((m for m in PLACEHOLDER_MARKERS if m.encode() in lowered), None)
+    if marker is not None:
+        return f"is a placeholder (it contains {marker!r}), not a secret"
+    if len(set(key)) < MIN_DISTINCT_BYTES:
+        return f"has fewer than {MIN_DISTINCT_BYTES} distinct bytes, so it is not random"
+    return None
+
+
+def _checked(key: bytes, name: str) -> bytes:
+    if (problem := weak_key_problem(key)) is not None:
+        raise SigningKeyError(f"{name} {problem} (e.g. use `openssl rand -hex 32`)")
     return key

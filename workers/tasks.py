@@ -10,6 +10,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
+from celery import signals
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from shared import metrics
@@ -31,6 +32,15 @@ _signing_keys = verification_keys(_settings)
 # A handed-back event must pass this fleet's own signature check when it comes round again.
 _sign = event_signer(_settings)
 _backfill_queue = backfill_queue(_settings)
+
+
+@signals.worker_init.connect
+def _warn_if_unsigned(**_: object) -> None:
+    # At worker start, not on every import: `landmarks enqueue` imports this module for the task names.
+    if not _signing_keys:
+        log.warning("LANDMARKS_EVENT_SIGNING_KEY (or LANDMARKS_EVENT_SIGNING_KEY_FILE) is not set: event signing "
+                    "is off, so this worker accepts unsigned events from anyone who can write to the broker")
+
 
 UPLOADED = "landmarks.photo_uploaded"
 DELETED = "landmarks.photo_deleted"

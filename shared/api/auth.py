@@ -13,8 +13,7 @@ import hashlib
 import hmac
 
 from shared.events import MAX_ID_LENGTH, id_problem
-
-MIN_KEY_BYTES = 16
+from shared.signing import weak_key_problem
 
 
 class AuthError(Exception):
@@ -36,8 +35,11 @@ def _signature(key: bytes, user_id: str) -> bytes:
 
 
 def check_key(key: bytes) -> bytes:
-    if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"the API token key must be at least {MIN_KEY_BYTES} bytes")
+    if not isinstance(key, bytes):
+        raise ValueError(f"the API token key (LANDMARKS_API_TOKEN_KEY) must be bytes, got {type(key).__name__}")
+    if (problem := weak_key_problem(key)) is not None:
+        # A placeholder copied from an example would let anyone who read it mint a token for any user.
+        raise ValueError(f"LANDMARKS_API_TOKEN_KEY {problem} (e.g. use `openssl rand -hex 32`)")
     return key
 
 

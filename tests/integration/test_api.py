@@ -360,12 +360,12 @@ def test_token_round_trip_and_tampering():
             make_token(KEY, unaddressable)
 
 
-PLACEHOLDERS = [b"CHANGE_ME_TO_32_RANDOM_BYTES", b"replace-with-a-random-secret-of-32-bytes"]  # deploy/'s samples
+PLACEHOLDERS = [b"CHANGE_ME_TO_32_RANDOM_BYTES", b"replace-with-a-random-secret-of-32-bytes"]  # deploy/ shipped them
 
 
 @pytest.mark.parametrize("key", [*PLACEHOLDERS, b"k" * 32], ids=["secret.yaml", "fleet.env.example", "one-byte"])
 def test_a_placeholder_token_key_mints_no_token_and_starts_no_api(engine, library, key):
-    """Anyone who read the repository could mint a token for any user with deploy/'s sample key."""
+    """Anyone who read the repository could mint a token for any user with the sample key deploy/ shipped."""
     with pytest.raises(ValueError, match="^LANDMARKS_API_TOKEN_KEY (is a placeholder|has fewer than 8 distinct)"):
         make_token(key, "alice")
     with pytest.raises(ValueError, match="^LANDMARKS_API_TOKEN_KEY "):

@@ -83,6 +83,21 @@ def test_a_malformed_url_is_one_line_naming_its_variable(tmp_path, args, urls, v
     assert _json_error(done) == _one_line_failure(done, variable)
 
 
+@pytest.mark.parametrize("args, urls, variable", [
+    (["queue", "--json"], {"LANDMARKS_BROKER_URL": "redis://:s3cr/et@redis:6379/0"}, "LANDMARKS_BROKER_URL"),
+    (["versions", "--json"], {"LANDMARKS_DATABASE_URL": "postgresql://u:s3cr@h:et@db:5432/x"},
+     "LANDMARKS_DATABASE_URL"),
+    (["albums", "--user", "a", "--json"], {"LANDMARKS_DATABASE_URL": "postgresql://u:s3cr/et@db:5x/x"},
+     "LANDMARKS_DATABASE_URL"),
+], ids=["broker", "database", "database_port"])
+def test_a_url_that_cannot_be_parsed_shows_no_piece_of_its_password(tmp_path, args, urls, variable):
+    """The parsers quote what they choke on ("Port could not be cast to integer value as 's3cr'")."""
+    done = _landmarks(tmp_path, *args, **{**UNREACHABLE, **urls})
+    line = _one_line_failure(done, f"{variable} cannot be parsed as a URL", "percent-encode", "password")
+    assert _json_error(done) == line
+    assert "s3cr" not in done.stdout + done.stderr and "et@" not in done.stdout + done.stderr
+
+
 def test_other_value_errors_keep_their_traceback():
     assert _server_failure(ValueError("a bad input, or a bug")) is None
 

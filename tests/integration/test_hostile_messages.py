@@ -25,6 +25,8 @@ import ops_fleet as fleet
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEY = "test-hostile-key-" + uuid.uuid4().hex
 DEPTH = 1015  # with the task body's own 3 levels, just under orjson's 1,024
+# What a worker without LANDMARKS_EVENT_SIGNING_KEY logs as it starts (workers/tasks.py).
+UNSIGNED_WARNING = "LANDMARKS_EVENT_SIGNING_KEY (or LANDMARKS_EVENT_SIGNING_KEY_FILE) is not set: event signing is off"
 # What the worker's log shows when a task, not an event, went wrong: celery-batches' "Error: ..." for an
 # exception that escaped the batch (which it then acknowledges), a give-up, or an exit for redelivery.
 TASK_ERRORS = ("Error: ", "failed unexpectedly", "still failing after", "CRITICAL", "exiting so the broker")
@@ -184,6 +186,7 @@ def test_hostile_messages_are_refused_when_events_are_signed(photos, model_versi
     assert failures[surrogate["event_id"]].payload["caption"] == "\ufffd"
     assert failures[raw_key].reason == "unsigned event refused: signing is required"
     _assert_no_task_error(log)
+    assert UNSIGNED_WARNING not in log
 
 
 def test_deletions_with_the_wrong_arguments_are_recorded(photos, model_version, database_url, broker_url,
@@ -214,3 +217,6 @@ def test_deletions_with_the_wrong_arguments_are_recorded(photos, model_version, 
     assert tasks == [fleet.DELETED] * len(keys)
     assert failures[keys[2]].payload == {"_args": [], "_kwargs": {"payload": wrong[2][1]["payload"]}}
     _assert_no_task_error(log)
+    # This worker runs without LANDMARKS_EVENT_SIGNING_KEY: it says so, once, as it starts.
+    assert log.count(UNSIGNED_WARNING) == 1, log[-3000:]
+    assert log.index(UNSIGNED_WARNING) < log.index(" ready.")  # Celery's "celery@host ready."

@@ -89,11 +89,16 @@ def test_only_signed_events_are_acted_on(photos, model_version, env, engine, tmp
                            "event_id": uuid.uuid4().hex}
         send(fleet.DELETED, deletion)
         send(fleet.DELETED, forged_deletion)
-        fleet.wait(lambda: len(_failures(engine, user)) == 5, "two refused deletions", worker=worker)
+        # The signature covers the body, not the task: the signed upload re-sent as a deletion (by anyone who can
+        # write to the broker) carries a valid signature, and must still delete nothing.
+        send(fleet.DELETED, signed)
+        fleet.wait(lambda: len(_failures(engine, user)) == 6, "three refused deletions", worker=worker)
         failures = _failures(engine, user)
         assert failures[deletion["event_id"]][:2] == (fleet.DELETED, "validate")
         assert failures[deletion["event_id"]][2].startswith("unsigned event refused")
         assert failures[forged_deletion["event_id"]][2] == "forged or altered event: signature mismatch"
+        assert failures[signed["event_id"]][:2] == (fleet.DELETED, "validate")
+        assert "a deletion must not carry an upload's fields" in failures[signed["event_id"]][2]
         assert _status(engine, user, signed["photo_id"]) == "tagged"
         send(fleet.DELETED, sign_event(deletion, key))
         fleet.wait(lambda: _status(engine, user, signed["photo_id"]) == "deleted", "the signed deletion",
@@ -108,4 +113,5 @@ def test_only_signed_events_are_acted_on(photos, model_version, env, engine, tmp
     finally:
         fleet.stop(worker)
         producer.close()
+    assert "event signing is off" not in log.read_text(errors="replace")  # it is on: no warning saying otherwise
     assert KEY not in log.read_text(errors="replace")

@@ -53,6 +53,21 @@ def test_deleted_event_needs_only_ids():
     assert parse_event(PhotoDeleted, {"event_id": "e", "user_id": "u", "photo_id": "p"}).photo_id == "p"
 
 
+@pytest.mark.parametrize("field, value", [("uri", "file:///x.jpg"), ("preview_uri", None),
+                                          ("uploaded_at", "2026-11-26T10:00:00Z")])
+def test_a_deletion_carrying_an_upload_field_is_malformed(field, value):
+    """A signature covers the body, not the task: a signed upload sent as a deletion must not delete."""
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(PhotoDeleted, {"event_id": "e", "user_id": "u", "photo_id": "p", field: value})
+    assert info.value.reason == (f"malformed event: event: a deletion must not carry an upload's fields ({field}): "
+                                 "refused as a possible upload sent as a deletion")
+    with pytest.raises(InvalidEvent, match=r"upload's fields \(uploaded_at, uri\)"):
+        parse_event(PhotoDeleted, GOOD)
+    # A deletion's own problems are reported as before.
+    with pytest.raises(InvalidEvent, match="^malformed event: photo_id: Field required$"):
+        parse_event(PhotoDeleted, {k: v for k, v in GOOD.items() if k != "photo_id"})
+
+
 def test_a_photo_stored_under_an_id_uploads_now_refuse_can_still_be_deleted():
     for photo_id in (".", "tab\there"):
         assert parse_event(PhotoDeleted, {"event_id": "e", "user_id": "u", "photo_id": photo_id}).photo_id == photo_id

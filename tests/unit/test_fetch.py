@@ -155,6 +155,29 @@ def test_long_uri_is_truncated_in_reason(settings: Settings) -> None:
     assert len(info.value.reason) < 300
 
 
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("https://alice:s3cret@store.internal/p.jpg", "https://***@store.internal/p.jpg"),
+    ("HTTPS://alice:s3@cr3t@store.internal/p.jpg?v=@1", "HTTPS://***@store.internal/p.jpg?v=@1"),  # up to the last @
+    ("https://token@store.internal/p.jpg", "https://***@store.internal/p.jpg"),
+    ("https://cdn.internal/p@2x.jpg", "https://cdn.internal/p@2x.jpg"),  # an @ in the path is no user
+    ("file:///photos/p@2x.jpg", "file:///photos/p@2x.jpg"),
+])
+def test_the_uri_in_reasons_and_logs_carries_no_user_or_password(uri: str, shown: str) -> None:
+    assert fetch.short_uri(uri) == shown
+
+
+def test_a_password_in_the_uri_stays_out_of_the_failure_reason(settings: Settings) -> None:
+    with pytest.raises(FetchError) as info:
+        fetch_bytes("gopher://alice:s3cret@store.internal/p.jpg", settings)
+    assert info.value.reason == "unsupported URI scheme 'gopher' in gopher://***@store.internal/p.jpg"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(FetchError, match=rf"cannot fetch http://\*\*\*@127\.0\.0\.1:{port}/x") as info:
+        fetch_bytes(f"http://alice:s3cret@127.0.0.1:{port}/x", local_settings())
+    assert "s3cret" not in info.value.reason and "alice" not in info.value.reason
+
+
 def test_register_fetcher_plugs_in_a_scheme(settings: Settings, monkeypatch) -> None:
     monkeypatch.setattr(fetch, "FETCHERS", dict(fetch.FETCHERS))
     register_fetcher("Mem", lambda uri, s: uri.encode())
@@ -449,6 +472,8 @@ def test_loopback_is_refused_by_default_without_connecting(server: str) -> None:
     ("[::ffff:169.254.169.254]", "link-local"),
     ("[::ffff:10.0.0.5]", "private"),
     ("[64:ff9b::a00:5]", "private"),  # NAT64 of 10.0.0.5
+    ("[fec0::1]", "site-local"),  # deprecated, yet routed inside some networks
+    ("[feff::5]", "site-local"),
 ])
 def test_internal_addresses_are_refused_before_any_connection(host: str, kind: str) -> None:
     start = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from shared.signing import (
     verify_event,
 )
 
-KEY = b"k" * 32
-OLD_KEY = b"o" * 32
+KEY = b"current-signing-key-5f3a9c1e7b"
+OLD_KEY = b"previous-signing-key-d84e26b0"
 EVENT = {"event_id": "e1", "user_id": "u1", "photo_id": "p1", "uri": "https://photos.example.com/p1.jpg",
          "uploaded_at": "2026-11-26T10:00:00Z", "gps": {"lat": 48.8584, "lon": 2.2945}, "caption": "Tour Eiffel ✓"}
+DELETION = {"event_id": "e2", "user_id": "u1", "photo_id": "p1"}
 
 
 def settings(**values) -> Settings:
@@ -125,8 +127,27 @@ def test_parse_event_verifies_before_validating_when_given_keys() -> None:
     # A forged event is refused as forged even when it is also malformed.
     with pytest.raises(InvalidEvent, match="signature mismatch"):
         parse_event(PhotoUploaded, {**signed, "uri": None}, keys=(KEY,))
-    deleted = sign_event({"event_id": "e2", "user_id": "u1", "photo_id": "p1"}, KEY)
+    deleted = sign_event(DELETION, KEY)
     assert parse_event(PhotoDeleted, deleted, keys=(OLD_KEY, KEY)).photo_id == "p1"
+
+
+def test_a_signed_upload_is_no_signed_deletion() -> None:
+    """The signature covers the body, not the task it is sent to: anyone who can write to the broker could
+    re-send a queued upload to landmarks.photo_deleted, and the photo would be deleted."""
+    upload = sign_event(EVENT, KEY)
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(PhotoDeleted, upload, keys=(KEY,))
+    assert info.value.reason.startswith("malformed event: ")
+    assert "a deletion must not carry an upload's fields (uploaded_at, uri)" in info.value.reason
+    # Even signed without uploaded_at, a deletion carrying the photo's storage URI is refused.
+    assert "(preview_uri)" in _refusal(sign_event({**DELETION, "preview_uri": "https://x.test/p.jpg"}, KEY))
+    assert parse_event(PhotoDeleted, sign_event(DELETION, KEY), keys=(KEY,)).photo_id == "p1"
+
+
+def _refusal(deletion: dict) -> str:
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(PhotoDeleted, deletion, keys=(KEY,))
+    return info.value.reason
 
 
 def test_without_keys_the_signature_is_ignored() -> None:
@@ -157,17 +178,17 @@ def test_key_file_with_a_trailing_newline(tmp_path: Path) -> None:
 
 
 def test_key_from_the_environment_stays_out_of_reprs(monkeypatch) -> None:
-    monkeypatch.setenv("LANDMARKS_EVENT_SIGNING_KEY", "s3cr3t-" + "z" * 20)
+    monkeypatch.setenv("LANDMARKS_EVENT_SIGNING_KEY", "s3cr3t-" + KEY.decode())
     s = Settings()
-    assert signing_key(s) == ("s3cr3t-" + "z" * 20).encode()
+    assert signing_key(s) == b"s3cr3t-" + KEY
     assert "s3cr3t" not in repr(s) and "s3cr3t" not in str(s.model_dump())
 
 
 @pytest.mark.parametrize(("values", "words"), [
     ({"event_signing_key": "short"}, ["LANDMARKS_EVENT_SIGNING_KEY", "shorter than 16"]),
     ({"event_signing_key": ""}, ["shorter than 16"]),
-    ({"event_signing_previous_key": "p" * 32}, ["PREVIOUS_KEY", "without a current"]),
-    ({"event_signing_key": "k" * 32, "event_signing_key_file": "/run/secrets/key"}, ["not both"]),
+    ({"event_signing_previous_key": OLD_KEY.decode()}, ["PREVIOUS_KEY", "without a current"]),
+    ({"event_signing_key": KEY.decode(), "event_signing_key_file": "/run/secrets/key"}, ["not both"]),
     ({"event_signing_key_file": "/nonexistent/signing-key"}, ["cannot read", "/nonexistent/signing-key"]),
 ])
 def test_unusable_key_settings_are_errors_not_unsigned_mode(values: dict, words: list[str]) -> None:
@@ -175,6 +196,35 @@ def test_unusable_key_settings_are_errors_not_unsigned_mode(values: dict, words:
         verification_keys(settings(**values))
     for word in words:
         assert word in str(info.value)
+
+
+# The sample values deploy/k8s/base/secret.yaml and deploy/fleet.env.example once shipped, and keys that are no secret.
+@pytest.mark.parametrize(("key", "problem"), [
+    ("CHANGE_ME_TO_32_RANDOM_BYTES", "placeholder (it contains 'change_me')"),
+    ("replace-with-a-random-secret-of-32-bytes", "placeholder (it contains 'replace-with')"),
+    ("changeme-changeme-0123456789", "placeholder (it contains 'changeme')"),
+    ("an-EXAMPLE-signing-key-0123456789", "placeholder (it contains 'example')"),
+    ("Placeholder_0123456789abcdef", "placeholder (it contains 'placeholder')"),
+    ("k" * 32, "fewer than 8 distinct bytes"),
+    ("0123456" * 5, "fewer than 8 distinct bytes"),
+])
+def test_a_placeholder_or_non_random_key_is_refused_naming_its_variable(tmp_path: Path, key: str, problem: str) -> None:
+    for values, variable in (({"event_signing_key": key}, "LANDMARKS_EVENT_SIGNING_KEY "),
+                             ({"event_signing_key": KEY.decode(), "event_signing_previous_key": key},
+                              "LANDMARKS_EVENT_SIGNING_PREVIOUS_KEY "),
+                             ({"event_signing_key_file": tmp_path / "key"}, "LANDMARKS_EVENT_SIGNING_KEY_FILE ")):
+        (tmp_path / "key").write_text(key + "\n")
+        with pytest.raises(SigningKeyError) as info:
+            verification_keys(settings(**values))
+        assert str(info.value).startswith(variable) and problem in str(info.value)
+
+
+def test_keys_our_tests_and_tools_generate_and_one_just_at_the_limits_are_accepted() -> None:
+    import secrets
+    import uuid
+    for key in ("test-signing-key-" + uuid.uuid4().hex, "s3cr3t-" + KEY.decode(), secrets.token_hex(16),
+                secrets.token_urlsafe(32), "01234567" * 2):
+        assert verification_keys(settings(event_signing_key=key)) == (key.encode(),)
 
 
 def test_an_empty_key_file_is_an_error(tmp_path: Path) -> None:
@@ -188,6 +238,22 @@ def test_our_producers_sign_only_when_a_key_is_configured() -> None:
     signed = event_signer(settings(event_signing_key=KEY.decode()))(EVENT)
     verify_event(signed, KEY)
     assert "signature" not in EVENT
+
+
+@pytest.mark.parametrize(("keys", "warned"), [((), True), ((KEY,), False)])
+def test_a_worker_without_a_signing_key_says_so_once_at_start(monkeypatch, caplog, keys, warned) -> None:
+    from celery import signals
+
+    from workers import tasks
+    monkeypatch.setattr(tasks, "_signing_keys", keys)
+    with caplog.at_level(logging.WARNING, logger="workers.tasks"):
+        signals.worker_init.send(sender=None)  # what Celery sends once, as the worker starts
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warned:
+        assert len(warnings) == 1
+        assert "LANDMARKS_EVENT_SIGNING_KEY" in warnings[0] and "accepts unsigned events" in warnings[0]
+    else:
+        assert warnings == []
 
 
 def test_a_payload_nested_too_deep_to_encode_is_malformed() -> None:
