@@ -143,7 +143,8 @@ class RecognitionPipeline:
         is loaded in its place, and only the original's failure is the photo's. A preview whose storage does not
         answer for the moment is tried again later, while the event may be (``may_retry``): fetching every
         original too would double a batch's time while the storage is down (the pod's grace period counts on
-        one fetch per photo); on the last attempt the original is fetched, rather than fail the photo."""
+        one fetch per photo except on this last attempt); on the last attempt the original is fetched, rather
+        than fail the photo."""
         again = [i for i, (event, result) in enumerate(zip(events, results))
                  if event.preview_uri and isinstance(result.image, Failure)
                  and not (result.image.transient and event.event_id in may_retry)]

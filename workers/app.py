@@ -90,11 +90,10 @@ def _warm_up(sender=None, **_: object) -> None:
     """Load the active model before the first event arrives, so readiness reflects it. The sender is the
     consumer; its pool runs the batches (workers/pool.py). A stop signal during the warm-up stops the worker
     at once (workers/context.exit_on_stop_signal); one that came before skips the warm-up."""
-    from celery.worker import state
-
     from workers.context import exit_on_stop_signal, warm_up
-    if any(flag is not None and flag is not False for flag in (state.should_stop, state.should_terminate)):
-        return  # as Celery's maybe_shutdown reads them: the event loop, next, stops the worker
+    from workers.pool import worker_stopping
+    if worker_stopping():
+        return  # the event loop, next, stops the worker
     pool = getattr(sender, "pool", None)
     with exit_on_stop_signal():
         warm_up(pool if hasattr(pool, "run_on_every_thread") else None)

@@ -107,8 +107,12 @@ class ModelRetry:
 
 def _load_active_model() -> None:
     from shared import metrics
+    with _lock:
+        context = _context  # never worker_context(): after a close it would make a new one, left open
+    if context is None:
+        return
     try:
-        runtime = worker_context().pipeline.runtime()
+        runtime = context.pipeline.runtime()
     except Exception as exc:  # noqa: BLE001 - readiness says why meanwhile; tried again MODEL_RETRY_S later
         log.debug("still no usable model: %s", exc)
         return

@@ -48,7 +48,7 @@ JPEG_QUALITY = 85
 # Photos this process decodes at once. An album page asks for its tiles together, and a photo in a format
 # without scaled decoding (PNG, WebP, HEIC, AVIF, TIFF) is decoded at full size before it is shrunk: 4 bytes a
 # pixel, and Pillow's WebP decoder holds about four such buffers (48 MP: ~740 MB). Unbounded, a page of such
-# tiles took the 2 GiB API pod's memory many times over; the other requests wait for a slot.
+# tiles took the API pod's memory many times over; the other requests wait for a slot (deploy sizes the pod for two).
 MAX_CONCURRENT_DECODES = 2
 _decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
 
