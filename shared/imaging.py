@@ -215,14 +215,21 @@ def _square_rgb(img: Image.Image, size: int) -> np.ndarray:
         # Resized in its own mode, then scaled: scaled first, a 100 MP 16-bit image cost 2 GB of int64.
         small = Image.fromarray(_to_uint8(np.asarray(_square(img, size))), "L")
         return np.array(small.convert("RGB"), dtype=np.uint8)
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        # Transparent pixels would otherwise show whatever colour they happen to store. Composited over
-        # white after the resize (Pillow resizes RGBA premultiplied), so a 100 MP PNG costs one full-size
+    if _has_alpha(img):
+        # Composited after the resize (Pillow resizes RGBA premultiplied), so a 100 MP PNG costs one full-size
         # copy, not four.
         small = _square(img if mode == "RGBA" else img.convert("RGBA"), size)
-        background = Image.new("RGBA", small.size, (255, 255, 255, 255))
-        return np.array(Image.alpha_composite(background, small).convert("RGB"), dtype=np.uint8)
+        return np.array(_over_white(small).convert("RGB"), dtype=np.uint8)
     return np.array(_square(img if img.mode == "RGB" else img.convert("RGB"), size), dtype=np.uint8)
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def _over_white(rgba: Image.Image) -> Image.Image:
+    """Transparent pixels over white: they would otherwise show whatever colour they happen to store."""
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -354,7 +361,6 @@ def _flat_rgb(img: Image.Image) -> Image.Image:
     transparent pixels over white, not whatever colour they happen to store."""
     if img.mode.startswith("I") or img.mode == "F":
         return Image.fromarray(_to_uint8(np.asarray(img))).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if _has_alpha(img):
+        img = _over_white(img.convert("RGBA"))
     return img.convert("RGB")
