@@ -437,6 +437,12 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=console)
 
 
+def _require_preset(preset: str, known) -> None:
+    if preset not in known:
+        raise typer.BadParameter(f"unknown preset {preset!r}: choose one of {', '.join(known)}",
+                                 param_hint="'--preset'")
+
+
 @app.command()
 def world(out: Annotated[Path, typer.Option("--out")], seed: int = 0,
           preset: Annotated[str, typer.Option(help="tiny | small | medium")] = "small",
@@ -444,9 +450,7 @@ def world(out: Annotated[Path, typer.Option("--out")], seed: int = 0,
           as_json: JsonFlag = False) -> None:
     """Generate a deterministic synthetic landmark world in the dataset format (docs/dataset.md)."""
     from shared.training.world import PRESETS, generate_world
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}",
-                                 param_hint="'--preset'")
+    _require_preset(preset, PRESETS)
     with _progress() as progress:
         task = progress.add_task(f"world {preset} seed {seed}", total=None)
         summary = generate_world(out, seed=seed, preset=preset, contact_sheet=contact_sheet,
@@ -466,9 +470,7 @@ def build(world_dir: Annotated[Path, typer.Option("--world", exists=True, file_o
     from dataclasses import replace as dc_replace
     import torch
     from shared.training.build import PRESETS, Builder
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}",
-                                 param_hint="'--preset'")
+    _require_preset(preset, PRESETS)
     cfg = PRESETS[preset]
     cfg = dc_replace(cfg, train=dc_replace(cfg.train, seed=seed, backbone=backbone or cfg.train.backbone))
     if ablation == "no_cleaning":
@@ -558,9 +560,7 @@ def demo(preset: Annotated[str, typer.Option(help="world and build preset: tiny 
                                                "(--no-json: one `key: value` line each)")] = True) -> None:
     """The whole job on the embedded stack: world, build, publish, worker, users' archives, albums."""
     from shared.demo import presets, run_demo
-    if preset not in presets():  # before the stack starts
-        raise typer.BadParameter(f"unknown preset {preset!r}: choose one of {', '.join(presets())}",
-                                 param_hint="'--preset'")
+    _require_preset(preset, presets())  # before the stack starts
     result = run_demo(get_settings(), console, preset=preset, seed=seed)
     _emit(result, as_json)
     sys.stdout.flush()  # before --serve blocks
