@@ -21,13 +21,15 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from shared.settings import Settings, get_settings
+from shared.signing import SigningKeyError
 
 
 class _Commands(TyperGroup):
     """Every command: a LANDMARKS_* variable that fails validation is one line per variable and exit status
     2, not a traceback ending in a ValidationError that names the field rather than the variable. A server
     that cannot be reached, a URL that cannot be parsed or a database without the schema is one line naming
-    what to fix and exit status 1 (with ``--json``, then the JSON error line), not a traceback."""
+    what to fix and exit status 1 (with ``--json``, then the JSON error line), not a traceback. So is an unusable
+    event signing key (exit status 2), found by the worker and `enqueue` when they read it."""
 
     def invoke(self, ctx):
         as_json = "--json" in ctx.args  # the command's own arguments, parsed only inside super().invoke
@@ -38,6 +40,9 @@ class _Commands(TyperGroup):
                 raise
             for line in _settings_errors(exc):
                 console.print(line, soft_wrap=True, markup=False)
+            raise typer.Exit(2) from None
+        except SigningKeyError as exc:  # its message names the variable and how to make a key
+            console.print(str(exc), soft_wrap=True, markup=False)
             raise typer.Exit(2) from None
         except _server_errors() as exc:
             message = _server_failure(exc)
@@ -244,6 +249,8 @@ def _check_worker_environment(settings) -> None:
     would otherwise only switch off /healthz, /readyz and /metrics while the worker consumes, until the
     orchestrator's probes restart it, again and again."""
     from shared import health, metrics
+    from shared.signing import verification_keys
+    verification_keys(settings)  # an unusable key: one line from _Commands, before any process starts
     try:
         metrics.configured_port()
         health.max_batch_seconds(float(settings.visibility_timeout_s))
@@ -271,6 +278,7 @@ def enqueue(paths: Annotated[list[Path], typer.Argument(exists=True)],
     """Send one photo_uploaded event per image file (folders recursively), as the upload pipeline does."""
     from shared.gallery import image_files
     from shared.signing import event_signer
+    sign = event_signer(get_settings())  # workers with a key refuse unsigned events; a bad key stops us here
     from workers.app import app as celery_app
     from workers.tasks import UPLOADED
     files = [f for p in paths for f in image_files(p)]
@@ -279,7 +287,6 @@ def enqueue(paths: Annotated[list[Path], typer.Argument(exists=True)],
     if outside:
         console.print(f"[yellow]{len(outside)} file(s) lie outside LANDMARKS_FILE_ROOTS; "
                       "workers will record them as failures[/yellow]")
-    sign = event_signer(get_settings())  # workers with a key refuse unsigned events
     for path in files:
         celery_app.send_task(UPLOADED, args=[sign(upload_event(user, path))])
     _emit({"enqueued": len(files), "user": user, "queue": get_settings().queue}, as_json)
@@ -489,6 +496,9 @@ def build(world_dir: Annotated[Path, typer.Option("--world", exists=True, file_o
     except ValueError as exc:  # after the progress bars' last lines
         typer.echo(f"build: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:  # e.g. --out under a file, a full disk; the message names the path
+        typer.echo(f"build: {exc}", err=True)
+        raise typer.Exit(1) from None
     report = meta.extra["build"]
     _emit({"model": str(out), "version": meta.version, "t_geo": meta.t_geo, "t_global": meta.t_global,
            "t_ref": meta.t_ref, "seconds": report["seconds"],

@@ -157,3 +157,15 @@ def test_the_demo_result_is_json_unless_no_json(monkeypatch, flag, last_line):
     done = CliRunner().invoke(app, ["demo", "--preset", "tiny", *flag])
     assert done.exit_code == 0, done.output
     assert done.stdout.strip().splitlines()[-1] == last_line
+
+
+@pytest.mark.parametrize("args", [["worker", "--processes", "2"], ["enqueue", "{photo}", "--user", "alice"]],
+                         ids=lambda args: args[0])
+def test_a_placeholder_signing_key_is_one_line_naming_its_variable(tmp_path, photo, args):
+    args = [str(photo) if arg == "{photo}" else arg for arg in args]
+    done = _landmarks(tmp_path, *args, **UNREACHABLE, LANDMARKS_EVENT_SIGNING_KEY="CHANGE_ME_TO_32_RANDOM_BYTES",
+                      COLUMNS="200")
+    assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout
+    assert (done.stdout + done.stderr).strip() == (
+        "LANDMARKS_EVENT_SIGNING_KEY is a placeholder (it contains 'change_me'), not a secret "
+        "(e.g. use `openssl rand -hex 32`)")

@@ -338,6 +338,13 @@ def test_a_build_that_fails_after_its_checks_is_one_line(world, tmp_path):
     assert last.startswith("build: ") and "no stage had landmark photos" in last
 
 
+def test_a_build_that_cannot_write_its_model_is_one_line(world, tmp_path):
+    (tmp_path / "models").write_text("a file where the engineer meant a folder")
+    done = _cli("build", "--world", world, "--out", tmp_path / "models" / "m.pt", "--preset", "tiny")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"build: [Errno 20] Not a directory: '{tmp_path / 'models' / 'm.pt.work'}'"
+
+
 @pytest.mark.parametrize("case, message", [
     ("ablation_format", "--ablation-model 'foo': expected NAME=MODEL"),
     ("ablation_missing", "no model file"),
