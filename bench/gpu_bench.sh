@@ -19,8 +19,9 @@
 #        COMPILE=1 (time torch.compile; the end-to-end worker compiles its model at start),
 #        SCALE_MAX (1000000), RUN_TIMEOUT_S (180 per bench run; 480 with COMPILE=1, which takes longer
 #        than 5 minutes in all), TIME_BUDGET_S (420: the 2-worker run starts only if it can end by then),
-#        DEADLINE_S (560, 1800 with COMPILE=1: no run goes on past it, and none starts with under 30 s
-#        left; bench/device_run.sh sets it from the device call's limit), SKIP_INSTALL=1 (with no .venv-gpu:
+#        DEADLINE_S (560, 1800 with COMPILE=1: no run goes on past it; bench/device_run.sh sets it from
+#        the device call's limit), MIN_RUN_S (120: an end-to-end run with less time left is not started;
+#        the search scale needs 75 s), SKIP_INSTALL=1 (with no .venv-gpu:
 #        run with PYTHON's own packages).
 #
 # On a machine that reaches no package index (the lent ones here), bench/device_run.sh installs wheels
@@ -73,14 +74,15 @@ BIN="$VENV/bin/python"
 [[ -x "$BIN" ]] || BIN=$PY
 "$BIN" -c "import shared.bench.run, shared.bench.search_scale" # the bench imports with the machine's torch
 
-bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or an error line
-  local name=$1; shift
+bench() {  # bench NAME MIN_S ARGS...: one JSON line appended to gpu-bench.jsonl, or an error line
+  local name=$1 min_s=$2; shift 2
   # Each run ends by DEADLINE (560 s from the start: a device call is stopped at 600 s, or sooner when less
-  # device time is left, and what a run stopped with it had measured would be lost), and one with under 30 s
-  # left does not start.
+  # device time is left, and what a run stopped with it had measured would be lost), and one that cannot
+  # finish in what is left (MIN_S: an end-to-end run needs minutes, the search scale one) does not start,
+  # leaving that time to the runs after it.
   local left=$(( DEADLINE - ($(date +%s) - started) ))
-  if (( left < 30 )); then
-    echo "{\"run\": \"$name\", \"error\": \"not started: ${left}s left before DEADLINE_S\"}" | tee -a "$OUT/gpu-bench.jsonl"
+  if (( left < min_s )); then
+    echo "{\"run\": \"$name\", \"error\": \"not started: ${left}s left before DEADLINE_S, it needs ${min_s}s\"}" | tee -a "$OUT/gpu-bench.jsonl"
     return
   fi
   local limit=$(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
@@ -101,21 +103,22 @@ bench() {  # bench NAME ARGS...: one JSON line appended to gpu-bench.jsonl, or a
 EXTRA=(--workers "${WORKERS:-1}")
 RUN_TIMEOUT=${RUN_TIMEOUT_S:-180}
 DEADLINE=${DEADLINE_S:-560}
+MIN_RUN=${MIN_RUN_S:-120}  # the least an end-to-end run takes here (services, model, stages, the worker)
 if [[ "${COMPILE:-0}" == 1 ]]; then  # the worker compiles at start too: minutes more per run
   EXTRA+=(--compile)
   RUN_TIMEOUT=${RUN_TIMEOUT_S:-480}
   DEADLINE=${DEADLINE_S:-1800}
 fi
-bench cuda-12mp --device cuda --size 12mp --images "${IMAGES_12MP:-2048}" --batch-size "${BATCH:-256}" "${EXTRA[@]}"
-bench cuda-2mp --device cuda --size 2mp --images "${IMAGES_2MP:-4096}" --batch-size "${BATCH:-256}" "${EXTRA[@]}"
-bench cuda-search-scale --device cuda --search-scale --scale-max "${SCALE_MAX:-1000000}" --milvus-cap-s 45
+bench cuda-12mp "$MIN_RUN" --device cuda --size 12mp --images "${IMAGES_12MP:-2048}" --batch-size "${BATCH:-256}" "${EXTRA[@]}"
+bench cuda-2mp "$MIN_RUN" --device cuda --size 2mp --images "${IMAGES_2MP:-4096}" --batch-size "${BATCH:-256}" "${EXTRA[@]}"
+bench cuda-search-scale 75 --device cuda --search-scale --scale-max "${SCALE_MAX:-1000000}" --milvus-cap-s 45
 # With time left (TIME_BUDGET_S, 420 by default: a device call has 600), the 2 MP end-to-end again with two
 # worker processes on the GPU: the way past one process's Python if worker_cpu_ms_per_img.main shows it.
 # It starts only if a whole run fits before DEADLINE too: a run cut short there measures nothing.
 END_BY=${TIME_BUDGET_S:-420}
 (( DEADLINE > END_BY )) || END_BY=$DEADLINE
 if (( $(date +%s) - started < END_BY - RUN_TIMEOUT )) && [[ "${WORKERS:-1}" == 1 ]]; then
-  bench cuda-2mp-2workers --device cuda --size 2mp --images "${IMAGES_2MP:-4096}" --batch-size "${BATCH:-256}" \
+  bench cuda-2mp-2workers "$MIN_RUN" --device cuda --size 2mp --images "${IMAGES_2MP:-4096}" --batch-size "${BATCH:-256}" \
     --workers 2 --skip-delf
 fi
 echo "done in $(( $(date +%s) - started ))s; results in $OUT/gpu-bench.jsonl" >&2

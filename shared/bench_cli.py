@@ -50,17 +50,17 @@ def register(cli: typer.Typer) -> None:
         size: Annotated[str, typer.Option(
             help="12mp, 2mp (generated camera-like JPEGs) or real (../shared/realdata)")] = "2mp",
         images: Annotated[Optional[int], typer.Option(
-            help="images per stage and end to end (default by device and size)")] = None,
+            min=1, help="images per stage and end to end (default by device and size)")] = None,
         quick: Annotated[bool, typer.Option("--quick", help="a few images, a small gallery: the plumbing")] = False,
         backbone: Annotated[Optional[str], typer.Option(
             help="served backbone (default resnet_small on CPU, wide_resnet50_2 on CUDA)")] = None,
-        input_size: Annotated[Optional[int], typer.Option(help="model input, px (default 96 CPU, 224 CUDA)")] = None,
-        dim: Annotated[Optional[int], typer.Option(help="embedding dimension (default 128 CPU, 512 CUDA)")] = None,
+        input_size: Annotated[Optional[int], typer.Option(min=16, help="model input, px (default 96 CPU, 224 CUDA)")] = None,
+        dim: Annotated[Optional[int], typer.Option(min=1, help="embedding dimension (default 128 CPU, 512 CUDA)")] = None,
         batch_size: Annotated[Optional[int], typer.Option(
-            help="served batch (default LANDMARKS_BATCH_SIZE, else 64 CPU / 256 CUDA)")] = None,
-        centroids: Annotated[Optional[int], typer.Option(help="centroids in the published gallery (10,000)")] = None,
+            min=1, help="served batch (default LANDMARKS_BATCH_SIZE, else 64 CPU / 256 CUDA)")] = None,
+        centroids: Annotated[Optional[int], typer.Option(min=1, help="centroids in the published gallery (10,000)")] = None,
         max_wait_ms: Annotated[Optional[int], typer.Option(
-            help="the worker's batch wait (default: LANDMARKS_MAX_WAIT_MS, 50)")] = None,
+            min=0, help="the worker's batch wait (default: LANDMARKS_MAX_WAIT_MS, 50)")] = None,
         skip_delf: Annotated[bool, typer.Option("--skip-delf", help="leave out the DELF comparison")] = False,
         load_only: Annotated[bool, typer.Option(
             "--load-only", help="only the worker end to end over --images events (e.g. 100000): "

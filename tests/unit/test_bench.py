@@ -74,6 +74,25 @@ def test_bound_is_the_slowest_resource():
     assert throughput_bound({**stages, "search": 120.0}, local) == (pytest.approx(40.0), "cpu")
 
 
+def test_the_cpu_bound_charges_the_model_the_cpu_the_worker_spends_on_it():
+    """Two threads on one batch wait for each other at every layer; the worker's one thread beside the
+    decode processes spends less CPU per image: measured on two only, the bound would be too low."""
+    from shared.bench.run import model_rate_for_bound
+    two_threads = {"img_s": 1000.0, "cpu_ms_per_img": 2.0}
+    assert model_rate_for_bound({"model": two_threads, "model_served": {"cpu_ms_per_img": 0.5}}, 2) == 4000.0
+    assert model_rate_for_bound({"model": two_threads, "model_served": {"cpu_ms_per_img": 4.0}}, 2) == 1000.0
+    assert model_rate_for_bound({"model": two_threads}, 2) == 1000.0  # CUDA: the stage as measured
+
+
+@pytest.mark.parametrize("option", ["--images", "--batch-size", "--centroids"])
+def test_a_zero_count_is_refused_rather_than_taken_for_the_default(option):
+    """`--images 0` meant the default, 8,192 images: minutes of a GPU machine's 15 spent on a run meant to
+    be skipped."""
+    run = subprocess.run([sys.executable, "-m", "shared.bench_cli", "bench", "--json", option, "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Invalid value" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_worker_laps_are_read_from_the_pipeline_log():
     text = ("INFO shared.pipeline: batch of 8: 1 tagged, 0 failed, 8 applied, model v1, "
             "ms {'fetch_decode': 80.0, 'embed': 40.5, 'search': 4.0, 'write': 3.5}\n"
@@ -121,6 +140,11 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert result["stages"]["decode_img_s"] == pytest.approx(
         (result["decode_img_s_before"] + result["decode_img_s_after"]) / 2, abs=0.1)
     assert result["delf_style_ms"] > result["ours_ms"] > 0
+    assert result["ours_model"] == "served resnet_small 96 px" and result["ours_ms"] == result["ours_served_ms"]
+    # The bound charges the model the CPU the worker's own thread count spends, if that is the cheaper.
+    served = result["model_served"]
+    assert result["stages"]["model_img_s"] == pytest.approx(
+        max(result["model_stage_img_s"], result["host"]["cpus"] * 1000 / served["cpu_ms_per_img"]), rel=0.01)
     assert (result["device"], result["size"], result["backbone"], result["batch_size"]) == \
         ("cpu", "2mp", "resnet_small", 8)
     assert result["e2e_tagged"] >= 1  # the anchored landmark photo went all the way to a tag

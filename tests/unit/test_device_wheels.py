@@ -4,6 +4,7 @@ stand-in for the machine's Python)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ esac
 """
 # The scripts' knobs: the test's own environment must not set them.
 KNOBS = ("BUDGET_S", "DEADLINE_S", "CALL_STARTED", "TESTS_TIMEOUT_S", "RUN_TIMEOUT_S", "TIME_BUDGET_S", "OUT",
-         "LANDMARKS_HOME", "SKIP_INSTALL", "VENV", "COMPILE", "WORKERS", "WHEELHOUSE")
+         "LANDMARKS_HOME", "SKIP_INSTALL", "VENV", "COMPILE", "WORKERS", "WHEELHOUSE", "MIN_RUN_S")
 
 
 def test_the_stack_part_holds_what_the_worker_imports_and_leaves_the_image_alone():
@@ -155,13 +156,26 @@ def test_bench_runs_end_45_s_before_the_device_time_left_runs_out(tmp_path):
     flight, its figures lost: given that time (BUDGET_S), every run ends 45 s before it, and the optional
     two-worker run, which could not end in time, does not start."""
     full, _ = run_script(tmp_path / "full", "device_run.sh", "bench", OUT=str(tmp_path / "full-out"))
-    cut, _ = run_script(tmp_path / "cut", "device_run.sh", "bench", BUDGET_S="100", OUT=str(tmp_path / "cut-out"))
+    cut, _ = run_script(tmp_path / "cut", "device_run.sh", "bench", BUDGET_S="150", MIN_RUN_S="30",
+                        OUT=str(tmp_path / "cut-out"))
     assert full.returncode == 0 and cut.returncode == 0, cut.stderr
     assert run_limits(full.stderr) == {"cuda-12mp": 180, "cuda-2mp": 180, "cuda-search-scale": 180,
                                        "cuda-2mp-2workers": 180}
     limits = run_limits(cut.stderr)
     assert set(limits) == {"cuda-12mp", "cuda-2mp", "cuda-search-scale"}
-    assert all(50 <= limit <= 55 for limit in limits.values()), limits
+    assert all(100 <= limit <= 105 for limit in limits.values()), limits
+
+
+def test_a_run_that_cannot_finish_in_the_time_left_leaves_it_to_the_search_scale(tmp_path):
+    """An end-to-end run needs minutes (MIN_RUN_S, 120): started with less, it is killed at the deadline
+    having measured nothing, and the search scale after it, which needs 75 s, never runs."""
+    result, _ = run_script(tmp_path, "device_run.sh", "bench", BUDGET_S="150", OUT=str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert set(run_limits(result.stderr)) == {"cuda-search-scale"}
+    lines = [json.loads(line) for line in (tmp_path / "out" / "gpu-bench.jsonl").read_text().splitlines()]
+    skipped = {line["run"]: line["error"] for line in lines if "error" in line}
+    assert set(skipped) == {"cuda-12mp", "cuda-2mp"}
+    assert all(re.fullmatch(r"not started: 10\ds left before DEADLINE_S, it needs 120s", e) for e in skipped.values())
 
 
 def test_a_budget_that_is_not_a_number_of_seconds_stops_the_call_at_once(tmp_path):
