@@ -142,20 +142,22 @@ from shared.cli_output import JsonFlag  # noqa: E402
 from shared.cli_output import emit as _emit  # noqa: E402
 
 
-def _urls():
-    from shared.stack import resolve
-    return resolve(get_settings())
+def _url(part: str) -> str:
+    """One server's URL (database_url, broker_url, milvus_uri); an unset one starts that embedded server
+    only."""
+    from shared.stack import resolve_url
+    return resolve_url(get_settings(), part)
 
 
 def _engine():
     from shared.db.session import make_engine
-    return make_engine(_urls().database_url)
+    return make_engine(_url("database_url"))
 
 
 def _index():
     from shared.index import LandmarkIndex
     settings = get_settings()
-    return LandmarkIndex(_urls().milvus_uri, settings.milvus_token.get_secret_value() if settings.milvus_token else None)
+    return LandmarkIndex(_url("milvus_uri"), settings.milvus_token.get_secret_value() if settings.milvus_token else None)
 
 
 @app.callback()
@@ -204,7 +206,7 @@ def db_upgrade(revision: str = "head") -> None:
     """Migrate the database schema (default: to head): before a new PostgreSQL of your own is first used, and
     after each upgrade of this code (`stack up` migrates the embedded one)."""
     from shared.db import migrate
-    url = _urls().database_url
+    url = _url("database_url")
     migrate.upgrade(url, revision)
     print(f"database at revision {migrate.current(url)}")
 
@@ -212,7 +214,7 @@ def db_upgrade(revision: str = "head") -> None:
 @db_app.command("downgrade")
 def db_downgrade(revision: str) -> None:
     from shared.db import migrate
-    url = _urls().database_url
+    url = _url("database_url")
     migrate.downgrade(url, revision)
     print(f"database at revision {migrate.current(url)}")
 
@@ -296,7 +298,7 @@ def enqueue(paths: Annotated[list[Path], typer.Argument(exists=True)],
 def queue(as_json: JsonFlag = False) -> None:
     """Backlog of the recognition queue: waiting + reserved (what an autoscaler should read)."""
     from shared.backlog import queue_backlog
-    _emit(queue_backlog(_urls().broker_url, get_settings().queue), as_json)
+    _emit(queue_backlog(_url("broker_url"), get_settings().queue), as_json)
 
 
 @app.command()

@@ -348,9 +348,7 @@ def resolve(settings, start: bool = True) -> StackUrls:
     """The URLs this process uses: LANDMARKS_* overrides, the embedded stack for whatever is unset (only
     those of its servers are started). With ``start=False`` nothing starts: an unset part has the URL the
     embedded stack last had, None if it never ran."""
-    urls = {"database_url": settings.database_url.get_secret_value() if settings.database_url else None,
-            "broker_url": settings.broker_url.get_secret_value() if settings.broker_url else None,
-            "milvus_uri": settings.milvus_uri}
+    urls = _configured(settings)
     missing = tuple(part for part, url in urls.items() if url is None)
     if missing and start:
         _announce_embedded(settings.home_path, missing)
@@ -359,6 +357,24 @@ def resolve(settings, start: bool = True) -> StackUrls:
         saved = _load_state(settings.home_path).get("urls") or {}
         urls.update({part: saved.get(part) for part in missing})
     return StackUrls(**urls)
+
+
+def resolve_url(settings, part: str) -> str:
+    """One part's URL (a key of PARTS), starting only that part's embedded server when it is unset: a
+    command that needs the database alone (`landmarks db upgrade` against a PostgreSQL of one's own) leaves
+    no Redis or Milvus running behind it."""
+    url = _configured(settings)[part]
+    if url is None:
+        _announce_embedded(settings.home_path, (part,))
+        url = start_servers(settings.home_path, (part,))[part]
+    return url
+
+
+def _configured(settings) -> dict[str, str | None]:
+    """The URLs the LANDMARKS_* variables set, None for each one unset."""
+    return {"database_url": settings.database_url.get_secret_value() if settings.database_url else None,
+            "broker_url": settings.broker_url.get_secret_value() if settings.broker_url else None,
+            "milvus_uri": settings.milvus_uri}
 
 
 @functools.cache  # once per process, although each command resolves the URLs for every client it makes

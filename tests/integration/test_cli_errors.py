@@ -169,3 +169,18 @@ def test_a_placeholder_signing_key_is_one_line_naming_its_variable(tmp_path, pho
     assert (done.stdout + done.stderr).strip() == (
         "LANDMARKS_EVENT_SIGNING_KEY is a placeholder (it contains 'change_me'), not a secret "
         "(e.g. use `openssl rand -hex 32`)")
+
+
+def test_db_upgrade_against_a_database_of_ones_own_starts_no_embedded_server(tmp_path, empty_database):
+    """Only LANDMARKS_DATABASE_URL set, as deploy/README.md's upgrade runs it: no Redis or Milvus is left
+    running under LANDMARKS_HOME once the command is done."""
+    from shared import stack
+    env = {key: value for key, value in os.environ.items() if key not in UNREACHABLE}
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "db", "upgrade"], capture_output=True, text=True,
+                          timeout=120, env={**env, "LANDMARKS_HOME": str(tmp_path / "home"),
+                                            "LANDMARKS_DATABASE_URL": empty_database})
+    try:
+        assert done.returncode == 0 and "database at revision" in done.stdout, done.stderr
+        assert stack.status(tmp_path / "home")["running"] == {"postgres": False, "redis": False, "milvus": False}
+    finally:
+        stack.down(tmp_path / "home")
