@@ -47,14 +47,32 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
 
 
 # The authority's user:password@ (up to its last "@", as urlsplit reads it): failure reasons and logs show the
-# URI, and a password in a presigned or basic-auth URL must not end up in the failures table.
+# URI, and a password in a basic-auth URL must not end up in the failures table (nor a presigned URL's
+# signature: see _query_names).
 _USERINFO = re.compile(r"^([a-z][a-z0-9+.\-]*://)[^/?#]*@", re.IGNORECASE)
 
 
+_HIDDEN = "***"
+
+
 def short_uri(uri: str) -> str:
-    uri = _USERINFO.sub(r"\1***@", uri, count=1)
-    text = repr(uri) if any(c in uri for c in "\r\n\t") else uri  # keep reasons on one line
+    """The URI as reasons and logs show it: no user or password, no query values, no fragment, one line."""
+    uri = _USERINFO.sub(rf"\1{_HIDDEN}@", uri, count=1)
+    address, _, query = uri.partition("#")[0].partition("?")
+    if query:
+        address = f"{address}?{_query_names(query)}"
+    text = repr(address) if any(c in address for c in "\r\n\t") else address  # keep reasons on one line
     return text if len(text) <= _URI_CHARS else text[: _URI_CHARS - 1] + "…"
+
+
+def _query_names(query: str) -> str:
+    """The parameters' names with their values hidden: a presigned URL's signature or token is a credential,
+    and the names still tell support that the URL was a signed one. A bare item may be a token itself."""
+    items = []
+    for item in query.split("&"):
+        name, equals, value = item.partition("=")
+        items.append(f"{name}={_HIDDEN if value else ''}" if equals else (_HIDDEN if item else ""))
+    return "&".join(items)
 
 
 # Answers that say "not now" rather than "not this URI".

@@ -36,7 +36,7 @@ from shared import arena as arenas
 from shared import spill
 from shared.cpus import usable_cpus
 from shared.errors import PhotoError, Stage
-from shared.fetch import FETCHERS, fetch_bytes, register_fetcher
+from shared.fetch import FETCHERS, fetch_bytes, register_fetcher, short_uri
 from shared.imaging import DecodedImage, EncodedJpeg, decode_image, probe_jpeg
 from shared.outcomes import Failure
 from shared.settings import Settings
@@ -58,6 +58,12 @@ class LoadRequest:
     device_jpeg: bool = False
     device_progressive: bool = False
     data: bytes | None = None  # the photo's bytes when already fetched (what a device decoder refused)
+    # The event's ids, for the lines logged about this photo here (an on-call searches a photo_id).
+    event_id: str | None = None
+    photo_id: str | None = None
+
+    def log_ids(self) -> dict[str, str]:
+        return {k: v for k, v in (("event_id", self.event_id), ("photo_id", self.photo_id)) if v is not None}
 
 
 @dataclass
@@ -322,7 +328,8 @@ class PhotoLoader:
                 except BrokenProcessPool:
                     pool.shutdown(wait=False, cancel_futures=True)
                     pool = None
-                    log.warning("the decoder process died on %s; recording the photo as failed", request.uri[:200])
+                    log.warning("the decoder process died on %s; recording the photo as failed",
+                                short_uri(request.uri), extra=request.log_ids())
                     out.append(Loaded(Failure(Stage.DECODE,
                                               "the decoder process died on this file (a crash in the codec)")))
         finally:

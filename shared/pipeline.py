@@ -125,7 +125,8 @@ class RecognitionPipeline:
         ``shadow_size`` (when the shadow model's input size differs), from the same fetch; and how many
         were decoded on the device. With a device decoder, a share of the others goes to the device while
         the pool decodes the rest (shared/device_decode.load_split)."""
-        requests = [LoadRequest(event.preview_uri or event.uri, size, shadow_size if i in sampled else None)
+        requests = [LoadRequest(event.preview_uri or event.uri, size, shadow_size if i in sampled else None,
+                                event_id=event.event_id, photo_id=event.photo_id)
                     for i, event in enumerate(events)]
         decoder = self.device_decoder
         if decoder is None:

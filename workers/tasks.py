@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from shared.db.session import transaction
 from shared.db.writer import delete_photo, record_failure
 from shared.errors import InfrastructureError, InvalidEvent, Stage
 from shared.events import E, PhotoDeleted, PhotoUploaded, parse_event, safe_field
+from shared.logs import log_context
 from shared.settings import get_settings
 from shared.signing import event_signer, verification_keys
 from workers.app import app
@@ -134,6 +136,10 @@ class Unexpected(Exception):
     """An action failed with an error that is not an outage (a bug, CUDA out of memory, a poisonous input)."""
 
 
+class StillDown(Exception):
+    """Infrastructure stayed down for INFRA_RETRY_S; the message is the last outage's error."""
+
+
 def _outage(exc: Exception) -> bool:
     """A dependency is down: worth retrying. Not a DataError (SQLSTATE class 22) nor an IntegrityError (class
     23, a tag naming a landmark removed by hand): that is a value PostgreSQL refuses, which no retry mends;
@@ -141,14 +147,14 @@ def _outage(exc: Exception) -> bool:
     return isinstance(exc, (InfrastructureError, DBAPIError)) and not isinstance(exc, (DataError, IntegrityError))
 
 
-def _with_retries(action, what: str) -> bool:
-    """True once ``action`` succeeds; False when infrastructure stayed down for INFRA_RETRY_S; raises
+def _with_retries(action, what: str) -> None:
+    """Returns once ``action`` succeeds; raises StillDown when infrastructure stayed down for INFRA_RETRY_S,
     Unexpected for any other error (celery-batches would acknowledge the batch and lose it)."""
     delay, deadline = 0.5, time.monotonic() + INFRA_RETRY_S
     while True:
         try:
             action()
-            return True
+            return
         except Exception as exc:  # noqa: BLE001
             if not _outage(exc):
                 log.exception("%s failed unexpectedly", what)
@@ -156,7 +162,7 @@ def _with_retries(action, what: str) -> bool:
             _observe(metrics.observe_infrastructure_error, what)
             if time.monotonic() + delay > deadline:
                 log.error("%s still failing after %.0fs: %s", what, INFRA_RETRY_S, exc)
-                return False
+                raise StillDown(f"{type(exc).__name__}: {exc}") from exc
             log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -183,10 +189,26 @@ def _countdown(wait_s: float) -> float:
     return _bounded_countdown(wait_s, _settings.visibility_timeout_s)
 
 
-def _hand_back(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
+def _ids(event: PhotoUploaded) -> dict[str, str]:
+    return {"event_id": event.event_id, "photo_id": event.photo_id}
+
+
+def _brief(exc: Exception) -> str:
+    """An error's first line, for the line logged per event: a database error goes on with its SQL and
+    parameters, which the batch's own line (in _with_retries) has already logged once."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _hand_back(events: list[PhotoUploaded], attempts: dict[str, int], why: str) -> None:
     """Re-publish, then let the originals be acknowledged: at-least-once, and the writer is idempotent."""
     _observe(metrics.observe_handed_back, len(events))
     _send_again([(event, HAND_BACK_WAIT_S, attempts.get(event.event_id, 0)) for event in events])
+    # Only after an outage or a fault, so a line per event is affordable: an on-call searches a photo_id.
+    wait_s = _countdown(HAND_BACK_WAIT_S)
+    for event in events:
+        log.warning("photo handed back to the broker after %s; it comes round again in %.0f s", why, wait_s,
+                    extra=_ids(event))
 
 
 def _try_fetching_later(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
@@ -208,13 +230,18 @@ def _send_again(sends: list[tuple[PhotoUploaded, float, int]]) -> None:
     _republish_or_exit(publish, f"{len(sends)} events")
 
 
-def _send_malformed_again(bad: list[tuple[Any, str]]) -> None:
+def _send_malformed_again(bad: list[tuple[Any, str]], why: str) -> None:
     """Malformed events whose failures rows could not be written go round again as they came (unsigned: a
     signature is this fleet's word that an event is well-formed), to be recorded once the database is back."""
     def publish() -> None:
         for payload, _ in bad:  # to the live queue: a malformed event has no trustworthy source
             app.send_task(UPLOADED, args=[payload], countdown=_countdown(HAND_BACK_WAIT_S))
     _republish_or_exit(publish, f"{len(bad)} malformed events")
+    wait_s = _countdown(HAND_BACK_WAIT_S)
+    for payload, reason in bad:
+        log.warning("malformed event sent round again after %s; it comes round again in %.0f s (%s)", why, wait_s,
+                    reason, extra={"event_id": safe_field(payload, "event_id"),
+                                   "photo_id": safe_field(payload, "photo_id")})
 
 
 def _queue_of(event: PhotoUploaded) -> str | None:
@@ -243,34 +270,52 @@ def _record_or_send_again(bad: list[tuple[Any, str]], events: list[PhotoUploaded
     stayed down: the batch-mates, which would only wait as long again, are then handed back with them (first,
     since a payload this process cannot encode, JSON nested a thousand levels deep, still ends it)."""
     try:
-        if _with_retries(lambda: _record_malformed(bad, UPLOADED), "recording failures"):
-            return True
-    except Unexpected:  # a bug, not the batch-mates' problem: they go on
-        _send_malformed_again(bad)
+        _with_retries(lambda: _record_malformed(bad, UPLOADED), "recording failures")
         return True
+    except Unexpected as exc:  # a bug, not the batch-mates' problem: they go on
+        _send_malformed_again(bad, f"recording it failed unexpectedly ({_brief(exc)})")
+        return True
+    except StillDown as down:
+        why = f"the database stayed down while its batch's malformed events were recorded ({_brief(down)})"
     if events:
-        _hand_back(events, attempts)
+        _hand_back(events, attempts, why)
     _observe(metrics.observe_handed_back, len(bad))
-    _send_malformed_again(bad)
+    _send_malformed_again(bad, why)
     return False
 
 
 def _process_or_isolate(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
     """The batch; if it fails unexpectedly, each event alone, so that one poisonous event is recorded as a
     failure instead of sinking its batch-mates (and coming back forever)."""
+    with _logged_as(events):
+        if not _failed_unexpectedly(events, attempts):
+            return
+    log.warning("processing the %d events of the failed batch one by one", len(events),
+                extra={"event_ids": [e.event_id for e in events], "photo_ids": [e.photo_id for e in events]})
+    for event in events:
+        _process_or_isolate([event], attempts)
+
+
+def _logged_as(events: list[PhotoUploaded]) -> AbstractContextManager[None]:
+    """An event processed alone has its ids on every line (its error and traceback, its retries): an on-call
+    searches a photo_id. A batch's lines name no single event."""
+    return log_context(**_ids(events[0])) if len(events) == 1 else nullcontext()
+
+
+def _failed_unexpectedly(events: list[PhotoUploaded], attempts: dict[str, int]) -> bool:
+    """Processes the batch, or hands it back after an outage, or records a lone event's unexpected failure.
+    True when a batch of several failed unexpectedly: its events are to be tried one by one."""
     try:
-        if not _with_retries(lambda: _process(events, attempts), "batch"):
-            _hand_back(events, attempts)
-        return
+        _with_retries(lambda: _process(events, attempts), "batch")
+    except StillDown as down:
+        _hand_back(events, attempts, f"an outage ({_brief(down)})")
     except Unexpected as exc:
         if _device_fault(exc.__cause__):
             _give_up_the_device(events, exc, attempts)
-        if len(events) == 1:
-            _record_unexpected(events[0], f"processing failed unexpectedly: {exc}", attempts)
-            return
-    log.warning("processing the %d events of the failed batch one by one", len(events))
-    for event in events:
-        _process_or_isolate([event], attempts)
+        if len(events) > 1:
+            return True
+        _record_unexpected(events[0], f"processing failed unexpectedly: {exc}", attempts)
+    return False
 
 
 def _device_fault(exc: BaseException | None) -> bool:
@@ -287,20 +332,19 @@ def _give_up_the_device(events: list[PhotoUploaded], exc: Unexpected, attempts: 
     supervisor's restart limit and the pod's readiness) deals with it: recorded one by one as failures, the
     whole stream would be dead-lettered while the device is broken."""
     log.critical("the device failed (%s); handing the batch back and exiting for a fresh CUDA context", exc)
-    _hand_back(events, attempts)
+    _hand_back(events, attempts, f"a device failure ({_brief(exc)})")
     os._exit(75)
 
 
 def _record_unexpected(event: PhotoUploaded, reason: str, attempts: dict[str, int]) -> None:
     try:
-        done = _with_retries(lambda: _record_failure(event.model_dump(mode="json"), UPLOADED, reason),
-                             "recording a failure")
-    except Unexpected:
-        done = False
-    if done:
-        _observe(_count_dead_lettered, event)
-    else:
-        _hand_back([event], attempts)
+        _with_retries(lambda: _record_failure(event.model_dump(mode="json"), UPLOADED, reason),
+                      "recording a failure")
+    except (StillDown, Unexpected) as exc:
+        _hand_back([event], attempts, f"its failure could not be recorded ({_brief(exc)})")
+        return
+    log.error("photo recorded as failed, not to be retried: %s", reason, extra=_ids(event))
+    _observe(_count_dead_lettered, event)
 
 
 def _record_failure(payload: Any, task: str, reason: str) -> None:

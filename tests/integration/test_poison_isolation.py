@@ -4,6 +4,9 @@ message that cannot be read is refused alone, and a deletion the broker cannot t
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 import uuid
 from types import SimpleNamespace
@@ -20,6 +23,7 @@ from shared.db import writer
 from shared.db.session import transaction
 from shared.errors import InfrastructureError
 from shared.events import PhotoUploaded
+from shared.logs import JsonFormatter
 from shared.outcomes import Method, PhotoOutcome, PhotoStatus, Tag
 from shared.settings import get_settings
 
@@ -38,6 +42,19 @@ def tasks(monkeypatch, database_url, broker_url, milvus_uri):
     yield tasks
     monkeypatch.setattr(context, "_context", None)
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def task_log():
+    """The lines workers.tasks logs, as the worker's JSON log writes them (a list of dicts when called)."""
+    out, logger = io.StringIO(), logging.getLogger("workers.tasks")
+    handler, level = logging.StreamHandler(out), logger.level
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lambda: [json.loads(line) for line in out.getvalue().splitlines()]
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def _event(photo_id: str) -> PhotoUploaded:
@@ -62,7 +79,7 @@ def test_one_poisonous_event_is_recorded_and_its_batch_mates_processed(tasks, en
         processed.extend(e.photo_id for e in events)
 
     monkeypatch.setattr(tasks, "_process", process)
-    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts, why: handed_back.extend(events))
     batch = [_event("a"), _event("poison"), _event("b"), _event("c")]
     tasks._process_or_isolate(batch, {})
     assert processed == ["a", "b", "c"] and handed_back == []
@@ -81,14 +98,62 @@ def test_an_outage_still_hands_the_whole_batch_back(tasks, monkeypatch, outage):
     handed_back = []
     monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)
     monkeypatch.setattr(tasks, "_process", lambda events, attempts: (_ for _ in ()).throw(outage))
-    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts, why: handed_back.extend(events))
     batch = [_event("x"), _event("y")]
     tasks._process_or_isolate(batch, {})
     assert handed_back == batch
 
 
+@pytest.mark.parametrize(("outage", "shown"), [
+    (InfrastructureError("database unavailable"), "database unavailable"),
+    (OperationalError("SELECT uri FROM photos WHERE photo_id = %(p)s", {"p": "x"}, Exception("server closed")),
+     "server closed"),
+])
+def test_each_event_handed_back_after_an_outage_is_found_in_the_log_by_its_ids(tasks, monkeypatch, task_log,
+                                                                               outage, shown):
+    sent = []
+    monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)
+    monkeypatch.setattr(tasks, "_process", lambda events, attempts: (_ for _ in ()).throw(outage))
+    monkeypatch.setattr(tasks.app, "send_task", lambda name, **options: sent.append(options["args"][0]["photo_id"]))
+    batch = [_event("x"), _event("y")]
+    tasks._process_or_isolate(batch, {})
+    assert sent == ["x", "y"]
+    handed_back = [line for line in task_log() if "event_id" in line]
+    assert [(line["level"], line["event_id"], line["photo_id"]) for line in handed_back] == [
+        ("WARNING", e.event_id, e.photo_id) for e in batch]
+    # Why, in one line: the SQL statement went to the batch's own line, once.
+    assert all("handed back" in line["msg"] and shown in line["msg"] and "\n" not in line["msg"]
+               and "SELECT" not in line["msg"] for line in handed_back)
+
+
+@pytest.mark.parametrize("photos", [["poison"], ["a", "poison", "b"]])
+def test_a_dead_lettered_photo_is_found_in_the_log_by_its_ids(tasks, monkeypatch, task_log, photos):
+    def process(events: list[PhotoUploaded], attempts: dict[str, int]) -> None:
+        if any(e.photo_id == "poison" for e in events):
+            raise ValueError("no such column: poison")
+
+    monkeypatch.setattr(tasks, "_process", process)
+    batch = [_event(photo_id) for photo_id in photos]
+    poison = batch[photos.index("poison")]
+    tasks._process_or_isolate(batch, {})
+    lines = task_log()
+    about = [line for line in lines if line.get("photo_id") == "poison"]
+    # The error with its traceback, then the photo recorded as failed: both carry the event's ids.
+    assert [(line["level"], line["event_id"]) for line in about] == [("ERROR", poison.event_id)] * 2
+    assert "batch failed unexpectedly" in about[0]["msg"] and "ValueError: no such column" in about[0]["exc"]
+    assert "recorded as failed" in about[1]["msg"] and "ValueError: no such column: poison" in about[1]["msg"]
+    # Its batch-mates went through: nothing logged about each of them.
+    assert not any(line.get("photo_id") in ("a", "b") for line in lines)
+
+
+def test_a_successful_batch_logs_nothing_per_event(tasks, monkeypatch, task_log):
+    monkeypatch.setattr(tasks, "_process", lambda events, attempts: None)
+    tasks._process_or_isolate([_event("a"), _event("b")], {})
+    assert task_log() == []
+
+
 def test_a_malformed_event_the_database_cannot_record_goes_round_again_with_its_batch_mates(
-        tasks, engine, monkeypatch):
+        tasks, engine, monkeypatch, task_log):
     """The database down for longer than the retries: the worker used to exit so the broker would redeliver the
     batch, which held the valid events back for the visibility timeout. Now all go back to the broker, and the
     malformed event is recorded when it comes round with the database up."""
@@ -113,6 +178,8 @@ def test_a_malformed_event_the_database_cannot_record_goes_round_again_with_its_
     assert sorted(message["args"][0]["event_id"] for message in sent) == sorted([good["event_id"],
                                                                                malformed["event_id"]])
     assert all(message["countdown"] > 0 for message in sent)
+    handed_back = [(line["level"], line["event_id"], line["photo_id"]) for line in task_log() if "event_id" in line]
+    assert handed_back == [("WARNING", good["event_id"], "good"), ("WARNING", malformed["event_id"], "no uri")]
     monkeypatch.setattr(tasks, "record_failure", record_failure)  # the database is back
     again = next(message for message in sent if message["args"][0] == malformed)
     tasks.photo_uploaded.run([_request(again["args"], {})])
@@ -128,7 +195,7 @@ def test_events_handed_back_return_to_the_queue_they_came_from(tasks, monkeypatc
     monkeypatch.setattr(tasks.app, "send_task", lambda name, **kwargs: sent.append((kwargs["args"][0]["photo_id"],
                                                                                    kwargs.get("queue"))))
     backfill = _event("old").model_copy(update={"event_id": "backfill-" + uuid.uuid4().hex})
-    tasks._hand_back([_event("live"), backfill], {})
+    tasks._hand_back([_event("live"), backfill], {}, "an outage")
     assert sent == [("live", None), ("old", f"{tasks._settings.queue}_backfill")]
 
 
@@ -143,7 +210,7 @@ def test_a_value_postgresql_refuses_is_the_events_failure_not_an_outage(tasks, e
 
     monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)  # taken for an outage, the batch would be handed back
     monkeypatch.setattr(tasks, "_process", process)
-    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts, why: handed_back.extend(events))
     batch = [_event("a"), _event("refused"), _event("b")]
     tasks._process_or_isolate(batch, {})
     assert processed == ["a", "b"] and handed_back == []
@@ -172,7 +239,7 @@ def test_a_tag_postgresql_refuses_fails_its_event_and_its_batch_mates_are_writte
 
     monkeypatch.setattr(tasks, "INFRA_RETRY_S", 0.0)  # taken for an outage, the batch would be handed back
     monkeypatch.setattr(tasks, "_process", process)
-    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts, why: handed_back.extend(events))
     batch = [_event("fk-kept-1"), _event("fk-removed"), _event("fk-kept-2")]
     tasks._process_or_isolate(batch, {})
     assert handed_back == []
@@ -196,7 +263,7 @@ def test_a_broken_device_hands_the_batch_back_and_ends_the_process_instead_of_fa
     monkeypatch.setattr(os, "_exit", exit_)
     monkeypatch.setattr(tasks, "_process", lambda events, attempts: (_ for _ in ()).throw(
         torch.AcceleratorError("CUDA error: an illegal memory access was encountered")))
-    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts: handed_back.extend(events))
+    monkeypatch.setattr(tasks, "_hand_back", lambda events, attempts, why: handed_back.extend(events))
     batch = [_event("a"), _event("b"), _event("c")]
     with pytest.raises(Exited) as info:
         tasks._process_or_isolate(batch, {})

@@ -157,13 +157,45 @@ def test_long_uri_is_truncated_in_reason(settings: Settings) -> None:
 
 @pytest.mark.parametrize(("uri", "shown"), [
     ("https://alice:s3cret@store.internal/p.jpg", "https://***@store.internal/p.jpg"),
-    ("HTTPS://alice:s3@cr3t@store.internal/p.jpg?v=@1", "HTTPS://***@store.internal/p.jpg?v=@1"),  # up to the last @
+    ("HTTPS://alice:s3@cr3t@store.internal/p.jpg?v=@1", "HTTPS://***@store.internal/p.jpg?v=***"),  # up to the last @
     ("https://token@store.internal/p.jpg", "https://***@store.internal/p.jpg"),
     ("https://cdn.internal/p@2x.jpg", "https://cdn.internal/p@2x.jpg"),  # an @ in the path is no user
     ("file:///photos/p@2x.jpg", "file:///photos/p@2x.jpg"),
 ])
 def test_the_uri_in_reasons_and_logs_carries_no_user_or_password(uri: str, shown: str) -> None:
     assert fetch.short_uri(uri) == shown
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("https://acct.blob.core.windows.net/c/p.jpg?sv=2022-11-02&se=2026-12-07T00%3A00Z&sr=b&sp=r&sig=SASsig%3D",
+     "https://acct.blob.core.windows.net/c/p.jpg?sv=***&se=***&sr=***&sp=***&sig=***"),
+    ("https://b.s3.amazonaws.com/p.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20261206"
+     "&X-Amz-Security-Token=FwoGZXIvYXdzEXAMPLE&X-Amz-Signature=5d672d79c15b13162d9279b0855cfba6789a8edb",
+     "https://b.s3.amazonaws.com/p.jpg?X-Amz-Algorithm=***&X-Amz-Credential=***&X-Amz-Security-Token=***"
+     "&X-Amz-Signature=***"),
+    ("https://storage.googleapis.com/b/p.jpg?X-Goog-Expires=900&X-Goog-Signature=a1b2c3",
+     "https://storage.googleapis.com/b/p.jpg?X-Goog-Expires=***&X-Goog-Signature=***"),
+    ("https://cdn.internal/p.jpg?eyJhbGciOiJIUzI1NiJ9.secret", "https://cdn.internal/p.jpg?***"),  # a bare token
+    ("https://cdn.internal/p.jpg?a=&&b=1", "https://cdn.internal/p.jpg?a=&&b=***"),  # nothing there to hide
+    ("https://cdn.internal/p.jpg#access_token=abc", "https://cdn.internal/p.jpg"),
+    ("https://u:pw@cdn.internal/p.jpg?token=abc#frag", "https://***@cdn.internal/p.jpg?token=***"),
+])
+def test_the_uri_in_reasons_and_logs_names_its_query_parameters_but_not_their_values(uri: str, shown: str) -> None:
+    assert fetch.short_uri(uri) == shown
+
+
+def test_a_long_signed_uri_is_cut_after_its_values_are_hidden() -> None:
+    shown = fetch.short_uri("https://cdn.internal/" + "p" * 150 + ".jpg?sig=" + "s" * 400 + "&X-Amz-Signature=x")
+    assert len(shown) <= 200 and "sss" not in shown and shown.endswith("…")
+
+
+def test_a_signed_urls_signature_stays_out_of_the_failure_reason(server: str) -> None:
+    """The reason is what `landmarks photo` shows and what the pipeline logs ("photo failed at fetch: ...")."""
+    query = "sv=2022-11-02&se=2026-12-07T00%3A00Z&sr=b&sp=r&sig=SECRETSASSIGNATURE%3D"
+    with pytest.raises(FetchError) as info:
+        fetch_bytes(f"{server}/status/403?{query}", local_settings())
+    assert info.value.reason == (f"HTTP 403 Forbidden for {server}/status/403?sv=***&se=***&sr=***&sp=***&sig=***")
+    assert "SECRETSASSIGNATURE" not in str(info.value)
 
 
 def test_a_password_in_the_uri_stays_out_of_the_failure_reason(settings: Settings) -> None:
@@ -255,7 +287,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif self.path.startswith("/to?u="):
             self._redirect(unquote(self.path[len("/to?u="):]))
         elif self.path.startswith("/status/"):
-            self._send(int(self.path.rsplit("/", 1)[1]), b"answer")
+            self._send(int(self.path.split("?")[0].rsplit("/", 1)[1]), b"answer")
         elif self.path == "/cut":  # promises 100 bytes, sends 10 and hangs up
             self.send_response(200)
             self.send_header("Content-Length", "100")

@@ -4,6 +4,8 @@ with the same results either way, and a decoder process that dies costing one ph
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from shared import fetch
 from shared.errors import Stage
 from shared.imaging import decode_image
 from shared.loading import Loaded, LoadRequest, PhotoLoader, load_photo
+from shared.logs import JsonFormatter
 from shared.outcomes import Failure
 from shared.settings import Settings
 
@@ -95,6 +98,46 @@ def test_a_dying_decoder_process_fails_its_photo_and_the_pool_recovers(photos, s
         assert not any(isinstance(r.image, Failure) for r in again)
     finally:
         loader.close()
+
+
+@pytest.fixture
+def loading_log() -> io.StringIO:
+    """shared.loading's lines as the worker's JSON log writes them."""
+    out, logger = io.StringIO(), logging.getLogger("shared.loading")
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    yield out
+    logger.removeHandler(handler)
+
+
+def test_the_line_about_a_dying_decoder_shows_no_password_nor_signature(photos, settings, loading_log):
+    uri = f"https://svc:Hunter2Password@photos.example.com/u1/{POISON}.jpg?X-Amz-Signature=SIGNATURE123"
+    loader = PhotoLoader(settings, kind="processes", workers=1, load=_dies_on_poison)
+    try:
+        results = loader.load([LoadRequest(photos[0].as_uri(), 64), LoadRequest(uri, 64)])
+    finally:
+        loader.close()
+    assert isinstance(results[1].image, Failure)
+    lines = [json.loads(line) for line in loading_log.getvalue().splitlines()]
+    died = [line for line in lines if "decoder process died" in line["msg"]]
+    assert len(died) == 1 and "photos.example.com/u1/poison.jpg?X-Amz-Signature=***" in died[0]["msg"]
+    assert "Hunter2Password" not in loading_log.getvalue() and "SIGNATURE123" not in loading_log.getvalue()
+
+
+def test_the_line_about_a_dying_decoder_names_the_event_and_photo(photos, settings, tmp_path, loading_log):
+    """An on-call searching a complaint's photo_id finds why its photo failed."""
+    poison = _jpeg(tmp_path / f"{POISON}.jpg", 99)
+    loader = PhotoLoader(settings, kind="processes", workers=1, load=_dies_on_poison)
+    try:
+        loader.load([LoadRequest(photos[0].as_uri(), 64, event_id="ev-fine", photo_id="photo-fine"),
+                     LoadRequest(poison.as_uri(), 64, event_id="ev-poison", photo_id="photo-poison")])
+    finally:
+        loader.close()
+    lines = [json.loads(line) for line in loading_log.getvalue().splitlines()]
+    died = [line for line in lines if "decoder process died" in line["msg"]]
+    assert [(line["event_id"], line["photo_id"]) for line in died] == [("ev-poison", "photo-poison")]
+    assert not any(line.get("photo_id") == "photo-fine" for line in lines)
 
 
 def _slowly_dies_on_poison(request: LoadRequest, settings: Settings) -> Loaded:

@@ -38,7 +38,7 @@ def test_a_countdown_is_at_most_half_the_visibility_timeout():
 
 
 def test_events_handed_back_after_an_outage_come_back_before_the_visibility_timeout(sent):
-    tasks._hand_back([_event("a"), _event("b")], {})
+    tasks._hand_back([_event("a"), _event("b")], {}, "an outage")
     assert sent == [5.0, 5.0]  # not the 30 s a hand-back waits under the default timeout
 
 
@@ -49,5 +49,6 @@ def test_photos_the_storage_did_not_serve_are_fetched_again_before_the_visibilit
 
 
 def test_malformed_events_sent_again_come_back_before_the_visibility_timeout(sent):
-    tasks._send_malformed_again([({"event_id": "no-photo"}, "malformed event: photo_id: Field required")])
+    tasks._send_malformed_again([({"event_id": "no-photo"}, "malformed event: photo_id: Field required")],
+                                "an outage")
     assert sent == [5.0]
