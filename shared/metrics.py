@@ -13,6 +13,7 @@ provides). It alone serves the ``landmarks_queue_*`` metrics and ``/backlog`` (`
 "reserved", "backlog"}`` as JSON, for KEDA's metrics-api scaler): the backlog is one number for the
 fleet, counted over Redis' whole ``unacked`` hash (shared/backlog.py), which no worker process should
 repeat at each scrape; and the alerts tell a dead exporter by ``landmarks_queue_backlog_up`` being absent.
+It reads the Redis of LANDMARKS_BROKER_URL, or of an embedded stack already running, never one it starts.
 
 Metric names are a contract with deploy/grafana, deploy/prometheus and deploy/k8s (a unit test checks
 that every ``landmarks_*`` name those files use is defined here): rename both sides together.
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PORT_ENV = "LANDMARKS_METRICS_PORT"
 ADDR_ENV = "LANDMARKS_METRICS_ADDR"
+BROKER_ENV = "LANDMARKS_BROKER_URL"  # the exporter's Redis (exporter_broker_url)
 DEFAULT_PORT = 9808
 BACKLOG_TTL_S = 5.0  # the backlog gauge asks Redis at most this often, whoever scrapes
 STAGES = ("fetch_decode", "embed", "search", "write")
@@ -468,17 +470,39 @@ def start_worker_server(*, live: Callable[[], dict], ready: Callable[[], dict]) 
     return _server
 
 
-def _exporter_main() -> None:  # pragma: no cover - exercised in deploy/ (the backlog exporter)
+def exporter_broker_url(settings) -> str:
+    """LANDMARKS_BROKER_URL, else the Redis of an embedded stack already running in LANDMARKS_HOME (a development
+    machine). Never a Redis started here: a private, empty one would report a backlog of 0 with
+    landmarks_queue_backlog_up 1, so KEDA would scale the fleet to its minimum and no alert would fire while
+    the events wait in the real broker. A ValueError naming the variable when there is neither."""
+    from shared import stack
+
+    if settings.broker_url:
+        return settings.broker_url.get_secret_value()
+    home = settings.home_path
+    embedded = stack.status(home)
+    if embedded["running"]["redis"] and embedded["broker_url"]:
+        log.info("%s unset: reading the embedded Redis running under %s", BROKER_ENV, home)
+        return embedded["broker_url"]
+    raise ValueError(f"{BROKER_ENV} is unset and no embedded stack runs under {home}: set it to the fleet's "
+                     "Redis (the exporter never starts one of its own, whose empty queues would scale the fleet down)")
+
+
+def _exporter_main() -> None:  # pragma: no cover - run as a process by the tests and in deploy/
     """The backlog exporter: KEDA's and Prometheus' view of the queues while no worker runs."""
+    import sys
+
     from shared.backfill import backfill_queue
     from shared.logs import configure_logging
     from shared.settings import get_settings
-    from shared.stack import resolve
 
     configure_logging(logging.INFO)
     settings = get_settings()
-    # Only the broker is needed: do not start embedded servers for an unset database or Milvus URL.
-    broker_url = settings.broker_url.get_secret_value() if settings.broker_url else resolve(settings).broker_url
+    try:
+        broker_url = exporter_broker_url(settings)
+    except ValueError as exc:  # one line naming the variable, as the `landmarks` commands refuse a bad setting
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
     queues = [settings.queue, backfill_queue(settings)]
     server = serve(configured_port() or DEFAULT_PORT, app=exporter_app(broker_url, queues))
     log.info("backlog exporter on port %d for queues %s", server.port, queues)

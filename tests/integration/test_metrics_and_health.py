@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -484,3 +487,73 @@ def test_the_backlog_exporter_serves_what_keda_reads(broker_url, tmp_path):
         client = redis.Redis.from_url(broker_url)
         client.delete(queue, f"{queue}_backfill")
         producer.close()
+
+
+def _exporter_env(home: Path, port: int, **extra: str) -> dict:
+    """The exporter's environment with no LANDMARKS_BROKER_URL: unset, or misspelled (`extra`)."""
+    env = {k: v for k, v in os.environ.items() if k != "LANDMARKS_BROKER_URL"}
+    return {**env, "LANDMARKS_HOME": str(home), "LANDMARKS_METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1",
+            **extra}
+
+
+def test_an_exporter_without_a_broker_url_refuses_to_start_rather_than_read_a_redis_of_its_own():
+    """A private Redis would report an empty backlog with landmarks_queue_backlog_up 1: KEDA would scale the
+    fleet to its minimum while events pile up in the real broker, and no alert would fire."""
+    import subprocess
+    import sys
+
+    from shared import stack
+
+    home = Path(tempfile.mkdtemp(prefix="lm-exporter-")) / "home"  # short: Redis' socket path has a limit
+    port = fleet.free_port()
+    env = _exporter_env(home, port, LANDMARKS_BROKER_UTL="redis://127.0.0.1:6379/0")  # a typo: as unset
+    exporter = subprocess.Popen([sys.executable, "-m", "shared.metrics"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        try:
+            _, stderr = exporter.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the exporter kept running without LANDMARKS_BROKER_URL (serving: {_port_open(port)})")
+        assert exporter.returncode != 0
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "LANDMARKS_BROKER_URL" in lines[0], stderr
+        assert not stack.status(home)["running"]["redis"] and not (home / "redis").exists()
+        assert not _port_open(port)
+    finally:
+        if exporter.poll() is None:
+            exporter.kill()
+            exporter.wait(10)
+        stack.down(home)
+        shutil.rmtree(home.parent, ignore_errors=True)
+
+
+def test_an_exporter_without_a_broker_url_reads_the_embedded_stack_already_running():
+    """A development machine: `landmarks stack up` runs the embedded Redis, and the exporter reads its queues."""
+    import subprocess
+    import sys
+
+    from shared import stack
+
+    home = Path(tempfile.mkdtemp(prefix="lm-exporter-")) / "home"
+    port = fleet.free_port()
+    queue = f"lm_exp_{uuid.uuid4().hex[:8]}"
+    broker_url = stack.start_servers(home, ["broker_url"])["broker_url"]
+    producer = Celery(broker=broker_url)
+    exporter = None
+    try:
+        for k in range(2):
+            producer.send_task(fleet.UPLOADED, args=[{"k": k}], queue=queue)
+        exporter = subprocess.Popen([sys.executable, "-m", "shared.metrics"], env=_exporter_env(
+            home, port, LANDMARKS_QUEUE=queue), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        body = fleet.wait(lambda: _port_open(port) and fleet.http_get(f"http://127.0.0.1:{port}/backlog")[1],
+                          "the exporter", timeout_s=60, worker=exporter)
+        assert (json.loads(body)["queue"], json.loads(body)["backlog"]) == (queue, 2)
+        samples = _samples(fleet.http_get(f"http://127.0.0.1:{port}/metrics")[1].decode())
+        assert _value(samples, "landmarks_queue_backlog_up") == 1
+    finally:
+        if exporter is not None:
+            exporter.terminate()
+            exporter.wait(10)
+        producer.close()
+        stack.down(home)
+        shutil.rmtree(home.parent, ignore_errors=True)

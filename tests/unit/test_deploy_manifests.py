@@ -94,6 +94,20 @@ def _metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\blandmarks_[a-zA-Z0-9_]+", without_strings))
 
 
+def _selectors(expr: str, metric: str) -> list[list[tuple[str, str, str]]]:
+    """The label matchers (name, op, value) of each `metric{...}` selector in a PromQL expression."""
+    return [re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', body)
+            for body in re.findall(rf"\b{metric}\{{([^}}]*)\}}", expr)]
+
+
+def _selects_series(matchers: list[tuple[str, str, str]], labels: dict[str, str]) -> bool:
+    """PromQL's matching: a missing label is the empty string, regular expressions are anchored."""
+    tests = {"=": lambda have, want: have == want, "!=": lambda have, want: have != want,
+             "=~": lambda have, want: re.fullmatch(want, have) is not None,
+             "!~": lambda have, want: re.fullmatch(want, have) is None}
+    return all(tests[op](labels.get(name, ""), value) for name, op, value in matchers)
+
+
 # --- every file ----------------------------------------------------------------------------------
 
 def test_deploy_has_the_promised_files():
@@ -553,7 +567,7 @@ def test_dashboards_use_only_metrics_the_workers_define():
                          for p in json.loads(path.read_text())["panels"] for t in p.get("targets", [])))
     for name in ("landmarks_events_total", "landmarks_batch_size_bucket", "landmarks_stage_seconds_bucket",
                  "landmarks_failures_total", "landmarks_queue_backlog", "landmarks_gpu_memory_reserved_bytes",
-                 "landmarks_model_info"):
+                 "landmarks_model_info", metrics.PROCESS_UP, metrics.PROCESS_RESTARTS):
         assert name in used, name
 
 
@@ -563,7 +577,9 @@ def test_alerts_use_defined_metrics_and_the_prometheus_rule_matches():
     assert len(rules) >= 5 and all(r["alert"].startswith("Landmarks") for r in rules)
     for rule in rules:
         used = _metric_names(rule["expr"])
-        assert used and used <= metrics.metric_names(), (rule["alert"], used - metrics.metric_names())
+        # Prometheus' own `up` of a scrape job is the one other series an alert may read (a target down).
+        assert used or _selectors(rule["expr"], "up"), rule["alert"]
+        assert used <= metrics.metric_names(), (rule["alert"], used - metrics.metric_names())
     operator_rule = _docs(K8S / "monitoring" / "prometheusrule.yaml")[0]
     assert operator_rule["kind"] == "PrometheusRule" and operator_rule["spec"] == alerts
 
@@ -602,3 +618,146 @@ def test_prometheus_scrapes_workers_and_the_exporter_and_loads_the_alerts():
     assert jobs["landmarks-backlog"]["static_configs"][0]["targets"] == [f"backlog-exporter:{metrics.DEFAULT_PORT}"]
     grafana = compose["services"]["grafana"]["volumes"]
     assert any(v.startswith("./grafana/dashboards:") for v in grafana)
+
+
+def _alert_rules() -> dict[str, dict]:
+    return {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+
+
+def _minutes(duration: str) -> float:
+    value, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()
+    return int(value) * {"s": 1 / 60, "m": 1, "h": 60}[unit]
+
+
+def test_a_crash_looping_worker_process_alerts():
+    """Under LANDMARKS_WORKER_PROCESSES > 1 the supervisor restarts a worker that exits: without these a
+    process dying every few minutes only shows as lower throughput."""
+    rules = _alert_rules()
+    restarting = rules["LandmarksWorkerRestarting"]
+    assert re.fullmatch(rf"increase\({metrics.PROCESS_RESTARTS}\[30m\]\) > 3", restarting["expr"].strip())
+    down = rules["LandmarksWorkerProcessDown"]
+    assert re.fullmatch(rf"{metrics.PROCESS_UP} == 0", down["expr"].strip())
+    assert _minutes(down["for"]) == 10
+    for rule in (restarting, down):
+        assert "{{ $labels.process }}" in rule["annotations"]["summary"], rule["alert"]
+
+
+def _compose_scrape_targets() -> dict[str, dict[str, str]]:
+    """The target labels Prometheus gives a worker and the exporter in the local fleet (prometheus.yml)."""
+    jobs = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    (worker,) = [j for j in jobs if any(name.startswith("worker-") for sd in j.get("dns_sd_configs", [])
+                                        for name in sd["names"])]
+    (exporter,) = [j for j in jobs if any(t.startswith("backlog-exporter:") for sc in j.get("static_configs", [])
+                                          for t in sc["targets"])]
+    return {"worker": {"job": worker["job_name"]}, "exporter": {"job": exporter["job_name"]}}
+
+
+def _operator_scrape_targets() -> dict[str, dict[str, str]]:
+    """The PodMonitor's target labels: job `<namespace>/<name>` (or its jobLabel's value), container's name."""
+    monitoring = K8S / "monitoring"
+    namespace = yaml.safe_load((monitoring / "kustomization.yaml").read_text())["namespace"]
+    monitor = _one(_docs(monitoring / "podmonitor.yaml"), "PodMonitor")
+    targets = {}
+    for role, name in (("worker", "landmarks-worker"), ("exporter", "landmarks-backlog-exporter")):
+        template = _one(_k8s_objects(), "Deployment", name)["spec"]["template"]
+        labels = template["metadata"]["labels"]
+        for term in monitor["spec"]["selector"]["matchExpressions"]:
+            assert labels.get(term["key"]) in term["values"], (name, term)  # the PodMonitor scrapes it
+        job = labels[monitor["spec"]["jobLabel"]] if "jobLabel" in monitor["spec"] else \
+            f"{namespace}/{monitor['metadata']['name']}"
+        targets[role] = {"job": job, "container": template["spec"]["containers"][0]["name"]}
+    return targets
+
+
+def _annotation_scrape_targets() -> dict[str, dict[str, str]]:
+    """The commented pod-annotation job of prometheus.yml (Kubernetes without the operator): job = a pod label."""
+    text = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    commented = text[text.index("#  - job_name: landmarks-pods"):]
+    (job,) = yaml.safe_load("\n".join(line[1:] for line in commented.splitlines() if line.startswith("#")))
+    (source,) = [r["source_labels"][0] for r in job["relabel_configs"] if r.get("target_label") == "job"]
+    targets = {}
+    for role, name in (("worker", "landmarks-worker"), ("exporter", "landmarks-backlog-exporter")):
+        labels = _one(_k8s_objects(), "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        by_meta = {"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in labels.items()}
+        targets[role] = {"job": by_meta[source]}
+    return targets
+
+
+def test_a_worker_whose_metrics_cannot_be_scraped_alerts_in_every_setup():
+    """`up` of the workers' scrape job, whichever Prometheus scrapes them: the local fleet's, the operator's
+    PodMonitor (which puts the exporter in the same job: told apart by container) or the annotation job.
+    The exporter has its own alert (absent(landmarks_queue_backlog_up)): this one must not double it."""
+    rules = [r for r in _alert_rules().values() if _selectors(r["expr"], "up")]
+    assert len(rules) == 1, [r["alert"] for r in rules]
+    (rule,) = rules
+    assert re.search(r"\bup\{[^}]*\}\s*==\s*0", rule["expr"]) and _minutes(rule["for"]) >= 5
+    (matchers,) = _selectors(rule["expr"], "up")
+    for setup in (_compose_scrape_targets(), _operator_scrape_targets(), _annotation_scrape_targets()):
+        assert _selects_series(matchers, {**setup["worker"], "instance": "10.0.0.7:9808"}), setup
+        assert not _selects_series(matchers, {**setup["exporter"], "instance": "10.0.0.8:9808"}), setup
+    assert "{{ $labels.instance }}" in rule["annotations"]["summary"]
+
+
+def test_every_alert_has_a_summary_and_a_row_in_the_runbook():
+    table = RUNBOOK.read_text().split("## Alerts worth having", 1)[1].split("\n## ", 1)[0]
+    for name, rule in _alert_rules().items():
+        assert rule["annotations"].get("summary"), name
+        assert re.search(rf"^\| `{name}`", table, re.M), f"deploy/README.md: no row for {name}"
+
+
+def _expressions() -> list[tuple[str, str]]:
+    exprs = [(f"alert {name}", rule["expr"]) for name, rule in _alert_rules().items()]
+    for path in DASHBOARDS:
+        exprs += [(f"{path.name}: {p['title']}", t["expr"]) for p in json.loads(path.read_text())["panels"]
+                  for t in p.get("targets", [])]
+    return exprs
+
+
+def test_time_since_a_timestamp_leaves_out_one_never_set():
+    """landmarks_last_batch_timestamp_seconds is 0 until a worker's first batch: `time() - it` would plot 57
+    years for an idle worker, so each `time() - TIMESTAMP` keeps only the series above 0."""
+    found = 0
+    for where, expr in _expressions():
+        for operand in re.findall(r"time\(\)\s*-\s*(\([^()]*\)|landmarks_\w+)", expr):
+            found += 1
+            name = operand.strip("()").split()[0]
+            filtered = re.fullmatch(rf"\(\s*{name}\s*>\s*0\s*\)", operand)  # time() - (T > 0)
+            required = re.search(rf"\b{name}\s*>\s*0\s+and\b", expr)  # T > 0 and time() - T ...
+            assert filtered or required, f"{where}: {expr}"
+    assert found >= 2  # the dashboard's seconds since the last batch, the stuck-batch alert
+
+
+def test_the_failure_rate_alert_needs_more_than_a_trickle_of_uploads():
+    """Two corrupt photos among a handful at one upload a minute are not > 5 % of a fleet's traffic: the
+    ratio counts only once the same outcomes pass a minimum rate."""
+    expr = " ".join(_alert_rules()["LandmarksFailureRateHigh"]["expr"].split())
+    ratio = re.search(r'/ sum\(rate\(landmarks_events_total\{outcome=~"([^"]+)"\}\[(\w+)\]\)\) > [\d.]+', expr)
+    volume = re.search(r'\band sum\(rate\(landmarks_events_total\{outcome=~"([^"]+)"\}\[(\w+)\]\)\) > ([\d.]+)$',
+                       expr)
+    assert ratio and volume, expr
+    assert set(volume.group(1).split("|")) == set(ratio.group(1).split("|")) and volume.group(2) == ratio.group(2)
+    assert float(volume.group(3)) > 1 / 60  # one upload a minute cannot fire it
+
+
+def test_the_exporter_is_given_the_broker_url_wherever_it_runs():
+    """Without it `python -m shared.metrics` refuses to start (no private Redis, whose empty queues would
+    scale the fleet down): compose and Kubernetes must give it the fleet's."""
+    objects = _k8s_objects()
+    exporter = _container(_one(objects, "Deployment", "landmarks-backlog-exporter"))
+    assert "LANDMARKS_BROKER_URL" in _k8s_variables(exporter, objects)
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert services["backlog-exporter"]["entrypoint"][-2:] == ["-m", "shared.metrics"]
+    assert "LANDMARKS_BROKER_URL" in services["backlog-exporter"]["environment"]
+
+
+def test_the_runbook_says_the_local_prometheus_only_shows_alerts_and_how_to_send_them():
+    """prometheus.yml evaluates alerts.yml but names no Alertmanager: the runbook says so, and its `alerting:`
+    block is one Prometheus takes as is."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    section = RUNBOOK.read_text().split("## Alerts worth having", 1)[1].split("\n## ", 1)[0]
+    blocks = [yaml.safe_load(b) for b in re.findall(r"^```yaml\n(.*?)^```", section, re.M | re.S)]
+    (alerting,) = [b["alerting"] for b in blocks if isinstance(b, dict) and "alerting" in b]
+    (manager,) = alerting["alertmanagers"]
+    assert all(re.fullmatch(r"[\w.-]+:\d+", t) for c in manager["static_configs"] for t in c["targets"])
+    if "alerting" not in config:
+        assert "http://localhost:9090/alerts" in section and "prometheus/prometheus.yml" in section
