@@ -26,11 +26,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Text, func, select, text
+from sqlalchemy import RowMapping, Text, func, select, text
 from sqlalchemy import bindparam as sa_bindparam
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
-from shared.db.models import ModelActivation, ModelVersion, Photo, PhotoTag, ShadowPhoto, ShadowRollout
+from shared.db.models import ModelActivation, ModelVersion, Photo, ShadowPhoto, ShadowRollout
 from shared.db.session import session_lock, transaction
 from shared.db.writer import (
     activate_model_version,
@@ -177,18 +178,22 @@ def promote(version: str, engine: Engine, index: LandmarkIndex, who: str | None 
     return activate(version, engine, index, action="promote", who=who, require_coverage=not force)
 
 
-# Photos in the active version's albums that ``candidate`` has not processed (live or as a shadow): the album
-# views show only the active version's tags, so promoting takes them out of the albums until it tags them.
+# Photos in the active version's albums (not deleted, with a tag of it) that ``candidate`` has not processed (live
+# or as a shadow): the album views show only the active version's tags, so promoting takes them out of the albums
+# until it tags them. Exact, so it reads every photo and tag once (promote runs it holding the activation lock):
+# asked of each photo as existence tests, which PostgreSQL runs as parallel hash semi- and anti-joins, instead
+# of counting distinct photos over every tag (half the time at 3.5 M tags).
 UNCOVERED_SQL = """
-SELECT count(DISTINCT (t.user_id, t.photo_id))
-FROM photo_tags t
-JOIN model_versions mv ON mv.version = t.model_version AND mv.is_active AND mv.version <> :candidate
-JOIN photos p ON p.user_id = t.user_id AND p.photo_id = t.photo_id AND p.status <> 'deleted'
-WHERE p.model_version IS DISTINCT FROM :candidate
+SELECT count(*)
+FROM photos p
+WHERE p.status <> 'deleted' AND p.model_version IS DISTINCT FROM :candidate
+  AND EXISTS (SELECT 1 FROM photo_tags t
+              WHERE t.user_id = p.user_id AND t.photo_id = p.photo_id
+                AND t.model_version = (SELECT version FROM model_versions WHERE is_active AND version <> :candidate))
   AND NOT EXISTS (SELECT 1 FROM shadow_photos s
-                  WHERE s.user_id = t.user_id AND s.photo_id = t.photo_id AND s.model_version = :candidate)
+                  WHERE s.user_id = p.user_id AND s.photo_id = p.photo_id AND s.model_version = :candidate)
   AND NOT EXISTS (SELECT 1 FROM photo_tags c
-                  WHERE c.user_id = t.user_id AND c.photo_id = t.photo_id AND c.model_version = :candidate)
+                  WHERE c.user_id = p.user_id AND c.photo_id = p.photo_id AND c.model_version = :candidate)
 """
 
 
@@ -256,22 +261,32 @@ def _require_whole_swap(engine: Engine, index: LandmarkIndex) -> None:
                            f"`landmarks promote {serving} --force` finishes the swap")
 
 
-def versions(engine: Engine, index: LandmarkIndex | None = None) -> list[dict[str, Any]]:
+# Photos with tags of each version, from photo_tags's primary key (user_id, photo_id, model_version, landmark_id)
+# alone: an index-only scan meets each photo's versions side by side, where counting distinct photos per version
+# sorted every tag (a few times faster at 3.5 M tags, but still a read of every tag: hence only on request).
+TAGGED_PHOTOS_SQL = """
+SELECT model_version, count(*)
+FROM (SELECT DISTINCT user_id, photo_id, model_version FROM photo_tags) AS tagged
+GROUP BY model_version
+"""
+
+
+def versions(engine: Engine, index: LandmarkIndex | None = None, *, counts: bool = False) -> list[dict[str, Any]]:
+    """Registered versions, oldest first, with their shadow run if one is running and whether Milvus has them
+    (given ``index``). ``tagged_photos`` and ``shadow_photos`` read every tag and shadow verdict (seconds per
+    million): counted only with ``counts``, None otherwise."""
     table = ModelVersion.__table__
     in_milvus = set(index.versions()) if index is not None else None
     with transaction(engine) as session:
         rows = session.execute(select(table.c.version, table.c.created_at, table.c.is_active, table.c.backbone,
                                       table.c.checkpoint).order_by(table.c.created_at)).mappings().all()
-        tagged = dict(session.execute(select(PhotoTag.model_version, func.count(func.distinct(
-            PhotoTag.user_id + "/" + PhotoTag.photo_id))).group_by(PhotoTag.model_version)).all())
-        shadowed = dict(session.execute(select(ShadowPhoto.model_version, func.count())
-                                        .group_by(ShadowPhoto.model_version)).all())
+        tagged, shadowed = _photos_per_version(session) if counts else ({}, {})
         shadow = running_shadow(session)
     out = []
     for row in rows:
         item = dict(row)
-        item["tagged_photos"] = tagged.get(row["version"], 0)
-        item["shadow_photos"] = shadowed.get(row["version"], 0)
+        item["tagged_photos"] = tagged.get(row["version"], 0) if counts else None
+        item["shadow_photos"] = shadowed.get(row["version"], 0) if counts else None
         item["shadow"] = _shadow_dict(shadow) if shadow is not None and shadow.version == row["version"] else None
         if in_milvus is not None:
             item["in_milvus"] = row["version"] in in_milvus
@@ -279,16 +294,16 @@ def versions(engine: Engine, index: LandmarkIndex | None = None) -> list[dict[st
     return out
 
 
+def _photos_per_version(session: Session) -> tuple[dict[str, int], dict[str, int]]:
+    """Photos each version has tagged, and photos each has processed as a shadow."""
+    tagged = dict(session.execute(text(TAGGED_PHOTOS_SQL)).all())
+    shadowed = dict(session.execute(select(ShadowPhoto.model_version, func.count())
+                                    .group_by(ShadowPhoto.model_version)).all())
+    return tagged, shadowed
+
+
 # --- compare -------------------------------------------------------------------------------------
 
-# Photos a version has processed: it tagged them, its verdict is the latest, or it shadowed them.
-SEEN_BY = """
-    SELECT user_id, photo_id FROM photo_tags WHERE model_version = :{v} AND (:user IS NULL OR user_id = :user)
-    UNION
-    SELECT user_id, photo_id FROM photos WHERE model_version = :{v} AND (:user IS NULL OR user_id = :user)
-    UNION  -- as a shadow, including the photos it found no landmark on
-    SELECT user_id, photo_id FROM shadow_photos WHERE model_version = :{v} AND (:user IS NULL OR user_id = :user)
-"""
 # The baseline's terms as the active version, each from its activation to the next one (open while it is
 # active): it has also seen every photo uploaded in one, since its "no landmark" verdict leaves no trace once
 # another version re-tags the photo. Photos uploaded while it was not active it has not seen.
@@ -299,30 +314,97 @@ A_TERMS = """
     ) AS terms
     WHERE version = :a
 """
-COMPARE_SQL = f"""
-WITH seen_a AS ({SEEN_BY.format(v="a")}),
-seen_b AS ({SEEN_BY.format(v="b")}),
-a_terms AS ({A_TERMS}),
-pairs AS (
-    SELECT t.user_id, t.photo_id, t.landmark_id, p.uploaded_at,
-           bool_or(t.model_version = :a) AS in_a, bool_or(t.model_version = :b) AS in_b,
-           min(t.rank) FILTER (WHERE t.model_version = :a) AS rank_a,
-           min(t.rank) FILTER (WHERE t.model_version = :b) AS rank_b
-    FROM photo_tags t
-    JOIN photos p ON p.user_id = t.user_id AND p.photo_id = t.photo_id AND p.status <> 'deleted'
-    WHERE t.model_version IN (:a, :b) AND (:user IS NULL OR t.user_id = :user)
-    GROUP BY t.user_id, t.photo_id, t.landmark_id, p.uploaded_at
-),
-judged AS (
-    SELECT pairs.*, (s.photo_id IS NOT NULL) AS b_saw,
-           (sa.photo_id IS NOT NULL OR EXISTS (SELECT 1 FROM a_terms
-                                                WHERE pairs.uploaded_at >= a_terms.since
-                                                  AND pairs.uploaded_at < a_terms.until)) AS a_saw
+# One row per (photo, landmark) that either version tagged. MATERIALIZED: inlined, the planner walks
+# photo_tags in primary-key order, reading its heap at random (three times slower on millions of tags).
+PAIRS = """
+    SELECT user_id, photo_id, landmark_id,
+           bool_or(model_version = :a) AS in_a, bool_or(model_version = :b) AS in_b,
+           bool_or(model_version = :a AND rank = 0) AS best_of_a, bool_or(model_version = :b AND rank = 0) AS best_of_b
+    FROM photo_tags
+    WHERE model_version IN (:a, :b) AND (:user IS NULL OR user_id = :user)
+    GROUP BY user_id, photo_id, landmark_id
+"""
+# One row per photo with tags: what each version tagged, its best landmarks, and the landmarks one version
+# gave and not the other (arrays of a photo's few landmarks, so that no second pass over the pairs is needed).
+PHOTO_TAGS = """
+    SELECT user_id, photo_id, bool_or(in_a) AS tagged_a, bool_or(in_b) AS tagged_b,
+           min(landmark_id) FILTER (WHERE best_of_a) AS top_a, min(landmark_id) FILTER (WHERE best_of_b) AS top_b,
+           count(*) FILTER (WHERE in_a AND in_b) AS tags_both,
+           array_agg(landmark_id) FILTER (WHERE in_b AND NOT in_a) AS gained,
+           array_agg(landmark_id) FILTER (WHERE in_a AND NOT in_b) AS lost
     FROM pairs
-    LEFT JOIN seen_b s ON s.user_id = pairs.user_id AND s.photo_id = pairs.photo_id
-    LEFT JOIN seen_a sa ON sa.user_id = pairs.user_id AND sa.photo_id = pairs.photo_id
-)
-SELECT * FROM judged
+    GROUP BY user_id, photo_id
+"""
+# Whether a version has processed a photo: it tagged it, its verdict is the latest, or it shadowed it (including
+# the photos it found no landmark on).
+PROCESSED = """(t.tagged_{v} OR p.model_version IS NOT DISTINCT FROM :{v}
+            OR EXISTS (SELECT 1 FROM shadow_photos s
+                       WHERE s.user_id = t.user_id AND s.photo_id = t.photo_id AND s.model_version = :{v}))"""
+# The photos that are not deleted, with whether each version has seen them (see compare's docstring).
+JUDGED = f"""
+    SELECT t.*, {PROCESSED.format(v="b")} AS b_saw,
+           {PROCESSED.format(v="a")}
+            OR EXISTS (SELECT 1 FROM a_terms WHERE p.uploaded_at >= a_terms.since AND p.uploaded_at < a_terms.until)
+           AS a_saw
+    FROM photo_tags_summary t
+    JOIN photos p ON p.user_id = t.user_id AND p.photo_id = t.photo_id AND p.status <> 'deleted'
+"""
+# One row per tag of a compared photo that only one version gave.
+CHANGES = """
+    SELECT user_id, photo_id, unnest(gained) AS landmark_id, 'gained' AS change FROM compared
+    UNION ALL
+    SELECT user_id, photo_id, unnest(lost), 'lost' FROM compared
+"""
+PHOTO_COUNTS = """
+    SELECT count(*) AS photos_compared, coalesce(sum(tags_both), 0)::bigint AS tags_both,
+           count(*) FILTER (WHERE tagged_a) AS photos_tagged_a, count(*) FILTER (WHERE tagged_b) AS photos_tagged_b,
+           count(*) FILTER (WHERE tagged_b AND NOT tagged_a) AS gained_photos,
+           count(*) FILTER (WHERE tagged_a AND NOT tagged_b) AS lost_photos,
+           count(*) FILTER (WHERE top_a IS NOT NULL AND top_b IS NOT NULL) AS photos_tagged_both,
+           count(*) FILTER (WHERE top_a = top_b) AS top1_same
+    FROM compared
+"""
+CHANGE_COUNTS = """
+    SELECT count(*) FILTER (WHERE change = 'gained') AS gained, count(*) FILTER (WHERE change = 'lost') AS lost
+    FROM changes
+"""
+SEEN_COUNTS = """
+    SELECT count(*) FILTER (WHERE NOT b_saw) AS pending, count(*) FILTER (WHERE b_saw AND NOT a_saw) AS unseen_by_a
+    FROM judged
+"""
+# The landmarks with the most tags gained (or lost), then examples in (user, photo, landmark) order. COLLATE "C"
+# sorts by code point, as Python did before this moved into SQL, whatever the database's collation.
+BY_LANDMARK = """
+    SELECT coalesce(json_agg(json_build_object('landmark_id', landmark_id, 'tags', tags)
+                             ORDER BY tags DESC, landmark_id), '[]') AS {change}_by_landmark
+    FROM (SELECT landmark_id, count(*) AS tags FROM changes WHERE change = '{change}'
+          GROUP BY landmark_id ORDER BY tags DESC, landmark_id LIMIT :examples) AS top
+"""
+EXAMPLES = """
+    SELECT coalesce(json_agg(json_build_object('user_id', user_id, 'photo_id', photo_id, 'landmark_id', landmark_id)
+                             ORDER BY user_id COLLATE "C", photo_id COLLATE "C", landmark_id), '[]')
+           AS {change}_examples
+    FROM (SELECT user_id, photo_id, landmark_id FROM changes WHERE change = '{change}'
+          ORDER BY user_id COLLATE "C", photo_id COLLATE "C", landmark_id LIMIT :examples) AS first
+"""
+# Everything is counted on the server, in one statement that computes each CTE once: the ops pod gets one row
+# whatever the number of tags (loading them into Python took 1.8 GB at 3.5 M tags, and died at 30 M).
+COMPARE_SQL = f"""
+WITH a_terms AS MATERIALIZED ({A_TERMS}),
+pairs AS MATERIALIZED ({PAIRS}),
+photo_tags_summary AS ({PHOTO_TAGS}),
+judged AS ({JUDGED}),
+compared AS (SELECT * FROM judged WHERE a_saw AND b_saw),
+changes AS ({CHANGES}),
+photo_counts AS ({PHOTO_COUNTS}),
+change_counts AS ({CHANGE_COUNTS}),
+seen_counts AS ({SEEN_COUNTS}),
+gained_by_landmark AS ({BY_LANDMARK.format(change="gained")}),
+lost_by_landmark AS ({BY_LANDMARK.format(change="lost")}),
+gained_examples AS ({EXAMPLES.format(change="gained")}),
+lost_examples AS ({EXAMPLES.format(change="lost")})
+SELECT * FROM photo_counts, change_counts, seen_counts, gained_by_landmark, lost_by_landmark, gained_examples,
+              lost_examples
 """
 
 
@@ -347,69 +429,43 @@ def compare(engine: Engine, a: str, b: str, examples: int = 10, user: str | None
         missing = [v for v in (a, b) if v not in known]
         if missing:
             raise RolloutError(f"unknown model version(s): {', '.join(missing)}")
-        rows = session.execute(text(COMPARE_SQL).bindparams(sa_bindparam("user", type_=Text)),
-                               {"a": a, "b": b, "user": user}).mappings().all()
+        counts = session.execute(text(COMPARE_SQL).bindparams(sa_bindparam("user", type_=Text)),
+                                 {"a": a, "b": b, "user": user, "examples": examples}).mappings().one()
         seen_b = session.scalar(_processed_by(b, user))
         shadowed_b = session.scalar(_shadowed_by(b, user))
-    compared = [r for r in rows if r["a_saw"] and r["b_saw"]]
-    pending_photos = {(r["user_id"], r["photo_id"]) for r in rows if not r["b_saw"]}
-    unseen_by_a = {(r["user_id"], r["photo_id"]) for r in rows if r["b_saw"] and not r["a_saw"]}
-    both = [r for r in compared if r["in_a"] and r["in_b"]]
-    gained = [r for r in compared if r["in_b"] and not r["in_a"]]
-    lost = [r for r in compared if r["in_a"] and not r["in_b"]]
+    return _report(counts, a=a, b=b, user=user, seen_b=seen_b, shadowed_b=shadowed_b)
 
-    top_a: dict[tuple[str, str], int] = {}
-    top_b: dict[tuple[str, str], int] = {}
-    for r in compared:
-        key = (r["user_id"], r["photo_id"])
-        if r["rank_a"] == 0:
-            top_a[key] = r["landmark_id"]
-        if r["rank_b"] == 0:
-            top_b[key] = r["landmark_id"]
-    tagged_by_both = set(top_a) & set(top_b)
-    photos_a = {(r["user_id"], r["photo_id"]) for r in compared if r["in_a"]}
-    photos_b = {(r["user_id"], r["photo_id"]) for r in compared if r["in_b"]}
 
-    def by_landmark(items: list) -> list[dict[str, int]]:
-        counts: dict[int, int] = {}
-        for r in items:
-            counts[r["landmark_id"]] = counts.get(r["landmark_id"], 0) + 1
-        return [{"landmark_id": k, "tags": v} for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:examples]]
-
-    def sample(items: list) -> list[dict[str, Any]]:
-        return [{"user_id": r["user_id"], "photo_id": r["photo_id"], "landmark_id": r["landmark_id"]}
-                for r in sorted(items, key=lambda r: (r["user_id"], r["photo_id"], r["landmark_id"]))[:examples]]
-
-    union = len(compared)
+def _report(c: RowMapping, *, a: str, b: str, user: str | None, seen_b: int, shadowed_b: int) -> dict[str, Any]:
+    """The report's keys in the order `landmarks compare` has always printed them."""
+    union = c["tags_both"] + c["gained"] + c["lost"]
+    both_best = c["photos_tagged_both"]
     return {
         "a": a, "b": b, "user": user,
-        "photos_compared": len(photos_a | photos_b),
-        "photos_processed_by_b": seen_b,
-        "photos_shadowed_by_b": shadowed_b,
-        "tags_a": len(both) + len(lost), "tags_b": len(both) + len(gained), "tags_both": len(both),
-        "agreement": round(len(both) / union, 6) if union else None,
-        "photos_tagged_a": len(photos_a), "photos_tagged_b": len(photos_b),
-        "photos_tagged_both": len(tagged_by_both),
-        "top1_agreement": (round(sum(top_a[k] == top_b[k] for k in tagged_by_both) / len(tagged_by_both), 6)
-                           if tagged_by_both else None),
-        "gained": len(gained), "lost": len(lost),
-        "gained_photos": len(photos_b - photos_a), "lost_photos": len(photos_a - photos_b),
-        "pending": len(pending_photos), "unseen_by_a": len(unseen_by_a),
-        "gained_by_landmark": by_landmark(gained), "lost_by_landmark": by_landmark(lost),
-        "gained_examples": sample(gained), "lost_examples": sample(lost),
+        "photos_compared": c["photos_compared"], "photos_processed_by_b": seen_b, "photos_shadowed_by_b": shadowed_b,
+        "tags_a": c["tags_both"] + c["lost"], "tags_b": c["tags_both"] + c["gained"], "tags_both": c["tags_both"],
+        "agreement": round(c["tags_both"] / union, 6) if union else None,
+        "photos_tagged_a": c["photos_tagged_a"], "photos_tagged_b": c["photos_tagged_b"],
+        "photos_tagged_both": both_best,
+        "top1_agreement": round(c["top1_same"] / both_best, 6) if both_best else None,
+        "gained": c["gained"], "lost": c["lost"],
+        "gained_photos": c["gained_photos"], "lost_photos": c["lost_photos"],
+        "pending": c["pending"], "unseen_by_a": c["unseen_by_a"],
+        "gained_by_landmark": c["gained_by_landmark"], "lost_by_landmark": c["lost_by_landmark"],
+        "gained_examples": c["gained_examples"], "lost_examples": c["lost_examples"],
     }
 
 
 def _processed_by(version: str, user: str | None):
-    """Photos (not deleted) whose latest verdict is ``version``'s, or that ``version`` shadowed."""
-    photos, shadowed = Photo.__table__, ShadowPhoto.__table__
-    as_shadow = select(shadowed.c.user_id, shadowed.c.photo_id).where(shadowed.c.model_version == version)
-    as_active = select(photos.c.user_id, photos.c.photo_id).where(photos.c.model_version == version)
-    seen = as_active.union(as_shadow).subquery()
-    query = (select(func.count()).select_from(seen)
-             .join(photos, (photos.c.user_id == seen.c.user_id) & (photos.c.photo_id == seen.c.photo_id))
-             .where(photos.c.status != "deleted"))
-    return query.where(photos.c.user_id == user) if user is not None else query
+    """Photos (not deleted) whose latest verdict is ``version``'s, or that ``version`` shadowed: the two counted
+    apart and added up, which reads each table once (their union sorted every photo: 5 s at 3 M photos)."""
+    photos = Photo.__table__
+    latest = (select(func.count()).select_from(photos)
+              .where(photos.c.model_version == version, photos.c.status != "deleted"))
+    if user is not None:
+        latest = latest.where(photos.c.user_id == user)
+    shadowed_only = _shadowed_by(version, user).where(photos.c.model_version.is_distinct_from(version))
+    return select(latest.scalar_subquery() + shadowed_only.scalar_subquery())
 
 
 def _shadowed_by(version: str, user: str | None):

@@ -9,6 +9,7 @@ import re
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +21,14 @@ from shared import rollout
 from shared.backfill import EVENT_PREFIX, RateLimiter, Scope, run_backfill
 from shared.db.albums import attractions
 from shared.db.session import transaction
-from shared.db.writer import write_outcomes, write_shadow_outcomes
+from shared.db.writer import (
+    activate_model_version,
+    active_model_version,
+    register_model_version,
+    start_shadow_rollout,
+    write_outcomes,
+    write_shadow_outcomes,
+)
 from shared.embedder import Embedder
 from shared.events import PhotoUploaded
 from shared.gallery import LandmarkPhotos, build_gallery
@@ -357,6 +365,130 @@ def test_after_a_rollback_compare_counts_photos_uploaded_under_the_candidate_as_
     after = rollout.compare(engine, a, c, user=user)
     assert (while_c["unseen_by_a"], while_c["gained"], while_c["tags_both"]) == (1, 0, 1)
     assert (after["unseen_by_a"], after["gained"], after["tags_both"]) == (1, 0, 1)
+
+
+@contextmanager
+def _active_in_postgres(engine, version: str):
+    """``version`` active on the albums' side only, then the version before it back as a rollback, so that
+    the rollout history replays as before (``rollout_stack`` pops the pair)."""
+    with transaction(engine) as session:
+        previous = active_model_version(session).version
+        activate_model_version(session, version)
+    try:
+        yield
+    finally:
+        with transaction(engine) as session:
+            session.execute(sa.select(sa.func.set_config("landmarks.activation_action", "rollback", True)))
+            activate_model_version(session, previous)
+
+
+def _uploaded_now(user: str, photo: str, at: datetime, *landmarks: int) -> PhotoOutcome:
+    outcome = _outcome(user, photo, *landmarks)
+    outcome.event = outcome.event.model_copy(update={"uploaded_at": at})
+    return outcome
+
+
+def _varied_comparison(engine) -> dict:
+    """Two fresh versions, X (baseline) and Y (candidate), over two users' photos: tagged alike, with another
+    best landmark, with more or fewer landmarks, by one version only, by neither yet (pending), deleted, by
+    Y both live and as a shadow, seen by X only through its term as the active version, and never seen by X.
+    User U sorts before V in
+    code-point order ("_Z" < "_a") but after it in a case-insensitive one."""
+    tag = uuid.uuid4().hex[:6]
+    x, y, u, v = f"gx_{tag}", f"gy_{tag}", f"gold_{tag}_Z", f"gold_{tag}_a"
+    with transaction(engine) as session:
+        for version in (x, y):
+            register_model_version(session, version, backbone="tiny", embedding_dim=64, t_geo=0.5, t_global=0.7,
+                                   t_ref=0.6, checkpoint=f"/m/{version}.pt", metrics={})
+    _write(engine, x, [_outcome(u, "same", 1), _outcome(u, "swap", 1, 2), _outcome(u, "Part", 1, 2),
+                       _outcome(u, "lost", 2), _outcome(u, "gain"), _outcome(u, "pending", 1), _outcome(u, "gone", 1),
+                       _outcome(u, "shadow_none", 3),
+                       _outcome(v, "same", 2), _outcome(v, "more", 1), _outcome(v, "lost", 3), _outcome(v, "wait", 2),
+                       _outcome(v, "relive", 1), _outcome(v, "back", 2), _outcome(v, "both_ways", 1)])
+    _write(engine, y, [_outcome(v, "relive"), _outcome(v, "back", 2), _outcome(u, "unseen", 3), _outcome(v, "late", 1),
+                       _outcome(v, "both_ways", 1)])
+    _write(engine, x, [_outcome(v, "back", 2)])  # X's verdict is the latest again; Y's tags stay
+    with transaction(engine) as session:
+        start_shadow_rollout(session, y, 1.0, "tester")
+    try:
+        with transaction(engine) as session:
+            write_shadow_outcomes(session, y, [
+                _outcome(u, "same", 1), _outcome(u, "swap", 2, 1), _outcome(u, "Part", 1, 3), _outcome(u, "lost"),
+                _outcome(u, "gain", 3), _outcome(u, "gone", 2), _outcome(u, "shadow_none"),
+                _outcome(v, "same", 2), _outcome(v, "more", 1, 2), _outcome(v, "lost", 1), _outcome(v, "both_ways", 1)])
+    finally:
+        rollout.stop_shadow(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE photos SET status = 'deleted' WHERE user_id = :u AND photo_id = 'gone'"), {"u": u})
+    with _active_in_postgres(engine, x):  # X's term: it has seen what was uploaded then, "no landmark" included
+        now = datetime.now(UTC)
+        _write(engine, x, [_uploaded_now(u, "term_none", now), _uploaded_now(u, "term_tag", now, 2)])
+        # The albums show X's tags: of those photos, Y has not been through pending, term_tag and wait.
+        uncovered = {w: rollout.uncovered_photos(w, engine) for w in (x, y)}
+    _write(engine, y, [_uploaded_now(u, "term_none", now, 3), _uploaded_now(u, "term_tag", now, 2)])
+    return {"x": x, "y": y, "u": u, "v": v, "uncovered_while_x_active": uncovered}
+
+
+def test_compare_and_versions_report_the_same_figures_on_a_varied_data_set(versions, engine):
+    """The figures of `landmarks compare` (every key and value) and of `landmarks versions`, fixed on a data set
+    that exercises every branch, so that moving their counting between Python and SQL changes none."""
+    data = _varied_comparison(engine)
+    x, y, u, v = data["x"], data["y"], data["u"], data["v"]
+    assert data["uncovered_while_x_active"] == {x: 0, y: 3}
+    expected_one_user = {
+        "a": x, "b": y, "user": u,
+        "photos_compared": 8, "photos_processed_by_b": 9, "photos_shadowed_by_b": 6,
+        "tags_a": 8, "tags_b": 8, "tags_both": 5, "agreement": round(5 / 11, 6),
+        "photos_tagged_a": 6, "photos_tagged_b": 6, "photos_tagged_both": 4, "top1_agreement": 0.75,
+        "gained": 3, "lost": 3, "gained_photos": 2, "lost_photos": 2, "pending": 1, "unseen_by_a": 1,
+        "gained_by_landmark": [{"landmark_id": 3, "tags": 3}],
+        "lost_by_landmark": [{"landmark_id": 2, "tags": 2}, {"landmark_id": 3, "tags": 1}],
+        "gained_examples": [{"user_id": u, "photo_id": p, "landmark_id": 3} for p in ("Part", "gain", "term_none")],
+        "lost_examples": [{"user_id": u, "photo_id": "Part", "landmark_id": 2},
+                          {"user_id": u, "photo_id": "lost", "landmark_id": 2},
+                          {"user_id": u, "photo_id": "shadow_none", "landmark_id": 3}],
+    }
+    one_user = rollout.compare(engine, x, y, user=u)
+    assert one_user == expected_one_user and list(one_user) == list(expected_one_user)  # the JSON, key order too
+    assert rollout.compare(engine, x, y, examples=4) == {
+        "a": x, "b": y, "user": None,
+        "photos_compared": 14, "photos_processed_by_b": 15, "photos_shadowed_by_b": 10,
+        "tags_a": 14, "tags_b": 14, "tags_both": 9, "agreement": round(9 / 19, 6),
+        "photos_tagged_a": 12, "photos_tagged_b": 11, "photos_tagged_both": 9, "top1_agreement": round(7 / 9, 6),
+        "gained": 5, "lost": 5, "gained_photos": 2, "lost_photos": 3, "pending": 2, "unseen_by_a": 2,
+        "gained_by_landmark": [{"landmark_id": 3, "tags": 3}, {"landmark_id": 1, "tags": 1},
+                               {"landmark_id": 2, "tags": 1}],
+        "lost_by_landmark": [{"landmark_id": 2, "tags": 2}, {"landmark_id": 3, "tags": 2},
+                             {"landmark_id": 1, "tags": 1}],
+        "gained_examples": [{"user_id": u, "photo_id": "Part", "landmark_id": 3},
+                            {"user_id": u, "photo_id": "gain", "landmark_id": 3},
+                            {"user_id": u, "photo_id": "term_none", "landmark_id": 3},
+                            {"user_id": v, "photo_id": "lost", "landmark_id": 1}],
+        "lost_examples": [{"user_id": u, "photo_id": "Part", "landmark_id": 2},
+                          {"user_id": u, "photo_id": "lost", "landmark_id": 2},
+                          {"user_id": u, "photo_id": "shadow_none", "landmark_id": 3},
+                          {"user_id": v, "photo_id": "lost", "landmark_id": 3}],
+    }
+    assert rollout.compare(engine, x, y, examples=0, user=v)["gained_examples"] == []
+    nobody = rollout.compare(engine, x, y, user=f"{u}_nobody")
+    assert {k: nobody[k] for k in ("photos_compared", "tags_both", "gained", "pending", "agreement", "top1_agreement",
+                                   "gained_by_landmark", "lost_examples")} == {
+        "photos_compared": 0, "tags_both": 0, "gained": 0, "pending": 0, "agreement": None, "top1_agreement": None,
+        "gained_by_landmark": [], "lost_examples": []}
+    counted = {item["version"]: item for item in rollout.versions(engine, counts=True)}
+    assert [(counted[w]["tagged_photos"], counted[w]["shadow_photos"]) for w in (x, y)] == [(15, 0), (14, 11)]
+
+
+def test_a_plain_versions_listing_leaves_out_the_counts_that_read_every_tag(versions, engine):
+    """`landmarks versions` read all of photo_tags (about a minute at 30 M tags) for its photo counts: they are
+    asked for, not given by default."""
+    _write(engine, versions["A"], [_outcome(f"vl_{uuid.uuid4().hex[:6]}", "p1", 1)])
+    listed = {item["version"]: item for item in rollout.versions(engine)}
+    counted = {item["version"]: item for item in rollout.versions(engine, counts=True)}
+    assert {(item["tagged_photos"], item["shadow_photos"]) for item in listed.values()} == {(None, None)}
+    assert counted[versions["A"]]["tagged_photos"] > 0
+    uncounted = [{**item, "tagged_photos": None, "shadow_photos": None} for item in counted.values()]
+    assert uncounted == list(listed.values())  # the rest alike
 
 
 def test_versions_history_and_compare_examples_take_only_counts_that_make_sense(versions, engine):
