@@ -4,11 +4,16 @@ message that cannot be read is refused alone, and a deletion the broker cannot t
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import uuid
+from datetime import datetime
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +31,8 @@ from shared.events import PhotoUploaded
 from shared.logs import JsonFormatter
 from shared.outcomes import Method, PhotoOutcome, PhotoStatus, Tag
 from shared.settings import get_settings
+from shared.signing import verify_event
+from shared.stack import redis_client_url
 
 pytestmark = [pytest.mark.integration]
 
@@ -188,15 +195,67 @@ def test_a_malformed_event_the_database_cannot_record_goes_round_again_with_its_
     assert reason == "malformed event: uri: Field required; uploaded_at: Field required"
 
 
-def test_events_handed_back_return_to_the_queue_they_came_from(tasks, monkeypatch):
+# What a worker process runs when it hands events back: workers.tasks imported under the settings in its
+# environment (its Celery app configures itself from them, as a worker's does), the events read from stdin.
+HAND_BACK = """
+import json, sys, time
+from shared.events import PhotoUploaded
+from workers import tasks
+events = [PhotoUploaded(**event) for event in json.load(sys.stdin)]
+before = time.time()
+tasks._hand_back(events, {}, "an outage")
+print(json.dumps([before, time.time()]))
+"""
+SIGNING_KEY = "hand-back-signing-key-4e9b1c7a20"
+VISIBILITY_TIMEOUT_S = 10  # the lowest allowed: a hand-back's 30 s wait is cut to 5 s
+
+
+def _hand_back_in_a_worker_process(env: dict[str, str], events: list[PhotoUploaded]) -> tuple[float, float]:
+    """(time before, time after) the process handed ``events`` back to its broker."""
+    done = subprocess.run([sys.executable, "-c", HAND_BACK], env=env, cwd=Path(__file__).resolve().parents[2],
+                          input=json.dumps([e.model_dump(mode="json") for e in events]), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout.strip().splitlines()[-1])
+    return before, after
+
+
+def _queued(client: redis.Redis, queue: str) -> list[tuple[dict, dict]]:
+    """(headers, event) of each message waiting in ``queue``, as kombu's Redis transport stores them."""
+    out = []
+    for raw in client.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        (event,), _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        out.append((message["headers"], event))
+    return out
+
+
+def test_events_handed_back_return_to_the_queue_they_came_from(database_url, broker_url, milvus_uri):
     """A backfill's events wait behind live uploads; handed back onto the live queue after an outage they would
-    jump ahead of them."""
-    sent = []
-    monkeypatch.setattr(tasks.app, "send_task", lambda name, **kwargs: sent.append((kwargs["args"][0]["photo_id"],
-                                                                                   kwargs.get("queue"))))
-    backfill = _event("old").model_copy(update={"event_id": "backfill-" + uuid.uuid4().hex})
-    tasks._hand_back([_event("live"), backfill], {}, "an outage")
-    assert sent == [("live", None), ("old", f"{tasks._settings.queue}_backfill")]
+    jump ahead of them. Each comes round signed, or its worker would refuse it, and within half the visibility
+    timeout, or Redis would hand a second copy to another worker."""
+    queue = f"lm_test_{uuid.uuid4().hex[:8]}"
+    backfill_queue = f"{queue}_backfill"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LANDMARKS_")},
+           "LANDMARKS_HOME": os.environ["LANDMARKS_HOME"], "LANDMARKS_DATABASE_URL": database_url,
+           "LANDMARKS_BROKER_URL": broker_url, "LANDMARKS_MILVUS_URI": milvus_uri, "LANDMARKS_QUEUE": queue,
+           "LANDMARKS_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S), "LANDMARKS_EVENT_SIGNING_KEY": SIGNING_KEY}
+    live, backfill = _event("live"), _event("old").model_copy(update={"event_id": "backfill-" + uuid.uuid4().hex})
+    client = redis.Redis.from_url(redis_client_url(broker_url))
+    try:
+        before, after = _hand_back_in_a_worker_process(env, [live, backfill])
+        queued = {name: _queued(client, name) for name in (queue, backfill_queue)}
+    finally:
+        client.delete(*[key for name in (queue, backfill_queue)
+                        for key in (name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")])
+        client.close()
+    assert {name: [event["event_id"] for _, event in messages] for name, messages in queued.items()} == {
+        queue: [live.event_id], backfill_queue: [backfill.event_id]}
+    for (headers, event), sent in [(queued[queue][0], live), (queued[backfill_queue][0], backfill)]:
+        verify_event(event, SIGNING_KEY.encode())
+        assert {k: v for k, v in event.items() if k != "signature"} == sent.model_dump(mode="json")
+        eta = datetime.fromisoformat(headers["eta"]).timestamp()
+        assert before + VISIBILITY_TIMEOUT_S / 2 <= eta <= after + VISIBILITY_TIMEOUT_S / 2
 
 
 def test_a_value_postgresql_refuses_is_the_events_failure_not_an_outage(tasks, engine, monkeypatch):

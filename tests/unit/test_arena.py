@@ -43,6 +43,12 @@ def _pixels(loaded) -> list[np.ndarray]:
     return [item.image.pixels for item in loaded]
 
 
+def _same_pixels(expected: list[np.ndarray], got: list[np.ndarray]) -> bool:
+    """Photo by photo, and as many photos: zip alone stops at the shorter list, so a batch that came back
+    short (or empty) would pass."""
+    return len(expected) == len(got) and all(np.array_equal(a, b) for a, b in zip(expected, got))
+
+
 def _charged_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
@@ -52,16 +58,17 @@ def test_results_come_through_the_arena_and_its_memory_is_reused(noisy_photos, s
     loader = _loader(noisy_photos, str(spill_dir), 16)
     try:
         expected = _pixels(piped.load(_requests(noisy_photos)))
+        assert len(expected) == len(noisy_photos)
         arena = loader.arena
         assert arena is not None and [p.name for p in spill_dir.iterdir()] == [Path(arena.path).name]
         got = _pixels(loader.load(_requests(noisy_photos)))
         assert [p.name for p in spill_dir.iterdir()] == [Path(arena.path).name]  # no file per chunk
-        assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+        assert _same_pixels(expected, got)
         assert all(b.flags.writeable for b in got)  # the pipeline may write into its batch's pixels
         assert arena.blocks_taken == 40  # 4 chunks of 10 blocks, held while their pixels are in use
         other = _pixels(loader.load(_requests(noisy_photos[::-1])))  # written elsewhere while those are held
-        assert all(np.array_equal(a, b) for a, b in zip(expected, got))
-        assert all(np.array_equal(a, b) for a, b in zip(expected[::-1], other))
+        assert _same_pixels(expected, got)
+        assert _same_pixels(expected[::-1], other)
         del other
         charged = _charged_bytes(arena.path)
         del got
@@ -69,7 +76,7 @@ def test_results_come_through_the_arena_and_its_memory_is_reused(noisy_photos, s
         assert arena.blocks_taken == 0  # given back with the last array
         for _ in range(3):  # later batches write over the same pages
             again = _pixels(loader.load(_requests(noisy_photos)))
-            assert all(np.array_equal(a, b) for a, b in zip(expected, again))
+            assert _same_pixels(expected, again)
             del again
         assert _charged_bytes(arena.path) == charged
     finally:
@@ -82,7 +89,7 @@ def test_jpegs_for_a_device_decoder_come_back_whole_from_the_arena(noisy_photos,
     loader = _loader(noisy_photos, str(spill_dir), 16)
     try:
         loaded = loader.load(_requests(noisy_photos, device_jpeg=True))
-        assert loader.arena.blocks_taken > 0
+        assert loader.arena.blocks_taken > 0 and len(loaded) == len(noisy_photos)
         for item, path in zip(loaded, noisy_photos):
             assert isinstance(item.image, EncodedJpeg)
             assert item.image.data.tobytes() == path.read_bytes()
@@ -109,11 +116,11 @@ def test_a_full_arena_sends_chunks_to_files_of_their_own_and_the_metric_says_so(
         assert _added(before) == {"arena": 1, "file": 3, "pipe": 0}
         before = _handovers()
         expected = _pixels(piped.load(_requests(noisy_photos)))
-        assert _added(before) == {"arena": 0, "file": 0, "pipe": 4}
+        assert _added(before) == {"arena": 0, "file": 0, "pipe": 4} and len(expected) == len(noisy_photos)
     finally:
         piped.close()
         loader.close()
-    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    assert _same_pixels(expected, got)
     assert list(spill_dir.iterdir()) == []
 
 
@@ -131,10 +138,12 @@ def test_a_replaced_pool_gets_a_new_arena_and_the_old_one_goes(noisy_photos, spi
     try:
         first = loader.arena
         results = loader.load(_requests(photos[:8] + [poison] + photos[8:]))
+        assert len(results) == len(photos) + 1
         assert [i for i, r in enumerate(results) if isinstance(r.image, Failure)] == [8]
         assert loader.arena is not first and not os.path.exists(first.path)
         again = loader.load(_requests(noisy_photos))
-        assert not any(isinstance(r.image, Failure) for r in again) and loader.arena.blocks_taken > 0
+        assert len(again) == len(noisy_photos) and not any(isinstance(r.image, Failure) for r in again)
+        assert loader.arena.blocks_taken > 0
     finally:
         loader.close()
     assert list(spill_dir.iterdir()) == []

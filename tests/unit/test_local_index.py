@@ -41,7 +41,9 @@ def test_geo_search_finds_what_a_scan_of_every_centroid_finds(gallery):
     where = [(float(centroids.lats[i]), float(centroids.lons[i])) for i in range(0, 600, 40)]
     tiles = [geo.tiles_covering_square(lat, lon, SQUARE_HALF_SIZE_M) for lat, lon in where]
     tile_of_row = np.array([geo.tile_of(a, o) for a, o in zip(centroids.lats, centroids.lons)])
-    for query, wanted, hits in zip(queries, tiles, index.search_geo("v", queries, tiles, limit=5)):
+    found = index.search_geo("v", queries, tiles, limit=5)
+    assert len(found) == len(queries)  # one list of hits a query, or zip below would stop short
+    for query, wanted, hits in zip(queries, tiles, found):
         rows = np.flatnonzero(np.isin(tile_of_row, wanted))
         best = rows[np.argsort(-(centroids.embeddings[rows] @ query), kind="stable")[:5]]
         assert [(h.landmark_id, h.centroid_no) for h in hits] == \
@@ -58,6 +60,7 @@ ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), re
 def test_global_search_on_a_torch_device_gives_the_host_search_hits(gallery, k, device):
     centroids, references, queries = gallery
     host = LocalIndex("v", centroids, references).search_global("v", queries, k)
+    assert len(host) == len(queries)
     index = LocalIndex("v", centroids, references, device=device)
     assert index.device.split(":")[0] == device
     on_device = index.search_global("v", queries, k)
@@ -88,6 +91,7 @@ def test_global_search_is_exact_whatever_the_block_size(gallery, monkeypatch, sc
     monkeypatch.setattr(local_index, "QUERIES_PER_CHUNK", 128)
     monkeypatch.setattr(local_index, "SCORES_PER_BLOCK", scores_per_block)
     hits = LocalIndex("v", centroids, references).search_global("v", queries, 7)
+    assert len(hits) == len(queries)  # every chunk of queries answered, or zip below would stop short
     scan = queries @ centroids.embeddings.T
     for query_hits, scores in zip(hits, scan):
         best = np.argsort(-scores, kind="stable")[:7]
@@ -146,6 +150,7 @@ def test_the_replica_finds_each_squares_best_centroid_as_a_tile_search_does(plac
     index = LocalIndex("v", centroids, references)
     found = geo_winners(index, "v", queries, points)
     by_tiles = geo_winners(TileSearchOnly(index), "v", queries, points, limit=len(queries))
+    assert len(found) == len(by_tiles) == len(queries)
     assert sum(hit is not None for hit in found) > 250 and found[-2:] == [None, None]
     for hit, expected in zip(found, by_tiles):
         assert (hit is None) == (expected is None)
@@ -177,6 +182,7 @@ def test_a_batch_gets_the_same_tags_from_the_replica_as_through_milvus_searches(
     thresholds = Thresholds(t_geo=0.3, t_global=0.3, t_ref=0.0)
     direct = recognise_batch(queries, gps, index, "v", thresholds)
     plain = recognise_batch(queries, gps, TileSearchOnly(index), "v", thresholds)
+    assert len(direct) == len(plain) == len(queries)
     assert sum(bool(t) for t in direct[::3]) > 10 and sum(bool(t) for t in direct) > 100
     for mine, theirs in zip(direct, plain):
         assert [(t.landmark_id, t.method) for t in mine] == [(t.landmark_id, t.method) for t in theirs]

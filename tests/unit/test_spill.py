@@ -57,6 +57,7 @@ def test_jpegs_for_a_device_decoder_come_back_whole_as_arrays(noisy_photos, spil
         loaded = loader.load(_requests(noisy_photos, device_jpeg=True))
     finally:
         loader.close()
+    assert len(loaded) == len(noisy_photos)
     for item, path in zip(loaded, noisy_photos):
         assert isinstance(item.image, EncodedJpeg)
         assert isinstance(item.image.data, np.ndarray) and item.image.data.dtype == np.uint8
@@ -89,6 +90,7 @@ def test_files_removed_before_the_worker_reads_them_are_loaded_again(noisy_photo
         got = _pixels(pending.result())
     finally:
         loader.close()
+    assert len(expected) == len(got) == len(noisy_photos)  # zip below would pass a batch that came back short
     assert all(np.array_equal(a, b) for a, b in zip(expected, got))
     assert list(spill_dir.iterdir()) == []
 
