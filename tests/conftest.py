@@ -3,6 +3,7 @@ embedded servers from wheels; milvus-lite as a gRPC server. Each session gets it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -58,24 +59,40 @@ def pg_server_url(tmp_path_factory) -> str:
     return start_postgres(tmp_path_factory.mktemp("pg") / "data")
 
 
-@pytest.fixture(scope="session")
-def database_url(pg_server_url: str):
-    """A fresh database migrated to head, dropped at the end."""
+@contextlib.contextmanager
+def _new_database(pg_server_url: str, prefix: str):
+    """The URL of a database created for the caller, dropped afterwards."""
     import sqlalchemy as sa
 
-    from shared.db import migrate
     from shared.db.session import make_engine
 
-    name = f"lm_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = make_engine(pg_server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    migrate.upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server_url: str):
+    """A fresh database migrated to head, dropped at the end."""
+    from shared.db import migrate
+
+    with _new_database(pg_server_url, "lm_test") as url:
+        migrate.upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def empty_database(pg_server_url: str):
+    """A database no migration has run on, as a first `landmarks db upgrade` or `make demo` finds it."""
+    with _new_database(pg_server_url, "lm_empty") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

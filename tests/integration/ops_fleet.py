@@ -3,6 +3,7 @@ whose galleries are the photos themselves, a real `landmarks worker` subprocess 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -139,3 +140,13 @@ def event(user: str, path: Path, gps: tuple[float, float] | None = None, photo_i
     if gps:
         e["gps"] = {"lat": gps[0], "lon": gps[1]}
     return e
+
+
+def queued_messages(client, queue: str) -> list[tuple[dict, dict]]:
+    """(headers, event) of each message waiting in ``queue``, as kombu's Redis transport stores them."""
+    out = []
+    for raw in client.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        (event,), _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        out.append((message["headers"], event))
+    return out

@@ -8,14 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 import sqlalchemy as sa
 from PIL import Image
 
 from shared.cli import NOT_MIGRATED, _server_failure
-from shared.db.session import make_engine
 
 pytestmark = pytest.mark.integration
 
@@ -107,19 +105,6 @@ def test_an_error_the_database_answered_keeps_its_traceback(engine):
     with pytest.raises(sa.exc.OperationalError) as info, engine.connect() as conn:
         conn.execute(sa.text("SET LOCAL statement_timeout = '1ms'; SELECT pg_sleep(1)"))
     assert _server_failure(info.value) is None
-
-
-@pytest.fixture
-def empty_database(pg_server_url):
-    """A database no migration has run on."""
-    admin = make_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-    name = f"lm_empty_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield admin.url.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.mark.parametrize("args", [["albums", "--user", "alice", "--json"], ["versions", "--json"],

@@ -27,31 +27,18 @@ RESULT_KEYS = {"photos", "landmark_photos", "tagged_photos", "landmark_accuracy"
 
 
 @pytest.fixture
-def demo_database(pg_server_url):
-    """An empty database, as a first `make demo` finds it: the demo migrates it itself."""
-    name = f"lm_demo_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield admin.url.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@pytest.fixture
-def demo(demo_database, broker_url, tmp_path):
+def demo(empty_database, broker_url, tmp_path):
     """The demo run in a process of its own against the test PostgreSQL and Redis, with the embedded Milvus
     under a home of its own (stopped afterwards): (the process's result, the database's URL)."""
     home, queue = tmp_path / "home", f"lm_demo_{uuid.uuid4().hex[:8]}"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LANDMARKS_")},
-           "LANDMARKS_HOME": str(home), "LANDMARKS_DATABASE_URL": demo_database, "LANDMARKS_BROKER_URL": broker_url,
+           "LANDMARKS_HOME": str(home), "LANDMARKS_DATABASE_URL": empty_database, "LANDMARKS_BROKER_URL": broker_url,
            "LANDMARKS_QUEUE": queue, "LANDMARKS_METRICS_PORT": "0",  # the worker's: any free port
            "COLUMNS": "200"}  # the album table unwrapped
     try:
         done = subprocess.run([sys.executable, "-m", "shared.cli", "demo", "--preset", "tiny", "--json"], env=env,
                               cwd=REPO, capture_output=True, text=True, timeout=300)
-        yield done, demo_database
+        yield done, empty_database
     finally:
         stack.down(home)
         _delete_queues(broker_url, [queue, f"{queue}_backfill"])

@@ -4,7 +4,6 @@ message that cannot be read is refused alone, and a deletion the broker cannot t
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
@@ -33,6 +32,8 @@ from shared.outcomes import Method, PhotoOutcome, PhotoStatus, Tag
 from shared.settings import get_settings
 from shared.signing import verify_event
 from shared.stack import redis_client_url
+
+from ops_fleet import queued_messages  # tests/integration helpers
 
 pytestmark = [pytest.mark.integration]
 
@@ -220,16 +221,6 @@ def _hand_back_in_a_worker_process(env: dict[str, str], events: list[PhotoUpload
     return before, after
 
 
-def _queued(client: redis.Redis, queue: str) -> list[tuple[dict, dict]]:
-    """(headers, event) of each message waiting in ``queue``, as kombu's Redis transport stores them."""
-    out = []
-    for raw in client.lrange(queue, 0, -1):
-        message = json.loads(raw)
-        (event,), _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        out.append((message["headers"], event))
-    return out
-
-
 def test_events_handed_back_return_to_the_queue_they_came_from(database_url, broker_url, milvus_uri):
     """A backfill's events wait behind live uploads; handed back onto the live queue after an outage they would
     jump ahead of them. Each comes round signed, or its worker would refuse it, and within half the visibility
@@ -244,7 +235,7 @@ def test_events_handed_back_return_to_the_queue_they_came_from(database_url, bro
     client = redis.Redis.from_url(redis_client_url(broker_url))
     try:
         before, after = _hand_back_in_a_worker_process(env, [live, backfill])
-        queued = {name: _queued(client, name) for name in (queue, backfill_queue)}
+        queued = {name: queued_messages(client, name) for name in (queue, backfill_queue)}
     finally:
         client.delete(*[key for name in (queue, backfill_queue)
                         for key in (name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")])

@@ -6,7 +6,6 @@ tests/integration/test_poison_isolation.py, since binding the Celery task config
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -21,6 +20,8 @@ import redis
 from shared.events import PhotoUploaded
 from shared.stack import redis_client_url
 from workers import tasks
+
+from ops_fleet import queued_messages  # tests/integration helpers
 
 SHORT_VISIBILITY_S = 10  # the lowest LANDMARKS_VISIBILITY_TIMEOUT_S allowed
 FETCH_RETRY_DELAY_S = 1  # a first fetch retry waits less than the bound, a fourth one (8 s) more
@@ -56,16 +57,6 @@ def _worker_env(queue: str, database_url: str, broker_url: str, milvus_uri: str)
             "LANDMARKS_FETCH_RETRY_DELAY_S": str(FETCH_RETRY_DELAY_S)}
 
 
-def _queued(client: redis.Redis, queue: str) -> list[tuple[dict, dict]]:
-    """(headers, event) of each message waiting in ``queue``, as kombu's Redis transport stores them."""
-    out = []
-    for raw in client.lrange(queue, 0, -1):
-        message = json.loads(raw)
-        (event,), _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        out.append((message["headers"], event))
-    return out
-
-
 @pytest.fixture(scope="module")
 def sent(database_url, broker_url, milvus_uri) -> dict:
     """What a worker process under a visibility timeout of 10 s sent to the broker: the messages on its live
@@ -83,7 +74,7 @@ def sent(database_url, broker_url, milvus_uri) -> dict:
         assert done.returncode == 0, done.stderr
         before, after = json.loads(done.stdout.strip().splitlines()[-1])
         yield {"events": events, "before": before, "after": after,
-               "queued": {source: _queued(client, name) for source, name in queues.items()}}
+               "queued": {source: queued_messages(client, name) for source, name in queues.items()}}
     finally:
         client.delete(*[key for name in queues.values()
                         for key in (name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")])
