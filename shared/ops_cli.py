@@ -1,5 +1,5 @@
-"""Operations commands of `landmarks`: promote, rollback, compare, versions, backfill, health, and
-`shadow start|stop|status` (a candidate beside the active version; `publish --shadow` starts one too).
+"""Operations commands of `landmarks`: promote, rollback, compare, versions, backfill, health, prune-ledger,
+and `shadow start|stop|status` (a candidate beside the active version; `publish --shadow` starts one too).
 
 ``register(cli)`` adds them to the main command (shared/cli.py). Each one given ``--json`` prints one
 JSON object as its last line; a refused operation exits 1 with the reason on stderr.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Optional
 
 import typer
@@ -42,9 +42,15 @@ def _urls():
     return resolve(_settings())
 
 
+def _url(part: str) -> str:
+    """One server's URL; an unset one starts that embedded server only (see shared.stack.resolve_url)."""
+    from shared.stack import resolve_url
+    return resolve_url(_settings(), part)
+
+
 def _engine():
     from shared.db.session import make_engine
-    return make_engine(_urls().database_url)
+    return make_engine(_url("database_url"))
 
 
 def _index(timeout: float | None = None):
@@ -52,7 +58,7 @@ def _index(timeout: float | None = None):
     settings = _settings()
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
     kwargs = {"timeout": timeout, "connect_timeout": timeout} if timeout else {}
-    return LandmarkIndex(_urls().milvus_uri, token, **kwargs)
+    return LandmarkIndex(_url("milvus_uri"), token, **kwargs)
 
 
 def _parse_date(value: str) -> datetime:
@@ -63,7 +69,7 @@ def _parse_date(value: str) -> datetime:
 
 
 def register(cli: typer.Typer) -> None:
-    """Adds promote, rollback, compare, versions, backfill and health to the `landmarks` command."""
+    """Adds promote, rollback, compare, versions, backfill, health and prune-ledger to the `landmarks` command."""
 
     @cli.command()
     def promote(version: str, force: Annotated[bool, typer.Option(
@@ -104,6 +110,8 @@ def register(cli: typer.Typer) -> None:
 
     @cli.command()
     def versions(history: Annotated[int, typer.Option(min=0, help="recent activations to show")] = 10,
+                 counts: Annotated[bool, typer.Option(
+                     "--counts", help="each version's tagged and shadowed photos (reads every tag)")] = False,
                  as_json: JsonFlag = False) -> None:
         """Published versions (active one, tagged photos, in Milvus) and the recent activations."""
         from shared.rollout import history as activations, rollback_target, versions as list_versions, RolloutError
@@ -114,7 +122,7 @@ def register(cli: typer.Typer) -> None:
             target = None
         from shared.rollout import shadow_status
         _emit({"active_in_milvus": index.active_version(), "rollback_target": target,
-               "shadow": shadow_status(engine), "versions": list_versions(engine, index),
+               "shadow": shadow_status(engine), "versions": list_versions(engine, index, counts=counts),
                "activations": activations(engine, history)}, as_json)
 
     cli.add_typer(_shadow_commands(), name="shadow")
@@ -156,7 +164,7 @@ def register(cli: typer.Typer) -> None:
         from workers.app import app as celery_app
         from shared.signing import event_signer
         from workers.tasks import UPLOADED
-        broker_url = _urls().broker_url
+        broker_url = _url("broker_url")
 
         sign = event_signer(settings)
 
@@ -206,6 +214,50 @@ def register(cli: typer.Typer) -> None:
         _emit(report, as_json)
         if not report.get("ok"):
             raise typer.Exit(1)
+
+    @cli.command("prune-ledger")
+    def prune_ledger(
+        older_than: Annotated[int, typer.Option("--older-than", metavar="DAYS", min=1,
+                                                help="delete events applied more than DAYS days ago")],
+        batch: Annotated[int, typer.Option(min=1, help="events deleted per transaction")] = 5000,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="count them, delete nothing")] = False,
+        as_json: JsonFlag = False,
+    ) -> None:
+        """Delete processed_events rows older than the window, in short transactions (dead letters are kept).
+
+        A window shorter than the broker can bring an event back is refused: an event redelivered after
+        its row is gone is applied again (harmless, as the writer orders uploads by uploaded_at and keeps
+        tombstones, but work done twice)."""
+        from shared.db.ledger import cutoff as ledger_cutoff, ledger_floor, old_events, prune_events
+        window, floor = timedelta(days=older_than), ledger_floor(_settings().visibility_timeout_s)
+        if window < floor:
+            _fail(f"--older-than {older_than} is inside the redelivery horizon: events can come back for "
+                  f"{_floor_reason(floor)}; keep at least {_days(floor)} days", as_json)
+        engine = _engine()
+        cutoff = ledger_cutoff(engine, older_than)
+        if dry_run:
+            count, oldest = old_events(engine, cutoff)
+            _emit({"ok": True, "dry_run": True, "cutoff": cutoff, "would_delete": count, "deleted": 0,
+                   "oldest": oldest}, as_json)
+            return
+
+        def progress(deleted: int, batches: int) -> None:
+            if not as_json:
+                typer.echo(f"{deleted} events deleted ({batches} batches)", err=True)
+
+        deleted, batches = prune_events(engine, cutoff, batch, progress)
+        _emit({"ok": True, "dry_run": False, "cutoff": cutoff, "deleted": deleted, "batches": batches}, as_json)
+
+
+def _floor_reason(floor) -> str:
+    from shared.db.ledger import MIN_LEDGER_WINDOW
+    if floor == MIN_LEDGER_WINDOW:
+        return f"{_days(floor)} days (a redelivery waiting out an outage's backlog)"
+    return f"{_days(floor)} days (LANDMARKS_VISIBILITY_TIMEOUT_S, then the backlog it rejoins)"
+
+
+def _days(span: timedelta) -> int:
+    return -(-span // timedelta(days=1))  # whole days, rounded up
 
 
 def _say_what_left_the_albums(activation) -> None:

@@ -52,6 +52,7 @@ class Landmark(Base):
     __tablename__ = "landmarks"
     __table_args__ = (
         CheckConstraint("region BETWEEN 1 AND 4", name="region_range"),
+        Index("ix_landmarks_city", "country", "city"),  # a city's landmarks: recounting a user's city album
         {"comment": "Landmarks the model can recognise."},
     )
 
@@ -88,6 +89,7 @@ class Photo(Base):
     __table_args__ = (
         CheckConstraint(_in("status", PHOTO_STATUSES), name="status"),
         CheckConstraint(_in("gps_source", GPS_SOURCES), name="gps_source"),
+        Index("ix_photos_uploaded_at", "uploaded_at"),  # `landmarks backfill --since DATE`
         {"comment": "One row per user photo seen by the fleet; status 'deleted' is a tombstone."},
     )
 
@@ -132,6 +134,9 @@ class ProcessedEvent(Base):
     __tablename__ = "processed_events"
     __table_args__ = (
         CheckConstraint(_in("kind", EVENT_KINDS), name="kind"),
+        # `landmarks prune-ledger`: rows are appended in time order, so BRIN finds the old ones (migration 0008).
+        Index("ix_processed_events_processed_at", "processed_at", postgresql_using="brin",
+              postgresql_with={"autosummarize": "on"}),
         {"comment": "Idempotency ledger: an event here has been applied and its redelivery changes nothing."},
     )
 

@@ -209,6 +209,39 @@ def test_a_forced_promote_and_a_rollback_say_which_photos_left_the_albums_and_th
     assert not rollout.promote(a, engine, index).uncovered  # nothing changed, nothing left
 
 
+def test_promote_and_rollback_refuse_a_version_whose_model_file_is_missing_unless_forced(
+        versions, photos, env, engine, index, tmp_path):
+    """Workers load the registered checkpoint when the alias moves: activating a version whose file is gone would
+    stall the fleet (every batch handed back). Refused with the path; --force, for a file that the workers can read
+    where they run though this node cannot, activates it anyway."""
+    a = versions["A"]
+    rollout.promote(a, engine, index, force=True)
+    gone = f"ro_gone_{uuid.uuid4().hex[:6]}"
+    model = fleet.build_model(photos, tmp_path, gone)
+    publish_model(model, engine, index, activate=False)
+    moved = model.rename(model.with_suffix(".moved"))
+
+    code, out = fleet.ops_cli(env, "promote", gone, check=False)
+    assert code == 1 and not out["ok"]
+    for said in (f"model file {model}", "readable where the workers run", f"`landmarks promote {gone} --force`"):
+        assert said in out["error"], out["error"]
+    assert _active(engine, index) == (a, a)
+    assert rollout.promote(gone, engine, index, force=True).changed and _active(engine, index) == (gone, gone)
+
+    a_file = versions["files"]["A"]
+    a_moved = a_file.rename(a_file.with_suffix(".moved"))
+    try:
+        with pytest.raises(rollout.RolloutError) as refusal:
+            rollout.rollback(engine, index)
+        assert f"model file {a_file}" in str(refusal.value) and "`landmarks rollback --force`" in str(refusal.value)
+        assert _active(engine, index) == (gone, gone)
+        assert rollout.rollback(engine, index, force=True).version == a and _active(engine, index) == (a, a)
+    finally:
+        a_moved.rename(a_file)
+        moved.rename(model)
+        rollout.promote(a, engine, index, force=True)
+
+
 class _PostgresDown(Exception):
     pass
 
@@ -1016,7 +1049,7 @@ def test_ops_commands_do_not_clash_with_the_main_command():
 
     probe = typer.Typer()
     register(probe)
-    assert names(probe) == {"promote", "rollback", "compare", "versions", "backfill", "health"}
+    assert names(probe) == {"promote", "rollback", "compare", "versions", "backfill", "health", "prune-ledger"}
     assert not names(probe) & names(app, skip_module="shared.ops_cli")
     assert [g.name for g in probe.registered_groups] == ["shadow"]
     assert [g.name for g in app.registered_groups].count("shadow") == 1 and "shadow" not in names(app)
