@@ -23,6 +23,9 @@
   the original upload events would change nothing. Photos already processed by the active version are
   skipped unless ``include_current``. Deleted photos are never re-enqueued (and the writer would ignore
   them anyway).
+* A done job sends nothing when run again, but counts (up to ``UNPROCESSED_COUNT_CAP``) the photos of its
+  selection the active version has still not processed: events lost with the broker's data leave the job
+  done and those photos out of the albums until ``restart``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ ACTIVATION_CHECK_EVERY = 50
 # The first key of the two-key advisory locks that hold backfill jobs (the second is the job name's hash):
 # its own key space, apart from the one-key locks of shared/db/writer.py.
 JOB_LOCK_CLASS = "landmarks.backfill_jobs"
+# A done job's photos still unprocessed are counted up to this many: enough to tell a few stragglers from a
+# lost queue, without counting a huge table to the end to print one line.
+UNPROCESSED_COUNT_CAP = 10_000
 
 Sender = Callable[[dict], None]
 BacklogReader = Callable[[str], int]
@@ -199,6 +205,11 @@ class BackfillResult:
     paused_s: float
     already_done: bool = False  # the job was done before this run: it sent nothing (--restart to redo it)
     finished_at: datetime | None = None
+    # With already_done: photos of the job's selection that the active version has still not processed
+    # (events still queued, or lost with the broker's data), counted up to UNPROCESSED_COUNT_CAP; capped
+    # says there are more.
+    unprocessed: int | None = None
+    unprocessed_capped: bool = False
     # Set when another version became active during the run (status "version_changed"): the job stopped,
     # since its photos were chosen for model_version; it resumes if that version is active again.
     active_version: str | None = None
@@ -230,7 +241,10 @@ def run_backfill(engine: Engine, send: Sender, scope: Scope, *, queue: str | Non
         result = BackfillResult(name, version, queue, job["status"], 0, job["enqueued"], job["total"], 0.0, 0.0)
         if job["status"] == "done":
             result.already_done, result.finished_at = True, job["finished_at"]
-            log.info("backfill %s was already done", name, extra={"model_version": version})
+            result.unprocessed, result.unprocessed_capped = count_unprocessed(engine, scope, version)
+            log.info("backfill %s was already done; %d%s of its photos not processed by %s", name,
+                     result.unprocessed, "+" if result.unprocessed_capped else "", version,
+                     extra={"model_version": version})
             return result
         guard = _BacklogGuard(backlog, live_queue, max_live_backlog, queue, max_backfill_backlog, clock, sleep)
         _enqueue(engine, send, scope, serving, job, result, limiter, guard, limit=limit, chunk=chunk,
@@ -292,6 +306,18 @@ def _enqueue(engine: Engine, send: Sender, scope: Scope, serving: Serving, job: 
                     progress(job["enqueued"] + result.enqueued, job["total"])
 
 
+def count_unprocessed(engine: Engine, scope: Scope, version: str) -> tuple[int, bool]:
+    """Photos of ``scope``'s selection that ``version`` has not processed (for an ``include_current`` job
+    too: those still without its verdict), counted up to UNPROCESSED_COUNT_CAP; and whether there are more."""
+    cap = UNPROCESSED_COUNT_CAP
+    p = Photo.__table__.c
+    first = (select(p.photo_id).where(*scope.where(version), p.model_version.is_distinct_from(version))
+             .limit(cap + 1).subquery())
+    with transaction(engine) as session:
+        found = session.scalar(select(func.count()).select_from(first))
+    return min(found, cap), found > cap
+
+
 def _next_photos(engine: Engine, scope: Scope, version: str, cursor: tuple[str, str] | None, chunk: int) -> list:
     p = Photo.__table__.c
     query = (select(p.user_id, p.photo_id, p.uri, p.uploaded_at, p.processed_at, p.gps_lat, p.gps_lon, p.gps_source)
@@ -336,7 +362,9 @@ def _open_job(engine: Engine, name: str, scope: Scope, version: str, rate: float
         stored = session.execute(select(table).where(table.c.name == name)).mappings().one_or_none()
         if stored is not None and not restart:
             _check_same_job(stored, scope, version)
-        total = session.scalar(select(func.count()).select_from(Photo.__table__).where(*scope.where(version)))
+            total = stored["total"]  # counted when it started: not the whole scope again on every run
+        else:
+            total = session.scalar(select(func.count()).select_from(Photo.__table__).where(*scope.where(version)))
         fresh = {"scope": scope.as_json(), "model_version": version, "cursor_user_id": None, "cursor_photo_id": None,
                  "enqueued": 0, "total": total, "rate": rate, "status": "running", "finished_at": None,
                  "updated_at": func.now()}

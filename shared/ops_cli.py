@@ -190,9 +190,7 @@ def register(cli: typer.Typer) -> None:
                   f"was activated while it ran (the job was for {result.model_version}'s activation when it began); "
                   "run the backfill again for the active version", as_json, **result.as_dict())
         if result.already_done:  # on stderr, which the operator reads with or without --json
-            at = result.finished_at.isoformat(timespec="seconds") if result.finished_at else "an unknown time"
-            typer.echo(f"job {result.name} already done: {result.enqueued_total} photos enqueued at {at}; "
-                       "--restart to run it again", err=True)
+            typer.echo(_job_already_done(result, backlog), err=True)
         _emit(result.as_dict(), as_json)
 
     @cli.command()
@@ -247,6 +245,30 @@ def register(cli: typer.Typer) -> None:
 
         deleted, batches = prune_events(engine, cutoff, batch, progress)
         _emit({"ok": True, "dry_run": False, "cutoff": cutoff, "deleted": deleted, "batches": batches}, as_json)
+
+
+def _job_already_done(result, backlog) -> str:
+    """What a re-run of a done backfill job says: done, or done with photos still left out of the albums."""
+    at = result.finished_at.isoformat(timespec="seconds") if result.finished_at else "an unknown time"
+    if not result.unprocessed:
+        return (f"job {result.name} already done: {result.enqueued_total} photos enqueued at {at}; "
+                "--restart to run it again")
+    count = f"{result.unprocessed:,}" + ("+" if result.unprocessed_capped else "")
+    message = (f"job {result.name} is done but {count} of its photos are still not processed by "
+               f"{result.model_version} (events lost with the queue?): `--restart` sends them again")
+    queued = _backlog_or_none(backlog, result.queue)
+    if queued:  # the fleet may simply not have reached them yet
+        message += f"; but {result.queue} still holds {queued:,} events: let it drain before deciding"
+    return message
+
+
+def _backlog_or_none(backlog, queue: str | None) -> int | None:
+    """The queue's backlog, or None when the broker cannot say (the message goes out without it)."""
+    from redis.exceptions import RedisError
+    try:
+        return backlog(queue) if queue else None
+    except (RedisError, OSError):
+        return None
 
 
 def _floor_reason(floor) -> str:

@@ -165,13 +165,81 @@ def test_cli_says_a_done_job_is_done_and_refuses_a_mismatched_name(versions, eng
     try:
         code, first, _ = _cli(env, "backfill", "--user", user, "--name", name)
         assert code == 0 and (first["enqueued"], first["status"]) == (3, "done")
+        _library(engine, v2, user, 3)  # the workers processed the job's events
         code, again, err = _cli(env, "backfill", "--user", user, "--name", name)
-        assert code == 0 and again["enqueued"] == 0 and again["already_done"]
+        assert code == 0 and again["enqueued"] == 0 and again["already_done"] and again["unprocessed"] == 0
         assert f"job {name} already done: 3 photos enqueued at " in err and "--restart to run it again" in err
         code, refused, err = _cli(env, "backfill", "--user", user, "--name", name, "--include-current")
         assert code == 1 and not refused["ok"] and "--restart" in refused["error"] and "include_current" in err
     finally:
         _drop_queue(broker_url, env)
+
+
+def test_cli_says_a_done_job_whose_events_were_lost_has_photos_left_and_restart_sends_them(
+        versions, engine, database_url, broker_url, tmp_path):
+    """Redis lost the queue (FLUSHALL, a new empty Redis) before any worker took the job's events: the job is
+    done, its photos are still out of the active version's albums, and a re-run must say so."""
+    import redis
+    v2 = versions["V2"]
+    user = _user("bjq")
+    _library(engine, versions["V1"], user, 3)
+    _activate(engine, v2)
+    env = _cli_env(database_url, broker_url, tmp_path)
+    queue = f"{env['LANDMARKS_QUEUE']}_backfill"
+    client = redis.Redis.from_url(broker_url)
+    try:
+        code, first, _ = _cli(env, "backfill", "--user", user)  # no worker runs: the events wait in Redis
+        assert code == 0 and first["enqueued"] == 3 and client.llen(queue) == 3
+        code, queued, err = _cli(env, "backfill", "--user", user)
+        assert code == 0 and queued["already_done"] and queued["unprocessed"] == 3
+        assert f"{queue} still holds 3 events" in err  # not lost yet: the fleet has not taken them
+
+        client.delete(queue)  # the queue is lost
+        code, lost, err = _cli(env, "backfill", "--user", user)
+        assert code == 0 and (lost["already_done"], lost["enqueued"], lost["unprocessed"]) == (True, 0, 3)
+        assert (f"job {first['name']} is done but 3 of its photos are still not processed by {v2} "
+                "(events lost with the queue?): `--restart` sends them again") in err
+        assert "still holds" not in err
+
+        code, redone, _ = _cli(env, "backfill", "--user", user, "--restart")
+        assert code == 0 and (redone["name"], redone["enqueued"], redone["status"]) == (first["name"], 3, "done")
+        assert client.llen(queue) == 3
+    finally:
+        client.delete(queue)
+        client.close()
+
+
+def test_the_photos_left_by_a_done_job_are_counted_up_to_a_cap(versions, engine, monkeypatch):
+    """Only what the job's own selection still finds, and never more than the cap (a huge table is not
+    counted to the end to print one line)."""
+    import shared.backfill
+    v1, v2 = versions["V1"], versions["V2"]
+    user = _user("bjk")
+    _library(engine, v1, user, 4)
+    _activate(engine, v2)
+    assert run_backfill(engine, lambda e: None, Scope(user=user)).enqueued == 4  # events lost: nobody got them
+    _write(engine, v2, [PhotoOutcome(_upload(user, "p0"), PhotoStatus.NO_LANDMARK)])  # one was processed
+    again = run_backfill(engine, lambda e: None, Scope(user=user))
+    assert again.already_done and (again.unprocessed, again.unprocessed_capped) == (3, False)
+    monkeypatch.setattr(shared.backfill, "UNPROCESSED_COUNT_CAP", 2)
+    capped = run_backfill(engine, lambda e: None, Scope(user=user))
+    assert (capped.unprocessed, capped.unprocessed_capped) == (2, True)
+    redo = run_backfill(engine, lambda e: None, Scope(user=user), include_current=True)
+    assert redo.enqueued == 4  # an --include-current job sends every photo ...
+    again = run_backfill(engine, lambda e: None, Scope(user=user), include_current=True)
+    assert (again.unprocessed, again.unprocessed_capped) == (2, True)  # ... but counts those V2 has not processed
+
+
+def test_a_count_that_reached_the_cap_reads_as_at_least_the_cap(broker_url):
+    from shared.backfill import UNPROCESSED_COUNT_CAP, BackfillResult
+    from shared.backlog import queue_backlog
+    from shared.ops_cli import _job_already_done
+    queue = f"lm_test_{uuid.uuid4().hex[:8]}_backfill"  # empty: nothing left to wait for
+    result = BackfillResult("v2@1:all", "v2", queue, "done", 0, 2 * UNPROCESSED_COUNT_CAP, None, 0.0, 0.0,
+                            already_done=True, unprocessed=UNPROCESSED_COUNT_CAP, unprocessed_capped=True)
+    message = _job_already_done(result, lambda q: queue_backlog(broker_url, q)["backlog"])
+    assert message.startswith(f"job v2@1:all is done but {UNPROCESSED_COUNT_CAP:,}+ of its photos are still not "
+                              "processed by v2") and "still holds" not in message
 
 
 # --- 2. one run per job -----------------------------------------------------------------------------------
