@@ -5,7 +5,10 @@
   looks at the broker, database or Milvus: an outage of a shared dependency must not restart every pod. It
   answers before the model is loaded, so it is the startup probe too (deploy/k8s/base/worker-deployment.yaml).
 * Readiness (``/readyz``, ``landmarks health``): model loaded, broker, database and Milvus reachable. A worker
-  without its model tries loading it again, in the background, while its readiness is asked.
+  without its model tries loading it again, in the background, while its readiness is asked; one whose active
+  version cannot be loaded (its file missing, Milvus without it) is not ready, whatever it loaded before, and
+  says why. Milvus without the alias of the version PostgreSQL names active (its data lost) fails the Milvus
+  check too; before the first publish PostgreSQL names none, and it passes.
 
 Checks run in parallel, each bounded by a timeout, and a worker caches its readiness for a few seconds
 so that frequent probes do not become load on the dependencies.
@@ -91,11 +94,63 @@ def database_check(engine) -> CheckFn:
     return check
 
 
-def milvus_check(index) -> CheckFn:
+def milvus_check(index, engine=None) -> CheckFn:
+    """Milvus answers with the active version's alias. Given ``engine``, a missing alias fails the check when
+    PostgreSQL names an active version (Milvus lost its data, or the alias was dropped); with none named either,
+    a fleet that never published, it passes."""
     def check() -> str:
         version = index.active_version()
-        return f"alias -> {version}" if version else "reachable, no active version"
+        if version:
+            return f"alias -> {version}"
+        if engine is None:
+            return "reachable, no active version"
+        from sqlalchemy.exc import SQLAlchemyError
+        try:
+            problem = unserved_active_version(engine, index)
+        except SQLAlchemyError:  # the database check reports the database; this one is about Milvus
+            return "reachable, no active version (PostgreSQL did not answer whether one should be)"
+        if problem:
+            raise RuntimeError(problem)
+        return "reachable, no active version"
     return check
+
+
+def unserved_active_version(engine, index) -> str | None:
+    """Why Milvus serves no version although PostgreSQL names one active, and what restores it; None when
+    PostgreSQL names none either (nothing published yet). For a Milvus whose alias ``lm_active`` is missing."""
+    active = _active_in_postgres(engine)
+    return _not_served(*active, index, alias=None) if active else None
+
+
+def _active_in_postgres(engine) -> tuple[str, str] | None:
+    """(version, checkpoint) of the version PostgreSQL names active, None if none."""
+    from shared.db.session import transaction
+    from shared.db.writer import active_model_version
+    with transaction(engine) as session:
+        row = active_model_version(session)
+        return (row.version, row.checkpoint) if row else None
+
+
+def _not_served(version: str, checkpoint: str, index, alias: str | None) -> str:
+    """Milvus's alias is not on ``version``, the active one in PostgreSQL: promoting it moves the alias, unless
+    Milvus lost its collections, which only publishing its file again recreates."""
+    if not index.is_published(version):
+        return f"Milvus holds no collections of {version} (its data lost?): `landmarks publish {checkpoint}`"
+    return f"PostgreSQL says {version!r} is active, the Milvus alias {alias!r}: run `landmarks promote {version}`"
+
+
+def model_file(checkpoint: str) -> Path:
+    """The file workers load for a version: LANDMARKS_MODEL_PATH when set (for every version, as
+    shared/runtime.load_model_runtime does), else the checkpoint it was published from."""
+    from shared.settings import get_settings
+    return get_settings().model_path or Path(checkpoint)
+
+
+def unreadable_model_file(checkpoint: str) -> Path | None:
+    """The file workers would load for a version (``model_file``) if this process cannot read it; None if it can.
+    Only what this node sees: workers on other nodes may mount the models elsewhere."""
+    path = model_file(checkpoint)
+    return None if path.is_file() and os.access(path, os.R_OK) else path
 
 
 def worker_model_check(loaded_version: Callable[[], str | None],
@@ -120,25 +175,31 @@ def worker_model_check(loaded_version: Callable[[], str | None],
 
 
 def published_model_check(engine, index) -> CheckFn:
-    """Outside a worker: the active version agrees between PostgreSQL and Milvus and its file is readable."""
+    """Outside a worker: the active version agrees between PostgreSQL and Milvus and its file is readable. Its
+    detail also names the versions Milvus holds that PostgreSQL lacks (restored from an older backup), which
+    fail nothing: no worker loads them unless the alias points at one, which the check fails on."""
     def check() -> str:
-        from shared.db.session import transaction
-        from shared.db.writer import active_model_version
-        from shared.settings import get_settings
-        with transaction(engine) as session:
-            row = active_model_version(session)
-            pg_version, checkpoint = (row.version, row.checkpoint) if row else (None, None)
-        milvus_version = index.active_version()
-        if pg_version is None:
-            raise RuntimeError("no active model version: run `landmarks publish MODEL`")
+        active, milvus_version = _active_in_postgres(engine), index.active_version()
+        note = _milvus_only_note(engine, index)
+        if active is None:
+            raise RuntimeError("no active model version: run `landmarks publish MODEL`" + note)
+        pg_version, checkpoint = active
         if milvus_version != pg_version:
-            raise RuntimeError(f"PostgreSQL says {pg_version!r} is active, the Milvus alias {milvus_version!r}: "
-                               f"run `landmarks promote {pg_version}`")
-        path = get_settings().model_path or Path(checkpoint)
-        if not os.access(path, os.R_OK):
-            raise RuntimeError(f"version {pg_version}: model file {path} is not readable here")
-        return f"version {pg_version}, {path}"
+            raise RuntimeError(_not_served(pg_version, checkpoint, index, milvus_version) + note)
+        unreadable = unreadable_model_file(checkpoint)
+        if unreadable is not None:
+            raise RuntimeError(f"version {pg_version}: model file {unreadable} is not readable here" + note)
+        return f"version {pg_version}, {model_file(checkpoint)}" + note
     return check
+
+
+def _milvus_only_note(engine, index) -> str:
+    from shared.rollout import milvus_only_versions
+    unknown = milvus_only_versions(engine, index)
+    if not unknown:
+        return ""
+    return (f"; Milvus also holds {', '.join(unknown)}, which PostgreSQL lacks (restored from an older backup?): "
+            "`landmarks versions` lists them, `landmarks publish` of their model files registers them again")
 
 
 # --- liveness ------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ EVENT_AGE = Histogram("landmarks_event_age_seconds", "Live uploads: from uploade
 LAST_BATCH = Gauge("landmarks_last_batch_timestamp_seconds", "Unix time the last batch committed")
 BATCH_RUNNING_SINCE = Gauge("landmarks_batch_running_since_seconds",
                             "Unix time the oldest running batch started, 0 when idle")
-MODEL_LOADED = Gauge("landmarks_model_loaded", "1 once a model version is loaded in this worker")
+MODEL_LOADED = Gauge("landmarks_model_loaded", "1 while this worker has the active model version loaded; 0 before "
+                     "its first load and while the active version cannot be loaded (see its /readyz)")
 # outcome: tagged | no_landmark (written under the shadow version), skipped (its model was not loaded yet,
 # backing off after an error, or the shadow stopped meanwhile), error (model, Milvus or database failed).
 SHADOW_PHOTOS = Counter("landmarks_shadow_photos", "Photos sampled for the shadow version, by version and outcome",
@@ -105,6 +106,8 @@ PROCESS_UP = "landmarks_worker_process_up"
 PROCESS_RESTARTS = "landmarks_worker_process_restarts_total"
 
 _model_version: str | None = None
+# Why the active version cannot be loaded now (None: it can): the version still in memory then serves no batch.
+_model_error: str | None = None
 _clock = time.monotonic
 _model_in_use_at = float("-inf")  # _clock() at the last batch started or model loaded
 _state_lock = threading.Lock()
@@ -137,8 +140,22 @@ def set_model(version: str | None) -> None:
     global _model_version
     with _state_lock:
         _model_version = version
-        MODEL_LOADED.set(1 if version is not None else 0)
+        _show_model_loaded()
     _model_in_use()
+
+
+def set_model_error(error: str | None) -> None:
+    """Why the worker cannot load the active version (None once it has). Meanwhile landmarks_model_loaded reads 0
+    although an older version stays in memory: every batch is handed back, and LandmarksNoWorkers must fire for a
+    fleet in that state. landmarks_model_info keeps the older version (see MODEL_INFO_IDLE_S)."""
+    global _model_error
+    with _state_lock:
+        _model_error = error
+        _show_model_loaded()
+
+
+def _show_model_loaded() -> None:
+    MODEL_LOADED.set(1 if _model_version is not None and _model_error is None else 0)
 
 
 def loaded_model() -> str | None:

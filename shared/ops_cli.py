@@ -73,7 +73,8 @@ def register(cli: typer.Typer) -> None:
 
     @cli.command()
     def promote(version: str, force: Annotated[bool, typer.Option(
-                    "--force", help="promote although photos in the albums have not been through VERSION yet")] = False,
+                    "--force", help="promote although photos in the albums have not been through VERSION yet, "
+                    "or its model file is not readable here")] = False,
                 as_json: JsonFlag = False) -> None:
         """Make an already published VERSION active: Milvus alias swap, then the albums' version."""
         from shared.rollout import promote as do_promote
@@ -85,11 +86,13 @@ def register(cli: typer.Typer) -> None:
         _emit({"ok": True, **activation.as_dict()}, as_json)
 
     @cli.command()
-    def rollback(as_json: JsonFlag = False) -> None:
+    def rollback(force: Annotated[bool, typer.Option(
+                     "--force", help="roll back although the target's model file is not readable here")] = False,
+                 as_json: JsonFlag = False) -> None:
         """Go back to the version active before the current one (repeat to go further back)."""
         from shared.rollout import rollback as do_rollback
         try:
-            activation = do_rollback(_engine(), _index())
+            activation = do_rollback(_engine(), _index(), force=force)
         except _refusals() as exc:
             _fail(str(exc), as_json)
         _say_what_left_the_albums(activation)
@@ -357,7 +360,7 @@ def _readiness_from_here(timeout: float) -> dict:
         return health.run_checks({
             "broker": health.broker_check(urls.broker_url, timeout),
             "database": health.database_check(engine),
-            "milvus": health.milvus_check(index),
+            "milvus": health.milvus_check(index, engine),
             "model": health.published_model_check(engine, index),
         }, timeout_s=timeout * 2)
     finally:

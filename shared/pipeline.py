@@ -15,14 +15,18 @@ import gc
 import logging
 import threading
 from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
 import numpy as np
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
+from shared import metrics
 from shared.db.session import transaction
 from shared.db.writer import write_live_outcomes
 from shared.errors import InfrastructureError
 from shared.events import GeoPoint, PhotoUploaded
+from shared.health import unserved_active_version
 from shared.device_decode import DecodeSplit, DeviceJpegDecoder, load_split, stack_pixels, thread_stream
 from shared.imaging import DecodedImage
 from shared.index import LandmarkIndex
@@ -88,17 +92,35 @@ class RecognitionPipeline:
     def runtime(self) -> ModelRuntime:
         """The active model version, read once per batch so that no batch mixes two versions."""
         version = self.index.active_version()
-        if version is None:
-            raise InfrastructureError("no active model version: run `landmarks publish MODEL` first")
         with self._runtime_lock:  # the first batch after the alias moved loads it; the others wait for it
+            if version is None:
+                self._cannot_load(self._why_no_active_version())
             if self._runtime is None or self._runtime.version != version:
                 try:
                     self._runtime = self._load_runtime(version)
                 except InfrastructureError as exc:  # readiness says why, not only "no model loaded"
-                    self.load_error = f"cannot load the active model {version}: {exc}"
-                    raise
-            self.load_error = None
+                    self._cannot_load(f"cannot load the active model {version}: {exc}", exc)
+            self._set_load_error(None)
             return self._runtime
+
+    def _cannot_load(self, error: str, cause: Exception | None = None) -> NoReturn:
+        """Not ready, and counted as holding no model, until a version loads: a version loaded before serves no
+        batch now (the batch is handed back), and an idle fleet in this state must trip LandmarksNoWorkers."""
+        self._set_load_error(error)
+        raise InfrastructureError(error) from cause
+
+    def _set_load_error(self, error: str | None) -> None:
+        self.load_error = error
+        metrics.set_model_error(error)
+
+    def _why_no_active_version(self) -> str:
+        """No alias in Milvus: before the first publish, or Milvus lost its data (PostgreSQL still names one)."""
+        try:
+            lost = unserved_active_version(self.engine, self.index)
+        except (SQLAlchemyError, InfrastructureError) as exc:  # the batch fails anyway; say what is known
+            log.warning("no active version in Milvus, and PostgreSQL cannot say which should be: %s", exc)
+            lost = None
+        return lost or "no active model version: run `landmarks publish MODEL` first"
 
     def _load_runtime(self, version: str) -> ModelRuntime:
         gc.unfreeze()  # the runtime being replaced, if any, becomes collectable again

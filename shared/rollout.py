@@ -107,24 +107,29 @@ def _say_waiting() -> None:
 
 
 def activate(version: str, engine: Engine, index: LandmarkIndex, *, action: str = "promote",
-             who: str | None = None, require_coverage: bool = False) -> Activation:
+             who: str | None = None, require_coverage: bool = False, require_model_file: bool = True) -> Activation:
     """Make an already published version active (Milvus alias, then PostgreSQL), recording ``action``;
-    with ``require_coverage``, only once every photo in the albums has been through it."""
+    with ``require_coverage``, only once every photo in the albums has been through it; with
+    ``require_model_file``, only if its model file can be read here."""
     with activation_lock(engine):
         return _activate_holding_lock(version, engine, index, action=action, who=who,
-                                      require_coverage=require_coverage)
+                                      require_coverage=require_coverage, require_model_file=require_model_file)
 
 
 def _activate_holding_lock(version: str, engine: Engine, index: LandmarkIndex, *, action: str, who: str | None,
-                           require_coverage: bool) -> Activation:
+                           require_coverage: bool, require_model_file: bool) -> Activation:
     with transaction(engine) as session:
-        if session.get(ModelVersion, version) is None:
+        row = session.get(ModelVersion, version)
+        if row is None:
             raise RolloutError(f"model version {version!r} is not registered: `landmarks publish MODEL` first")
+        checkpoint = row.checkpoint
     _require_published(version, index)
     previous = _active(engine)
     alias = index.active_version()
     if previous == version and alias == version:
         return Activation(version, previous, action, changed=False)
+    if require_model_file:
+        _require_model_file(version, checkpoint, action)
     # Counted before the swap, while the albums are still previous's; not for a rollback, which must not wait
     # for a scan of the albums (it may leave photos uploaded meanwhile out: the backfill sends them).
     uncovered = None if action == "rollback" else uncovered_photos(version, engine)
@@ -142,6 +147,19 @@ def _activate_holding_lock(version: str, engine: Engine, index: LandmarkIndex, *
         log.info("%s: the shadow of %s ends with its activation", action, version, extra={"model_version": version})
     log.info("%s: model %s is active (was %s)", action, version, previous, extra={"model_version": version})
     return Activation(version, previous, action, changed=True, uncovered=uncovered, backfill=backfill)
+
+
+def _require_model_file(version: str, checkpoint: str, action: str) -> None:
+    """Workers load the version's file as soon as the alias moves: one they cannot read stalls the whole fleet
+    (every batch handed back) until it is there. Checked as `landmarks health` checks it, from this node only."""
+    from shared.health import unreadable_model_file
+    path = unreadable_model_file(checkpoint)
+    if path is None:
+        return
+    forced = "landmarks rollback --force" if action == "rollback" else f"landmarks promote {version} --force"
+    raise RolloutError(f"the model file {path} of {version} is missing or unreadable here: workers would fail "
+                       f"every batch once it is active. It must be readable where the workers run; if it is there "
+                       f"(another node, another mount), `{forced}`")
 
 
 @contextmanager
@@ -174,8 +192,10 @@ def _point_alias_back(previous: str | None, version: str, index: LandmarkIndex) 
 
 def promote(version: str, engine: Engine, index: LandmarkIndex, who: str | None = None, *,
             force: bool = False) -> Activation:
-    """Activate ``version``; refused (unless ``force``) while photos in the albums have not been through it."""
-    return activate(version, engine, index, action="promote", who=who, require_coverage=not force)
+    """Activate ``version``; refused (unless ``force``) while photos in the albums have not been through it, or
+    while its model file cannot be read here."""
+    return activate(version, engine, index, action="promote", who=who, require_coverage=not force,
+                    require_model_file=not force)
 
 
 # Photos in the active version's albums (not deleted, with a tag of it) that ``candidate`` has not processed (live
@@ -244,11 +264,14 @@ def rollback_target(engine: Engine) -> tuple[str | None, str]:
     return stack[-2], active
 
 
-def rollback(engine: Engine, index: LandmarkIndex, who: str | None = None) -> Activation:
+def rollback(engine: Engine, index: LandmarkIndex, who: str | None = None, *, force: bool = False) -> Activation:
+    """Back to the version before the active one; refused (unless ``force``) while its model file cannot be
+    read here."""
     with activation_lock(engine):  # the target is read from the history this rollback then extends
         _require_whole_swap(engine, index)
         target, _ = rollback_target(engine)
-        return _activate_holding_lock(target, engine, index, action="rollback", who=who, require_coverage=False)
+        return _activate_holding_lock(target, engine, index, action="rollback", who=who, require_coverage=False,
+                                      require_model_file=not force)
 
 
 def _require_whole_swap(engine: Engine, index: LandmarkIndex) -> None:
@@ -274,7 +297,12 @@ GROUP BY model_version
 def versions(engine: Engine, index: LandmarkIndex | None = None, *, counts: bool = False) -> list[dict[str, Any]]:
     """Registered versions, oldest first, with their shadow run if one is running and whether Milvus has them
     (given ``index``). ``tagged_photos`` and ``shadow_photos`` read every tag and shadow verdict (seconds per
-    million): counted only with ``counts``, None otherwise."""
+    million): counted only with ``counts``, None otherwise.
+
+    Given ``index``, each row says whether it is ``milvus_only``: after it, the versions Milvus holds and
+    PostgreSQL has no row of (PostgreSQL restored from a backup older than their publish), by name, with
+    nothing PostgreSQL would know (created_at, backbone, checkpoint: None), so they can be found and published
+    again from their files."""
     table = ModelVersion.__table__
     in_milvus = set(index.versions()) if index is not None else None
     with transaction(engine) as session:
@@ -290,8 +318,27 @@ def versions(engine: Engine, index: LandmarkIndex | None = None, *, counts: bool
         item["shadow"] = _shadow_dict(shadow) if shadow is not None and shadow.version == row["version"] else None
         if in_milvus is not None:
             item["in_milvus"] = row["version"] in in_milvus
+            item["milvus_only"] = False
         out.append(item)
-    return out
+    if in_milvus is None:
+        return out
+    unregistered = sorted(in_milvus - {row["version"] for row in rows})
+    return out + [_milvus_only_row(version, tagged.get(version, 0) if counts else None,
+                                   shadowed.get(version, 0) if counts else None) for version in unregistered]
+
+
+def _milvus_only_row(version: str, tagged_photos: int | None, shadow_photos: int | None) -> dict[str, Any]:
+    """A version Milvus holds and PostgreSQL does not: what PostgreSQL would have recorded is None."""
+    return {"version": version, "created_at": None, "is_active": False, "backbone": None, "checkpoint": None,
+            "tagged_photos": tagged_photos, "shadow_photos": shadow_photos, "shadow": None, "in_milvus": True,
+            "milvus_only": True}
+
+
+def milvus_only_versions(engine: Engine, index: LandmarkIndex) -> list[str]:
+    """Versions completely published in Milvus that PostgreSQL has no row of, sorted."""
+    with transaction(engine) as session:
+        registered = set(session.scalars(select(ModelVersion.version)))
+    return sorted(set(index.versions()) - registered)
 
 
 def _photos_per_version(session: Session) -> tuple[dict[str, int], dict[str, int]]:

@@ -144,7 +144,7 @@ def _readiness_checks() -> dict:
                                            lambda: context.pipeline.load_error, _model_retry),
         "broker": health.broker_check(broker_url),
         "database": health.database_check(engine),
-        "milvus": health.milvus_check(index),
+        "milvus": health.milvus_check(index, engine),
     }
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -452,6 +453,230 @@ def test_health_names_the_dependency_that_is_down(env, model_version):
 
     code, report = fleet.ops_cli(env, "health", "--url", f"http://127.0.0.1:{fleet.free_port()}", check=False)
     assert code == 1 and not report["ok"] and "no worker answers" in report["error"]
+
+
+# --- disaster recovery: what an SRE sees when Milvus or PostgreSQL lost or went back on data ----------------
+
+def _worker_readiness(pipeline, engine, index) -> dict:
+    """A worker's model check, and the Milvus check given PostgreSQL, run as /readyz runs them."""
+    return health.run_checks({
+        "model": health.worker_model_check(lambda: pipeline.loaded_version, lambda: pipeline.load_error),
+        "milvus": health.milvus_check(index, engine),
+    })
+
+
+def _model_loaded() -> float:
+    return _value(_samples(generate_latest(metrics.REGISTRY).decode()), "landmarks_model_loaded")
+
+
+@pytest.fixture
+def unpublished_pipeline(photos, nothing_published):
+    """A worker's pipeline on a database and a Milvus of their own where nothing is published yet."""
+    from shared.db.session import make_engine
+    from shared.index import LandmarkIndex
+    from shared.pipeline import RecognitionPipeline
+    from shared.settings import Settings
+    database_url, milvus_uri = nothing_published
+    engine = make_engine(database_url)
+    index = LandmarkIndex(milvus_uri)
+    pipeline = RecognitionPipeline(Settings(file_roots=str(photos["root"]), device="cpu", model_path=None),
+                                   engine, index)
+    try:
+        yield pipeline
+    finally:
+        pipeline.close()
+        index.close()
+        engine.dispose()
+        metrics.set_model_error(None)
+        metrics.set_model(None)
+
+
+def _uploads(user: str, paths: list[Path]) -> list:
+    from shared.events import PhotoUploaded
+    return [PhotoUploaded.model_validate(fleet.event(user, path)) for path in paths]
+
+
+def test_a_fleet_that_never_published_is_not_ready_and_says_to_publish_while_milvus_passes(photos,
+                                                                                          unpublished_pipeline):
+    """Before the first `landmarks publish`: not ready, as it always was (the model check fails), and the Milvus
+    check passes, since PostgreSQL names no active version either: nothing was lost."""
+    from shared.errors import InfrastructureError
+    pipeline = unpublished_pipeline
+    with pytest.raises(InfrastructureError, match="no active model version"):
+        pipeline.process(_uploads("nobody", photos["firsts"][:1]))
+    report = _worker_readiness(pipeline, pipeline.engine, pipeline.index)
+    assert not report["ok"]
+    assert not report["checks"]["model"]["ok"]
+    assert "no active model version: run `landmarks publish MODEL` first" in report["checks"]["model"]["detail"]
+    assert report["checks"]["milvus"] == {**report["checks"]["milvus"], "ok": True,
+                                          "detail": "reachable, no active version"}
+    assert _model_loaded() == 0
+    with pytest.raises(RuntimeError, match=r"no active model version: run `landmarks publish MODEL`"):
+        health.published_model_check(pipeline.engine, pipeline.index)()
+
+
+def test_a_worker_whose_milvus_lost_its_data_is_not_ready_says_to_publish_again_and_counts_no_model(
+        photos, unpublished_pipeline, nothing_published, broker_url, tmp_path):
+    """Milvus came back empty (collections and alias gone) while PostgreSQL still names the active version: every
+    batch fails. The worker is not ready and says why, landmarks_model_loaded reads 0 (LandmarksNoWorkers can
+    fire), `landmarks health` gives the command that restores it, and publishing the file again does."""
+    from shared.db.session import transaction
+    from shared.db.writer import active_model_version
+    from shared.errors import InfrastructureError
+    from shared.publish import publish_model
+    pipeline, engine, index = unpublished_pipeline, unpublished_pipeline.engine, unpublished_pipeline.index
+    version = fleet.publish_tiny_model(photos, engine, index.uri, tmp_path / "models", "lost")
+    with transaction(engine) as session:
+        checkpoint = active_model_version(session).checkpoint
+    uploads = lambda: _uploads("dr", photos["firsts"])  # noqa: E731
+    metrics.observe_batch(pipeline.process(uploads()), len(photos["firsts"]))  # as the batch task does
+    assert _worker_readiness(pipeline, engine, index)["ok"] and _model_loaded() == 1
+
+    index.deactivate()  # what a Milvus restarted on an empty volume holds: no alias, no collections
+    index.drop(version)
+    with pytest.raises(InfrastructureError):
+        pipeline.process(uploads())
+    lost = f"Milvus holds no collections of {version} (its data lost?): `landmarks publish {checkpoint}`"
+    report = _worker_readiness(pipeline, engine, index)
+    assert not report["ok"], report
+    assert lost in report["checks"]["model"]["detail"]
+    assert not report["checks"]["milvus"]["ok"] and lost in report["checks"]["milvus"]["detail"]
+    assert _model_loaded() == 0
+    with pytest.raises(RuntimeError) as refusal:
+        health.published_model_check(engine, index)()
+    assert lost in str(refusal.value) and "promote" not in str(refusal.value)
+    database_url, milvus_uri = nothing_published
+    ops_env = fleet.fleet_env(database_url, broker_url, milvus_uri, photos["root"], tmp_path / "home")
+    code, report = fleet.ops_cli(ops_env, "health", check=False)  # what the operator runs
+    assert code == 1 and not report["checks"]["model"]["ok"] and lost in report["checks"]["model"]["detail"]
+
+    publish_model(Path(checkpoint), engine, index)  # the command the checks gave
+    metrics.observe_batch(pipeline.process(uploads()), len(photos["firsts"]))
+    report = _worker_readiness(pipeline, engine, index)
+    assert report["ok"], report
+    assert report["checks"]["model"]["detail"] == f"version {version} loaded"
+    assert _model_loaded() == 1
+
+
+def test_a_worker_that_cannot_load_the_active_model_counts_no_model_until_it_can(photos, unpublished_pipeline,
+                                                                                 tmp_path):
+    """A version promoted with --force while its file was not where the workers run: the old version stays in
+    memory (landmarks_model_info keeps naming it, for LandmarksModelVersionSkew), but landmarks_model_loaded
+    reads 0 so that LandmarksNoWorkers fires; 1 again once the file is back and the version loads."""
+    from shared import rollout
+    from shared.errors import InfrastructureError
+    from shared.publish import publish_model
+    pipeline, engine, index = unpublished_pipeline, unpublished_pipeline.engine, unpublished_pipeline.index
+    first = fleet.publish_tiny_model(photos, engine, index.uri, tmp_path / "models", "loads")
+    metrics.observe_batch(pipeline.process(_uploads("mf", photos["everyday"])), len(photos["everyday"]))
+    assert _model_loaded() == 1
+    second = f"unreadable_{uuid.uuid4().hex[:8]}"
+    model = fleet.build_model(photos, tmp_path / "models", second)
+    publish_model(model, engine, index, activate=False)
+    moved = model.rename(model.with_suffix(".elsewhere"))
+    rollout.promote(second, engine, index, force=True)
+
+    with pytest.raises(InfrastructureError, match=re.escape(str(model))):
+        pipeline.process(_uploads("mf", photos["everyday"]))
+    assert pipeline.loaded_version == first
+    samples = _samples(generate_latest(metrics.REGISTRY).decode())
+    assert _value(samples, "landmarks_model_loaded") == 0
+    assert _value(samples, "landmarks_model_info", version=first) == 1
+    report = _worker_readiness(pipeline, engine, index)
+    assert not report["ok"] and str(model) in report["checks"]["model"]["detail"]
+
+    moved.rename(model)
+    metrics.observe_batch(pipeline.process(_uploads("mf", photos["everyday"])), len(photos["everyday"]))
+    assert pipeline.loaded_version == second and _model_loaded() == 1
+    assert _worker_readiness(pipeline, engine, index)["ok"]
+
+
+@pytest.mark.slow
+def test_a_real_worker_whose_milvus_lost_its_data_turns_unready_and_counts_no_model_until_republished(
+        photos, nothing_published, broker_url, tmp_path):
+    """The reviewer's case end to end: /readyz and /metrics of a real worker, an event failing on the lost
+    version, then `landmarks publish` of the recorded checkpoint bringing it back without a restart."""
+    from shared.db.session import make_engine, transaction
+    from shared.db.writer import active_model_version
+    from shared.index import LandmarkIndex
+    from shared.publish import publish_model
+    from workers.context import MODEL_RETRY_S
+    database_url, milvus_uri = nothing_published
+    engine, index = make_engine(database_url), LandmarkIndex(milvus_uri)
+    version = fleet.publish_tiny_model(photos, engine, milvus_uri, tmp_path / "models", "dr")
+    with transaction(engine) as session:
+        checkpoint = active_model_version(session).checkpoint
+    port = fleet.free_port()
+    env = fleet.fleet_env(database_url, broker_url, milvus_uri, photos["root"], tmp_path / "home",
+                          LANDMARKS_METRICS_PORT=port)
+    base = f"http://127.0.0.1:{port}"
+    producer = Celery(broker=broker_url)
+    producer.conf.update(task_serializer="json")
+    worker = fleet.start_worker(env, tmp_path / "worker.log")
+
+    def readiness(status: int):
+        if not _port_open(port):
+            return None
+        answer, body = fleet.http_get(base + "/readyz", 5)
+        return json.loads(body) if answer == status else None
+
+    def model_loaded() -> float:
+        return _value(_samples(fleet.http_get(base + "/metrics")[1].decode()), "landmarks_model_loaded")
+
+    try:
+        fleet.wait(lambda: readiness(200), "readiness", worker=worker)
+        assert model_loaded() == 1
+        index.deactivate()  # Milvus back on an empty volume
+        index.drop(version)
+        user = f"dr_{uuid.uuid4().hex[:6]}"
+        producer.send_task(fleet.UPLOADED, args=[fleet.event(user, photos["firsts"][0])],
+                           queue=env["LANDMARKS_QUEUE"])
+        report = fleet.wait(lambda: readiness(503), "the worker to turn unready", timeout_s=60, worker=worker)
+        lost = f"Milvus holds no collections of {version} (its data lost?): `landmarks publish {checkpoint}`"
+        assert not report["checks"]["model"]["ok"] and lost in report["checks"]["model"]["detail"], report
+        assert model_loaded() == 0
+
+        publish_model(Path(checkpoint), engine, index)
+        report = fleet.wait(lambda: readiness(200), "readiness after publishing again",
+                            timeout_s=3 * MODEL_RETRY_S + 60, worker=worker)
+        assert report["checks"]["model"]["detail"] == f"version {version} loaded"
+        assert model_loaded() == 1
+        fleet.wait(lambda: fleet.processed(engine, user) == 1, "the event, retried", timeout_s=120, worker=worker)
+    finally:
+        fleet.stop(worker)
+        producer.close()
+        index.close()
+        engine.dispose()
+
+
+def test_versions_and_health_name_what_milvus_holds_and_postgresql_lacks(photos, unpublished_pipeline,
+                                                                        nothing_published, broker_url, tmp_path):
+    """PostgreSQL restored from a backup older than a publish: Milvus holds a version PostgreSQL has no row of.
+    `landmarks versions` lists it apart, `landmarks health` mentions it; neither fails for it."""
+    from shared import rollout
+    from shared.publish import gallery_rows
+    from shared.model import load_checkpoint
+    engine, index = unpublished_pipeline.engine, unpublished_pipeline.index
+    kept = fleet.publish_tiny_model(photos, engine, index.uri, tmp_path / "models", "kept")
+    lost = f"restored_away_{uuid.uuid4().hex[:8]}"
+    index.publish(lost, *gallery_rows(load_checkpoint(fleet.build_model(photos, tmp_path / "models", lost))[2]))
+
+    listed = {item["version"]: item for item in rollout.versions(engine, index)}
+    assert set(listed) == {kept, lost}
+    assert (listed[kept]["milvus_only"], listed[kept]["in_milvus"], listed[kept]["is_active"]) == (False, True, True)
+    assert listed[lost]["milvus_only"] and listed[lost]["in_milvus"] and not listed[lost]["is_active"]
+    assert listed[lost]["checkpoint"] is None  # PostgreSQL never recorded it here
+    assert "milvus_only" not in rollout.versions(engine)[0]  # without Milvus, nothing to compare
+
+    detail = health.published_model_check(engine, index)()
+    assert kept in detail and lost in detail and "PostgreSQL lacks" in detail
+
+    database_url, milvus_uri = nothing_published
+    ops_env = fleet.fleet_env(database_url, broker_url, milvus_uri, photos["root"], tmp_path / "home")
+    _, out = fleet.ops_cli(ops_env, "versions")
+    assert [v["version"] for v in out["versions"] if v["milvus_only"]] == [lost]
+    code, report = fleet.ops_cli(ops_env, "health")
+    assert code == 0 and report["checks"]["model"]["ok"] and lost in report["checks"]["model"]["detail"]
 
 
 def test_the_backlog_exporter_serves_what_keda_reads(broker_url, tmp_path):
