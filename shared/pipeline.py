@@ -100,7 +100,8 @@ class RecognitionPipeline:
                     self._runtime = self._load_runtime(version)
                 except InfrastructureError as exc:  # readiness says why, not only "no model loaded"
                     self._cannot_load(f"cannot load the active model {version}: {exc}", exc)
-            self._set_load_error(None)
+            if self.load_error is not None:  # cleared once, not on every batch (metrics takes a lock)
+                self._set_load_error(None)
             return self._runtime
 
     def _cannot_load(self, error: str, cause: Exception | None = None) -> NoReturn:
