@@ -224,12 +224,13 @@ class RecognitionPipeline:
         tagged = sum(o.status == PhotoStatus.TAGGED for o in settled)
         failed = sum(o.status == PhotoStatus.FAILED for o in settled)
         timings = {k: round(v, 1) for k, v in clock.laps.items()}
+        cpu = {k: round(v, 1) for k, v in clock.cpu_laps.items()}
         on_device_note = f", {on_device} decoded on the device" if self.device_decoder is not None else ""
-        log.info("batch of %d: %d tagged, %d failed, %d to try later, %d applied%s, model %s, ms %s", len(events),
-                 tagged, failed, len(later), applied, on_device_note, runtime.version, timings,
+        log.info("batch of %d: %d tagged, %d failed, %d to try later, %d applied%s, model %s, ms %s, cpu ms %s",
+                 len(events), tagged, failed, len(later), applied, on_device_note, runtime.version, timings, cpu,
                  extra={"model_version": runtime.version, "batch_size": len(events), "tagged": tagged,
                         "failed": failed, "try_later": len(later), "applied": applied,
-                        "decoded_on_device": on_device, "timings_ms": timings})
+                        "decoded_on_device": on_device, "timings_ms": timings, "cpu_ms": cpu})
         _log_photos(settled, runtime.version)
         if shadow is not None:
             report.shadow = self._shadow_pass(shadow, sampled, outcomes, loaded, shadow_pixels)

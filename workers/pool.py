@@ -26,7 +26,7 @@ from celery.concurrency.thread import ApplyResult, TaskPool
 from celery.worker import state as worker_state
 from celery_batches import Batches
 
-from shared.runtime import configure_threads, on_every_thread
+from shared.runtime import configure_threads, keep_freed_memory, on_every_thread
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,16 @@ class BatchPipelinePool(TaskPool):
     stops (module doc)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kept = keep_freed_memory()  # before the batch threads start: they share the main heap
         super().__init__(*args, **kwargs)
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._closing = False
         settings = get_settings()
         threads = configure_threads(settings.torch_threads, settings.blas_threads)
-        log.info("%d batches in flight; threads %s", self.limit, threads,
-                 extra={"batches_in_flight": self.limit, "threads": threads})
+        log.info("%d batches in flight; threads %s; freed memory kept for the next batch: %s", self.limit, threads,
+                 "yes" if kept else "no (no glibc mallopt)",
+                 extra={"batches_in_flight": self.limit, "threads": threads, "freed_memory_kept": kept})
         # Like the solo pool: this process is the one that consumes, so per-process set-up (the metrics
         # server) hangs off this signal whichever pool runs.
         signals.worker_process_init.send(sender=None)

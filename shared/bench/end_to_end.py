@@ -24,7 +24,7 @@ from workers.supervisor import resource_shares
 
 log = logging.getLogger(__name__)
 
-_BATCH_LINE = re.compile(r"batch of (\d+): .*?ms (\{.*\})\s*$")
+_BATCH_LINE = re.compile(r"batch of (\d+): .*?, ms (\{[^}]*\})(?:, cpu ms (\{[^}]*\}))?\s*$")
 _ON_DEVICE = re.compile(r", (\d+) decoded on the device,")
 
 
@@ -33,12 +33,13 @@ class WorkerLaps(NamedTuple):
     photos: int
     laps: dict[str, float]  # summed ms per stage
     decoded_on_device: int  # photos the device JPEG decoder decoded (0 on a CPU worker)
+    cpu_laps: dict[str, float]  # summed CPU ms of the batch threads per stage
 
 
 def worker_laps(log_text: str) -> WorkerLaps:
     """What the pipeline's per-batch log lines add up to, plain text or the JSON lines of
     LANDMARKS_LOG_JSON=1 (the message is their `msg`)."""
-    batches, photos, laps, on_device = 0, 0, {}, 0
+    batches, photos, laps, cpu_laps, on_device = 0, 0, {}, {}, 0
     for line in log_text.splitlines():
         if line.startswith("{"):
             try:
@@ -50,14 +51,20 @@ def worker_laps(log_text: str) -> WorkerLaps:
             continue
         try:
             timings = ast.literal_eval(match.group(2))
+            cpu = ast.literal_eval(match.group(3)) if match.group(3) else {}
         except (ValueError, SyntaxError):
             continue
         batches, photos = batches + 1, photos + int(match.group(1))
-        for key, value in timings.items():
-            laps[key] = laps.get(key, 0.0) + float(value)
+        _add(laps, timings)
+        _add(cpu_laps, cpu)
         device = _ON_DEVICE.search(line)
         on_device += int(device.group(1)) if device else 0
-    return WorkerLaps(batches, photos, laps, on_device)
+    return WorkerLaps(batches, photos, laps, on_device, cpu_laps)
+
+
+def _add(totals: dict[str, float], more: dict) -> None:
+    for key, value in more.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
 
 
 def _processed(engine, user: str) -> int:
@@ -314,12 +321,16 @@ def _laps_summary(per_worker: list[WorkerLaps], elapsed: float) -> dict:
     batches = sum(w.batches for w in per_worker)
     photos = sum(w.photos for w in per_worker)
     laps: dict[str, float] = {}
+    cpu_laps: dict[str, float] = {}
     for worker in per_worker:
-        for key, value in worker.laps.items():
-            laps[key] = laps.get(key, 0.0) + value
+        _add(laps, worker.laps)
+        _add(cpu_laps, worker.cpu_laps)
     return {
         "e2e_batches": batches, "e2e_mean_batch": round(photos / batches, 1) if batches else None,
         "worker_ms_per_img": {k: round(v / max(photos, 1), 3) for k, v in laps.items()},
+        # The batch threads' CPU in each stage: with worker_cpu_ms_per_img's `main`, what the rest of the
+        # worker's process (Celery's consumer, the tasks around the pipeline) costs a photo.
+        "worker_stage_cpu_ms_per_img": {k: round(v / max(photos, 1), 3) for k, v in cpu_laps.items()},
         # Batch-seconds per second: how many batches were being worked on, on average (at most
         # LANDMARKS_BATCHES_IN_FLIGHT per worker); waiting for the model's turn does not count.
         "worker_batches_busy": round(sum(v for k, v in laps.items() if k != "wait_model") / 1e3 / elapsed, 3)

@@ -95,17 +95,21 @@ def test_a_zero_count_is_refused_rather_than_taken_for_the_default(option):
 
 def test_worker_laps_are_read_from_the_pipeline_log():
     text = ("INFO shared.pipeline: batch of 8: 1 tagged, 0 failed, 8 applied, model v1, "
-            "ms {'fetch_decode': 80.0, 'embed': 40.5, 'search': 4.0, 'write': 3.5}\n"
+            "ms {'fetch_decode': 80.0, 'embed': 40.5, 'search': 4.0, 'write': 3.5}, "
+            "cpu ms {'fetch_decode': 2.0, 'embed': 39.0, 'search': 3.0, 'write': 0.5}\n"
             "unrelated line\n"
             "INFO shared.pipeline: batch of 4: 0 tagged, 0 failed, 4 applied, model v1, "
-            "ms {'fetch_decode': 40.0, 'embed': 20.5, 'search': 2.0, 'write': 1.5}\n")
-    assert worker_laps(text) == (2, 12, {"fetch_decode": 120.0, "embed": 61.0, "search": 6.0, "write": 5.0}, 0)
-    gpu = ("INFO shared.pipeline: batch of 8: 1 tagged, 0 failed, 8 applied, 7 decoded on the device, model v1, "
-           "ms {'fetch_decode': 8.0}\n") * 2
-    assert worker_laps(gpu) == (2, 16, {"fetch_decode": 16.0}, 14)
+            "ms {'fetch_decode': 40.0, 'embed': 20.5, 'search': 2.0, 'write': 1.5}, "
+            "cpu ms {'fetch_decode': 1.0, 'embed': 20.0, 'search': 1.5, 'write': 0.5}\n")
+    assert worker_laps(text) == (2, 12, {"fetch_decode": 120.0, "embed": 61.0, "search": 6.0, "write": 5.0}, 0,
+                                 {"fetch_decode": 3.0, "embed": 59.0, "search": 4.5, "write": 1.0})
+    older = ("INFO shared.pipeline: batch of 8: 1 tagged, 0 failed, 8 applied, 7 decoded on the device, model v1, "
+             "ms {'fetch_decode': 8.0}\n") * 2  # a log from before the CPU laps were logged
+    assert worker_laps(older) == (2, 16, {"fetch_decode": 16.0}, 14, {})
     as_json = json.dumps({"ts": "2026-11-27T00:00:00Z", "level": "INFO", "logger": "shared.pipeline",
-                          "msg": "batch of 8: 1 tagged, 0 failed, 8 applied, model v1, ms {'embed': 40.5}"})
-    assert worker_laps(as_json + "\n{not json\n") == (1, 8, {"embed": 40.5}, 0)
+                          "msg": "batch of 8: 1 tagged, 0 failed, 8 applied, model v1, ms {'embed': 40.5}, "
+                                 "cpu ms {'embed': 40.0}"})
+    assert worker_laps(as_json + "\n{not json\n") == (1, 8, {"embed": 40.5}, 0, {"embed": 40.0})
 
 
 def _bench_env(pg_server_url: str, broker_url: str, home, **extra: str) -> dict:
