@@ -237,6 +237,19 @@ def model_rate_for_bound(stages: dict, cores: int) -> float:
     return max(whole_machine, cores * 1000.0 / served_ms) if served_ms else whole_machine
 
 
+def stage_cpu_share(e2e: dict, cores: int) -> float | None:
+    """On CPU: the share of the machine's cores that the bound's stages took while the end-to-end run went on,
+    at what they cost there (the decode processes, the forward and the search of the batch threads); the
+    rest went to the worker's other work, PostgreSQL, Redis and the host. Read in one window, it does not
+    move with the machine's speed, which on a shared host drifts by a tenth between the stages measured
+    alone and the end-to-end part that `ratio` compares."""
+    cpu, laps = e2e.get("worker_cpu_ms_per_img"), e2e.get("worker_stage_cpu_ms_per_img")
+    if not cpu or not laps or not e2e.get("e2e_img_s"):
+        return None
+    stage_ms = cpu["pool"] + laps.get("embed", 0.0) + laps.get("search", 0.0)
+    return round(stage_ms * e2e["e2e_img_s"] / (cores * 1000.0), 3)
+
+
 def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, host: dict,
               served_max_wait_ms: int, seconds: float) -> dict:
     """The JSON object: the contract keys first, then what explains them."""
@@ -273,6 +286,7 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "model_warm_up_s": stages["model"].get("warm_up_s"),
         **({"model_served": stages["model_served"]} if "model_served" in stages else {}),
         "decoder": decode["decoder"], "resources": resources, "limiting_resource": limiting,
+        **({"e2e_stage_cpu_share": stage_cpu_share(e2e, host["cpus"])} if not cfg.cuda else {}),
         "bound_serial_img_s": round(serial, 1),
         "ratio_serial": round(e2e["e2e_img_s"] / serial, 3) if serial else None,
         "search_local_img_s": round(stages["search_local"]["img_s"], 1),

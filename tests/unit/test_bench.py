@@ -84,6 +84,15 @@ def test_the_cpu_bound_charges_the_model_the_cpu_the_worker_spends_on_it():
     assert model_rate_for_bound({"model": two_threads}, 2) == 1000.0  # CUDA: the stage as measured
 
 
+def test_the_stage_cpu_share_is_what_the_bounding_stages_took_of_the_cores_during_the_run():
+    from shared.bench.run import stage_cpu_share
+    # 250 photos a second, each 6 ms in a decode process, 1 ms forward and 0.2 ms search: 1.8 of 2 cores.
+    e2e = {"e2e_img_s": 250.0, "worker_cpu_ms_per_img": {"main": 1.5, "pool": 6.0},
+           "worker_stage_cpu_ms_per_img": {"fetch_decode": 0.02, "embed": 1.0, "search": 0.2, "write": 0.05}}
+    assert stage_cpu_share(e2e, 2) == 0.9
+    assert stage_cpu_share({**e2e, "worker_stage_cpu_ms_per_img": {}}, 2) is None  # a worker that logs no CPU
+
+
 @pytest.mark.parametrize("option", ["--images", "--batch-size", "--centroids"])
 def test_a_zero_count_is_refused_rather_than_taken_for_the_default(option):
     """`--images 0` meant the default, 8,192 images: minutes of a GPU machine's 15 spent on a run meant to
