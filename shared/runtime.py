@@ -1,5 +1,5 @@
 """A loaded model version (its embedder and decision thresholds), the per-stage clock and the worker's
-CPU thread settings: what the live pipeline and the shadow pass share."""
+CPU thread and memory allocator settings: what the live pipeline and the shadow pass share."""
 
 from __future__ import annotations
 
