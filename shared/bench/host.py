@@ -82,7 +82,7 @@ class CpuAccount:
 def rss_mb(pid: int) -> float | None:
     """RSS of a process and all its descendants (the worker and its decode processes), in MB."""
     total = 0.0
-    for member in [pid, *_descendants(pid)]:
+    for member in [pid, *descendants(pid)]:
         mb = _own_rss_mb(member)
         if mb is None and member == pid:
             return None  # the process is gone
@@ -106,7 +106,7 @@ def cpu_s(pid: int) -> tuple[float, float] | None:
     own = _own_cpu_seconds(pid)
     if own is None:
         return None
-    return own, sum(_own_cpu_seconds(child) or 0.0 for child in _descendants(pid))
+    return own, sum(_own_cpu_seconds(child) or 0.0 for child in descendants(pid))
 
 
 def _own_cpu_seconds(pid: int) -> float | None:
@@ -118,14 +118,49 @@ def _own_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-def _descendants(pid: int) -> list[int]:
-    """From /proc (Linux); empty elsewhere."""
-    parents: dict[int, list[int]] = {}
+# Whose is a process that a run gave no role, by its command line: the first name found in it.
+_SERVICES = (("postgres", "postgres"), ("redis-server", "redis"), ("milvus_lite", "milvus"))
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """{pid: (command line, or [name] for a kernel thread; CPU seconds)} of every process, from /proc."""
+    found = {}
+    for entry in (e for e in _proc_entries() if e.isdigit()):
+        seconds = _own_cpu_seconds(int(entry))
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not command:
+                command = "[" + Path(f"/proc/{entry}/comm").read_text().strip() + "]"
+        except OSError:
+            continue
+        if seconds is not None:
+            found[int(entry)] = (command, seconds)
+    return found
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                roles: dict[int, str]) -> dict[str, float]:
+    """CPU seconds spent between two process_cpu() snapshots, by role: a pid in ``roles`` under its role, any
+    other under the service its command line names (postgres, redis, milvus), else `host`. A process started
+    in between counts from zero; one that ended is lost."""
+    spent: dict[str, float] = {}
+    for pid, (command, seconds) in after.items():
+        role = roles.get(pid) or next((name for key, name in _SERVICES if key in command), "host")
+        spent[role] = spent.get(role, 0.0) + seconds - before.get(pid, (command, 0.0))[1]
+    return spent
+
+
+def _proc_entries() -> list[str]:
     try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+        return os.listdir("/proc")
     except OSError:
         return []
-    for entry in entries:
+
+
+def descendants(pid: int) -> list[int]:
+    """From /proc (Linux); empty elsewhere."""
+    parents: dict[int, list[int]] = {}
+    for entry in (e for e in _proc_entries() if e.isdigit()):
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:

@@ -84,6 +84,19 @@ def test_the_cpu_bound_charges_the_model_the_cpu_the_worker_spends_on_it():
     assert model_rate_for_bound({"model": two_threads}, 2) == 1000.0  # CUDA: the stage as measured
 
 
+def test_the_cpu_of_a_run_is_put_down_to_the_worker_its_decoders_the_services_and_the_host():
+    from shared.bench.host import cpu_by_role
+    before = {10: ("python -m shared.cli worker", 5.0), 11: ("python -c forkserver", 1.0),
+              20: ("postgres: postgres lm_bench idle", 2.0), 30: ("redis-server unixsocket:/tmp/r.sock", 0.5),
+              40: ("python -m milvus_lite server --data-dir /tmp/m", 1.0), 50: ("[kdamond.0]", 3.0)}
+    after = {10: ("python -m shared.cli worker", 6.0), 11: ("python -c forkserver", 5.0),
+             20: ("postgres: postgres lm_bench idle", 2.25), 30: ("redis-server unixsocket:/tmp/r.sock", 0.75),
+             40: ("python -m milvus_lite server --data-dir /tmp/m", 1.5), 50: ("[kdamond.0]", 3.5),
+             60: ("postgres: postgres lm_bench idle", 0.25)}  # a connection opened during the run
+    assert cpu_by_role(before, after, {10: "worker", 11: "decode"}) == {
+        "worker": 1.0, "decode": 4.0, "postgres": 0.5, "redis": 0.25, "milvus": 0.5, "host": 0.5}
+
+
 def test_the_stage_cpu_share_is_what_the_bounding_stages_took_of_the_cores_during_the_run():
     from shared.bench.run import stage_cpu_share
     # 250 photos a second, each 6 ms in a decode process, 1 ms forward and 0.2 ms search: 1.8 of 2 cores.
@@ -440,7 +453,7 @@ def _cmdline(pid: int) -> str:
 def test_a_terminated_bench_stops_its_milvus_and_worker_and_drops_its_database(pg_server_url, broker_url, tmp_path):
     """`kill` (or a CI timeout) mid-run: the bench's own servers, processes and scratch database go with it."""
     import time
-    from shared.bench.host import _descendants
+    from shared.bench.host import descendants
     before = _bench_databases(pg_server_url)
     env = _bench_env(pg_server_url, broker_url, tmp_path / "home")
     bench = subprocess.Popen([sys.executable, "-m", "shared.bench_cli", "bench", "--json", "--quick", "--device",
@@ -449,7 +462,7 @@ def test_a_terminated_bench_stops_its_milvus_and_worker_and_drops_its_database(p
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # until its milvus-lite and its worker both run
-            children = {pid: _cmdline(pid) for pid in _descendants(bench.pid)}
+            children = {pid: _cmdline(pid) for pid in descendants(bench.pid)}
             if any("milvus_lite" in c for c in children.values()) and \
                     any("shared.cli" in c and "worker" in c for c in children.values()):
                 break
