@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from shared.allocator import keep_freed_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -80,6 +82,7 @@ def register(cli: typer.Typer) -> None:
     ) -> None:
         """Throughput of one worker: decode, model, search and write alone, and end to end through Redis →
         Celery → PostgreSQL with Milvus in the loop; the bound, the ratio, RSS and the DELF comparison."""
+        keep_freed_memory()  # as `landmarks worker` does, before the imports below start threads
         from shared.bench import SEARCH_SCALE_SIZES, BenchConfig, run_bench, run_search_scale
         from shared.embedder import pick_device
         from shared.settings import get_settings

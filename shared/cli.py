@@ -20,6 +20,7 @@ from rich.progress import Progress
 from rich.table import Table
 from typer.core import TyperGroup
 
+from shared.allocator import keep_freed_memory
 from shared.settings import Settings, get_settings
 from shared.signing import SigningKeyError
 
@@ -228,6 +229,7 @@ def worker(device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N
                "LANDMARKS_WORKER_PROCESSES, 1): 2 when one process's Python limits the GPU")] = None,
            loglevel: str = "INFO") -> None:
     """Run a recognition worker (the model lives in the worker process; batches overlap in threads)."""
+    keep_freed_memory()  # before the imports below start threads: every thread then shares the main heap
     if device:
         os.environ["LANDMARKS_DEVICE"] = device
         get_settings.cache_clear()

@@ -1,9 +1,9 @@
 """A loaded model version (its embedder and decision thresholds), the per-stage clock and the worker's
-CPU thread and memory allocator settings: what the live pipeline and the shadow pass share."""
+CPU thread settings: what the live pipeline and the shadow pass share (its allocator settings:
+shared/allocator.py)."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -34,35 +34,6 @@ def default_torch_threads(cores: int | None = None) -> int:
     about 0.8 ms of CPU per image where two spend about 0.95 (the bench's `model_served` and
     `model_cpu_ms_per_img`), the two waiting for each other at every layer."""
     return max(1, (cores or usable_cpus()) // 4)
-
-
-# glibc's mallopt(3) parameters, and what they are set to (keep_freed_memory).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest on 64-bit machines
-TRIM_THRESHOLD_BYTES = 256 << 20
-
-
-def keep_freed_memory() -> bool:
-    """Has glibc keep the memory a forward pass frees for the next one, instead of handing it back to the
-    kernel and faulting it in again, page by page, at the next batch.
-
-    A CPU forward allocates its activations afresh at every layer (tens of MB at batch 64), and with glibc's
-    defaults each came from a new mmap and went back with munmap: about 80 page faults per photo, a sixth of
-    the forward's CPU (BENCHMARKS.md, twenty-third session). Allocations up to MMAP_THRESHOLD_BYTES now come
-    from the heap, and up to TRIM_THRESHOLD_BYTES of free space at its top is kept: the process stays at its
-    busiest batch's size, which the pod's memory request covers anyway. Threads started from now on share the
-    main heap: a thread's own arena is made of 64 MB heaps that glibc unmaps whenever one empties, whatever
-    the trim threshold, and the batch threads kept faulting theirs in again. A larger activation (the WRN-50-2
-    at 224 px on a CPU) is still mapped each time. Call it before the batch threads start. False where the C
-    library has no mallopt (musl ignores it, macOS lacks it)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
-                (_M_ARENA_MAX, 1))
-    return all([bool(mallopt(param, value)) for param, value in settings])
 
 
 def configure_threads(torch_threads: int, blas_threads: int) -> dict[str, int]:

@@ -26,7 +26,8 @@ from celery.concurrency.thread import ApplyResult, TaskPool
 from celery.worker import state as worker_state
 from celery_batches import Batches
 
-from shared.runtime import configure_threads, keep_freed_memory, on_every_thread
+from shared.allocator import keep_freed_memory, malloc_arenas
+from shared.runtime import configure_threads, on_every_thread
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -63,21 +64,35 @@ def worker_stopping() -> bool:
                for flag in (worker_state.should_stop, worker_state.should_terminate))
 
 
+def _freed_memory_kept(kept: bool, arenas: int | None) -> str:
+    """The start-up log's word on shared.allocator.keep_freed_memory."""
+    if not kept:
+        return "no (no glibc mallopt)"
+    if arenas is not None and arenas > 1:
+        log.warning("%d malloc arenas were made before the allocator settings applied: a batch thread handed one "
+                    "faults its activations in again at every batch (start the worker with `landmarks worker`)",
+                    arenas)
+        return f"partly ({arenas} malloc arenas)"
+    return "yes"
+
+
 class BatchPipelinePool(TaskPool):
     """Celery's thread pool, which also knows whether every thread is busy, and starts nothing once the worker
     stops (module doc)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kept = keep_freed_memory()  # before the batch threads start: they share the main heap
+        # `landmarks worker` has done so before any thread started; again for a worker started otherwise.
+        kept = keep_freed_memory()
         super().__init__(*args, **kwargs)
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._closing = False
         settings = get_settings()
         threads = configure_threads(settings.torch_threads, settings.blas_threads)
+        arenas = malloc_arenas()
         log.info("%d batches in flight; threads %s; freed memory kept for the next batch: %s", self.limit, threads,
-                 "yes" if kept else "no (no glibc mallopt)",
-                 extra={"batches_in_flight": self.limit, "threads": threads, "freed_memory_kept": kept})
+                 _freed_memory_kept(kept, arenas), extra={"batches_in_flight": self.limit, "threads": threads,
+                                                          "freed_memory_kept": kept, "malloc_arenas": arenas})
         # Like the solo pool: this process is the one that consumes, so per-process set-up (the metrics
         # server) hangs off this signal whichever pool runs.
         signals.worker_process_init.send(sender=None)

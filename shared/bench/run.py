@@ -132,13 +132,14 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
     cfg = cfg.resolved()
     if cfg.cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    from shared.runtime import configure_threads, keep_freed_memory
+    from shared.allocator import keep_freed_memory, malloc_arenas
+    from shared.runtime import configure_threads
     settings = get_settings()
     threads = configure_threads(settings.torch_threads, settings.blas_threads)  # as the worker does
     freed_memory_kept = keep_freed_memory()  # as the worker does: the model stage then costs what it costs there
     started, account, host = time.monotonic(), CpuAccount(), host_info()
     host["threads"], host["batches_in_flight"] = threads, settings.batches_in_flight
-    host["freed_memory_kept"] = freed_memory_kept
+    host["freed_memory_kept"], host["malloc_arenas"] = freed_memory_kept, malloc_arenas()
     inputs = bench_inputs(cfg, reporter)
     if inputs is None:
         return {"device": cfg.device, "size": cfg.size, "skipped": f"no real photos at {realdata_dir()}"}

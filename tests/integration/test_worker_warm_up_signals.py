@@ -25,18 +25,25 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 
-# `landmarks worker` whose warm-up only marks its start and end (no model, database or Milvus needed).
+# `landmarks worker` whose warm-up only marks its start and end (no model, database or Milvus needed). The
+# warm-up is swapped once the worker has set up its allocator: importing workers.context earlier would start
+# threads before it does (shared/allocator.py).
 WORKER = textwrap.dedent("""
     import os, sys, time
-    import workers.context
+    import shared.cli
     def warm_up(pool=None):
         open(os.path.join(os.environ["MARKS"], "warming"), "w").close()
         time.sleep(float(os.environ["WARM_UP_S"]))
         open(os.path.join(os.environ["MARKS"], "warmed"), "w").close()
-    workers.context.warm_up = warm_up
-    from shared.cli import app
+    keep_freed_memory = shared.cli.keep_freed_memory
+    def keep_freed_memory_then_swap_the_warm_up():
+        kept = keep_freed_memory()
+        import workers.context
+        workers.context.warm_up = warm_up
+        return kept
+    shared.cli.keep_freed_memory = keep_freed_memory_then_swap_the_warm_up
     sys.argv = ["landmarks", "worker", "--loglevel=INFO"]
-    app()
+    shared.cli.app()
 """)
 
 
@@ -88,6 +95,8 @@ def test_after_the_warm_up_sigterm_is_celerys_warm_shutdown_again(tmp_path, brok
         process.wait()
     text = log.read_text()
     assert "Warm shutdown" in text and "during the warm-up" not in text
+    # Its allocator was set before any other thread allocated: the batch threads share the main heap.
+    assert "freed memory kept for the next batch: yes" in text, text[-3000:]
 
 
 BATCH, IN_FLIGHT = 4, 2

@@ -16,13 +16,25 @@ from celery_batches import Batches
 from kombu.common import QoS
 
 from shared import metrics
-from workers.pool import HELD_WINDOWS, BatchPipelinePool, PipelinedBatches, prefetch_limit, prefetch_multiplier
+from workers.pool import (HELD_WINDOWS, BatchPipelinePool, PipelinedBatches, _freed_memory_kept, prefetch_limit,
+                          prefetch_multiplier)
 
 
 def test_prefetch_covers_the_batches_in_flight_and_one_filling():
     assert prefetch_multiplier(64, 2) * 2 >= 64 * 3
     assert prefetch_multiplier(64, 1) == 64  # one batch: received only between batches
     assert prefetch_multiplier(256, 3) * 3 >= 256 * 4
+
+
+def test_the_start_up_log_says_when_batch_threads_may_not_share_the_main_heap(caplog):
+    """A worker started some other way than `landmarks worker` may have made malloc arenas before its allocator
+    settings applied (shared/allocator.py): its batch threads would fault their activations in again."""
+    assert _freed_memory_kept(True, 1) == "yes"
+    assert _freed_memory_kept(False, None) == "no (no glibc mallopt)"
+    with caplog.at_level("WARNING", logger="workers.pool"):
+        assert _freed_memory_kept(True, 3) == "partly (3 malloc arenas)"
+    assert "3 malloc arenas were made before the allocator settings applied" in caplog.text
+    assert "landmarks worker" in caplog.text
 
 
 def test_the_pool_is_saturated_while_every_thread_works(monkeypatch):
