@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _BATCH_LINE = re.compile(r"batch of (\d+): .*?, ms (\{[^}]*\})(?:, cpu ms (\{[^}]*\}))?\s*$")
 _ON_DEVICE = re.compile(r", (\d+) decoded on the device,")
+_FREED_MEMORY = re.compile(r"freed memory kept for the next batch: (\w+)")
 
 
 class WorkerLaps(NamedTuple):
@@ -60,6 +61,12 @@ def worker_laps(log_text: str) -> WorkerLaps:
         device = _ON_DEVICE.search(line)
         on_device += int(device.group(1)) if device else 0
     return WorkerLaps(batches, photos, laps, on_device, cpu_laps)
+
+
+def freed_memory_kept(log_text: str) -> str | None:
+    """The worker's start-up word on its allocator (workers/pool.py): yes, partly or no."""
+    match = _FREED_MEMORY.search(log_text)
+    return match.group(1) if match else None
 
 
 def _add(totals: dict[str, float], more: dict) -> None:
@@ -324,6 +331,7 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
             # Where the machine's CPU went during the run, every process counted (PostgreSQL, Redis, Milvus,
             # the host's own): what `ratio` leaves to overhead, per photo.
             "e2e_cpu_ms_per_img_by_role": {role: round(s * 1e3 / n, 3) for role, s in sorted(by_role.items())},
+            "worker_freed_memory_kept": [freed_memory_kept(path.read_text()) for path in workers.logs],
             "worker_log": str(workers.logs[0])}
 
 

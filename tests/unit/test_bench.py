@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from shared.bench.bound import combined_rate, stage_resources, throughput_bound
-from shared.bench.end_to_end import worker_laps
+from shared.bench.end_to_end import freed_memory_kept, worker_laps
 from shared.bench.inputs import camera_jpeg, generated_images
 from shared.imaging import decode_image
 
@@ -134,6 +134,13 @@ def test_worker_laps_are_read_from_the_pipeline_log():
     assert worker_laps(as_json + "\n{not json\n") == (1, 8, {"embed": 40.5}, 0, {"embed": 40.0})
 
 
+def test_the_workers_word_on_its_allocator_is_read_from_its_start_up_line():
+    line = "INFO workers.pool: 2 batches in flight; threads {{}}; freed memory kept for the next batch: {}\n"
+    assert freed_memory_kept("unrelated\n" + line.format("yes")) == "yes"
+    assert freed_memory_kept(line.format("partly (3 malloc arenas)")) == "partly"
+    assert freed_memory_kept("a worker that never started\n") is None
+
+
 def _bench_env(pg_server_url: str, broker_url: str, home, **extra: str) -> dict:
     """A bench subprocess's environment: the test's PostgreSQL and Redis, its own home, a private Milvus."""
     env = {**os.environ, "LANDMARKS_DATABASE_URL": pg_server_url, "LANDMARKS_BROKER_URL": broker_url,
@@ -182,6 +189,8 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert result["worker_cpu_ms_per_img"]["main"] > 0 and result["worker_cpu_ms_per_img"]["pool"] > 0
     handover = result["handover_cpu_ms_per_img"]
     assert handover["pixels_cpu_ms_per_img"] > 0 and handover["jpeg_cpu_ms_per_img"] > 0
+    # The worker and the bench's own model stage keep the memory a forward frees, every thread on one heap.
+    assert result["worker_freed_memory_kept"] == ["yes"] and result["host"]["malloc_arenas"] == 1
 
 
 @pytest.mark.integration
@@ -192,6 +201,7 @@ def test_the_load_run_can_drain_the_queue_with_two_worker_processes(pg_server_ur
     assert result["e2e_workers"] == 2 and len(result["e2e_batches_by_worker"]) == 2
     assert sum(result["e2e_batches_by_worker"]) == result["e2e_batches"] > 0
     assert result["events"] == 48 and result["e2e_img_s"] > 0
+    assert result["worker_freed_memory_kept"] == ["yes", "yes"]
     assert result["worker_cpu_ms_per_img"]["main"] > 0
 
 
