@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shared.bench.config import REPO, Reporter
-from shared.bench.host import cpu_by_role, cpu_s, descendants, process_cpu, rss_mb
+from shared.bench.host import cpu_by_role, cpu_s, descendants, minor_faults, process_cpu, rss_mb
 from workers.supervisor import resource_shares
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,10 @@ class BenchWorkers:
     def cpu_s(self) -> tuple[float, float] | None:
         each = [cpu_s(proc.pid) for proc in self.procs]
         return None if None in each else (sum(c[0] for c in each), sum(c[1] for c in each))
+
+    def minor_faults(self) -> int | None:
+        each = [minor_faults(proc.pid) for proc in self.procs]
+        return None if None in each else sum(each)
 
     def roles(self) -> dict[int, str]:
         """For cpu_by_role: the workers, their decode forkserver and processes, and this bench."""
@@ -306,12 +310,13 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
             if done >= series[-1][0] + n / 10 or done >= n > series[-1][0]:  # one sample per tenth
                 series.append([done, rss, round(time.perf_counter() - t0, 2)])
 
-        cpu_start, processes_start = workers.cpu_s(), process_cpu()
+        cpu_start, processes_start, faults_start = workers.cpu_s(), process_cpu(), workers.minor_faults()
         t0 = time.perf_counter()
         client.rename(plan.staging, plan.queue)  # the whole backlog appears at once
         t_end = _wait_for(engine, user, n, workers, plan.stall_s, on_poll=poll, poll_s=plan.poll_s)
         elapsed = t_end - t0
         cpu_end, by_role = workers.cpu_s(), cpu_by_role(processes_start, process_cpu(), workers.roles())
+        faults_end = workers.minor_faults()
         rss_end = workers.rss_mb()
         time.sleep(0.3)  # the last batch's log line
         per_worker = workers.laps_since(log_offsets)
@@ -332,6 +337,8 @@ def run_end_to_end(plan: E2EPlan, reporter: Reporter) -> dict:
             # the host's own): what `ratio` leaves to overhead, per photo.
             "e2e_cpu_ms_per_img_by_role": {role: round(s * 1e3 / n, 3) for role, s in sorted(by_role.items())},
             "worker_freed_memory_kept": [freed_memory_kept(path.read_text()) for path in workers.logs],
+            "worker_minor_faults_per_img": round((faults_end - faults_start) / n, 1)
+            if None not in (faults_start, faults_end) else None,
             "worker_log": str(workers.logs[0])}
 
 

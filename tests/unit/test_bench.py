@@ -97,6 +97,20 @@ def test_the_cpu_of_a_run_is_put_down_to_the_worker_its_decoders_the_services_an
         "worker": 1.0, "decode": 4.0, "postgres": 0.5, "redis": 0.25, "milvus": 0.5, "host": 0.5}
 
 
+def test_a_process_that_touches_memory_mapped_afresh_shows_its_minor_faults():
+    import mmap
+
+    from shared.bench.host import minor_faults
+    before = minor_faults(os.getpid())
+    fresh = mmap.mmap(-1, 16 << 20)  # 4,096 pages of 4 KB, none of them touched yet
+    fresh.madvise(mmap.MADV_NOHUGEPAGE)  # as many faults where transparent huge pages are always on
+    for offset in range(0, len(fresh), mmap.PAGESIZE):
+        fresh[offset] = 1
+    assert minor_faults(os.getpid()) - before >= (16 << 20) // mmap.PAGESIZE * 0.9
+    fresh.close()
+    assert minor_faults(2 ** 22 + 1) is None  # no such process
+
+
 def test_the_stage_cpu_share_is_what_the_bounding_stages_took_of_the_cores_during_the_run():
     from shared.bench.run import stage_cpu_share
     # 250 photos a second, each 6 ms in a decode process, 1 ms forward and 0.2 ms search: 1.8 of 2 cores.
@@ -191,6 +205,7 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert handover["pixels_cpu_ms_per_img"] > 0 and handover["jpeg_cpu_ms_per_img"] > 0
     # The worker and the bench's own model stage keep the memory a forward frees, every thread on one heap.
     assert result["worker_freed_memory_kept"] == ["yes"] and result["host"]["malloc_arenas"] == 1
+    assert result["worker_minor_faults_per_img"] >= 0
 
 
 @pytest.mark.integration
