@@ -48,8 +48,8 @@ def malloc_arenas() -> int | None:
         return None
     open_memstream.restype = ctypes.c_void_p
     open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
-    malloc_info.argtypes, libc.fclose.argtypes, libc.free.argtypes = [ctypes.c_int, ctypes.c_void_p], \
-        [ctypes.c_void_p], [ctypes.c_void_p]
+    malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = libc.free.argtypes = [ctypes.c_void_p]
     buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
     stream = open_memstream(ctypes.byref(buffer), ctypes.byref(size))
     if not stream:

@@ -109,23 +109,26 @@ def cpu_s(pid: int) -> tuple[float, float] | None:
     return own, sum(_own_cpu_seconds(child) or 0.0 for child in descendants(pid))
 
 
-def _own_cpu_seconds(pid: int) -> float | None:
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces): [0] is the state, [1] the
+    parent's pid; None when the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _own_cpu_seconds(pid: int) -> float | None:
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def minor_faults(pid: int) -> int | None:
     """Pages a process's own threads faulted in without reading a disk (minflt in /proc/PID/stat): memory
     mapped afresh and touched, as a forward pass's activations were at every batch with glibc's defaults."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[7])
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[7])
 
 
 # Whose is a process that a run gave no role, by its command line: the first name found in it.
@@ -171,12 +174,9 @@ def descendants(pid: int) -> list[int]:
     """From /proc (Linux); empty elsewhere."""
     parents: dict[int, list[int]] = {}
     for entry in (e for e in _proc_entries() if e.isdigit()):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
+        fields = _stat_fields(int(entry))
+        if fields is not None:
+            parents.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], [pid]
     while todo:
         children = parents.get(todo.pop(), [])
