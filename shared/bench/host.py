@@ -79,10 +79,11 @@ class CpuAccount:
         return round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else None
 
 
-def rss_mb(pid: int) -> float | None:
-    """RSS of a process and all its descendants (the worker and its decode processes), in MB."""
+def rss_mb(pid: int, members: list[int] | None = None) -> float | None:
+    """RSS of a process and all its descendants (the worker and its decode processes), in MB; ``members``,
+    when given, are those descendants as the caller last read them (one that has ended counts as none)."""
     total = 0.0
-    for member in [pid, *descendants(pid)]:
+    for member in [pid, *(descendants(pid) if members is None else members)]:
         mb = _own_rss_mb(member)
         if mb is None and member == pid:
             return None  # the process is gone

@@ -279,6 +279,33 @@ def test_cpu_seconds_are_read_for_a_process_and_its_descendants():
     assert cpu_s(child.pid) is None  # gone
 
 
+def test_rss_counts_a_process_and_its_children_and_a_known_family_is_read_again_only_when_stale():
+    """A worker's RSS includes its decode processes; the bench reads who they are at most every FAMILY_TTL_S,
+    since finding them reads every process on the machine, and RSS is read at every poll."""
+    from shared.bench.end_to_end import BenchWorkers
+    from shared.bench.host import rss_mb
+    child = subprocess.Popen([sys.executable, "-c", "import time\nb = bytearray(200 << 20)\n"
+                              "print(flush=True)\ntime.sleep(30)"], stdout=subprocess.PIPE)
+    worker = subprocess.Popen(["sleep", "30"])  # a worker with no decode process of its own
+    workers = BenchWorkers.__new__(BenchWorkers)
+    workers.procs, workers._family, workers._family_read_at = [worker], [], None
+    try:
+        child.stdout.readline()  # its 200 MB are touched
+        alone = rss_mb(os.getpid(), members=[])
+        assert rss_mb(os.getpid()) - alone >= 190  # this process's children found in /proc
+        assert rss_mb(os.getpid(), members=[child.pid]) - alone >= 190
+        assert workers._families() == [[]] and workers.rss_mb() < 50
+        workers._family = [[child.pid]]  # as if read a moment ago: used as it is
+        assert workers.rss_mb() >= 190
+        workers._family_read_at -= BenchWorkers.FAMILY_TTL_S  # stale: read again
+        assert workers.rss_mb() < 50
+    finally:
+        for proc in (child, worker):
+            proc.kill()
+            proc.wait()
+    assert rss_mb(os.getpid(), members=[child.pid]) - rss_mb(os.getpid(), members=[]) < 5  # gone: counts as none
+
+
 def test_worker_cpu_per_photo_is_the_difference_over_the_run():
     from shared.bench.end_to_end import _cpu_per_img
     assert _cpu_per_img((10.0, 100.0), (12.0, 108.0), 1000) == {"main": 2.0, "pool": 8.0}
