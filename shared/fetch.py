@@ -57,12 +57,16 @@ _HIDDEN = "***"
 
 def short_uri(uri: str) -> str:
     """The URI as reasons and logs show it: no user or password, no query values, no fragment, one line."""
-    uri = _USERINFO.sub(rf"\1{_HIDDEN}@", uri, count=1)
-    address, _, query = uri.partition("#")[0].partition("?")
-    if query:
-        address = f"{address}?{_query_names(query)}"
+    address = without_credentials(uri)
     text = repr(address) if any(c in address for c in "\r\n\t") else address  # keep reasons on one line
     return text if len(text) <= _URI_CHARS else text[: _URI_CHARS - 1] + "…"
+
+
+def without_credentials(uri: str) -> str:
+    """The whole URI less what may be a credential: its user and password, its query values, its fragment."""
+    uri = _USERINFO.sub(rf"\1{_HIDDEN}@", uri, count=1)
+    address, _, query = uri.partition("#")[0].partition("?")
+    return f"{address}?{_query_names(query)}" if query else address
 
 
 def _query_names(query: str) -> str:

@@ -23,6 +23,7 @@ from shared.db.models import (
 )
 from shared.errors import InfrastructureError
 from shared.events import PhotoDeleted, event_key, payload_summary, safe_field
+from shared.fetch import without_credentials
 from shared.outcomes import PhotoOutcome, PhotoStatus
 
 MAX_PAYLOAD_CHARS = 8 * 1024
@@ -318,11 +319,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# Failure rows are kept for support, for good: a presigned URL's signature, or a password in a URI, kept there
+# would stay a credential for anyone who can read the table (the fetch already read the photo with it).
+_URI_FIELDS = ("uri", "preview_uri")
+
+
 def _bounded_payload(payload: Any) -> Any:
     if payload is None:
         return None
     if isinstance(payload, bytes):
         payload = payload.decode("utf-8", errors="replace")
+    if isinstance(payload, dict):
+        payload = {k: without_credentials(v) if k in _URI_FIELDS and isinstance(v, str) else v
+                   for k, v in payload.items()}
     try:
         raw = json.dumps(payload, default=str, allow_nan=False)
         if len(raw) > MAX_PAYLOAD_CHARS:

@@ -580,6 +580,27 @@ def test_record_failure_is_idempotent(world):
     assert world.scalar(text("SELECT count(*) FROM failures WHERE payload ? 'truncated'")) == 1
 
 
+def test_a_failure_keeps_its_photos_address_but_not_the_credentials_in_it(world):
+    """Support reads `failures` for as long as it keeps the rows: a presigned URL's signature or a password
+    kept there would let anyone who reads the table fetch the photo."""
+    signed = ("https://photos.example/alice/p5.jpg?X-Amz-Credential=AKIA%2F20261207&X-Amz-Expires=3600"
+              "&X-Amz-Signature=0f9e8d7c6b5a")
+    event = uploaded("p5", event="signed-fetch").model_copy(update={
+        "uri": signed, "preview_uri": "https://bob:hunter2@previews.example/alice/p5.jpg"})
+    writer.write_outcomes(world, "v1", [PhotoOutcome(event=event, status=PhotoStatus.FAILED,
+                                                     failure=Failure(Stage.FETCH, "HTTP 403"))])
+    malformed = {"event_id": "bad-signed", "user_id": "alice", "photo_id": "p6", "uri": signed, "uploaded_at": "?"}
+    writer.record_failure(world, payload=malformed, task="landmarks.photo_uploaded", stage=Stage.VALIDATE, reason="r")
+    payloads = dict(world.execute(text("SELECT event_key, payload FROM failures")).all())
+    for key in ("signed-fetch", "bad-signed"):
+        assert payloads[key]["uri"] == ("https://photos.example/alice/p5.jpg?X-Amz-Credential=***&X-Amz-Expires=***"
+                                        "&X-Amz-Signature=***")
+        assert "0f9e8d7c6b5a" not in json.dumps(payloads[key]) and "AKIA" not in json.dumps(payloads[key])
+    assert payloads["signed-fetch"]["preview_uri"] == "https://***@previews.example/alice/p5.jpg"
+    assert payloads["signed-fetch"]["photo_id"] == "p5" and payloads["bad-signed"]["uploaded_at"] == "?"
+    assert world.scalar(text("SELECT uri FROM photos WHERE photo_id = 'p5'")) == signed  # what backfill fetches
+
+
 def _nested(depth: int) -> list:
     value: list = []
     for _ in range(depth - 1):
