@@ -84,6 +84,28 @@ def test_the_cpu_bound_charges_the_model_the_cpu_the_worker_spends_on_it():
     assert model_rate_for_bound({"model": two_threads}, 2) == 1000.0  # CUDA: the stage as measured
 
 
+def test_the_cpu_bound_charges_decode_the_cpu_its_decodes_take_not_the_thread_pools_idle_moments():
+    """The bench's decode threads pass the GIL and leave a core idle now and then; the worker's decode
+    processes do not: measured by the pool's rate alone, the bound would be too low."""
+    from shared.bench.run import decode_rate_for_bound
+    pool = {"decoder": "pillow", "img_s": 300.0, "cpu_ms_per_img": 6.0}
+    assert decode_rate_for_bound(pool, 2) == pytest.approx(333.3, abs=0.1)
+    assert decode_rate_for_bound({**pool, "cpu_ms_per_img": 8.0}, 2) == 300.0  # never below what was measured
+    assert decode_rate_for_bound({"decoder": "nvimgcodec", "img_s": 4000.0}, 2) == 4000.0  # GPU: as measured
+
+
+def test_the_decode_stage_times_the_cpu_of_its_decodes(tmp_path):
+    from shared.bench.stages import decode_stage
+    blobs = [path.read_bytes() for path in generated_images(tmp_path / "bench", "2mp", 2)] * 6
+    result = decode_stage(blobs, 96, workers=2)
+    assert result["failed"] == 0
+    started = time.thread_time()
+    for data in blobs:
+        decode_image(data, size=96, max_pixels=100_000_000)
+    alone_ms = (time.thread_time() - started) * 1e3 / len(blobs)
+    assert 0.5 * alone_ms < result["cpu_ms_per_img"] < 2 * alone_ms  # about what a decode costs on its own
+
+
 def test_the_cpu_of_a_run_is_put_down_to_the_worker_its_decoders_the_services_and_the_host():
     from shared.bench.host import cpu_by_role
     before = {10: ("python -m shared.cli worker", 5.0), 11: ("python -c forkserver", 1.0),
@@ -183,9 +205,13 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert result["e2e_img_s"] > 0 and result["bound_img_s"] > 0
     assert result["ratio"] == pytest.approx(result["e2e_img_s"] / result["bound_img_s"], rel=0.01)
     assert result["rss_mb_start"] > 0 and result["rss_mb_end"] > 0 and result["rss_mb_growth_pct"] >= 0
-    # Decode alone is measured on both sides of the end-to-end part; the bound uses their mean.
+    # Decode alone is measured on both sides of the end-to-end part; the bound uses their mean, each the
+    # better of the pool's rate and its decodes' CPU per image over the cores.
     assert result["stages"]["decode_img_s"] == pytest.approx(
         (result["decode_img_s_before"] + result["decode_img_s_after"]) / 2, abs=0.1)
+    for pool_img_s, cpu_ms, used in zip(result["decode_pool_img_s"], result["decode_cpu_ms_per_img"],
+                                        (result["decode_img_s_before"], result["decode_img_s_after"])):
+        assert used == pytest.approx(max(pool_img_s, result["host"]["cpus"] * 1000 / cpu_ms), abs=0.1)
     assert result["delf_style_ms"] > result["ours_ms"] > 0
     assert result["ours_model"] == "served resnet_small 96 px" and result["ours_ms"] == result["ours_served_ms"]
     # The bound charges the model the CPU the worker's own thread count spends, if that is the cheaper.
