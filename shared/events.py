@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import reprlib
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -47,10 +48,14 @@ def _no_nul(value: str | None) -> str | None:
     return value
 
 
+# One search instead of a Python step per character: every event's ids pass here (2 of the 5 µs it takes to read one).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def id_problem(value: str) -> str | None:
     """Why ``value`` cannot be a user or photo id, None if it can. Both are path segments of the album API's
     URLs: a control character makes the photo's links unroutable, and browsers drop a "." or ".." segment."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL_CHARACTER.search(value):
         return "must not contain control characters"
     if value in (".", ".."):
         return f"cannot be {value!r} (browsers drop such a path segment)"
