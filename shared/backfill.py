@@ -40,8 +40,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import and_, cast, column, exists, func, or_, select, table, tuple_, update
+from sqlalchemy.dialects.postgresql import OID, insert
 from sqlalchemy.engine import Engine
 
 from shared.db.models import BackfillJob, FailureRecord, ModelActivation, ModelVersion, Photo
@@ -64,6 +64,10 @@ JOB_LOCK_CLASS = "landmarks.backfill_jobs"
 # A done job's photos still unprocessed are counted up to this many: enough to tell a few stragglers from a
 # lost queue, without counting a huge table to the end to print one line.
 UNPROCESSED_COUNT_CAP = 10_000
+
+# The server's view of the locks held, as far as _held_by_a_run reads it.
+_PG_LOCKS = table("pg_locks", column("locktype"), column("classid"), column("objid"), column("objsubid"),
+                  column("granted"))
 
 Sender = Callable[[dict], None]
 BacklogReader = Callable[[str], int]
@@ -429,10 +433,33 @@ class _BacklogGuard:
         return paused
 
 
-def job_status(engine: Engine, name: str | None = None) -> list[dict[str, Any]]:
+def job_status(engine: Engine, name: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Backfill jobs, the latest started first, each with ``state``: ``done``; ``running`` while a run holds
+    it (job_lock); ``interrupted``, a job whose run stopped before the end (stopped by hand, a crash), which
+    the same `landmarks backfill` command resumes; or ``outdated``, one whose version is no longer active
+    (its photos were chosen for that version: a new backfill starts a job of its own)."""
     table = BackfillJob.__table__
-    query = select(table).order_by(table.c.created_at.desc())
+    versions = ModelVersion.__table__
+    active = select(versions.c.version).where(versions.c.is_active).scalar_subquery()
+    query = select(table, _held_by_a_run(table.c.name).label("held"),
+                   (table.c.model_version == active).label("for_active")).order_by(table.c.created_at.desc())
     if name:
         query = query.where(table.c.name == name)
+    if limit is not None:
+        query = query.limit(limit)
     with transaction(engine) as session:
-        return [dict(r) for r in session.execute(query).mappings()]
+        rows = [dict(r) for r in session.execute(query).mappings()]
+    for row in rows:
+        held, for_active = row.pop("held"), row.pop("for_active")
+        row["state"] = ("done" if row["status"] == "done" else "running" if held
+                        else "interrupted" if for_active else "outdated")
+    return rows
+
+
+def _held_by_a_run(name):
+    """Whether a session holds job_lock's advisory lock on the job ``name``: its two keys are in pg_locks as
+    classid and objid (oid, the int4 keys' bits read unsigned)."""
+    locks = _PG_LOCKS.c
+    return exists().where(locks.locktype == "advisory", locks.granted, locks.objsubid == 2,
+                          locks.classid == cast(func.hashtext(JOB_LOCK_CLASS), OID),
+                          locks.objid == cast(func.hashtext(name), OID))

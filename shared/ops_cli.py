@@ -196,6 +196,24 @@ def register(cli: typer.Typer) -> None:
             typer.echo(_job_already_done(result, backlog), err=True)
         _emit(result.as_dict(), as_json)
 
+    @cli.command("backfill-jobs")
+    def backfill_jobs(
+        name: Annotated[Optional[str], typer.Option(help="only this job")] = None,
+        limit: Annotated[int, typer.Option(min=1, help="the latest jobs to show")] = 20,
+        as_json: JsonFlag = False,
+    ) -> None:
+        """Backfill jobs, the latest first: scope, version, progress, and whether each is done, running now,
+        interrupted (the same `landmarks backfill` command resumes it) or outdated (another version is active)."""
+        from shared.backfill import job_status
+        jobs = job_status(_engine(), name, limit)
+        if as_json:
+            _emit({"jobs": jobs}, as_json)
+            return
+        if not jobs:
+            typer.echo("no backfill job" + (f" named {name}" if name else " yet"))
+        for job in jobs:
+            typer.echo(_job_line(job))
+
     @cli.command()
     def health(
         worker: Annotated[bool, typer.Option("--worker", help="ask the local worker's /readyz instead")] = False,
@@ -248,6 +266,16 @@ def register(cli: typer.Typer) -> None:
 
         deleted, batches = prune_events(engine, cutoff, batch, progress)
         _emit({"ok": True, "dry_run": False, "cutoff": cutoff, "deleted": deleted, "batches": batches}, as_json)
+
+
+def _job_line(job: dict) -> str:
+    """One backfill job as `landmarks backfill-jobs` prints it."""
+    scope = ", ".join(key if value is True else f"{key} {value}" for key, value in (job["scope"] or {}).items())
+    total = f"{job['total']:,}" if job["total"] is not None else "?"
+    when = (f"finished {job['finished_at']:%Y-%m-%d %H:%M:%S %Z}" if job["finished_at"]
+            else f"last progress {job['updated_at']:%Y-%m-%d %H:%M:%S %Z}")
+    return (f"{job['name']}: {job['state']}, {job['enqueued']:,} of {total} photos enqueued for "
+            f"{job['model_version']} ({scope or 'no scope'}); {when}")
 
 
 def _job_already_done(result, backlog) -> str:

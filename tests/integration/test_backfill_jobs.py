@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from shared.backfill import ACTIVATION_CHECK_EVERY, BackfillRefused, Scope, job_status, run_backfill
+from shared.backfill import ACTIVATION_CHECK_EVERY, BackfillRefused, Scope, job_lock, job_status, run_backfill
 from shared.db.session import make_engine, transaction
 from shared.db.writer import (
     activate_model_version,
@@ -336,6 +336,37 @@ def test_a_resumed_run_counts_the_jobs_events_and_a_finished_run_says_when(versi
     assert progress == [(4, 5), (5, 5)]  # the job's events, this run's two included
     assert resumed.status == "done" and resumed.finished_at == job_status(engine, resumed.name)[0]["finished_at"]
     assert resumed.finished_at is not None
+
+
+def test_backfill_jobs_says_which_job_is_done_running_now_or_interrupted(versions, engine, database_url, broker_url,
+                                                                         tmp_path):
+    """An operator finds a job a pod left half-done (the same `landmarks backfill` command resumes it) and
+    tells it from one another run is sending right now, and from one a promote left behind, without SQL."""
+    user = _user("bjl")
+    _library(engine, versions["V1"], user, 3)
+    _activate(engine, versions["V2"])
+    done = run_backfill(engine, lambda e: None, Scope(user=user), name=f"{user}_done")
+    stopped = run_backfill(engine, lambda e: None, Scope(user=user), name=f"{user}_stopped", limit=1)
+    env = _cli_env(database_url, broker_url, tmp_path)
+
+    def states() -> dict[str, str]:
+        code, listed, _ = _cli(env, "backfill-jobs", "--limit", "100")
+        assert code == 0
+        return {job["name"]: job["state"] for job in listed["jobs"] if job["name"].startswith(user)}
+
+    assert states() == {done.name: "done", stopped.name: "interrupted"}
+    with job_lock(engine, stopped.name):  # a run in another process holds it
+        assert states() == {done.name: "done", stopped.name: "running"}
+    shown = subprocess.run([sys.executable, "-m", "shared.ops_cli", "backfill-jobs", "--name", stopped.name], env=env,
+                           capture_output=True, text=True, timeout=180)
+    assert shown.returncode == 0
+    assert shown.stdout.startswith(f"{stopped.name}: interrupted, 1 of 3 photos enqueued for {versions['V2']} "
+                                   f"(user {user}); last progress ")
+    _activate(engine, versions["V3"])  # its photos were chosen for V2
+    assert states() == {done.name: "done", stopped.name: "outdated"}
+    nothing = subprocess.run([sys.executable, "-m", "shared.ops_cli", "backfill-jobs", "--name", "no-such-job"],
+                             env=env, capture_output=True, text=True, timeout=180)
+    assert (nothing.returncode, nothing.stdout.strip()) == (0, "no backfill job named no-such-job")
 
 
 def test_backfill_refuses_rates_and_counts_that_make_no_sense_before_opening_a_job(versions, engine):
