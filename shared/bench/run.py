@@ -244,8 +244,8 @@ def model_rate_for_bound(stages: dict, cores: int) -> float:
 def decode_rate_for_bound(decode: dict, cores: int) -> float:
     """The decode stage's rate on the whole machine. With Pillow, the better of the thread pool's rate and
     the CPU time per image spread over every core: the pool's threads pass the GIL between decodes and leave
-    a core idle now and then (1.93 of 2 cores busy), which the worker's decode processes do not, so measured
-    by the pool's rate alone the bound would be too low and the ratio too high (by about 0.03)."""
+    a core idle now and then, which the worker's decode processes do not, so measured by the pool's rate
+    alone the bound would be too low and the ratio too high (by 0.04-0.06 in the twenty-fifth session)."""
     cpu_ms = decode.get("cpu_ms_per_img") if decode["decoder"] == "pillow" else None
     return max(decode["img_s"], cores * 1000.0 / cpu_ms) if cpu_ms else decode["img_s"]
 
