@@ -1050,7 +1050,8 @@ def test_ops_commands_do_not_clash_with_the_main_command():
 
     probe = typer.Typer()
     register(probe)
-    assert names(probe) == {"promote", "rollback", "compare", "versions", "backfill", "health", "prune-ledger"}
+    assert names(probe) == {"promote", "rollback", "compare", "versions", "backfill", "backfill-jobs", "health",
+                            "prune-ledger"}
     assert not names(probe) & names(app, skip_module="shared.ops_cli")
     assert [g.name for g in probe.registered_groups] == ["shadow"]
     assert [g.name for g in app.registered_groups].count("shadow") == 1 and "shadow" not in names(app)
