@@ -350,8 +350,7 @@ def job_lock(engine: Engine, name: str) -> Iterator[None]:
 
     A session-level advisory lock: the job row's FOR UPDATE would end with its transaction, long before the
     run; a crashed run's lock goes with its connection, so it never blocks the next one."""
-    key = (func.hashtext(JOB_LOCK_CLASS), func.hashtext(name))
-    with session_lock(engine, key, f"backfill job {name!r}") as held:
+    with session_lock(engine, _job_lock_key(name), f"backfill job {name!r}") as held:
         if not held:
             raise BackfillRefused(f"backfill job {name!r} is already running (another `landmarks backfill` holds "
                                   "it): let it finish, or stop it, before running it again")
@@ -456,10 +455,14 @@ def job_status(engine: Engine, name: str | None = None, limit: int | None = None
     return rows
 
 
+def _job_lock_key(name):
+    """The two int4 keys of job_lock's advisory lock on the job ``name`` (a string or a column)."""
+    return func.hashtext(JOB_LOCK_CLASS), func.hashtext(name)
+
+
 def _held_by_a_run(name):
     """Whether a session holds job_lock's advisory lock on the job ``name``: its two keys are in pg_locks as
     classid and objid (oid, the int4 keys' bits read unsigned)."""
-    locks = _PG_LOCKS.c
+    locks, (class_key, name_key) = _PG_LOCKS.c, _job_lock_key(name)
     return exists().where(locks.locktype == "advisory", locks.granted, locks.objsubid == 2,
-                          locks.classid == cast(func.hashtext(JOB_LOCK_CLASS), OID),
-                          locks.objid == cast(func.hashtext(name), OID))
+                          locks.classid == cast(class_key, OID), locks.objid == cast(name_key, OID))

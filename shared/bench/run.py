@@ -236,9 +236,7 @@ def model_rate_for_bound(stages: dict, cores: int) -> float:
     forward on one thread beside the decode processes, and one thread spends less CPU per image than two
     that wait for each other at every layer. Measured on fewer threads only, the bound would be too low and
     the ratio too high."""
-    whole_machine = stages["model"]["img_s"]
-    served_ms = stages.get("model_served", {}).get("cpu_ms_per_img")
-    return max(whole_machine, cores * 1000.0 / served_ms) if served_ms else whole_machine
+    return _better_of(stages["model"]["img_s"], stages.get("model_served", {}).get("cpu_ms_per_img"), cores)
 
 
 def decode_rate_for_bound(decode: dict, cores: int) -> float:
@@ -246,8 +244,12 @@ def decode_rate_for_bound(decode: dict, cores: int) -> float:
     the CPU time per image spread over every core: the pool's threads pass the GIL between decodes and leave
     a core idle now and then, which the worker's decode processes do not, so measured by the pool's rate
     alone the bound would be too low and the ratio too high (by 0.04-0.06 in the twenty-fifth session)."""
-    cpu_ms = decode.get("cpu_ms_per_img") if decode["decoder"] == "pillow" else None
-    return max(decode["img_s"], cores * 1000.0 / cpu_ms) if cpu_ms else decode["img_s"]
+    return _better_of(decode["img_s"], decode.get("cpu_ms_per_img") if decode["decoder"] == "pillow" else None, cores)
+
+
+def _better_of(measured_img_s: float, cpu_ms_per_img: float | None, cores: int) -> float:
+    """The rate measured, or every core spending ``cpu_ms_per_img`` on each image if that is faster."""
+    return max(measured_img_s, cores * 1000.0 / cpu_ms_per_img) if cpu_ms_per_img else measured_img_s
 
 
 def stage_cpu_share(e2e: dict, cores: int) -> float | None:
