@@ -89,7 +89,9 @@ class Photo(Base):
     __table_args__ = (
         CheckConstraint(_in("status", PHOTO_STATUSES), name="status"),
         CheckConstraint(_in("gps_source", GPS_SOURCES), name="gps_source"),
-        Index("ix_photos_uploaded_at", "uploaded_at"),  # `landmarks backfill --since DATE`
+        # `landmarks backfill --since DATE`: counts the photos uploaded since DATE, then pages through them
+        # in this order (backfill.Scope.keyset).
+        Index("ix_photos_upload_order", "uploaded_at", "user_id", "photo_id"),
         {"comment": "One row per user photo seen by the fleet; status 'deleted' is a tombstone."},
     )
 
@@ -239,6 +241,7 @@ class BackfillJob(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True, comment="Job name: the same command resumes the same job")
     scope: Mapped[dict[str, Any]] = mapped_column(JSONB, comment="Which photos: {user} | {since} | {all}")
     model_version: Mapped[str | None] = mapped_column(Text, comment="Active version when the job started")
+    cursor_uploaded_at: Mapped[datetime | None] = mapped_column(comment="Keyset cursor of a --since job: last enqueued photo's upload time")
     cursor_user_id: Mapped[str | None] = mapped_column(Text, comment="Keyset cursor: last enqueued photo's user")
     cursor_photo_id: Mapped[str | None] = mapped_column(Text, comment="Keyset cursor: last enqueued photo")
     enqueued: Mapped[int] = mapped_column(BigInteger, server_default=text("0"), comment="Events sent so far")

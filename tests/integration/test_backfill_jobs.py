@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -388,7 +388,78 @@ def test_backfill_refuses_rates_and_counts_that_make_no_sense_before_opening_a_j
     assert not [job for job in job_status(engine) if user in job["name"]]
 
 
-# --- 3. --failed after a storage outage -------------------------------------------------------------------
+# --- 3. --since pages through the window in upload order ---------------------------------------------------
+
+def _photos_uploaded(engine, user_prefix: str, n: int, first: datetime, step_s: int, users: int = 7) -> None:
+    """``n`` photos of ``users`` users, not yet processed by any version, uploaded ``step_s`` apart from
+    ``first`` on, stored out of upload order as a library imported later would be (one statement: the plan
+    test needs thousands)."""
+    with transaction(engine) as session:
+        session.execute(sa.text(
+            "INSERT INTO photos (user_id, photo_id, uri, uploaded_at, status, processed_at) "
+            "SELECT :prefix || (g % :users), 'p' || lpad(g::text, 6, '0'), 'file:///x/' || g || '.jpg', "
+            "       :first + make_interval(secs => ((g * 7919 % :n) * :step)::float8), 'no_landmark', now() "
+            "FROM generate_series(0, :n - 1) AS g"), {"prefix": user_prefix, "users": users, "n": n,
+                                                       "first": first, "step": step_s})
+        session.execute(sa.text("ANALYZE photos"))
+
+
+def _forget_photos(engine, user_prefix: str) -> None:
+    with transaction(engine) as session:
+        session.execute(sa.text("DELETE FROM photos WHERE user_id LIKE :p || '%'"), {"p": user_prefix})
+
+
+def test_a_since_job_resumed_many_times_sends_each_photo_of_its_window_once_in_upload_order(versions, engine):
+    """Photos sharing an upload time (a burst from one camera roll) are told apart by user and photo: a cursor
+    that fell among them neither skips nor repeats one."""
+    prefix = _user("bjs") + "_"
+    first = datetime(2090, 1, 1, tzinfo=UTC)
+    _photos_uploaded(engine, prefix, 40, first, step_s=0)  # all at the same instant ...
+    _photos_uploaded(engine, prefix + "late", 12, first.replace(year=2091), step_s=3600)  # ... then one an hour
+    try:
+        sent: list[dict] = []
+        scope = Scope(since=first)
+        while (run := run_backfill(engine, sent.append, scope, limit=7, chunk=5)).status == "running":
+            assert run.enqueued == 7
+        assert (run.status, run.enqueued_total, run.total) == ("done", 52, 52)
+        order = [(e["uploaded_at"], e["user_id"], e["photo_id"]) for e in sent]
+        assert order == sorted(order) and len(set(order)) == 52
+    finally:
+        _forget_photos(engine, prefix)
+
+
+def test_each_chunk_of_a_since_job_reads_its_photos_from_the_cursor_on(versions, engine):
+    """A chunk costs the same at the end of a large window as at its start: in (user, photo) order, or with
+    the planner's bitmap scan, every chunk read all of the window's photos after the cursor and sorted them,
+    so a job's cost grew with the square of its photos."""
+    prefix = _user("bjp") + "_"
+    first = datetime(2092, 1, 1, tzinfo=UTC)
+    _photos_uploaded(engine, prefix, 20_000, first, step_s=600, users=500)
+    chunk, read = 200, []
+
+    def explain_chunk_queries(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().startswith("SELECT photos.user_id") and "LIMIT" in statement:
+            cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters)
+            read.append(_rows_scanned(cursor.fetchone()[0][0]["Plan"]))
+
+    sa.event.listen(engine, "before_cursor_execute", explain_chunk_queries)
+    try:
+        since = first + timedelta(seconds=600 * 17_000)  # the last 3,000 photos
+        result = run_backfill(engine, lambda event: None, Scope(since=since), limit=10 * chunk, chunk=chunk)
+        assert result.enqueued == 10 * chunk
+        assert len(read) >= 10 and max(read) <= 2 * chunk, f"photos read by each chunk's query: {read}"
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", explain_chunk_queries)
+        _forget_photos(engine, prefix)
+
+
+def _rows_scanned(plan: dict) -> int:
+    """The rows a plan's scans of ``photos`` produced and filtered out."""
+    own = plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0) if plan.get("Relation Name") == "photos" else 0
+    return own + sum(_rows_scanned(child) for child in plan.get("Plans", []))
+
+
+# --- 4. --failed after a storage outage -------------------------------------------------------------------
 
 def test_failed_scope_finds_photos_whose_retry_failed_behind_an_old_verdict(versions, engine):
     v1, v2 = versions["V1"], versions["V2"]

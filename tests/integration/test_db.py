@@ -1054,7 +1054,7 @@ def test_a_backfill_since_a_date_finds_its_photos_by_upload_time(world):
     total = select(func.count()).select_from(photos).where(*scope.where("v1"))
     plan = "\n".join(world.scalars(text("EXPLAIN " + str(total.compile(
         dialect=world.bind.dialect, compile_kwargs={"literal_binds": True})))))
-    assert "ix_photos_uploaded_at" in plan, plan
+    assert "ix_photos_upload_order" in plan, plan
 
 
 def test_an_index_left_invalid_by_an_interrupted_upgrade_is_built_again(database_url, engine):
@@ -1063,22 +1063,48 @@ def test_an_index_left_invalid_by_an_interrupted_upgrade_is_built_again(database
     def index_state() -> tuple | None:
         with engine.connect() as conn:
             return conn.execute(text("SELECT indisvalid, indisunique FROM pg_index "
-                                     "WHERE indexrelid = to_regclass('ix_photos_uploaded_at')")).one_or_none()
+                                     "WHERE indexrelid = to_regclass('ix_photos_upload_order')")).one_or_none()
 
     try:
-        migrate.downgrade(database_url, "0007")
+        migrate.downgrade(database_url, "0008")
         with transaction(engine) as s:
             s.execute(text("INSERT INTO photos (user_id, photo_id, uploaded_at, status) "
                            "VALUES ('erin', 'e1', :t, 'pending'), ('erin', 'e2', :t, 'pending')"), {"t": T0})
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             with pytest.raises(Exception, match="could not create unique index"):
-                conn.execute(text("CREATE UNIQUE INDEX CONCURRENTLY ix_photos_uploaded_at ON photos (uploaded_at)"))
+                conn.execute(text("CREATE UNIQUE INDEX CONCURRENTLY ix_photos_upload_order ON photos (uploaded_at)"))
         assert index_state() == (False, True)
         migrate.upgrade(database_url, "head")
         assert index_state() == (True, False)
     finally:
         migrate.upgrade(database_url, "head")
         _truncate(engine)
+
+
+def test_an_interrupted_since_backfill_starts_its_window_over_after_the_upgrade_to_upload_order(database_url,
+                                                                                                engine):
+    """0009 pages --since jobs in upload order: a running one's (user, photo) cursor would point anywhere in
+    it, so it is forgotten (the job starts its window over, skipping photos processed since); the other
+    jobs keep theirs."""
+    jobs = {"since-running": ({"since": "2026-01-01T00:00:00+00:00"}, "running"),
+            "since-done": ({"since": "2026-01-01T00:00:00+00:00"}, "done"),
+            "user-running": ({"user": "erin"}, "running")}
+    try:
+        migrate.downgrade(database_url, "0008")
+        with transaction(engine) as s:
+            for name, (scope, status) in jobs.items():
+                s.execute(text("INSERT INTO backfill_jobs (name, scope, status, cursor_user_id, cursor_photo_id) "
+                               "VALUES (:n, CAST(:scope AS jsonb), :status, 'erin', 'e9')"),
+                          {"n": name, "scope": json.dumps(scope), "status": status})
+        migrate.upgrade(database_url, "head")
+        with transaction(engine) as s:
+            cursors = dict(s.execute(text("SELECT name, cursor_photo_id FROM backfill_jobs WHERE name = ANY(:n)"),
+                                     {"n": list(jobs)}).all())
+        assert cursors == {"since-running": None, "since-done": "e9", "user-running": "e9"}
+    finally:
+        migrate.upgrade(database_url, "head")
+        with transaction(engine) as s:
+            s.execute(text("DELETE FROM backfill_jobs WHERE name = ANY(:n)"), {"n": list(jobs)})
 
 
 def test_moving_a_landmark_to_another_city_waits_for_a_writer_instead_of_deadlocking(engine):
