@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import pytest
 
 from shared.errors import DecodeError
@@ -129,3 +130,20 @@ def test_a_real_heic_cut_short_is_refused_not_made_up(relative_path: str) -> Non
         # "not an image" where the file's index (meta) follows its data and was cut off with it
         with pytest.raises(DecodeError, match="truncated|not an image"):
             decode_image(data[: int(len(data) * share)], size=SIZE, max_pixels=MAX_PIXELS)
+
+
+def test_a_real_heic_decoded_from_its_thumbnail_shows_what_its_image_shows(monkeypatch) -> None:
+    # Phones embed a thumbnail (an iPhone's: 320x240, turned as the image is); at a 96 px input it stands in
+    # for the 12 MP image. Same picture, same orientation; the photo's size and GPS are still the image's.
+    from_thumbnails = 0
+    for relative_path in HEIF_FILES:
+        data = (REALDATA / relative_path).read_bytes()
+        quick = decode_image(data, size=96, max_pixels=MAX_PIXELS)
+        with monkeypatch.context() as patch:
+            patch.setattr(pillow_heif.options, "THUMBNAILS", False)  # read at open: the image itself is decoded
+            full = decode_image(data, size=96, max_pixels=MAX_PIXELS)
+        assert (quick.width, quick.height, quick.gps) == (full.width, full.height, full.gps), relative_path
+        difference = np.abs(quick.pixels.astype(int) - full.pixels).mean()
+        assert difference < 8, f"{relative_path}: mean difference {difference:.1f} of 255"
+        from_thumbnails += difference > 0
+    assert from_thumbnails >= 2
