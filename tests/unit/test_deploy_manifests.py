@@ -685,7 +685,7 @@ def _annotation_scrape_targets() -> dict[str, dict[str, str]]:
 
 def test_a_worker_whose_metrics_cannot_be_scraped_alerts_in_every_setup():
     """`up` of the workers' scrape job, whichever Prometheus scrapes them: the local fleet's, the operator's
-    PodMonitor (which puts the exporter in the same job: told apart by container) or the annotation job.
+    PodMonitor or the annotation job (both name it by the pod's component label, in any namespace).
     The exporter has its own alert (absent(landmarks_queue_backlog_up)): this one must not double it."""
     rules = [r for r in _alert_rules().values() if _selectors(r["expr"], "up")]
     assert len(rules) == 1, [r["alert"] for r in rules]
