@@ -113,6 +113,14 @@ def _scan_is_closed(data: bytes) -> bool:
     return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda")
 
 
+def one_thread_per_decode() -> None:
+    """For a pool that already runs a decode on every core (shared/loading.py): libheif would split each
+    HEIC's tiles over threads of its own (pillow_heif's DECODE_THREADS, 4), which under a full pool only take
+    turns on the cores. The real photos' decodes took about an eighth more CPU that way (BENCHMARKS.md,
+    twenty-sixth session)."""
+    pillow_heif.options.DECODE_THREADS = 1
+
+
 def decode_image(data: bytes, *, size: int, max_pixels: int) -> DecodedImage:
     img = _open(data, max_pixels)
     fmt = img.format or "unknown"

@@ -37,7 +37,7 @@ from shared import spill
 from shared.cpus import usable_cpus
 from shared.errors import PhotoError, Stage
 from shared.fetch import FETCHERS, fetch_bytes, register_fetcher, short_uri
-from shared.imaging import DecodedImage, EncodedJpeg, decode_image, probe_jpeg
+from shared.imaging import DecodedImage, EncodedJpeg, decode_image, one_thread_per_decode, probe_jpeg
 from shared.outcomes import Failure
 from shared.settings import Settings
 
@@ -105,6 +105,7 @@ def _init_process(settings: Settings, fetchers: dict, owner_pid: int, spill_dir:
     global _process_settings, _process_spill
     _process_settings = settings
     _process_spill = (spill_dir, owner_pid, _open_arena(arena))
+    one_thread_per_decode()
     for scheme, fetcher in fetchers.items():  # schemes plugged in by the worker's code (register_fetcher)
         register_fetcher(scheme, fetcher)
     threading.Thread(target=_exit_with, args=(owner_pid,), name="owner-watch", daemon=True).start()
@@ -268,6 +269,7 @@ class PhotoLoader:
         """A new pool, and a new arena for it: one that a killed process may have left blocks taken in is
         never reused."""
         if self.kind == "threads":
+            one_thread_per_decode()
             return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         if self._arena is not None:
             self._arena.close()

@@ -5,7 +5,9 @@ since DATE gives: each chunk of 500 either read all of the window's photos after
 (a bitmap scan of ``ix_photos_uploaded_at``) or walked the primary key past the photos outside the window.
 Either way a chunk's cost grew with the table, and a job's with its square: up to 31 ms a chunk at 2 M photos
 (a 7-day window), which at 200 M photos would be seconds a chunk and hours a job. In upload order a chunk
-takes 3-4 ms at 2 M photos, whatever the window (backfill._next_photos says why it turns bitmap scans off).
+takes 3-4 ms at 2 M photos, whatever the window (measured by hand on a generated database on the 2-core
+development machine, not by a repo command; tests/integration/test_backfill_jobs.py checks the photos each
+chunk reads). backfill._next_photos says why it turns bitmap scans off.
 
 * ``ix_photos_upload_order`` (uploaded_at, user_id, photo_id) replaces ``ix_photos_uploaded_at``: the count
   of the window still starts from the upload time, and a chunk is the next 500 entries from the cursor on.

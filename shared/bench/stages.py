@@ -30,7 +30,8 @@ def decode_stage(blobs: Sequence[bytes], size: int, *, workers: int | None = Non
     """Pillow draft-mode decode (shared.imaging, the worker's decoder) in a thread pool sized to the cores,
     and the CPU the decodes took (``cpu_ms_per_img``): the process's, every thread's, for libheif decodes a
     HEIC's tiles on threads of its own (a real iPhone photo: 80 ms on the calling thread, 490 ms in all)."""
-    from shared.imaging import decode_image
+    from shared.imaging import decode_image, one_thread_per_decode
+    one_thread_per_decode()  # as the worker's pool decodes
 
     def one(data: bytes) -> bool:
         try:

@@ -109,7 +109,6 @@ def test_the_decode_stage_times_the_cpu_of_its_decodes(tmp_path):
 def test_the_decode_stage_counts_the_cpu_of_the_threads_a_decoder_starts(tmp_path):
     # libheif decodes a tiled HEIC (a phone's: 512-px tiles) on threads of its own: charged only the calling
     # thread's CPU, the real photos' decode looked three times cheaper than it is, and their bound as much higher.
-    import shared.imaging  # noqa: F401 - registers the HEIF opener
     from shared.bench.stages import decode_stage
     buffer = io.BytesIO()
     Image.open(io.BytesIO(camera_jpeg(2400, 1800, seed=3))).save(buffer, "HEIF", quality=70, tile_size=512)
