@@ -22,8 +22,9 @@ from shared.bench.gallery import BenchModel, event_gps, make_bench_model
 from shared.bench.host import CpuAccount, host_info, whole_machine_threads
 from shared.bench.inputs import BenchInputs, bench_inputs, realdata_dir
 from shared.bench.services import bench_queues, private_milvus, scratch_database, service_urls
-from shared.bench.stages import (decode_stage, delf_vs_ours, device_model_figures, gpu_decode_stage, handover_stage,
-                                 model_stage, overlap_figures, search_stage, write_stage)
+from shared.bench.stages import (decode_cost_by_format, decode_stage, delf_vs_ours, device_model_figures,
+                                 gpu_decode_stage, handover_stage, model_stage, overlap_figures, search_stage,
+                                 write_stage)
 from shared.device_decode import DeviceJpegDecoder
 
 MILVUS_SAMPLE_S = 30.0  # milvus-lite's search, when the worker does not use it: measured for this long
@@ -63,6 +64,7 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     n, blobs = inputs.n, inputs.blobs
     gpu_decoder = worker_device_decoder(cfg)
     out: dict = {"decode": decode_alone(cfg, inputs, n, gpu_decoder, reporter)}
+    out["decode_by_format"] = decode_cost_by_format([path.read_bytes() for path in inputs.unique], cfg.input_size)
     out["handover"] = handover_stage(inputs.unique, inputs.file_root, cfg.input_size, batch=cfg.batch_size,
                                      photos=min(n, 512), reporter=reporter)
     embedder = Embedder(model.path, cfg.device, batch_size=cfg.batch_size)  # as the worker loads it
@@ -316,6 +318,7 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
             "decode_cpu_ms_per_img": [run["cpu_ms_per_img"] for run in decode_measured]}
            if "cpu_ms_per_img" in decode else {}),
         **({"decode_cpu_img_s": decode["cpu_img_s"]} if "cpu_img_s" in decode else {}),
+        "decode_cpu_ms_by_format": stages["decode_by_format"],
         "handover_cpu_ms_per_img": stages["handover"],
         **({"decode_device_share": decode["device_share"], "decode_split_rates": decode["split_rates"]}
            if "device_share" in decode else {}),

@@ -54,6 +54,24 @@ def decode_stage(blobs: Sequence[bytes], size: int, *, workers: int | None = Non
             "cpu_ms_per_img": round(cpu * 1e3 / len(blobs), 3)}
 
 
+def decode_cost_by_format(blobs: Sequence[bytes], size: int, max_pixels: int = 100_000_000) -> dict:
+    """Each distinct input decoded once, one after another, as the worker's pool decodes it: the CPU a photo
+    of each format costs, every thread's (``refused``: those the decoder turned down). Among real photos a
+    phone's HEIC costs many JPEGs."""
+    from shared.imaging import decode_image, one_thread_per_decode
+    one_thread_per_decode()
+    spent: dict[str, list[float]] = {}
+    for data in blobs:
+        start = time.process_time()
+        try:
+            kind = decode_image(data, size=size, max_pixels=max_pixels).format
+        except DecodeError:
+            kind = "refused"
+        spent.setdefault(kind, []).append(time.process_time() - start)
+    return {kind: {"images": len(cpu), "cpu_ms": round(sum(cpu) * 1e3 / len(cpu), 2)}
+            for kind, cpu in sorted(spent.items())}
+
+
 def gpu_decode_stage(decoder: DeviceJpegDecoder, paths: Sequence[Path], file_root: Path, size: int, *, batch: int,
                      reporter: Reporter | None = None) -> dict:
     """The worker's loading (shared/device_decode.load_split), alone: batches of ``batch`` photos, as many at

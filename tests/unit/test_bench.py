@@ -122,6 +122,16 @@ def test_the_decode_stage_counts_the_cpu_of_the_threads_a_decoder_starts(tmp_pat
     assert 0.5 * alone_ms < result["cpu_ms_per_img"] < 2 * alone_ms
 
 
+def test_the_cost_of_a_photo_is_told_by_format_and_refusals_are_counted_apart(tmp_path):
+    from shared.bench.stages import decode_cost_by_format
+    jpeg = camera_jpeg(640, 480, seed=4)
+    heic = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(heic, "HEIF", quality=70)
+    cost = decode_cost_by_format([jpeg, heic.getvalue(), jpeg, b"not a photo"], 96)
+    assert {kind: entry["images"] for kind, entry in cost.items()} == {"HEIF": 1, "JPEG": 2, "refused": 1}
+    assert cost["HEIF"]["cpu_ms"] > cost["JPEG"]["cpu_ms"] > 0  # a HEIC has no reduced-scale decode
+
+
 def test_the_cpu_of_a_run_is_put_down_to_the_worker_its_decoders_the_services_and_the_host():
     from shared.bench.host import cpu_by_role
     before = {10: ("python -m shared.cli worker", 5.0), 11: ("python -c forkserver", 1.0),
@@ -228,6 +238,10 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     for pool_img_s, cpu_ms, used in zip(result["decode_pool_img_s"], result["decode_cpu_ms_per_img"],
                                         (result["decode_img_s_before"], result["decode_img_s_after"])):
         assert used == pytest.approx(max(pool_img_s, result["host"]["cpus"] * 1000 / cpu_ms), abs=0.1)
+    # What a photo of each format costs to decode: the generated inputs are JPEGs, each decoded once.
+    assert set(result["decode_cpu_ms_by_format"]) == {"JPEG"}
+    assert result["decode_cpu_ms_by_format"]["JPEG"]["images"] == result["unique_inputs"]
+    assert result["decode_cpu_ms_by_format"]["JPEG"]["cpu_ms"] > 0
     assert result["delf_style_ms"] > result["ours_ms"] > 0
     assert result["ours_model"] == "served resnet_small 96 px" and result["ours_ms"] == result["ours_served_ms"]
     # The bound charges the model the CPU the worker's own thread count spends, if that is the cheaper.
