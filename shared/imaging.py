@@ -139,7 +139,8 @@ def decode_image(data: bytes, *, size: int, max_pixels: int) -> DecodedImage:
         elif fmt == "HEIF":
             # A phone's HEIC embeds a thumbnail (an iPhone's: 320x240): decoded instead of the 12 MP image
             # when it is a scaled copy (pillow_heif checks crop, rotation, colour profile) at least
-            # HEIF_THUMBNAIL_GAP times `size` on each side, 4-7 ms against 160-290 ms.
+            # HEIF_THUMBNAIL_GAP times `size` on each side: a few ms against about 300 (HEVC has no
+            # reduced-scale decode; `landmarks bench --size real` reports the cost by format).
             img.draft("RGB", (size * HEIF_THUMBNAIL_GAP, size * HEIF_THUMBNAIL_GAP))
         img.load()
         if orientation in _TRANSPOSE:
