@@ -16,6 +16,11 @@ from PIL import Image, UnidentifiedImageError
 from shared.errors import DecodeError
 from shared.events import GeoPoint
 
+try:
+    from PIL import AvifImagePlugin
+except ImportError:  # Pillow before 11.2 opens no AVIF of its own
+    AvifImagePlugin = None
+
 pillow_heif.register_heif_opener()
 # _open checks every photo against the worker's own limit (LANDMARKS_MAX_IMAGE_PIXELS); Pillow's fixed one
 # would refuse photos above 179 MP whatever the setting says, and warn on stderr above 89 MP.
@@ -115,10 +120,12 @@ def _scan_is_closed(data: bytes) -> bool:
 
 def one_thread_per_decode() -> None:
     """For a pool that already runs a decode on every core (shared/loading.py): libheif would split each
-    HEIC's tiles over threads of its own (pillow_heif's DECODE_THREADS, 4), which under a full pool only take
-    turns on the cores. The real photos' decodes took about an eighth more CPU that way (BENCHMARKS.md,
-    twenty-sixth session)."""
+    HEIC's tiles over threads of its own (pillow_heif's DECODE_THREADS, 4), and Pillow's AVIF decoder a photo
+    over one thread per core; under a full pool those threads only take turns on the cores. The real photos'
+    decodes took about an eighth more CPU that way (BENCHMARKS.md, twenty-sixth session)."""
     pillow_heif.options.DECODE_THREADS = 1
+    if AvifImagePlugin is not None:
+        AvifImagePlugin.DEFAULT_MAX_THREADS = 1
 
 
 def decode_image(data: bytes, *, size: int, max_pixels: int) -> DecodedImage:
