@@ -183,7 +183,7 @@ class PendingLoad:
             future.add_done_callback(lambda _: self._done.append(time.perf_counter()))
 
     def result(self) -> list[Loaded]:
-        out: list[Loaded] = []
+        parts: list[list[Loaded]] = []
         paths: list[str] = []
         try:
             if self._futures is None:
@@ -191,8 +191,9 @@ class PendingLoad:
             for future in self._futures[self._read:]:
                 shipped = future.result()
                 paths.append(spill.path_of(shipped))
-                out += spill.unship(shipped)
+                parts.append(spill.unship(shipped))
                 self._read += 1
+            out = _in_request_order(parts)
         except (BrokenProcessPool, spill.SpillLost) as exc:
             self.discard()
             if isinstance(exc, BrokenProcessPool):
@@ -220,6 +221,22 @@ def _observe_handovers(paths: list[str]) -> None:
     if paths:
         from shared.metrics import observe_handovers
         observe_handovers(paths)
+
+
+def _tasks(requests: Sequence[LoadRequest], per_task: int) -> list[list[LoadRequest]]:
+    """The batch dealt out to ``ceil(n / per_task)`` tasks like cards, one photo to each in turn: a run of
+    costly photos (one phone's burst of HEICs, 50-70 JPEGs' worth of CPU each) is shared by the processes
+    instead of going to one of them while the others wait for the batch's last task."""
+    count = math.ceil(len(requests) / per_task)
+    return [list(requests[k::count]) for k in range(count)]
+
+
+def _in_request_order(parts: list[list[Loaded]]) -> list[Loaded]:
+    """The results of _tasks' tasks, in the order of the requests they were dealt from."""
+    out: list[Loaded] = [None] * sum(len(part) for part in parts)  # type: ignore[list-item]
+    for k, part in enumerate(parts):
+        out[k::len(parts)] = part
+    return out
 
 
 def photos_per_task(requests: Sequence[LoadRequest], workers: int) -> int:
@@ -310,7 +327,7 @@ class PhotoLoader:
         else:
             chunk, load = photos_per_task(requests, self.workers), partial(_load_chunk_in_process, self._load)
         try:
-            futures = [pool.submit(load, list(requests[s:s + chunk])) for s in range(0, len(requests), chunk)]
+            futures = [pool.submit(load, task) for task in _tasks(requests, chunk)]
         except BrokenProcessPool:  # broken by an earlier batch: the result restarts it
             futures = None
         return PendingLoad(self, pool, requests, futures)

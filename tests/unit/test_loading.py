@@ -205,6 +205,28 @@ def _cores_busy_decoding(data: bytes) -> float:
     return (time.process_time() - cpu) / (time.perf_counter() - wall)
 
 
+def test_a_run_of_costly_photos_is_shared_by_the_processes(settings):
+    """A phone's burst of HEICs side by side in a batch (each 50-70 JPEGs' worth of CPU): dealt out one photo
+    to each task in turn, every process takes its share of them, instead of one process decoding the whole
+    burst while the others wait for the batch's last task. The results still come back in request order."""
+    loader = PhotoLoader(settings, kind="processes", workers=2, load=_which_process)
+    burst = [LoadRequest(f"file:///burst/{k}.heic", 64) for k in range(4)]
+    rest = [LoadRequest(f"file:///rest/{k}.jpg", 64) for k in range(4)]
+    try:
+        loader.load(burst[:2])  # both processes started
+        results = loader.load(burst + rest)
+    finally:
+        loader.close()
+    where = [result.image.reason.split() for result in results]
+    assert [uri for uri, _ in where] == [request.uri for request in burst + rest]
+    assert len({pid for _, pid in where[:4]}) == 2
+
+
+def _which_process(request: LoadRequest, settings: Settings) -> Loaded:
+    time.sleep(0.05)  # each task long enough for the other process to take the next one
+    return Loaded(Failure(Stage.DECODE, f"{request.uri} {os.getpid()}"))
+
+
 def _imported(module: str) -> bool:
     import sys
     return module in sys.modules
