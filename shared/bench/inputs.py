@@ -115,6 +115,7 @@ class BenchInputs:
     n: int
     blobs: list[bytes]  # n photos' bytes, in event order
     image_of_event: list[int]  # event i shows unique[image_of_event[i]]
+    unique_blobs: list[bytes]  # each distinct photo's bytes, in the order of `unique`
 
     @property
     def file_mb_mean(self) -> float:
@@ -140,4 +141,4 @@ def bench_inputs(cfg: BenchConfig, reporter: Reporter) -> BenchInputs | None:
         raise ValueError(f"unknown size {cfg.size!r}; choose 12mp, 2mp or real")
     blobs = [p.read_bytes() for p in unique]
     image_of_event = [i % len(unique) for i in range(n)]
-    return BenchInputs(unique, file_root, n, [blobs[i] for i in image_of_event], image_of_event)
+    return BenchInputs(unique, file_root, n, [blobs[i] for i in image_of_event], image_of_event, blobs)

@@ -64,7 +64,7 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     n, blobs = inputs.n, inputs.blobs
     gpu_decoder = worker_device_decoder(cfg)
     out: dict = {"decode": decode_alone(cfg, inputs, n, gpu_decoder, reporter)}
-    out["decode_by_format"] = decode_cost_by_format([path.read_bytes() for path in inputs.unique], cfg.input_size)
+    out["decode_by_format"] = decode_cost_by_format(inputs.unique_blobs, cfg.input_size)
     out["handover"] = handover_stage(inputs.unique, inputs.file_root, cfg.input_size, batch=cfg.batch_size,
                                      photos=min(n, 512), reporter=reporter)
     embedder = Embedder(model.path, cfg.device, batch_size=cfg.batch_size)  # as the worker loads it
