@@ -23,6 +23,26 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). oneDNN then runs a bf16 forward in
+    about half the CPU time of fp32 (BENCHMARKS.md, twenty-seventh session); without them it emulates bf16,
+    which is slower than fp32. torch's own checks, which are private: a torch without them reads as no."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """The forward's number format: ``auto`` is bf16 on CUDA and on a CPU that computes bf16 itself."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
+    return precision == "bf16"
+
+
 def batch_shapes(batch_size: int) -> tuple[int, ...]:
     """The batch sizes a CUDA model runs at when it serves batches of up to ``batch_size``: the powers of two
     to 32, every 32nd size above, and ``batch_size``. A batch that closes on the clock has any size below
@@ -56,16 +76,21 @@ class Embedder:
     """Loads its checkpoint on first use, so CUDA is initialised in the worker process only."""
 
     def __init__(self, checkpoint: Path, device: str = "auto", batch_size: int = 0,
-                 compile_model: bool = False) -> None:
+                 compile_model: bool = False, precision: str = "auto") -> None:
         """``batch_size``: the largest batch served, when known. On CUDA, the model then runs at the few
         sizes of ``batch_shapes``. ``compile_model``: the forward is compiled (torch.compile) for batches of
-        ``batch_size`` while loading, so that the compilation is done before the first batch arrives."""
+        ``batch_size`` while loading, so that the compilation is done before the first batch arrives.
+        ``precision``: one of PRECISIONS (uses_bf16; LANDMARKS_PRECISION in a worker)."""
         if compile_model and not batch_size:
             raise ValueError("compiling the model needs the batch size it serves")
         self.checkpoint = Path(checkpoint)
         self.requested_device = device
         self.batch_size = batch_size
         self.compile_model = compile_model
+        self.precision = precision
+        uses_bf16(precision, torch.device("cpu"))  # an unknown name fails here, not at the first batch
+        self.bf16 = False  # known once loaded
+        self._layout = torch.contiguous_format
         self._net: LandmarkNet | None = None
         self._meta: ModelMeta | None = None
         self.gallery: dict = {}  # the checkpoint's centroids and references (the worker's search replica)
@@ -78,8 +103,11 @@ class Embedder:
             self.device = pick_device(self.requested_device)
             net, meta, self.gallery = load_checkpoint(self.checkpoint)
             net = net.to(self.device).eval()
-            if self.device.type == "cuda":
+            self.bf16 = uses_bf16(self.precision, self.device)
+            if self.device.type == "cuda" or self.bf16:  # oneDNN's and cuDNN's bf16 kernels take NHWC
+                self._layout = torch.channels_last
                 net = net.to(memory_format=torch.channels_last)
+            if self.device.type == "cuda":
                 # cuDNN times its convolution algorithms for each input shape the first time it meets it and
                 # keeps the fastest (the anchors' 9,500 img/s were measured so): once per size of batch_shapes
                 # and thread (warm_up).
@@ -96,27 +124,25 @@ class Embedder:
                 # batch thread's own stream, which reads them next, is not ordered after it.
                 torch.cuda.synchronize(self.device)
             self._net, self._meta = net, meta
-            log.info("loaded model %s (%s, dim %d) on %s%s", meta.version, meta.backbone,
-                     meta.embedding_dim, self.device, ", compiled" if self.compile_model else "")
+            log.info("loaded model %s (%s, dim %d) on %s, %s%s", meta.version, meta.backbone, meta.embedding_dim,
+                     self.device, "bf16" if self.bf16 else "fp32", ", compiled" if self.compile_model else "")
 
     def _served(self, net: LandmarkNet) -> Forward:
         """The forward as batches meet it: net.embed as it is on the CPU (oneDNN times nothing per size); on
         CUDA, at the sizes of batch_shapes; compiled, at the one size compiled (a padded batch costs less than
         a recompile per size)."""
-        # One layout for every call (embed uses channels_last on CUDA): another would be compiled again.
-        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        # One layout for every call (embed's): another would be compiled again.
         if self.compile_model:
-            return padded(torch.compile(net.embed, dynamic=False), (self.batch_size,), layout)
+            return padded(torch.compile(net.embed, dynamic=False), (self.batch_size,), self._layout)
         if self.device.type == "cuda" and self.batch_size:
-            return padded(net.embed, batch_shapes(self.batch_size), layout)
+            return padded(net.embed, batch_shapes(self.batch_size), self._layout)
         return net.embed
 
     def _run_full_batch(self, input_size: int) -> float:
         """Seconds to run the forward once on a blank batch of the served size, on the calling thread."""
         start = time.perf_counter()
         blank = torch.zeros(self.batch_size, 3, input_size, input_size, device=self.device)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.device.type == "cuda"):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             self._forward(blank)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -155,9 +181,10 @@ class Embedder:
             if on_gpu:
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
             batch = batch.permute(0, 3, 1, 2).float()
-        batch = ((batch - self._mean) / self._std)
-        if on_gpu:
+        batch = (batch - self._mean) / self._std
+        if self._layout == torch.channels_last:
+            # Host pixels come NHWC (already channels_last once permuted); a device decoder's come NCHW.
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             embeddings = self._forward(batch)
         return embeddings.float().cpu().numpy()

@@ -64,7 +64,7 @@ def gallery_from_folders(model: Path, landmarks_dir: Path, csv_path: Path, negat
     """Per landmark folder: the first `n_references` photos are its references, all its photos feed
     its centroids; thresholds keep 99 % of the negatives out. Writes a new model version."""
     net, meta, _ = load_checkpoint(model)
-    embedder = Embedder(model, "cpu")
+    embedder = Embedder(model, "cpu", precision="fp32")  # the gallery in full precision, as `landmarks build` has it
     items = []
     for info in read_landmarks(csv_path):
         files = image_files(landmarks_dir / info.slug)

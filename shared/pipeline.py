@@ -127,7 +127,7 @@ class RecognitionPipeline:
         gc.unfreeze()  # the runtime being replaced, if any, becomes collectable again
         runtime = load_model_runtime(self.engine, version, self.settings.device, self.settings.model_path,
                                      role="active", batch_size=self.settings.batch_size,
-                                     compile_model=self.settings.torch_compile)
+                                     compile_model=self.settings.torch_compile, precision=self.settings.precision)
         # Milvus answers whether the alias moved (once per batch); the searching is done in process.
         runtime.replica = local_replica(version, runtime.embedder.gallery, self.index,
                                         self.settings.search_replica_max_centroids, str(runtime.embedder.device),

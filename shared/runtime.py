@@ -128,9 +128,10 @@ def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroi
 
 
 def load_model_runtime(engine: Engine, version: str, device: str, path_override: Path | None = None,
-                       role: str = "active", batch_size: int = 0, compile_model: bool = False) -> ModelRuntime:
+                       role: str = "active", batch_size: int = 0, compile_model: bool = False,
+                       precision: str = "auto") -> ModelRuntime:
     """The model of ``version`` (its registered checkpoint unless ``path_override``), loaded for batches of
-    up to ``batch_size``, compiled if asked (shared/embedder.py). Its gallery is checked against Milvus by
+    up to ``batch_size``, compiled if asked, at ``precision`` (shared/embedder.py). Its gallery is checked against Milvus by
     published_gallery (local_replica), which needs Milvus."""
     with transaction(engine) as session:
         row = session.get(ModelVersion, version)
@@ -141,7 +142,7 @@ def load_model_runtime(engine: Engine, version: str, device: str, path_override:
         # values calibration chose (shared/training/calibrate.py), so a score at a threshold is decided as there.
         thresholds = Thresholds(*(float(np.float32(t)) for t in (row.t_geo, row.t_global, row.t_ref)))
     path = path_override or Path(checkpoint)
-    embedder = Embedder(path, device, batch_size, compile_model)
+    embedder = Embedder(path, device, batch_size, compile_model, precision)
     try:
         embedder.load()
     except (OSError, ValueError, RuntimeError) as exc:

@@ -176,7 +176,7 @@ class ShadowRunner:
     def _load(self, version: str) -> bool:
         try:
             runtime = load_model_runtime(self.engine, version, self.settings.device, role="shadow",
-                                         batch_size=self.settings.batch_size)
+                                         batch_size=self.settings.batch_size, precision=self.settings.precision)
             # Another build under the candidate's name would judge the sample with weights nobody published.
             published_gallery(version, runtime.embedder.gallery, self.index, runtime.embedder.checkpoint)
             self._runtime = runtime

@@ -67,7 +67,12 @@ class BenchConfig:
 
     @property
     def precision(self) -> str:
-        return "bf16" if self.cuda else "fp32"
+        """The forward's number format as the worker serves it (LANDMARKS_PRECISION, shared/embedder.py)."""
+        import torch
+
+        from shared.embedder import uses_bf16
+        from shared.settings import get_settings
+        return "bf16" if uses_bf16(get_settings().precision, torch.device(self.device)) else "fp32"
 
 
 def _env_int(name: str) -> int | None:

@@ -62,7 +62,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_bf16_channels_last_on_cuda_gives_the_cpu_fp32_embeddings(checkpoint, pick_photos):
     pixels = pick_photos(16)
-    on_cpu = Embedder(checkpoint, "cpu").embed(pixels)
+    on_cpu = Embedder(checkpoint, "cpu", precision="fp32").embed(pixels)
     on_cuda = Embedder(checkpoint, "cuda").embed(pixels)
     assert on_cuda.dtype == np.float32 and on_cuda.shape == (16, 64)
     assert _cosines(on_cpu, on_cuda).min() > 0.995
