@@ -119,7 +119,7 @@ class BenchInputs:
 
     @property
     def file_mb_mean(self) -> float:
-        return round(statistics.mean(len(b) / 1e6 for b in self.blobs[:len(self.unique)]), 2)
+        return round(statistics.mean(len(b) / 1e6 for b in self.unique_blobs), 2)
 
 
 def bench_inputs(cfg: BenchConfig, reporter: Reporter) -> BenchInputs | None:

@@ -97,7 +97,7 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
         if gpu_decoder is not None:
             reporter.start("GPU decode and model together (6 s)")
             out["device_figures"]["concurrent"] = overlap_figures(
-                gpu_decoder, blobs[:len(inputs.unique)], model.path, cfg.device, cfg.batch_size)
+                gpu_decoder, inputs.unique_blobs, model.path, cfg.device, cfg.batch_size)
     del embedder, gpu_decoder, local
     gc.collect()
     if cfg.cuda:

@@ -116,6 +116,7 @@ def evaluate(world: Path, model: Path, index, *, progress=None) -> dict:
     metrics["closed_set_accuracy"] = closed_set(photos, index, meta.version)
     metrics["pixel_baseline_closed_set_accuracy"] = pixel_baseline(dataset)
     metrics["model_version"] = meta.version
+    metrics["precision"] = "bf16" if embedder.bf16 else "fp32"  # the forward's, as the workers serve it here
     metrics["thresholds"] = {"t_geo": meta.t_geo, "t_global": meta.t_global, "t_ref": meta.t_ref}
     return metrics
 

@@ -240,6 +240,21 @@ def test_evaluation_without_a_frequent_column_derives_rare_landmarks_from_traini
         (world / "world.json").unlink()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluation_runs_the_forward_at_the_workers_precision_and_says_so(built, monkeypatch, precision):
+    from shared.settings import get_settings
+    world, model = built
+    _, meta, gallery = load_checkpoint(model)
+    monkeypatch.setenv("LANDMARKS_PRECISION", precision)
+    get_settings.cache_clear()
+    try:
+        metrics = evaluate(world, model, LocalIndex(meta.version, *gallery_rows(gallery)))
+    finally:
+        monkeypatch.delenv("LANDMARKS_PRECISION")
+        get_settings.cache_clear()
+    assert metrics["precision"] == precision
+
+
 # --- unreadable inputs: checkpoints, photos, init weights, test photos in the report -------------------
 
 def test_a_truncated_stage_checkpoint_is_trained_afresh_with_a_warning(world, tmp_path, caplog):
