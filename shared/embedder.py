@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from shared.model import LandmarkNet, ModelMeta, load_checkpoint
+from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). oneDNN then runs a bf16 forward in
-    about half the CPU time of fp32 (BENCHMARKS.md, twenty-seventh session); without them it emulates bf16,
+    about 40 % less CPU time than fp32 (BENCHMARKS.md, twenty-seventh session); without them it emulates bf16,
     which is slower than fp32. torch's own checks, which are private: a torch without them reads as no."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
@@ -76,19 +77,19 @@ class Embedder:
     """Loads its checkpoint on first use, so CUDA is initialised in the worker process only."""
 
     def __init__(self, checkpoint: Path, device: str = "auto", batch_size: int = 0,
-                 compile_model: bool = False, precision: str = "auto") -> None:
+                 compile_model: bool = False, precision: str | None = None) -> None:
         """``batch_size``: the largest batch served, when known. On CUDA, the model then runs at the few
         sizes of ``batch_shapes``. ``compile_model``: the forward is compiled (torch.compile) for batches of
         ``batch_size`` while loading, so that the compilation is done before the first batch arrives.
-        ``precision``: one of PRECISIONS (uses_bf16; LANDMARKS_PRECISION in a worker)."""
+        ``precision``: one of PRECISIONS (uses_bf16); unset, LANDMARKS_PRECISION's, as the workers serve."""
         if compile_model and not batch_size:
             raise ValueError("compiling the model needs the batch size it serves")
         self.checkpoint = Path(checkpoint)
         self.requested_device = device
         self.batch_size = batch_size
         self.compile_model = compile_model
-        self.precision = precision
-        uses_bf16(precision, torch.device("cpu"))  # an unknown name fails here, not at the first batch
+        self.precision = precision or get_settings().precision
+        uses_bf16(self.precision, torch.device("cpu"))  # an unknown name fails here, not at the first batch
         self.bf16 = False  # known once loaded
         self._layout = torch.contiguous_format
         self._net: LandmarkNet | None = None

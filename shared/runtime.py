@@ -129,7 +129,7 @@ def local_replica(version: str, gallery: dict, index: LandmarkIndex, max_centroi
 
 def load_model_runtime(engine: Engine, version: str, device: str, path_override: Path | None = None,
                        role: str = "active", batch_size: int = 0, compile_model: bool = False,
-                       precision: str = "auto") -> ModelRuntime:
+                       precision: str | None = None) -> ModelRuntime:
     """The model of ``version`` (its registered checkpoint unless ``path_override``), loaded for batches of
     up to ``batch_size``, compiled if asked, at ``precision`` (shared/embedder.py). Its gallery is checked against Milvus by
     published_gallery (local_replica), which needs Milvus."""

@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     # CPU it needs a C compiler.
     torch_compile: bool = False
     # The forward's number format (shared/embedder.py): "auto" is bf16 on CUDA and on a CPU with bf16 in
-    # hardware (AVX512-BF16 or AMX: about half the CPU time of fp32 per photo), fp32 on other CPUs, which
-    # emulate bf16 more slowly than fp32 runs. On the small world's test, bf16 changed no decision (BENCHMARKS.md).
+    # hardware (AVX512-BF16 or AMX: about 40 % less CPU per photo), fp32 on other CPUs, which emulate bf16
+    # more slowly than fp32 runs. On the small world's test, bf16 changed no decision (BENCHMARKS.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     # Batching: a batch closes at `batch_size` events, or once its first event has waited `max_wait_ms`

@@ -21,6 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 # after the session. Set before any test module is imported, so that cached settings see it too.
 FALLBACK_HOME = Path(tempfile.mkdtemp(prefix="landmarks-tests-home-"))
 os.environ["LANDMARKS_HOME"] = str(FALLBACK_HOME)
+# The tests' models tag a photo only at similarity 0.999 to its own gallery entry, built one photo at a time.
+# bf16's rounding depends on the CPU (AVX512-BF16, AMX, or emulated) and on the batch, so LANDMARKS_PRECISION
+# =auto would make a test's outcome depend on the machine: every test runs the forward in fp32 unless it asks
+# for bf16 itself (tests/unit/test_embedder_precision.py and the tests that name a precision).
+os.environ["LANDMARKS_PRECISION"] = "fp32"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -67,8 +67,7 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     out["decode_by_format"] = decode_cost_by_format(inputs.unique_blobs, cfg.input_size)
     out["handover"] = handover_stage(inputs.unique, inputs.file_root, cfg.input_size, batch=cfg.batch_size,
                                      photos=min(n, 512), reporter=reporter)
-    # As the worker loads it.
-    embedder = Embedder(model.path, cfg.device, batch_size=cfg.batch_size, precision=get_settings().precision)
+    embedder = Embedder(model.path, cfg.device, batch_size=cfg.batch_size)  # as the worker loads it
     embedder.load()
     # On CUDA, as many batches at once as the worker runs: their copies to the device overlap the forwards.
     in_flight = get_settings().batches_in_flight if cfg.cuda else 1
@@ -116,10 +115,9 @@ def comparison_stage(cfg: BenchConfig, model: BenchModel, reporter: Reporter) ->
     """The DELF comparison, run after the end-to-end part: its gigabytes of activations and its minute of
     work on every core slowed the worker that started right after it (the first tenth of the run)."""
     from shared.embedder import Embedder
-    from shared.settings import get_settings
     if not cfg.delf:
         return {"delf_style_ms": None, "ours_ms": None}
-    embedder = Embedder(model.path, cfg.device, precision=get_settings().precision)
+    embedder = Embedder(model.path, cfg.device)
     embedder.load()
     with whole_machine_threads():
         return delf_vs_ours(embedder, cfg.device, quick=cfg.quick, article_model=not cfg.quick, reporter=reporter)

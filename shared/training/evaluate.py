@@ -14,7 +14,6 @@ from shared.embedder import Embedder
 from shared.events import GeoPoint
 from shared.model import load_checkpoint
 from shared.recognition import Thresholds, recognise_batch
-from shared.settings import get_settings
 from shared.training.build import load_images
 from shared.training.dataset import frequent_landmarks, is_frequent, load_dataset
 
@@ -108,7 +107,7 @@ def evaluate(world: Path, model: Path, index, *, progress=None) -> dict:
     """`index` is a LandmarkIndex (Milvus, the workers' path) or a LocalIndex holding the model's version."""
     dataset = load_dataset(world)
     _, meta, _ = load_checkpoint(model)
-    embedder = Embedder(model, "cpu", precision=get_settings().precision)  # as the workers run it
+    embedder = Embedder(model, "cpu")  # at LANDMARKS_PRECISION, as the workers run it
     photos = embed_split(dataset.test, embedder, progress, frequent_landmarks(dataset))
     thresholds = Thresholds(meta.t_geo, meta.t_global, meta.t_ref)
     answers = decide(photos, index, meta.version, thresholds)
@@ -158,7 +157,7 @@ def decision_ablations(world: Path, model: Path, progress=None) -> dict[str, dic
     from shared.publish import gallery_rows
     dataset = load_dataset(world)
     _, meta, gallery = load_checkpoint(model)
-    embedder = Embedder(model, "cpu", precision=get_settings().precision)
+    embedder = Embedder(model, "cpu")
     frequent = frequent_landmarks(dataset)
     test = embed_split(dataset.test, embedder, progress, frequent)
     val = embed_split(dataset.val, embedder, progress, frequent)

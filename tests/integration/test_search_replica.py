@@ -40,8 +40,9 @@ def published(tmp_path_factory, engine, milvus_uri) -> dict:
     return {"photos": photos, "model": model, "version": version, "index": index}
 
 
-def _pipeline(engine, index, photos, max_centroids: int) -> RecognitionPipeline:
-    settings = Settings(file_roots=str(photos["root"]), search_replica_max_centroids=max_centroids)
+def _pipeline(engine, index, photos, max_centroids: int, precision: str = "fp32") -> RecognitionPipeline:
+    settings = Settings(file_roots=str(photos["root"]), search_replica_max_centroids=max_centroids,
+                        precision=precision)
     return RecognitionPipeline(settings, engine, index)
 
 
@@ -68,6 +69,22 @@ def test_the_worker_searches_in_process_with_the_same_tags_as_milvus(published, 
         remote.close()
     assert _tags(by_local.outcomes) == _tags(by_milvus.outcomes)
     assert sum(o.status == PhotoStatus.TAGGED for o in by_local.outcomes) == len(photos["firsts"])
+
+
+def test_a_worker_told_bf16_runs_its_forward_in_bf16_and_tags_as_in_fp32(published, engine):
+    """LANDMARKS_PRECISION reaches the worker's model (on a CPU without bf16 in hardware it is emulated):
+    the gallery, built in fp32, still finds each landmark's photo above the fixture's 0.999."""
+    index, photos = published["index"], published["photos"]
+    half, full = (_pipeline(engine, index, photos, 1000, precision) for precision in ("bf16", "fp32"))
+    try:
+        assert (half.runtime().embedder.bf16, full.runtime().embedder.bf16) == (True, False)
+        by_half = half.process(_uploads(photos, f"rb_{uuid.uuid4().hex[:6]}"))
+        by_full = full.process(_uploads(photos, f"rf_{uuid.uuid4().hex[:6]}"))
+    finally:
+        half.close()
+        full.close()
+    assert _tags(by_half.outcomes) == _tags(by_full.outcomes)
+    assert sum(o.status == PhotoStatus.TAGGED for o in by_half.outcomes) == len(photos["firsts"])
 
 
 def _tags(outcomes) -> list[list[str]]:
