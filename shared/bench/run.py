@@ -61,7 +61,7 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     from shared.publish import gallery_rows
     from shared.recognition import Thresholds
     from shared.settings import get_settings
-    n, blobs = inputs.n, inputs.blobs
+    n = inputs.n
     gpu_decoder = worker_device_decoder(cfg)
     out: dict = {"decode": decode_alone(cfg, inputs, n, gpu_decoder, reporter)}
     out["decode_by_format"] = decode_cost_by_format(inputs.unique_blobs, cfg.input_size)
