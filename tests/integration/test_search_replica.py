@@ -61,12 +61,7 @@ def test_the_worker_searches_in_process_with_the_same_tags_as_milvus(published, 
     remote = _pipeline(engine, index, photos, max_centroids=0)
     assert isinstance(local.runtime().replica, LocalIndex)
     assert remote.runtime().replica is None
-    try:
-        by_local = local.process(_uploads(photos, f"rl_{uuid.uuid4().hex[:6]}"))
-        by_milvus = remote.process(_uploads(photos, f"rm_{uuid.uuid4().hex[:6]}"))
-    finally:
-        local.close()
-        remote.close()
+    by_local, by_milvus = _through_both(local, remote, photos)
     assert _tags(by_local.outcomes) == _tags(by_milvus.outcomes)
     assert sum(o.status == PhotoStatus.TAGGED for o in by_local.outcomes) == len(photos["firsts"])
 
@@ -76,15 +71,20 @@ def test_a_worker_told_bf16_runs_its_forward_in_bf16_and_tags_as_in_fp32(publish
     the gallery, built in fp32, still finds each landmark's photo above the fixture's 0.999."""
     index, photos = published["index"], published["photos"]
     half, full = (_pipeline(engine, index, photos, 1000, precision) for precision in ("bf16", "fp32"))
-    try:
-        assert (half.runtime().embedder.bf16, full.runtime().embedder.bf16) == (True, False)
-        by_half = half.process(_uploads(photos, f"rb_{uuid.uuid4().hex[:6]}"))
-        by_full = full.process(_uploads(photos, f"rf_{uuid.uuid4().hex[:6]}"))
-    finally:
-        half.close()
-        full.close()
+    assert (half.runtime().embedder.bf16, full.runtime().embedder.bf16) == (True, False)
+    by_half, by_full = _through_both(half, full, photos)
     assert _tags(by_half.outcomes) == _tags(by_full.outcomes)
     assert sum(o.status == PhotoStatus.TAGGED for o in by_half.outcomes) == len(photos["firsts"])
+
+
+def _through_both(first: RecognitionPipeline, second: RecognitionPipeline, photos):
+    """The fixture's photos through each pipeline as a user of its own, then both closed: their reports."""
+    try:
+        return (first.process(_uploads(photos, f"r1_{uuid.uuid4().hex[:6]}")),
+                second.process(_uploads(photos, f"r2_{uuid.uuid4().hex[:6]}")))
+    finally:
+        first.close()
+        second.close()
 
 
 def _tags(outcomes) -> list[list[str]]:
