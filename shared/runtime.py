@@ -131,8 +131,8 @@ def load_model_runtime(engine: Engine, version: str, device: str, path_override:
                        role: str = "active", batch_size: int = 0, compile_model: bool = False,
                        precision: str | None = None) -> ModelRuntime:
     """The model of ``version`` (its registered checkpoint unless ``path_override``), loaded for batches of
-    up to ``batch_size``, compiled if asked, at ``precision`` (shared/embedder.py). Its gallery is checked against Milvus by
-    published_gallery (local_replica), which needs Milvus."""
+    up to ``batch_size``, compiled if asked, at ``precision`` (shared/embedder.py). Its gallery is checked
+    against Milvus by published_gallery (local_replica), which needs Milvus."""
     with transaction(engine) as session:
         row = session.get(ModelVersion, version)
         if row is None:
