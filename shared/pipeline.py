@@ -5,8 +5,9 @@ While a shadow version runs (shared/shadow.py), a sample of each batch's decoded
 through the candidate, after the live batch has committed.
 
 A worker calls `process` from several threads at once (LANDMARKS_BATCHES_IN_FLIGHT): the decode pool
-(shared/loading.py) is shared, and the model runs one batch at a time under `device_lock`, so batch i+1
-decodes while batch i is embedded, searched and written. On CUDA, with a device JPEG decoder, the batch's
+(shared/loading.py) is shared, and the batches take turns at the model (`forward_turns`: one at a time on a
+GPU, one per core a forward's threads leave free on a CPU), so batch i+1 decodes while batch i is embedded,
+searched and written. On CUDA, with a device JPEG decoder, the batch's
 JPEGs are decoded on the GPU (shared/device_decode.py), each batch thread on its own CUDA stream."""
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from shared.index import LandmarkIndex
 from shared.loading import LoadRequest, PhotoLoader
 from shared.outcomes import Failure, GpsSource, PhotoOutcome, PhotoStatus
 from shared.recognition import recognise_batch
-from shared.runtime import ModelRuntime, StageClock, load_model_runtime, local_replica
+from shared.runtime import ForwardTurns, ModelRuntime, StageClock, load_model_runtime, local_replica
 from shared.settings import Settings
 from shared.shadow import ShadowPlan, ShadowReport, ShadowRunner
 
@@ -74,14 +75,13 @@ class RecognitionPipeline:
         self._runtime: ModelRuntime | None = None
         self.load_error: str | None = None  # why the active version could not be loaded, until it is
         self._runtime_lock = threading.Lock()
-        # One forward pass at a time: two would split the cores (or the GPU) and gain nothing.
-        self.device_lock = threading.Lock()
+        self.forward_turns = ForwardTurns()
         self.loader = PhotoLoader(settings)
         # JPEGs decoded on the GPU when a decoder loads there (found with the first model version), a share
         # of each batch's photos while the pool decodes the others.
         self.device_decoder: DeviceJpegDecoder | None = None
         self.decode_split = DecodeSplit(settings.device_decode_share)
-        self.shadow = ShadowRunner(settings, engine, index, device_lock=self.device_lock)
+        self.shadow = ShadowRunner(settings, engine, index, forward_turns=self.forward_turns)
 
     @property
     def loaded_version(self) -> str | None:
@@ -201,7 +201,7 @@ class RecognitionPipeline:
                     for i, (event, item) in enumerate(zip(events, loaded))]
         if ok:
             pixels = stack_pixels([loaded[i].pixels for i in ok], runtime.embedder.device)
-            with self.device_lock:
+            with self.forward_turns.turn(runtime.embedder.device):
                 clock.lap("wait_model")
                 embeddings = runtime.embedder.embed(pixels)
             clock.lap("embed")

@@ -7,12 +7,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from sqlalchemy.engine import Engine
 
 from shared.cpus import usable_cpus
@@ -56,6 +58,41 @@ def configure_threads(torch_threads: int, blas_threads: int) -> dict[str, int]:
     if blas_threads:
         threadpool_limits(limits=blas_threads, user_api="blas")
     return {"torch_intra_op": intra, "torch_inter_op": torch.get_num_interop_threads(), "blas": blas_threads}
+
+
+def concurrent_forwards(device_type: str, torch_threads: int, cores: int | None = None) -> int:
+    """How many batches may run their forward pass at once. On a GPU one: a batch's decode and host copies
+    overlap another's forward on streams of their own, and two forwards would only split the device. On a
+    CPU, as many as the usable cores hold at ``torch_threads`` intra-op threads each: a forward on one thread
+    runs in its batch's own thread, so on 2 cores two batches' forwards take both cores when the model is
+    the heavy stage (WRN-50-2 at 224 px: BENCHMARKS.md, twenty-eighth session), and leave them to the decode
+    pool when it is not."""
+    if device_type != "cpu":
+        return 1
+    return max(1, (cores or usable_cpus()) // max(1, torch_threads))
+
+
+class ForwardTurns:
+    """The batches' turns at the model, the live version's and the shadow's alike: at most
+    concurrent_forwards() forwards at once, sized at the first turn, once the model's device is known."""
+
+    def __init__(self) -> None:
+        self._gate: threading.BoundedSemaphore | None = None
+        self._sizing = threading.Lock()
+        self.slots = 0  # 0 until the first turn
+
+    @contextmanager
+    def turn(self, device: torch.device) -> Iterator[None]:
+        with self._gate or self._size(device):
+            yield
+
+    def _size(self, device: torch.device) -> threading.BoundedSemaphore:
+        with self._sizing:
+            if self._gate is None:
+                self.slots = concurrent_forwards(device.type, torch.get_num_threads())
+                self._gate = threading.BoundedSemaphore(self.slots)
+                log.info("up to %d forward passes at once on %s", self.slots, device)
+            return self._gate
 
 
 def on_every_thread(executor: ThreadPoolExecutor, threads: int, fn: Callable[[], object],

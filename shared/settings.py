@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     # every event it holds back (a fetch tried again later, a batch handed back) due within half of it.
     visibility_timeout_s: int = Field(3600, ge=10)
     # Batches one worker works on at once (a thread each): with 2, the next batch is fetched and decoded
-    # while this one is in the model, searched and written (the model runs one batch at a time). Safe
+    # while this one is in the model, searched and written (a GPU runs one batch's forward at a time, a CPU as
+    # many as its cores hold: shared/runtime.py concurrent_forwards). Safe
     # because workers/broker.py takes a message and records it as unacknowledged in one step.
     batches_in_flight: int = Field(2, ge=1, le=8)
     # Worker processes `landmarks worker` runs on its device, under one supervisor (workers/supervisor.py):

@@ -25,7 +25,7 @@ from shared.events import GeoPoint, PhotoUploaded
 from shared.index import LandmarkIndex
 from shared.outcomes import PhotoOutcome, PhotoStatus
 from shared.recognition import recognise_batch
-from shared.runtime import ModelRuntime, StageClock, load_model_runtime, published_gallery
+from shared.runtime import ForwardTurns, ModelRuntime, StageClock, load_model_runtime, published_gallery
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class ShadowRunner:
 
     def __init__(self, settings: Settings, engine: Engine, index: LandmarkIndex,
                  refresh_s: float = SHADOW_REFRESH_S, retry_s: float = SHADOW_RETRY_S,
-                 device_lock: threading.Lock | None = None) -> None:
+                 forward_turns: ForwardTurns | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.index = index
@@ -81,7 +81,7 @@ class ShadowRunner:
         # Batches run in several threads: one of them at a time reads, loads or runs the shadow, and its
         # forward pass takes turns with the live model's.
         self._lock = threading.RLock()
-        self._device_lock = device_lock or threading.Lock()
+        self._forward_turns = forward_turns or ForwardTurns()
 
     @property
     def loaded_version(self) -> str | None:
@@ -145,7 +145,7 @@ class ShadowRunner:
         photos = {"skipped": len(events) - len(usable)} if len(usable) < len(events) else {}
         if not usable:
             return photos
-        with self._device_lock:
+        with self._forward_turns.turn(runtime.embedder.device):
             embeddings = runtime.embedder.embed(np.stack([images[k] for k in usable]))
         clock.lap("embed")
         tags = recognise_batch(embeddings, [gps[k] for k in usable], self.index, plan.version, runtime.thresholds,

@@ -126,6 +126,18 @@ def milvus_uri(tmp_path_factory) -> str:
     db.close()
 
 
+@pytest.fixture
+def one_torch_thread_on_two_cores(monkeypatch):
+    """A 2-core worker's defaults (shared/runtime.py): one intra-op thread, so two batches' forward passes
+    may run at once."""
+    import torch
+    monkeypatch.setattr("shared.runtime.usable_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """The fault suite's rows (fault, events sent, tagged, failures, lost, duplicated) after the run."""
     import sys

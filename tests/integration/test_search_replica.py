@@ -4,6 +4,7 @@ searching Milvus. A checkpoint whose gallery is not the one Milvus publishes is 
 from __future__ import annotations
 
 import gc
+import threading
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -91,14 +92,35 @@ def _tags(outcomes) -> list[list[str]]:
     return [[t.landmark_id for t in o.tags] for o in outcomes]
 
 
+class _MeetInTheModel:
+    """An embedder's embed whose first two calls wait inside it for each other, which they can only do if
+    two batches' forward passes run at once (else the batch raises threading.BrokenBarrierError)."""
+
+    def __init__(self, embed, timeout_s: float = 30.0) -> None:
+        self._embed, self._calls, self._count = embed, 0, threading.Lock()
+        self._both_in = threading.Barrier(2, timeout=timeout_s)
+
+    def __call__(self, pixels):
+        with self._count:
+            self._calls += 1
+            first_two = self._calls <= 2
+        if first_two:
+            self._both_in.wait()
+        return self._embed(pixels)
+
+
 @pytest.mark.parametrize("decode_pool", ["processes", "threads"])
-def test_batches_processed_in_two_threads_at_once_tag_as_one_after_another(published, engine, decode_pool):
-    """A worker runs LANDMARKS_BATCHES_IN_FLIGHT batches at once on one pipeline (shared decode pool,
-    one forward pass at a time): the tags and the rows written are those of running them in turn."""
+def test_batches_processed_in_two_threads_at_once_tag_as_one_after_another(published, engine, decode_pool,
+                                                                           one_torch_thread_on_two_cores):
+    """A worker runs LANDMARKS_BATCHES_IN_FLIGHT batches at once on one pipeline (shared decode pool; on 2
+    cores, with one torch thread, two forward passes at once): the tags and the rows written are those of
+    running them in turn."""
     photos = published["photos"]
     settings = Settings(file_roots=str(photos["root"]), decode_pool=decode_pool, decode_workers=2)
     pipeline = RecognitionPipeline(settings, engine, published["index"])
     try:
+        embedder = pipeline.runtime().embedder
+        embedder.embed = _MeetInTheModel(embedder.embed)
         uploads = _uploads(photos, f"rc_{uuid.uuid4().hex[:6]}")
         batches = [uploads[i::4] for i in range(4)]
         with ThreadPoolExecutor(2) as threads:
@@ -110,6 +132,7 @@ def test_batches_processed_in_two_threads_at_once_tag_as_one_after_another(publi
             serial.close()
     finally:
         pipeline.close()
+    assert pipeline.forward_turns.slots == 2
     assert [_tags(r.outcomes) for r in reports[:4]] == [_tags(r.outcomes) for r in expected]
     # Each batch was delivered twice, perhaps at the same time: its rows were written once.
     assert [reports[i].applied + reports[i + 4].applied for i in range(4)] == [len(b) for b in batches]

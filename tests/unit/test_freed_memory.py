@@ -11,22 +11,24 @@ import textwrap
 
 import pytest
 
-# Batches forwarded on two long-lived threads, one forward at a time, as the worker's batch threads run them
-# (shared/pipeline.py's device_lock); the page faults of each batch after the warm-up ones are printed. The
-# settings apply first thing, as `landmarks worker` applies them.
+# Batches forwarded on two long-lived threads taking their turns at the model as the worker's batch threads
+# do (shared/runtime.py ForwardTurns: on 2 cores with one torch thread, two forwards at once); the page faults
+# of each batch after the warm-up ones are printed. The settings apply first thing, as `landmarks worker`
+# applies them.
 SCRIPT = textwrap.dedent("""
-    import json, resource, sys, threading
+    import json, resource, sys
     from concurrent.futures import ThreadPoolExecutor
     from shared.allocator import keep_freed_memory, malloc_arenas
     kept = keep_freed_memory() if sys.argv[1] == "keep" else None
     import torch
     from shared.model import LandmarkNet
+    from shared.runtime import ForwardTurns
     torch.set_num_threads(1)
     net = LandmarkNet("resnet_small", 128, 0).eval()
-    batch, device_lock, faults = torch.rand(64, 3, 96, 96), threading.Lock(), []
+    batch, turns, faults = torch.rand(64, 3, 96, 96), ForwardTurns(), []
 
     def forward(counted):
-        with device_lock:
+        with turns.turn(torch.device("cpu")):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             net.embed(batch)
             if counted:
