@@ -9,32 +9,33 @@ from __future__ import annotations
 import ctypes
 
 # glibc's mallopt(3) parameters, and what they are set to (keep_freed_memory).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest on 64-bit machines
-TRIM_THRESHOLD_BYTES = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+NO_MAPPINGS = 0  # M_MMAP_MAX: no allocation gets a mapping of its own; all come from the heap
+NEVER_TRIM = -1  # M_TRIM_THRESHOLD: the heap never hands its free top back to the kernel
 
 
 def keep_freed_memory() -> bool:
     """Has glibc keep the memory a forward pass frees for the next one, instead of handing it back to the
     kernel and faulting it in again, page by page, at the next batch.
 
-    A CPU forward allocates its activations afresh at every layer (tens of MB at batch 64), and with glibc's
-    defaults each came from a new mmap and went back with munmap: about 80 page faults per photo, a sixth of
-    the forward's CPU (BENCHMARKS.md, twenty-third session). Allocations up to MMAP_THRESHOLD_BYTES now come
-    from the heap, and up to TRIM_THRESHOLD_BYTES of free space at its top is kept: the process stays at its
-    busiest batch's size, which the pod's memory request covers anyway. No thread gets an arena of its own
-    from now on: one is made of 64 MB heaps that glibc unmaps whenever one empties, whatever the trim
-    threshold, and a batch thread handed one kept faulting its activations in again. Arenas made before the
-    call stay in use and are handed out in turn to new threads, so call it before any other thread allocates
-    (malloc_arenas() says whether that held). A larger activation (the WRN-50-2 at 224 px on a CPU) is still
-    mapped each time. False where the C library has no mallopt (musl ignores it, macOS lacks it)."""
+    A CPU forward allocates its activations afresh at every layer (tens of MB at batch 64 for the served
+    ResNet at 96 px, over 100 MB for WRN-50-2 at 224 px), and with glibc's defaults each came from a new mmap
+    and went back with munmap: about 80 page faults per photo, a sixth of the forward's CPU (BENCHMARKS.md,
+    twenty-third session). Every allocation now comes from the heap, whatever its size (glibc's largest
+    mmap threshold, 32 MB, left WRN-50-2's activations mapped afresh at every layer: 5,700-7,100 faults and
+    10-12 ms of kernel CPU per photo, twenty-eighth session), and the heap's free top is never handed back:
+    the process stays at its busiest batch's size, which the pod's memory request covers anyway. No thread
+    gets an arena of its own from now on: one is made of 64 MB heaps that glibc unmaps whenever one empties,
+    whatever the trim threshold, and a batch thread handed one kept faulting its activations in again.
+    Arenas made before the call stay in use and are handed out in turn to new threads, so call it before any
+    other thread allocates (malloc_arenas() says whether that held). False where the C library has no
+    mallopt (musl ignores it, macOS lacks it)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
-                (_M_ARENA_MAX, 1))
+    settings = ((_M_MMAP_MAX, NO_MAPPINGS), (_M_TRIM_THRESHOLD, NEVER_TRIM), (_M_ARENA_MAX, 1))
     return all([bool(mallopt(param, value)) for param, value in settings])
 
 
