@@ -254,14 +254,16 @@ def _better_of(measured_img_s: float, cpu_ms_per_img: float | None, cores: int) 
     return max(measured_img_s, cores * 1000.0 / cpu_ms_per_img) if cpu_ms_per_img else measured_img_s
 
 
-def stage_cpu_share(e2e: dict, cores: int) -> float | None:
+def stage_cpu_share(e2e: dict, cores: int, forward_threads: int = 1) -> float | None:
     """On CPU: the share of the machine's cores that the bound's stages took while the end-to-end run went on,
     at what they cost there (the decode processes, the forward and the search of the batch threads); the
     rest went to the worker's other work, PostgreSQL, Redis and the host. Read in one window, it does not
     move with the machine's speed, which on a shared host drifts by a tenth between the stages measured
-    alone and the end-to-end part that `ratio` compares."""
+    alone and the end-to-end part that `ratio` compares. None when the forward runs on more than one torch
+    thread: the batch thread's clock counts its own share of the forward only (it read 0.49 for a run at
+    0.92 of its bound)."""
     cpu, laps = e2e.get("worker_cpu_ms_per_img"), e2e.get("worker_stage_cpu_ms_per_img")
-    if not cpu or not laps or not e2e.get("e2e_img_s"):
+    if not cpu or not laps or not e2e.get("e2e_img_s") or forward_threads > 1:
         return None
     stage_ms = cpu["pool"] + laps.get("embed", 0.0) + laps.get("search", 0.0)
     return round(stage_ms * e2e["e2e_img_s"] / (cores * 1000.0), 3)
@@ -304,7 +306,8 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "model_warm_up_s": stages["model"].get("warm_up_s"),
         **({"model_served": stages["model_served"]} if "model_served" in stages else {}),
         "decoder": decode["decoder"], "resources": resources, "limiting_resource": limiting,
-        **({"e2e_stage_cpu_share": stage_cpu_share(e2e, host["cpus"])} if not cfg.cuda else {}),
+        **({"e2e_stage_cpu_share": stage_cpu_share(e2e, host["cpus"], host["threads"]["torch_intra_op"])}
+           if not cfg.cuda else {}),
         "bound_serial_img_s": round(serial, 1),
         "ratio_serial": round(e2e["e2e_img_s"] / serial, 3) if serial else None,
         "search_local_img_s": round(stages["search_local"]["img_s"], 1),

@@ -163,6 +163,8 @@ def test_the_stage_cpu_share_is_what_the_bounding_stages_took_of_the_cores_durin
            "worker_stage_cpu_ms_per_img": {"fetch_decode": 0.02, "embed": 1.0, "search": 0.2, "write": 0.05}}
     assert stage_cpu_share(e2e, 2) == 0.9
     assert stage_cpu_share({**e2e, "worker_stage_cpu_ms_per_img": {}}, 2) is None  # a worker that logs no CPU
+    # A forward on two torch threads: the batch thread's clock sees half of it, so no share is given.
+    assert stage_cpu_share(e2e, 2, forward_threads=2) is None
 
 
 @pytest.mark.parametrize("option", ["--images", "--batch-size", "--centroids"])
