@@ -127,14 +127,13 @@ def milvus_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def one_torch_thread_on_two_cores(monkeypatch):
-    """A 2-core worker's defaults (shared/runtime.py): one intra-op thread, so two batches' forward passes
-    may run at once."""
+def two_cores(monkeypatch):
+    """A 2-core worker (shared/runtime.py sees 2 usable CPUs); call it with the torch intra-op threads to run
+    at (a worker's default on 2 cores: 1). The test process's thread count is put back afterwards."""
     import torch
     monkeypatch.setattr("shared.runtime.usable_cpus", lambda: 2)
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    yield torch.set_num_threads
     torch.set_num_threads(before)
 
 

@@ -111,10 +111,11 @@ class _MeetInTheModel:
 
 @pytest.mark.parametrize("decode_pool", ["processes", "threads"])
 def test_batches_processed_in_two_threads_at_once_tag_as_one_after_another(published, engine, decode_pool,
-                                                                           one_torch_thread_on_two_cores):
+                                                                           two_cores):
     """A worker runs LANDMARKS_BATCHES_IN_FLIGHT batches at once on one pipeline (shared decode pool; on 2
     cores, with one torch thread, two forward passes at once): the tags and the rows written are those of
     running them in turn."""
+    two_cores(1)
     photos = published["photos"]
     settings = Settings(file_roots=str(photos["root"]), decode_pool=decode_pool, decode_workers=2)
     pipeline = RecognitionPipeline(settings, engine, published["index"])

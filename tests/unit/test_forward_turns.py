@@ -45,7 +45,8 @@ def _inside_at_once(turns: ForwardTurns, device: torch.device, timeout_s: float)
     return all(met)
 
 
-def test_two_batches_on_a_cpu_forward_together_and_on_a_gpu_in_turn(one_torch_thread_on_two_cores):
+def test_two_batches_on_a_cpu_forward_together_and_on_a_gpu_in_turn(two_cores):
+    two_cores(1)
     cpu = ForwardTurns()
     assert _inside_at_once(cpu, torch.device("cpu"), timeout_s=10)
     assert cpu.slots == 2
@@ -54,13 +55,8 @@ def test_two_batches_on_a_cpu_forward_together_and_on_a_gpu_in_turn(one_torch_th
     assert gpu.slots == 1
 
 
-def test_a_cpu_forward_on_every_core_takes_its_turn_alone(monkeypatch):
-    monkeypatch.setattr("shared.runtime.usable_cpus", lambda: 2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        turns = ForwardTurns()
-        assert not _inside_at_once(turns, torch.device("cpu"), timeout_s=0.5)
-        assert turns.slots == 1
-    finally:
-        torch.set_num_threads(before)
+def test_a_cpu_forward_on_every_core_takes_its_turn_alone(two_cores):
+    two_cores(2)
+    turns = ForwardTurns()
+    assert not _inside_at_once(turns, torch.device("cpu"), timeout_s=0.5)
+    assert turns.slots == 1
