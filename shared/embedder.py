@@ -95,6 +95,7 @@ class Embedder:
         self._net: LandmarkNet | None = None
         self._meta: ModelMeta | None = None
         self.gallery: dict = {}  # the checkpoint's centroids and references (the worker's search replica)
+        self._forward_cpu_ms: float | None = None
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -118,7 +119,7 @@ class Embedder:
             self._mean, self._std = mean, std
             self._forward = self._served(net)
             if self.compile_model:  # torch.compile compiles on the first call: done here, before any batch
-                seconds = self._run_full_batch(meta.input_size)
+                seconds = self._run_blank_batch(self.batch_size, meta.input_size)
                 log.info("compiled the model for batches of %d in %.1f s", self.batch_size, seconds)
             if self.device.type == "cuda":
                 # The layout change and the constants above are kernels queued on this thread's stream; a
@@ -139,15 +140,29 @@ class Embedder:
             return padded(net.embed, batch_shapes(self.batch_size), self._layout)
         return net.embed
 
-    def _run_full_batch(self, input_size: int) -> float:
-        """Seconds to run the forward once on a blank batch of the served size, on the calling thread."""
+    def _run_blank_batch(self, photos: int, input_size: int) -> float:
+        """Seconds to run the forward once on a blank batch of ``photos``, on the calling thread."""
         start = time.perf_counter()
-        blank = torch.zeros(self.batch_size, 3, input_size, input_size, device=self.device)
+        blank = torch.zeros(photos, 3, input_size, input_size, device=self.device)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             self._forward(blank)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - start
+
+    def forward_cpu_ms(self, photos: int = 4) -> float:
+        """CPU milliseconds per photo of the forward on this machine at the served precision, on the CPU:
+        a blank batch of ``photos`` run twice on the calling thread (the first run builds oneDNN's kernels),
+        the second timed, times the thread's torch threads. Measured once."""
+        self.load()
+        with self._lock:
+            if self._forward_cpu_ms is None:
+                size = self._meta.input_size
+                self._run_blank_batch(photos, size)
+                seconds = self._run_blank_batch(photos, size)
+                self._forward_cpu_ms = seconds * 1000 * torch.get_num_threads() / photos
+                log.info("the forward costs %.1f ms of CPU per photo on %s", self._forward_cpu_ms, self.device)
+            return self._forward_cpu_ms
 
     def warm_up(self) -> None:
         """On CUDA, the forward once at the served batch size, on the calling thread, before batches come:
@@ -157,7 +172,7 @@ class Embedder:
         self.load()
         if self.device.type != "cuda" or not self.batch_size:
             return
-        seconds = self._run_full_batch(self.meta.input_size)
+        seconds = self._run_blank_batch(self.batch_size, self.meta.input_size)
         log.info("timed cuDNN's algorithms for batches of %d on thread %s in %.1f s", self.batch_size,
                  threading.current_thread().name, seconds)
 

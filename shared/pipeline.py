@@ -6,9 +6,10 @@ through the candidate, after the live batch has committed.
 
 A worker calls `process` from several threads at once (LANDMARKS_BATCHES_IN_FLIGHT): the decode pool
 (shared/loading.py) is shared, and the batches take turns at the model (`forward_turns`: one at a time on a
-GPU, as many as the cores hold at the forward's threads on a CPU), so batch i+1 decodes while batch i is
-embedded, searched and written. On CUDA, with a device JPEG decoder, the batch's JPEGs are decoded on the
-GPU (shared/device_decode.py), each batch thread on its own CUDA stream."""
+GPU; on a CPU as many as the cores hold at the model's torch threads each, every core for a heavy model:
+ModelRuntime.forward_threads), so batch i+1 decodes while batch i is embedded, searched and written. On
+CUDA, with a device JPEG decoder, the batch's JPEGs are decoded on the GPU (shared/device_decode.py), each
+batch thread on its own CUDA stream."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from shared.index import LandmarkIndex
 from shared.loading import LoadRequest, PhotoLoader
 from shared.outcomes import Failure, GpsSource, PhotoOutcome, PhotoStatus
 from shared.recognition import recognise_batch
-from shared.runtime import ForwardTurns, ModelRuntime, StageClock, load_model_runtime, local_replica
+from shared.runtime import (ForwardTurns, ModelRuntime, StageClock, forward_threads, load_model_runtime,
+                            local_replica)
 from shared.settings import Settings
 from shared.shadow import ShadowPlan, ShadowReport, ShadowRunner
 
@@ -201,7 +203,8 @@ class RecognitionPipeline:
                     for i, (event, item) in enumerate(zip(events, loaded))]
         if ok:
             pixels = stack_pixels([loaded[i].pixels for i in ok], runtime.embedder.device)
-            with self.forward_turns.turn(runtime.embedder.device):
+            threads = forward_threads(runtime.embedder, self.settings.torch_threads)
+            with self.forward_turns.turn(runtime.embedder.device, threads):
                 clock.lap("wait_model")
                 embeddings = runtime.embedder.embed(pixels)
             clock.lap("embed")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 def default_torch_threads(cores: int | None = None) -> int:
     """One intra-op thread per 4 cores. The decode pool already keeps every core busy, and on a CPU worker
-    the forward pass is a small share of the work (a sixth for 2 MP photos, less for larger ones), so it
-    needs no more than a quarter of the cores. Fewer threads also cost less: on 2 cores one thread spends
+    serving a light model the forward pass is a small share of the work (a sixth for 2 MP photos with
+    resnet_small, less for larger ones), so it needs no more than a quarter of the cores. Fewer threads also cost less: on 2 cores one thread spends
     about 0.8 ms of CPU per image where two spend about 0.95 (the bench's `model_served` and
     `model_cpu_ms_per_img`), the two waiting for each other at every layer."""
     return max(1, (cores or usable_cpus()) // 4)
@@ -44,8 +45,9 @@ def configure_threads(torch_threads: int, blas_threads: int) -> dict[str, int]:
     - BLAS (numpy's OpenBLAS, used by the in-process search): its idle threads spin, waiting for the
       next product, and took a third of a core from the decode pool on 2 cores; the products are small
       (a batch against the active version's centroids), so 1 thread by default.
-    - torch: intra-op threads as asked (0 = default_torch_threads()); inter-op 1, since nothing here runs
-      independent operators in parallel.
+    - torch: intra-op threads as asked (0 = default_torch_threads(); a model's forward then runs on the
+      threads its cost asks for: forward_threads); inter-op 1, since nothing here runs independent operators
+      in parallel.
     Returns what was applied, for the start-up log."""
     import torch
     from threadpoolctl import threadpool_limits
@@ -60,39 +62,81 @@ def configure_threads(torch_threads: int, blas_threads: int) -> dict[str, int]:
     return {"torch_intra_op": intra, "torch_inter_op": torch.get_num_interop_threads(), "blas": blas_threads}
 
 
-def concurrent_forwards(device_type: str, torch_threads: int, cores: int | None = None) -> int:
-    """How many batches may run their forward pass at once. On a GPU one: a batch's decode and host copies
-    overlap another's forward on streams of their own, and two forwards would only split the device. On a
-    CPU, as many as the usable cores hold at ``torch_threads`` intra-op threads each: a forward on one thread
-    runs in its batch's own thread, so on 2 cores two batches' forwards take both cores when the model is
-    the heavy stage (WRN-50-2 at 224 px: BENCHMARKS.md, twenty-eighth session), and leave them to the decode
-    pool when it is not."""
-    if device_type != "cpu":
-        return 1
-    return max(1, (cores or usable_cpus()) // max(1, torch_threads))
+# A forward that costs at least this much CPU per photo is most of a CPU worker's work whatever the photo size
+# (decoding a 2 MP photo in draft mode costs about 7 ms, a 12 MP one about 33: BENCHMARKS.md), so it gets
+# every core. WRN-50-2 at 224 px costs about 110 ms in bf16 on an AVX512-BF16 core, the default
+# resnet_small at 96 px under 1 ms.
+HEAVY_FORWARD_CPU_MS = 20.0
+
+
+def forward_threads(embedder: Embedder, configured: int = 0) -> int:
+    """The torch threads ``embedder``'s forward runs on: ``configured`` (LANDMARKS_TORCH_THREADS) when set,
+    else chosen by what its forward costs on this CPU (threads_for_cost; measured once, at the worker's
+    warm-up). Off the CPU, torch's threads only serve host work: the worker's default."""
+    if configured or embedder.device.type != "cpu":
+        return configured or default_torch_threads()
+    return threads_for_cost(embedder.forward_cpu_ms())
+
+
+def threads_for_cost(forward_cpu_ms: float, cores: int | None = None) -> int:
+    """The torch intra-op threads for a CPU forward that costs ``forward_cpu_ms`` per photo: every usable core
+    for a model that costs HEAVY_FORWARD_CPU_MS or more, one forward at a time (a worker serving WRN-50-2 at
+    224 px ran 6 % faster so than with two one-thread forwards at once, which share the caches and the memory
+    bus: BENCHMARKS.md, twenty-eighth session); default_torch_threads() for a lighter one, whose forward then
+    leaves the other cores to the decode pool."""
+    cores = cores or usable_cpus()
+    return cores if forward_cpu_ms >= HEAVY_FORWARD_CPU_MS else default_torch_threads(cores)
 
 
 class ForwardTurns:
-    """The batches' turns at the model, the live version's and the shadow's alike: at most
-    concurrent_forwards() forwards at once, sized at the first turn, once the model's device is known."""
+    """The batches' turns at the model, the live version's and the shadow's alike, first come first served.
+    On a GPU one forward at a time: a batch's decode and host copies overlap another's forward on streams of
+    their own, and two forwards would only split the device. On a CPU the forwards inside at once hold at
+    most the usable cores, each as many as its torch threads (a forward with more threads than cores goes
+    alone), and each runs on its own count: a forward on one thread runs in its batch's own thread, so on
+    2 cores two batches' forwards take both cores at once."""
 
     def __init__(self) -> None:
-        self._gate: threading.BoundedSemaphore | None = None
-        self._sizing = threading.Lock()
-        self.slots = 0  # 0 until the first turn
+        self._cores = 0  # known at the first turn
+        self._held = 0
+        self._queue: deque[object] = deque()
+        self._changed = threading.Condition()
 
     @contextmanager
-    def turn(self, device: torch.device) -> Iterator[None]:
-        with self._gate or self._size(device):
+    def turn(self, device: torch.device, threads: int = 1) -> Iterator[None]:
+        """The calling thread's turn at the model on ``device``, its forward to run on ``threads`` torch
+        threads (CPU)."""
+        need = self._take(device, threads)
+        try:
+            if device.type == "cpu":
+                run_forwards_on(threads)
             yield
+        finally:
+            with self._changed:
+                self._held -= need
+                self._changed.notify_all()
 
-    def _size(self, device: torch.device) -> threading.BoundedSemaphore:
-        with self._sizing:
-            if self._gate is None:
-                self.slots = concurrent_forwards(device.type, torch.get_num_threads())
-                self._gate = threading.BoundedSemaphore(self.slots)
-                log.info("up to %d forward passes at once on %s", self.slots, device)
-            return self._gate
+    def _take(self, device: torch.device, threads: int) -> int:
+        with self._changed:
+            if not self._cores:
+                self._cores = usable_cpus()
+            capacity = self._cores if device.type == "cpu" else 1
+            need = min(max(1, threads), capacity) if device.type == "cpu" else 1
+            ticket = object()
+            self._queue.append(ticket)
+            self._changed.wait_for(lambda: self._queue[0] is ticket and self._held + need <= capacity)
+            self._queue.popleft()
+            self._held += need
+            self._changed.notify_all()  # the next in line may fit beside this one
+            return need
+
+
+def run_forwards_on(threads: int) -> None:
+    """The calling thread's torch ops from now on run on ``threads`` intra-op threads. Each thread keeps its
+    own count (OpenMP's, fixed at its first parallel region to the process's count then), so a batch thread
+    that served another model goes on with that model's count unless told."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def on_every_thread(executor: ThreadPoolExecutor, threads: int, fn: Callable[[], object],

@@ -50,14 +50,15 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3600, ge=10)
     # Batches one worker works on at once (a thread each): with 2, the next batch is fetched and decoded
     # while this one is in the model, searched and written (a GPU runs one batch's forward at a time, a CPU as
-    # many as its cores hold: shared/runtime.py concurrent_forwards). Safe
-    # because workers/broker.py takes a message and records it as unacknowledged in one step.
+    # many as its cores hold: shared/runtime.py ForwardTurns). Safe because workers/broker.py takes a message
+    # and records it as unacknowledged in one step.
     batches_in_flight: int = Field(2, ge=1, le=8)
     # Worker processes `landmarks worker` runs on its device, under one supervisor (workers/supervisor.py):
     # 2 when one process's own Python limits a GPU's throughput (BENCHMARKS.md, worker_cpu_ms_per_img.main).
     worker_processes: int = Field(1, ge=1, le=16)
-    # CPU threads of a worker (shared/runtime.configure_threads): torch intra-op (0 = one per 4 cores) and
-    # numpy's BLAS (0 = leave as is), whose spinning idle threads otherwise eat into the decode pool.
+    # CPU threads of a worker (shared/runtime.configure_threads): torch intra-op (0 = chosen by what the model's
+    # forward costs on this CPU: every core for a heavy one, else one per 4 cores; shared/runtime.forward_threads)
+    # and numpy's BLAS (0 = leave as is), whose spinning idle threads otherwise eat into the decode pool.
     torch_threads: int = Field(0, ge=0, le=256)
     blas_threads: int = Field(1, ge=0, le=256)
 

@@ -25,7 +25,8 @@ from shared.events import GeoPoint, PhotoUploaded
 from shared.index import LandmarkIndex
 from shared.outcomes import PhotoOutcome, PhotoStatus
 from shared.recognition import recognise_batch
-from shared.runtime import ForwardTurns, ModelRuntime, StageClock, load_model_runtime, published_gallery
+from shared.runtime import (ForwardTurns, ModelRuntime, StageClock, forward_threads, load_model_runtime,
+                            published_gallery)
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class ShadowRunner:
         photos = {"skipped": len(events) - len(usable)} if len(usable) < len(events) else {}
         if not usable:
             return photos
-        with self._forward_turns.turn(runtime.embedder.device):
+        threads = forward_threads(runtime.embedder, self.settings.torch_threads)
+        with self._forward_turns.turn(runtime.embedder.device, threads):
             embeddings = runtime.embedder.embed(np.stack([images[k] for k in usable]))
         clock.lap("embed")
         tags = recognise_batch(embeddings, [gps[k] for k in usable], self.index, plan.version, runtime.thresholds,

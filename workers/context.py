@@ -17,6 +17,7 @@ from shared.db.session import make_engine
 from shared.index import LandmarkIndex
 from shared.loading import stop_forkserver
 from shared.pipeline import RecognitionPipeline
+from shared.runtime import forward_threads
 from shared.settings import Settings, get_settings
 from shared.stack import resolve
 
@@ -180,11 +181,14 @@ def warm_up(pool=None) -> None:
 def _warm_up(pool) -> None:
     from shared import metrics
     try:
-        runtime = worker_context().pipeline.runtime()
+        pipeline = worker_context().pipeline
+        runtime = pipeline.runtime()
     except Exception as exc:  # noqa: BLE001 - readiness tries again (ModelRetry) and says why meanwhile
         log.warning("no model loaded at start-up: %s", exc)
         return
     metrics.set_model(runtime.version)
+    # On a CPU, what the forward costs sets the threads it runs on: measured here, not in the first batch.
+    forward_on = forward_threads(runtime.embedder, pipeline.settings.torch_threads)
     threads = 0
     if pool is not None:
         try:
@@ -192,8 +196,9 @@ def _warm_up(pool) -> None:
             threads = pool.limit
         except Exception as exc:  # noqa: BLE001 - a thread not warmed up times its first full batch itself
             log.warning("cannot warm up the batch threads: %s", exc)
-    log.info("model %s loaded, warmed up on %d batch threads", runtime.version, threads,
-             extra={"model_version": runtime.version})
+    log.info("model %s loaded, warmed up on %d batch threads; torch threads per forward: %d",
+             runtime.version, threads, forward_on,
+             extra={"model_version": runtime.version, "forward_threads": forward_on})
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

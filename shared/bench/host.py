@@ -7,6 +7,7 @@ import os
 import platform
 import time
 from collections.abc import Iterator
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,14 +187,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-@contextmanager
-def whole_machine_threads() -> Iterator[int]:
+def whole_machine_threads() -> contextlib.AbstractContextManager[int]:
     """torch gets one intra-op thread per core while a stage is measured alone: the bound is what the
-    machine can do, though the worker itself runs its forward pass on fewer (shared/runtime)."""
+    machine can do, though the worker itself may run its forward pass on fewer (shared/runtime)."""
+    return torch_threads(usable_cpus())
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[int]:
+    """The calling thread's torch ops run on ``threads`` intra-op threads meanwhile."""
     import torch
-    served = torch.get_num_threads()
-    torch.set_num_threads(usable_cpus())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         yield torch.get_num_threads()
     finally:
-        torch.set_num_threads(served)
+        torch.set_num_threads(before)

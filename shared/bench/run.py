@@ -19,7 +19,7 @@ from shared.bench.bound import STAGES, combined_rate, stage_resources, throughpu
 from shared.bench.config import BenchConfig, NullReporter, Reporter
 from shared.bench.end_to_end import E2EPlan, bench_event, run_end_to_end
 from shared.bench.gallery import BenchModel, event_gps, make_bench_model
-from shared.bench.host import CpuAccount, host_info, whole_machine_threads
+from shared.bench.host import CpuAccount, host_info, torch_threads, whole_machine_threads
 from shared.bench.inputs import BenchInputs, bench_inputs, realdata_dir
 from shared.bench.services import bench_queues, private_milvus, scratch_database, service_urls
 from shared.bench.stages import (decode_cost_by_format, decode_stage, delf_vs_ours, device_model_figures,
@@ -75,10 +75,7 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
         out["model"] = model_stage(embedder, cfg.batch_size, n, reporter=reporter, in_flight=in_flight)
         out["model"]["torch_threads"] = threads
     if not cfg.cuda:  # the worker's own thread count: the CPU its forward really costs (model_rate_for_bound)
-        served = out["model"] if torch.get_num_threads() == threads else \
-            model_stage(embedder, cfg.batch_size, min(n, 2048), reporter=reporter)
-        out["model_served"] = {"torch_threads": torch.get_num_threads(), "img_s": round(served["img_s"], 1),
-                               "cpu_ms_per_img": served["cpu_ms_per_img"]}
+        out["model_served"] = served_model_stage(embedder, cfg, out["model"], min(n, 2048), reporter)
     queries = model.image_embeddings[inputs.image_of_event]
     thresholds = Thresholds(model.meta.t_geo, model.meta.t_global, model.meta.t_ref)
     # Where the worker searches its replica, milvus-lite's rate is for comparison only: a sample will do.
@@ -102,6 +99,19 @@ def measure_stages(cfg: BenchConfig, inputs: BenchInputs, model: BenchModel, ind
     if cfg.cuda:
         torch.cuda.empty_cache()  # the worker gets the card to itself
     return out
+
+
+def served_model_stage(embedder, cfg: BenchConfig, whole_machine: dict, n: int, reporter: Reporter) -> dict:
+    """The forward on the torch threads the worker runs it on (shared/runtime.forward_threads: chosen by
+    what it costs here, as the worker's warm-up does, unless LANDMARKS_TORCH_THREADS says)."""
+    from shared.runtime import forward_threads
+    from shared.settings import get_settings
+    threads = forward_threads(embedder, get_settings().torch_threads)
+    with torch_threads(threads):
+        served = whole_machine if threads == whole_machine["torch_threads"] else \
+            model_stage(embedder, cfg.batch_size, n, reporter=reporter)
+    return {"torch_threads": threads, "img_s": round(served["img_s"], 1), "cpu_ms_per_img": served["cpu_ms_per_img"],
+            "forward_cpu_ms_at_start": round(embedder.forward_cpu_ms(), 2)}
 
 
 def _searches_in_process(cfg: BenchConfig) -> bool:
@@ -306,7 +316,7 @@ def summarise(cfg: BenchConfig, inputs: BenchInputs, stages: dict, e2e: dict, ho
         "model_warm_up_s": stages["model"].get("warm_up_s"),
         **({"model_served": stages["model_served"]} if "model_served" in stages else {}),
         "decoder": decode["decoder"], "resources": resources, "limiting_resource": limiting,
-        **({"e2e_stage_cpu_share": stage_cpu_share(e2e, host["cpus"], host["threads"]["torch_intra_op"])}
+        **({"e2e_stage_cpu_share": stage_cpu_share(e2e, host["cpus"], stages["model_served"]["torch_threads"])}
            if not cfg.cuda else {}),
         "bound_serial_img_s": round(serial, 1),
         "ratio_serial": round(e2e["e2e_img_s"] / serial, 3) if serial else None,

@@ -27,6 +27,7 @@ from shared.model import load_checkpoint, save_checkpoint
 from shared.modelinit import init_model
 from shared.imaging import decode_image
 from shared.publish import publish_model
+from shared.runtime import default_torch_threads
 from shared.synthetic import write_photo_set
 from shared.training.dataset import read_landmarks
 
@@ -236,8 +237,10 @@ def test_a_version_published_while_the_worker_runs_takes_over_at_the_next_batch(
         before = _event(user, first)
         producer(UPLOADED, before)
         _wait(lambda: _processed(engine, user) == 1, "the first event", worker=worker)
-        # Before its first batch, the worker ran the model once on each of its two batch threads.
-        assert f"model {model_version} loaded, warmed up on 2 batch threads" in (tmp_path / "worker.log").read_text()
+        # Before its first batch, the worker ran the model once on each of its two batch threads, and measured
+        # its forward: a light model, so one torch thread per 4 cores.
+        assert (f"model {model_version} loaded, warmed up on 2 batch threads; torch threads per forward: "
+                f"{default_torch_threads()}") in (tmp_path / "worker.log").read_text()
 
         with engine.connect() as conn:
             checkpoint = conn.execute(sa.text("SELECT checkpoint FROM model_versions WHERE version = :v"),

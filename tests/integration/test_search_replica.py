@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from shared import health
@@ -93,50 +94,78 @@ def _tags(outcomes) -> list[list[str]]:
 
 
 class _MeetInTheModel:
-    """An embedder's embed whose first two calls wait inside it for each other, which they can only do if
-    two batches' forward passes run at once (else the batch raises threading.BrokenBarrierError)."""
+    """An embedder's embed whose first two calls wait inside it, up to ``timeout_s``, for each other: they
+    meet only if two batches' forward passes run at once. It records that, and the torch threads each call
+    ran on."""
 
-    def __init__(self, embed, timeout_s: float = 30.0) -> None:
+    def __init__(self, embed, timeout_s: float) -> None:
         self._embed, self._calls, self._count = embed, 0, threading.Lock()
         self._both_in = threading.Barrier(2, timeout=timeout_s)
+        self.met: bool | None = None
+        self.threads: set[int] = set()
 
     def __call__(self, pixels):
         with self._count:
             self._calls += 1
             first_two = self._calls <= 2
+            self.threads.add(torch.get_num_threads())
         if first_two:
-            self._both_in.wait()
+            try:
+                self._both_in.wait()
+                self.met = True
+            except threading.BrokenBarrierError:  # the first waited alone; the second finds the barrier broken
+                self.met = False
         return self._embed(pixels)
 
 
-@pytest.mark.parametrize("decode_pool", ["processes", "threads"])
-def test_batches_processed_in_two_threads_at_once_tag_as_one_after_another(published, engine, decode_pool,
-                                                                           two_cores):
-    """A worker runs LANDMARKS_BATCHES_IN_FLIGHT batches at once on one pipeline (shared decode pool; on 2
-    cores, with one torch thread, two forward passes at once): the tags and the rows written are those of
-    running them in turn."""
-    two_cores(1)
-    photos = published["photos"]
-    settings = Settings(file_roots=str(photos["root"]), decode_pool=decode_pool, decode_workers=2)
-    pipeline = RecognitionPipeline(settings, engine, published["index"])
+def _two_at_a_time(pipeline: RecognitionPipeline, photos, timeout_s: float):
+    """The fixture's photos in four batches, each delivered twice, through ``pipeline`` on two threads, then
+    through a pipeline of its own one batch after another; the model watched (_MeetInTheModel). Both
+    pipelines closed afterwards."""
     try:
-        embedder = pipeline.runtime().embedder
-        embedder.embed = _MeetInTheModel(embedder.embed)
+        watch = _MeetInTheModel(pipeline.runtime().embedder.embed, timeout_s)
+        pipeline.runtime().embedder.embed = watch
         uploads = _uploads(photos, f"rc_{uuid.uuid4().hex[:6]}")
         batches = [uploads[i::4] for i in range(4)]
         with ThreadPoolExecutor(2) as threads:
             reports = list(threads.map(pipeline.process, batches * 2))  # each batch twice: redelivered
-        serial = RecognitionPipeline(settings, engine, published["index"])
+        serial = RecognitionPipeline(pipeline.settings, pipeline.engine, pipeline.index)
         try:
             expected = [serial.process(b) for b in _as_user(batches, f"rs_{uuid.uuid4().hex[:6]}")]
         finally:
             serial.close()
     finally:
         pipeline.close()
-    assert pipeline.forward_turns.slots == 2
     assert [_tags(r.outcomes) for r in reports[:4]] == [_tags(r.outcomes) for r in expected]
     # Each batch was delivered twice, perhaps at the same time: its rows were written once.
     assert [reports[i].applied + reports[i + 4].applied for i in range(4)] == [len(b) for b in batches]
+    return watch
+
+
+@pytest.mark.parametrize("decode_pool", ["processes", "threads"])
+def test_batches_processed_in_two_threads_at_once_tag_as_one_after_another(published, engine, decode_pool,
+                                                                           two_cores):
+    """A worker runs LANDMARKS_BATCHES_IN_FLIGHT batches at once on one pipeline (shared decode pool; on 2
+    cores, with a light model, two forward passes at once, one torch thread each): the tags and the rows
+    written are those of running them in turn."""
+    two_cores(1)
+    photos = published["photos"]
+    settings = Settings(file_roots=str(photos["root"]), decode_pool=decode_pool, decode_workers=2)
+    watch = _two_at_a_time(RecognitionPipeline(settings, engine, published["index"]), photos, timeout_s=30)
+    assert watch.met
+    assert watch.threads == {1}
+
+
+def test_a_heavy_models_forward_runs_on_every_core_one_batch_at_a_time(published, engine, two_cores, monkeypatch):
+    """Where the forward is the worker's heavy stage (here every model is: the threshold at 0 ms; WRN-50-2
+    at 224 px is, on any CPU), the batches take turns at it, each forward on both cores."""
+    two_cores(1)
+    monkeypatch.setattr("shared.runtime.HEAVY_FORWARD_CPU_MS", 0.0)
+    photos = published["photos"]
+    settings = Settings(file_roots=str(photos["root"]), decode_workers=2)
+    watch = _two_at_a_time(RecognitionPipeline(settings, engine, published["index"]), photos, timeout_s=3)
+    assert watch.met is False
+    assert watch.threads == {2}
 
 
 def _as_user(batches: list[list[PhotoUploaded]], user: str) -> list[list[PhotoUploaded]]:

@@ -21,6 +21,7 @@ from shared.bench.bound import combined_rate, stage_resources, throughput_bound
 from shared.bench.end_to_end import freed_memory_kept, worker_laps
 from shared.bench.inputs import camera_jpeg, generated_images
 from shared.imaging import decode_image
+from shared.runtime import HEAVY_FORWARD_CPU_MS
 
 REPO_KEYS = {"device", "size", "e2e_img_s", "bound_img_s", "ratio", "stages", "rss_mb_start", "rss_mb_end",
              "delf_style_ms", "ours_ms", "model", "backbone", "batch_size"}
@@ -245,6 +246,10 @@ def test_quick_bench_prints_every_key(pg_server_url, broker_url, tmp_path):
     assert result["ours_model"] == "served resnet_small 96 px" and result["ours_ms"] == result["ours_served_ms"]
     # The bound charges the model the CPU the worker's own thread count spends, if that is the cheaper.
     served = result["model_served"]
+    # The quick bench's model is light: its forward, measured first as the worker measures it, runs on one
+    # torch thread per 4 cores.
+    assert 0 < served["forward_cpu_ms_at_start"] < HEAVY_FORWARD_CPU_MS
+    assert served["torch_threads"] == max(1, result["host"]["cpus"] // 4)
     assert result["stages"]["model_img_s"] == pytest.approx(
         max(result["model_stage_img_s"], result["host"]["cpus"] * 1000 / served["cpu_ms_per_img"]), rel=0.01)
     assert (result["device"], result["size"], result["backbone"], result["batch_size"]) == \
