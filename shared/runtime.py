@@ -73,6 +73,7 @@ def forward_threads(embedder: Embedder, configured: int = 0) -> int:
     """The torch threads ``embedder``'s forward runs on: ``configured`` (LANDMARKS_TORCH_THREADS) when set,
     else chosen by what its forward costs on this CPU (threads_for_cost; measured once, at the worker's
     warm-up). Off the CPU, torch's threads only serve host work: the worker's default."""
+    embedder.load()  # its device is known once loaded
     if configured or embedder.device.type != "cpu":
         return configured or default_torch_threads()
     return threads_for_cost(embedder.forward_cpu_ms())
