@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 def default_torch_threads(cores: int | None = None) -> int:
     """One intra-op thread per 4 cores. The decode pool already keeps every core busy, and on a CPU worker
     serving a light model the forward pass is a small share of the work (a sixth for 2 MP photos with
-    resnet_small, less for larger ones), so it needs no more than a quarter of the cores. Fewer threads also cost less: on 2 cores one thread spends
-    about 0.8 ms of CPU per image where two spend about 0.95 (the bench's `model_served` and
-    `model_cpu_ms_per_img`), the two waiting for each other at every layer."""
+    resnet_small, less for larger ones), so it needs no more than a quarter of the cores. Fewer threads also
+    cost less: on 2 cores one thread spends about 0.8 ms of CPU per image where two spend about 0.95 (the
+    bench's `model_served` and `model_cpu_ms_per_img`), the two waiting for each other at every layer."""
     return max(1, (cores or usable_cpus()) // 4)
 
 
@@ -82,9 +82,9 @@ def forward_threads(embedder: Embedder, configured: int = 0) -> int:
 def threads_for_cost(forward_cpu_ms: float, cores: int | None = None) -> int:
     """The torch intra-op threads for a CPU forward that costs ``forward_cpu_ms`` per photo: every usable core
     for a model that costs HEAVY_FORWARD_CPU_MS or more, one forward at a time (a worker serving WRN-50-2 at
-    224 px ran 6 % faster so than with two one-thread forwards at once, which share the caches and the memory
-    bus: BENCHMARKS.md, twenty-eighth session); default_torch_threads() for a lighter one, whose forward then
-    leaves the other cores to the decode pool."""
+    224 px ran 3-6 % faster so on 2 MP photos than with two one-thread forwards at once, which share the caches
+    and the memory bus, and as fast on 12 MP ones: BENCHMARKS.md, twenty-eighth and twenty-ninth sessions);
+    default_torch_threads() for a lighter one, whose forward then leaves the other cores to the decode pool."""
     cores = cores or usable_cpus()
     return cores if forward_cpu_ms >= HEAVY_FORWARD_CPU_MS else default_torch_threads(cores)
 

@@ -7,7 +7,6 @@ import os
 import platform
 import time
 from collections.abc import Iterator
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -187,10 +186,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def whole_machine_threads() -> contextlib.AbstractContextManager[int]:
+@contextmanager
+def whole_machine_threads() -> Iterator[int]:
     """torch gets one intra-op thread per core while a stage is measured alone: the bound is what the
     machine can do, though the worker itself may run its forward pass on fewer (shared/runtime)."""
-    return torch_threads(usable_cpus())
+    with torch_threads(usable_cpus()) as threads:
+        yield threads
 
 
 @contextmanager
