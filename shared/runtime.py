@@ -82,8 +82,8 @@ def forward_threads(embedder: Embedder, configured: int = 0) -> int:
 def threads_for_cost(forward_cpu_ms: float, cores: int | None = None) -> int:
     """The torch intra-op threads for a CPU forward that costs ``forward_cpu_ms`` per photo: every usable core
     for a model that costs HEAVY_FORWARD_CPU_MS or more, one forward at a time (a worker serving WRN-50-2 at
-    224 px ran 3-6 % faster so on 2 MP photos than with two one-thread forwards at once, which share the caches
-    and the memory bus, and as fast on 12 MP ones: BENCHMARKS.md, twenty-eighth and twenty-ninth sessions);
+    224 px ran 5.5 % faster so on 2 MP photos than with two one-thread forwards at once, which share the caches
+    and the memory bus, and as fast on 12 MP ones: BENCHMARKS.md, twenty-ninth session);
     default_torch_threads() for a lighter one, whose forward then leaves the other cores to the decode pool."""
     cores = cores or usable_cpus()
     return cores if forward_cpu_ms >= HEAVY_FORWARD_CPU_MS else default_torch_threads(cores)
