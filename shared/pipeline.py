@@ -7,7 +7,7 @@ through the candidate, after the live batch has committed.
 A worker calls `process` from several threads at once (LANDMARKS_BATCHES_IN_FLIGHT): the decode pool
 (shared/loading.py) is shared, and the batches take turns at the model (`forward_turns`: one at a time on a
 GPU; on a CPU as many as the cores hold at the model's torch threads each, every core for a heavy model:
-ModelRuntime.forward_threads), so batch i+1 decodes while batch i is embedded, searched and written. On
+shared/runtime.forward_threads), so batch i+1 decodes while batch i is embedded, searched and written. On
 CUDA, with a device JPEG decoder, the batch's JPEGs are decoded on the GPU (shared/device_decode.py), each
 batch thread on its own CUDA stream."""
 
