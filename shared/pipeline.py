@@ -7,7 +7,7 @@ through the candidate, after the live batch has committed.
 A worker calls `process` from several threads at once (LANDMARKS_BATCHES_IN_FLIGHT): the decode pool
 (shared/loading.py) is shared, and the batches take turns at the model (`forward_turns`: one at a time on a
 GPU; on a CPU as many as the cores hold at the model's torch threads each, every core for a heavy model:
-shared/runtime.forward_threads), so batch i+1 decodes while batch i is embedded, searched and written. On
+ForwardTurns.threads_for), so batch i+1 decodes while batch i is embedded, searched and written. On
 CUDA, with a device JPEG decoder, the batch's JPEGs are decoded on the GPU (shared/device_decode.py), each
 batch thread on its own CUDA stream."""
 
@@ -35,8 +35,7 @@ from shared.index import LandmarkIndex
 from shared.loading import LoadRequest, PhotoLoader
 from shared.outcomes import Failure, GpsSource, PhotoOutcome, PhotoStatus
 from shared.recognition import recognise_batch
-from shared.runtime import (ForwardTurns, ModelRuntime, StageClock, forward_threads, load_model_runtime,
-                            local_replica)
+from shared.runtime import ForwardTurns, ModelRuntime, StageClock, load_model_runtime, local_replica
 from shared.settings import Settings
 from shared.shadow import ShadowPlan, ShadowReport, ShadowRunner
 
@@ -77,7 +76,7 @@ class RecognitionPipeline:
         self._runtime: ModelRuntime | None = None
         self.load_error: str | None = None  # why the active version could not be loaded, until it is
         self._runtime_lock = threading.Lock()
-        self.forward_turns = ForwardTurns()
+        self.forward_turns = ForwardTurns(settings.torch_threads)
         self.loader = PhotoLoader(settings)
         # JPEGs decoded on the GPU when a decoder loads there (found with the first model version), a share
         # of each batch's photos while the pool decodes the others.
@@ -203,8 +202,7 @@ class RecognitionPipeline:
                     for i, (event, item) in enumerate(zip(events, loaded))]
         if ok:
             pixels = stack_pixels([loaded[i].pixels for i in ok], runtime.embedder.device)
-            threads = forward_threads(runtime.embedder, self.settings.torch_threads)
-            with self.forward_turns.turn(runtime.embedder.device, threads):
+            with self.forward_turns.model_turn(runtime.embedder):
                 clock.lap("wait_model")
                 embeddings = runtime.embedder.embed(pixels)
             clock.lap("embed")

@@ -4,6 +4,7 @@ shared/allocator.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -69,14 +70,15 @@ def configure_threads(torch_threads: int, blas_threads: int) -> dict[str, int]:
 HEAVY_FORWARD_CPU_MS = 20.0
 
 
-def forward_threads(embedder: Embedder, configured: int = 0) -> int:
+def forward_threads(embedder: Embedder, configured: int = 0, cores: int | None = None) -> int:
     """The torch threads ``embedder``'s forward runs on: ``configured`` (LANDMARKS_TORCH_THREADS) when set,
     else chosen by what its forward costs on this CPU (threads_for_cost; measured once, at the worker's
-    warm-up). Off the CPU, torch's threads only serve host work: the worker's default."""
+    warm-up) over ``cores`` (default: the usable CPUs). Off the CPU, torch's threads only serve host work: the
+    worker's default."""
     embedder.load()  # its device is known once loaded
     if configured or embedder.device.type != "cpu":
-        return configured or default_torch_threads()
-    return threads_for_cost(embedder.forward_cpu_ms())
+        return configured or default_torch_threads(cores)
+    return threads_for_cost(embedder.forward_cpu_ms(), cores)
 
 
 def threads_for_cost(forward_cpu_ms: float, cores: int | None = None) -> int:
@@ -97,11 +99,21 @@ class ForwardTurns:
     alone), and each runs on its own count: a forward on one thread runs in its batch's own thread, so on
     2 cores two batches' forwards take both cores at once."""
 
-    def __init__(self) -> None:
-        self._cores = 0  # known at the first turn
+    def __init__(self, torch_threads: int = 0) -> None:
+        """``torch_threads``: LANDMARKS_TORCH_THREADS (0: each model's forward_threads)."""
+        self._torch_threads = torch_threads
+        self._cores = 0  # known at the first use: usable_cpus() reads the cgroup's files
         self._held = 0
         self._queue: deque[object] = deque()
         self._changed = threading.Condition()
+
+    def threads_for(self, embedder: Embedder) -> int:
+        """The torch threads ``embedder``'s forward runs on here (forward_threads)."""
+        return forward_threads(embedder, self._torch_threads, self._usable_cores())
+
+    def model_turn(self, embedder: Embedder) -> contextlib.AbstractContextManager[None]:
+        """The calling thread's turn at ``embedder``'s model, on the threads its forward runs on."""
+        return self.turn(embedder.device, self.threads_for(embedder))
 
     @contextmanager
     def turn(self, device: torch.device, threads: int = 1) -> Iterator[None]:
@@ -117,11 +129,15 @@ class ForwardTurns:
                 self._held -= need
                 self._changed.notify_all()
 
-    def _take(self, device: torch.device, threads: int) -> int:
+    def _usable_cores(self) -> int:
         with self._changed:
             if not self._cores:
                 self._cores = usable_cpus()
-            capacity = self._cores if device.type == "cpu" else 1
+            return self._cores
+
+    def _take(self, device: torch.device, threads: int) -> int:
+        capacity = self._usable_cores() if device.type == "cpu" else 1
+        with self._changed:
             need = min(max(1, threads), capacity) if device.type == "cpu" else 1
             ticket = object()
             self._queue.append(ticket)

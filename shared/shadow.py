@@ -25,8 +25,7 @@ from shared.events import GeoPoint, PhotoUploaded
 from shared.index import LandmarkIndex
 from shared.outcomes import PhotoOutcome, PhotoStatus
 from shared.recognition import recognise_batch
-from shared.runtime import (ForwardTurns, ModelRuntime, StageClock, forward_threads, load_model_runtime,
-                            published_gallery)
+from shared.runtime import ForwardTurns, ModelRuntime, StageClock, load_model_runtime, published_gallery
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class ShadowRunner:
         # Batches run in several threads: one of them at a time reads, loads or runs the shadow, and its
         # forward pass takes turns with the live model's.
         self._lock = threading.RLock()
-        self._forward_turns = forward_turns or ForwardTurns()
+        self._forward_turns = forward_turns or ForwardTurns(settings.torch_threads)
 
     @property
     def loaded_version(self) -> str | None:
@@ -146,8 +145,7 @@ class ShadowRunner:
         photos = {"skipped": len(events) - len(usable)} if len(usable) < len(events) else {}
         if not usable:
             return photos
-        threads = forward_threads(runtime.embedder, self.settings.torch_threads)
-        with self._forward_turns.turn(runtime.embedder.device, threads):
+        with self._forward_turns.model_turn(runtime.embedder):
             embeddings = runtime.embedder.embed(np.stack([images[k] for k in usable]))
         clock.lap("embed")
         tags = recognise_batch(embeddings, [gps[k] for k in usable], self.index, plan.version, runtime.thresholds,

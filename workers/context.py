@@ -17,7 +17,6 @@ from shared.db.session import make_engine
 from shared.index import LandmarkIndex
 from shared.loading import stop_forkserver
 from shared.pipeline import RecognitionPipeline
-from shared.runtime import forward_threads
 from shared.settings import Settings, get_settings
 from shared.stack import resolve
 
@@ -188,7 +187,7 @@ def _warm_up(pool) -> None:
         return
     metrics.set_model(runtime.version)
     # On a CPU, what the forward costs sets the threads it runs on: measured here, not in the first batch.
-    forward_on = forward_threads(runtime.embedder, pipeline.settings.torch_threads)
+    forward_on = pipeline.forward_turns.threads_for(runtime.embedder)
     threads = 0
     if pool is not None:
         try:
