@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.cpus import usable_cpus
 from shared.errors import DecodeError
 from shared.events import GeoPoint
 from shared.gallery import LandmarkPhotos, build_gallery
-from shared.imaging import decode_image
+from shared.imaging import decode_image, one_thread_per_decode
 from shared.local_index import LocalIndex, grouped_by_id
 from shared.model import LandmarkNet, ModelMeta, save_checkpoint
 from shared.publish import gallery_rows
@@ -130,7 +131,13 @@ class Images:
     ok: np.ndarray  # which paths decoded
 
 
-def load_images(paths: list[Path], size: int, progress=None, *, split: str = "dataset") -> Images:
+def load_images(paths: list[Path], size: int, progress=None, *, split: str = "dataset",
+                threads: int | None = None) -> Images:
+    """The photos decoded at ``size``, ``threads`` at a time (default: one per CPU this process may use;
+    Pillow and libheif decode without holding the GIL), each on one thread: libheif would split a HEIC's
+    tiles over four threads of its own, which only take turns with the other decodes on the cores (as in
+    the worker's decode pool, shared/loading.py). Photos are taken one at a time as threads come free, so a
+    run of costly HEICs does not hold up the rest."""
     def one(path: Path):
         try:
             decoded = decode_image(path.read_bytes(), size=size, max_pixels=50_000_000)
@@ -138,7 +145,8 @@ def load_images(paths: list[Path], size: int, progress=None, *, split: str = "da
         except (DecodeError, OSError) as exc:
             log.warning("unreadable %s photo %s: %s", split, path, exc)
             return None
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    one_thread_per_decode()  # for the process, as the worker's thread pool sets it
+    with ThreadPoolExecutor(max_workers=threads or usable_cpus(), thread_name_prefix="decode") as pool:
         results = []
         for result in pool.map(one, paths):
             results.append(result)

@@ -8,10 +8,12 @@ import csv
 import logging
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import pytest
 import torch
 from PIL import Image
@@ -19,6 +21,7 @@ from PIL import Image
 from shared.local_index import LocalIndex
 from shared.model import load_checkpoint
 from shared.publish import gallery_rows, model_metrics
+from shared.training import build
 from shared.training.build import PRESETS, Builder, fingerprint
 from shared.training.dataset import load_dataset
 from shared.training.evaluate import evaluate
@@ -385,3 +388,42 @@ def test_eval_errors_are_one_line(built, tmp_path, case, message):
     said = done.stderr[done.stderr.index("eval: "):]  # after what the progress bar left
     assert message in said.splitlines()[0]
     assert not (tmp_path / "r.html").exists()
+
+
+def test_training_photos_are_decoded_on_every_cpu_the_process_may_use(monkeypatch, tmp_path):
+    """A training machine's cores all decode (a GPU box has 16 or more; the loader once kept to 4), and no
+    more decodes run at once than there are CPUs to run them."""
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / f"{k}.jpg" for k in range(24)]
+    for path in paths:
+        _photo(path, COLOURS[0], rng)
+    running, most = [], []
+    real_decode = build.decode_image
+
+    def counted(data, **kwargs):
+        running.append(1)
+        most.append(len(running))
+        time.sleep(0.05)  # long enough for every thread to be in a decode at once
+        running.pop()
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(build, "decode_image", counted)
+    monkeypatch.setattr(build, "usable_cpus", lambda: 6)
+    images = build.load_images(paths, 64)
+    assert images.ok.all() and images.pixels.shape == (24, 64, 64, 3)
+    assert max(most) == 6
+
+
+def test_a_training_heic_is_decoded_on_one_core(monkeypatch, tmp_path):
+    """The loader already runs a decode on every core: libheif's own threads for a HEIC's tiles (four; 1.6-1.7
+    cores busy on this photo) would only take turns with the other decodes."""
+    monkeypatch.setattr(pillow_heif.options, "DECODE_THREADS", 4)  # as a new process has it
+    path = tmp_path / "phone.heic"
+    pixels = np.random.default_rng(5).integers(0, 256, (1024, 1536, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "HEIF", quality=50, tile_size=512)  # 3x2 tiles, as a phone
+    build.load_images([path], 64, threads=1)  # warm: libheif's decoder set up
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = build.load_images([path] * 3, 64, threads=1)
+    cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    assert images.ok.all()
+    assert cores < 1.3, f"a decode kept {cores:.1f} cores busy"
