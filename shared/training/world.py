@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import multiprocessing as mp
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, TiffImagePlugin
 
+from shared.cpus import usable_cpus
 from shared.training import world_render as R
 from shared.training import world_scenes as S
 from shared.training.world_places import (ANTIMERIDIAN_CITY, CITIES, DENSE_CITY, destination,
@@ -339,7 +339,7 @@ def generate_world(out: Path, *, seed: int, preset: str, contact_sheet: bool = F
         (out / folder).mkdir(parents=True, exist_ok=True)
     state = {"size": p["size"], "seed": seed, "out": out, "templates": templates,
              "landmarks": {r["id"]: {"spec": r["spec"], "beside": r["beside"]} for r in landmarks}}
-    workers = workers or min(len(os.sched_getaffinity(0)), 16)
+    workers = workers or min(usable_cpus(), 16)  # a pod's CPU limit, not only its affinity
     total, done = len(jobs), 0
     if workers <= 1:
         _init(state)

@@ -159,3 +159,16 @@ def test_pixel_baseline_stays_weak(tiny):
     accuracy = float((pred == truth).mean())
     print(f"pixel baseline top-1 on tiny: {accuracy:.3f}")
     assert accuracy <= PIXEL_BASELINE_TINY_MAX
+
+
+def test_the_world_is_rendered_on_no_more_processes_than_the_cpu_limit(monkeypatch, tmp_path):
+    """A pod limited to one CPU on a many-core node renders in its own process: a pool sized to the node's
+    cores would only take turns on that CPU (and a fork each)."""
+    monkeypatch.setattr(world, "usable_cpus", lambda: 1)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a process pool was started")
+
+    monkeypatch.setattr(world.mp, "get_context", no_pool)
+    summary = world.generate_world(tmp_path / "one", seed=SEED, preset="tiny")
+    assert len(list((tmp_path / "one").rglob("*.jpg"))) == summary["counts"]["photos"]
