@@ -403,7 +403,7 @@ def test_training_photos_are_decoded_on_every_cpu_the_process_may_use(monkeypatc
     def counted(data, **kwargs):
         running.append(1)
         most.append(len(running))
-        time.sleep(0.05)  # long enough for every thread to be in a decode at once
+        time.sleep(0.1)  # long enough for every thread to be in a decode at once
         running.pop()
         return real_decode(data, **kwargs)
 
