@@ -138,7 +138,7 @@ class ForwardTurns:
     def _take(self, device: torch.device, threads: int) -> int:
         capacity = self._usable_cores() if device.type == "cpu" else 1
         with self._changed:
-            need = min(max(1, threads), capacity) if device.type == "cpu" else 1
+            need = min(max(1, threads), capacity)  # a GPU's capacity is 1: one forward at a time
             ticket = object()
             self._queue.append(ticket)
             self._changed.wait_for(lambda: self._queue[0] is ticket and self._held + need <= capacity)
