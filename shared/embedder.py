@@ -57,6 +57,22 @@ def batch_shapes(batch_size: int) -> tuple[int, ...]:
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
+def photo_constants(mean: torch.Tensor, std: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (height, width, 3) and contiguous, such that ``pixel * scale + shift`` is
+    ``(pixel - mean) / std`` for an (n, height, width, 3) batch of host pixels; ``mean`` and ``std`` in 0..255
+    units, shaped (1, 3, 1, 1), on the device the batch is normalised on."""
+    scale = (1 / std).view(1, 1, 3).expand(height, width, 3).contiguous()
+    shift = (-mean / std).view(1, 1, 3).expand(height, width, 3).contiguous()
+    return scale, shift
+
+
+def normalised_photos(pixels: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(n, h, w, 3) pixels (0..255) as the model's (n, 3, h, w) float input, in channels_last memory.
+    One multiply-add over memory as it lies, the constants as large as a photo: per-channel constants broadcast
+    over the permuted batch cost six times the CPU (4.1 against 0.6 ms for 64 photos of 96 px, one thread)."""
+    return pixels.to(torch.float32, copy=True).mul_(scale).add_(shift).permute(0, 3, 1, 2)
+
+
 def padded(forward: Forward, shapes: tuple[int, ...], layout: torch.memory_format) -> Forward:
     """``forward`` run at ``shapes`` only: a batch is padded with zeros to the next size of ``shapes`` (each
     image's embedding is its own: the model is in eval mode), one larger than the last is split."""
@@ -117,6 +133,8 @@ class Embedder:
             mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255
             std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255
             self._mean, self._std = mean, std
+            # Made here for the served size, so that on CUDA the synchronize below orders them before any batch.
+            self._photo_constants = photo_constants(mean, std, meta.input_size, meta.input_size)
             self._forward = self._served(net)
             if self.compile_model:  # torch.compile compiles on the first call: done here, before any batch
                 seconds = self._run_blank_batch(self.batch_size, meta.input_size)
@@ -128,6 +146,12 @@ class Embedder:
             self._net, self._meta = net, meta
             log.info("loaded model %s (%s, dim %d) on %s, %s%s", meta.version, meta.backbone, meta.embedding_dim,
                      self.device, "bf16" if self.bf16 else "fp32", ", compiled" if self.compile_model else "")
+
+    def _constants_for(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = self._photo_constants
+        if scale.shape[:2] == (height, width):
+            return scale, shift
+        return photo_constants(self._mean, self._std, height, width)  # another size: made on this thread's stream
 
     def _served(self, net: LandmarkNet) -> Forward:
         """The forward as batches meet it: net.embed as it is on the CPU (oneDNN times nothing per size); on
@@ -189,15 +213,13 @@ class Embedder:
         self.load()
         if len(pixels) == 0:
             return np.zeros((0, self.meta.embedding_dim), dtype=np.float32)
-        on_gpu = self.device.type == "cuda"
         if isinstance(pixels, torch.Tensor):
-            batch = pixels.to(self.device).float()
+            batch = (pixels.to(self.device).float() - self._mean) / self._std
         else:
             batch = torch.from_numpy(np.ascontiguousarray(pixels))
-            if on_gpu:
+            if self.device.type == "cuda":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
-            batch = batch.permute(0, 3, 1, 2).float()
-        batch = (batch - self._mean) / self._std
+            batch = normalised_photos(batch, *self._constants_for(batch.shape[1], batch.shape[2]))
         if self._layout == torch.channels_last:
             # Host pixels come NHWC (already channels_last once permuted); a device decoder's come NCHW.
             batch = batch.contiguous(memory_format=torch.channels_last)
