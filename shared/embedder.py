@@ -57,7 +57,8 @@ def batch_shapes(batch_size: int) -> tuple[int, ...]:
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def photo_constants(mean: torch.Tensor, std: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def photo_constants(mean: torch.Tensor, std: torch.Tensor, height: int,
+                    width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), each (height, width, 3) and contiguous, such that ``pixel * scale + shift`` is
     ``(pixel - mean) / std`` for an (n, height, width, 3) batch of host pixels; ``mean`` and ``std`` in 0..255
     units, shaped (1, 3, 1, 1), on the device the batch is normalised on."""
