@@ -200,8 +200,14 @@ def run_bench(cfg: BenchConfig, reporter: Reporter | None = None) -> dict:
 
 
 def tenth_rates(series: Sequence[Sequence[float]]) -> list[float]:
-    """Images/s within each step of an [events done, RSS MB, seconds] series."""
-    return [round((b[0] - a[0]) / (b[2] - a[2]), 1) for a, b in zip(series, series[1:]) if b[2] > a[2]]
+    """Images/s within each step of an [events done, RSS MB, seconds] series. A last step of under half a
+    tenth (the sample before it came just short of the end) is counted with the step before it: over a
+    fraction of a second, the last two batches committing together read as several times the real rate
+    (1,333.3 img/s against 179.5–214.6 for the other tenths, thirty-first session)."""
+    points = list(series)
+    if len(points) > 2 and points[-1][0] - points[-2][0] < points[-1][0] / 20:
+        del points[-2]
+    return [round((b[0] - a[0]) / (b[2] - a[2]), 1) for a, b in zip(points, points[1:]) if b[2] > a[2]]
 
 
 def rss_growth_pct(series: Sequence[Sequence[float]]) -> float | None:

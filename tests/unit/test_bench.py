@@ -319,6 +319,13 @@ def test_tenth_rates_are_images_per_second_within_each_step():
     assert tenth_rates(series) == [50.0, 25.0]
 
 
+def test_a_last_sliver_of_the_backlog_is_not_reported_as_a_tenth_of_its_own():
+    from shared.bench.run import tenth_rates
+    # 80 events committed 0.06 s after the sample before: the last batches landing together, not 1,333 img/s.
+    series = [[0, 900.0, 0.0], [5000, 905.0, 25.0], [9920, 905.0, 50.97], [10000, 905.0, 51.03]]
+    assert tenth_rates(series) == [200.0, 192.1]
+
+
 def test_cpu_seconds_are_read_for_a_process_and_its_descendants():
     from shared.bench.host import cpu_s
     child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
