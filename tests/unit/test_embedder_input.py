@@ -13,7 +13,7 @@ from shared.imaging import decode_image
 from shared.model import load_checkpoint
 from shared.modelinit import init_model
 from shared.synthetic import write_photo_set
-from shared.training.train import embed_images
+from shared.training.train import embed_images, normalise, to_float
 
 SIZE = 64
 
@@ -51,9 +51,6 @@ def test_photos_of_another_size_than_the_served_one_are_normalised_for_their_own
     embedder.embed(photos)  # the served size's constants made first
     larger = np.repeat(np.repeat(photos, 2, axis=1), 2, axis=2)
     net, meta, _ = load_checkpoint(model)
-    reference = torch.from_numpy(larger).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(meta.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(meta.std).view(1, 3, 1, 1) * 255
-    with torch.inference_mode():
-        expected = net.embed((reference - mean) / std).numpy()
+    with torch.inference_mode():  # training's normalisation, without embed_images' resize to the served size
+        expected = net.embed(normalise(to_float(larger), meta.mean, meta.std)).numpy()
     np.testing.assert_allclose(embedder.embed(larger), expected, atol=1e-5)
